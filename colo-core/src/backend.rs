@@ -1,0 +1,124 @@
+//! The backend trait: what a checkpoint needs from a hypervisor, written from the caller's side.
+//!
+//! A [`Domain`] is one guest (a Xen domain, or a colo-mock VM). The node driver in colo-cli owns
+//! it and calls it when a state machine in [`crate`] asks for an action; colo-core itself never
+//! calls a backend. Each method names the libxenctrl call that colo-xen makes for it, so a Xen
+//! engineer can map the trait to the hypervisor at a glance.
+//!
+//! Contract shared by all methods: a pfn at or beyond [`Domain::page_count`] is
+//! [`BackendError::PfnOutOfRange`], never a panic; no method allocates per page.
+
+use crate::bitmap::DirtyBitmap;
+
+/// Errors a backend reports. Backends map their own errors into these variants.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A system or hypervisor call failed.
+    #[error("{op} failed: {source}")]
+    Os {
+        /// The call that failed, e.g. `xc_domain_pause` or `PAGEMAP_SCAN`.
+        op: &'static str,
+        /// The errno behind it.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A pfn at or beyond the guest's page count.
+    #[error("pfn {pfn:#x} is beyond the guest's {pages} pages")]
+    PfnOutOfRange {
+        /// The offending pfn.
+        pfn: u64,
+        /// The guest's page count.
+        pages: u64,
+    },
+    /// The call does not fit the domain's state (e.g. harvesting while logging is off).
+    #[error("{op} is not possible now: {reason}")]
+    BadState {
+        /// The method called.
+        op: &'static str,
+        /// Why not.
+        reason: String,
+    },
+    /// The guest or platform cannot do this (e.g. log-dirty on a Xen PV guest).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A vCPU/platform state blob was rejected.
+    #[error("invalid vCPU/platform state: {0}")]
+    InvalidState(String),
+    /// Page data for a write had the wrong size.
+    #[error("page data is {got} bytes, {want} expected for {pages} pages")]
+    DataLength {
+        /// Bytes supplied.
+        got: usize,
+        /// Bytes expected.
+        want: usize,
+        /// Pages being written.
+        pages: usize,
+    },
+}
+
+/// One guest, as the checkpoint engine's driver sees it.
+///
+/// | method | colo-xen (Xen 4.17 libxenctrl) | colo-mock |
+/// |---|---|---|
+/// | [`page_count`](Domain::page_count) | `xc_domain_maximum_gpfn` + 1 | RAM size / 4096 |
+/// | [`pause`](Domain::pause) | `xc_domain_pause` | vCPU threads parked between steps |
+/// | [`resume`](Domain::resume) | `xc_domain_unpause` | vCPU threads released |
+/// | [`start_dirty_log`](Domain::start_dirty_log) | `xc_shadow_control(ENABLE_LOGDIRTY)` | userfaultfd WP-async register + protect |
+/// | [`stop_dirty_log`](Domain::stop_dirty_log) | `xc_shadow_control(OFF)` | unregister |
+/// | [`harvest_dirty`](Domain::harvest_dirty) | `xc_logdirty_control(CLEAN)` | `PAGEMAP_SCAN` with WP matching |
+/// | [`peek_dirty`](Domain::peek_dirty) | `xc_logdirty_control(PEEK)` | `PAGEMAP_SCAN` without WP |
+/// | [`read_pages`](Domain::read_pages) | `xenforeignmemory_map(PROT_READ)`, ≤ 1024 pfns a batch | borrowed slices of the mmap |
+/// | [`write_pages`](Domain::write_pages) | `xenforeignmemory_map(PROT_WRITE)` + copy | copy into the mmap |
+/// | [`get_state`](Domain::get_state) | `xc_domain_hvm_getcontext` + HVM params | vCPU registers, clock, RNG |
+/// | [`set_state`](Domain::set_state) | `xc_domain_hvm_setcontext` + HVM params | same |
+pub trait Domain {
+    /// The guest's size in 4 KiB pages; every pfn is below it.
+    fn page_count(&self) -> u64;
+
+    /// Stops every vCPU; returns only when none runs, so guest memory no longer changes.
+    /// Pausing a paused domain is a no-op.
+    fn pause(&mut self) -> Result<(), BackendError>;
+
+    /// Lets the vCPUs run again. Resuming a running domain is a no-op.
+    fn resume(&mut self) -> Result<(), BackendError>;
+
+    /// True while the domain is paused by [`Domain::pause`].
+    fn is_paused(&self) -> bool;
+
+    /// Starts dirty logging. Every page counts as clean from this moment.
+    fn start_dirty_log(&mut self) -> Result<(), BackendError>;
+
+    /// Stops dirty logging.
+    fn stop_dirty_log(&mut self) -> Result<(), BackendError>;
+
+    /// ORs the pages written since the last harvest into `into` and clears them in the backend.
+    ///
+    /// `into` must have [`Domain::page_count`] pages. If the backend fails part-way, every dirty
+    /// bit it had already cleared is either in `into` or merged back into the backend's log:
+    /// a failed harvest never loses a dirty page.
+    fn harvest_dirty(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError>;
+
+    /// ORs the pages written since the last harvest into `into` without clearing them.
+    fn peek_dirty(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError>;
+
+    /// Reads the pages `pfns`, calling `visit(i, page)` for each in order, where `i` is the
+    /// index into `pfns` and `page` is the page's 4096 bytes, or `None` if the hypervisor cannot
+    /// map it (Xen's XTAB). The slices are borrowed from guest memory where the backend can; they
+    /// are only stable while the domain is paused.
+    fn read_pages(
+        &mut self,
+        pfns: &[u64],
+        visit: &mut dyn FnMut(usize, Option<&[u8]>) -> Result<(), BackendError>,
+    ) -> Result<(), BackendError>;
+
+    /// Writes `data` (exactly `pfns.len()` × 4096 bytes, the pages in `pfns` order) into guest
+    /// memory. Only called while the domain is paused.
+    fn write_pages(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), BackendError>;
+
+    /// Appends the vCPU/platform state, an opaque blob, to `out`.
+    fn get_state(&mut self, out: &mut Vec<u8>) -> Result<(), BackendError>;
+
+    /// Replaces the vCPU/platform state with a blob from [`Domain::get_state`] of a domain of
+    /// the same shape. Only called while the domain is paused.
+    fn set_state(&mut self, blob: &[u8]) -> Result<(), BackendError>;
+}

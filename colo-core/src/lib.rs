@@ -1,0 +1,18 @@
+//! colo-core: the COLO protocol without IO — dirty-page bitmaps, backend traits, the Xen stream
+//! codec, output comparison, checkpoint policy and the primary/secondary state machines.
+//!
+//! Nothing in this crate touches a socket, a file or the clock: callers feed it events and the
+//! current time, and it answers with what to do. See `ARCHITECTURE.md` at the repository root.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod bitmap;
+
+pub use backend::{BackendError, Domain};
+pub use bitmap::{BitmapError, DirtyBitmap};
+
+/// Size of a guest page in bytes. colo only supports 4 KiB pages (Xen's `page_shift` 12).
+pub const PAGE_SIZE: usize = 4096;
+/// log2 of [`PAGE_SIZE`].
+pub const PAGE_SHIFT: u32 = 12;

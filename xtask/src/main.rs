@@ -1,0 +1,145 @@
+//! `cargo xtask`: colo's automation — CI, fuzzing, benchmarks and the real-Xen test.
+//!
+//! Every step that needs a system package checks for it first and, when running as root,
+//! installs it with apt-get (saying what it installs); otherwise it stops with the exact command.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+mod sys;
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  ci               format check, clippy, every test (colo-xen included), fuzz smoke
+  fuzz [--seconds N] [--target NAME]
+                   run the cargo-fuzz targets (installs cargo-fuzz if missing)
+  deps             install the system packages colo's build needs (root)
+";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = args.split_first() else {
+        print!("{USAGE}");
+        bail!("no command given");
+    };
+    match cmd.as_str() {
+        "ci" => ci(rest),
+        "fuzz" => fuzz(rest),
+        "deps" => sys::ensure_packages(&sys::BUILD_PACKAGES),
+        "-h" | "--help" | "help" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => {
+            print!("{USAGE}");
+            bail!("unknown command `{other}`")
+        }
+    }
+}
+
+/// The repository root (the parent of xtask/).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// One CI step's outcome, for the summary.
+struct Step {
+    name: String,
+    secs: f64,
+}
+
+/// Runs `cargo` with `args` in the repository root; fails if it fails.
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn ci(args: &[String]) -> Result<()> {
+    if let Some(a) = args.first() {
+        bail!("`cargo xtask ci` takes no arguments, got `{a}`");
+    }
+    let started = Instant::now();
+    let mut steps: Vec<Step> = Vec::new();
+    let mut step = |name: &str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+        println!("\n==> xtask ci: {name}");
+        let t = Instant::now();
+        f().with_context(|| format!("CI step `{name}`"))?;
+        steps.push(Step {
+            name: name.to_string(),
+            secs: t.elapsed().as_secs_f64(),
+        });
+        Ok(())
+    };
+    step("system packages", &mut || {
+        sys::ensure_packages(&sys::BUILD_PACKAGES)
+    })?;
+    step("cargo fmt --check", &mut || {
+        cargo(&["fmt", "--all", "--", "--check"])
+    })?;
+    step("cargo clippy (all targets, all features)", &mut || {
+        cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--all-features",
+            "--",
+            "-D",
+            "warnings",
+        ])
+    })?;
+    step(
+        "cargo test (all crates, all features, doc tests)",
+        &mut || cargo(&["test", "--workspace", "--all-features"]),
+    )?;
+    println!("\n==> xtask ci: summary");
+    for s in &steps {
+        println!("  ok  {:<50} {:>7.1} s", s.name, s.secs);
+    }
+    println!(
+        "xtask ci: {} steps passed in {:.1} s",
+        steps.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn fuzz(args: &[String]) -> Result<()> {
+    let mut seconds = 60u64;
+    let mut target: Option<String> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--seconds" => {
+                let v = it.next().context("--seconds needs a value")?;
+                seconds = v
+                    .parse()
+                    .with_context(|| format!("--seconds: `{v}` is not a whole number"))?;
+            }
+            "--target" => target = Some(it.next().context("--target needs a value")?.clone()),
+            other => bail!("fuzz: unknown argument `{other}`"),
+        }
+    }
+    sys::run_fuzz(&root(), target.as_deref(), seconds)
+}
