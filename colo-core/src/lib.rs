@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod bitmap;
+pub mod stream;
 
 pub use backend::{BackendError, Domain};
 pub use bitmap::{BitmapError, DirtyBitmap};
