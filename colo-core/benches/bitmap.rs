@@ -23,7 +23,7 @@ fn sample(seed: u64) -> DirtyBitmap {
 fn bench(c: &mut Criterion) {
     let a = sample(1);
     let b = sample(2);
-    let bytes = (PAGES / 8) as u64;
+    let bytes = PAGES / 8;
     let mut g = c.benchmark_group("bitmap_64GiB_guest");
     g.throughput(Throughput::Bytes(bytes));
     let src = vec![0x5au8; bytes as usize];

@@ -56,6 +56,9 @@ pub enum BackendError {
     },
 }
 
+/// The callback of [`Domain::read_pages`]: `(index into pfns, the page or None if unmappable)`.
+pub type PageVisitor<'a> = dyn FnMut(usize, Option<&[u8]>) -> Result<(), BackendError> + 'a;
+
 /// One guest, as the checkpoint engine's driver sees it.
 ///
 /// | method | colo-xen (Xen 4.17 libxenctrl) | colo-mock |
@@ -108,7 +111,7 @@ pub trait Domain {
     fn read_pages(
         &mut self,
         pfns: &[u64],
-        visit: &mut dyn FnMut(usize, Option<&[u8]>) -> Result<(), BackendError>,
+        visit: &mut PageVisitor<'_>,
     ) -> Result<(), BackendError>;
 
     /// Writes `data` (exactly `pfns.len()` × 4096 bytes, the pages in `pfns` order) into guest

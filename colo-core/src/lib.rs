@@ -8,9 +8,10 @@
 
 pub mod backend;
 pub mod bitmap;
+pub mod engine;
 pub mod stream;
 
-pub use backend::{BackendError, Domain};
+pub use backend::{BackendError, Domain, PageVisitor};
 pub use bitmap::{BitmapError, DirtyBitmap};
 
 /// Size of a guest page in bytes. colo only supports 4 KiB pages (Xen's `page_shift` 12).

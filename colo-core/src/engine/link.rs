@@ -1,0 +1,375 @@
+//! The link handshake: versions, roles, guest geometry and an optional pre-shared key proven by
+//! HMAC-SHA256 challenge-response in both directions.
+//!
+//! ```text
+//!   primary                                   secondary
+//!      | -- HELLO(v, role, pages, 4096, nonce_p) -->|
+//!      |<-- HELLO(v, role, pages, 4096, nonce_s) -- |     (both send at once)
+//!      | -- AUTH(HMAC(k, P, nonce_s, nonce_p, pages)) -->|   (only with a key)
+//!      |<-- AUTH(HMAC(k, S, nonce_p, nonce_s, pages)) -- |
+//!   Done: the link is trusted; only now is a guest page read or written.
+//! ```
+//!
+//! Each proof binds the prover's role, the verifier's fresh nonce (so it cannot be replayed), the
+//! prover's nonce (so it cannot be reflected back) and the geometry. The machine is sans-IO: the
+//! caller supplies the nonce (from the OS's RNG) and moves the encoded bytes.
+
+use super::messages::{Hello, Message, Role, MAC_LEN, PROTOCOL_VERSION};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use thiserror::Error;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Why a peer was refused during the handshake.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum LinkError {
+    /// The peer speaks another protocol version.
+    #[error("peer speaks link protocol version {peer}, this node speaks {ours}")]
+    Version {
+        /// Ours.
+        ours: u32,
+        /// Theirs.
+        peer: u32,
+    },
+    /// Both sides claim the same role.
+    #[error("peer is also a {0}: one node must be primary and the other secondary")]
+    SameRole(Role),
+    /// Different guest sizes.
+    #[error("guest geometry differs: this node has {ours} pages, the peer {peer}")]
+    Geometry {
+        /// Ours.
+        ours: u64,
+        /// Theirs.
+        peer: u64,
+    },
+    /// A page size other than 4096.
+    #[error("peer uses {0}-byte pages; colo supports 4096 only")]
+    PageSize(u32),
+    /// One side has a key and the other has none.
+    #[error("{0}")]
+    KeyPresence(&'static str),
+    /// The peer's proof is wrong: it does not hold the same key.
+    #[error("peer failed authentication: its HMAC proof does not match this node's key")]
+    BadProof,
+    /// A message that does not belong in this handshake state.
+    #[error("handshake awaiting {state} received {got}")]
+    Unexpected {
+        /// What the handshake was awaiting.
+        state: &'static str,
+        /// What came instead.
+        got: &'static str,
+    },
+}
+
+/// What the handshake awaits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeState {
+    /// Our HELLO is out; awaiting the peer's.
+    AwaitingHello,
+    /// Our AUTH is out; awaiting the peer's proof.
+    AwaitingAuth,
+    /// The link is trusted.
+    Done,
+}
+
+impl HandshakeState {
+    fn name(self) -> &'static str {
+        match self {
+            HandshakeState::AwaitingHello => "HELLO",
+            HandshakeState::AwaitingAuth => "AUTH",
+            HandshakeState::Done => "nothing (handshake complete)",
+        }
+    }
+}
+
+/// One side's handshake.
+#[derive(Clone)]
+pub struct Handshake {
+    role: Role,
+    page_count: u64,
+    key: Option<Vec<u8>>,
+    nonce: [u8; 32],
+    peer_nonce: [u8; 32],
+    state: HandshakeState,
+}
+
+impl std::fmt::Debug for Handshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handshake")
+            .field("role", &self.role)
+            .field("page_count", &self.page_count)
+            .field("has_key", &self.key.is_some())
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+/// Short name of a message, for errors.
+pub(crate) fn message_name(m: &Message<'_>) -> &'static str {
+    match m {
+        Message::Hello(_) => "HELLO",
+        Message::Auth(_) => "AUTH",
+        Message::Control { .. } => "CONTROL",
+        Message::Input { .. } => "INPUT",
+        Message::Output { .. } => "OUTPUT",
+        Message::Heartbeat(_) => "HEARTBEAT",
+        Message::VcpuState(_) => "VCPU_STATE",
+        Message::Digest { .. } => "DIGEST",
+        Message::Goodbye(_) => "GOODBYE",
+    }
+}
+
+impl Handshake {
+    /// A handshake for `role` with a guest of `page_count` pages, an optional pre-shared `key`
+    /// and a fresh random `nonce`. Appends our HELLO to `out`.
+    pub fn start(
+        role: Role,
+        page_count: u64,
+        key: Option<Vec<u8>>,
+        nonce: [u8; 32],
+        out: &mut Vec<u8>,
+    ) -> Self {
+        let hs = Self {
+            role,
+            page_count,
+            key,
+            nonce,
+            peer_nonce: [0; 32],
+            state: HandshakeState::AwaitingHello,
+        };
+        Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role,
+            page_count,
+            page_size: 4096,
+            wants_auth: hs.key.is_some(),
+            nonce,
+        })
+        .encode(out);
+        hs
+    }
+
+    /// What the handshake awaits.
+    pub fn state(&self) -> HandshakeState {
+        self.state
+    }
+
+    fn proof(
+        &self,
+        prover: Role,
+        verifier_nonce: &[u8; 32],
+        prover_nonce: &[u8; 32],
+    ) -> HmacSha256 {
+        let key = self.key.as_deref().unwrap_or_default();
+        // new_from_slice accepts keys of any length for HMAC.
+        let mut mac = match HmacSha256::new_from_slice(key) {
+            Ok(m) => m,
+            Err(_) => unreachable_hmac(),
+        };
+        mac.update(b"colo-link-auth-v1");
+        mac.update(&[match prover {
+            Role::Primary => 1,
+            Role::Secondary => 2,
+        }]);
+        mac.update(verifier_nonce);
+        mac.update(prover_nonce);
+        mac.update(&self.page_count.to_le_bytes());
+        mac
+    }
+
+    /// Feeds one message from the peer; appends any reply to `out`. Returns `Ok(true)` once the
+    /// link is trusted.
+    pub fn on_message(&mut self, msg: &Message<'_>, out: &mut Vec<u8>) -> Result<bool, LinkError> {
+        match (self.state, msg) {
+            (HandshakeState::AwaitingHello, Message::Hello(h)) => {
+                if h.version != PROTOCOL_VERSION {
+                    return Err(LinkError::Version {
+                        ours: PROTOCOL_VERSION,
+                        peer: h.version,
+                    });
+                }
+                if h.role == self.role {
+                    return Err(LinkError::SameRole(h.role));
+                }
+                if h.page_size != 4096 {
+                    return Err(LinkError::PageSize(h.page_size));
+                }
+                if h.page_count != self.page_count {
+                    return Err(LinkError::Geometry {
+                        ours: self.page_count,
+                        peer: h.page_count,
+                    });
+                }
+                match (self.key.is_some(), h.wants_auth) {
+                    (true, false) => {
+                        return Err(LinkError::KeyPresence(
+                            "this node has a pre-shared key but the peer has none",
+                        ))
+                    }
+                    (false, true) => {
+                        return Err(LinkError::KeyPresence(
+                            "the peer has a pre-shared key but this node has none (--key-file)",
+                        ))
+                    }
+                    (false, false) => {
+                        self.state = HandshakeState::Done;
+                        return Ok(true);
+                    }
+                    (true, true) => {}
+                }
+                self.peer_nonce = h.nonce;
+                let tag = self
+                    .proof(self.role, &self.peer_nonce, &self.nonce)
+                    .finalize()
+                    .into_bytes();
+                let mut mac = [0u8; MAC_LEN];
+                mac.copy_from_slice(&tag);
+                Message::Auth(mac).encode(out);
+                self.state = HandshakeState::AwaitingAuth;
+                Ok(false)
+            }
+            (HandshakeState::AwaitingAuth, Message::Auth(tag)) => {
+                self.proof(self.role.peer(), &self.nonce, &self.peer_nonce)
+                    .verify_slice(tag)
+                    .map_err(|_| LinkError::BadProof)?;
+                self.state = HandshakeState::Done;
+                Ok(true)
+            }
+            (state, m) => Err(LinkError::Unexpected {
+                state: state.name(),
+                got: message_name(m),
+            }),
+        }
+    }
+}
+
+/// HMAC-SHA256 accepts every key length; this cannot be reached.
+#[cold]
+fn unreachable_hmac() -> ! {
+    unreachable!("HMAC-SHA256 accepts keys of any length")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(bytes: &[u8]) -> Message<'_> {
+        let rtype = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let len = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
+        Message::parse(rtype, &bytes[8..8 + len]).unwrap().unwrap()
+    }
+
+    fn run(
+        pk: Option<&[u8]>,
+        sk: Option<&[u8]>,
+        ppages: u64,
+        spages: u64,
+    ) -> (Result<bool, LinkError>, Result<bool, LinkError>) {
+        let (mut po, mut so) = (Vec::new(), Vec::new());
+        let mut p = Handshake::start(
+            Role::Primary,
+            ppages,
+            pk.map(<[u8]>::to_vec),
+            [1; 32],
+            &mut po,
+        );
+        let mut s = Handshake::start(
+            Role::Secondary,
+            spages,
+            sk.map(<[u8]>::to_vec),
+            [2; 32],
+            &mut so,
+        );
+        let (ph, sh) = (po.clone(), so.clone());
+        po.clear();
+        so.clear();
+        let pr = p.on_message(&parse(&sh), &mut po);
+        let sr = s.on_message(&parse(&ph), &mut so);
+        match (pr, sr) {
+            (Ok(false), Ok(false)) => {
+                let pr = p.on_message(&parse(&so), &mut Vec::new());
+                let sr = s.on_message(&parse(&po), &mut Vec::new());
+                (pr, sr)
+            }
+            other => other,
+        }
+    }
+
+    #[test]
+    fn no_key_on_either_side_is_done_after_hello() {
+        assert_eq!(run(None, None, 10, 10), (Ok(true), Ok(true)));
+    }
+
+    #[test]
+    fn same_key_authenticates_both_ways() {
+        assert_eq!(run(Some(b"k"), Some(b"k"), 10, 10), (Ok(true), Ok(true)));
+    }
+
+    #[test]
+    fn wrong_key_is_refused_by_both() {
+        assert_eq!(
+            run(Some(b"k1"), Some(b"k2"), 10, 10),
+            (Err(LinkError::BadProof), Err(LinkError::BadProof))
+        );
+    }
+
+    #[test]
+    fn geometry_and_key_presence_mismatches_are_refused() {
+        assert!(matches!(
+            run(None, None, 10, 11).0,
+            Err(LinkError::Geometry { .. })
+        ));
+        assert!(matches!(
+            run(Some(b"k"), None, 10, 10).0,
+            Err(LinkError::KeyPresence(_))
+        ));
+        assert!(matches!(
+            run(None, Some(b"k"), 10, 10).0,
+            Err(LinkError::KeyPresence(_))
+        ));
+    }
+
+    #[test]
+    fn same_role_and_out_of_order_messages_are_refused() {
+        let mut out = Vec::new();
+        let mut a = Handshake::start(Role::Primary, 1, None, [0; 32], &mut out);
+        let hello = parse(&out).clone();
+        assert_eq!(
+            a.on_message(&hello, &mut Vec::new()),
+            Err(LinkError::SameRole(Role::Primary))
+        );
+        let mut b = Handshake::start(Role::Secondary, 1, Some(vec![1]), [0; 32], &mut Vec::new());
+        assert_eq!(
+            b.on_message(&Message::Auth([0; 32]), &mut Vec::new()),
+            Err(LinkError::Unexpected {
+                state: "HELLO",
+                got: "AUTH"
+            })
+        );
+    }
+
+    #[test]
+    fn a_reflected_proof_is_refused() {
+        // A peer without the key that echoes our own AUTH back must fail.
+        let mut po = Vec::new();
+        let mut p = Handshake::start(Role::Primary, 5, Some(b"k".to_vec()), [1; 32], &mut po);
+        let mut fake = Vec::new();
+        Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Secondary,
+            page_count: 5,
+            page_size: 4096,
+            wants_auth: true,
+            nonce: [1; 32],
+        })
+        .encode(&mut fake);
+        let mut auth = Vec::new();
+        assert_eq!(p.on_message(&parse(&fake), &mut auth), Ok(false));
+        let reflected = parse(&auth).clone();
+        assert_eq!(
+            p.on_message(&reflected, &mut Vec::new()),
+            Err(LinkError::BadProof)
+        );
+    }
+}

@@ -1,0 +1,495 @@
+//! colo's own records on the replication link, in the stream's optional range (bit 31 set).
+//!
+//! Xen's libxc stream carries pages, vCPU state and CHECKPOINT; libxl wraps it with
+//! CHECKPOINT_STATE messages (NEW, SVM_SUSPENDED, SVM_READY, SVM_RESUMED). colo keeps one TCP
+//! connection per pair, so it carries those control messages, and the few things Xen does not
+//! need, as optional records that a Xen reader would skip:
+//!
+//! | type | name | direction | body (little-endian) |
+//! |---|---|---|---|
+//! | `0x8000_C001` | HELLO | both | magic `b"COLOLINK"`, u32 version, u32 role (1 primary, 2 secondary), u64 page_count, u32 page_size, u32 flags (bit 0: wants auth), 32-byte nonce |
+//! | `0x8000_C002` | AUTH | both | 32-byte HMAC-SHA256 proof (see [`super::link`]) |
+//! | `0x8000_C003` | CONTROL | both | u32 id (libxl's CHECKPOINT_STATE ids: NEW 0, SVM_SUSPENDED 1, SVM_READY 2, SVM_RESUMED 3), u32 reserved, u64 epoch |
+//! | `0x8000_C004` | INPUT | primary → secondary | u64 seq, then one Ethernet frame (a client request mirrored to the SVM) |
+//! | `0x8000_C005` | OUTPUT | secondary → primary | u64 epoch, then one Ethernet frame the SVM emitted |
+//! | `0x8000_C006` | HEARTBEAT | both | u64 sequence number |
+//! | `0x8000_C007` | VCPU_STATE | primary → secondary | the backend's opaque vCPU/platform state blob |
+//! | `0x8000_C008` | DIGEST | both | u64 epoch, 32-byte digest of all guest pages and the state (verification) |
+//! | `0x8000_C009` | GOODBYE | both | u32 reason: an orderly shutdown, not a failure |
+//!
+//! Every parser checks the body length before reading and returns [`MessageError`] naming the
+//! record and what was wrong; nothing a peer sent is unwrapped.
+
+use thiserror::Error;
+
+/// Record type numbers of colo's own records.
+pub mod colo_type {
+    /// Link handshake, first record in each direction.
+    pub const HELLO: u32 = 0x8000_C001;
+    /// Proof of the pre-shared key.
+    pub const AUTH: u32 = 0x8000_C002;
+    /// A checkpoint control message.
+    pub const CONTROL: u32 = 0x8000_C003;
+    /// A client request mirrored to the secondary.
+    pub const INPUT: u32 = 0x8000_C004;
+    /// A frame the SVM emitted, for the primary's comparator.
+    pub const OUTPUT: u32 = 0x8000_C005;
+    /// Liveness.
+    pub const HEARTBEAT: u32 = 0x8000_C006;
+    /// The backend's vCPU/platform state.
+    pub const VCPU_STATE: u32 = 0x8000_C007;
+    /// A digest of guest memory and state after a checkpoint.
+    pub const DIGEST: u32 = 0x8000_C008;
+    /// Orderly shutdown.
+    pub const GOODBYE: u32 = 0x8000_C009;
+}
+
+/// Magic at the start of a HELLO body.
+pub const HELLO_MAGIC: [u8; 8] = *b"COLOLINK";
+/// The link protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Length of a HELLO body.
+pub const HELLO_LEN: usize = 8 + 4 + 4 + 8 + 4 + 4 + 32;
+/// Length of an HMAC-SHA256 proof.
+pub const MAC_LEN: usize = 32;
+/// Length of a digest.
+pub const DIGEST_LEN: usize = 32;
+
+/// Which side of the pair a node plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Runs the PVM, sends checkpoints.
+    Primary,
+    /// Runs the SVM, receives checkpoints.
+    Secondary,
+}
+
+impl Role {
+    fn wire(self) -> u32 {
+        match self {
+            Role::Primary => 1,
+            Role::Secondary => 2,
+        }
+    }
+
+    /// The other role.
+    pub fn peer(self) -> Role {
+        match self {
+            Role::Primary => Role::Secondary,
+            Role::Secondary => Role::Primary,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+        })
+    }
+}
+
+/// libxl's CHECKPOINT_STATE ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Primary → secondary: a checkpoint begins; suspend the SVM.
+    New,
+    /// Secondary → primary: the SVM is suspended (its dirty pfn list follows).
+    SvmSuspended,
+    /// Secondary → primary: the checkpoint is applied; the SVM holds it complete.
+    SvmReady,
+    /// Secondary → primary: the SVM runs again.
+    SvmResumed,
+}
+
+impl Control {
+    fn wire(self) -> u32 {
+        match self {
+            Control::New => 0,
+            Control::SvmSuspended => 1,
+            Control::SvmReady => 2,
+            Control::SvmResumed => 3,
+        }
+    }
+}
+
+impl std::fmt::Display for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Control::New => "NEW",
+            Control::SvmSuspended => "SVM_SUSPENDED",
+            Control::SvmReady => "SVM_READY",
+            Control::SvmResumed => "SVM_RESUMED",
+        })
+    }
+}
+
+/// A parsed HELLO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    /// Protocol version of the sender.
+    pub version: u32,
+    /// The sender's role.
+    pub role: Role,
+    /// The sender's guest size in pages.
+    pub page_count: u64,
+    /// The sender's page size.
+    pub page_size: u32,
+    /// The sender has a pre-shared key and will authenticate.
+    pub wants_auth: bool,
+    /// The sender's challenge.
+    pub nonce: [u8; 32],
+}
+
+/// One of colo's records, parsed. Frames and blobs are borrowed from the record body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// See [`Hello`].
+    Hello(Hello),
+    /// HMAC proof.
+    Auth([u8; MAC_LEN]),
+    /// A control message for checkpoint `epoch`.
+    Control {
+        /// Which message.
+        msg: Control,
+        /// The checkpoint it belongs to.
+        epoch: u64,
+    },
+    /// A mirrored client request.
+    Input {
+        /// Its position in the primary's input order.
+        seq: u64,
+        /// The Ethernet frame.
+        frame: &'a [u8],
+    },
+    /// A frame from the SVM.
+    Output {
+        /// The epoch in which the SVM emitted it.
+        epoch: u64,
+        /// The Ethernet frame.
+        frame: &'a [u8],
+    },
+    /// Liveness.
+    Heartbeat(u64),
+    /// vCPU/platform state blob.
+    VcpuState(&'a [u8]),
+    /// Verification digest of checkpoint `epoch`.
+    Digest {
+        /// The checkpoint.
+        epoch: u64,
+        /// The digest.
+        digest: [u8; DIGEST_LEN],
+    },
+    /// Orderly shutdown.
+    Goodbye(u32),
+}
+
+/// A colo record that does not parse.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum MessageError {
+    /// The body has the wrong length.
+    #[error("{name} record body is {got} bytes, expected {want}")]
+    Length {
+        /// Record name.
+        name: &'static str,
+        /// Bytes received.
+        got: usize,
+        /// What the record needs (a minimum for variable-length records).
+        want: usize,
+    },
+    /// HELLO without colo's magic.
+    #[error("HELLO record has magic {0:02x?}, expected \"COLOLINK\"")]
+    BadMagic([u8; 8]),
+    /// An unknown role number.
+    #[error("HELLO record names role {0}, expected 1 (primary) or 2 (secondary)")]
+    BadRole(u32),
+    /// An unknown control id.
+    #[error("CONTROL record has id {0}, expected 0..=3")]
+    BadControl(u32),
+    /// Not one of colo's record types.
+    #[error("record type {0:#x} is not one of colo's records")]
+    UnknownType(u32),
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+fn exact(name: &'static str, body: &[u8], want: usize) -> Result<(), MessageError> {
+    if body.len() == want {
+        Ok(())
+    } else {
+        Err(MessageError::Length {
+            name,
+            got: body.len(),
+            want,
+        })
+    }
+}
+
+fn at_least(name: &'static str, body: &[u8], want: usize) -> Result<(), MessageError> {
+    if body.len() >= want {
+        Ok(())
+    } else {
+        Err(MessageError::Length {
+            name,
+            got: body.len(),
+            want,
+        })
+    }
+}
+
+impl<'a> Message<'a> {
+    /// Parses the body of an optional record of type `rtype`. `Ok(None)` for an optional record
+    /// that is not colo's (a reader skips those).
+    pub fn parse(rtype: u32, body: &'a [u8]) -> Result<Option<Message<'a>>, MessageError> {
+        use colo_type as t;
+        let m = match rtype {
+            t::HELLO => {
+                exact("HELLO", body, HELLO_LEN)?;
+                let mut magic = [0u8; 8];
+                magic.copy_from_slice(&body[..8]);
+                if magic != HELLO_MAGIC {
+                    return Err(MessageError::BadMagic(magic));
+                }
+                let role = match u32_at(body, 12) {
+                    1 => Role::Primary,
+                    2 => Role::Secondary,
+                    r => return Err(MessageError::BadRole(r)),
+                };
+                let mut nonce = [0u8; 32];
+                nonce.copy_from_slice(&body[32..64]);
+                Message::Hello(Hello {
+                    version: u32_at(body, 8),
+                    role,
+                    page_count: u64_at(body, 16),
+                    page_size: u32_at(body, 24),
+                    wants_auth: u32_at(body, 28) & 1 != 0,
+                    nonce,
+                })
+            }
+            t::AUTH => {
+                exact("AUTH", body, MAC_LEN)?;
+                let mut mac = [0u8; MAC_LEN];
+                mac.copy_from_slice(body);
+                Message::Auth(mac)
+            }
+            t::CONTROL => {
+                exact("CONTROL", body, 16)?;
+                let msg = match u32_at(body, 0) {
+                    0 => Control::New,
+                    1 => Control::SvmSuspended,
+                    2 => Control::SvmReady,
+                    3 => Control::SvmResumed,
+                    x => return Err(MessageError::BadControl(x)),
+                };
+                Message::Control {
+                    msg,
+                    epoch: u64_at(body, 8),
+                }
+            }
+            t::INPUT => {
+                at_least("INPUT", body, 8)?;
+                Message::Input {
+                    seq: u64_at(body, 0),
+                    frame: &body[8..],
+                }
+            }
+            t::OUTPUT => {
+                at_least("OUTPUT", body, 8)?;
+                Message::Output {
+                    epoch: u64_at(body, 0),
+                    frame: &body[8..],
+                }
+            }
+            t::HEARTBEAT => {
+                exact("HEARTBEAT", body, 8)?;
+                Message::Heartbeat(u64_at(body, 0))
+            }
+            t::VCPU_STATE => Message::VcpuState(body),
+            t::DIGEST => {
+                exact("DIGEST", body, 8 + DIGEST_LEN)?;
+                let mut digest = [0u8; DIGEST_LEN];
+                digest.copy_from_slice(&body[8..]);
+                Message::Digest {
+                    epoch: u64_at(body, 0),
+                    digest,
+                }
+            }
+            t::GOODBYE => {
+                exact("GOODBYE", body, 4)?;
+                Message::Goodbye(u32_at(body, 0))
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(m))
+    }
+
+    /// The record type of this message.
+    pub fn rtype(&self) -> u32 {
+        use colo_type as t;
+        match self {
+            Message::Hello(_) => t::HELLO,
+            Message::Auth(_) => t::AUTH,
+            Message::Control { .. } => t::CONTROL,
+            Message::Input { .. } => t::INPUT,
+            Message::Output { .. } => t::OUTPUT,
+            Message::Heartbeat(_) => t::HEARTBEAT,
+            Message::VcpuState(_) => t::VCPU_STATE,
+            Message::Digest { .. } => t::DIGEST,
+            Message::Goodbye(_) => t::GOODBYE,
+        }
+    }
+
+    /// Appends this message as a complete, padded stream record to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&self.rtype().to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        let body = out.len();
+        match self {
+            Message::Hello(h) => {
+                out.extend_from_slice(&HELLO_MAGIC);
+                out.extend_from_slice(&h.version.to_le_bytes());
+                out.extend_from_slice(&h.role.wire().to_le_bytes());
+                out.extend_from_slice(&h.page_count.to_le_bytes());
+                out.extend_from_slice(&h.page_size.to_le_bytes());
+                out.extend_from_slice(&u32::from(h.wants_auth).to_le_bytes());
+                out.extend_from_slice(&h.nonce);
+            }
+            Message::Auth(mac) => out.extend_from_slice(mac),
+            Message::Control { msg, epoch } => {
+                out.extend_from_slice(&msg.wire().to_le_bytes());
+                out.extend_from_slice(&[0; 4]);
+                out.extend_from_slice(&epoch.to_le_bytes());
+            }
+            Message::Input { seq: n, frame } | Message::Output { epoch: n, frame } => {
+                out.extend_from_slice(&n.to_le_bytes());
+                out.extend_from_slice(frame);
+            }
+            Message::Heartbeat(n) => out.extend_from_slice(&n.to_le_bytes()),
+            Message::VcpuState(blob) => out.extend_from_slice(blob),
+            Message::Digest { epoch, digest } => {
+                out.extend_from_slice(&epoch.to_le_bytes());
+                out.extend_from_slice(digest);
+            }
+            Message::Goodbye(r) => out.extend_from_slice(&r.to_le_bytes()),
+        }
+        let len = (out.len() - body) as u32;
+        out[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
+        let pad = (8 - (out.len() - start) % 8) % 8;
+        out.extend_from_slice(&[0u8; 8][..pad]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(m: Message<'_>) {
+        let mut out = Vec::new();
+        m.encode(&mut out);
+        assert_eq!(out.len() % 8, 0);
+        let rtype = u32::from_le_bytes([out[0], out[1], out[2], out[3]]);
+        let len = u32::from_le_bytes([out[4], out[5], out[6], out[7]]) as usize;
+        let parsed = Message::parse(rtype, &out[8..8 + len]).unwrap().unwrap();
+        assert_eq!(parsed, m);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        round_trip(Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Secondary,
+            page_count: 262_144,
+            page_size: 4096,
+            wants_auth: true,
+            nonce: [7; 32],
+        }));
+        round_trip(Message::Auth([9; 32]));
+        for msg in [
+            Control::New,
+            Control::SvmSuspended,
+            Control::SvmReady,
+            Control::SvmResumed,
+        ] {
+            round_trip(Message::Control { msg, epoch: 42 });
+        }
+        round_trip(Message::Input {
+            seq: 5,
+            frame: b"abc",
+        });
+        round_trip(Message::Output {
+            epoch: 5,
+            frame: &[1; 61],
+        });
+        round_trip(Message::Heartbeat(1));
+        round_trip(Message::VcpuState(&[3; 17]));
+        round_trip(Message::Digest {
+            epoch: 3,
+            digest: [4; 32],
+        });
+        round_trip(Message::Goodbye(0));
+    }
+
+    #[test]
+    fn golden_control_record() {
+        let mut out = Vec::new();
+        Message::Control {
+            msg: Control::SvmReady,
+            epoch: 0x0102,
+        }
+        .encode(&mut out);
+        assert_eq!(
+            out,
+            [
+                0x03, 0xC0, 0x00, 0x80, 16, 0, 0, 0, // type, length
+                2, 0, 0, 0, 0, 0, 0, 0, // SVM_READY, reserved
+                0x02, 0x01, 0, 0, 0, 0, 0, 0, // epoch
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors() {
+        assert!(matches!(
+            Message::parse(colo_type::CONTROL, &[0; 15]),
+            Err(MessageError::Length { .. })
+        ));
+        let mut body = [0u8; 16];
+        body[0] = 9;
+        assert_eq!(
+            Message::parse(colo_type::CONTROL, &body),
+            Err(MessageError::BadControl(9))
+        );
+        let mut hello = [0u8; HELLO_LEN];
+        assert!(matches!(
+            Message::parse(colo_type::HELLO, &hello),
+            Err(MessageError::BadMagic(_))
+        ));
+        hello[..8].copy_from_slice(&HELLO_MAGIC);
+        hello[12] = 3;
+        assert_eq!(
+            Message::parse(colo_type::HELLO, &hello),
+            Err(MessageError::BadRole(3))
+        );
+        assert_eq!(Message::parse(0x8000_0001, &[]), Ok(None));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bodies_never_panic(t in 0u32..12, body in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let _ = Message::parse(0x8000_C000 + t, &body);
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! Drives a primary and a secondary state machine against each other in memory, with two
+//! simulated guests, to check the protocol itself: D = A ∪ B makes the memories identical after
+//! every checkpoint, primary-only mode does not, and a torn checkpoint is never applied.
+
+use std::time::{Duration, Instant};
+
+use colo_core::engine::Delivery;
+use colo_core::engine::{
+    Primary, PrimaryAction, PrimaryConfig, PrimaryState, Secondary, SecondaryAction,
+    SecondaryConfig, SecondaryState, SyncMode, Trigger,
+};
+use colo_core::stream::{write_page_data, Decoder, DecoderConfig, Event};
+use colo_core::{DirtyBitmap, PAGE_SIZE};
+
+/// A guest: memory, a dirty log, a paused flag and a tiny state.
+struct SimGuest {
+    mem: Vec<u8>,
+    dirty: DirtyBitmap,
+    paused: bool,
+    state: Vec<u8>,
+    rng: u64,
+}
+
+impl SimGuest {
+    fn new(pages: u64, seed: u64) -> Self {
+        Self {
+            mem: vec![0; pages as usize * PAGE_SIZE],
+            dirty: DirtyBitmap::new(pages),
+            paused: false,
+            state: seed.to_le_bytes().to_vec(),
+            rng: seed,
+        }
+    }
+
+    fn pages(&self) -> u64 {
+        (self.mem.len() / PAGE_SIZE) as u64
+    }
+
+    /// The guest writes `n` random pages.
+    fn run(&mut self, n: usize) {
+        assert!(!self.paused);
+        for _ in 0..n {
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            let pfn = self.rng % self.pages();
+            let off = pfn as usize * PAGE_SIZE + (self.rng >> 40) as usize % PAGE_SIZE;
+            self.mem[off] = self.mem[off].wrapping_add(1 + (self.rng >> 20) as u8 % 250);
+            self.dirty.set(pfn).unwrap();
+        }
+        self.state = self.rng.to_le_bytes().to_vec();
+    }
+
+    fn page(&self, pfn: u64) -> &[u8] {
+        &self.mem[pfn as usize * PAGE_SIZE..(pfn as usize + 1) * PAGE_SIZE]
+    }
+}
+
+struct Pair {
+    p: Primary,
+    s: Secondary,
+    pg: SimGuest,
+    sg: SimGuest,
+    /// Bytes in flight primary → secondary, and back.
+    to_s: Vec<u8>,
+    to_p: Vec<u8>,
+    dec_s: Decoder,
+    dec_p: Decoder,
+    copy: Vec<u8>,
+    state: Vec<u8>,
+    /// The PVM's memory at the last capture.
+    snapshot: Vec<u8>,
+    committed: Vec<u64>,
+    now: Instant,
+}
+
+impl Pair {
+    fn new(pages: u64, mode: SyncMode) -> Self {
+        let now = Instant::now();
+        let mut pc = PrimaryConfig::new(pages);
+        pc.sync_mode = mode;
+        pc.nonce = [1; 32];
+        let mut sc = SecondaryConfig::new(pages);
+        sc.nonce = [2; 32];
+        Self {
+            p: Primary::new(pc, now),
+            s: Secondary::new(sc, now),
+            pg: SimGuest::new(pages, 11),
+            sg: SimGuest::new(pages, 99),
+            to_s: Vec::new(),
+            to_p: Vec::new(),
+            dec_s: Decoder::new(DecoderConfig {
+                expect_headers: true,
+                page_count: Some(pages),
+            }),
+            dec_p: Decoder::new(DecoderConfig {
+                expect_headers: false,
+                page_count: Some(pages),
+            }),
+            copy: Vec::new(),
+            state: Vec::new(),
+            snapshot: Vec::new(),
+            committed: Vec::new(),
+            now,
+        }
+    }
+
+    fn tick(&mut self) {
+        self.now += Duration::from_millis(1);
+    }
+
+    /// Runs the primary's queued actions.
+    fn primary_actions(&mut self) {
+        self.to_s.append(self.p.outbox_mut());
+        while let Some(a) = self.p.poll_action() {
+            match a {
+                PrimaryAction::StartDirtyLog => self.pg.dirty.clear_all(),
+                PrimaryAction::SendPages { all } => {
+                    let pfns: Vec<u64> = if all {
+                        (0..self.pg.pages()).collect()
+                    } else {
+                        self.p.dirty_pages().to_pfns()
+                    };
+                    let pages: Vec<&[u8]> = pfns.iter().map(|&p| self.pg.page(p)).collect();
+                    let mut scratch = Vec::new();
+                    let n = write_page_data(&mut self.to_s, &pfns, &pages, &mut scratch).unwrap();
+                    self.p.pages_sent(self.now, n).unwrap();
+                }
+                PrimaryAction::HarvestDirty => {
+                    let t = self.p.harvest_target();
+                    t.union_with(&self.pg.dirty).unwrap();
+                    self.pg.dirty.clear_all();
+                    self.p.harvested(self.now).unwrap();
+                }
+                PrimaryAction::Pause => {
+                    self.pg.paused = true;
+                    self.p.paused(self.now).unwrap();
+                }
+                PrimaryAction::BeginEpoch { .. } => {}
+                PrimaryAction::Capture => {
+                    self.copy.clear();
+                    for &pfn in self.p.capture_pfns() {
+                        self.copy.extend_from_slice(self.pg.page(pfn));
+                    }
+                    self.state = self.pg.state.clone();
+                    self.snapshot = self.pg.mem.clone();
+                    self.p.captured(self.now, None).unwrap();
+                }
+                PrimaryAction::Resume => {
+                    self.pg.paused = false;
+                    self.p.resumed(self.now).unwrap();
+                }
+                PrimaryAction::SendCapture { .. } => {
+                    let pfns = self.p.capture_pfns().to_vec();
+                    let pages: Vec<&[u8]> = self.copy.chunks(PAGE_SIZE).collect();
+                    let mut scratch = Vec::new();
+                    let mut n = 0;
+                    if !pfns.is_empty() {
+                        n = write_page_data(&mut self.to_s, &pfns, &pages, &mut scratch).unwrap();
+                    }
+                    colo_core::engine::messages::Message::VcpuState(&self.state)
+                        .encode(&mut self.to_s);
+                    self.p.capture_sent(self.now, n).unwrap();
+                }
+                PrimaryAction::Committed(st) => self.committed.push(st.epoch),
+                PrimaryAction::Verified { .. } => {}
+                PrimaryAction::PeerLost { reason } => panic!("primary lost peer: {reason}"),
+            }
+            self.to_s.append(self.p.outbox_mut());
+        }
+    }
+
+    fn secondary_actions(&mut self) {
+        self.to_p.append(self.s.outbox_mut());
+        while let Some(a) = self.s.poll_action() {
+            match a {
+                SecondaryAction::StartDirtyLog => self.sg.dirty.clear_all(),
+                SecondaryAction::Pause => {
+                    self.sg.paused = true;
+                    self.s.paused(self.now).unwrap();
+                }
+                SecondaryAction::HarvestDirty => {
+                    self.s.harvest_target().union_with(&self.sg.dirty).unwrap();
+                    self.sg.dirty.clear_all();
+                    self.s.harvested(self.now).unwrap();
+                }
+                SecondaryAction::Apply { .. } => {
+                    let pfns = self.s.staged_pfns().to_vec();
+                    let data = self.s.staged_data().to_vec();
+                    for (i, pfn) in pfns.iter().enumerate() {
+                        let o = *pfn as usize * PAGE_SIZE;
+                        self.sg.mem[o..o + PAGE_SIZE]
+                            .copy_from_slice(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+                    }
+                    self.sg.state = self.s.staged_state().to_vec();
+                    self.s.applied(self.now, None).unwrap();
+                }
+                SecondaryAction::Resume => {
+                    self.sg.paused = false;
+                    self.s.resumed(self.now).unwrap();
+                }
+                SecondaryAction::Running { .. } => {}
+                SecondaryAction::TakeOver { reason } | SecondaryAction::GiveUp { reason } => {
+                    panic!("secondary lost peer: {reason}")
+                }
+            }
+            self.to_p.append(self.s.outbox_mut());
+        }
+    }
+
+    /// Delivers all bytes in flight to each side, one byte at a time when `bytewise`.
+    fn deliver(&mut self, bytewise: bool) {
+        let input = std::mem::take(&mut self.to_s);
+        let mut pos = 0;
+        while pos < input.len() {
+            let end = if bytewise { pos + 1 } else { input.len() };
+            let mut chunk = &input[pos..end];
+            while !chunk.is_empty() {
+                let (n, ev) = self.dec_s.feed(chunk).unwrap();
+                if let Some(ev) = ev {
+                    match self.s.on_event(self.now, &ev).unwrap() {
+                        Some(Delivery::WritePage { pfn, data }) => {
+                            let o = pfn as usize * PAGE_SIZE;
+                            self.sg.mem[o..o + PAGE_SIZE].copy_from_slice(data);
+                        }
+                        Some(Delivery::Input { .. }) | None => {}
+                    }
+                }
+                chunk = &chunk[n..];
+            }
+            pos = end;
+            self.secondary_actions();
+        }
+        let input = std::mem::take(&mut self.to_p);
+        let mut chunk = &input[..];
+        while !chunk.is_empty() {
+            let (n, ev) = self.dec_p.feed(chunk).unwrap();
+            if let Some(Event::Record(rec)) = ev {
+                self.p.on_record(self.now, &rec).unwrap();
+            }
+            chunk = &chunk[n..];
+        }
+        self.primary_actions();
+    }
+
+    fn settle(&mut self) {
+        for _ in 0..20 {
+            self.primary_actions();
+            self.secondary_actions();
+            self.deliver(false);
+            if self.to_s.is_empty() && self.to_p.is_empty() {
+                break;
+            }
+        }
+    }
+
+    fn sync(&mut self) {
+        self.settle();
+        assert_eq!(self.p.state(), PrimaryState::Running);
+        assert_eq!(self.s.state(), SecondaryState::AwaitingNew { epoch: 0 });
+        assert_eq!(self.sg.mem, self.snapshot);
+    }
+
+    fn checkpoint(&mut self) {
+        self.tick();
+        self.p
+            .start_checkpoint(self.now, Trigger::Periodic)
+            .unwrap();
+        self.settle();
+        assert_eq!(self.p.state(), PrimaryState::Running);
+    }
+}
+
+#[test]
+fn backchannel_makes_memories_identical_after_every_checkpoint() {
+    let mut pair = Pair::new(64, SyncMode::Backchannel);
+    pair.pg.run(200);
+    pair.sync();
+    for i in 0..50 {
+        pair.pg.run(5 + i % 7);
+        pair.sg.run(3 + i % 5);
+        pair.checkpoint();
+        assert_eq!(
+            pair.sg.mem, pair.snapshot,
+            "memory differs after checkpoint {i}"
+        );
+        assert_eq!(pair.sg.state, pair.state);
+    }
+    assert_eq!(pair.committed.len(), 51);
+}
+
+#[test]
+fn primary_only_mode_leaves_the_secondarys_own_writes() {
+    let mut pair = Pair::new(64, SyncMode::PrimaryOnly);
+    pair.sync();
+    let mut differed = false;
+    for _ in 0..10 {
+        pair.pg.run(3);
+        pair.sg.run(6);
+        pair.checkpoint();
+        differed |= pair.sg.mem != pair.snapshot;
+    }
+    assert!(differed, "primary-only mode should leave B − A stale");
+}
+
+#[test]
+fn one_byte_at_a_time_delivery_works() {
+    let mut pair = Pair::new(16, SyncMode::Backchannel);
+    pair.primary_actions();
+    pair.secondary_actions();
+    for _ in 0..10 {
+        pair.deliver(true);
+    }
+    assert_eq!(pair.p.state(), PrimaryState::Running);
+    pair.pg.run(4);
+    pair.sg.run(4);
+    pair.tick();
+    pair.p.start_checkpoint(pair.now, Trigger::Manual).unwrap();
+    for _ in 0..10 {
+        pair.primary_actions();
+        pair.deliver(true);
+    }
+    assert_eq!(pair.sg.mem, pair.snapshot);
+}
+
+#[test]
+fn invalid_events_are_typed_errors_naming_state_and_event() {
+    let mut pair = Pair::new(8, SyncMode::Backchannel);
+    pair.sync();
+    let err = pair.p.paused(pair.now).unwrap_err().to_string();
+    assert!(err.contains("Running") && err.contains("paused"), "{err}");
+    let err = pair.s.harvested(pair.now).unwrap_err().to_string();
+    assert!(
+        err.contains("AwaitingNew") && err.contains("harvested"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_lying_back_channel_is_rejected() {
+    let mut pair = Pair::new(8, SyncMode::Backchannel);
+    pair.sync();
+    pair.p.start_checkpoint(pair.now, Trigger::Manual).unwrap();
+    pair.primary_actions();
+    // SVM_SUSPENDED then a dirty list naming pfn 8 of an 8-page guest.
+    let mut bytes = Vec::new();
+    colo_core::engine::messages::Message::Control {
+        msg: colo_core::engine::messages::Control::SvmSuspended,
+        epoch: 1,
+    }
+    .encode(&mut bytes);
+    colo_core::stream::encode_dirty_pfn_list(&mut bytes, [3u64, 8].into_iter());
+    let mut dec = Decoder::new(DecoderConfig {
+        expect_headers: false,
+        page_count: None,
+    });
+    let mut chunk = &bytes[..];
+    let mut last = Ok(None);
+    while !chunk.is_empty() {
+        let (n, ev) = dec.feed(chunk).unwrap();
+        if let Some(Event::Record(rec)) = ev {
+            last = pair.p.on_record(pair.now, &rec).map(|_| None::<()>);
+        }
+        chunk = &chunk[n..];
+    }
+    let err = last.unwrap_err().to_string();
+    assert!(err.contains("pfn 0x8"), "{err}");
+}
+
+#[test]
+fn torn_checkpoint_is_dropped_and_the_secondary_takes_over_from_its_own_state() {
+    let mut pair = Pair::new(32, SyncMode::Backchannel);
+    pair.sync();
+    pair.pg.run(20);
+    pair.sg.run(20);
+    pair.p.start_checkpoint(pair.now, Trigger::Manual).unwrap();
+    pair.primary_actions();
+    pair.deliver(false); // NEW reaches S, B comes back, P captures and sends the checkpoint
+    let before = pair.sg.mem.clone();
+    // Cut the stream before CHECKPOINT: deliver all but the last record (8 bytes).
+    let all = std::mem::take(&mut pair.to_s);
+    assert!(all.len() > 16);
+    let mut chunk = &all[..all.len() - 8];
+    while !chunk.is_empty() {
+        let (n, ev) = pair.dec_s.feed(chunk).unwrap();
+        if let Some(ev) = ev {
+            pair.s.on_event(pair.now, &ev).unwrap();
+        }
+        chunk = &chunk[n..];
+    }
+    assert!(matches!(
+        pair.s.state(),
+        SecondaryState::ReceivingCheckpoint { .. }
+    ));
+    pair.s.peer_lost("cut".into());
+    let actions: Vec<_> = std::iter::from_fn(|| pair.s.poll_action()).collect();
+    assert!(matches!(actions[0], SecondaryAction::Resume));
+    assert!(matches!(actions[1], SecondaryAction::TakeOver { .. }));
+    assert_eq!(
+        pair.sg.mem, before,
+        "a torn checkpoint must not touch the SVM"
+    );
+    assert_eq!(pair.s.staged_pages(), 0);
+}
