@@ -1,0 +1,210 @@
+//! Guest RAM: a memfd or a file under /dev/shm, mapped shared with memmap2, and the one handle
+//! through which guest code, the host NIC and the tracker touch it.
+//!
+//! Guest RAM is written concurrently by vCPU threads, by the host (NIC DMA, checkpoint writes) and
+//! by the kernel (`read(2)` into it), i.e. by agents outside Rust's aliasing model. Following
+//! rust-vmm's practice, no Rust reference to guest RAM is ever formed while a writer may be active:
+//! every access copies through raw pointers ([`GuestMem::read`], [`GuestMem::write`]) or uses an
+//! atomic word ([`GuestMem::atomic_u64`]). The only borrowed view, [`GuestMem::slice_unchecked`],
+//! is `unsafe` and used by [`crate::MockDomain`] only while every vCPU is parked.
+
+use crate::MockError;
+use colo_core::PAGE_SIZE;
+use memmap2::{MmapOptions, MmapRaw};
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+/// Shared mapping of guest RAM (it stays mapped until the last handle is dropped). Deliberately
+/// not `Clone` outside this crate: code handed a `&GuestMem` (a vCPU job) cannot keep it.
+pub struct GuestMem {
+    _map: Arc<MmapRaw>,
+    base: *mut u8,
+    len: usize,
+}
+
+impl std::fmt::Debug for GuestMem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestMem")
+            .field("base", &self.base)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+// SAFETY: `base` points into the shared mapping owned by `map` (kept alive by the Arc); every
+// access through it is a raw-pointer copy or an atomic, never a Rust reference shared across
+// threads, so moving or sharing the handle between threads is sound.
+unsafe impl Send for GuestMem {}
+// SAFETY: see `Send`; all methods take `&self` and only perform raw copies or atomic operations.
+unsafe impl Sync for GuestMem {}
+
+/// Opens the RAM backing: a fresh sparse file at `path`, else an anonymous memfd.
+pub(crate) fn open_backing(path: Option<&Path>, bytes: u64) -> Result<File, MockError> {
+    let file = match path {
+        Some(p) => OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(p)
+            .map_err(|e| MockError::Os {
+                op: "open guest RAM file",
+                source: e,
+            })?,
+        None => crate::sys::memfd(c"colo-mock-ram").map_err(|e| MockError::Os {
+            op: "memfd_create",
+            source: e,
+        })?,
+    };
+    file.set_len(bytes).map_err(|e| MockError::Os {
+        op: "ftruncate guest RAM",
+        source: e,
+    })?;
+    Ok(file)
+}
+
+impl GuestMem {
+    /// Maps `file` (already sized) shared, read-write, without touching any page.
+    pub(crate) fn map(file: &File, bytes: usize) -> Result<Self, MockError> {
+        let map = MmapOptions::new()
+            .len(bytes)
+            .map_raw(file)
+            .map_err(|e| MockError::Os {
+                op: "mmap guest RAM",
+                source: e,
+            })?;
+        let base = map.as_mut_ptr();
+        crate::sys::no_huge_pages(base, bytes).map_err(|e| MockError::Os {
+            op: "madvise(MADV_NOHUGEPAGE)",
+            source: e,
+        })?;
+        Ok(Self {
+            _map: Arc::new(map),
+            base,
+            len: bytes,
+        })
+    }
+
+    /// Another handle to the same mapping.
+    pub(crate) fn share(&self) -> Self {
+        Self {
+            _map: Arc::clone(&self._map),
+            base: self.base,
+            len: self.len,
+        }
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty RAM (never the case for a created domain).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Size in pages.
+    pub fn pages(&self) -> u64 {
+        (self.len / PAGE_SIZE) as u64
+    }
+
+    /// Start address of the mapping (for the tracker's ioctls).
+    pub(crate) fn addr(&self) -> u64 {
+        self.base as u64
+    }
+
+    fn check(&self, off: usize, n: usize) -> Result<(), MockError> {
+        match off.checked_add(n) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(MockError::OutOfRange {
+                offset: off as u64,
+                len: n as u64,
+                ram: self.len as u64,
+            }),
+        }
+    }
+
+    /// Copies guest RAM at `off` into `out`.
+    pub fn read(&self, off: usize, out: &mut [u8]) -> Result<(), MockError> {
+        self.check(off, out.len())?;
+        // SAFETY: `off..off+out.len()` is inside the mapping (checked above), which stays mapped
+        // while `self._map` lives; `out` is a distinct Rust buffer, so the ranges do not overlap.
+        // Concurrent writers may tear the copy; callers that need a stable copy pause first.
+        unsafe { std::ptr::copy_nonoverlapping(self.base.add(off), out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    /// Copies `data` into guest RAM at `off`.
+    pub fn write(&self, off: usize, data: &[u8]) -> Result<(), MockError> {
+        self.check(off, data.len())?;
+        // SAFETY: in bounds (checked), mapping alive while `self._map` lives, and `data` is a Rust
+        // buffer that cannot alias guest RAM (no reference to guest RAM escapes while writers
+        // may run; see the module docs).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(off), data.len()) };
+        Ok(())
+    }
+
+    /// Reads a little-endian u64 at `off` (guest data layout is little-endian).
+    pub fn read_u64(&self, off: usize) -> Result<u64, MockError> {
+        let mut b = [0u8; 8];
+        self.read(off, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Writes a little-endian u64 at `off`.
+    pub fn write_u64(&self, off: usize, v: u64) -> Result<(), MockError> {
+        self.write(off, &v.to_le_bytes())
+    }
+
+    /// The 8-aligned word at `off` as an atomic, for ring indices shared by host and guest.
+    pub fn atomic_u64(&self, off: usize) -> Result<&AtomicU64, MockError> {
+        self.check(off, 8)?;
+        if off % 8 != 0 {
+            return Err(MockError::OutOfRange {
+                offset: off as u64,
+                len: 8,
+                ram: self.len as u64,
+            });
+        }
+        // SAFETY: in bounds and 8-aligned (the mapping is page-aligned); the memory is live for
+        // `&self`'s lifetime because `self._map` keeps the mapping. Every user of these words goes
+        // through `AtomicU64`, and AtomicU64 has the same layout as u64.
+        Ok(unsafe { &*(self.base.add(off) as *const AtomicU64) })
+    }
+
+    /// `read(2)` from `fd` straight into guest RAM at `off` — a write by the kernel, as a
+    /// virtio device backend or DMA would do it. Returns the bytes read.
+    pub fn read_from_fd(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        off: usize,
+        len: usize,
+    ) -> Result<usize, MockError> {
+        use std::os::fd::AsRawFd;
+        self.check(off, len)?;
+        // SAFETY: `off..off+len` lies inside the live mapping (checked); the kernel writes at most
+        // `len` bytes there. No Rust reference to that memory exists (module invariant).
+        let r = unsafe { libc::read(fd.as_raw_fd(), self.base.add(off).cast(), len) };
+        if r < 0 {
+            return Err(MockError::Os {
+                op: "read(2) into guest RAM",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(r as usize)
+    }
+
+    /// Borrows all of guest RAM.
+    ///
+    /// # Safety
+    /// No one may write guest RAM while the slice lives: every vCPU is parked and no host path
+    /// writes (the caller holds the domain exclusively or shared without any writer).
+    pub(crate) unsafe fn slice_unchecked(&self) -> &[u8] {
+        // SAFETY: the mapping is live and `len` bytes long; the caller guarantees no writer for
+        // the slice's lifetime.
+        unsafe { std::slice::from_raw_parts(self.base, self.len) }
+    }
+}

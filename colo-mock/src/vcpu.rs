@@ -1,0 +1,166 @@
+//! vCPU threads: each runs its workload one step at a time and parks between two steps when the
+//! domain is paused. Pause returns only once every vCPU is parked.
+//!
+//! Control protocol (all under `Shared::ctl`): the host sets `run`; a vCPU checks `run` before
+//! every step and, when it is false, increments `parked`, notifies, and waits. `pause` clears
+//! `run` and waits for `parked == vcpus`. A vCPU whose step fails records the fault and stays
+//! parked for good (a crashed guest), so pause still completes.
+
+use crate::guest::{self, HostDevices, Scratch, Step, VcpuRegs, Workload};
+use crate::ram::GuestMem;
+use parking_lot::{Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Code the host asks a vCPU to run between two steps (tests, conformance guests).
+pub(crate) type Job = Box<dyn FnOnce(&GuestMem) + Send>;
+
+#[derive(Default)]
+pub(crate) struct Ctl {
+    pub run: bool,
+    pub stop: bool,
+    pub parked: usize,
+    pub job: Option<Job>,
+    pub fault: Option<String>,
+}
+
+pub(crate) struct Shared {
+    pub mem: GuestMem,
+    pub ctl: Mutex<Ctl>,
+    pub cv: Condvar,
+    pub regs: Vec<Mutex<VcpuRegs>>,
+    pub steps: AtomicU64,
+    /// Bumped by the host NIC after it posts a request.
+    pub doorbell: AtomicU64,
+    /// Dirty workload rate, pages per ms over all vCPUs (0 = unlimited).
+    pub dirty_rate: AtomicU64,
+    pub workload: Workload,
+}
+
+impl Shared {
+    pub(crate) fn new(mem: GuestMem, workload: Workload) -> Self {
+        let n = workload.vcpus();
+        let rate = match &workload {
+            Workload::Dirty(d) => d.pages_per_ms,
+            _ => 0,
+        };
+        Self {
+            mem,
+            ctl: Mutex::new(Ctl::default()),
+            cv: Condvar::new(),
+            regs: (0..n).map(|i| Mutex::new(VcpuRegs::boot(i))).collect(),
+            steps: AtomicU64::new(0),
+            doorbell: AtomicU64::new(0),
+            dirty_rate: AtomicU64::new(rate),
+            workload,
+        }
+    }
+
+    /// Wakes idle vCPUs after the host posted work.
+    pub(crate) fn ring_doorbell(&self) {
+        self.doorbell.fetch_add(1, Ordering::Release);
+        let _c = self.ctl.lock();
+        self.cv.notify_all();
+    }
+}
+
+/// Paces the dirty workload at `rate` pages/ms per vCPU from the last resume on.
+struct Throttle {
+    since: Instant,
+    done: u64,
+}
+
+impl Throttle {
+    fn reset(&mut self) {
+        self.since = Instant::now();
+        self.done = 0;
+    }
+
+    /// How long to wait before the next step (None = go).
+    fn wait(&self, rate: u64) -> Option<Duration> {
+        if rate == 0 {
+            return None;
+        }
+        let allowed = (self.since.elapsed().as_micros() as u64).saturating_mul(rate) / 1000 + 1;
+        (self.done >= allowed).then(|| {
+            Duration::from_micros(((self.done + 1 - allowed) * 1000 / rate).clamp(50, 2000))
+        })
+    }
+}
+
+/// Body of vCPU thread `idx`.
+pub(crate) fn run(shared: Arc<Shared>, idx: usize, mut dev: HostDevices) {
+    let n = shared.regs.len();
+    let mut scratch = Scratch::default();
+    let mut throttle = Throttle {
+        since: Instant::now(),
+        done: 0,
+    };
+    loop {
+        let job = {
+            let mut c = shared.ctl.lock();
+            if !c.run || c.stop {
+                c.parked += 1;
+                shared.cv.notify_all();
+                while !c.run && !c.stop {
+                    shared.cv.wait(&mut c);
+                }
+                c.parked -= 1;
+                if c.stop {
+                    return;
+                }
+                throttle.reset();
+            }
+            c.job.take()
+        };
+        if let Some(job) = job {
+            job(&shared.mem);
+            continue;
+        }
+        let per_vcpu = shared.dirty_rate.load(Ordering::Relaxed).div_ceil(n as u64);
+        if let Some(d) = throttle.wait(per_vcpu) {
+            let mut c = shared.ctl.lock();
+            if c.run && c.job.is_none() {
+                shared.cv.wait_for(&mut c, d);
+            }
+            continue;
+        }
+        let bell = shared.doorbell.load(Ordering::Acquire);
+        let r = {
+            let mut regs = shared.regs[idx].lock();
+            guest::step(
+                &shared.workload,
+                &shared.mem,
+                &mut regs,
+                &mut dev,
+                &mut scratch,
+                idx,
+                n,
+            )
+        };
+        match r {
+            Ok(Step::Progress) => {
+                throttle.done += 1;
+                shared.steps.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Step::Idle) => {
+                let mut c = shared.ctl.lock();
+                if c.run && c.job.is_none() && shared.doorbell.load(Ordering::Acquire) == bell {
+                    shared.cv.wait_for(&mut c, Duration::from_millis(5));
+                }
+            }
+            Err(e) => {
+                tracing::error!("vCPU {idx} faulted: {e}");
+                let mut c = shared.ctl.lock();
+                c.fault.get_or_insert_with(|| format!("vCPU {idx}: {e}"));
+                c.parked += 1;
+                shared.cv.notify_all();
+                while !c.stop {
+                    shared.cv.wait(&mut c);
+                }
+                return;
+            }
+        }
+    }
+}
