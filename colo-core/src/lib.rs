@@ -8,7 +8,9 @@
 
 pub mod backend;
 pub mod bitmap;
+pub mod compare;
 pub mod engine;
+pub mod policy;
 pub mod stream;
 
 pub use backend::{BackendError, Domain, PageVisitor};
