@@ -1,0 +1,431 @@
+//! [`XenDomain`]: colo-core's [`Domain`] on one Xen domain, written against the [`XcApi`] seam.
+//!
+//! Everything here is plain Rust: pfn range checks, batching of foreign mappings, log-dirty
+//! buffer conversion and merge-back, the state blob. The C calls are behind [`XcApi`].
+
+use colo_core::backend::PageVisitor;
+use colo_core::{BackendError, DirtyBitmap, Domain, PAGE_SIZE};
+
+use crate::api::{dominf, DomInfo, LogDirtyOp, ShadowOp, XcApi, MAX_BATCH};
+use crate::error::XenError;
+use crate::state::{encode_state, XenState, SAVED_HVM_PARAMS};
+
+/// One Xen HVM/PVH domain under colo's control.
+///
+/// Owns the libxenctrl and libxenforeignmemory handles (closed on drop), the log-dirty
+/// hypercall buffer (allocated once at open) and all per-call scratch, so no method allocates
+/// per page.
+///
+/// * Pausing is tracked: [`Domain::pause`] pauses once, [`Domain::resume`] undoes only that.
+///   A domain that is already paused when opened (e.g. `xl create -p`) counts as paused by
+///   this handle, so `resume` unpauses it.
+/// * The page count is fixed at open (`xc_domain_maximum_gpfn` + 1).
+/// * Dropping the handle turns log-dirty off if this handle turned it on; it does not change
+///   whether the domain runs.
+pub struct XenDomain {
+    api: Box<dyn XcApi + Send>,
+    domid: u32,
+    pages: u64,
+    paused: bool,
+    logging: bool,
+    /// Bits Xen already cleared that no caller has received yet (a failed harvest).
+    pending: DirtyBitmap,
+    errs: Vec<i32>,
+    ctx: Vec<u8>,
+}
+
+impl std::fmt::Debug for XenDomain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XenDomain")
+            .field("domid", &self.domid)
+            .field("pages", &self.pages)
+            .field("paused", &self.paused)
+            .field("logging", &self.logging)
+            .finish()
+    }
+}
+
+/// ORs a Xen-layout byte buffer of any length into `into` (used to merge back bits that could
+/// not be delivered); bits beyond the bitmap are dropped.
+fn or_xen_prefix(into: &mut DirtyBitmap, bytes: &[u8]) {
+    let words = into.words_mut();
+    let mut chunks = bytes.chunks_exact(8);
+    let mut n = 0;
+    for (w, c) in words.iter_mut().zip(&mut chunks) {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(c);
+        *w |= u64::from_le_bytes(a);
+        n += 1;
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        if let Some(w) = words.get_mut(n) {
+            let mut a = [0u8; 8];
+            a[..rest.len()].copy_from_slice(rest);
+            *w |= u64::from_le_bytes(a);
+        }
+    }
+    into.mask_tail();
+}
+
+impl XenDomain {
+    /// Opens domain `domid` through the real libraries.
+    ///
+    /// Refuses PV guests ([`XenError::PvGuest`]), HVM guests without HAP, dying domains and
+    /// missing ones.
+    #[cfg(feature = "xen")]
+    pub fn open(domid: u32) -> Result<Self, XenError> {
+        let api = crate::sys::RealXc::open()?;
+        Self::with_api(Box::new(api), domid)
+    }
+
+    /// Opens `domid` through any [`XcApi`] (the fake in tests).
+    pub(crate) fn with_api(mut api: Box<dyn XcApi + Send>, domid: u32) -> Result<Self, XenError> {
+        let info = api.domain_info(domid)?.ok_or(XenError::NoSuchDomain {
+            op: "xc_domain_getinfolist",
+            domid,
+        })?;
+        check_info(domid, &info)?;
+        let max_gpfn = api.maximum_gpfn(domid)?;
+        let pages = max_gpfn.checked_add(1).ok_or(XenError::Protocol {
+            op: "xc_domain_maximum_gpfn",
+            detail: format!("maximum gpfn {max_gpfn:#x}"),
+        })?;
+        // 2^52 pfns is the architectural limit (52-bit physical addresses).
+        if pages > 1 << 40 {
+            return Err(XenError::Protocol {
+                op: "xc_domain_maximum_gpfn",
+                detail: format!("{pages} pages is beyond any supported guest"),
+            });
+        }
+        api.alloc_dirty_buffer(DirtyBitmap::xen_bytes_len(pages))?;
+        Ok(XenDomain {
+            api,
+            domid,
+            pages,
+            paused: info.flags & dominf::PAUSED != 0,
+            logging: false,
+            pending: DirtyBitmap::new(pages),
+            errs: vec![0; MAX_BATCH],
+            ctx: Vec::new(),
+        })
+    }
+
+    /// The domain id.
+    pub fn domid(&self) -> u32 {
+        self.domid
+    }
+
+    /// Fresh domain information from Xen.
+    pub fn info(&mut self) -> Result<DomInfo, XenError> {
+        self.api
+            .domain_info(self.domid)?
+            .ok_or(XenError::NoSuchDomain {
+                op: "xc_domain_getinfolist",
+                domid: self.domid,
+            })
+    }
+
+    fn check_pfns(&self, pfns: &[u64]) -> Result<(), XenError> {
+        match pfns.iter().find(|&&p| p >= self.pages) {
+            Some(&pfn) => Err(XenError::PfnOutOfRange {
+                pfn,
+                pages: self.pages,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn check_len(&self, op: &'static str, into: &DirtyBitmap) -> Result<(), XenError> {
+        if !self.logging {
+            return Err(XenError::BadState {
+                op,
+                reason: "dirty logging is off".into(),
+            });
+        }
+        if into.len() != self.pages {
+            return Err(XenError::BadState {
+                op,
+                reason: format!(
+                    "bitmap has {} pages, domain {} has {}",
+                    into.len(),
+                    self.domid,
+                    self.pages
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn require_paused(&self, op: &'static str) -> Result<(), XenError> {
+        if self.paused {
+            Ok(())
+        } else {
+            Err(XenError::BadState {
+                op,
+                reason: format!("domain {} is running; pause it first", self.domid),
+            })
+        }
+    }
+
+    fn harvest(&mut self, into: &mut DirtyBitmap) -> Result<(), XenError> {
+        self.check_len("harvest_dirty", into)?;
+        self.api.dirty_buffer().fill(0);
+        let res = self
+            .api
+            .logdirty_control(self.domid, LogDirtyOp::Clean, self.pages);
+        if let Err(e) = res {
+            // Xen may have cleared (and copied out) part of the log before failing.
+            or_xen_prefix(&mut self.pending, self.api.dirty_buffer());
+            return Err(e);
+        }
+        if let Err(e) = into.or_xen_bytes(self.api.dirty_buffer()) {
+            or_xen_prefix(&mut self.pending, self.api.dirty_buffer());
+            return Err(e.into());
+        }
+        if self.pending.count() != 0 {
+            into.union_with(&self.pending)?;
+            self.pending.clear_all();
+        }
+        Ok(())
+    }
+
+    fn peek(&mut self, into: &mut DirtyBitmap) -> Result<(), XenError> {
+        self.check_len("peek_dirty", into)?;
+        self.api.dirty_buffer().fill(0);
+        self.api
+            .logdirty_control(self.domid, LogDirtyOp::Peek, self.pages)?;
+        into.or_xen_bytes(self.api.dirty_buffer())?;
+        into.union_with(&self.pending)?;
+        Ok(())
+    }
+
+    fn start_log(&mut self) -> Result<(), XenError> {
+        if self.logging {
+            // Already on: "clean from this moment" means dropping what was logged so far.
+            self.api.dirty_buffer().fill(0);
+            self.api
+                .logdirty_control(self.domid, LogDirtyOp::Clean, self.pages)?;
+        } else {
+            match self
+                .api
+                .shadow_control(self.domid, ShadowOp::EnableLogDirty)
+            {
+                Ok(()) => {}
+                // EINVAL: log-dirty was left on (e.g. by a crashed run); restart it.
+                Err(e) if e.errno() == Some(libc::EINVAL) => {
+                    self.api.shadow_control(self.domid, ShadowOp::Off)?;
+                    self.api
+                        .shadow_control(self.domid, ShadowOp::EnableLogDirty)?;
+                }
+                Err(XenError::NotSupported { .. }) => {
+                    return Err(XenError::NotSupported {
+                        op: "xc_shadow_control(ENABLE_LOGDIRTY)",
+                        domid: self.domid,
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.logging = true;
+        self.pending.clear_all();
+        Ok(())
+    }
+
+    fn stop_log(&mut self) -> Result<(), XenError> {
+        if self.logging {
+            self.api.shadow_control(self.domid, ShadowOp::Off)?;
+            self.logging = false;
+            self.pending.clear_all();
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, pfns: &[u64], visit: &mut PageVisitor<'_>) -> Result<(), XenError> {
+        self.check_pfns(pfns)?;
+        let mut base = 0;
+        for chunk in pfns.chunks(MAX_BATCH) {
+            let errs = &mut self.errs[..chunk.len()];
+            errs.fill(0);
+            self.api.map_read(self.domid, chunk, errs, &mut |j, page| {
+                visit(base + j, page.ok()).map_err(XenError::Visit)
+            })?;
+            base += chunk.len();
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), XenError> {
+        self.require_paused("write_pages")?;
+        let want = pfns.len().saturating_mul(PAGE_SIZE);
+        if data.len() != want {
+            return Err(XenError::DataLength {
+                got: data.len(),
+                want,
+                pages: pfns.len(),
+            });
+        }
+        self.check_pfns(pfns)?;
+        let domid = self.domid;
+        for (chunk, chunk_data) in pfns
+            .chunks(MAX_BATCH)
+            .zip(data.chunks(MAX_BATCH * PAGE_SIZE))
+        {
+            let errs = &mut self.errs[..chunk.len()];
+            errs.fill(0);
+            self.api
+                .map_write(domid, chunk, errs, &mut |j, page| match page {
+                    Ok(dst) => {
+                        let src = &chunk_data[j * PAGE_SIZE..(j + 1) * PAGE_SIZE];
+                        dst.copy_from_slice(src);
+                        Ok(())
+                    }
+                    Err(errno) => Err(XenError::PageUnmappable {
+                        domid,
+                        pfn: chunk[j],
+                        source: std::io::Error::from_raw_os_error(errno),
+                    }),
+                })?;
+        }
+        Ok(())
+    }
+
+    fn get(&mut self, out: &mut Vec<u8>) -> Result<(), XenError> {
+        let tsc = self.api.tsc_info_get(self.domid)?;
+        let size = self.api.hvm_context_size(self.domid)?;
+        if size == 0 || size > crate::state::MAX_HVM_CONTEXT {
+            return Err(XenError::Protocol {
+                op: "xc_domain_hvm_getcontext",
+                detail: format!("context size {size}"),
+            });
+        }
+        self.ctx.clear();
+        self.ctx.resize(size, 0);
+        let got = self.api.hvm_get_context(self.domid, &mut self.ctx)?;
+        if got == 0 || got > size {
+            return Err(XenError::Protocol {
+                op: "xc_domain_hvm_getcontext",
+                detail: format!("wrote {got} bytes into a {size}-byte buffer"),
+            });
+        }
+        let mut params = [(0u32, 0u64); SAVED_HVM_PARAMS.len()];
+        let mut n = 0;
+        for index in SAVED_HVM_PARAMS {
+            let value = self.api.hvm_param_get(self.domid, index)?;
+            // Like libxc's saver, zero-valued params are not recorded.
+            if value != 0 {
+                params[n] = (index, value);
+                n += 1;
+            }
+        }
+        encode_state(out, &tsc, &self.ctx[..got], &params[..n])?;
+        Ok(())
+    }
+
+    fn set(&mut self, blob: &[u8]) -> Result<(), XenError> {
+        self.require_paused("set_state")?;
+        let state = XenState::decode(blob)?;
+        self.api.tsc_info_set(self.domid, &state.tsc)?;
+        for (index, value) in state.params() {
+            // Several params may only be set once; set only what differs.
+            if self.api.hvm_param_get(self.domid, index)? != value {
+                self.api.hvm_param_set(self.domid, index, value)?;
+            }
+        }
+        self.ctx.clear();
+        self.ctx.extend_from_slice(state.hvm_context);
+        self.api.hvm_set_context(self.domid, &mut self.ctx)?;
+        Ok(())
+    }
+}
+
+fn check_info(domid: u32, info: &DomInfo) -> Result<(), XenError> {
+    if info.domid != domid {
+        return Err(XenError::NoSuchDomain {
+            op: "xc_domain_getinfolist",
+            domid,
+        });
+    }
+    if info.flags & dominf::DYING != 0 {
+        return Err(XenError::Dying { domid });
+    }
+    if info.flags & dominf::HVM_GUEST == 0 {
+        return Err(XenError::PvGuest { domid });
+    }
+    if info.flags & dominf::HAP == 0 {
+        return Err(XenError::NoHap { domid });
+    }
+    Ok(())
+}
+
+impl Drop for XenDomain {
+    fn drop(&mut self) {
+        if self.logging {
+            // Best effort: a domain left in log-dirty mode runs slower; the next open's
+            // start_dirty_log copes with it either way.
+            let _ = self.api.shadow_control(self.domid, ShadowOp::Off);
+        }
+    }
+}
+
+impl Domain for XenDomain {
+    fn page_count(&self) -> u64 {
+        self.pages
+    }
+
+    fn pause(&mut self) -> Result<(), BackendError> {
+        if !self.paused {
+            self.api.pause(self.domid)?;
+            self.paused = true;
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), BackendError> {
+        if self.paused {
+            self.api.unpause(self.domid)?;
+            self.paused = false;
+        }
+        Ok(())
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    fn start_dirty_log(&mut self) -> Result<(), BackendError> {
+        Ok(self.start_log()?)
+    }
+
+    fn stop_dirty_log(&mut self) -> Result<(), BackendError> {
+        Ok(self.stop_log()?)
+    }
+
+    fn harvest_dirty(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
+        Ok(self.harvest(into)?)
+    }
+
+    fn peek_dirty(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
+        Ok(self.peek(into)?)
+    }
+
+    fn read_pages(
+        &mut self,
+        pfns: &[u64],
+        visit: &mut PageVisitor<'_>,
+    ) -> Result<(), BackendError> {
+        Ok(self.read(pfns, visit)?)
+    }
+
+    fn write_pages(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), BackendError> {
+        Ok(self.write(pfns, data)?)
+    }
+
+    fn get_state(&mut self, out: &mut Vec<u8>) -> Result<(), BackendError> {
+        Ok(self.get(out)?)
+    }
+
+    fn set_state(&mut self, blob: &[u8]) -> Result<(), BackendError> {
+        Ok(self.set(blob)?)
+    }
+}

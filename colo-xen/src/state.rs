@@ -1,0 +1,398 @@
+//! The vCPU/platform state blob that [`crate::XenDomain`]'s `get_state`/`set_state` exchange:
+//! TSC info, the HVM context and the HVM parameters, versioned and little-endian.
+//!
+//! Layout of version 1 (every integer little-endian; the three parts are the bodies of the
+//! libxc stream's X86_TSC_INFO, HVM_CONTEXT and HVM_PARAMS records, so a stream writer can
+//! emit them unchanged):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | magic `b"CXST"` |
+//! | 4 | 2 | version, 1 |
+//! | 6 | 2 | reserved, 0 |
+//! | 8 | 24 | TSC info: u32 mode, u32 khz, u64 elapsed_nsec, u32 incarnation, u32 reserved 0 |
+//! | 32 | 4 | `ctx_len`: bytes of HVM context (≤ [`MAX_HVM_CONTEXT`]) |
+//! | 36 | 4 | reserved, 0 |
+//! | 40 | `ctx_len` | HVM context from `xc_domain_hvm_getcontext`, then zeros to a multiple of 8 |
+//! | … | 8 | HVM_PARAMS header: u32 count (≤ [`SAVED_HVM_PARAMS`].len()), u32 reserved 0 |
+//! | … | 16 × count | {u64 index, u64 value}; every index is one of [`SAVED_HVM_PARAMS`] |
+//!
+//! Nothing may follow. Decoding checks every length against the bytes present before slicing
+//! and never allocates.
+
+use thiserror::Error;
+
+/// The blob's magic bytes.
+pub const STATE_MAGIC: [u8; 4] = *b"CXST";
+/// The blob version this crate writes and reads.
+pub const STATE_VERSION: u16 = 1;
+/// Largest HVM context accepted (Xen's context for 128 vCPUs is well below this).
+pub const MAX_HVM_CONTEXT: usize = 16 << 20;
+
+/// The HVM parameters saved and restored, exactly those libxc's x86 HVM saver records
+/// (Xen 4.17 `xg_sr_save_x86_hvm.c`); `set_state` refuses any other index.
+pub const SAVED_HVM_PARAMS: [u32; 16] = [
+    1,  // HVM_PARAM_STORE_PFN
+    5,  // HVM_PARAM_IOREQ_PFN
+    6,  // HVM_PARAM_BUFIOREQ_PFN
+    27, // HVM_PARAM_PAGING_RING_PFN
+    28, // HVM_PARAM_MONITOR_RING_PFN
+    29, // HVM_PARAM_SHARING_RING_PFN
+    37, // HVM_PARAM_VM86_TSS_SIZED
+    17, // HVM_PARAM_CONSOLE_PFN
+    19, // HVM_PARAM_ACPI_IOPORTS_LOCATION
+    9,  // HVM_PARAM_VIRIDIAN
+    12, // HVM_PARAM_IDENT_PT
+    34, // HVM_PARAM_VM_GENERATION_ID_ADDR
+    32, // HVM_PARAM_IOREQ_SERVER_PFN
+    33, // HVM_PARAM_NR_IOREQ_SERVER_PAGES
+    36, // HVM_PARAM_X87_FIP_WIDTH
+    38, // HVM_PARAM_MCA_CAP
+];
+
+const HEADER_LEN: usize = 40;
+const TSC_LEN: usize = 24;
+const PARAM_LEN: usize = 16;
+
+/// Errors decoding a state blob. Each names the offending value.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum StateError {
+    /// The blob ends before a field it declares.
+    #[error("blob truncated: {need} bytes needed for {what}, {got} present")]
+    Truncated {
+        /// The part being read.
+        what: &'static str,
+        /// Bytes needed from the start of the blob.
+        need: usize,
+        /// Bytes in the blob.
+        got: usize,
+    },
+    /// The blob does not start with [`STATE_MAGIC`].
+    #[error("bad magic {0:02x?}, expected \"CXST\"")]
+    BadMagic([u8; 4]),
+    /// A version this crate does not read.
+    #[error("state blob version {0} is not supported (this build reads version 1)")]
+    Version(u16),
+    /// A reserved field is not zero.
+    #[error("reserved field {field} is {value:#x}, must be 0")]
+    Reserved {
+        /// Which field.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+    },
+    /// The HVM context is empty or larger than [`MAX_HVM_CONTEXT`].
+    #[error("HVM context of {0} bytes is outside 1..={MAX_HVM_CONTEXT}")]
+    ContextSize(usize),
+    /// More parameters than colo-xen saves.
+    #[error("{0} HVM params, at most 16 allowed")]
+    TooManyParams(u32),
+    /// An HVM parameter colo-xen does not save (setting arbitrary params is refused).
+    #[error("HVM param index {0} is not one colo-xen saves")]
+    UnknownParam(u64),
+    /// Bytes after the last parameter.
+    #[error("{0} trailing bytes after the HVM params")]
+    Trailing(usize),
+}
+
+/// The domain's TSC configuration (`xc_domain_get_tsc_info`), as in X86_TSC_INFO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TscInfo {
+    /// TSC mode (0 default, 1 always emulate, 2 never emulate).
+    pub mode: u32,
+    /// Guest TSC frequency in kHz.
+    pub khz: u32,
+    /// Nanoseconds of guest time elapsed.
+    pub elapsed_nsec: u64,
+    /// TSC incarnation (bumped by every restore).
+    pub incarnation: u32,
+}
+
+/// A decoded state blob, borrowing from the bytes it was decoded from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XenState<'a> {
+    /// TSC configuration.
+    pub tsc: TscInfo,
+    /// The opaque HVM context (vCPU registers, LAPIC, platform timers, …).
+    pub hvm_context: &'a [u8],
+    params: &'a [u8],
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from(u32_at(b, at)) | (u64::from(u32_at(b, at + 4)) << 32)
+}
+
+fn need(what: &'static str, need: usize, blob: &[u8]) -> Result<(), StateError> {
+    if blob.len() < need {
+        return Err(StateError::Truncated {
+            what,
+            need,
+            got: blob.len(),
+        });
+    }
+    Ok(())
+}
+
+impl<'a> XenState<'a> {
+    /// Decodes and fully validates a blob; every index read is bounds-checked first.
+    pub fn decode(blob: &'a [u8]) -> Result<Self, StateError> {
+        need("header", HEADER_LEN, blob)?;
+        let magic = [blob[0], blob[1], blob[2], blob[3]];
+        if magic != STATE_MAGIC {
+            return Err(StateError::BadMagic(magic));
+        }
+        let version = u16_at(blob, 4);
+        if version != STATE_VERSION {
+            return Err(StateError::Version(version));
+        }
+        for (field, value) in [
+            ("header.reserved", u64::from(u16_at(blob, 6))),
+            ("tsc.reserved", u64::from(u32_at(blob, 8 + 20))),
+            ("context.reserved", u64::from(u32_at(blob, 36))),
+        ] {
+            if value != 0 {
+                return Err(StateError::Reserved { field, value });
+            }
+        }
+        let tsc = TscInfo {
+            mode: u32_at(blob, 8),
+            khz: u32_at(blob, 12),
+            elapsed_nsec: u64_at(blob, 16),
+            incarnation: u32_at(blob, 24),
+        };
+        let ctx_len = u32_at(blob, 32) as usize;
+        if ctx_len == 0 || ctx_len > MAX_HVM_CONTEXT {
+            return Err(StateError::ContextSize(ctx_len));
+        }
+        let ctx_end = HEADER_LEN + ctx_len;
+        let padded_end = HEADER_LEN + ctx_len.next_multiple_of(8);
+        need("HVM context", padded_end, blob)?;
+        if let Some(&nz) = blob[ctx_end..padded_end].iter().find(|&&b| b != 0) {
+            return Err(StateError::Reserved {
+                field: "context padding",
+                value: u64::from(nz),
+            });
+        }
+        let hvm_context = &blob[HEADER_LEN..ctx_end];
+        need("HVM params header", padded_end + 8, blob)?;
+        let count = u32_at(blob, padded_end);
+        let reserved = u32_at(blob, padded_end + 4);
+        if reserved != 0 {
+            return Err(StateError::Reserved {
+                field: "params.reserved",
+                value: u64::from(reserved),
+            });
+        }
+        if count as usize > SAVED_HVM_PARAMS.len() {
+            return Err(StateError::TooManyParams(count));
+        }
+        let params_start = padded_end + 8;
+        let params_end = params_start + count as usize * PARAM_LEN;
+        need("HVM params", params_end, blob)?;
+        if blob.len() > params_end {
+            return Err(StateError::Trailing(blob.len() - params_end));
+        }
+        let params = &blob[params_start..params_end];
+        for p in params.chunks_exact(PARAM_LEN) {
+            let index = u64_at(p, 0);
+            if !SAVED_HVM_PARAMS.iter().any(|&k| u64::from(k) == index) {
+                return Err(StateError::UnknownParam(index));
+            }
+        }
+        Ok(XenState {
+            tsc,
+            hvm_context,
+            params,
+        })
+    }
+
+    /// The HVM parameters as `(index, value)`; every index is one of [`SAVED_HVM_PARAMS`].
+    pub fn params(&self) -> impl Iterator<Item = (u32, u64)> + 'a {
+        // Indexes were validated against SAVED_HVM_PARAMS (all < 2^32) by `decode`.
+        self.params
+            .chunks_exact(PARAM_LEN)
+            .map(|p| (u64_at(p, 0) as u32, u64_at(p, 8)))
+    }
+
+    /// The body of the libxc stream's HVM_PARAMS record for these parameters.
+    pub fn hvm_params_record(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&((self.params.len() / PARAM_LEN) as u32).to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(self.params);
+    }
+}
+
+/// Appends a version-1 blob to `out`. Fails if the context is empty or too large, if there
+/// are too many params, or if one is not in [`SAVED_HVM_PARAMS`], exactly as
+/// [`XenState::decode`] would.
+pub fn encode_state(
+    out: &mut Vec<u8>,
+    tsc: &TscInfo,
+    hvm_context: &[u8],
+    params: &[(u32, u64)],
+) -> Result<(), StateError> {
+    if hvm_context.is_empty() || hvm_context.len() > MAX_HVM_CONTEXT {
+        return Err(StateError::ContextSize(hvm_context.len()));
+    }
+    if params.len() > SAVED_HVM_PARAMS.len() {
+        return Err(StateError::TooManyParams(params.len() as u32));
+    }
+    if let Some(&(bad, _)) = params.iter().find(|(i, _)| !SAVED_HVM_PARAMS.contains(i)) {
+        return Err(StateError::UnknownParam(u64::from(bad)));
+    }
+    let padded = hvm_context.len().next_multiple_of(8);
+    out.reserve(HEADER_LEN + padded + 8 + params.len() * PARAM_LEN);
+    out.extend_from_slice(&STATE_MAGIC);
+    out.extend_from_slice(&STATE_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    let tsc_start = out.len();
+    out.extend_from_slice(&tsc.mode.to_le_bytes());
+    out.extend_from_slice(&tsc.khz.to_le_bytes());
+    out.extend_from_slice(&tsc.elapsed_nsec.to_le_bytes());
+    out.extend_from_slice(&tsc.incarnation.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    debug_assert_eq!(out.len() - tsc_start, TSC_LEN);
+    out.extend_from_slice(&(hvm_context.len() as u32).to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(hvm_context);
+    out.resize(out.len() + (padded - hvm_context.len()), 0);
+    out.extend_from_slice(&(params.len() as u32).to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    for &(index, value) in params {
+        out.extend_from_slice(&u64::from(index).to_le_bytes());
+        out.extend_from_slice(&value.to_le_bytes());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Vec<u8> {
+        let mut v = Vec::new();
+        let tsc = TscInfo {
+            mode: 1,
+            khz: 2_000_000,
+            elapsed_nsec: 0x1122_3344_5566_7788,
+            incarnation: 7,
+        };
+        encode_state(
+            &mut v,
+            &tsc,
+            &[1, 2, 3, 4, 5],
+            &[(1, 0xfeffc), (17, 0xfeff9)],
+        )
+        .map(|()| v)
+        .unwrap_or_default()
+    }
+
+    #[test]
+    fn round_trip_and_layout() {
+        let blob = sample();
+        // 40 header + 8 padded context + 8 params header + 2 × 16.
+        assert_eq!(blob.len(), 40 + 8 + 8 + 32);
+        assert_eq!(&blob[0..4], b"CXST");
+        let s = XenState::decode(&blob).expect("decodes");
+        assert_eq!(s.tsc.elapsed_nsec, 0x1122_3344_5566_7788);
+        assert_eq!(s.tsc.incarnation, 7);
+        assert_eq!(s.hvm_context, &[1, 2, 3, 4, 5]);
+        assert_eq!(
+            s.params().collect::<Vec<_>>(),
+            vec![(1, 0xfeffc), (17, 0xfeff9)]
+        );
+        let mut rec = Vec::new();
+        s.hvm_params_record(&mut rec);
+        assert_eq!(rec.len(), 8 + 32);
+        assert_eq!(&rec[0..8], &[2, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn rejects_malformed_blobs() {
+        let good = sample();
+        assert!(matches!(
+            XenState::decode(&good[..good.len() - 1]),
+            Err(StateError::Truncated { .. })
+        ));
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert_eq!(XenState::decode(&trailing), Err(StateError::Trailing(1)));
+        let mut magic = good.clone();
+        magic[0] = b'X';
+        assert!(matches!(
+            XenState::decode(&magic),
+            Err(StateError::BadMagic(_))
+        ));
+        let mut version = good.clone();
+        version[4] = 2;
+        assert_eq!(XenState::decode(&version), Err(StateError::Version(2)));
+        // Param index 0 (CALLBACK_IRQ) is not one colo-xen restores.
+        let mut unknown = good.clone();
+        let first_param = 40 + 8 + 8;
+        unknown[first_param] = 0;
+        assert_eq!(XenState::decode(&unknown), Err(StateError::UnknownParam(0)));
+        // A huge declared context length fails on size, before any slicing.
+        let mut huge = good.clone();
+        huge[32..36].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            XenState::decode(&huge),
+            Err(StateError::ContextSize(_))
+        ));
+        let mut count = good.clone();
+        count[48..52].copy_from_slice(&1000u32.to_le_bytes());
+        assert_eq!(
+            XenState::decode(&count),
+            Err(StateError::TooManyParams(1000))
+        );
+        let mut pad = good;
+        pad[40 + 6] = 9;
+        assert!(matches!(
+            XenState::decode(&pad),
+            Err(StateError::Reserved { .. })
+        ));
+    }
+
+    #[test]
+    fn encode_refuses_what_decode_would() {
+        let mut v = Vec::new();
+        let tsc = TscInfo::default();
+        assert_eq!(
+            encode_state(&mut v, &tsc, &[], &[]),
+            Err(StateError::ContextSize(0))
+        );
+        assert_eq!(
+            encode_state(&mut v, &tsc, &[1], &[(0, 1)]),
+            Err(StateError::UnknownParam(0))
+        );
+        assert!(v.is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = XenState::decode(&bytes);
+        }
+
+        #[test]
+        fn round_trips(ctx in proptest::collection::vec(any::<u8>(), 1..100),
+                       vals in proptest::collection::vec(any::<u64>(), 0..16),
+                       mode in any::<u32>(), nsec in any::<u64>()) {
+            let params: Vec<(u32, u64)> =
+                SAVED_HVM_PARAMS.iter().copied().zip(vals.iter().copied()).collect();
+            let tsc = TscInfo { mode, khz: 1, elapsed_nsec: nsec, incarnation: 3 };
+            let mut blob = Vec::new();
+            encode_state(&mut blob, &tsc, &ctx, &params).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let s = XenState::decode(&blob).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(s.tsc, tsc);
+            prop_assert_eq!(s.hvm_context, &ctx[..]);
+            prop_assert_eq!(s.params().collect::<Vec<_>>(), params);
+        }
+    }
+}
