@@ -9,6 +9,8 @@
 pub mod backend;
 pub mod bitmap;
 pub mod compare;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod engine;
 pub mod policy;
 pub mod stream;

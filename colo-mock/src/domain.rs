@@ -190,9 +190,13 @@ impl MockDomain {
         self.shared.ctl.lock().fault.clone()
     }
 
-    /// Changes the dirty workload's rate (pages/ms over all vCPUs, 0 = unlimited). A host knob,
-    /// not guest state.
+    /// Changes the dirty workload's rate (pages/ms over all vCPUs; 0 = stop writing,
+    /// [`crate::DirtyConfig::UNLIMITED`] = flat out). A host knob, not guest state; ignored by
+    /// other workloads.
     pub fn set_dirty_rate(&self, pages_per_ms: u64) {
+        if !matches!(self.shared.workload, Workload::Dirty(_)) {
+            return;
+        }
         self.shared
             .dirty_rate
             .store(pages_per_ms, Ordering::Relaxed);

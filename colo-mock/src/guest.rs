@@ -111,11 +111,17 @@ impl Default for KvConfig {
 /// Configuration of the dirty workload.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DirtyConfig {
-    /// Pages dirtied per millisecond across all vCPUs; 0 = as fast as possible.
+    /// Pages dirtied per millisecond across all vCPUs; 0 = none (the vCPUs idle),
+    /// [`DirtyConfig::UNLIMITED`] = as fast as possible.
     pub pages_per_ms: u64,
     /// vCPU threads (1..=64); each writes its own 8-byte lane of a page, so the result is
     /// deterministic for given per-vCPU step counts.
     pub vcpus: u32,
+}
+
+impl DirtyConfig {
+    /// `pages_per_ms` value for "as fast as the vCPUs can".
+    pub const UNLIMITED: u64 = u64::MAX;
 }
 
 impl Default for DirtyConfig {

@@ -6,7 +6,7 @@
 //! `run` and waits for `parked == vcpus`. A vCPU whose step fails records the fault and stays
 //! parked for good (a crashed guest), so pause still completes.
 
-use crate::guest::{self, HostDevices, Scratch, Step, VcpuRegs, Workload};
+use crate::guest::{self, DirtyConfig, HostDevices, Scratch, Step, VcpuRegs, Workload};
 use crate::ram::GuestMem;
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,7 +43,7 @@ impl Shared {
         let n = workload.vcpus();
         let rate = match &workload {
             Workload::Dirty(d) => d.pages_per_ms,
-            _ => 0,
+            _ => DirtyConfig::UNLIMITED,
         };
         Self {
             mem,
@@ -77,10 +77,14 @@ impl Throttle {
         self.done = 0;
     }
 
-    /// How long to wait before the next step (None = go).
+    /// How long to wait before the next step (None = go). `rate` 0 = never go,
+    /// [`DirtyConfig::UNLIMITED`] = always go.
     fn wait(&self, rate: u64) -> Option<Duration> {
-        if rate == 0 {
+        if rate == DirtyConfig::UNLIMITED {
             return None;
+        }
+        if rate == 0 {
+            return Some(Duration::from_millis(5));
         }
         let allowed = (self.since.elapsed().as_micros() as u64).saturating_mul(rate) / 1000 + 1;
         (self.done >= allowed).then(|| {
@@ -118,7 +122,12 @@ pub(crate) fn run(shared: Arc<Shared>, idx: usize, mut dev: HostDevices) {
             job(&shared.mem);
             continue;
         }
-        let per_vcpu = shared.dirty_rate.load(Ordering::Relaxed).div_ceil(n as u64);
+        let rate = shared.dirty_rate.load(Ordering::Relaxed);
+        let per_vcpu = if rate == DirtyConfig::UNLIMITED {
+            rate
+        } else {
+            rate.div_ceil(n as u64)
+        };
         if let Some(d) = throttle.wait(per_vcpu) {
             let mut c = shared.ctl.lock();
             if c.run && c.job.is_none() {

@@ -213,7 +213,7 @@ fn pause_freezes_ram() {
     let cfg = MockConfig::new(
         2048,
         Workload::Dirty(DirtyConfig {
-            pages_per_ms: 0,
+            pages_per_ms: DirtyConfig::UNLIMITED,
             vcpus: 2,
         }),
         5,

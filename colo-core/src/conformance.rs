@@ -1,0 +1,397 @@
+//! The backend conformance suite: checks every [`Domain`] implementation must pass, run by
+//! colo-mock's tests and by colo-xen against a live domain.
+//!
+//! The suite does no IO and spawns no threads. It drives the backend through the [`Domain`]
+//! trait and drives the *guest* through a [`ConformanceGuest`] that the backend's test supplies
+//! (colo-mock: code run on a vCPU thread; colo-xen: an agent inside the guest). Checks:
+//!
+//! | check | what it proves |
+//! |---|---|
+//! | [`pause_stops_writes`] | after `pause` returns, no page changes and nothing is logged dirty, although the guest was busy writing |
+//! | [`every_write_reported`] | every page the guest wrote is in the next harvest (exactly those, for an exact guest) |
+//! | [`nothing_twice_after_clear`] | a harvest clears: the next harvest holds only newer writes |
+//! | [`read_after_write`] | `read_pages` returns what the guest wrote, and what `write_pages` wrote |
+//! | [`harvest_peek_agree`] | `peek_dirty` does not clear and agrees with the following harvest |
+//! | [`state_round_trip`] | `get_state` → `set_state` → `get_state` is the identity; bad blobs are rejected |
+//! | [`rejects_bad_arguments`] | out-of-range pfns, wrong data lengths and wrong bitmap sizes are errors |
+//!
+//! [`run_all`] runs them in order; the domain must be freshly created, paused, logging off.
+
+use crate::backend::{BackendError, Domain};
+use crate::bitmap::DirtyBitmap;
+use crate::PAGE_SIZE;
+
+/// Why a conformance check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConformanceError {
+    /// The backend returned an error where it should have succeeded.
+    #[error("{check}: backend error: {source}")]
+    Backend {
+        /// The check.
+        check: &'static str,
+        /// The error.
+        #[source]
+        source: BackendError,
+    },
+    /// The guest driver failed.
+    #[error("{check}: guest driver failed: {reason}")]
+    Guest {
+        /// The check.
+        check: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The backend behaved wrongly.
+    #[error("{check}: {detail}")]
+    Violated {
+        /// The check.
+        check: &'static str,
+        /// What was expected and what happened.
+        detail: String,
+    },
+}
+
+/// The guest side of a conformance run: what only code inside the guest can do.
+pub trait ConformanceGuest {
+    /// The backend under test.
+    type Dom: Domain;
+
+    /// The domain.
+    fn domain(&mut self) -> &mut Self::Dom;
+
+    /// At least 64 pfns the guest may overwrite freely (ascending, distinct).
+    fn scratch_pfns(&self) -> Vec<u64>;
+
+    /// True if, with background writes off, the guest writes no page except those it is asked
+    /// to write, so harvests can be compared for equality rather than inclusion.
+    fn exact(&self) -> bool;
+
+    /// Makes the guest itself set every byte of each page in `pfns` to `pattern`; returns when
+    /// the writes are done. Called only while the domain runs.
+    fn guest_write(&mut self, pfns: &[u64], pattern: u8) -> Result<(), String>;
+
+    /// Turns on or off a guest activity that keeps writing memory while the guest runs.
+    fn set_background_writes(&mut self, on: bool) -> Result<(), String>;
+
+    /// Lets some time pass (e.g. 20–50 ms) so a running guest makes progress.
+    fn let_time_pass(&mut self);
+}
+
+type Check = Result<(), ConformanceError>;
+
+fn be(check: &'static str) -> impl FnOnce(BackendError) -> ConformanceError {
+    move |source| ConformanceError::Backend { check, source }
+}
+
+fn guest(check: &'static str) -> impl FnOnce(String) -> ConformanceError {
+    move |reason| ConformanceError::Guest { check, reason }
+}
+
+fn violated(check: &'static str, detail: String) -> ConformanceError {
+    ConformanceError::Violated { check, detail }
+}
+
+fn harvest<D: Domain>(d: &mut D, check: &'static str) -> Result<DirtyBitmap, ConformanceError> {
+    let mut b = DirtyBitmap::new(d.page_count());
+    d.harvest_dirty(&mut b).map_err(be(check))?;
+    Ok(b)
+}
+
+fn peek<D: Domain>(d: &mut D, check: &'static str) -> Result<DirtyBitmap, ConformanceError> {
+    let mut b = DirtyBitmap::new(d.page_count());
+    d.peek_dirty(&mut b).map_err(be(check))?;
+    Ok(b)
+}
+
+/// xxh3-128 of every page of the domain, read in batches of 1024.
+fn digest<D: Domain>(d: &mut D, check: &'static str) -> Result<u128, ConformanceError> {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let n = d.page_count();
+    let mut pfns = Vec::with_capacity(1024);
+    let mut start = 0;
+    while start < n {
+        pfns.clear();
+        pfns.extend(start..n.min(start + 1024));
+        d.read_pages(&pfns, &mut |_, page| {
+            match page {
+                Some(p) => h.update(p),
+                None => h.update(&[0xFF]),
+            }
+            Ok(())
+        })
+        .map_err(be(check))?;
+        start += 1024;
+    }
+    Ok(h.digest128())
+}
+
+/// Checks that the pages `pfns` read back entirely as `pattern`.
+fn expect_pattern<D: Domain>(d: &mut D, pfns: &[u64], pattern: u8, check: &'static str) -> Check {
+    let mut bad = None;
+    d.read_pages(pfns, &mut |i, page| {
+        if bad.is_none()
+            && !page.is_some_and(|p| p.len() == PAGE_SIZE && p.iter().all(|&b| b == pattern))
+        {
+            bad = Some(i);
+        }
+        Ok(())
+    })
+    .map_err(be(check))?;
+    match bad {
+        Some(i) => Err(violated(
+            check,
+            format!("pfn {:#x} does not read back as {pattern:#04x}", pfns[i]),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn expect_reported(got: &DirtyBitmap, want: &[u64], exact: bool, check: &'static str) -> Check {
+    let missing: Vec<u64> = want
+        .iter()
+        .copied()
+        .filter(|&p| !got.test(p).unwrap_or(false))
+        .take(8)
+        .collect();
+    if !missing.is_empty() {
+        return Err(violated(
+            check,
+            format!("written pages not reported (first 8): {missing:#x?}"),
+        ));
+    }
+    if exact && got.count() != want.len() as u64 {
+        let want_b =
+            DirtyBitmap::from_pfns(got.len(), want).map_err(|e| violated(check, e.to_string()))?;
+        let mut extra = got.clone();
+        let _ = extra.difference_with(&want_b);
+        let first: Vec<u64> = extra.iter().take(8).collect();
+        return Err(violated(
+            check,
+            format!(
+                "{} pages reported that were not written (first 8: {first:#x?})",
+                extra.count()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Splits the guest's scratch pfns into `k` disjoint groups of (nearly) equal size.
+fn groups<G: ConformanceGuest>(g: &G, k: usize) -> Vec<Vec<u64>> {
+    let all = g.scratch_pfns();
+    let mut out = vec![Vec::new(); k];
+    for (i, p) in all.into_iter().enumerate() {
+        out[i % k].push(p);
+    }
+    out
+}
+
+/// After `pause` returns, guest memory does not change and no page is logged dirty, even though
+/// the guest was writing busily right before.
+pub fn pause_stops_writes<G: ConformanceGuest>(g: &mut G) -> Check {
+    const C: &str = "pause_stops_writes";
+    g.set_background_writes(true).map_err(guest(C))?;
+    g.domain().resume().map_err(be(C))?;
+    g.let_time_pass();
+    g.domain().pause().map_err(be(C))?;
+    g.domain().pause().map_err(be(C))?; // idempotent
+    if !g.domain().is_paused() {
+        return Err(violated(C, "is_paused() is false after pause()".into()));
+    }
+    let before = harvest(g.domain(), C)?;
+    if before.count() == 0 {
+        return Err(violated(
+            C,
+            "the guest's background writes were not reported at all".into(),
+        ));
+    }
+    let h1 = digest(g.domain(), C)?;
+    g.let_time_pass();
+    let h2 = digest(g.domain(), C)?;
+    let after = harvest(g.domain(), C)?;
+    g.set_background_writes(false).map_err(guest(C))?;
+    if h1 != h2 {
+        return Err(violated(C, "guest memory changed while paused".into()));
+    }
+    if after.count() != 0 {
+        return Err(violated(
+            C,
+            format!("{} pages logged dirty while paused", after.count()),
+        ));
+    }
+    Ok(())
+}
+
+/// Every page the guest writes appears in the next harvest (and, for an exact guest, nothing
+/// else does).
+pub fn every_write_reported<G: ConformanceGuest>(g: &mut G) -> Check {
+    const C: &str = "every_write_reported";
+    let gr = groups(g, 2);
+    let exact = g.exact();
+    g.domain().resume().map_err(be(C))?;
+    let _ = harvest(g.domain(), C)?;
+    g.guest_write(&gr[0], 0xA1).map_err(guest(C))?;
+    g.domain().pause().map_err(be(C))?;
+    let got = harvest(g.domain(), C)?;
+    expect_reported(&got, &gr[0], exact, C)
+}
+
+/// A harvest clears what it returned: a second harvest while paused is empty, and after new
+/// writes it holds only those.
+pub fn nothing_twice_after_clear<G: ConformanceGuest>(g: &mut G) -> Check {
+    const C: &str = "nothing_twice_after_clear";
+    let gr = groups(g, 2);
+    let exact = g.exact();
+    g.domain().resume().map_err(be(C))?;
+    g.guest_write(&gr[0], 0xB2).map_err(guest(C))?;
+    g.domain().pause().map_err(be(C))?;
+    let first = harvest(g.domain(), C)?;
+    expect_reported(&first, &gr[0], exact, C)?;
+    let second = harvest(g.domain(), C)?;
+    if second.count() != 0 {
+        return Err(violated(
+            C,
+            format!(
+                "{} pages reported again right after a harvest",
+                second.count()
+            ),
+        ));
+    }
+    g.domain().resume().map_err(be(C))?;
+    g.guest_write(&gr[1], 0xB3).map_err(guest(C))?;
+    g.domain().pause().map_err(be(C))?;
+    let third = harvest(g.domain(), C)?;
+    expect_reported(&third, &gr[1], exact, C)
+}
+
+/// `read_pages` returns what the guest wrote, and what the host wrote with `write_pages`.
+pub fn read_after_write<G: ConformanceGuest>(g: &mut G) -> Check {
+    const C: &str = "read_after_write";
+    let gr = groups(g, 2);
+    g.domain().resume().map_err(be(C))?;
+    g.guest_write(&gr[0], 0xC4).map_err(guest(C))?;
+    g.domain().pause().map_err(be(C))?;
+    expect_pattern(g.domain(), &gr[0], 0xC4, C)?;
+    let data = vec![0xC5u8; gr[1].len() * PAGE_SIZE];
+    g.domain().write_pages(&gr[1], &data).map_err(be(C))?;
+    expect_pattern(g.domain(), &gr[1], 0xC5, C)?;
+    expect_pattern(g.domain(), &gr[0], 0xC4, C)?;
+    let _ = harvest(g.domain(), C)?;
+    Ok(())
+}
+
+/// `peek_dirty` does not clear and agrees with the harvest that follows it.
+pub fn harvest_peek_agree<G: ConformanceGuest>(g: &mut G) -> Check {
+    const C: &str = "harvest_peek_agree";
+    let gr = groups(g, 3);
+    g.domain().resume().map_err(be(C))?;
+    let _ = harvest(g.domain(), C)?;
+    g.guest_write(&gr[2], 0xD6).map_err(guest(C))?;
+    g.domain().pause().map_err(be(C))?;
+    let p1 = peek(g.domain(), C)?;
+    let p2 = peek(g.domain(), C)?;
+    let h = harvest(g.domain(), C)?;
+    let p3 = peek(g.domain(), C)?;
+    if p1 != p2 {
+        return Err(violated(C, "two peeks while paused differ".into()));
+    }
+    if p1 != h {
+        return Err(violated(
+            C,
+            format!("peek saw {} pages, the harvest {}", p1.count(), h.count()),
+        ));
+    }
+    expect_reported(&h, &gr[2], g.exact(), C)?;
+    if p3.count() != 0 {
+        return Err(violated(C, "a peek after a harvest is not empty".into()));
+    }
+    Ok(())
+}
+
+/// `get_state` → `set_state` → `get_state` is the identity; malformed blobs are rejected and
+/// leave the state as it was.
+pub fn state_round_trip<G: ConformanceGuest>(g: &mut G) -> Check {
+    const C: &str = "state_round_trip";
+    let d = g.domain();
+    d.pause().map_err(be(C))?;
+    let mut s1 = Vec::new();
+    d.get_state(&mut s1).map_err(be(C))?;
+    if s1.is_empty() {
+        return Err(violated(C, "empty state blob".into()));
+    }
+    d.set_state(&s1).map_err(be(C))?;
+    let mut s2 = Vec::new();
+    d.get_state(&mut s2).map_err(be(C))?;
+    if s1 != s2 {
+        return Err(violated(
+            C,
+            "state changed across set_state(get_state())".into(),
+        ));
+    }
+    for (what, bad) in [
+        ("empty", Vec::new()),
+        ("truncated", s1[..s1.len() - 1].to_vec()),
+        ("garbage", vec![0x5Au8; s1.len()]),
+    ] {
+        if d.set_state(&bad).is_ok() {
+            return Err(violated(C, format!("a {what} state blob was accepted")));
+        }
+    }
+    let mut s3 = Vec::new();
+    d.get_state(&mut s3).map_err(be(C))?;
+    if s1 != s3 {
+        return Err(violated(C, "a rejected blob changed the state".into()));
+    }
+    Ok(())
+}
+
+/// Out-of-range pfns, wrong data lengths and wrong bitmap sizes are errors, not panics.
+pub fn rejects_bad_arguments<G: ConformanceGuest>(g: &mut G) -> Check {
+    const C: &str = "rejects_bad_arguments";
+    let d = g.domain();
+    d.pause().map_err(be(C))?;
+    let n = d.page_count();
+    let r = d.read_pages(&[0, n], &mut |_, _| Ok(()));
+    if !matches!(r, Err(BackendError::PfnOutOfRange { pfn, .. }) if pfn == n) {
+        return Err(violated(C, format!("read_pages of pfn {n:#x}: {r:?}")));
+    }
+    let r = d.write_pages(&[n], &[0u8; PAGE_SIZE]);
+    if !matches!(r, Err(BackendError::PfnOutOfRange { .. })) {
+        return Err(violated(C, format!("write_pages of pfn {n:#x}: {r:?}")));
+    }
+    let r = d.write_pages(&[0], &[0u8; PAGE_SIZE - 1]);
+    if !matches!(r, Err(BackendError::DataLength { .. })) {
+        return Err(violated(C, format!("write_pages with short data: {r:?}")));
+    }
+    let mut wrong = DirtyBitmap::new(n + 1);
+    if d.harvest_dirty(&mut wrong).is_ok() || d.peek_dirty(&mut wrong).is_ok() {
+        return Err(violated(
+            C,
+            "a bitmap of the wrong size was accepted".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs every check on a freshly created, paused domain (dirty logging is started here and
+/// stopped at the end).
+pub fn run_all<G: ConformanceGuest>(g: &mut G) -> Check {
+    const C: &str = "run_all";
+    if g.scratch_pfns().len() < 64 {
+        return Err(violated(
+            C,
+            "the guest offers fewer than 64 scratch pfns".into(),
+        ));
+    }
+    g.domain().pause().map_err(be(C))?;
+    g.domain().start_dirty_log().map_err(be(C))?;
+    pause_stops_writes(g)?;
+    every_write_reported(g)?;
+    nothing_twice_after_clear(g)?;
+    read_after_write(g)?;
+    harvest_peek_agree(g)?;
+    state_round_trip(g)?;
+    rejects_bad_arguments(g)?;
+    g.domain().stop_dirty_log().map_err(be(C))?;
+    Ok(())
+}
