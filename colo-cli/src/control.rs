@@ -1,0 +1,571 @@
+//! A node's control socket: a Unix socket (mode 0600, in a 0700 runtime directory) over which
+//! `colo status` reads the node's status and `colo failover` / a manual checkpoint are requested.
+//!
+//! Protocol: the client sends one JSON line `{"cmd":"status"|"failover"|"checkpoint"}` and reads
+//! one JSON line back: the node's status (plus `pause_ms_p50`/`pause_ms_p99`), or `{"ok":true}`,
+//! or `{"error":"..."}`.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use crossbeam_channel::Sender;
+use serde_json::{json, Value};
+
+use crate::status::Shared;
+
+/// Longest request line the server reads, bytes.
+const MAX_REQUEST: u64 = 4096;
+/// Longest response the client reads, bytes.
+const MAX_RESPONSE: u64 = 1 << 20;
+/// Server-side read/write timeout per connection.
+const SERVER_IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Client-side timeout.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An action requested over the control socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlCommand {
+    /// Report the status (answered by the server itself; never sent on the channel).
+    Status,
+    /// Declare the peer lost and take over (secondary) or run unprotected (primary).
+    Failover,
+    /// Take a checkpoint now.
+    Checkpoint,
+}
+
+impl ControlCommand {
+    /// Parses a request's `cmd` value.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "status" => Some(Self::Status),
+            "failover" => Some(Self::Failover),
+            "checkpoint" => Some(Self::Checkpoint),
+            _ => None,
+        }
+    }
+}
+
+/// The runtime directory for control sockets: `$XDG_RUNTIME_DIR/colo` if set, else `/run/colo`
+/// when running as root, else `/tmp/colo-<uid>`.
+pub fn runtime_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("colo");
+    }
+    match fs::metadata("/proc/self").map(|m| m.uid()) {
+        Ok(0) => PathBuf::from("/run/colo"),
+        Ok(uid) => PathBuf::from(format!("/tmp/colo-{uid}")),
+        Err(_) => std::env::temp_dir().join("colo"),
+    }
+}
+
+/// The control socket of the node called `name`: `<runtime_dir>/<name>.sock`. Characters other
+/// than ASCII letters, digits, `.`, `_` and `-` in `name` are replaced by `_` (so a name can
+/// never leave the directory).
+pub fn socket_path(name: &str) -> PathBuf {
+    let mut safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if safe.is_empty() || safe.starts_with('.') {
+        safe.insert(0, '_');
+    }
+    runtime_dir().join(format!("{safe}.sock"))
+}
+
+/// A running control socket. Dropping it stops the server thread and removes the socket file.
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+    /// (dev, ino) of the socket we bound, so Drop never removes someone else's file.
+    ident: (u64, u64),
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept.
+        let woke = UnixStream::connect(&self.path).is_ok();
+        if let Some(t) = self.thread.take() {
+            if woke {
+                let _ = t.join();
+            }
+        }
+        if let Ok(m) = fs::symlink_metadata(&self.path) {
+            if (m.dev(), m.ino()) == self.ident {
+                let _ = fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Listens on `path` (creating its directory with mode 0700 if missing; replacing a stale socket
+/// nobody listens on; refusing if a node already listens there), sets the socket to mode 0600 and
+/// serves requests on a thread. `failover` and `checkpoint` are forwarded on `commands`.
+pub fn serve(
+    path: &Path,
+    status: Shared,
+    commands: Sender<ControlCommand>,
+) -> anyhow::Result<ControlServer> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("cannot create runtime directory {}", dir.display()))?;
+        }
+    }
+    if let Ok(m) = fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !m.file_type().is_socket() {
+            bail!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
+        }
+        if UnixStream::connect(path).is_ok() {
+            bail!(
+                "a colo node is already listening on {} (use another --name)",
+                path.display()
+            );
+        }
+        fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on control socket {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot chmod control socket {}", path.display()))?;
+    let m = fs::symlink_metadata(path)
+        .with_context(|| format!("cannot stat control socket {}", path.display()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("colo-control".into())
+            .spawn(move || accept_loop(listener, status, commands, stop))
+            .context("cannot spawn the control socket thread")?
+    };
+    Ok(ControlServer {
+        path: path.to_path_buf(),
+        ident: (m.dev(), m.ino()),
+        stop,
+        thread: Some(thread),
+    })
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    status: Shared,
+    commands: Sender<ControlCommand>,
+    stop: Arc<AtomicBool>,
+) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        match conn {
+            Ok(stream) => {
+                if let Err(e) = handle(stream, &status, &commands) {
+                    tracing::debug!(error = %e, "control connection failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn handle(
+    stream: UnixStream,
+    status: &Shared,
+    commands: &Sender<ControlCommand>,
+) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(SERVER_IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(SERVER_IO_TIMEOUT))?;
+    let mut line = Vec::new();
+    BufReader::new((&stream).take(MAX_REQUEST + 1)).read_until(b'\n', &mut line)?;
+    let response = if line.len() as u64 > MAX_REQUEST {
+        json!({ "error": format!("request longer than {MAX_REQUEST} bytes") })
+    } else {
+        respond(&line, status, commands)
+    };
+    let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    (&stream).write_all(&out)?;
+    (&stream).flush()
+}
+
+/// The response to one request line.
+fn respond(line: &[u8], status: &Shared, commands: &Sender<ControlCommand>) -> Value {
+    let req: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => return json!({ "error": format!("malformed request: {e}") }),
+    };
+    let Some(cmd) = req.get("cmd").and_then(Value::as_str) else {
+        return json!({ "error": "malformed request: expected {\"cmd\":\"status\"|\"failover\"|\"checkpoint\"}" });
+    };
+    match ControlCommand::parse(cmd) {
+        None => {
+            json!({ "error": format!("unknown command {cmd:?} (expected status, failover or checkpoint)") })
+        }
+        Some(ControlCommand::Status) => status_json(status),
+        Some(c) => match commands.send(c) {
+            Ok(()) => json!({ "ok": true }),
+            Err(_) => json!({ "error": "the node is shutting down" }),
+        },
+    }
+}
+
+/// The node's status as JSON, with the pause percentiles added.
+pub fn status_json(status: &Shared) -> Value {
+    let s = status.lock();
+    let mut v = serde_json::to_value(&*s).unwrap_or_else(|e| json!({ "error": e.to_string() }));
+    if let Value::Object(m) = &mut v {
+        m.insert("pause_ms_p50".into(), json!(s.pause_percentile(50.0)));
+        m.insert("pause_ms_p99".into(), json!(s.pause_percentile(99.0)));
+    }
+    v
+}
+
+/// Sends `cmd` to the node listening on `path` and returns its JSON answer. Fails (naming the
+/// socket) if nothing listens there, on a 5 s timeout, or if the node answers `{"error":...}`.
+pub fn request(path: &Path, cmd: &str) -> anyhow::Result<Value> {
+    let stream = UnixStream::connect(path).map_err(|e| {
+        anyhow::Error::new(e).context(format!(
+            "no colo node is listening on {} (is it running? see --name)",
+            path.display()
+        ))
+    })?;
+    let ctx = || format!("control socket {}", path.display());
+    stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .with_context(ctx)?;
+    stream
+        .set_write_timeout(Some(CLIENT_TIMEOUT))
+        .with_context(ctx)?;
+    let mut req = serde_json::to_vec(&json!({ "cmd": cmd }))?;
+    req.push(b'\n');
+    (&stream)
+        .write_all(&req)
+        .with_context(|| format!("cannot send to {}", path.display()))?;
+    let mut line = Vec::new();
+    BufReader::new((&stream).take(MAX_RESPONSE))
+        .read_until(b'\n', &mut line)
+        .with_context(|| format!("no answer from {} within 5 s", path.display()))?;
+    if line.is_empty() {
+        bail!("{} closed the connection without answering", path.display());
+    }
+    let v: Value = serde_json::from_slice(&line)
+        .with_context(|| format!("malformed answer from {}", path.display()))?;
+    if let Some(e) = v.get("error") {
+        let e = e
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| e.to_string());
+        bail!("the node on {} refused {cmd:?}: {e}", path.display());
+    }
+    Ok(v)
+}
+
+/// Human-readable multi-line rendering of a status answer, for `colo status` without `--json`.
+pub fn format_status(v: &Value) -> String {
+    let s = |k: &str| match v.get(k) {
+        Some(Value::String(x)) => x.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(x) => x.to_string(),
+    };
+    let n = |x: Option<&Value>| x.and_then(Value::as_u64).unwrap_or(0);
+    let ms = |x: Option<&Value>| match x.and_then(Value::as_f64) {
+        Some(f) => format!("{f:.2} ms"),
+        None => "-".into(),
+    };
+    let mut out = String::new();
+    let mut line = |k: &str, val: String| out.push_str(&format!("{k:<17}{val}\n"));
+    line("role:", s("role"));
+    line("state:", s("state"));
+    line("peer:", s("peer"));
+    if v.get("client_addr").is_some_and(|c| !c.is_null()) {
+        line("clients:", s("client_addr"));
+    }
+    let protected = v.get("protected").and_then(Value::as_bool).unwrap_or(false);
+    line("protected:", if protected { "yes" } else { "no" }.into());
+    line("epoch:", n(v.get("epoch")).to_string());
+    line(
+        "checkpoints:",
+        format!(
+            "{} (mismatch {}, periodic {}, manual {})",
+            n(v.get("checkpoints")),
+            n(v.get("mismatch_checkpoints")),
+            n(v.get("periodic_checkpoints")),
+            n(v.get("manual_checkpoints")),
+        ),
+    );
+    if n(v.get("verified_identical")) + n(v.get("verify_failures")) > 0 {
+        line(
+            "verified:",
+            format!(
+                "{} identical, {} failures",
+                n(v.get("verified_identical")),
+                n(v.get("verify_failures"))
+            ),
+        );
+    }
+    match v.get("last").filter(|l| l.is_object()) {
+        Some(l) => line(
+            "last checkpoint:",
+            format!(
+                "#{} {} |A|={} |B|={} |D|={} pause {}",
+                n(l.get("epoch")),
+                l.get("trigger").and_then(Value::as_str).unwrap_or("-"),
+                n(l.get("dirty_primary")),
+                n(l.get("dirty_secondary")),
+                n(l.get("pages_sent")),
+                ms(l.get("pause_ms")),
+            ),
+        ),
+        None => line("last checkpoint:", "-".into()),
+    }
+    line(
+        "pause:",
+        format!(
+            "p50 {}, p99 {}",
+            ms(v.get("pause_ms_p50")),
+            ms(v.get("pause_ms_p99"))
+        ),
+    );
+    line(
+        "link:",
+        format!(
+            "{} bytes out, {} bytes in",
+            n(v.get("link_bytes_out")),
+            n(v.get("link_bytes_in"))
+        ),
+    );
+    if let Some(r) = v.get("failover_reason").and_then(Value::as_str) {
+        let took = match v.get("takeover_ms").and_then(Value::as_f64) {
+            Some(t) => format!(" (takeover {t:.1} ms)"),
+            None => String::new(),
+        };
+        line("failover:", format!("{r}{took}"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::testdir::TestDir;
+    use crate::status::NodeStatus;
+    use colo_core::engine::{CheckpointStats, Trigger};
+    use parking_lot::Mutex;
+
+    fn shared() -> Shared {
+        Arc::new(Mutex::new(NodeStatus {
+            role: "primary".into(),
+            state: "protected".into(),
+            peer: Some("127.0.0.1:7000".into()),
+            protected: true,
+            ..NodeStatus::default()
+        }))
+    }
+
+    fn stats(epoch: u64, pause_ms: u64) -> CheckpointStats {
+        CheckpointStats {
+            epoch,
+            trigger: Trigger::Mismatch,
+            dirty_primary: 10,
+            dirty_secondary: 4,
+            secondary_only: 2,
+            pages_sent: 12,
+            bytes_sent: 12 * 4096,
+            backchannel: Duration::ZERO,
+            pause: Duration::from_millis(pause_ms),
+            harvest: Duration::ZERO,
+            capture: Duration::ZERO,
+            send: Duration::ZERO,
+            commit: Duration::ZERO,
+            total: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn round_trip_over_a_real_socket() {
+        let d = TestDir::new();
+        let path = d.path().join("run").join("pvm.sock");
+        let st = shared();
+        for (e, p) in [(1, 2), (2, 4), (3, 6)] {
+            st.lock().record_checkpoint(stats(e, p));
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let server = serve(&path, st.clone(), tx).unwrap();
+        assert_eq!(server.path(), path);
+
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+        let dmode = fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dmode & 0o777, 0o700, "dir mode {dmode:o}");
+
+        let v = request(&path, "status").unwrap();
+        assert_eq!(v["role"], "primary");
+        assert_eq!(v["state"], "protected");
+        assert_eq!(v["protected"], true);
+        assert_eq!(v["checkpoints"], 3);
+        assert_eq!(v["last"]["dirty_primary"], 10);
+        assert_eq!(v["pause_ms_p50"], 4.0);
+        assert_eq!(v["pause_ms_p99"], 6.0);
+        let text = format_status(&v);
+        assert!(text.contains("role:            primary"), "{text}");
+        assert!(text.contains("protected:       yes"), "{text}");
+        assert!(text.contains("|A|=10 |B|=4 |D|=12 pause 6.00 ms"), "{text}");
+        assert!(text.contains("p50 4.00 ms, p99 6.00 ms"), "{text}");
+
+        assert!(rx.try_recv().is_err());
+        assert_eq!(request(&path, "failover").unwrap(), json!({ "ok": true }));
+        assert_eq!(rx.try_recv(), Ok(ControlCommand::Failover));
+        assert_eq!(request(&path, "checkpoint").unwrap(), json!({ "ok": true }));
+        assert_eq!(rx.try_recv(), Ok(ControlCommand::Checkpoint));
+
+        let e = format!("{:#}", request(&path, "reboot").unwrap_err());
+        assert!(e.contains("unknown command"), "{e}");
+        assert!(rx.try_recv().is_err());
+
+        // A second server on the same path is refused while the first runs.
+        let (tx2, _rx2) = crossbeam_channel::unbounded();
+        let e = format!("{:#}", serve(&path, st.clone(), tx2).unwrap_err());
+        assert!(e.contains("already listening"), "{e}");
+
+        drop(server);
+        assert!(!path.exists(), "socket file left behind");
+        let e = format!("{:#}", request(&path, "status").unwrap_err());
+        assert!(
+            e.contains(&format!(
+                "no colo node is listening on {} (is it running? see --name)",
+                path.display()
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn malformed_requests_get_errors() {
+        let d = TestDir::new();
+        let path = d.path().join("n.sock");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let _server = serve(&path, shared(), tx).unwrap();
+        let raw = |req: &[u8]| -> Value {
+            let s = UnixStream::connect(&path).unwrap();
+            (&s).write_all(req).unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            serde_json::from_str(&line).unwrap()
+        };
+        for req in [
+            &b"not json\n"[..],
+            b"{\"cmd\":3}\n",
+            b"{}\n",
+            b"[]\n",
+            b"\n",
+        ] {
+            let v = raw(req);
+            assert!(
+                v["error"].as_str().unwrap().contains("malformed"),
+                "{v} for {req:?}"
+            );
+        }
+        let mut big = vec![b' '; MAX_REQUEST as usize + 10];
+        big.push(b'\n');
+        assert!(raw(&big)["error"].as_str().unwrap().contains("longer"));
+        // The server still works afterwards, and nothing was forwarded.
+        assert_eq!(raw(b"{\"cmd\":\"status\"}\n")["role"], "primary");
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn stale_socket_is_replaced_and_other_files_are_not() {
+        let d = TestDir::new();
+        let path = d.path().join("s.sock");
+        drop(UnixListener::bind(&path).unwrap()); // leaves a dead socket file
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let server = serve(&path, shared(), tx.clone()).unwrap();
+        assert_eq!(request(&path, "status").unwrap()["role"], "primary");
+        drop(server);
+
+        let file = d.path().join("f.sock");
+        fs::write(&file, b"x").unwrap();
+        let e = format!("{:#}", serve(&file, shared(), tx).unwrap_err());
+        assert!(e.contains("not a socket"), "{e}");
+        assert!(file.exists());
+    }
+
+    #[test]
+    fn closed_channel_reports_shutdown() {
+        let d = TestDir::new();
+        let path = d.path().join("c.sock");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        drop(rx);
+        let _server = serve(&path, shared(), tx).unwrap();
+        let e = format!("{:#}", request(&path, "failover").unwrap_err());
+        assert!(e.contains("shutting down"), "{e}");
+    }
+
+    #[test]
+    fn socket_path_is_confined_to_the_runtime_dir() {
+        let dir = runtime_dir();
+        assert!(
+            dir.ends_with("colo")
+                || dir
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("colo-")
+        );
+        assert_eq!(socket_path("pvm"), dir.join("pvm.sock"));
+        assert_eq!(socket_path("../x/y"), dir.join("_.._x_y.sock"));
+        assert_eq!(socket_path(""), dir.join("_.sock"));
+        assert_eq!(socket_path("a b"), dir.join("a_b.sock"));
+    }
+
+    #[test]
+    fn format_status_tolerates_sparse_input() {
+        let text = format_status(&json!({}));
+        assert!(text.contains("role:            -"), "{text}");
+        assert!(text.contains("protected:       no"), "{text}");
+        assert!(text.contains("last checkpoint: -"), "{text}");
+        let text = format_status(&json!({
+            "role": "primary", "failover_reason": "peer silent for 1000 ms", "takeover_ms": 12.5
+        }));
+        assert!(
+            text.contains("failover:        peer silent for 1000 ms (takeover 12.5 ms)"),
+            "{text}"
+        );
+    }
+}
