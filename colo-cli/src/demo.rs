@@ -1,0 +1,423 @@
+//! `colo demo`: a primary and a secondary as separate processes on loopback with `kv` guests, a
+//! verifying load-generating client, a live view that refreshes in place, optional fault
+//! injection (kill either node), and a JSON summary.
+
+use std::io::{IsTerminal, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use colo_cli::kvclient::{ClientStats, KvClient};
+use colo_cli::mock::WorkloadKind;
+use colo_core::engine::SyncMode;
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+
+/// Flags of `colo demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Run this many seconds (default: until Ctrl-C).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Guest RAM size of each VM.
+    #[arg(long, default_value = "64M")]
+    ram: String,
+    /// The guests' workload.
+    #[arg(long, value_enum, default_value = "kv")]
+    workload: WorkloadKind,
+    /// Fraction of responses that differ between the VMs (forces checkpoints).
+    #[arg(long, default_value_t = 0.01)]
+    output_divergence: f64,
+    /// Whether the VMs' memories diverge (entry placement by per-VM randomness).
+    #[arg(long, default_value = "on")]
+    memory_divergence: String,
+    /// backchannel (D = A ∪ B) or primary-only (D = A).
+    #[arg(long, default_value = "backchannel")]
+    sync_mode: SyncMode,
+    /// Compare both memories after every checkpoint.
+    #[arg(long)]
+    verify: bool,
+    /// Kill the primary after this many seconds (the secondary takes over).
+    #[arg(long)]
+    kill_primary_after: Option<f64>,
+    /// Kill the secondary after this many seconds (the primary goes on alone).
+    #[arg(long)]
+    kill_secondary_after: Option<f64>,
+    /// Maximum interval between checkpoints, ms (passed to the primary).
+    #[arg(long)]
+    max_interval_ms: Option<u64>,
+    /// Print one JSON object at the end instead of the live view.
+    #[arg(long)]
+    json: bool,
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn read_status(path: &Path) -> Value {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn now_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1e3)
+        .unwrap_or(0.0)
+}
+
+struct Proc {
+    child: Option<Child>,
+    status_file: PathBuf,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Asks the node to stop (SIGTERM-like via Ctrl-C handler: SIGINT), then kills it.
+    fn stop(&mut self) {
+        let Some(c) = self.child.as_mut() else { return };
+        let _ = Command::new("kill")
+            .args(["-INT", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if !matches!(c.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn(name: &'static str, dir: &Path, args: &[String]) -> Result<Proc> {
+    let exe = std::env::current_exe().context("locating the colo binary")?;
+    let log = dir.join(format!("{name}.log"));
+    let status_file = dir.join(format!("{name}.json"));
+    let logf =
+        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let child = Command::new(exe)
+        .args(args)
+        .arg("--status-file")
+        .arg(&status_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(logf)
+        .spawn()
+        .with_context(|| format!("starting the {name}"))?;
+    Ok(Proc {
+        child: Some(child),
+        status_file,
+        log,
+    })
+}
+
+/// Runs the demo; returns the exit code.
+pub fn run(a: DemoArgs) -> Result<i32> {
+    if let Some(d) = a.duration {
+        anyhow::ensure!(d > 0.0, "--duration must be positive, got {d}");
+    }
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&a.output_divergence),
+        "--output-divergence must be between 0 and 1, got {}",
+        a.output_divergence
+    );
+    anyhow::ensure!(
+        matches!(a.memory_divergence.as_str(), "on" | "off"),
+        "--memory-divergence must be on or off, got `{}`",
+        a.memory_divergence
+    );
+    let dir = std::env::temp_dir().join(format!("colo-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (repl, c1, c2) = (free_port()?, free_port()?, free_port()?);
+    let c1a = format!("127.0.0.1:{c1}");
+    let c2a = format!("127.0.0.1:{c2}");
+    let workload = match a.workload {
+        WorkloadKind::Kv => "kv",
+        WorkloadKind::Dirty => "dirty",
+    };
+    let mut common = vec![
+        "--ram".to_string(),
+        a.ram.clone(),
+        "--workload".into(),
+        workload.into(),
+        "--output-divergence".into(),
+        a.output_divergence.to_string(),
+        "--memory-divergence".into(),
+        a.memory_divergence.clone(),
+    ];
+    if a.verify {
+        common.push("--verify".into());
+    }
+    let mut sargs = vec![
+        "secondary".to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{repl}"),
+        "--client".into(),
+        c2a.clone(),
+    ];
+    sargs.extend(common.iter().cloned());
+    let mut pargs = vec![
+        "primary".to_string(),
+        "--peer".into(),
+        format!("127.0.0.1:{repl}"),
+        "--client".into(),
+        c1a.clone(),
+        "--sync-mode".into(),
+        a.sync_mode.to_string(),
+    ];
+    if let Some(m) = a.max_interval_ms {
+        pargs.extend(["--max-interval-ms".into(), m.to_string()]);
+    }
+    pargs.extend(common);
+    let mut secondary = spawn("secondary", &dir, &sargs)?;
+    std::thread::sleep(Duration::from_millis(100));
+    let mut primary = spawn("primary", &dir, &pargs)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let s = stop.clone();
+        let _ = ctrlc::set_handler(move || s.store(true, Ordering::Relaxed));
+    }
+
+    // Wait until the pair is protected (initial synchronisation done).
+    let start = Instant::now();
+    loop {
+        let st = read_status(&primary.status_file);
+        if st["protected"] == Value::Bool(true) {
+            break;
+        }
+        if !primary.alive() || !secondary.alive() || start.elapsed() > Duration::from_secs(60) {
+            let log = std::fs::read_to_string(&primary.log).unwrap_or_default()
+                + &std::fs::read_to_string(&secondary.log).unwrap_or_default();
+            anyhow::bail!("the pair did not reach protection; node logs:\n{log}");
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sync_s = start.elapsed().as_secs_f64();
+
+    // The load-generating, verifying client.
+    let client_stats = Arc::new(Mutex::new(ClientStats::default()));
+    let client_stop = Arc::new(AtomicBool::new(false));
+    let client_thread = (a.workload == WorkloadKind::Kv).then(|| {
+        let (cs, stop) = (client_stats.clone(), client_stop.clone());
+        let addrs = vec![c1a.clone(), c2a.clone()];
+        std::thread::spawn(move || -> Result<KvClient> {
+            let mut client = KvClient::new(addrs, 40000, Duration::from_millis(1500));
+            let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+            while !stop.load(Ordering::Relaxed) {
+                client.random_op(&mut rng, 512, Instant::now() + Duration::from_secs(20))?;
+                *cs.lock() = client.stats.clone();
+            }
+            Ok(client)
+        })
+    });
+
+    let live = !a.json && std::io::stdout().is_terminal();
+    let run_start = Instant::now();
+    let mut killed: Option<(&'static str, f64)> = None;
+    let mut prev: Option<(Instant, Value, Value, u64)> = None;
+    let mut lines_drawn = 0usize;
+    loop {
+        let t = run_start.elapsed().as_secs_f64();
+        if stop.load(Ordering::Relaxed) || a.duration.is_some_and(|d| t >= d) {
+            break;
+        }
+        if killed.is_none() {
+            if a.kill_primary_after.is_some_and(|k| t >= k) {
+                primary.kill();
+                killed = Some(("primary", now_ms()));
+            } else if a.kill_secondary_after.is_some_and(|k| t >= k) {
+                secondary.kill();
+                killed = Some(("secondary", now_ms()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(if live { 500 } else { 100 }));
+        if live {
+            let ps = read_status(&primary.status_file);
+            let ss = read_status(&secondary.status_file);
+            let ops = client_stats.lock().ops;
+            let now = Instant::now();
+            let text = render(&ps, &ss, prev.as_ref(), now, ops, killed, &dir);
+            let mut out = std::io::stdout().lock();
+            if lines_drawn > 0 {
+                let _ = write!(out, "\x1b[{lines_drawn}A");
+            }
+            for l in text.lines() {
+                let _ = writeln!(out, "\x1b[2K{l}");
+            }
+            let _ = out.flush();
+            lines_drawn = text.lines().count();
+            prev = Some((now, ps, ss, ops));
+        }
+    }
+
+    // Stop the client, then read back every key it wrote.
+    client_stop.store(true, Ordering::Relaxed);
+    let mut client_result = None;
+    if let Some(h) = client_thread {
+        match h.join() {
+            Ok(Ok(mut c)) => {
+                if let Err(e) = c.verify_all(Instant::now() + Duration::from_secs(20)) {
+                    eprintln!("colo demo: final read-back failed: {e:#}");
+                }
+                client_result = Some(c.stats.clone());
+            }
+            Ok(Err(e)) => eprintln!("colo demo: client failed: {e:#}"),
+            Err(_) => eprintln!("colo demo: client thread panicked"),
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let ps = read_status(&primary.status_file);
+    let ss = read_status(&secondary.status_file);
+    primary.stop();
+    secondary.stop();
+    let cs = client_result.unwrap_or_else(|| client_stats.lock().clone());
+
+    let failover = killed.map(|(who, at)| {
+        let survivor = if who == "primary" { &ss } else { &ps };
+        let detect = survivor["failover_at_unix_ms"].as_f64().map(|f| f - at);
+        json!({
+            "survivor": if who == "primary" { "secondary" } else { "primary" },
+            "detect_ms": detect,
+            "takeover_ms": survivor["takeover_ms"],
+            "client_gap_ms": cs.failover_gap_ms,
+        })
+    });
+    let summary = json!({
+        "duration_s": run_start.elapsed().as_secs_f64(),
+        "initial_sync_s": sync_s,
+        "sync_mode": a.sync_mode.to_string(),
+        "checkpoints": ps["checkpoints"],
+        "mismatch_checkpoints": ps["mismatch_checkpoints"],
+        "periodic_checkpoints": ps["periodic_checkpoints"],
+        "verified_identical": ps["verified_identical"],
+        "verify_failures": ps["verify_failures"],
+        "pages_sent": ps["pages_sent"],
+        "backchannel_pages": ps["backchannel_pages"],
+        "bytes_sent": ps["bytes_sent"],
+        "pause_ms_p50": ps["pause_ms_p50"],
+        "pause_ms_p99": ps["pause_ms_p99"],
+        "client_ops": cs.ops,
+        "acked_writes": cs.acked_writes,
+        "lost_acked_writes": cs.lost_acked_writes,
+        "failover": failover,
+        "logs": dir.display().to_string(),
+    });
+    if a.json {
+        println!("{summary}");
+    } else {
+        println!("\n{}", serde_json::to_string_pretty(&summary)?);
+    }
+    let bad = cs.lost_acked_writes > 0 || ps["verify_failures"].as_u64().unwrap_or(0) > 0;
+    Ok(if bad { 1 } else { 0 })
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+fn render(
+    ps: &Value,
+    ss: &Value,
+    prev: Option<&(Instant, Value, Value, u64)>,
+    now: Instant,
+    ops: u64,
+    killed: Option<(&'static str, f64)>,
+    dir: &Path,
+) -> String {
+    let rate = |key: &str, cur: &Value| -> f64 {
+        match prev {
+            Some((t, p, _, _)) => {
+                let dt = now.duration_since(*t).as_secs_f64().max(1e-3);
+                (f(&cur[key]) - f(&p[key])) / dt
+            }
+            None => 0.0,
+        }
+    };
+    let ops_rate = prev
+        .map(|(t, _, _, o)| (ops - o) as f64 / now.duration_since(*t).as_secs_f64().max(1e-3))
+        .unwrap_or(0.0);
+    let last = &ps["last"];
+    let node = |name: &str, s: &Value| {
+        format!(
+            "  {name:<10} role {:<10} state {:<20} protected {:<5} epoch {}",
+            s["role"].as_str().unwrap_or("-"),
+            s["state"].as_str().unwrap_or("(gone)"),
+            s["protected"].as_bool().unwrap_or(false),
+            s["epoch"]
+        )
+    };
+    let mut out = String::new();
+    out.push_str("colo demo — a replicated pair on loopback (Ctrl-C to stop)\n");
+    out.push_str(&node("primary", ps));
+    out.push('\n');
+    out.push_str(&node("secondary", ss));
+    out.push('\n');
+    out.push_str(&format!(
+        "  checkpoints {:>7}  ({:.1}/s)   mismatch {:>6}   periodic {:>6}\n",
+        ps["checkpoints"],
+        rate("checkpoints", ps),
+        ps["mismatch_checkpoints"],
+        ps["periodic_checkpoints"]
+    ));
+    out.push_str(&format!(
+        "  pause p50 {:>7.3} ms   p99 {:>7.3} ms   last |A| {} |B| {} |D| {}\n",
+        f(&ps["pause_ms_p50"]),
+        f(&ps["pause_ms_p99"]),
+        last["dirty_primary"],
+        last["dirty_secondary"],
+        last["pages_sent"]
+    ));
+    out.push_str(&format!(
+        "  link {:>8.2} MB/s out   client {:>7.0} ops/s   verified {} / failed {}\n",
+        rate("link_bytes_out", ps) / 1e6,
+        ops_rate,
+        ps["verified_identical"],
+        ps["verify_failures"]
+    ));
+    match killed {
+        Some((who, _)) => out.push_str(&format!(
+            "  killed the {who}; failover: {}\n",
+            ss["failover_reason"]
+                .as_str()
+                .or(ps["failover_reason"].as_str())
+                .unwrap_or("detecting…")
+        )),
+        None => out.push_str(&format!("  logs: {}\n", dir.display())),
+    }
+    out
+}

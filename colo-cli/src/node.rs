@@ -1,0 +1,933 @@
+//! The node drivers: the IO around colo-core's state machines. One thread per node owns the
+//! backend, the replication link, the comparator and the client hub, and executes the machines'
+//! actions in order. Everything the hot path (the primary's pause) touches is allocated once and
+//! reused: the copy buffer, the state buffer, the bitmaps inside the machines.
+
+use std::collections::VecDeque;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use colo_core::compare::{Comparator, CompareConfig};
+use colo_core::engine::messages::Message;
+use colo_core::engine::{
+    CheckpointStats, Delivery, Digester, Liveness, Primary, PrimaryAction, PrimaryConfig,
+    PrimaryState, Secondary, SecondaryAction, SecondaryConfig, SecondaryState, SyncMode, Trigger,
+    DIGEST_LEN,
+};
+use colo_core::policy::{CheckpointPolicy, CheckpointReason};
+use colo_core::stream::{write_page_data, DecoderConfig, Event};
+use colo_core::{BackendError, Domain, PAGE_SIZE};
+use parking_lot::Mutex;
+
+use crate::clients::ClientHub;
+use crate::link::Link;
+use crate::status::{NodeStatus, Shared};
+
+/// A guest's network interface as the node sees it (the mock's vif; Xen frames would come from
+/// the guest's vif through the same calls).
+pub trait GuestNic {
+    /// Sequence number of the next request the guest expects (kept in guest memory, so a
+    /// checkpoint carries it).
+    fn rx_next_seq(&self) -> u64;
+    /// Gives request `seq` to the guest; `Ok(false)` when its ring is full.
+    fn inject(&mut self, seq: u64, frame: &[u8]) -> Result<bool, BackendError>;
+    /// Hands every frame the guest emitted since the last call to `out`, in order.
+    fn drain_tx(&mut self, out: &mut dyn FnMut(&[u8]));
+}
+
+/// What a node needs from its guest.
+pub trait Guest: Domain + GuestNic {}
+impl<T: Domain + GuestNic> Guest for T {}
+
+/// Settings common to both roles.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Heartbeats and failure detection.
+    pub liveness: Liveness,
+    /// Digest all memory at every checkpoint and compare.
+    pub verify: bool,
+    /// Pre-shared key.
+    pub key: Option<Vec<u8>>,
+    /// Checkpoint policy (primary).
+    pub policy: CheckpointPolicy,
+    /// Comparator settings (primary).
+    pub compare: CompareConfig,
+    /// D = A ∪ B or D = A (primary).
+    pub sync_mode: SyncMode,
+    /// Client-facing address for the mock network path (primary; a secondary binds it when it
+    /// takes over).
+    pub client_addr: Option<String>,
+    /// Command run before taking over; no takeover if it fails (split-brain fencing).
+    pub fence_cmd: Option<String>,
+    /// How long to wait for the peer to appear.
+    pub connect_timeout: Duration,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self {
+            liveness: Liveness::default(),
+            verify: false,
+            key: None,
+            policy: CheckpointPolicy::default(),
+            compare: CompareConfig::default(),
+            sync_mode: SyncMode::Backchannel,
+            client_addr: None,
+            fence_cmd: None,
+            connect_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+fn nonce() -> [u8; 32] {
+    use rand::RngCore;
+    let mut n = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut n);
+    n
+}
+
+/// How often the loop wakes when nothing happens, to pick up guest output (the mock has no
+/// interrupt line to the host).
+const POLL: Duration = Duration::from_micros(500);
+
+fn run_fence(cmd: &Option<String>) -> Result<()> {
+    let Some(cmd) = cmd else { return Ok(()) };
+    let status = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .with_context(|| format!("running fence command `{cmd}`"))?;
+    if !status.success() {
+        bail!("fence command `{cmd}` failed ({status}); not taking over");
+    }
+    Ok(())
+}
+
+/// Reads pages of `pfns` from `dom` into `out` (appending 4096 bytes per pfn).
+fn copy_pages(dom: &mut dyn Domain, pfns: &[u64], out: &mut Vec<u8>) -> Result<(), BackendError> {
+    let base = out.len();
+    out.resize(base + pfns.len() * PAGE_SIZE, 0);
+    dom.read_pages(pfns, &mut |i, page| {
+        let dst = &mut out[base + i * PAGE_SIZE..base + (i + 1) * PAGE_SIZE];
+        match page {
+            Some(p) => dst.copy_from_slice(p),
+            None => dst.fill(0),
+        }
+        Ok(())
+    })
+}
+
+/// Digest of all of a paused domain's memory and `state`.
+fn digest_domain(dom: &mut dyn Domain, state: &[u8]) -> Result<[u8; DIGEST_LEN], BackendError> {
+    let mut d = Digester::new();
+    let pages = dom.page_count();
+    let mut pfns = Vec::with_capacity(1024);
+    let mut start = 0;
+    while start < pages {
+        pfns.clear();
+        pfns.extend(start..(start + 1024).min(pages));
+        dom.read_pages(&pfns, &mut |_, page| {
+            match page {
+                Some(p) => d.page(p),
+                None => d.page(&[0u8; PAGE_SIZE]),
+            }
+            Ok(())
+        })?;
+        start += 1024;
+    }
+    Ok(d.finish(state))
+}
+
+/// A running primary.
+pub struct PrimaryNode<G: Guest> {
+    guest: G,
+    engine: Primary,
+    link: Option<Link>,
+    clients: Option<ClientHub>,
+    comparator: Option<Comparator>,
+    opts: NodeOptions,
+    next_seq: u64,
+    queued: VecDeque<Vec<u8>>,
+    copy: Vec<u8>,
+    state: Vec<u8>,
+    scratch: Vec<u8>,
+    released: Vec<Vec<u8>>,
+    last_cp_end: Instant,
+    manual: bool,
+    status: Shared,
+    stop: Arc<AtomicBool>,
+}
+
+impl<G: Guest> std::fmt::Debug for PrimaryNode<G> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrimaryNode")
+            .field("state", &self.engine.state())
+            .finish()
+    }
+}
+
+impl<G: Guest> PrimaryNode<G> {
+    /// A primary for `guest` that will connect to the secondary at `peer`.
+    pub fn connect(guest: G, peer: &str, opts: NodeOptions, status: Shared) -> Result<Self> {
+        let pages = guest.page_count();
+        let link = Link::connect(
+            peer,
+            opts.connect_timeout,
+            DecoderConfig {
+                expect_headers: false,
+                page_count: Some(pages),
+            },
+        )?;
+        Self::with_link(guest, Some(link), opts, status)
+    }
+
+    /// A primary over an established link (None: start unprotected, e.g. after a takeover).
+    pub fn with_link(
+        guest: G,
+        link: Option<Link>,
+        opts: NodeOptions,
+        status: Shared,
+    ) -> Result<Self> {
+        let pages = guest.page_count();
+        let now = Instant::now();
+        let mut cfg = PrimaryConfig::new(pages);
+        cfg.sync_mode = opts.sync_mode;
+        cfg.liveness = opts.liveness;
+        cfg.verify = opts.verify;
+        cfg.key = opts.key.clone();
+        cfg.nonce = nonce();
+        let mut engine = Primary::new(cfg, now);
+        if link.is_none() {
+            engine.peer_lost(now, "started without a secondary".into());
+            while engine.poll_action().is_some() {}
+        }
+        let clients = match &opts.client_addr {
+            Some(a) => Some(ClientHub::bind(a)?),
+            None => None,
+        };
+        {
+            let mut st = status.lock();
+            st.role = "primary".into();
+            st.peer = link.as_ref().map(|l| l.peer().to_string());
+            st.client_addr = clients.as_ref().map(|c| c.addr().to_string());
+        }
+        Ok(Self {
+            guest,
+            engine,
+            link,
+            clients,
+            comparator: None,
+            opts,
+            next_seq: 0,
+            queued: VecDeque::new(),
+            copy: Vec::new(),
+            state: Vec::new(),
+            scratch: Vec::new(),
+            released: Vec::new(),
+            last_cp_end: now,
+            manual: false,
+            status,
+            stop: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// A flag that ends [`PrimaryNode::run`] when set.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// The guest.
+    pub fn guest(&mut self) -> &mut G {
+        &mut self.guest
+    }
+
+    /// The state machine.
+    pub fn engine(&self) -> &Primary {
+        &self.engine
+    }
+
+    /// Asks for a checkpoint as soon as the protocol allows.
+    pub fn request_checkpoint(&mut self) {
+        self.manual = true;
+    }
+
+    fn flush(&mut self) {
+        let Some(link) = self.link.as_mut() else {
+            self.engine.outbox_mut().clear();
+            return;
+        };
+        let out = self.engine.outbox_mut();
+        if out.is_empty() {
+            return;
+        }
+        let res = link.send(out);
+        out.clear();
+        if let Err(e) = res {
+            self.lost(format!("writing to the secondary failed: {e}"));
+        }
+    }
+
+    fn lost(&mut self, reason: String) {
+        self.engine.peer_lost(Instant::now(), reason);
+    }
+
+    /// Runs one iteration: link input, actions, clients, guest output, policy, timers.
+    pub fn step(&mut self, wait: Duration) -> Result<()> {
+        self.poll_link(wait)?;
+        self.run_actions()?;
+        self.pump_clients()?;
+        self.pump_output();
+        self.maybe_checkpoint()?;
+        self.engine.handle_timeout(Instant::now());
+        self.run_actions()?;
+        self.flush();
+        self.publish();
+        Ok(())
+    }
+
+    /// Runs until stopped.
+    pub fn run(&mut self) -> Result<()> {
+        while !self.stop.load(Ordering::Relaxed) {
+            self.step(POLL)?;
+        }
+        if let Some(link) = self.link.as_mut() {
+            let mut bye = Vec::new();
+            Message::Goodbye(0).encode(&mut bye);
+            let _ = link.send(&bye);
+        }
+        Ok(())
+    }
+
+    fn poll_link(&mut self, wait: Duration) -> Result<()> {
+        if self.engine.state() == PrimaryState::Unprotected {
+            if self.link.take().is_some() {
+                tracing::warn!("replication link closed; running unprotected");
+            }
+            std::thread::sleep(wait.min(POLL));
+            return Ok(());
+        }
+        let Some(link) = self.link.as_mut() else {
+            std::thread::sleep(wait);
+            return Ok(());
+        };
+        match link.fill(wait) {
+            Ok(_) => {}
+            Err(e) => {
+                self.lost(format!("link to the secondary broke: {e}"));
+                return Ok(());
+            }
+        }
+        let now = Instant::now();
+        while let Some(link) = self.link.as_mut() {
+            let ev = match link.next_event() {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break,
+                Err(e) => {
+                    let reason = format!("malformed stream from the secondary: {e}");
+                    self.engine.peer_lost(now, reason);
+                    break;
+                }
+            };
+            let res = match &ev {
+                Event::Record(rec) => self.engine.on_record(now, rec),
+                other => Err(colo_core::engine::EngineError::Unexpected {
+                    state: self.engine.state().name(),
+                    event: format!("{other:?} from the secondary"),
+                }),
+            };
+            match res {
+                Ok(Some(Message::Output { epoch, frame })) => {
+                    if let Some(c) = self.comparator.as_mut() {
+                        c.push_secondary(now, epoch, frame.to_vec());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.engine
+                        .peer_lost(now, format!("secondary broke the protocol: {e}"));
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run_actions(&mut self) -> Result<()> {
+        loop {
+            self.flush();
+            let Some(action) = self.engine.poll_action() else {
+                return Ok(());
+            };
+            self.execute(action)?;
+        }
+    }
+
+    fn execute(&mut self, action: PrimaryAction) -> Result<()> {
+        let now = Instant::now;
+        match action {
+            PrimaryAction::StartDirtyLog => self.guest.start_dirty_log()?,
+            PrimaryAction::SendPages { all } => {
+                let bytes = self.send_precopy(all)?;
+                self.engine.pages_sent(now(), bytes)?;
+            }
+            PrimaryAction::HarvestDirty => {
+                self.guest.harvest_dirty(self.engine.harvest_target())?;
+                self.engine.harvested(now())?;
+            }
+            PrimaryAction::Pause => {
+                self.guest.pause()?;
+                self.engine.paused(now())?;
+            }
+            PrimaryAction::BeginEpoch { epoch } => {
+                let t = now();
+                let comparator = &mut self.comparator;
+                let clients = &mut self.clients;
+                self.guest.drain_tx(&mut |f| match comparator.as_mut() {
+                    Some(c) => c.push_primary(t, f.to_vec()),
+                    None => {
+                        if let Some(cl) = clients.as_mut() {
+                            cl.deliver(f);
+                        }
+                    }
+                });
+                match self.comparator.as_mut() {
+                    Some(c) => c.begin_checkpoint(epoch),
+                    None => self.comparator = Some(Comparator::new(self.opts.compare)),
+                }
+            }
+            PrimaryAction::Capture => {
+                self.copy.clear();
+                let pfns = self.engine.capture_pfns();
+                copy_pages(&mut self.guest, pfns, &mut self.copy)?;
+                self.state.clear();
+                self.guest.get_state(&mut self.state)?;
+                let digest = if self.engine.verifying() {
+                    Some(digest_domain(&mut self.guest, &self.state)?)
+                } else {
+                    None
+                };
+                self.engine.captured(now(), digest)?;
+            }
+            PrimaryAction::Resume => {
+                self.guest.resume()?;
+                if self.engine.state() != PrimaryState::Unprotected {
+                    self.engine.resumed(now())?;
+                }
+            }
+            PrimaryAction::SendCapture { .. } => {
+                let bytes = self.send_capture();
+                match bytes {
+                    Ok(b) => self.engine.capture_sent(now(), b)?,
+                    Err(e) => self.lost(format!("sending the checkpoint failed: {e}")),
+                }
+            }
+            PrimaryAction::Committed(stats) => {
+                if let Some(c) = self.comparator.as_mut() {
+                    c.checkpoint_committed(stats.epoch);
+                }
+                self.last_cp_end = now();
+                self.record(stats);
+            }
+            PrimaryAction::Verified { epoch, identical } => {
+                let mut st = self.status.lock();
+                if identical {
+                    st.verified_identical += 1;
+                } else {
+                    st.verify_failures += 1;
+                    tracing::error!(
+                        "checkpoint {epoch}: the secondary's memory differs from the primary's"
+                    );
+                }
+            }
+            PrimaryAction::PeerLost { reason } => {
+                tracing::warn!("secondary lost: {reason}; running unprotected");
+                if let Some(c) = self.comparator.as_mut() {
+                    c.stop_comparing();
+                }
+                if let Some(l) = self.link.take() {
+                    l.shutdown();
+                }
+                let mut st = self.status.lock();
+                st.failover_reason = Some(reason);
+                st.failover_at = Some(std::time::SystemTime::now());
+            }
+        }
+        Ok(())
+    }
+
+    fn send_precopy(&mut self, all: bool) -> Result<u64> {
+        let Some(link) = self.link.as_mut() else {
+            return Ok(0);
+        };
+        let pages = self.guest.page_count();
+        let mut bytes = 0u64;
+        let mut pfns: Vec<u64> = Vec::with_capacity(1024);
+        let mut iter_dirty = self.engine.dirty_pages().iter();
+        let mut next = 0u64;
+        loop {
+            pfns.clear();
+            if all {
+                let end = (next + 1024).min(pages);
+                pfns.extend(next..end);
+                next = end;
+            } else {
+                pfns.extend(iter_dirty.by_ref().take(1024));
+            }
+            if pfns.is_empty() {
+                break;
+            }
+            self.copy.clear();
+            copy_pages(&mut self.guest, &pfns, &mut self.copy)?;
+            let slices: Vec<&[u8]> = self.copy.chunks(PAGE_SIZE).collect();
+            bytes += write_page_data(link.writer(), &pfns, &slices, &mut self.scratch)
+                .context("sending pre-copy pages")?;
+        }
+        link.bytes_out += bytes;
+        Ok(bytes)
+    }
+
+    fn send_capture(&mut self) -> std::io::Result<u64> {
+        let Some(link) = self.link.as_mut() else {
+            return Ok(0);
+        };
+        let pfns = self.engine.capture_pfns();
+        let mut bytes = 0;
+        if !pfns.is_empty() {
+            let slices: Vec<&[u8]> = self.copy.chunks(PAGE_SIZE).collect();
+            bytes = write_page_data(link.writer(), pfns, &slices, &mut self.scratch)?;
+        }
+        self.scratch.clear();
+        Message::VcpuState(&self.state).encode(&mut self.scratch);
+        link.send(&self.scratch)?;
+        bytes += self.scratch.len() as u64;
+        link.bytes_out += bytes - self.scratch.len() as u64;
+        Ok(bytes)
+    }
+
+    fn pump_clients(&mut self) -> Result<()> {
+        let Some(clients) = self.clients.as_mut() else {
+            return Ok(());
+        };
+        while let Some(frame) = clients.try_recv() {
+            self.queued.push_back(frame);
+        }
+        let now = Instant::now();
+        while let Some(frame) = self.queued.front() {
+            if self.guest.rx_next_seq() != self.next_seq {
+                bail!(
+                    "guest expects request {} but the node is at {}",
+                    self.guest.rx_next_seq(),
+                    self.next_seq
+                );
+            }
+            if !self.guest.inject(self.next_seq, frame)? {
+                break;
+            }
+            self.engine.mirror_input(now, self.next_seq, frame);
+            self.next_seq += 1;
+            self.queued.pop_front();
+        }
+        Ok(())
+    }
+
+    fn pump_output(&mut self) {
+        let now = Instant::now();
+        let comparator = &mut self.comparator;
+        let clients = &mut self.clients;
+        let protected_cmp = self.engine.state() != PrimaryState::Unprotected;
+        self.guest.drain_tx(&mut |f| match comparator.as_mut() {
+            Some(c) if protected_cmp => c.push_primary(now, f.to_vec()),
+            _ => {
+                if let Some(cl) = clients.as_mut() {
+                    cl.deliver(f);
+                }
+            }
+        });
+        if let Some(c) = self.comparator.as_mut() {
+            self.released.clear();
+            c.drain_released(&mut self.released);
+            if let Some(cl) = self.clients.as_mut() {
+                for f in &self.released {
+                    cl.deliver(f);
+                }
+            }
+        }
+    }
+
+    fn maybe_checkpoint(&mut self) -> Result<()> {
+        if self.engine.state() != PrimaryState::Running {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let wanted = if self.manual {
+            Some(CheckpointReason::Manual)
+        } else {
+            self.comparator
+                .as_ref()
+                .and_then(|c| c.checkpoint_wanted(now))
+        };
+        if let Some(reason) = self.opts.policy.decide(now, self.last_cp_end, wanted) {
+            let trigger = match reason {
+                CheckpointReason::Periodic => Trigger::Periodic,
+                CheckpointReason::Manual => Trigger::Manual,
+                _ => Trigger::Mismatch,
+            };
+            self.manual = false;
+            self.engine.start_checkpoint(now, trigger)?;
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, stats: CheckpointStats) {
+        let mut st = self.status.lock();
+        st.record_checkpoint(stats);
+    }
+
+    fn publish(&mut self) {
+        let mut st = self.status.lock();
+        st.state = self.engine.state().name().into();
+        st.protected = self.engine.is_protected();
+        st.epoch = self.engine.epoch();
+        st.guest_steps = 0;
+        if let Some(l) = &self.link {
+            st.link_bytes_out = l.bytes_out;
+            st.link_bytes_in = l.bytes_in;
+        }
+        if let Some(c) = &self.clients {
+            st.frames_delivered = c.delivered;
+        }
+        if let Some(c) = &self.comparator {
+            let s = c.stats();
+            st.mismatches = s.mismatches;
+        }
+        st.requests = self.next_seq;
+    }
+}
+
+/// A running secondary.
+pub struct SecondaryNode<G: Guest> {
+    guest: G,
+    engine: Secondary,
+    link: Option<Link>,
+    opts: NodeOptions,
+    inputs: VecDeque<(u64, Vec<u8>)>,
+    clients: Option<ClientHub>,
+    status: Shared,
+    stop: Arc<AtomicBool>,
+    taken_over: bool,
+    out_frames: Vec<Vec<u8>>,
+}
+
+impl<G: Guest> std::fmt::Debug for SecondaryNode<G> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecondaryNode")
+            .field("state", &self.engine.state())
+            .finish()
+    }
+}
+
+/// What a secondary became when its loop ended.
+#[derive(Debug)]
+pub enum SecondaryOutcome<G: Guest> {
+    /// Stopped by the operator or the primary's orderly shutdown.
+    Stopped,
+    /// The primary is lost; this node took over and now runs as an unprotected primary.
+    TookOver(Box<PrimaryNode<G>>),
+}
+
+impl<G: Guest> SecondaryNode<G> {
+    /// Waits for the primary on `listener`.
+    pub fn accept(
+        mut guest: G,
+        listener: &TcpListener,
+        opts: NodeOptions,
+        status: Shared,
+    ) -> Result<Self> {
+        guest.pause()?;
+        let pages = guest.page_count();
+        let link = Link::accept(
+            listener,
+            Some(opts.connect_timeout),
+            DecoderConfig {
+                expect_headers: true,
+                page_count: Some(pages),
+            },
+        )?;
+        let now = Instant::now();
+        let mut cfg = SecondaryConfig::new(pages);
+        cfg.liveness = opts.liveness;
+        cfg.verify = opts.verify;
+        cfg.key = opts.key.clone();
+        cfg.nonce = nonce();
+        {
+            let mut st = status.lock();
+            st.role = "secondary".into();
+            st.peer = Some(link.peer().to_string());
+        }
+        Ok(Self {
+            guest,
+            engine: Secondary::new(cfg, now),
+            link: Some(link),
+            opts,
+            inputs: VecDeque::new(),
+            clients: None,
+            status,
+            stop: Arc::new(AtomicBool::new(false)),
+            taken_over: false,
+            out_frames: Vec::new(),
+        })
+    }
+
+    /// A flag that ends [`SecondaryNode::run`] when set.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// The guest.
+    pub fn guest(&mut self) -> &mut G {
+        &mut self.guest
+    }
+
+    /// The state machine.
+    pub fn engine(&self) -> &Secondary {
+        &self.engine
+    }
+
+    /// Forces a failover (as `colo failover` does).
+    pub fn failover(&mut self) {
+        self.engine.failover();
+    }
+
+    fn flush(&mut self) {
+        let Some(link) = self.link.as_mut() else {
+            self.engine.outbox_mut().clear();
+            return;
+        };
+        let out = self.engine.outbox_mut();
+        if out.is_empty() {
+            return;
+        }
+        let res = link.send(out);
+        out.clear();
+        if let Err(e) = res {
+            self.engine
+                .peer_lost(format!("writing to the primary failed: {e}"));
+        }
+    }
+
+    /// Runs one iteration. Returns false once the node took over or gave up.
+    pub fn step(&mut self, wait: Duration) -> Result<bool> {
+        self.poll_link(wait)?;
+        self.run_actions()?;
+        if self.taken_over {
+            return Ok(false);
+        }
+        self.pump_inputs()?;
+        self.pump_output();
+        self.engine.handle_timeout(Instant::now());
+        self.run_actions()?;
+        self.flush();
+        self.publish();
+        Ok(!self.taken_over)
+    }
+
+    /// Runs until stopped or the primary is lost; on loss, returns the node as a new primary.
+    pub fn run(mut self) -> Result<SecondaryOutcome<G>> {
+        while !self.stop.load(Ordering::Relaxed) {
+            if !self.step(POLL)? {
+                return self.into_primary();
+            }
+        }
+        Ok(SecondaryOutcome::Stopped)
+    }
+
+    fn into_primary(mut self) -> Result<SecondaryOutcome<G>> {
+        // Release the pending outputs the SVM produced since the last checkpoint: the client
+        // may not have seen their PVM twins. Duplicates are harmless (requests carry ids).
+        let pending = std::mem::take(&mut self.out_frames);
+        let mut node = PrimaryNode::with_link(self.guest, None, self.opts, self.status)?;
+        node.next_seq = node.guest.rx_next_seq();
+        node.queued.extend(
+            self.inputs
+                .into_iter()
+                .filter(|(seq, _)| *seq >= node.next_seq)
+                .map(|(_, f)| f),
+        );
+        if let Some(c) = node.clients.as_mut() {
+            for f in &pending {
+                c.deliver(f);
+            }
+        }
+        Ok(SecondaryOutcome::TookOver(Box::new(node)))
+    }
+
+    fn poll_link(&mut self, wait: Duration) -> Result<()> {
+        let Some(link) = self.link.as_mut() else {
+            std::thread::sleep(wait);
+            return Ok(());
+        };
+        if let Err(e) = link.fill(wait) {
+            self.engine
+                .peer_lost(format!("link to the primary broke: {e}"));
+            return Ok(());
+        }
+        let now = Instant::now();
+        while let Some(link) = self.link.as_mut() {
+            let ev = match link.next_event() {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break,
+                Err(e) => {
+                    self.engine
+                        .peer_lost(format!("malformed stream from the primary: {e}"));
+                    break;
+                }
+            };
+            match self.engine.on_event(now, &ev) {
+                Ok(Some(Delivery::WritePage { pfn, data })) => {
+                    self.guest.write_pages(&[pfn], data)?;
+                }
+                Ok(Some(Delivery::Input { seq, frame })) => {
+                    self.inputs.push_back((seq, frame.to_vec()));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.engine
+                        .peer_lost(format!("primary broke the protocol: {e}"));
+                    break;
+                }
+            }
+            // Apply a complete checkpoint before reading further.
+            if matches!(self.engine.state(), SecondaryState::Applying { .. }) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn run_actions(&mut self) -> Result<()> {
+        loop {
+            self.flush();
+            let Some(action) = self.engine.poll_action() else {
+                return Ok(());
+            };
+            let now = Instant::now;
+            match action {
+                SecondaryAction::StartDirtyLog => self.guest.start_dirty_log()?,
+                SecondaryAction::Pause => {
+                    // Outputs emitted before the pause still belong to the running epoch.
+                    self.pump_output();
+                    self.guest.pause()?;
+                    self.pump_output();
+                    self.engine.paused(now())?;
+                }
+                SecondaryAction::HarvestDirty => {
+                    self.guest.harvest_dirty(self.engine.harvest_target())?;
+                    self.engine.harvested(now())?;
+                }
+                SecondaryAction::Apply { .. } => {
+                    self.guest
+                        .write_pages(self.engine.staged_pfns(), self.engine.staged_data())?;
+                    self.guest.set_state(self.engine.staged_state())?;
+                    // Frames the SVM emitted in the old epoch are superseded.
+                    self.out_frames.clear();
+                    self.guest.drain_tx(&mut |_| {});
+                    let digest = if self.engine.verifying() {
+                        let mut st = Vec::new();
+                        self.guest.get_state(&mut st)?;
+                        Some(digest_domain(&mut self.guest, &st)?)
+                    } else {
+                        None
+                    };
+                    self.engine.applied(now(), digest)?;
+                    self.status.lock().checkpoints += 1;
+                }
+                SecondaryAction::Resume => {
+                    self.guest.resume()?;
+                    if matches!(self.engine.state(), SecondaryState::Resuming { .. }) {
+                        self.engine.resumed(now())?;
+                    }
+                }
+                SecondaryAction::Running { epoch } => {
+                    let _ = epoch;
+                    self.pump_inputs()?;
+                }
+                SecondaryAction::TakeOver { reason } => {
+                    let t0 = Instant::now();
+                    if let Err(e) = run_fence(&self.opts.fence_cmd) {
+                        tracing::error!("{e:#}");
+                        return Err(e);
+                    }
+                    tracing::warn!("primary lost: {reason}; taking over");
+                    if let Some(l) = self.link.take() {
+                        l.shutdown();
+                    }
+                    let mut st = self.status.lock();
+                    st.failover_reason = Some(reason);
+                    st.failover_at = Some(std::time::SystemTime::now());
+                    st.takeover_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+                    self.taken_over = true;
+                }
+                SecondaryAction::GiveUp { reason } => {
+                    return Err(anyhow!(
+                        "primary lost and no consistent state to take over from: {reason}"
+                    ));
+                }
+            }
+        }
+    }
+
+    fn pump_inputs(&mut self) -> Result<()> {
+        if self.engine.running_epoch().is_none() {
+            return Ok(());
+        }
+        let next = self.guest.rx_next_seq();
+        while self.inputs.front().is_some_and(|(s, _)| *s < next) {
+            self.inputs.pop_front();
+        }
+        while let Some((seq, frame)) = self.inputs.front() {
+            let want = self.guest.rx_next_seq();
+            if *seq != want {
+                bail!("mirrored request {seq} arrived but the SVM expects {want}: input lost");
+            }
+            if !self.guest.inject(*seq, frame)? {
+                break;
+            }
+            self.inputs.pop_front();
+        }
+        Ok(())
+    }
+
+    fn pump_output(&mut self) {
+        let now = Instant::now();
+        let engine = &mut self.engine;
+        let frames = &mut self.out_frames;
+        self.guest.drain_tx(&mut |f| {
+            engine.send_output(now, f);
+            frames.push(f.to_vec());
+        });
+        // Only the current epoch's frames matter for a takeover; bound the memory.
+        if frames.len() > 4096 {
+            let cut = frames.len() - 4096;
+            frames.drain(..cut);
+        }
+    }
+
+    fn publish(&mut self) {
+        let mut st = self.status.lock();
+        st.state = self.engine.state().name().into();
+        st.protected = self.engine.running_epoch().is_some();
+        st.epoch = self.engine.running_epoch().unwrap_or(0);
+        if let Some(l) = &self.link {
+            st.link_bytes_out = l.bytes_out;
+            st.link_bytes_in = l.bytes_in;
+        }
+        let _ = &self.clients;
+    }
+}
+
+/// Builds a status handle.
+pub fn new_status() -> Shared {
+    Arc::new(Mutex::new(NodeStatus::default()))
+}

@@ -1,0 +1,190 @@
+//! A node's live figures, shared between its loop, the control socket, the metrics endpoint and
+//! the demo's live view.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use colo_core::engine::{CheckpointStats, Trigger};
+use parking_lot::Mutex;
+use serde::Serialize;
+
+/// Shared handle on a node's status.
+pub type Shared = Arc<Mutex<NodeStatus>>;
+
+/// How many recent checkpoints are kept for percentiles.
+const HISTORY: usize = 4096;
+
+/// One checkpoint, as reported by `colo status` and the demo.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct CheckpointFigures {
+    /// Checkpoint number.
+    pub epoch: u64,
+    /// initial-sync, mismatch, periodic or manual.
+    pub trigger: &'static str,
+    /// |A|.
+    pub dirty_primary: u64,
+    /// |B|.
+    pub dirty_secondary: u64,
+    /// |B − A|.
+    pub secondary_only: u64,
+    /// |D|.
+    pub pages_sent: u64,
+    /// Bytes on the link.
+    pub bytes_sent: u64,
+    /// PVM pause, ms.
+    pub pause_ms: f64,
+    /// Harvest of A, ms.
+    pub harvest_ms: f64,
+    /// Copy of D and state, ms.
+    pub capture_ms: f64,
+    /// Waiting for B, ms.
+    pub backchannel_ms: f64,
+    /// Sending after resume, ms.
+    pub send_ms: f64,
+    /// Sent → SVM_READY, ms.
+    pub commit_ms: f64,
+    /// NEW → SVM_READY, ms.
+    pub total_ms: f64,
+}
+
+impl From<CheckpointStats> for CheckpointFigures {
+    fn from(s: CheckpointStats) -> Self {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        Self {
+            epoch: s.epoch,
+            trigger: match s.trigger {
+                Trigger::InitialSync => "initial-sync",
+                Trigger::Mismatch => "mismatch",
+                Trigger::Periodic => "periodic",
+                Trigger::Manual => "manual",
+            },
+            dirty_primary: s.dirty_primary,
+            dirty_secondary: s.dirty_secondary,
+            secondary_only: s.secondary_only,
+            pages_sent: s.pages_sent,
+            bytes_sent: s.bytes_sent,
+            pause_ms: ms(s.pause),
+            harvest_ms: ms(s.harvest),
+            capture_ms: ms(s.capture),
+            backchannel_ms: ms(s.backchannel),
+            send_ms: ms(s.send),
+            commit_ms: ms(s.commit),
+            total_ms: ms(s.total),
+        }
+    }
+}
+
+/// Everything a node publishes about itself.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeStatus {
+    /// primary or secondary (a secondary that took over says primary).
+    pub role: String,
+    /// The state machine's state.
+    pub state: String,
+    /// The peer's address, while connected.
+    pub peer: Option<String>,
+    /// The client-facing address.
+    pub client_addr: Option<String>,
+    /// True while a secondary holds the last checkpoint and outputs are compared.
+    pub protected: bool,
+    /// Current checkpoint number.
+    pub epoch: u64,
+    /// Checkpoints committed (excluding the initial synchronisation).
+    pub checkpoints: u64,
+    /// Of which triggered by an output mismatch (or a held frame, or a full queue).
+    pub mismatch_checkpoints: u64,
+    /// Of which periodic.
+    pub periodic_checkpoints: u64,
+    /// Of which manual.
+    pub manual_checkpoints: u64,
+    /// Checkpoints whose digests matched.
+    pub verified_identical: u64,
+    /// Checkpoints whose digests differed.
+    pub verify_failures: u64,
+    /// Pages sent in checkpoints (initial synchronisation excluded).
+    pub pages_sent: u64,
+    /// Pages sent because the secondary dirtied them (|B|, summed).
+    pub backchannel_pages: u64,
+    /// Bytes sent in checkpoints.
+    pub bytes_sent: u64,
+    /// Link bytes written.
+    pub link_bytes_out: u64,
+    /// Link bytes read.
+    pub link_bytes_in: u64,
+    /// Output mismatches seen by the comparator.
+    pub mismatches: u64,
+    /// Client requests injected.
+    pub requests: u64,
+    /// Frames delivered to clients.
+    pub frames_delivered: u64,
+    /// Guest workload steps.
+    pub guest_steps: u64,
+    /// The last checkpoint.
+    pub last: Option<CheckpointFigures>,
+    /// Why the peer was declared lost.
+    pub failover_reason: Option<String>,
+    /// When.
+    #[serde(skip)]
+    pub failover_at: Option<SystemTime>,
+    /// Takeover duration on a secondary, ms.
+    pub takeover_ms: Option<f64>,
+    /// Recent pause times, ms.
+    #[serde(skip)]
+    pub pauses: VecDeque<f64>,
+}
+
+impl NodeStatus {
+    /// Adds a committed checkpoint.
+    pub fn record_checkpoint(&mut self, s: CheckpointStats) {
+        let f = CheckpointFigures::from(s);
+        if s.trigger != Trigger::InitialSync {
+            self.checkpoints += 1;
+            match s.trigger {
+                Trigger::Mismatch => self.mismatch_checkpoints += 1,
+                Trigger::Periodic => self.periodic_checkpoints += 1,
+                Trigger::Manual => self.manual_checkpoints += 1,
+                Trigger::InitialSync => {}
+            }
+            self.pages_sent += s.pages_sent;
+            self.backchannel_pages += s.dirty_secondary;
+            self.bytes_sent += s.bytes_sent;
+            if self.pauses.len() == HISTORY {
+                self.pauses.pop_front();
+            }
+            self.pauses.push_back(f.pause_ms);
+        }
+        self.last = Some(f);
+    }
+
+    /// The p-th percentile (0–100) of recent pause times, ms.
+    pub fn pause_percentile(&self, p: f64) -> Option<f64> {
+        percentile(self.pauses.iter().copied().collect(), p)
+    }
+}
+
+/// The p-th percentile (nearest rank) of `v`.
+pub fn percentile(mut v: Vec<f64>, p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    Some(v[rank.clamp(1, v.len()) - 1])
+}
+
+/// The status as JSON, with computed pause percentiles and the failover time.
+pub fn to_json(s: &NodeStatus) -> serde_json::Value {
+    let mut v = serde_json::to_value(s).unwrap_or(serde_json::Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.insert("pause_ms_p50".into(), s.pause_percentile(50.0).into());
+        o.insert("pause_ms_p99".into(), s.pause_percentile(99.0).into());
+        let at = s.failover_at.and_then(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs_f64() * 1e3)
+        });
+        o.insert("failover_at_unix_ms".into(), at.into());
+    }
+    v
+}
