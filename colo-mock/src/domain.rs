@@ -2,13 +2,12 @@
 //! and its implementation of [`colo_core::Domain`].
 
 use crate::guest::{self, HostDevices, VcpuRegs, Workload, MAX_FRAME, RING_SLOTS, SLOT_BYTES};
-use crate::ram::{self, GuestMem};
+use crate::ram::{self, GuestMem, Holes, ZERO_PAGE};
 use crate::tracker::{Tracker, TrackerChoice, TrackerKind};
 use crate::vcpu::{self, Shared};
 use crate::MockError;
 use colo_core::backend::PageVisitor;
 use colo_core::{BackendError, DirtyBitmap, Domain, PAGE_SIZE};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -58,7 +57,7 @@ pub struct MockDomain {
     paused: bool,
     bounce: Vec<u8>,
     tx_buf: Vec<u8>,
-    _file: File,
+    holes: Holes,
 }
 
 impl std::fmt::Debug for MockDomain {
@@ -104,7 +103,7 @@ impl MockDomain {
             .and_then(|b| usize::try_from(b).ok())
             .ok_or_else(|| MockError::Config(format!("{} pages overflow", cfg.pages)))?;
         let file = ram::open_backing(cfg.ram_path.as_deref(), bytes as u64)?;
-        let mem = GuestMem::map(&file, bytes)?;
+        let mem = GuestMem::map(file, bytes)?;
         let tracker = Tracker::new(mem.share(), cfg.tracker)?;
         let shared = Arc::new(Shared::new(mem, cfg.workload));
         let mut threads = Vec::new();
@@ -129,7 +128,7 @@ impl MockDomain {
             paused: true,
             bounce: vec![0; PAGE_SIZE],
             tx_buf: vec![0; MAX_FRAME],
-            _file: file,
+            holes: Holes::default(),
         })
     }
 
@@ -160,17 +159,25 @@ impl MockDomain {
         Some(unsafe { self.shared.mem.slice_unchecked() })
     }
 
-    /// xxh3-128 of all of guest RAM (stable only while paused; copies page by page otherwise).
+    /// xxh3-128 of all of guest RAM (stable only while paused). Holes of the RAM file are
+    /// hashed as zero pages without touching (allocating) them.
     pub fn digest(&self) -> u128 {
-        if let Some(r) = self.ram() {
-            return xxhash_rust::xxh3::xxh3_128(r);
-        }
+        let mem = &self.shared.mem;
+        let ram = self.ram();
+        let mut holes = Holes::default();
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         let mut page = [0u8; PAGE_SIZE];
         for p in 0..self.pages {
-            // In range by construction.
-            let _ = self.shared.mem.read(p as usize * PAGE_SIZE, &mut page);
-            h.update(&page);
+            let o = p as usize * PAGE_SIZE;
+            if holes.is_hole(mem, p) {
+                h.update(&ZERO_PAGE);
+            } else if let Some(r) = ram {
+                h.update(&r[o..o + PAGE_SIZE]);
+            } else {
+                // In range by construction.
+                let _ = mem.read(o, &mut page);
+                h.update(&page);
+            }
         }
         h.digest128()
     }
@@ -399,21 +406,32 @@ impl Domain for MockDomain {
     /// Paused: borrows each page straight from the mapping (zero-copy). Running (pre-copy):
     /// copies each page into a bounce page first, so the slice is stable even though the guest
     /// may be writing the page (the copy may then be torn; the write re-dirties the page).
+    /// Never-written pages (holes of the RAM file) are served as a static zero page without
+    /// touching them, so reading a sparse multi-GiB guest allocates nothing.
     fn read_pages(
         &mut self,
         pfns: &[u64],
         visit: &mut PageVisitor<'_>,
     ) -> Result<(), BackendError> {
         self.check_pfns(pfns)?;
+        self.holes.reset();
         if self.paused {
             // SAFETY: paused — see `ram()`; `&mut self` is held for the whole call.
             let ram = unsafe { self.shared.mem.slice_unchecked() };
             for (i, &p) in pfns.iter().enumerate() {
                 let o = p as usize * PAGE_SIZE;
-                visit(i, Some(&ram[o..o + PAGE_SIZE]))?;
+                if self.holes.is_hole(&self.shared.mem, p) {
+                    visit(i, Some(&ZERO_PAGE))?;
+                } else {
+                    visit(i, Some(&ram[o..o + PAGE_SIZE]))?;
+                }
             }
         } else {
             for (i, &p) in pfns.iter().enumerate() {
+                if self.holes.is_hole(&self.shared.mem, p) {
+                    visit(i, Some(&ZERO_PAGE))?;
+                    continue;
+                }
                 self.shared
                     .mem
                     .read(p as usize * PAGE_SIZE, &mut self.bounce)

@@ -20,6 +20,7 @@ use std::sync::Arc;
 /// not `Clone` outside this crate: code handed a `&GuestMem` (a vCPU job) cannot keep it.
 pub struct GuestMem {
     _map: Arc<MmapRaw>,
+    file: Arc<File>,
     base: *mut u8,
     len: usize,
 }
@@ -67,10 +68,10 @@ pub(crate) fn open_backing(path: Option<&Path>, bytes: u64) -> Result<File, Mock
 
 impl GuestMem {
     /// Maps `file` (already sized) shared, read-write, without touching any page.
-    pub(crate) fn map(file: &File, bytes: usize) -> Result<Self, MockError> {
+    pub(crate) fn map(file: File, bytes: usize) -> Result<Self, MockError> {
         let map = MmapOptions::new()
             .len(bytes)
-            .map_raw(file)
+            .map_raw(&file)
             .map_err(|e| MockError::Os {
                 op: "mmap guest RAM",
                 source: e,
@@ -82,6 +83,7 @@ impl GuestMem {
         })?;
         Ok(Self {
             _map: Arc::new(map),
+            file: Arc::new(file),
             base,
             len: bytes,
         })
@@ -91,6 +93,7 @@ impl GuestMem {
     pub(crate) fn share(&self) -> Self {
         Self {
             _map: Arc::clone(&self._map),
+            file: Arc::clone(&self.file),
             base: self.base,
             len: self.len,
         }
@@ -206,5 +209,78 @@ impl GuestMem {
         // SAFETY: the mapping is live and `len` bytes long; the caller guarantees no writer for
         // the slice's lifetime.
         unsafe { std::slice::from_raw_parts(self.base, self.len) }
+    }
+}
+
+/// A page of zeros: what a hole in the RAM file reads as.
+pub(crate) static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+/// Finds holes (never-written ranges) of the RAM file with `lseek(SEEK_DATA/SEEK_HOLE)`, caching
+/// the last extent so ascending scans cost a few syscalls. Reading a shmem hole through the
+/// mapping would allocate a page, so readers serve holes as [`ZERO_PAGE`] instead. While the
+/// guest runs, a hole may be filled right after the check; that write is a tracked write, so a
+/// reader that got zeros sees the page dirty again.
+#[derive(Debug, Default)]
+pub(crate) struct Holes {
+    /// Cached extent `[start, end)` in bytes and whether it is a hole.
+    start: u64,
+    end: u64,
+    hole: bool,
+}
+
+impl Holes {
+    /// Forgets the cache (call after the file may have changed, e.g. at the start of a scan).
+    pub(crate) fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Is page `pfn` a hole? On any lseek failure the page counts as data (always safe).
+    pub(crate) fn is_hole(&mut self, mem: &GuestMem, pfn: u64) -> bool {
+        use std::os::fd::AsRawFd;
+        let off = pfn * PAGE_SIZE as u64;
+        if off >= self.start && off < self.end {
+            return self.hole;
+        }
+        let len = mem.len as u64;
+        let fd = mem.file.as_raw_fd();
+        let seek = |whence| {
+            // SAFETY: lseek only moves this fd's file offset (nobody reads through that offset;
+            // all IO on guest RAM goes through the mapping); no memory is passed.
+            let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
+            if r < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(r as u64)
+            }
+        };
+        let (start, end, hole) = match seek(libc::SEEK_DATA) {
+            Ok(d) if d > off => (off, d, true),
+            Ok(_) => match seek(libc::SEEK_HOLE) {
+                Ok(h) if h > off => (off, h, false),
+                _ => (off, off + PAGE_SIZE as u64, false),
+            },
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => (off, len, true),
+            Err(_) => (off, off + PAGE_SIZE as u64, false),
+        };
+        // Round to whole pages: a partial-page extent means the page has data.
+        let end_pg = if hole {
+            end / PAGE_SIZE as u64 * PAGE_SIZE as u64
+        } else {
+            end.div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64
+        };
+        if end_pg <= start {
+            *self = Self {
+                start,
+                end: start + PAGE_SIZE as u64,
+                hole: false,
+            };
+        } else {
+            *self = Self {
+                start,
+                end: end_pg,
+                hole,
+            };
+        }
+        self.hole
     }
 }

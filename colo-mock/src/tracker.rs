@@ -12,7 +12,7 @@
 //! `pending` bitmap that every later harvest and peek reports, so a failed harvest never loses a
 //! dirty page.
 
-use crate::ram::GuestMem;
+use crate::ram::{GuestMem, Holes, ZERO_PAGE};
 use crate::sys::{self, PageRegion, PmScanArg};
 use colo_core::{BackendError, DirtyBitmap, PAGE_SIZE};
 use std::fs::File;
@@ -171,12 +171,17 @@ impl Uffd {
 struct Hasher {
     hashes: Vec<u128>,
     bounce: Vec<u8>,
+    holes: Holes,
+    zero_hash: u128,
     #[cfg(test)]
     fail_at_page: Option<u64>,
 }
 
 impl Hasher {
     fn page_hash(&mut self, mem: &GuestMem, pfn: u64) -> Result<u128, BackendError> {
+        if self.holes.is_hole(mem, pfn) {
+            return Ok(self.zero_hash);
+        }
         mem.read(pfn as usize * PAGE_SIZE, &mut self.bounce)
             .map_err(|e| BackendError::BadState {
                 op: "hash page",
@@ -186,6 +191,7 @@ impl Hasher {
     }
 
     fn rehash_all(&mut self, mem: &GuestMem) -> Result<(), BackendError> {
+        self.holes.reset();
         for p in 0..mem.pages() {
             let h = self.page_hash(mem, p)?;
             self.hashes[p as usize] = h;
@@ -199,6 +205,7 @@ impl Hasher {
         into: &mut DirtyBitmap,
         clear: bool,
     ) -> Result<(), BackendError> {
+        self.holes.reset();
         for p in 0..mem.pages() {
             #[cfg(test)]
             if self.fail_at_page == Some(p) {
@@ -266,6 +273,8 @@ impl Tracker {
             None => Imp::Hash(Hasher {
                 hashes: Vec::new(),
                 bounce: vec![0; PAGE_SIZE],
+                holes: Holes::default(),
+                zero_hash: xxhash_rust::xxh3::xxh3_128(&ZERO_PAGE),
                 #[cfg(test)]
                 fail_at_page: None,
             }),
@@ -382,6 +391,7 @@ impl Tracker {
             )
             .map_err(os("UFFDIO_WRITEPROTECT protect"))?,
             Imp::Hash(h) => {
+                h.holes.reset();
                 for p in start..start + n {
                     let v = h.page_hash(&self.mem, p)?;
                     h.hashes[p as usize] = v;
