@@ -211,6 +211,16 @@ impl MockDomain {
         self.shared.cv.notify_all();
     }
 
+    /// Host knob for tests and benchmarks: each vCPU stops making progress (idles) once its
+    /// program counter reaches `limit`; `None` removes the limit. Not guest state.
+    pub fn set_step_limit(&self, limit: Option<u64>) {
+        self.shared
+            .step_limit
+            .store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
+        let _c = self.shared.ctl.lock();
+        self.shared.cv.notify_all();
+    }
+
     /// Runs `f` on a vCPU between two workload steps (as guest code) and returns its result.
     /// Fails if the domain is paused or a vCPU faulted.
     pub fn exec_on_vcpu<R, F>(&self, f: F) -> Result<R, MockError>
@@ -581,3 +591,9 @@ mod tests {
         }
     }
 }
+
+/// The node driver moves a domain to its own thread: it must stay `Send`.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<MockDomain>();
+};

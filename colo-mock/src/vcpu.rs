@@ -33,8 +33,10 @@ pub(crate) struct Shared {
     pub steps: AtomicU64,
     /// Bumped by the host NIC after it posts a request.
     pub doorbell: AtomicU64,
-    /// Dirty workload rate, pages per ms over all vCPUs (0 = unlimited).
+    /// Dirty workload rate, pages per ms over all vCPUs.
     pub dirty_rate: AtomicU64,
+    /// vCPUs idle once their program counter reaches this (u64::MAX = no limit).
+    pub step_limit: AtomicU64,
     pub workload: Workload,
 }
 
@@ -53,6 +55,7 @@ impl Shared {
             steps: AtomicU64::new(0),
             doorbell: AtomicU64::new(0),
             dirty_rate: AtomicU64::new(rate),
+            step_limit: AtomicU64::new(u64::MAX),
             workload,
         }
     }
@@ -136,17 +139,22 @@ pub(crate) fn run(shared: Arc<Shared>, idx: usize, mut dev: HostDevices) {
             continue;
         }
         let bell = shared.doorbell.load(Ordering::Acquire);
+        let limit = shared.step_limit.load(Ordering::Relaxed);
         let r = {
             let mut regs = shared.regs[idx].lock();
-            guest::step(
-                &shared.workload,
-                &shared.mem,
-                &mut regs,
-                &mut dev,
-                &mut scratch,
-                idx,
-                n,
-            )
+            if regs.pc >= limit {
+                Ok(Step::Idle)
+            } else {
+                guest::step(
+                    &shared.workload,
+                    &shared.mem,
+                    &mut regs,
+                    &mut dev,
+                    &mut scratch,
+                    idx,
+                    n,
+                )
+            }
         };
         match r {
             Ok(Step::Progress) => {

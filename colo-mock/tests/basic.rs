@@ -334,3 +334,37 @@ fn state_blob_round_trip_and_rejects() {
     let idle = MockDomain::create(MockConfig::new(1024, Workload::Idle, 0));
     assert!(idle.unwrap().set_state(&st).is_err(), "workload mismatch");
 }
+
+#[test]
+fn dirty_workload_is_deterministic() {
+    let run = |seed: u64, limit: u64| {
+        let cfg = MockConfig::new(
+            2048,
+            Workload::Dirty(DirtyConfig {
+                pages_per_ms: DirtyConfig::UNLIMITED,
+                vcpus: 2,
+            }),
+            seed,
+        );
+        let mut d = MockDomain::create(cfg).unwrap();
+        d.set_step_limit(Some(limit));
+        d.resume().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while d.vcpu_regs().iter().any(|r| r.pc < limit) {
+            assert!(Instant::now() < deadline, "vCPUs stopped early");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Interrupted by pauses or not, the result only depends on the step counts.
+        d.pause().unwrap();
+        let mut st = Vec::new();
+        d.get_state(&mut st).unwrap();
+        (d.digest(), st)
+    };
+    let a = run(1, 30_000);
+    assert_eq!(
+        a,
+        run(2, 30_000),
+        "vm_seed does not influence the dirty workload"
+    );
+    assert_ne!(a.0, run(1, 30_001).0);
+}
