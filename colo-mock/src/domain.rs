@@ -521,6 +521,12 @@ impl Drop for MockDomain {
     }
 }
 
+/// The node driver moves a domain to its own thread: it must stay `Send`.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<MockDomain>();
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,9 +597,3 @@ mod tests {
         }
     }
 }
-
-/// The node driver moves a domain to its own thread: it must stay `Send`.
-const _: fn() = || {
-    fn send<T: Send>() {}
-    send::<MockDomain>();
-};
