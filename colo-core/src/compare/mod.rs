@@ -47,6 +47,9 @@ use classify::{classify, Class, FlowId, FlowKey};
 use store::Store;
 use tcp::TcpConn;
 
+/// Datagram flow table size below which empty flows are not swept.
+const DATAGRAM_SWEEP_MIN: usize = 1024;
+
 /// Comparator settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CompareConfig {
@@ -136,6 +139,8 @@ pub struct Comparator {
     immediate: Vec<Vec<u8>>,
     tcp: HashMap<FlowKey, TcpConn>,
     datagrams: HashMap<FlowId, DatagramFlow>,
+    /// Table size at which empty datagram flows are swept.
+    sweep_at: usize,
     mismatch: bool,
     passthrough: bool,
     last_now: Option<Instant>,
@@ -155,6 +160,7 @@ impl Comparator {
             immediate: Vec::new(),
             tcp: HashMap::new(),
             datagrams: HashMap::new(),
+            sweep_at: DATAGRAM_SWEEP_MIN,
             mismatch: false,
             passthrough: false,
             last_now: None,
@@ -252,6 +258,12 @@ impl Comparator {
     }
 
     fn push_datagram(&mut self, primary: bool, flow: FlowId, item: (u64, u32, u32)) {
+        if self.datagrams.len() >= self.sweep_at && !self.datagrams.contains_key(&flow) {
+            // Empty flows are kept (no allocation per frame) but swept when the table grows.
+            self.datagrams
+                .retain(|_, f| !(f.pvm.is_empty() && f.svm.is_empty()));
+            self.sweep_at = (2 * self.datagrams.len()).max(DATAGRAM_SWEEP_MIN);
+        }
         let f = self.datagrams.entry(flow).or_default();
         let (mine, theirs) = if primary {
             (&mut f.pvm, &mut f.svm)
@@ -283,9 +295,6 @@ impl Comparator {
             theirs.pop_front();
             self.store.clear_pvm(p.0);
             self.store.svm_done(s.0);
-            if f.pvm.is_empty() && f.svm.is_empty() {
-                self.datagrams.remove(&flow);
-            }
         } else {
             mine.push_back(item);
             f.mismatched = true;
