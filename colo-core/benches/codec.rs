@@ -12,7 +12,11 @@ const PAGES: usize = 10_000;
 
 fn guest() -> Vec<u8> {
     (0..PAGES * PAGE_SIZE)
-        .map(|i| (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17) as u8)
+        .map(|i| {
+            (i as u64)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .rotate_left(17) as u8
+        })
         .collect()
 }
 
@@ -28,9 +32,7 @@ fn decode_into(input: &[u8], chunk: usize, mem: &mut [u8]) -> usize {
             c = &c[n..];
             match ev {
                 Some(Event::Page {
-                    pfn,
-                    data: Some(d),
-                    ..
+                    pfn, data: Some(d), ..
                 }) => {
                     let at = pfn as usize * PAGE_SIZE;
                     mem[at..at + PAGE_SIZE].copy_from_slice(d);
@@ -76,9 +78,8 @@ fn bench(c: &mut Criterion) {
 
     g.bench_function("encode_to_sink_zero_copy", |b| {
         b.iter(|| {
-            let n =
-                write_page_data(&mut std::io::sink(), black_box(&pfns), &refs, &mut scratch)
-                    .unwrap();
+            let n = write_page_data(&mut std::io::sink(), black_box(&pfns), &refs, &mut scratch)
+                .unwrap();
             black_box(n);
         })
     });
@@ -91,7 +92,10 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(decode_into(black_box(&stream), 64 << 10, &mut guest_mem)))
     });
     g.finish();
-    assert!(guest_mem == mem, "decoded guest memory differs from the source");
+    assert!(
+        guest_mem == mem,
+        "decoded guest memory differs from the source"
+    );
 }
 
 criterion_group!(benches, bench);
