@@ -436,3 +436,141 @@ fn stop_comparing_releases_everything() {
     assert_eq!(h.wanted(), None);
     assert_eq!(h.c.next_deadline(), None);
 }
+
+fn ndp(icmp_type: u8) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(VM_MAC, CLIENT_MAC)
+        .ipv6([0xfe; 16], [0xff; 16], 255)
+        .icmpv6_raw(icmp_type, 0, [0; 4]);
+    let mut f = Vec::new();
+    b.write(&mut f, &[0; 16]).expect("building a test frame");
+    f
+}
+
+fn ping_reply(seq: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(VM_MAC, CLIENT_MAC)
+        .ipv4(VM_IP, CLIENT_IP, 64)
+        .icmpv4_echo_reply(7, seq);
+    let mut f = Vec::new();
+    b.write(&mut f, payload).expect("building a test frame");
+    f
+}
+
+#[test]
+fn neighbour_discovery_and_mld_pass_other_icmpv6_is_compared() {
+    let mut h = H::new();
+    h.p(&udp(1, b"held"));
+    for t in [135, 136, 143] {
+        h.p(&ndp(t));
+    }
+    assert_eq!(h.drain().len(), 3);
+    h.p(&ndp(129)); // echo reply: compared
+    assert!(h.drain().is_empty());
+    h.s(&udp(1, b"held"));
+    h.s(&ndp(129));
+    assert_eq!(h.drain().len(), 2);
+}
+
+#[test]
+fn icmp_compared_from_the_ip_header_end() {
+    let mut h = H::new();
+    h.p(&ping_reply(1, b"abc"));
+    h.s(&ping_reply(1, b"abc"));
+    assert_eq!(h.drain().len(), 1);
+    h.p(&ping_reply(2, b"abc"));
+    h.s(&ping_reply(3, b"abc")); // ICMP sequence number differs
+    assert_eq!(h.wanted(), Some(CheckpointReason::Mismatch));
+}
+
+#[test]
+fn nested_checkpoints_release_on_the_later_commit() {
+    let mut h = H::new();
+    let (a, b, c) = (udp(1, b"a"), udp(1, b"b"), udp(1, b"c"));
+    h.p(&a);
+    h.c.begin_checkpoint(1);
+    h.p(&b);
+    h.c.begin_checkpoint(2); // checkpoint 1 never confirmed; retried as 2
+    h.p(&c);
+    h.s(&c);
+    assert!(h.drain().is_empty());
+    h.c.checkpoint_committed(2);
+    assert_eq!(h.drain(), vec![a, b, c]);
+}
+
+#[test]
+fn queue_bound_counts_only_the_current_epoch() {
+    let mut h = H::with(CompareConfig {
+        max_queue: 2,
+        ..Default::default()
+    });
+    h.p(&udp(1, b"1"));
+    h.p(&udp(1, b"2"));
+    assert_eq!(h.wanted(), Some(CheckpointReason::QueueFull));
+    h.c.begin_checkpoint(1);
+    assert_eq!(
+        h.wanted(),
+        None,
+        "set-aside frames wait for the commit, not another checkpoint"
+    );
+    h.p(&udp(1, b"3"));
+    assert_eq!(h.wanted(), None);
+    h.s(&udp(1, b"only svm"));
+    h.s(&udp(1, b"only svm 2"));
+    assert_eq!(h.wanted(), Some(CheckpointReason::Mismatch));
+}
+
+#[test]
+fn tcp_pushed_after_begin_compared_in_new_epoch() {
+    let mut h = H::new();
+    let syn = Flags { syn: true, ..DATA };
+    h.p(&tcp(80, 10, syn, b""));
+    h.p(&tcp(80, 11, DATA, b"before"));
+    h.c.begin_checkpoint(1);
+    // A late SVM frame of epoch 0 is stale and ignored.
+    h.c.push_secondary(h.now, 0, tcp(80, 5000, syn, b""));
+    h.p(&tcp(80, 17, DATA, b"after"));
+    h.s(&tcp(80, 17, DATA, b"aftXr"));
+    assert_eq!(
+        h.wanted(),
+        Some(CheckpointReason::Mismatch),
+        "new-epoch bytes are compared"
+    );
+    h.c.checkpoint_committed(1);
+    assert_eq!(
+        h.drain().len(),
+        2,
+        "the set-aside frames leave; the mismatched one stays"
+    );
+}
+
+#[test]
+fn implausible_sequence_jump_is_a_mismatch_not_a_release() {
+    let mut h = H::new();
+    h.p(&tcp(80, 100, DATA, b"a"));
+    h.s(&tcp(80, 100, DATA, b"a"));
+    let wild = tcp(
+        80,
+        100u32.wrapping_add(1 << 31).wrapping_sub(5),
+        DATA,
+        b"zz",
+    );
+    h.p(&wild);
+    h.s(&wild);
+    assert_eq!(h.wanted(), Some(CheckpointReason::Mismatch));
+    assert_eq!(h.drain().len(), 1);
+}
+
+#[test]
+fn implausible_sequence_far_behind_is_not_taken_for_a_retransmission() {
+    let mut h = H::new();
+    h.p(&tcp(80, 100, DATA, b"a"));
+    h.s(&tcp(80, 100, DATA, b"a"));
+    let wild = tcp(
+        80,
+        100u32.wrapping_add(1 << 31).wrapping_add(5),
+        DATA,
+        b"zz",
+    );
+    h.p(&wild);
+    assert_eq!(h.wanted(), Some(CheckpointReason::Mismatch));
+    assert_eq!(h.drain().len(), 1, "the wild segment is held");
+}

@@ -10,6 +10,11 @@ use etherparse::{EtherType, NetSlice, SlicedPacket, TransportSlice};
 const ETHERTYPE_RARP: u16 = 0x8035;
 /// ICMPv6 types 133..=137: router/neighbour solicitation and advertisement, redirect (RFC 4861).
 const NDP_TYPES: std::ops::RangeInclusive<u8> = 133..=137;
+/// ICMPv6 multicast listener query/report/done (MLDv1) and MLDv2 report: sent after random
+/// delays, so the two VMs' timing differs; idempotent link-local state, passed through like NDP.
+const MLD_TYPES: [u8; 4] = [130, 131, 132, 143];
+/// IGMP (IPv4's MLD): passed through for the same reason.
+const PROTO_IGMP: u8 = 2;
 
 /// A directional IP flow: for TCP and UDP the 5-tuple, for other protocols ports are 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +92,7 @@ pub(crate) struct TcpSeg {
 /// What the comparator does with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Class {
-    /// ARP / IPv6 neighbour discovery: released at once, never compared.
+    /// ARP, IPv6 neighbour discovery, MLD, IGMP: released at once, never compared.
     Pass,
     /// A TCP segment, compared as part of its connection's byte stream.
     Tcp(TcpSeg),
@@ -190,8 +195,13 @@ pub(crate) fn classify(frame: &[u8]) -> Class {
             datagram(key)
         }
         Some(TransportSlice::Icmpv4(_)) => datagram(key),
-        Some(TransportSlice::Icmpv6(i)) if NDP_TYPES.contains(&i.type_u8()) => Class::Pass,
+        Some(TransportSlice::Icmpv6(i))
+            if NDP_TYPES.contains(&i.type_u8()) || MLD_TYPES.contains(&i.type_u8()) =>
+        {
+            Class::Pass
+        }
         Some(TransportSlice::Icmpv6(_)) => datagram(key),
+        None if proto == PROTO_IGMP => Class::Pass,
         None => whole(frame, FlowId::Ip(key)),
     }
 }

@@ -17,8 +17,9 @@
 //!   i-th SVM frame of the same flow. IP fragments likewise, per (addresses, protocol).
 //! - **Anything else** (other IP protocols, non-IP frames, frames etherparse rejects): the whole
 //!   frame, paired in order.
-//! - **ARP and IPv6 neighbour discovery** from the PVM are released at once (ahead of held
-//!   frames); the SVM's are dropped.
+//! - **ARP, IPv6 neighbour discovery and multicast membership (MLD, IGMP)** from the PVM are
+//!   released at once (ahead of held frames); the SVM's are dropped. Membership reports are sent
+//!   after random delays, so the VMs' timing differs; they carry no application state.
 //!
 //! Frames of different flows may interleave differently on the two sides. Released frames keep
 //! the PVM's order exactly (a frame waits for every earlier PVM frame), so the outside world sees

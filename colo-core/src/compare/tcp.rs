@@ -24,8 +24,9 @@ use std::time::Instant;
 use super::classify::TcpSeg;
 use super::store::Store;
 
-/// A segment whose start lies further than this beyond `verified` is not a plausible part of the
-/// stream (TCP's largest window is 2^30 bytes): it counts as a mismatch.
+/// A segment starting further than this beyond `verified`, or ending further than this before it,
+/// is not a plausible part of the stream (TCP's largest window is 2^30 bytes): it counts as a
+/// mismatch rather than being taken for new data or for a retransmission.
 const MAX_AHEAD: i64 = 1 << 30;
 
 /// `a >= b` in sequence-number space.
@@ -163,7 +164,7 @@ impl TcpConn {
                 _ => a,
             });
         }
-        if start_i > vi.saturating_add(MAX_AHEAD) {
+        if start_i > vi.saturating_add(MAX_AHEAD) || end_i < vi.saturating_sub(MAX_AHEAD) {
             // Not a plausible part of this stream: never cleared by comparison (a checkpoint
             // sets it aside), never counted into `high`.
             if primary {
