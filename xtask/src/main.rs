@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+mod bench;
 mod sys;
 
 const USAGE: &str = "\
@@ -17,6 +18,8 @@ commands:
   ci               format check, clippy, every test (colo-xen included), fuzz smoke
   fuzz [--seconds N] [--target NAME]
                    run the cargo-fuzz targets (installs cargo-fuzz if missing)
+  bench [--quick] [--json FILE]
+                   end-to-end speed figures (release build) beside raw loopback TCP
   deps             install the system packages colo's build needs (root)
 ";
 
@@ -37,6 +40,7 @@ fn run() -> Result<()> {
         "ci" => ci(rest),
         "fuzz" => fuzz(rest),
         "deps" => sys::ensure_packages(&sys::BUILD_PACKAGES),
+        "bench" => bench::run(rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())

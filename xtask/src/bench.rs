@@ -1,0 +1,1069 @@
+//! `cargo xtask bench [--quick] [--json FILE]`: colo's end-to-end speed figures on the mock
+//! backend over loopback, each beside a raw loopback TCP baseline measured in the same run.
+//!
+//! The outer command re-runs this module as an optimized build (`cargo run --release -p xtask
+//! -- bench --inner …`), so every figure comes from release code. The inner run measures, in
+//! order: raw TCP throughput, pause time against dirty pages per checkpoint (a 1 GiB `dirty`
+//! guest pair whose workload is stopped, with exactly N pages written by a vCPU before each
+//! checkpoint), the highest sustained checkpoint rate, the guest's slowdown, dirty harvest time
+//! against RAM size and dirty fraction, comparator throughput and failover time. It prints a
+//! table, optionally writes a JSON object, and always writes `target/colo-bench/pause.svg`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use colo_cli::mock::{build, MockSpec, WorkloadKind};
+use colo_cli::node::{new_status, NodeOptions, PrimaryNode, SecondaryNode, SecondaryOutcome};
+use colo_cli::status::{percentile, CheckpointFigures, Shared};
+use colo_core::compare::{Comparator, CompareConfig};
+use colo_core::engine::{Liveness, PrimaryState};
+use colo_core::policy::CheckpointPolicy;
+use colo_core::{DirtyBitmap, Domain, PAGE_SIZE};
+use colo_mock::guest::DATA_PFN;
+use colo_mock::{DirtyConfig, MockConfig, MockDomain, Workload};
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// Entry point of `cargo xtask bench`.
+pub fn run(args: &[String]) -> Result<()> {
+    let mut quick = false;
+    let mut json_path: Option<PathBuf> = None;
+    let mut inner = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--inner" => inner = true,
+            "--json" => {
+                let v = it.next().context("--json needs a file name")?;
+                json_path = Some(PathBuf::from(v));
+            }
+            other => bail!("bench: unknown argument `{other}` (expected --quick, --json FILE)"),
+        }
+    }
+    if inner {
+        return run_inner(quick, json_path.as_deref());
+    }
+    // Re-run as an optimized build; a relative --json path stays relative to the caller's cwd.
+    let mut inner_args: Vec<String> = vec![
+        "run".into(),
+        "--release".into(),
+        "--quiet".into(),
+        "-p".into(),
+        "xtask".into(),
+        "--".into(),
+        "bench".into(),
+        "--inner".into(),
+    ];
+    if quick {
+        inner_args.push("--quick".into());
+    }
+    if let Some(p) = json_path {
+        let abs = if p.is_absolute() {
+            p
+        } else {
+            std::env::current_dir()
+                .context("current directory")?
+                .join(p)
+        };
+        inner_args.push("--json".into());
+        inner_args.push(abs.to_string_lossy().into_owned());
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    println!("xtask bench: building and running the optimized bench (cargo run --release)");
+    let status = Command::new(&cargo)
+        .args(&inner_args)
+        .current_dir(crate::root())
+        .status()
+        .with_context(|| format!("running {cargo} {}", inner_args.join(" ")))?;
+    if !status.success() {
+        bail!("the optimized bench failed ({status})");
+    }
+    Ok(())
+}
+
+/// Guards against a debug build producing figures.
+fn optimized() -> bool {
+    !cfg!(debug_assertions)
+}
+
+/// Everything the run measured, for the table, the JSON and the plot.
+struct Report {
+    quick: bool,
+    tcp_gbps: f64,
+    pause_rows: Vec<PauseRow>,
+    throughput_ratio: f64,
+    throughput_gbps: f64,
+    max_cps: f64,
+    max_cps_pages_max: u64,
+    max_cps_pause_p50: f64,
+    slowdown: Slowdown,
+    harvest: Vec<HarvestRow>,
+    cmp_fps: f64,
+    failover_ms: Vec<f64>,
+    total_s: f64,
+}
+
+struct PauseRow {
+    dirty: u64,
+    reps: usize,
+    pages_sent_mean: f64,
+    bytes_mean: f64,
+    p50: f64,
+    p99: f64,
+    total_p50: f64,
+    tcp_ms: f64,
+    target_ms: Option<f64>,
+}
+
+struct HarvestRow {
+    ram: u64,
+    fraction: f64,
+    pages: u64,
+    p50_ms: f64,
+}
+
+struct Slowdown {
+    alone_sps: f64,
+    replicated_sps: f64,
+    checkpoints: u64,
+    pages_per_cp: f64,
+    pause_p50: f64,
+}
+
+fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
+    if !optimized() {
+        eprintln!("xtask bench: warning: not an optimized build; figures are not representative");
+    }
+    let started = Instant::now();
+    println!(
+        "colo bench ({}), {} cores, kernel {}",
+        if quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel()
+    );
+
+    // 1. Raw loopback TCP.
+    let tcp_mib = if quick { 512 } else { 2048 };
+    let mut tcp = Vec::new();
+    for _ in 0..3 {
+        tcp.push(raw_tcp_gbps(tcp_mib * MIB)?);
+    }
+    let tcp_gbps = percentile(tcp.clone(), 50.0).unwrap_or(0.0);
+    println!("raw loopback TCP: {tcp_gbps:.2} GB/s (median of 3 × {tcp_mib} MiB; runs {tcp:.2?})");
+    let tcp_bps = tcp_gbps * 1e9;
+
+    // 2. Pause time against dirty pages on a 1 GiB pair.
+    let mut pair = Pair::start(GIB, "pause sweep")?;
+    let sweep: &[(u64, usize)] = if quick {
+        &[(0, 30), (100, 30), (1_000, 20), (10_000, 12), (50_000, 4)]
+    } else {
+        &[
+            (0, 200),
+            (100, 200),
+            (1_000, 100),
+            (10_000, 50),
+            (50_000, 20),
+        ]
+    };
+    let mut pause_rows = Vec::new();
+    let mut tput = Vec::new();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for &(n, reps) in sweep {
+        let mut figs = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            seed = splitmix(seed);
+            pair.dirty(n, seed)?;
+            figs.push(pair.checkpoint()?);
+        }
+        let pauses: Vec<f64> = figs.iter().map(|f| f.pause_ms).collect();
+        let totals: Vec<f64> = figs.iter().map(|f| f.total_ms).collect();
+        let pages_mean = figs.iter().map(|f| f.pages_sent as f64).sum::<f64>() / reps as f64;
+        let bytes_mean = figs.iter().map(|f| f.bytes_sent as f64).sum::<f64>() / reps as f64;
+        if n >= 10_000 {
+            for f in &figs {
+                tput.push(f.bytes_sent as f64 / (f.total_ms / 1e3));
+            }
+        }
+        let tcp_ms = bytes_mean / tcp_bps * 1e3;
+        let row = PauseRow {
+            dirty: n,
+            reps,
+            pages_sent_mean: pages_mean,
+            bytes_mean,
+            p50: percentile(pauses.clone(), 50.0).unwrap_or(0.0),
+            p99: percentile(pauses, 99.0).unwrap_or(0.0),
+            total_p50: percentile(totals, 50.0).unwrap_or(0.0),
+            tcp_ms,
+            target_ms: match n {
+                0..=99 => Some(1.0),
+                10_000 => Some(1.25 * tcp_ms + 2.0),
+                _ => None,
+            },
+        };
+        println!(
+            "  {:>6} dirty pages: pause p50 {:.3} ms, p99 {:.3} ms ({} reps, |D| {:.0})",
+            n, row.p50, row.p99, reps, pages_mean
+        );
+        pause_rows.push(row);
+    }
+    // Throughput: bytes of a large checkpoint over its whole duration (NEW → SVM_READY).
+    let throughput_bps = percentile(tput, 50.0).unwrap_or(0.0);
+    let throughput_ratio = throughput_bps / tcp_bps;
+
+    // 3. Highest sustained checkpoint rate with ≤ 100 dirty pages each (policy min_interval 0).
+    let rate_secs = if quick { 2.0 } else { 10.0 };
+    let (max_cps, max_cps_pages_max, max_cps_pause_p50) = pair.max_rate(rate_secs, 50)?;
+    println!(
+        "  max sustained rate: {max_cps:.0} checkpoints/s (50 pages each, |D| ≤ {max_cps_pages_max})"
+    );
+
+    // 4. Guest slowdown: the dirty workload flat out, alone vs tracked and replicated.
+    let slow_secs = if quick { 2.0 } else { 8.0 };
+    let replicated = pair.replicated_steps(slow_secs, Duration::from_millis(50))?;
+    pair.stop();
+    let alone_sps = alone_steps(GIB, slow_secs)?;
+    let slowdown = Slowdown {
+        alone_sps,
+        ..replicated
+    };
+    println!(
+        "  guest steps/s: {:.0} alone, {:.0} replicated (ratio {:.3})",
+        slowdown.alone_sps,
+        slowdown.replicated_sps,
+        slowdown.replicated_sps / slowdown.alone_sps.max(1.0)
+    );
+
+    // 5. Dirty harvest time against RAM size and dirty fraction.
+    let harvest = harvest_sweep(quick)?;
+
+    // 6. Comparator throughput.
+    let cmp_fps = comparator_fps(if quick { 200_000 } else { 2_000_000 })?;
+    println!("  comparator: {:.2} M frame pairs/s", cmp_fps / 1e6);
+
+    // 7. Failover.
+    let mut failover_ms = Vec::new();
+    for i in 0..if quick { 5 } else { 10 } {
+        let ms = failover_once(64 * MIB).with_context(|| format!("failover run {i}"))?;
+        failover_ms.push(ms);
+    }
+    println!("  failover: {:.2?} ms", failover_ms);
+
+    let report = Report {
+        quick,
+        tcp_gbps,
+        pause_rows,
+        throughput_ratio,
+        throughput_gbps: throughput_bps / 1e9,
+        max_cps,
+        max_cps_pages_max,
+        max_cps_pause_p50,
+        slowdown,
+        harvest,
+        cmp_fps,
+        failover_ms,
+        total_s: started.elapsed().as_secs_f64(),
+    };
+    print_table(&report);
+    let out_dir = crate::root().join("target").join("colo-bench");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let svg = out_dir.join("pause.svg");
+    std::fs::write(&svg, plot_svg(&report))
+        .with_context(|| format!("writing {}", svg.display()))?;
+    println!("plot: {}", svg.display());
+    let j = to_json(&report);
+    let last = out_dir.join("last.json");
+    let text = serde_json::to_string_pretty(&j)?;
+    std::fs::write(&last, &text).with_context(|| format!("writing {}", last.display()))?;
+    if let Some(p) = json_path {
+        std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
+        println!("json: {}", p.display());
+    }
+    Ok(())
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// `n` distinct workload-data pfns of a `pages`-page guest, scattered (a stride permutation
+/// from a random start).
+fn scattered_pfns(pages: u64, n: u64, seed: u64) -> Result<Vec<u64>> {
+    let span = pages.saturating_sub(DATA_PFN);
+    if n > span {
+        bail!("cannot dirty {n} distinct pages of a {pages}-page guest");
+    }
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let mut stride = 7919 + (seed % 4096) * 2;
+    while gcd(stride, span) != 1 {
+        stride += 1;
+    }
+    let start = splitmix(seed) % span;
+    Ok((0..n)
+        .map(|i| DATA_PFN + (start + i * stride) % span)
+        .collect())
+}
+
+/// Writes one word into each of `pfns` from a vCPU (as guest code, so dirty tracking sees it).
+fn dirty_pfns(dom: &MockDomain, pfns: Vec<u64>, value: u64) -> Result<()> {
+    if pfns.is_empty() {
+        return Ok(());
+    }
+    let res = dom
+        .exec_on_vcpu(move |mem| {
+            for p in pfns {
+                mem.write(p as usize * PAGE_SIZE + 8, &value.to_le_bytes())?;
+            }
+            Ok::<(), colo_mock::MockError>(())
+        })
+        .context("running the dirtying job on a vCPU")?;
+    res.context("writing guest RAM")
+}
+
+/// Raw loopback TCP: one thread writes `bytes` in 1 MiB writes, another reads them; both
+/// sockets with TCP_NODELAY and 4 MiB buffers. GB/s (10^9 bytes/s).
+fn raw_tcp_gbps(bytes: u64) -> Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
+    let addr = listener.local_addr()?;
+    let reader = std::thread::spawn(move || -> Result<u64> {
+        let (mut s, _) = listener.accept()?;
+        tune(&s)?;
+        let mut buf = vec![0u8; MIB as usize];
+        let mut got = 0u64;
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(got);
+            }
+            got += n as u64;
+        }
+    });
+    let mut s = TcpStream::connect(addr)?;
+    tune(&s)?;
+    let buf = vec![0x5au8; MIB as usize];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        let n = (bytes - sent).min(MIB) as usize;
+        s.write_all(&buf[..n])?;
+        sent += n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let got = reader
+        .join()
+        .map_err(|_| anyhow!("TCP reader thread panicked"))??;
+    let secs = t.elapsed().as_secs_f64();
+    if got != bytes {
+        bail!("raw TCP: sent {bytes} bytes, received {got}");
+    }
+    Ok(bytes as f64 / secs / 1e9)
+}
+
+fn tune(s: &TcpStream) -> Result<()> {
+    s.set_nodelay(true)?;
+    let r = socket2::SockRef::from(s);
+    r.set_send_buffer_size(4 * MIB as usize)?;
+    r.set_recv_buffer_size(4 * MIB as usize)?;
+    Ok(())
+}
+
+fn dirty_spec(ram: u64, rate: u64, seed: u64) -> MockSpec {
+    MockSpec {
+        ram,
+        ram_file: None,
+        workload: WorkloadKind::Dirty,
+        vm_seed: seed,
+        memory_divergence: false,
+        output_divergence: 0.0,
+        dirty_rate: rate,
+    }
+}
+
+/// Writes zeros over all of a paused guest's RAM so that its pages exist (a fresh memfd is
+/// sparse, and first-touch allocation would otherwise be charged to whatever runs first).
+fn prefault(dom: &mut MockDomain) -> Result<()> {
+    let pages = dom.page_count();
+    let zeros = vec![0u8; 1024 * PAGE_SIZE];
+    let mut pfns = Vec::with_capacity(1024);
+    let mut p = 0;
+    while p < pages {
+        pfns.clear();
+        pfns.extend(p..(p + 1024).min(pages));
+        dom.write_pages(&pfns, &zeros[..pfns.len() * PAGE_SIZE])?;
+        p += 1024;
+    }
+    Ok(())
+}
+
+/// Node options for the bench: only the bench's own requests trigger checkpoints. `silence`
+/// replaces the liveness timeout for the 1 GiB pair (see [`Pair::start`]).
+fn bench_opts(silence: Option<Duration>) -> NodeOptions {
+    let mut liveness = Liveness::default();
+    if let Some(s) = silence {
+        liveness.timeout = s;
+    }
+    NodeOptions {
+        liveness,
+        policy: CheckpointPolicy {
+            min_interval: Duration::ZERO,
+            max_interval: Duration::from_secs(3600),
+        },
+        compare: CompareConfig::default(),
+        ..NodeOptions::default()
+    }
+}
+
+/// A replicated pair in this process: the secondary in a thread, the primary driven here.
+struct Pair {
+    primary: Option<PrimaryNode<MockDomain>>,
+    status: Shared,
+    secondary: Option<JoinHandle<Result<Option<Instant>>>>,
+    sec_stop: Arc<AtomicBool>,
+    pages: u64,
+    value: u64,
+}
+
+impl Pair {
+    /// Builds two `ram`-byte dirty guests with their workload stopped, connects them and waits
+    /// for the initial synchronisation to commit.
+    ///
+    /// The driver blocks while it sends a pre-copy round and only then reads the peer's
+    /// heartbeats, so a round longer than the liveness timeout (1 GiB on this machine) reads as
+    /// a lost peer; pairs larger than 256 MiB therefore use a 60 s silence timeout. Failover is
+    /// measured on small pairs with the default liveness settings.
+    fn start(ram: u64, what: &str) -> Result<Self> {
+        let silence = (ram > 256 * MIB).then_some(Duration::from_secs(60));
+        let t = Instant::now();
+        let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
+        let addr = listener.local_addr()?.to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let secondary = std::thread::Builder::new()
+            .name("secondary".into())
+            .spawn(move || -> Result<Option<Instant>> {
+                let guest = build(&dirty_spec(ram, 0, 2))?;
+                let node =
+                    SecondaryNode::accept(guest, &listener, bench_opts(silence), new_status())?;
+                let _ = tx.send(node.stop_flag());
+                match node.run()? {
+                    SecondaryOutcome::Stopped => Ok(None),
+                    SecondaryOutcome::TookOver(mut p) => {
+                        // Serving: the new primary has completed one loop iteration.
+                        p.step(Duration::ZERO)?;
+                        Ok(Some(Instant::now()))
+                    }
+                }
+            })
+            .context("spawning the secondary")?;
+        let mut guest = build(&dirty_spec(ram, 0, 1))?;
+        prefault(&mut guest)?;
+        guest.resume()?;
+        let status = new_status();
+        let primary = PrimaryNode::connect(guest, &addr, bench_opts(silence), status.clone())?;
+        let sec_stop = rx
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| anyhow!("the secondary did not accept the connection"))?;
+        let mut pair = Pair {
+            pages: ram / PAGE_SIZE as u64,
+            primary: Some(primary),
+            status,
+            secondary: Some(secondary),
+            sec_stop,
+            value: 1,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let p = pair.node()?;
+            p.step(Duration::from_micros(200))?;
+            let synced = p.engine().state() == PrimaryState::Running;
+            if synced && pair.status.lock().last.is_some() {
+                break;
+            }
+            if pair.node()?.engine().state() == PrimaryState::Unprotected {
+                let why = pair.status.lock().failover_reason.clone();
+                bail!(
+                    "{what}: the pair broke during initial synchronisation: {}",
+                    why.unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("{what}: initial synchronisation took over 120 s");
+            }
+        }
+        println!(
+            "{what}: {} MiB pair synchronised in {:.2} s",
+            ram >> 20,
+            t.elapsed().as_secs_f64()
+        );
+        Ok(pair)
+    }
+
+    fn node(&mut self) -> Result<&mut PrimaryNode<MockDomain>> {
+        self.primary
+            .as_mut()
+            .ok_or_else(|| anyhow!("the primary is gone"))
+    }
+
+    /// Dirties exactly `n` distinct pages of the primary.
+    fn dirty(&mut self, n: u64, seed: u64) -> Result<()> {
+        let pfns = scattered_pfns(self.pages, n, seed)?;
+        self.value += 1;
+        let v = self.value;
+        dirty_pfns(self.node()?.guest(), pfns, v)
+    }
+
+    /// Requests one checkpoint and drives the primary until it commits.
+    fn checkpoint(&mut self) -> Result<CheckpointFigures> {
+        let status = self.status.clone();
+        let before = status.lock().checkpoints;
+        let node = self.node()?;
+        node.request_checkpoint();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            node.step(Duration::from_micros(100))?;
+            {
+                let st = status.lock();
+                if st.checkpoints > before {
+                    return st
+                        .last
+                        .ok_or_else(|| anyhow!("a checkpoint committed without figures"));
+                }
+            }
+            if node.engine().state() == PrimaryState::Unprotected {
+                let why = status.lock().failover_reason.clone();
+                bail!(
+                    "the secondary was lost during a checkpoint: {}",
+                    why.unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("a checkpoint took over 60 s");
+            }
+        }
+    }
+
+    /// Back-to-back checkpoints for `secs`, each after dirtying `n` pages. Returns (rate, the
+    /// largest |D| seen, pause p50).
+    fn max_rate(&mut self, secs: f64, n: u64) -> Result<(f64, u64, f64)> {
+        let t = Instant::now();
+        let mut count = 0u64;
+        let mut max_d = 0;
+        let mut pauses = Vec::new();
+        let mut seed = 42;
+        while t.elapsed().as_secs_f64() < secs {
+            seed = splitmix(seed);
+            self.dirty(n, seed)?;
+            let f = self.checkpoint()?;
+            max_d = max_d.max(f.pages_sent);
+            pauses.push(f.pause_ms);
+            count += 1;
+        }
+        Ok((
+            count as f64 / t.elapsed().as_secs_f64(),
+            max_d,
+            percentile(pauses, 50.0).unwrap_or(0.0),
+        ))
+    }
+
+    /// The primary's workload flat out for `secs` with a checkpoint every `period`: guest
+    /// steps/s and checkpoint figures.
+    fn replicated_steps(&mut self, secs: f64, period: Duration) -> Result<Slowdown> {
+        let node = self.node()?;
+        node.guest().set_dirty_rate(DirtyConfig::UNLIMITED);
+        let steps0 = node.guest().steps();
+        let t = Instant::now();
+        let mut pauses = Vec::new();
+        let mut pages = 0u64;
+        let mut last = Instant::now();
+        while t.elapsed().as_secs_f64() < secs {
+            while last.elapsed() < period {
+                self.node()?.step(Duration::from_micros(500))?;
+            }
+            last = Instant::now();
+            let f = self.checkpoint()?;
+            pauses.push(f.pause_ms);
+            pages += f.pages_sent;
+        }
+        let node = self.node()?;
+        let steps = node.guest().steps() - steps0;
+        let secs = t.elapsed().as_secs_f64();
+        node.guest().set_dirty_rate(0);
+        let n = pauses.len() as u64;
+        Ok(Slowdown {
+            alone_sps: 0.0,
+            replicated_sps: steps as f64 / secs,
+            checkpoints: n,
+            pages_per_cp: pages as f64 / n.max(1) as f64,
+            pause_p50: percentile(pauses, 50.0).unwrap_or(0.0),
+        })
+    }
+
+    /// Stops the secondary and drops both nodes.
+    fn stop(&mut self) {
+        self.sec_stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.secondary.take() {
+            let _ = h.join();
+        }
+        self.primary = None;
+    }
+
+    /// Kills the primary (its socket closes) and returns the time until the secondary, having
+    /// taken over, has served one loop iteration as the new primary.
+    fn kill_primary(&mut self) -> Result<f64> {
+        let p = self
+            .primary
+            .take()
+            .ok_or_else(|| anyhow!("the primary is gone"))?;
+        let t0 = Instant::now();
+        drop(p);
+        let h = self
+            .secondary
+            .take()
+            .ok_or_else(|| anyhow!("the secondary is gone"))?;
+        let served = h
+            .join()
+            .map_err(|_| anyhow!("the secondary thread panicked"))??
+            .ok_or_else(|| anyhow!("the secondary stopped instead of taking over"))?;
+        Ok(served.saturating_duration_since(t0).as_secs_f64() * 1e3)
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The dirty workload flat out with no tracking and no replication: steps/s.
+fn alone_steps(ram: u64, secs: f64) -> Result<f64> {
+    let mut dom = build(&dirty_spec(ram, 0, 1))?;
+    prefault(&mut dom)?;
+    dom.resume()?;
+    dom.set_dirty_rate(DirtyConfig::UNLIMITED);
+    let s0 = dom.steps();
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let steps = dom.steps() - s0;
+    let e = t.elapsed().as_secs_f64();
+    dom.pause()?;
+    Ok(steps as f64 / e)
+}
+
+fn harvest_sweep(quick: bool) -> Result<Vec<HarvestRow>> {
+    let sizes = [256 * MIB, GIB, 4 * GIB];
+    let all = [0.0, 0.001, 0.01, 0.1];
+    let reps = if quick { 3 } else { 10 };
+    let mut rows = Vec::new();
+    for &ram in &sizes {
+        let fractions: &[f64] = if quick && ram != GIB { &[0.01] } else { &all };
+        let pages = ram / PAGE_SIZE as u64;
+        let cfg = MockConfig::new(
+            pages,
+            Workload::Dirty(DirtyConfig {
+                pages_per_ms: 0,
+                vcpus: 1,
+            }),
+            3,
+        );
+        let mut dom = MockDomain::create(cfg).context("creating the harvest guest")?;
+        dom.start_dirty_log()?;
+        dom.resume()?;
+        let mut bm = DirtyBitmap::new(pages);
+        for &fraction in fractions {
+            let n = (pages as f64 * fraction) as u64;
+            let mut times = Vec::new();
+            for r in 0..reps {
+                dirty_pfns(&dom, scattered_pfns(pages, n, r as u64 + 11)?, r as u64 + 1)?;
+                dom.pause()?;
+                bm.clear_all();
+                let t = Instant::now();
+                dom.harvest_dirty(&mut bm)?;
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+                if bm.count() < n {
+                    bail!("harvest found {} dirty pages, {n} were written", bm.count());
+                }
+                dom.resume()?;
+            }
+            let row = HarvestRow {
+                ram,
+                fraction,
+                pages: n,
+                p50_ms: percentile(times, 50.0).unwrap_or(0.0),
+            };
+            println!(
+                "  harvest {:>5} MiB, {:>5.1} % dirty: {:.3} ms ({})",
+                ram >> 20,
+                fraction * 100.0,
+                row.p50_ms,
+                dom.tracker_kind()
+            );
+            rows.push(row);
+        }
+        dom.pause()?;
+    }
+    Ok(rows)
+}
+
+/// Matching UDP frames through the comparator (both sides, release): frame pairs per second.
+fn comparator_fps(n: usize) -> Result<f64> {
+    let mut frames = Vec::with_capacity(256);
+    for i in 0..256u32 {
+        let mut payload = vec![0u8; 100];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        let mut f = Vec::new();
+        colo_mock::frame::build_udp(
+            (
+                &colo_mock::frame::GUEST_MAC,
+                &colo_mock::frame::GUEST_IP,
+                7000,
+            ),
+            (&[2, 0, 0, 0, 0, 9], &[10, 0, 0, 9], 40000 + (i % 8) as u16),
+            &payload,
+            &mut f,
+        )?;
+        frames.push(f);
+    }
+    let mut c = Comparator::new(CompareConfig::default());
+    let mut out = Vec::new();
+    let mut released = 0usize;
+    let t = Instant::now();
+    let mut now = Instant::now();
+    for i in 0..n {
+        if i % 64 == 0 {
+            now = Instant::now();
+            released += out.len();
+            out.clear();
+            c.drain_released(&mut out);
+        }
+        let f = &frames[i % frames.len()];
+        c.push_primary(now, f.clone());
+        c.push_secondary(now, c.epoch(), f.clone());
+    }
+    released += out.len();
+    out.clear();
+    c.drain_released(&mut out);
+    released += out.len();
+    let secs = t.elapsed().as_secs_f64();
+    if released != n {
+        bail!("comparator released {released} of {n} matching frames");
+    }
+    if c.stats().mismatches != 0 {
+        bail!("comparator saw mismatches on identical frames");
+    }
+    Ok(n as f64 / secs)
+}
+
+fn failover_once(ram: u64) -> Result<f64> {
+    let mut pair = Pair::start(ram, "failover")?;
+    pair.checkpoint()?;
+    pair.kill_primary()
+}
+
+fn ms(v: f64) -> String {
+    format!("{v:.3}")
+}
+
+fn print_table(r: &Report) {
+    let line = "-".repeat(96);
+    println!("\n{line}");
+    println!(
+        "colo bench{} — mock backend, loopback TCP, 1 GiB dirty guests",
+        if r.quick { " --quick" } else { "" }
+    );
+    println!("{line}");
+    println!(
+        "raw loopback TCP throughput (baseline, this run)      {:>10.2} GB/s",
+        r.tcp_gbps
+    );
+    println!("\npause time against dirty pages per checkpoint (primary pause → resume)");
+    println!(
+        "{:>8} {:>5} {:>9} {:>10} {:>10} {:>10} {:>12} {:>11} {:>8}",
+        "dirty", "reps", "|D|", "MiB", "p50 ms", "p99 ms", "raw TCP ms", "target ms", "met"
+    );
+    for row in &r.pause_rows {
+        let (target, met) = match row.target_ms {
+            Some(t) => (ms(t), if row.p50 <= t { "yes" } else { "NO" }),
+            None => ("-".into(), "-"),
+        };
+        println!(
+            "{:>8} {:>5} {:>9.0} {:>10.2} {:>10} {:>10} {:>12} {:>11} {:>8}",
+            row.dirty,
+            row.reps,
+            row.pages_sent_mean,
+            row.bytes_mean / MIB as f64,
+            ms(row.p50),
+            ms(row.p99),
+            ms(row.tcp_ms),
+            target,
+            met
+        );
+    }
+    println!(
+        "(checkpoint NEW → SVM_READY p50 at 10k pages: {} ms)",
+        r.pause_rows
+            .iter()
+            .find(|p| p.dirty == 10_000)
+            .map_or("-".into(), |p| ms(p.total_p50))
+    );
+    println!(
+        "\ncheckpoint page throughput (≥10k pages, NEW → SVM_READY) {:>8.2} GB/s = {:.2} × raw TCP",
+        r.throughput_gbps, r.throughput_ratio
+    );
+    println!(
+        "max sustained checkpoint rate (50 dirty pages each)   {:>10.0} /s  (|D| ≤ {}, pause p50 {} ms; target ≥ 100: {})",
+        r.max_cps,
+        r.max_cps_pages_max,
+        ms(r.max_cps_pause_p50),
+        if r.max_cps >= 100.0 { "met" } else { "NOT met" }
+    );
+    let s = &r.slowdown;
+    println!(
+        "guest slowdown (dirty flat out, checkpoint every 50 ms) {:>8.3} × alone ({:.0} vs {:.0} steps/s; {} checkpoints, {:.0} pages each, pause p50 {} ms)",
+        s.replicated_sps / s.alone_sps.max(1.0),
+        s.replicated_sps,
+        s.alone_sps,
+        s.checkpoints,
+        s.pages_per_cp,
+        ms(s.pause_p50)
+    );
+    println!("\ndirty harvest time (paused guest, p50)");
+    println!(
+        "{:>10} {:>9} {:>10} {:>10}",
+        "RAM MiB", "dirty %", "pages", "ms"
+    );
+    for h in &r.harvest {
+        println!(
+            "{:>10} {:>9.1} {:>10} {:>10}",
+            h.ram >> 20,
+            h.fraction * 100.0,
+            h.pages,
+            ms(h.p50_ms)
+        );
+    }
+    println!(
+        "\ncomparator (matching UDP frame pairs)                 {:>10.2} M/s",
+        r.cmp_fps / 1e6
+    );
+    println!(
+        "failover (primary killed → secondary serving), p50    {:>10} ms  (runs {:?})",
+        ms(percentile(r.failover_ms.clone(), 50.0).unwrap_or(0.0)),
+        r.failover_ms
+            .iter()
+            .map(|v| format!("{v:.2}"))
+            .collect::<Vec<_>>()
+    );
+    println!("{line}");
+    println!("bench finished in {:.1} s", r.total_s);
+}
+
+fn harvest_1g_1pct(r: &Report) -> Option<f64> {
+    r.harvest
+        .iter()
+        .find(|h| h.ram == GIB && (h.fraction - 0.01).abs() < 1e-9)
+        .map(|h| h.p50_ms)
+}
+
+fn to_json(r: &Report) -> Value {
+    let row = |n: u64| r.pause_rows.iter().find(|p| p.dirty == n);
+    let idle = row(0);
+    let tenk = row(10_000);
+    json!({
+        "quick": r.quick,
+        "machine": {
+            "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "kernel": kernel(),
+        },
+        "tcp_gbps": r.tcp_gbps,
+        "throughput_ratio_vs_tcp": r.throughput_ratio,
+        "checkpoint_throughput_gbps": r.throughput_gbps,
+        "idle_pause_ms_p50": idle.map(|p| p.p50),
+        "idle_pause_ms_p99": idle.map(|p| p.p99),
+        "pause_ms_p50_10k": tenk.map(|p| p.p50),
+        "pause_ms_p99_10k": tenk.map(|p| p.p99),
+        "pause_target_ms_10k": tenk.and_then(|p| p.target_ms),
+        "max_checkpoints_per_s": r.max_cps,
+        "harvest_ms_1gib_1pct": harvest_1g_1pct(r),
+        "failover_ms_p50": percentile(r.failover_ms.clone(), 50.0),
+        "failover_ms_runs": r.failover_ms,
+        "guest_slowdown_ratio": r.slowdown.replicated_sps / r.slowdown.alone_sps.max(1.0),
+        "guest_steps_per_s_alone": r.slowdown.alone_sps,
+        "guest_steps_per_s_replicated": r.slowdown.replicated_sps,
+        "comparator_frames_per_s": r.cmp_fps,
+        "pause": r.pause_rows.iter().map(|p| json!({
+            "dirty_pages": p.dirty,
+            "reps": p.reps,
+            "pages_sent_mean": p.pages_sent_mean,
+            "bytes_mean": p.bytes_mean,
+            "pause_ms_p50": p.p50,
+            "pause_ms_p99": p.p99,
+            "checkpoint_ms_p50": p.total_p50,
+            "raw_tcp_ms": p.tcp_ms,
+            "target_ms": p.target_ms,
+        })).collect::<Vec<_>>(),
+        "harvest": r.harvest.iter().map(|h| json!({
+            "ram_mib": h.ram >> 20,
+            "dirty_fraction": h.fraction,
+            "pages": h.pages,
+            "ms_p50": h.p50_ms,
+        })).collect::<Vec<_>>(),
+        "targets": {
+            "pause_10k": tenk.and_then(|p| p.target_ms.map(|t| p.p50 <= t)),
+            "idle_pause_1ms": idle.map(|p| p.p50 <= 1.0),
+            "checkpoints_100_per_s": r.max_cps >= 100.0,
+        },
+        "total_s": r.total_s,
+    })
+}
+
+/// Pause p50 against dirty pages, with the raw-TCP time for the same bytes and the 10k target
+/// line (1.25 × raw TCP + 2 ms). Hand-written SVG.
+fn plot_svg(r: &Report) -> String {
+    let (w, h) = (720.0, 440.0);
+    let (l, rt, t, b) = (70.0, 20.0, 40.0, 60.0);
+    let xmax = r
+        .pause_rows
+        .iter()
+        .map(|p| p.pages_sent_mean)
+        .fold(1.0, f64::max);
+    let ymax = r
+        .pause_rows
+        .iter()
+        .flat_map(|p| [p.p50, p.tcp_ms * 1.25 + 2.0])
+        .fold(1.0, f64::max)
+        * 1.1;
+    let x = |v: f64| l + v / xmax * (w - l - rt);
+    let y = |v: f64| h - b - v / ymax * (h - t - b);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">colo checkpoint pause vs \
+         dirty pages (1 GiB guests, loopback; raw TCP {:.2} GB/s)</text>\n",
+        w / 2.0,
+        r.tcp_gbps
+    );
+    // Axes and grid.
+    for i in 0..=5 {
+        let v = xmax * i as f64 / 5.0;
+        s += &format!(
+            "<line x1=\"{0:.1}\" y1=\"{1}\" x2=\"{0:.1}\" y2=\"{2}\" stroke=\"#ddd\"/>\
+             <text x=\"{0:.1}\" y=\"{3}\" text-anchor=\"middle\">{4:.0}</text>\n",
+            x(v),
+            t,
+            h - b,
+            h - b + 16.0,
+            v
+        );
+        let u = ymax * i as f64 / 5.0;
+        s += &format!(
+            "<line x1=\"{1}\" y1=\"{0:.1}\" x2=\"{2}\" y2=\"{0:.1}\" stroke=\"#ddd\"/>\
+             <text x=\"{3}\" y=\"{4:.1}\" text-anchor=\"end\">{5:.1}</text>\n",
+            y(u),
+            l,
+            w - rt,
+            l - 6.0,
+            y(u) + 4.0,
+            u
+        );
+    }
+    s += &format!(
+        "<line x1=\"{l}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/>\
+         <line x1=\"{l}\" y1=\"{t}\" x2=\"{l}\" y2=\"{0}\" stroke=\"black\"/>\n\
+         <text x=\"{2}\" y=\"{3}\" text-anchor=\"middle\">pages sent per checkpoint (|D|)</text>\n\
+         <text x=\"16\" y=\"{4}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {4})\">ms</text>\n",
+        h - b,
+        w - rt,
+        (l + w - rt) / 2.0,
+        h - 18.0,
+        (t + h - b) / 2.0
+    );
+    let series = |pts: Vec<(f64, f64)>, color: &str, dash: &str| -> String {
+        let p: Vec<String> = pts
+            .iter()
+            .map(|(a, c)| format!("{:.1},{:.1}", x(*a), y(*c)))
+            .collect();
+        let mut out = format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" {dash} points=\"{}\"/>\n",
+            p.join(" ")
+        );
+        for (a, c) in &pts {
+            out += &format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>\n",
+                x(*a),
+                y(*c)
+            );
+        }
+        out
+    };
+    let rows = &r.pause_rows;
+    s += &series(
+        rows.iter().map(|p| (p.pages_sent_mean, p.tcp_ms)).collect(),
+        "#888",
+        "stroke-dasharray=\"6 4\"",
+    );
+    s += &series(
+        rows.iter()
+            .map(|p| (p.pages_sent_mean, 1.25 * p.tcp_ms + 2.0))
+            .collect(),
+        "#d62728",
+        "stroke-dasharray=\"2 3\"",
+    );
+    s += &series(
+        rows.iter().map(|p| (p.pages_sent_mean, p.p50)).collect(),
+        "#1f77b4",
+        "",
+    );
+    s += &series(
+        rows.iter().map(|p| (p.pages_sent_mean, p.p99)).collect(),
+        "#9ecae1",
+        "",
+    );
+    let legend = [
+        ("#1f77b4", "pause p50"),
+        ("#9ecae1", "pause p99"),
+        ("#888", "raw TCP time for the same bytes"),
+        ("#d62728", "target: 1.25 × raw TCP + 2 ms"),
+    ];
+    for (i, (c, label)) in legend.iter().enumerate() {
+        let ly = t + 14.0 + i as f64 * 18.0;
+        s += &format!(
+            "<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"{c}\" stroke-width=\"3\"/>\
+             <text x=\"{3}\" y=\"{4}\">{label}</text>\n",
+            l + 14.0,
+            ly,
+            l + 40.0,
+            l + 46.0,
+            ly + 4.0
+        );
+    }
+    s += "</svg>\n";
+    s
+}
