@@ -185,6 +185,17 @@ impl Link {
         self.start < self.end
     }
 
+    /// Shuts the sending direction down (the peer reads EOF after what was sent).
+    pub fn shutdown_write(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// Forgets bytes read but not decoded.
+    pub fn discard_buffered(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
     /// Shuts the connection down (both directions).
     pub fn shutdown(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);

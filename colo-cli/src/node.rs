@@ -42,8 +42,13 @@ pub trait GuestNic {
 pub trait Guest: Domain + GuestNic {}
 impl<T: Domain + GuestNic> Guest for T {}
 
+/// Called with (epoch, every page of guest memory, the state blob) at each checkpoint: on the
+/// primary at the capture (PVM paused), on the secondary right after applying (SVM paused).
+/// For tests that compare both memories byte for byte; costs a copy of all RAM per checkpoint.
+pub type SnapshotHook = Arc<dyn Fn(u64, Vec<u8>, Vec<u8>) + Send + Sync>;
+
 /// Settings common to both roles.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeOptions {
     /// Heartbeats and failure detection.
     pub liveness: Liveness,
@@ -64,6 +69,35 @@ pub struct NodeOptions {
     pub fence_cmd: Option<String>,
     /// How long to wait for the peer to appear.
     pub connect_timeout: Duration,
+    /// Memory snapshots at each checkpoint, for tests.
+    pub snapshot: Option<SnapshotHook>,
+}
+
+impl std::fmt::Debug for NodeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeOptions")
+            .field("liveness", &self.liveness)
+            .field("verify", &self.verify)
+            .field("has_key", &self.key.is_some())
+            .field("policy", &self.policy)
+            .field("sync_mode", &self.sync_mode)
+            .field("client_addr", &self.client_addr)
+            .finish()
+    }
+}
+
+fn snapshot(
+    dom: &mut dyn Domain,
+    hook: &Option<SnapshotHook>,
+    epoch: u64,
+    state: &[u8],
+) -> Result<(), BackendError> {
+    let Some(hook) = hook else { return Ok(()) };
+    let pfns: Vec<u64> = (0..dom.page_count()).collect();
+    let mut ram = Vec::new();
+    copy_pages(dom, &pfns, &mut ram)?;
+    hook(epoch, ram, state.to_vec());
+    Ok(())
 }
 
 impl Default for NodeOptions {
@@ -78,6 +112,7 @@ impl Default for NodeOptions {
             client_addr: None,
             fence_cmd: None,
             connect_timeout: Duration::from_secs(30),
+            snapshot: None,
         }
     }
 }
@@ -296,6 +331,13 @@ impl<G: Guest> PrimaryNode<G> {
             let mut bye = Vec::new();
             Message::Goodbye(0).encode(&mut bye);
             let _ = link.send(&bye);
+            // Half-close and read until the secondary closes too: closing with unread bytes
+            // would reset the connection and could destroy the GOODBYE in flight.
+            link.shutdown_write();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline && link.fill(Duration::from_millis(50)).is_ok() {
+                link.discard_buffered();
+            }
         }
         Ok(())
     }
@@ -408,6 +450,12 @@ impl<G: Guest> PrimaryNode<G> {
                 } else {
                     None
                 };
+                snapshot(
+                    &mut self.guest,
+                    &self.opts.snapshot,
+                    self.engine.epoch(),
+                    &self.state,
+                )?;
                 self.engine.captured(now(), digest)?;
             }
             PrimaryAction::Resume => {
@@ -826,17 +874,22 @@ impl<G: Guest> SecondaryNode<G> {
                     self.guest.harvest_dirty(self.engine.harvest_target())?;
                     self.engine.harvested(now())?;
                 }
-                SecondaryAction::Apply { .. } => {
+                SecondaryAction::Apply { epoch } => {
                     self.guest
                         .write_pages(self.engine.staged_pfns(), self.engine.staged_data())?;
                     self.guest.set_state(self.engine.staged_state())?;
                     // Frames the SVM emitted in the old epoch are superseded.
                     self.out_frames.clear();
                     self.guest.drain_tx(&mut |_| {});
-                    let digest = if self.engine.verifying() {
+                    let digest = if self.engine.verifying() || self.opts.snapshot.is_some() {
                         let mut st = Vec::new();
                         self.guest.get_state(&mut st)?;
-                        Some(digest_domain(&mut self.guest, &st)?)
+                        snapshot(&mut self.guest, &self.opts.snapshot, epoch, &st)?;
+                        if self.engine.verifying() {
+                            Some(digest_domain(&mut self.guest, &st)?)
+                        } else {
+                            None
+                        }
                     } else {
                         None
                     };
@@ -868,6 +921,13 @@ impl<G: Guest> SecondaryNode<G> {
                     st.failover_at = Some(std::time::SystemTime::now());
                     st.takeover_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
                     self.taken_over = true;
+                }
+                SecondaryAction::Close => {
+                    tracing::info!("the primary ended replication; stopping");
+                    if let Some(l) = self.link.take() {
+                        l.shutdown();
+                    }
+                    self.stop.store(true, Ordering::Relaxed);
                 }
                 SecondaryAction::GiveUp { reason } => {
                     return Err(anyhow!(

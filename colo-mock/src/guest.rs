@@ -41,6 +41,12 @@ pub const TX_RING: usize = RX_RING + RING_SLOTS as usize * SLOT_BYTES;
 /// First pfn of workload data.
 pub const DATA_PFN: u64 = ((TX_RING + RING_SLOTS as usize * SLOT_BYTES) / PAGE_SIZE) as u64;
 
+/// Pages after the kv table that model the guest allocator's bookkeeping: with memory
+/// divergence each PUT also touches one of them, picked by the per-VM entropy device, the way a
+/// real guest's allocator and caches touch different pages on two replicas. This is what makes
+/// the secondary dirty pages the primary did not (B − A ≠ ∅).
+pub const KV_HEAP_PAGES: u64 = 64;
+
 const SLOT: usize = 128;
 const SLOTS_PER_PAGE: usize = PAGE_SIZE / SLOT;
 const KEY_OFF: usize = 4;
@@ -80,7 +86,7 @@ impl Workload {
     pub fn min_pages(&self) -> u64 {
         match self {
             Workload::Idle => DATA_PFN,
-            Workload::Kv(k) => DATA_PFN + k.table_pages.max(1),
+            Workload::Kv(k) => DATA_PFN + k.table_pages.max(1) + KV_HEAP_PAGES,
             Workload::Dirty(_) => DATA_PFN + 1,
         }
     }
@@ -454,6 +460,12 @@ impl Table<'_> {
                     None => free[0],
                 };
                 self.write_entry(p, pick, key, value)?;
+                if let Some(d) = entropy.as_deref_mut() {
+                    let r = d.entropy();
+                    let heap = self.page_off(self.pages + r % KV_HEAP_PAGES);
+                    let off = ((r >> 32) % (PAGE_SIZE as u64 / 8)) as usize * 8;
+                    self.mem.write(heap + off, &r.to_le_bytes())?;
+                }
                 return Ok(KvStatus::Ok);
             }
             if page[0] == 0 {

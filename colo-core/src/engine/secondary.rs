@@ -82,6 +82,8 @@ pub enum SecondaryState {
     TakenOver,
     /// Nothing: the primary was lost before the SVM held any complete checkpoint.
     Failed,
+    /// Nothing: the primary ended replication in order (GOODBYE); this node stops.
+    Closed,
 }
 
 impl SecondaryState {
@@ -98,6 +100,7 @@ impl SecondaryState {
             SecondaryState::ReceivingCheckpoint { .. } => "ReceivingCheckpoint",
             SecondaryState::TakenOver => "TakenOver",
             SecondaryState::Failed => "Failed",
+            SecondaryState::Closed => "Closed",
         }
     }
 }
@@ -132,6 +135,8 @@ pub enum SecondaryAction {
         /// Why.
         reason: String,
     },
+    /// The primary ended replication in order: stop this node (no takeover).
+    Close,
     /// The primary is lost and the SVM holds no complete checkpoint: it cannot take over.
     GiveUp {
         /// Why.
@@ -414,7 +419,9 @@ impl Secondary {
                 Ok(None)
             }
             (_, Message::Heartbeat(_)) => Ok(None),
-            (SecondaryState::TakenOver | SecondaryState::Failed, _) => Ok(None),
+            (SecondaryState::TakenOver | SecondaryState::Failed | SecondaryState::Closed, _) => {
+                Ok(None)
+            }
             (_, Message::Input { seq, frame }) => Ok(Some(Delivery::Input { seq: *seq, frame })),
             (
                 SecondaryState::InitialSync | SecondaryState::ReceivingCheckpoint { .. },
@@ -445,7 +452,10 @@ impl Secondary {
                 Ok(None)
             }
             (_, Message::Goodbye(_)) => {
-                self.lose("the primary shut down (GOODBYE)".into());
+                self.drop_staged();
+                self.actions.clear();
+                self.state = SecondaryState::Closed;
+                self.actions.push_back(SecondaryAction::Close);
                 Ok(None)
             }
             (_, m) => Err(self.err(match m {
@@ -562,7 +572,7 @@ impl Secondary {
     pub fn handle_timeout(&mut self, now: Instant) {
         if matches!(
             self.state,
-            SecondaryState::TakenOver | SecondaryState::Failed
+            SecondaryState::TakenOver | SecondaryState::Failed | SecondaryState::Closed
         ) {
             return;
         }
@@ -581,7 +591,7 @@ impl Secondary {
     pub fn next_timeout(&self) -> Option<Instant> {
         (!matches!(
             self.state,
-            SecondaryState::TakenOver | SecondaryState::Failed
+            SecondaryState::TakenOver | SecondaryState::Failed | SecondaryState::Closed
         ))
         .then(|| self.heartbeat.next_deadline())
     }
@@ -600,7 +610,7 @@ impl Secondary {
     fn lose(&mut self, reason: String) {
         if matches!(
             self.state,
-            SecondaryState::TakenOver | SecondaryState::Failed
+            SecondaryState::TakenOver | SecondaryState::Failed | SecondaryState::Closed
         ) {
             return;
         }
