@@ -117,6 +117,10 @@ fn ci(args: &[String]) -> Result<()> {
         "cargo test (all crates, all features, doc tests)",
         &mut || cargo(&["test", "--workspace", "--all-features"]),
     )?;
+    step(
+        "fuzz smoke (every cargo-fuzz target, 20 s each)",
+        &mut || sys::run_fuzz(&root(), None, 20),
+    )?;
     println!("\n==> xtask ci: summary");
     for s in &steps {
         println!("  ok  {:<50} {:>7.1} s", s.name, s.secs);
