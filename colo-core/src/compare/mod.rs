@@ -10,8 +10,8 @@
 //! What "the same output" means (QEMU's colo-compare semantics, tightened):
 //! - **TCP**: per connection (the 5-tuple), on the payload as a byte stream, from each side's own
 //!   initial sequence number: different segmentation, a different ISN on the SVM and
-//!   retransmissions are not differences; SYN, FIN and RST must agree (see [`tcp`](self)'s
-//!   module docs for the exact rule, including acknowledgments).
+//!   retransmissions are not differences; SYN, FIN and RST must agree (see the `tcp` submodule's
+//!   docs for the exact rule, including acknowledgments).
 //! - **UDP and ICMP**: from the end of the IP header to the end of the IP payload (ports, length,
 //!   checksum, payload; not the Ethernet padding). The i-th PVM frame of a flow is paired with the
 //!   i-th SVM frame of the same flow. IP fragments likewise, per (addresses, protocol).
