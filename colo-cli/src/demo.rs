@@ -185,6 +185,8 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         format!("127.0.0.1:{repl}"),
         "--client".into(),
         c2a.clone(),
+        "--name".into(),
+        format!("demo-{}-secondary", std::process::id()),
     ];
     sargs.extend(common.iter().cloned());
     let mut pargs = vec![
@@ -195,6 +197,8 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         c1a.clone(),
         "--sync-mode".into(),
         a.sync_mode.to_string(),
+        "--name".into(),
+        format!("demo-{}-primary", std::process::id()),
     ];
     if let Some(m) = a.max_interval_ms {
         pargs.extend(["--max-interval-ms".into(), m.to_string()]);

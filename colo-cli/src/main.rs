@@ -48,6 +48,21 @@ enum Command {
     Secondary(SecondaryArgs),
     /// Start a primary, a secondary and a client on this machine and show them live.
     Demo(demo::DemoArgs),
+    /// Ask a running node for its role, state, peer, protection and recent checkpoints.
+    Status {
+        /// The node's name (its control socket is <runtime dir>/<name>.sock).
+        #[arg(long, default_value = "primary")]
+        name: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Force a failover on a running node: a secondary takes over, a primary drops protection.
+    Failover {
+        /// The node's name.
+        #[arg(long)]
+        name: String,
+    },
     /// Inspect Xen libxc migration streams.
     Stream {
         #[command(subcommand)]
@@ -115,6 +130,13 @@ pub struct NodeArgs {
     /// How long to wait for the peer, s.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
+    /// Node name for the control socket (`colo status --name`, `colo failover --name`);
+    /// default: the role.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100).
+    #[arg(long)]
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -207,6 +229,20 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Primary(a) => run_primary(a),
         Command::Secondary(a) => run_secondary(a),
         Command::Demo(a) => demo::run(a),
+        Command::Status { name, json } => {
+            let v = colo_cli::control::request(&colo_cli::control::socket_path(&name), "status")?;
+            if json {
+                println!("{v}");
+            } else {
+                print!("{}", colo_cli::control::format_status(&v));
+            }
+            Ok(0)
+        }
+        Command::Failover { name } => {
+            colo_cli::control::request(&colo_cli::control::socket_path(&name), "failover")?;
+            println!("failover requested on {name}");
+            Ok(0)
+        }
         Command::Stream {
             command: StreamCommand::Dump { file, json },
         } => stream_dump(&file, json),
@@ -290,6 +326,25 @@ fn status_writer(path: Option<PathBuf>, status: Shared) {
         });
 }
 
+/// Starts the control socket and the metrics endpoint of a node.
+fn control(
+    a: &NodeArgs,
+    role: &str,
+    status: &Shared,
+) -> Result<(
+    colo_cli::control::ControlServer,
+    crossbeam_channel::Receiver<colo_cli::control::ControlCommand>,
+)> {
+    let name = a.name.clone().unwrap_or_else(|| role.to_string());
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let server =
+        colo_cli::control::serve(&colo_cli::control::socket_path(&name), status.clone(), tx)?;
+    if let Some(addr) = &a.metrics {
+        colo_cli::metrics::serve(addr, status.clone())?;
+    }
+    Ok((server, rx))
+}
+
 fn install_ctrlc(flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
     let _ = ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed));
 }
@@ -312,7 +367,9 @@ fn run_primary(a: PrimaryArgs) -> Result<i32> {
     colo_core::Domain::resume(&mut guest)?;
     let status = new_status();
     status_writer(a.node.status_file.clone(), status.clone());
+    let (_control, commands) = control(&a.node, "primary", &status)?;
     let mut node = PrimaryNode::connect(guest, &a.peer, opts, status)?;
+    node.set_commands(commands);
     install_ctrlc(node.stop_flag());
     node.run()?;
     Ok(0)
@@ -329,7 +386,9 @@ fn run_secondary(a: SecondaryArgs) -> Result<i32> {
         TcpListener::bind(&a.listen).with_context(|| format!("listening on `{}`", a.listen))?;
     let status = new_status();
     status_writer(a.node.status_file.clone(), status.clone());
-    let node = SecondaryNode::accept(guest, &listener, opts, status)?;
+    let (_control, commands) = control(&a.node, "secondary", &status)?;
+    let mut node = SecondaryNode::accept(guest, &listener, opts, status)?;
+    node.set_commands(commands);
     let stop = node.stop_flag();
     install_ctrlc(stop.clone());
     match node.run()? {

@@ -23,6 +23,7 @@ use colo_core::{BackendError, Domain, PAGE_SIZE};
 use parking_lot::Mutex;
 
 use crate::clients::ClientHub;
+use crate::control::ControlCommand;
 use crate::link::Link;
 use crate::status::{NodeStatus, Shared};
 
@@ -193,6 +194,7 @@ pub struct PrimaryNode<G: Guest> {
     manual: bool,
     status: Shared,
     stop: Arc<AtomicBool>,
+    commands: Option<crossbeam_channel::Receiver<ControlCommand>>,
 }
 
 impl<G: Guest> std::fmt::Debug for PrimaryNode<G> {
@@ -265,7 +267,24 @@ impl<G: Guest> PrimaryNode<G> {
             manual: false,
             status,
             stop: Arc::new(AtomicBool::new(false)),
+            commands: None,
         })
+    }
+
+    /// Takes operator commands (from the control socket).
+    pub fn set_commands(&mut self, rx: crossbeam_channel::Receiver<ControlCommand>) {
+        self.commands = Some(rx);
+    }
+
+    fn poll_commands(&mut self) {
+        let Some(rx) = &self.commands else { return };
+        while let Ok(c) = rx.try_recv() {
+            match c {
+                ControlCommand::Failover => self.engine.failover(Instant::now()),
+                ControlCommand::Checkpoint => self.manual = true,
+                ControlCommand::Status => {}
+            }
+        }
     }
 
     /// A flag that ends [`PrimaryNode::run`] when set.
@@ -310,6 +329,7 @@ impl<G: Guest> PrimaryNode<G> {
 
     /// Runs one iteration: link input, actions, clients, guest output, policy, timers.
     pub fn step(&mut self, wait: Duration) -> Result<()> {
+        self.poll_commands();
         self.poll_link(wait)?;
         self.run_actions()?;
         self.pump_clients()?;
@@ -666,6 +686,7 @@ pub struct SecondaryNode<G: Guest> {
     stop: Arc<AtomicBool>,
     taken_over: bool,
     out_frames: Vec<Vec<u8>>,
+    commands: Option<crossbeam_channel::Receiver<ControlCommand>>,
 }
 
 impl<G: Guest> std::fmt::Debug for SecondaryNode<G> {
@@ -725,6 +746,7 @@ impl<G: Guest> SecondaryNode<G> {
             stop: Arc::new(AtomicBool::new(false)),
             taken_over: false,
             out_frames: Vec::new(),
+            commands: None,
         })
     }
 
@@ -748,6 +770,12 @@ impl<G: Guest> SecondaryNode<G> {
         self.engine.failover();
     }
 
+    /// Takes operator commands (from the control socket); they carry over to the node this one
+    /// becomes after a takeover.
+    pub fn set_commands(&mut self, rx: crossbeam_channel::Receiver<ControlCommand>) {
+        self.commands = Some(rx);
+    }
+
     fn flush(&mut self) {
         let Some(link) = self.link.as_mut() else {
             self.engine.outbox_mut().clear();
@@ -767,6 +795,13 @@ impl<G: Guest> SecondaryNode<G> {
 
     /// Runs one iteration. Returns false once the node took over or gave up.
     pub fn step(&mut self, wait: Duration) -> Result<bool> {
+        if let Some(rx) = &self.commands {
+            while let Ok(c) = rx.try_recv() {
+                if c == ControlCommand::Failover {
+                    self.engine.failover();
+                }
+            }
+        }
         self.poll_link(wait)?;
         self.run_actions()?;
         if self.taken_over {
@@ -796,6 +831,7 @@ impl<G: Guest> SecondaryNode<G> {
         // may not have seen their PVM twins. Duplicates are harmless (requests carry ids).
         let pending = std::mem::take(&mut self.out_frames);
         let mut node = PrimaryNode::with_link(self.guest, None, self.opts, self.status)?;
+        node.commands = self.commands.take();
         node.next_seq = node.guest.rx_next_seq();
         node.queued.extend(
             self.inputs
