@@ -108,11 +108,8 @@ pub trait Domain {
     /// index into `pfns` and `page` is the page's 4096 bytes, or `None` if the hypervisor cannot
     /// map it (Xen's XTAB). The slices are borrowed from guest memory where the backend can; they
     /// are only stable while the domain is paused.
-    fn read_pages(
-        &mut self,
-        pfns: &[u64],
-        visit: &mut PageVisitor<'_>,
-    ) -> Result<(), BackendError>;
+    fn read_pages(&mut self, pfns: &[u64], visit: &mut PageVisitor<'_>)
+        -> Result<(), BackendError>;
 
     /// Writes `data` (exactly `pfns.len()` × 4096 bytes, the pages in `pfns` order) into guest
     /// memory. Only called while the domain is paused.
