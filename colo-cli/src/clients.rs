@@ -94,6 +94,11 @@ impl ClientHub {
         self.addr
     }
 
+    /// The channel requests arrive on (to wait on it together with other inputs).
+    pub fn receiver(&self) -> &Receiver<(u64, Vec<u8>)> {
+        &self.rx
+    }
+
     /// The next request from any client, without waiting.
     pub fn try_recv(&mut self) -> Option<Vec<u8>> {
         let (conn, frame) = self.rx.try_recv().ok()?;

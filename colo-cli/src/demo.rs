@@ -99,8 +99,12 @@ impl Proc {
     /// Asks the node to stop (SIGTERM-like via Ctrl-C handler: SIGINT), then kills it.
     fn stop(&mut self) {
         let Some(c) = self.child.as_mut() else { return };
+        if !matches!(c.try_wait(), Ok(None)) {
+            return;
+        }
         let _ = Command::new("kill")
             .args(["-INT", &c.id().to_string()])
+            .stderr(Stdio::null())
             .status();
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {

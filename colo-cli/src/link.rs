@@ -2,6 +2,8 @@
 //! with a deadline into a reusable buffer and decoded incrementally with colo-core's decoder.
 
 use std::io::{self, Read, Write};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Select, Sender, TryRecvError};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
@@ -14,14 +16,24 @@ const SOCKET_BUFFER: usize = 4 << 20;
 /// Read buffer: large enough that a page usually arrives whole and is borrowed, not copied.
 const READ_BUFFER: usize = 1 << 20;
 
+/// A chunk read from the socket: the buffer and how many bytes of it are valid.
+type Chunk = io::Result<(Vec<u8>, usize)>;
+
 /// One end of the replication link.
+///
+/// A reader thread owns the receiving half: it reads into pooled buffers and hands them over a
+/// channel, so the node's loop can wait for the link and its other inputs at once, with precise
+/// timeouts (SO_RCVTIMEO is rounded to the kernel's tick). Buffers move, they are not copied; the
+/// decoder borrows pages straight from them.
 #[derive(Debug)]
 pub struct Link {
     stream: TcpStream,
     decoder: Decoder,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
+    rx: Receiver<Chunk>,
+    pool: Sender<Vec<u8>>,
+    cur: Option<(Vec<u8>, usize)>,
+    pos: usize,
+    failed: Option<io::Error>,
     peer: SocketAddr,
     /// Bytes written so far.
     pub bytes_out: u64,
@@ -38,16 +50,50 @@ fn configure(stream: &TcpStream) -> Result<()> {
     Ok(())
 }
 
+fn reader(mut s: TcpStream, tx: Sender<Chunk>, pool: Receiver<Vec<u8>>) {
+    loop {
+        let mut buf = pool.try_recv().unwrap_or_else(|_| vec![0; READ_BUFFER]);
+        match s.read(&mut buf) {
+            Ok(0) => {
+                let _ = tx.send(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the link",
+                )));
+                return;
+            }
+            Ok(n) => {
+                if tx.send(Ok((buf, n))).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        }
+    }
+}
+
 impl Link {
     fn new(stream: TcpStream, cfg: DecoderConfig) -> Result<Self> {
         configure(&stream)?;
         let peer = stream.peer_addr().context("peer address of the link")?;
+        let read_half = stream.try_clone().context("cloning the link socket")?;
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        let (pool_tx, pool_rx) = crossbeam_channel::bounded(16);
+        std::thread::Builder::new()
+            .name("colo-link-rx".into())
+            .spawn(move || reader(read_half, tx, pool_rx))
+            .context("spawning the link reader")?;
         Ok(Self {
             stream,
             decoder: Decoder::new(cfg),
-            buf: vec![0; READ_BUFFER],
-            start: 0,
-            end: 0,
+            rx,
+            pool: pool_tx,
+            cur: None,
+            pos: 0,
+            failed: None,
             peer,
             bytes_out: 0,
             bytes_in: 0,
@@ -133,67 +179,113 @@ impl Link {
         &mut self.stream
     }
 
-    /// Waits up to `timeout` for bytes and reads what is there. `Ok(false)`: nothing arrived.
-    /// EOF is an error ("the peer closed the link").
-    pub fn fill(&mut self, timeout: Duration) -> io::Result<bool> {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        } else if self.end == self.buf.len() {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
+    fn take(&mut self, chunk: Chunk) -> io::Result<()> {
+        let (buf, n) = chunk?;
+        self.bytes_in += n as u64;
+        if let Some((old, _)) = self.cur.replace((buf, n)) {
+            let _ = self.pool.try_send(old);
         }
-        self.stream
-            .set_read_timeout(Some(timeout.max(Duration::from_micros(100))))?;
-        match self.stream.read(&mut self.buf[self.end..]) {
-            Ok(0) => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the peer closed the link",
-            )),
-            Ok(n) => {
-                self.end += n;
-                self.bytes_in += n as u64;
+        self.pos = 0;
+        Ok(())
+    }
+
+    fn closed() -> io::Error {
+        io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the link")
+    }
+
+    /// Waits up to `timeout` until bytes from the peer are buffered, or until `also` has a
+    /// message (then returns without taking it). `Ok(false)`: nothing from the peer yet. A
+    /// closed or broken link is an error.
+    pub fn fill<T>(&mut self, timeout: Duration, also: Option<&Receiver<T>>) -> io::Result<bool> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        if self.has_buffered() {
+            return Ok(true);
+        }
+        let ready = match also {
+            None => match self.rx.recv_timeout(timeout) {
+                Ok(chunk) => {
+                    self.take(chunk)?;
+                    return Ok(true);
+                }
+                Err(RecvTimeoutError::Timeout) => return Ok(false),
+                Err(RecvTimeoutError::Disconnected) => return Err(Self::closed()),
+            },
+            Some(other) => {
+                let mut sel = Select::new();
+                let mine = sel.recv(&self.rx);
+                sel.recv(other);
+                sel.ready_timeout(timeout).ok() == Some(mine)
+            }
+        };
+        if !ready {
+            return Ok(false);
+        }
+        match self.rx.try_recv() {
+            Ok(chunk) => {
+                self.take(chunk)?;
                 Ok(true)
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                Ok(false)
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
-            Err(e) => Err(e),
+            Err(TryRecvError::Empty) => Ok(false),
+            Err(TryRecvError::Disconnected) => Err(Self::closed()),
         }
     }
 
-    /// Decodes the next event from the bytes read so far; `Ok(None)` when more bytes are needed.
+    /// Decodes the next event from the bytes received so far; `Ok(None)` when more bytes are
+    /// needed. A broken link shows up in the next [`Link::fill`].
     pub fn next_event(&mut self) -> Result<Option<Event<'_>>, StreamError> {
+        while self.cur.as_ref().is_some_and(|(_, n)| self.pos >= *n) {
+            // The current chunk is used up: recycle it and move to the next one, if any.
+            match self.rx.try_recv() {
+                Ok(Ok((buf, n))) => {
+                    self.bytes_in += n as u64;
+                    if let Some((old, _)) = self.cur.replace((buf, n)) {
+                        let _ = self.pool.try_send(old);
+                    }
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => {
+                    // The next fill() reports it.
+                    if let Some((old, _)) = self.cur.take() {
+                        let _ = self.pool.try_send(old);
+                    }
+                    self.failed = Some(e);
+                }
+                Err(_) => {
+                    if let Some((old, _)) = self.cur.take() {
+                        let _ = self.pool.try_send(old);
+                    }
+                }
+            }
+        }
+        let input: &[u8] = match &self.cur {
+            Some((buf, n)) => &buf[self.pos..*n],
+            None => &[],
+        };
         // The decoder either yields an event or consumes everything it was given; some events
-        // consume no bytes, so it is called even on an empty slice.
-        let (n, ev) = self.decoder.feed(&self.buf[self.start..self.end])?;
-        // The event borrows the buffer; `start` moves past it, and the buffer is only compacted
-        // in `fill`, after the caller is done with the event.
-        self.start += n;
+        // consume no bytes, so it is also called on an empty slice.
+        let (used, ev) = self.decoder.feed(input)?;
+        self.pos += used;
         Ok(ev)
     }
 
-    /// True if undecoded bytes remain in the buffer.
+    /// True if received bytes wait to be decoded.
     pub fn has_buffered(&self) -> bool {
-        self.start < self.end
+        self.cur.as_ref().is_some_and(|(_, n)| self.pos < *n)
+    }
+
+    /// Forgets bytes received but not decoded.
+    pub fn discard_buffered(&mut self) {
+        if let Some((old, _)) = self.cur.take() {
+            let _ = self.pool.try_send(old);
+        }
+        self.pos = 0;
     }
 
     /// Shuts the sending direction down (the peer reads EOF after what was sent).
     pub fn shutdown_write(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
-    }
-
-    /// Forgets bytes read but not decoded.
-    pub fn discard_buffered(&mut self) {
-        self.start = 0;
-        self.end = 0;
     }
 
     /// Shuts the connection down (both directions).

@@ -355,7 +355,9 @@ impl<G: Guest> PrimaryNode<G> {
             // would reset the connection and could destroy the GOODBYE in flight.
             link.shutdown_write();
             let deadline = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < deadline && link.fill(Duration::from_millis(50)).is_ok() {
+            while Instant::now() < deadline
+                && link.fill::<()>(Duration::from_millis(50), None).is_ok()
+            {
                 link.discard_buffered();
             }
         }
@@ -367,14 +369,21 @@ impl<G: Guest> PrimaryNode<G> {
             if self.link.take().is_some() {
                 tracing::warn!("replication link closed; running unprotected");
             }
-            std::thread::sleep(wait.min(POLL));
-            return Ok(());
         }
         let Some(link) = self.link.as_mut() else {
-            std::thread::sleep(wait);
+            // No link: wait for a client request (or the poll interval for guest output).
+            match &self.clients {
+                Some(c) => {
+                    let mut sel = crossbeam_channel::Select::new();
+                    sel.recv(c.receiver());
+                    let _ = sel.ready_timeout(wait);
+                }
+                None => std::thread::sleep(wait),
+            }
             return Ok(());
         };
-        match link.fill(wait) {
+        let also = self.clients.as_ref().map(|c| c.receiver());
+        match link.fill(wait, also) {
             Ok(_) => {}
             Err(e) => {
                 self.lost(format!("link to the secondary broke: {e}"));
@@ -852,7 +861,7 @@ impl<G: Guest> SecondaryNode<G> {
             std::thread::sleep(wait);
             return Ok(());
         };
-        if let Err(e) = link.fill(wait) {
+        if let Err(e) = link.fill::<()>(wait, None) {
             self.engine
                 .peer_lost(format!("link to the primary broke: {e}"));
             return Ok(());
