@@ -365,10 +365,8 @@ impl<G: Guest> PrimaryNode<G> {
     }
 
     fn poll_link(&mut self, wait: Duration) -> Result<()> {
-        if self.engine.state() == PrimaryState::Unprotected {
-            if self.link.take().is_some() {
-                tracing::warn!("replication link closed; running unprotected");
-            }
+        if self.engine.state() == PrimaryState::Unprotected && self.link.take().is_some() {
+            tracing::warn!("replication link closed; running unprotected");
         }
         let Some(link) = self.link.as_mut() else {
             // No link: wait for a client request (or the poll interval for guest output).
