@@ -403,3 +403,101 @@ fn torn_checkpoint_is_dropped_and_the_secondary_takes_over_from_its_own_state() 
     );
     assert_eq!(pair.s.staged_pages(), 0);
 }
+
+/// Builds a pair, syncs it, and runs one checkpoint up to the point where the primary has sent
+/// the whole checkpoint; returns the pair (nothing delivered to the secondary yet), the bytes of
+/// the checkpoint, and the SVM's memory before it.
+fn pair_with_checkpoint_in_flight() -> (Pair, Vec<u8>, Vec<u8>) {
+    let mut pair = Pair::new(24, SyncMode::Backchannel);
+    pair.pg.run(40);
+    pair.sync();
+    pair.pg.run(15);
+    pair.sg.run(15);
+    pair.p.start_checkpoint(pair.now, Trigger::Manual).unwrap();
+    pair.primary_actions();
+    // NEW to S; S pauses, harvests and answers with B; P captures and sends the checkpoint.
+    let new = std::mem::take(&mut pair.to_s);
+    let mut chunk = &new[..];
+    while !chunk.is_empty() {
+        let (n, ev) = pair.dec_s.feed(chunk).unwrap();
+        if let Some(ev) = ev {
+            pair.s.on_event(pair.now, &ev).unwrap();
+        }
+        chunk = &chunk[n..];
+    }
+    pair.secondary_actions();
+    let back = std::mem::take(&mut pair.to_p);
+    let mut chunk = &back[..];
+    while !chunk.is_empty() {
+        let (n, ev) = pair.dec_p.feed(chunk).unwrap();
+        if let Some(Event::Record(rec)) = ev {
+            pair.p.on_record(pair.now, &rec).unwrap();
+        }
+        chunk = &chunk[n..];
+    }
+    pair.primary_actions();
+    let ckpt = std::mem::take(&mut pair.to_s);
+    let before = pair.sg.mem.clone();
+    (pair, ckpt, before)
+}
+
+/// Offsets at which each record of `bytes` (a records-only stream) starts.
+fn record_boundaries(bytes: &[u8]) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos + 8 <= bytes.len() {
+        out.push(pos);
+        let len = u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().unwrap()) as usize;
+        pos += 8 + len.div_ceil(8) * 8;
+    }
+    out.push(bytes.len());
+    out
+}
+
+#[test]
+fn a_checkpoint_cut_anywhere_leaves_the_svm_old_or_entirely_new() {
+    let (_, ckpt, _) = pair_with_checkpoint_in_flight();
+    let mut cuts = record_boundaries(&ckpt);
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    for _ in 0..150 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        cuts.push((x % ckpt.len() as u64) as usize);
+    }
+    let (mut old, mut new) = (0, 0);
+    for cut in cuts {
+        let (mut pair, bytes, before) = pair_with_checkpoint_in_flight();
+        assert_eq!(bytes, ckpt, "the simulation must be deterministic");
+        let mut chunk = &bytes[..cut];
+        while !chunk.is_empty() {
+            let (n, ev) = pair.dec_s.feed(chunk).unwrap();
+            if let Some(ev) = ev {
+                if let Some(Delivery::WritePage { .. }) = pair.s.on_event(pair.now, &ev).unwrap() {
+                    panic!("a checkpoint's page must be staged, not written");
+                }
+            }
+            chunk = &chunk[n..];
+            pair.secondary_actions();
+        }
+        pair.s.peer_lost(format!("cut at byte {cut}"));
+        while let Some(a) = pair.s.poll_action() {
+            match a {
+                SecondaryAction::Apply { .. } => unreachable!("apply is queued before the cut"),
+                SecondaryAction::Resume | SecondaryAction::TakeOver { .. } => {}
+                other => panic!("unexpected action after the cut: {other:?}"),
+            }
+        }
+        if pair.sg.mem == before {
+            old += 1;
+        } else {
+            assert_eq!(
+                pair.sg.mem, pair.snapshot,
+                "cut at {cut}: SVM memory is torn"
+            );
+            new += 1;
+        }
+    }
+    // Only a cut after the final CHECKPOINT record yields the new memory.
+    assert!(old > 100 && new >= 1, "old {old}, new {new}");
+}
