@@ -32,6 +32,8 @@ use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
+/// The paced guest-slowdown run's dirty rate (pages/ms): the `dirty` workload's default.
+const PACED_RATE: u64 = 100;
 
 /// Entry point of `cargo xtask bench`.
 pub fn run(args: &[String]) -> Result<()> {
@@ -100,17 +102,28 @@ fn optimized() -> bool {
 struct Report {
     quick: bool,
     tcp_gbps: f64,
-    pause_rows: Vec<PauseRow>,
+    /// Guest RAM fully populated (as a real guest's is): the headline figures.
+    populated: Sweep,
+    /// Guest RAM sparse (only written pages exist): shows the cost of the mock's hole probe.
+    sparse: Sweep,
+    /// The dirty workload flat out.
+    slowdown: Slowdown,
+    /// The dirty workload at [`PACED_RATE`].
+    paced: Slowdown,
+    harvest: Vec<HarvestRow>,
+    cmp_fps: f64,
+    failover_ms: Vec<f64>,
+    total_s: f64,
+}
+
+/// Pause sweep, checkpoint throughput and maximum rate on one pair.
+struct Sweep {
+    rows: Vec<PauseRow>,
     throughput_ratio: f64,
     throughput_gbps: f64,
     max_cps: f64,
     max_cps_pages_max: u64,
     max_cps_pause_p50: f64,
-    slowdown: Slowdown,
-    harvest: Vec<HarvestRow>,
-    cmp_fps: f64,
-    failover_ms: Vec<f64>,
-    total_s: f64,
 }
 
 struct PauseRow {
@@ -121,6 +134,8 @@ struct PauseRow {
     p50: f64,
     p99: f64,
     total_p50: f64,
+    /// p50 of each phase: harvest, capture, back channel, send, commit (ms).
+    phases: [f64; 5],
     tcp_ms: f64,
     target_ms: Option<f64>,
 }
@@ -162,8 +177,88 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
     println!("raw loopback TCP: {tcp_gbps:.2} GB/s (median of 3 × {tcp_mib} MiB; runs {tcp:.2?})");
     let tcp_bps = tcp_gbps * 1e9;
 
-    // 2. Pause time against dirty pages on a 1 GiB pair.
-    let mut pair = Pair::start(GIB, "pause sweep")?;
+    // 2–3. Pause time against dirty pages, checkpoint throughput and the highest sustained
+    // checkpoint rate, on a 1 GiB pair with populated RAM, then with sparse RAM.
+    let mut pair = Pair::start(GIB, "populated RAM", true)?;
+    let populated = sweep_pair(&mut pair, quick, tcp_bps)?;
+    // 4. Guest slowdown: the dirty workload flat out, alone vs tracked and replicated.
+    let slow_secs = if quick { 2.0 } else { 8.0 };
+    let period = Duration::from_millis(50);
+    let replicated = pair.replicated_steps(slow_secs, period, DirtyConfig::UNLIMITED)?;
+    let paced_rep = pair.replicated_steps(slow_secs, period, PACED_RATE)?;
+    pair.stop();
+    let mut sparse_pair = Pair::start(GIB, "sparse RAM", false)?;
+    let sparse = sweep_pair(&mut sparse_pair, quick, tcp_bps)?;
+    sparse_pair.stop();
+    let slowdown = Slowdown {
+        alone_sps: alone_steps(GIB, slow_secs, DirtyConfig::UNLIMITED)?,
+        ..replicated
+    };
+    let paced = Slowdown {
+        alone_sps: alone_steps(GIB, slow_secs, PACED_RATE)?,
+        ..paced_rep
+    };
+    println!(
+        "  guest steps/s at {PACED_RATE} pages/ms: {:.0} alone, {:.0} replicated (ratio {:.3})",
+        paced.alone_sps,
+        paced.replicated_sps,
+        paced.replicated_sps / paced.alone_sps.max(1.0)
+    );
+    println!(
+        "  guest steps/s: {:.0} alone, {:.0} replicated (ratio {:.3})",
+        slowdown.alone_sps,
+        slowdown.replicated_sps,
+        slowdown.replicated_sps / slowdown.alone_sps.max(1.0)
+    );
+
+    // 5. Dirty harvest time against RAM size and dirty fraction.
+    let harvest = harvest_sweep(quick)?;
+
+    // 6. Comparator throughput.
+    let cmp_fps = comparator_fps(if quick { 200_000 } else { 2_000_000 })?;
+    println!("  comparator: {:.2} M frame pairs/s", cmp_fps / 1e6);
+
+    // 7. Failover.
+    let mut failover_ms = Vec::new();
+    for i in 0..if quick { 5 } else { 10 } {
+        let ms = failover_once(64 * MIB).with_context(|| format!("failover run {i}"))?;
+        failover_ms.push(ms);
+    }
+    println!("  failover: {:.2?} ms", failover_ms);
+
+    let report = Report {
+        quick,
+        tcp_gbps,
+        populated,
+        sparse,
+        slowdown,
+        paced,
+        harvest,
+        cmp_fps,
+        failover_ms,
+        total_s: started.elapsed().as_secs_f64(),
+    };
+    print_table(&report);
+    let out_dir = crate::root().join("target").join("colo-bench");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let svg = out_dir.join("pause.svg");
+    std::fs::write(&svg, plot_svg(&report))
+        .with_context(|| format!("writing {}", svg.display()))?;
+    println!("plot: {}", svg.display());
+    let j = to_json(&report);
+    let last = out_dir.join("last.json");
+    let text = serde_json::to_string_pretty(&j)?;
+    std::fs::write(&last, &text).with_context(|| format!("writing {}", last.display()))?;
+    if let Some(p) = json_path {
+        std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
+        println!("json: {}", p.display());
+    }
+    Ok(())
+}
+
+/// Pause time against dirty pages (exactly N pages written before each checkpoint), checkpoint
+/// throughput, and the highest sustained rate with 50 dirty pages per checkpoint, on `pair`.
+fn sweep_pair(pair: &mut Pair, quick: bool, tcp_bps: f64) -> Result<Sweep> {
     let sweep: &[(u64, usize)] = if quick {
         &[(0, 30), (100, 30), (1_000, 20), (10_000, 12), (50_000, 4)]
     } else {
@@ -203,6 +298,18 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
             p50: percentile(pauses.clone(), 50.0).unwrap_or(0.0),
             p99: percentile(pauses, 99.0).unwrap_or(0.0),
             total_p50: percentile(totals, 50.0).unwrap_or(0.0),
+            phases: {
+                let p = |g: fn(&CheckpointFigures) -> f64| {
+                    percentile(figs.iter().map(g).collect(), 50.0).unwrap_or(0.0)
+                };
+                [
+                    p(|f| f.harvest_ms),
+                    p(|f| f.capture_ms),
+                    p(|f| f.backchannel_ms),
+                    p(|f| f.send_ms),
+                    p(|f| f.commit_ms),
+                ]
+            },
             tcp_ms,
             target_ms: match n {
                 0..=99 => Some(1.0),
@@ -221,74 +328,20 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
     let throughput_ratio = throughput_bps / tcp_bps;
 
     // 3. Highest sustained checkpoint rate with ≤ 100 dirty pages each (policy min_interval 0).
-    let rate_secs = if quick { 2.0 } else { 10.0 };
+    let rate_secs = if quick { 1.5 } else { 10.0 };
     let (max_cps, max_cps_pages_max, max_cps_pause_p50) = pair.max_rate(rate_secs, 50)?;
     println!(
         "  max sustained rate: {max_cps:.0} checkpoints/s (50 pages each, |D| ≤ {max_cps_pages_max})"
     );
 
-    // 4. Guest slowdown: the dirty workload flat out, alone vs tracked and replicated.
-    let slow_secs = if quick { 2.0 } else { 8.0 };
-    let replicated = pair.replicated_steps(slow_secs, Duration::from_millis(50))?;
-    pair.stop();
-    let alone_sps = alone_steps(GIB, slow_secs)?;
-    let slowdown = Slowdown {
-        alone_sps,
-        ..replicated
-    };
-    println!(
-        "  guest steps/s: {:.0} alone, {:.0} replicated (ratio {:.3})",
-        slowdown.alone_sps,
-        slowdown.replicated_sps,
-        slowdown.replicated_sps / slowdown.alone_sps.max(1.0)
-    );
-
-    // 5. Dirty harvest time against RAM size and dirty fraction.
-    let harvest = harvest_sweep(quick)?;
-
-    // 6. Comparator throughput.
-    let cmp_fps = comparator_fps(if quick { 200_000 } else { 2_000_000 })?;
-    println!("  comparator: {:.2} M frame pairs/s", cmp_fps / 1e6);
-
-    // 7. Failover.
-    let mut failover_ms = Vec::new();
-    for i in 0..if quick { 5 } else { 10 } {
-        let ms = failover_once(64 * MIB).with_context(|| format!("failover run {i}"))?;
-        failover_ms.push(ms);
-    }
-    println!("  failover: {:.2?} ms", failover_ms);
-
-    let report = Report {
-        quick,
-        tcp_gbps,
-        pause_rows,
+    Ok(Sweep {
+        rows: pause_rows,
         throughput_ratio,
         throughput_gbps: throughput_bps / 1e9,
         max_cps,
         max_cps_pages_max,
         max_cps_pause_p50,
-        slowdown,
-        harvest,
-        cmp_fps,
-        failover_ms,
-        total_s: started.elapsed().as_secs_f64(),
-    };
-    print_table(&report);
-    let out_dir = crate::root().join("target").join("colo-bench");
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let svg = out_dir.join("pause.svg");
-    std::fs::write(&svg, plot_svg(&report))
-        .with_context(|| format!("writing {}", svg.display()))?;
-    println!("plot: {}", svg.display());
-    let j = to_json(&report);
-    let last = out_dir.join("last.json");
-    let text = serde_json::to_string_pretty(&j)?;
-    std::fs::write(&last, &text).with_context(|| format!("writing {}", last.display()))?;
-    if let Some(p) = json_path {
-        std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
-        println!("json: {}", p.display());
-    }
-    Ok(())
+    })
 }
 
 fn kernel() -> String {
@@ -460,7 +513,7 @@ impl Pair {
     /// heartbeats, so a round longer than the liveness timeout (1 GiB on this machine) reads as
     /// a lost peer; pairs larger than 256 MiB therefore use a 60 s silence timeout. Failover is
     /// measured on small pairs with the default liveness settings.
-    fn start(ram: u64, what: &str) -> Result<Self> {
+    fn start(ram: u64, what: &str, populate: bool) -> Result<Self> {
         let silence = (ram > 256 * MIB).then_some(Duration::from_secs(60));
         let t = Instant::now();
         let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
@@ -484,7 +537,9 @@ impl Pair {
             })
             .context("spawning the secondary")?;
         let mut guest = build(&dirty_spec(ram, 0, 1))?;
-        prefault(&mut guest)?;
+        if populate {
+            prefault(&mut guest)?;
+        }
         guest.resume()?;
         let status = new_status();
         let primary = PrimaryNode::connect(guest, &addr, bench_opts(silence), status.clone())?;
@@ -595,9 +650,12 @@ impl Pair {
 
     /// The primary's workload flat out for `secs` with a checkpoint every `period`: guest
     /// steps/s and checkpoint figures.
-    fn replicated_steps(&mut self, secs: f64, period: Duration) -> Result<Slowdown> {
+    fn replicated_steps(&mut self, secs: f64, period: Duration, rate: u64) -> Result<Slowdown> {
         let node = self.node()?;
-        node.guest().set_dirty_rate(DirtyConfig::UNLIMITED);
+        node.guest().set_dirty_rate(rate);
+        // One checkpoint first, so that no earlier dirt is carried into the measured ones.
+        self.checkpoint()?;
+        let node = self.node()?;
         let steps0 = node.guest().steps();
         let t = Instant::now();
         let mut pauses = Vec::new();
@@ -616,6 +674,7 @@ impl Pair {
         let steps = node.guest().steps() - steps0;
         let secs = t.elapsed().as_secs_f64();
         node.guest().set_dirty_rate(0);
+        self.checkpoint()?;
         let n = pauses.len() as u64;
         Ok(Slowdown {
             alone_sps: 0.0,
@@ -663,11 +722,11 @@ impl Drop for Pair {
 }
 
 /// The dirty workload flat out with no tracking and no replication: steps/s.
-fn alone_steps(ram: u64, secs: f64) -> Result<f64> {
+fn alone_steps(ram: u64, secs: f64, rate: u64) -> Result<f64> {
     let mut dom = build(&dirty_spec(ram, 0, 1))?;
     prefault(&mut dom)?;
     dom.resume()?;
-    dom.set_dirty_rate(DirtyConfig::UNLIMITED);
+    dom.set_dirty_rate(rate);
     let s0 = dom.steps();
     let t = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(secs));
@@ -782,7 +841,7 @@ fn comparator_fps(n: usize) -> Result<f64> {
 }
 
 fn failover_once(ram: u64) -> Result<f64> {
-    let mut pair = Pair::start(ram, "failover")?;
+    let mut pair = Pair::start(ram, "failover", false)?;
     pair.checkpoint()?;
     pair.kill_primary()
 }
@@ -791,24 +850,13 @@ fn ms(v: f64) -> String {
     format!("{v:.3}")
 }
 
-fn print_table(r: &Report) {
-    let line = "-".repeat(96);
-    println!("\n{line}");
-    println!(
-        "colo bench{} — mock backend, loopback TCP, 1 GiB dirty guests",
-        if r.quick { " --quick" } else { "" }
-    );
-    println!("{line}");
-    println!(
-        "raw loopback TCP throughput (baseline, this run)      {:>10.2} GB/s",
-        r.tcp_gbps
-    );
-    println!("\npause time against dirty pages per checkpoint (primary pause → resume)");
+fn print_sweep(title: &str, sw: &Sweep) {
+    println!("\npause time against dirty pages per checkpoint (primary pause → resume), {title}");
     println!(
         "{:>8} {:>5} {:>9} {:>10} {:>10} {:>10} {:>12} {:>11} {:>8}",
         "dirty", "reps", "|D|", "MiB", "p50 ms", "p99 ms", "raw TCP ms", "target ms", "met"
     );
-    for row in &r.pause_rows {
+    for row in &sw.rows {
         let (target, met) = match row.target_ms {
             Some(t) => (ms(t), if row.p50 <= t { "yes" } else { "NO" }),
             None => ("-".into(), "-"),
@@ -826,34 +874,69 @@ fn print_table(r: &Report) {
             met
         );
     }
+    println!("  phases, p50 ms (pause = harvest + capture + pause/resume)");
     println!(
-        "(checkpoint NEW → SVM_READY p50 at 10k pages: {} ms)",
-        r.pause_rows
-            .iter()
-            .find(|p| p.dirty == 10_000)
-            .map_or("-".into(), |p| ms(p.total_p50))
+        "{:>8} {:>10} {:>10} {:>12} {:>10} {:>10} {:>12}",
+        "dirty", "harvest", "capture", "back chan.", "send", "commit", "NEW→READY"
     );
+    for row in &sw.rows {
+        let [h, c, b, s, m] = row.phases;
+        println!(
+            "{:>8} {:>10} {:>10} {:>12} {:>10} {:>10} {:>12}",
+            row.dirty,
+            ms(h),
+            ms(c),
+            ms(b),
+            ms(s),
+            ms(m),
+            ms(row.total_p50)
+        );
+    }
     println!(
-        "\ncheckpoint page throughput (≥10k pages, NEW → SVM_READY) {:>8.2} GB/s = {:.2} × raw TCP",
-        r.throughput_gbps, r.throughput_ratio
+        "checkpoint page throughput (≥10k pages, NEW → SVM_READY) {:>8.2} GB/s = {:.2} × raw TCP",
+        sw.throughput_gbps, sw.throughput_ratio
     );
     println!(
         "max sustained checkpoint rate (50 dirty pages each)   {:>10.0} /s  (|D| ≤ {}, pause p50 {} ms; target ≥ 100: {})",
-        r.max_cps,
-        r.max_cps_pages_max,
-        ms(r.max_cps_pause_p50),
-        if r.max_cps >= 100.0 { "met" } else { "NOT met" }
+        sw.max_cps,
+        sw.max_cps_pages_max,
+        ms(sw.max_cps_pause_p50),
+        if sw.max_cps >= 100.0 { "met" } else { "NOT met" }
     );
-    let s = &r.slowdown;
+}
+
+fn print_table(r: &Report) {
+    let line = "-".repeat(96);
+    println!("\n{line}");
     println!(
-        "guest slowdown (dirty flat out, checkpoint every 50 ms) {:>8.3} × alone ({:.0} vs {:.0} steps/s; {} checkpoints, {:.0} pages each, pause p50 {} ms)",
-        s.replicated_sps / s.alone_sps.max(1.0),
-        s.replicated_sps,
-        s.alone_sps,
-        s.checkpoints,
-        s.pages_per_cp,
-        ms(s.pause_p50)
+        "colo bench{} — mock backend, loopback TCP, 1 GiB dirty guests",
+        if r.quick { " --quick" } else { "" }
     );
+    println!("{line}");
+    println!(
+        "raw loopback TCP throughput (baseline, this run)      {:>10.2} GB/s",
+        r.tcp_gbps
+    );
+    print_sweep(
+        "populated RAM (every page exists, as in a real guest)",
+        &r.populated,
+    );
+    print_sweep(
+        "sparse RAM (only written pages exist; the mock's hole probe is cheap)",
+        &r.sparse,
+    );
+    println!();
+    for (what, s) in [("flat out", &r.slowdown), ("100 pages/ms", &r.paced)] {
+        println!(
+            "guest speed, dirty {what:<12} (checkpoint every 50 ms) {:>7.3} × alone ({:.0} vs {:.0} steps/s; {} checkpoints, {:.0} pages each, pause p50 {} ms)",
+            s.replicated_sps / s.alone_sps.max(1.0),
+            s.replicated_sps,
+            s.alone_sps,
+            s.checkpoints,
+            s.pages_per_cp,
+            ms(s.pause_p50)
+        );
+    }
     println!("\ndirty harvest time (paused guest, p50)");
     println!(
         "{:>10} {:>9} {:>10} {:>10}",
@@ -891,33 +974,21 @@ fn harvest_1g_1pct(r: &Report) -> Option<f64> {
         .map(|h| h.p50_ms)
 }
 
-fn to_json(r: &Report) -> Value {
-    let row = |n: u64| r.pause_rows.iter().find(|p| p.dirty == n);
+fn sweep_json(sw: &Sweep) -> Value {
+    let row = |n: u64| sw.rows.iter().find(|p| p.dirty == n);
     let idle = row(0);
     let tenk = row(10_000);
     json!({
-        "quick": r.quick,
-        "machine": {
-            "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
-            "kernel": kernel(),
-        },
-        "tcp_gbps": r.tcp_gbps,
-        "throughput_ratio_vs_tcp": r.throughput_ratio,
-        "checkpoint_throughput_gbps": r.throughput_gbps,
+        "throughput_ratio_vs_tcp": sw.throughput_ratio,
+        "checkpoint_throughput_gbps": sw.throughput_gbps,
         "idle_pause_ms_p50": idle.map(|p| p.p50),
         "idle_pause_ms_p99": idle.map(|p| p.p99),
         "pause_ms_p50_10k": tenk.map(|p| p.p50),
         "pause_ms_p99_10k": tenk.map(|p| p.p99),
         "pause_target_ms_10k": tenk.and_then(|p| p.target_ms),
-        "max_checkpoints_per_s": r.max_cps,
-        "harvest_ms_1gib_1pct": harvest_1g_1pct(r),
-        "failover_ms_p50": percentile(r.failover_ms.clone(), 50.0),
-        "failover_ms_runs": r.failover_ms,
-        "guest_slowdown_ratio": r.slowdown.replicated_sps / r.slowdown.alone_sps.max(1.0),
-        "guest_steps_per_s_alone": r.slowdown.alone_sps,
-        "guest_steps_per_s_replicated": r.slowdown.replicated_sps,
-        "comparator_frames_per_s": r.cmp_fps,
-        "pause": r.pause_rows.iter().map(|p| json!({
+        "max_checkpoints_per_s": sw.max_cps,
+        "max_checkpoints_pages_max": sw.max_cps_pages_max,
+        "pause": sw.rows.iter().map(|p| json!({
             "dirty_pages": p.dirty,
             "reps": p.reps,
             "pages_sent_mean": p.pages_sent_mean,
@@ -925,22 +996,60 @@ fn to_json(r: &Report) -> Value {
             "pause_ms_p50": p.p50,
             "pause_ms_p99": p.p99,
             "checkpoint_ms_p50": p.total_p50,
+            "harvest_ms_p50": p.phases[0],
+            "capture_ms_p50": p.phases[1],
+            "backchannel_ms_p50": p.phases[2],
+            "send_ms_p50": p.phases[3],
+            "commit_ms_p50": p.phases[4],
             "raw_tcp_ms": p.tcp_ms,
             "target_ms": p.target_ms,
         })).collect::<Vec<_>>(),
+        "targets": {
+            "pause_10k": tenk.and_then(|p| p.target_ms.map(|t| p.p50 <= t)),
+            "idle_pause_1ms": idle.map(|p| p.p50 <= 1.0),
+            "checkpoints_100_per_s": sw.max_cps >= 100.0,
+        },
+    })
+}
+
+/// The JSON object: the headline keys come from the populated-RAM pair; `sparse` repeats the
+/// pause figures for sparse RAM.
+fn to_json(r: &Report) -> Value {
+    let mut j = json!({
+        "quick": r.quick,
+        "machine": {
+            "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "kernel": kernel(),
+        },
+        "tcp_gbps": r.tcp_gbps,
+        "harvest_ms_1gib_1pct": harvest_1g_1pct(r),
+        "failover_ms_p50": percentile(r.failover_ms.clone(), 50.0),
+        "failover_ms_runs": r.failover_ms,
+        "guest_slowdown_ratio": r.slowdown.replicated_sps / r.slowdown.alone_sps.max(1.0),
+        "guest_steps_per_s_alone": r.slowdown.alone_sps,
+        "guest_steps_per_s_replicated": r.slowdown.replicated_sps,
+        "guest_slowdown_checkpoints": r.slowdown.checkpoints,
+        "guest_slowdown_pages_per_checkpoint": r.slowdown.pages_per_cp,
+        "guest_slowdown_pause_ms_p50": r.slowdown.pause_p50,
+        "guest_slowdown_ratio_paced": r.paced.replicated_sps / r.paced.alone_sps.max(1.0),
+        "guest_paced_pages_per_ms": PACED_RATE,
+        "guest_paced_checkpoints": r.paced.checkpoints,
+        "guest_paced_pages_per_checkpoint": r.paced.pages_per_cp,
+        "guest_paced_pause_ms_p50": r.paced.pause_p50,
+        "comparator_frames_per_s": r.cmp_fps,
         "harvest": r.harvest.iter().map(|h| json!({
             "ram_mib": h.ram >> 20,
             "dirty_fraction": h.fraction,
             "pages": h.pages,
             "ms_p50": h.p50_ms,
         })).collect::<Vec<_>>(),
-        "targets": {
-            "pause_10k": tenk.and_then(|p| p.target_ms.map(|t| p.p50 <= t)),
-            "idle_pause_1ms": idle.map(|p| p.p50 <= 1.0),
-            "checkpoints_100_per_s": r.max_cps >= 100.0,
-        },
+        "sparse": sweep_json(&r.sparse),
         "total_s": r.total_s,
-    })
+    });
+    if let (Value::Object(m), Value::Object(p)) = (&mut j, sweep_json(&r.populated)) {
+        m.extend(p);
+    }
+    j
 }
 
 /// Pause p50 against dirty pages, with the raw-TCP time for the same bytes and the 10k target
@@ -948,14 +1057,9 @@ fn to_json(r: &Report) -> Value {
 fn plot_svg(r: &Report) -> String {
     let (w, h) = (720.0, 440.0);
     let (l, rt, t, b) = (70.0, 20.0, 40.0, 60.0);
-    let xmax = r
-        .pause_rows
-        .iter()
-        .map(|p| p.pages_sent_mean)
-        .fold(1.0, f64::max);
-    let ymax = r
-        .pause_rows
-        .iter()
+    let all = || r.populated.rows.iter().chain(r.sparse.rows.iter());
+    let xmax = all().map(|p| p.pages_sent_mean).fold(1.0, f64::max);
+    let ymax = all()
         .flat_map(|p| [p.p50, p.tcp_ms * 1.25 + 2.0])
         .fold(1.0, f64::max)
         * 1.1;
@@ -1023,7 +1127,7 @@ fn plot_svg(r: &Report) -> String {
         }
         out
     };
-    let rows = &r.pause_rows;
+    let rows = &r.populated.rows;
     s += &series(
         rows.iter().map(|p| (p.pages_sent_mean, p.tcp_ms)).collect(),
         "#888",
@@ -1042,13 +1146,17 @@ fn plot_svg(r: &Report) -> String {
         "",
     );
     s += &series(
-        rows.iter().map(|p| (p.pages_sent_mean, p.p99)).collect(),
-        "#9ecae1",
+        r.sparse
+            .rows
+            .iter()
+            .map(|p| (p.pages_sent_mean, p.p50))
+            .collect(),
+        "#2ca02c",
         "",
     );
     let legend = [
-        ("#1f77b4", "pause p50"),
-        ("#9ecae1", "pause p99"),
+        ("#1f77b4", "pause p50, populated RAM"),
+        ("#2ca02c", "pause p50, sparse RAM"),
         ("#888", "raw TCP time for the same bytes"),
         ("#d62728", "target: 1.25 × raw TCP + 2 ms"),
     ];
