@@ -46,6 +46,10 @@ pub struct KvClient {
     buf: Vec<u8>,
     /// Figures.
     pub stats: ClientStats,
+    /// When set, every frame received from a node is kept in `received` (for tests).
+    pub record: bool,
+    /// Frames received, in order (only with `record`).
+    pub received: Vec<Vec<u8>>,
 }
 
 impl KvClient {
@@ -67,6 +71,8 @@ impl KvClient {
             frame: Vec::new(),
             buf: Vec::new(),
             stats: ClientStats::default(),
+            record: false,
+            received: Vec::new(),
         }
     }
 
@@ -119,15 +125,21 @@ impl KvClient {
             let started = Instant::now();
             while let Some(s) = self.stream.as_mut() {
                 match read_frame(s, &mut self.buf) {
-                    Ok(Some(())) => match parse_response_frame(&self.buf) {
-                        Ok(r) if r.id == id => {
-                            if let Some(g) = gap_start {
-                                self.stats.failover_gap_ms = Some(g.elapsed().as_secs_f64() * 1e3);
-                            }
-                            return Ok((r.status, r.value, retried));
+                    Ok(Some(())) => {
+                        if self.record {
+                            self.received.push(self.buf.clone());
                         }
-                        _ => self.stats.stray_responses += 1,
-                    },
+                        match parse_response_frame(&self.buf) {
+                            Ok(r) if r.id == id => {
+                                if let Some(g) = gap_start {
+                                    self.stats.failover_gap_ms =
+                                        Some(g.elapsed().as_secs_f64() * 1e3);
+                                }
+                                return Ok((r.status, r.value, retried));
+                            }
+                            _ => self.stats.stray_responses += 1,
+                        }
+                    }
                     Ok(None) | Err(_) => {
                         // Timeout, reset or EOF: the node is gone or stuck; try the next one.
                         self.stream = None;

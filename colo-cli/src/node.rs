@@ -48,6 +48,10 @@ impl<T: Domain + GuestNic> Guest for T {}
 /// For tests that compare both memories byte for byte; costs a copy of all RAM per checkpoint.
 pub type SnapshotHook = Arc<dyn Fn(u64, Vec<u8>, Vec<u8>) + Send + Sync>;
 
+/// Called with every frame the PVM emits, before comparison (for tests that check what clients
+/// see against what the primary produced).
+pub type OutputTap = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 /// Settings common to both roles.
 #[derive(Clone)]
 pub struct NodeOptions {
@@ -72,6 +76,8 @@ pub struct NodeOptions {
     pub connect_timeout: Duration,
     /// Memory snapshots at each checkpoint, for tests.
     pub snapshot: Option<SnapshotHook>,
+    /// Every PVM output frame, for tests.
+    pub output_tap: Option<OutputTap>,
 }
 
 impl std::fmt::Debug for NodeOptions {
@@ -114,6 +120,7 @@ impl Default for NodeOptions {
             fence_cmd: None,
             connect_timeout: Duration::from_secs(30),
             snapshot: None,
+            output_tap: None,
         }
     }
 }
@@ -453,11 +460,17 @@ impl<G: Guest> PrimaryNode<G> {
                 let t = now();
                 let comparator = &mut self.comparator;
                 let clients = &mut self.clients;
-                self.guest.drain_tx(&mut |f| match comparator.as_mut() {
-                    Some(c) => c.push_primary(t, f.to_vec()),
-                    None => {
-                        if let Some(cl) = clients.as_mut() {
-                            cl.deliver(f);
+                let tap = &self.opts.output_tap;
+                self.guest.drain_tx(&mut |f| {
+                    if let Some(tap) = tap {
+                        tap(f);
+                    }
+                    match comparator.as_mut() {
+                        Some(c) => c.push_primary(t, f.to_vec()),
+                        None => {
+                            if let Some(cl) = clients.as_mut() {
+                                cl.deliver(f);
+                            }
                         }
                     }
                 });
@@ -612,11 +625,17 @@ impl<G: Guest> PrimaryNode<G> {
         let comparator = &mut self.comparator;
         let clients = &mut self.clients;
         let protected_cmp = self.engine.state() != PrimaryState::Unprotected;
-        self.guest.drain_tx(&mut |f| match comparator.as_mut() {
-            Some(c) if protected_cmp => c.push_primary(now, f.to_vec()),
-            _ => {
-                if let Some(cl) = clients.as_mut() {
-                    cl.deliver(f);
+        let tap = &self.opts.output_tap;
+        self.guest.drain_tx(&mut |f| {
+            if let Some(tap) = tap {
+                tap(f);
+            }
+            match comparator.as_mut() {
+                Some(c) if protected_cmp => c.push_primary(now, f.to_vec()),
+                _ => {
+                    if let Some(cl) = clients.as_mut() {
+                        cl.deliver(f);
+                    }
                 }
             }
         });

@@ -38,6 +38,11 @@ struct Outcome {
     differing: Vec<u64>,
     lost_acked_writes: u64,
     client_ops: u64,
+    stray_responses: u64,
+    /// Every frame the PVM emitted, in order.
+    pvm_frames: Vec<Vec<u8>>,
+    /// Every frame the client received, in order.
+    received: Vec<Vec<u8>>,
 }
 
 fn free_addr() -> String {
@@ -74,6 +79,9 @@ fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome
         },
         ..NodeOptions::default()
     };
+    let pvm_frames: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let tap = pvm_frames.clone();
+    popts.output_tap = Some(Arc::new(move |f: &[u8]| tap.lock().push(f.to_vec())));
     let p2 = psnap.clone();
     popts.snapshot = Some(Arc::new(move |e, ram, st| {
         p2.lock().insert(e, (ram, st));
@@ -88,6 +96,7 @@ fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome
     let cs = client_stop.clone();
     let client = std::thread::spawn(move || {
         let mut c = KvClient::new(vec![client_addr], 41000, Duration::from_secs(5));
+        c.record = true;
         let mut rng = 7u64;
         while !cs.load(Ordering::Relaxed) {
             c.random_op(&mut rng, 64, Instant::now() + Duration::from_secs(30))
@@ -95,7 +104,7 @@ fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome
         }
         c.verify_all(Instant::now() + Duration::from_secs(30))
             .unwrap();
-        c.stats
+        (c.stats, c.received)
     });
 
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -109,7 +118,7 @@ fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome
     while !client.is_finished() && t.elapsed() < Duration::from_secs(60) {
         primary.step(Duration::from_micros(500)).unwrap();
     }
-    let cstats = client.join().unwrap();
+    let (cstats, received) = client.join().unwrap();
     stop.store(true, Ordering::Relaxed);
     primary.run().unwrap();
     drop(primary);
@@ -130,6 +139,7 @@ fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome
         }
     }
     let st = pstatus.lock();
+    let pvm = std::mem::take(&mut *pvm_frames.lock());
     Outcome {
         checkpoints: st.checkpoints,
         mismatch_checkpoints: st.mismatch_checkpoints,
@@ -137,6 +147,9 @@ fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome
         differing,
         lost_acked_writes: cstats.lost_acked_writes,
         client_ops: cstats.ops,
+        stray_responses: cstats.stray_responses,
+        pvm_frames: pvm,
+        received,
     }
 }
 
@@ -175,4 +188,22 @@ fn identical_outputs_with_divergent_memory_need_no_mismatch_checkpoint() {
     let o = run_pair(SyncMode::Backchannel, 0.0, 40);
     assert_eq!(o.mismatch_checkpoints, 0);
     assert!(o.differing.is_empty());
+}
+
+#[test]
+fn clients_see_exactly_the_primarys_responses_in_order() {
+    // 5 % of responses differ between the VMs: each forces a checkpoint, and the client must
+    // still see exactly the PVM's frames, in order, none lost, none duplicated, none of the SVM.
+    let o = run_pair(SyncMode::Backchannel, 0.05, 60);
+    assert!(
+        o.mismatch_checkpoints > 0,
+        "divergent responses must force checkpoints"
+    );
+    assert_eq!(o.stray_responses, 0);
+    assert_eq!(o.received.len(), o.pvm_frames.len());
+    assert!(
+        o.received == o.pvm_frames,
+        "the client saw a frame the PVM did not emit in that order"
+    );
+    assert_eq!(o.lost_acked_writes, 0);
 }
