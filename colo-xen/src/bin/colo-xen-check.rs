@@ -1,0 +1,548 @@
+//! colo-xen-check: exercises colo-xen's `XenDomain` on live Xen domains from dom0 — the
+//! real-hypervisor half of `cargo xtask xen-test` (which runs it inside a Xen-in-QEMU dom0).
+//!
+//! ```text
+//! colo-xen-check info      --domid N
+//! colo-xen-check selftest  --domid N            every Domain method on a running guest
+//! colo-xen-check digest    --domid N            xxh3 of every mappable page
+//! colo-xen-check replicate --primary A --secondary B [--checkpoints 20] [--interval-ms 1000]
+//!                          [--leave-paused]     COLO checkpoints A → B in-process, each verified
+//! ```
+//! Output lines start with `check:`; the last is `check: OK …` or the error (exit status 1).
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use colo_core::{BackendError, DirtyBitmap, Domain, PAGE_SIZE};
+use colo_xen::{XenDomain, XenError, XenState};
+
+#[derive(Debug, thiserror::Error)]
+enum CheckError {
+    #[error("usage: {0}")]
+    Usage(String),
+    #[error(transparent)]
+    Xen(#[from] XenError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("check failed: {0}")]
+    Failed(String),
+}
+
+type Result<T> = std::result::Result<T, CheckError>;
+
+fn fail<T>(msg: impl Into<String>) -> Result<T> {
+    Err(CheckError::Failed(msg.into()))
+}
+
+struct Args {
+    cmd: String,
+    opts: Vec<(String, Option<String>)>,
+}
+
+impl Args {
+    fn parse() -> Result<Self> {
+        let mut it = std::env::args().skip(1);
+        let cmd = it
+            .next()
+            .ok_or_else(|| CheckError::Usage("colo-xen-check <command> [options]".into()))?;
+        let mut opts = Vec::new();
+        let rest: Vec<String> = it.collect();
+        let mut i = 0;
+        while i < rest.len() {
+            let k = rest[i].clone();
+            if !k.starts_with("--") {
+                return Err(CheckError::Usage(format!("unexpected argument `{k}`")));
+            }
+            match rest.get(i + 1) {
+                Some(v) if !v.starts_with("--") => {
+                    opts.push((k, Some(v.clone())));
+                    i += 2;
+                }
+                _ => {
+                    opts.push((k, None));
+                    i += 1;
+                }
+            }
+        }
+        Ok(Args { cmd, opts })
+    }
+
+    fn num(&self, key: &str, default: Option<u64>) -> Result<u64> {
+        match self.opts.iter().find(|(k, _)| k == key) {
+            Some((_, Some(v))) => v
+                .parse()
+                .map_err(|_| CheckError::Usage(format!("{key}: `{v}` is not a number"))),
+            Some((_, None)) => Err(CheckError::Usage(format!("{key} needs a value"))),
+            None => default.ok_or_else(|| CheckError::Usage(format!("{key} is required"))),
+        }
+    }
+
+    fn flag(&self, key: &str) -> bool {
+        self.opts.iter().any(|(k, v)| k == key && v.is_none())
+    }
+
+    fn domid(&self, key: &str) -> Result<u32> {
+        let v = self.num(key, None)?;
+        u32::try_from(v).map_err(|_| CheckError::Usage(format!("{key}: {v} is not a domid")))
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Every pfn of `dom` that maps, found by trying them all.
+fn mappable_pfns(dom: &mut XenDomain) -> Result<Vec<u64>> {
+    let all: Vec<u64> = (0..dom.page_count()).collect();
+    let mut out = Vec::new();
+    dom.read_pages(&all, &mut |i, page| {
+        if page.is_some() {
+            out.push(all[i]);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// One xxh3 per page of `pfns` (0 for an unmappable page) and their combined digest.
+fn page_hashes(dom: &mut XenDomain, pfns: &[u64], out: &mut Vec<u64>) -> Result<u64> {
+    out.clear();
+    out.resize(pfns.len(), 0);
+    dom.read_pages(pfns, &mut |i, page| {
+        if let Some(p) = page {
+            out[i] = xxhash_rust::xxh3::xxh3_64_with_seed(p, pfns[i]);
+        }
+        Ok(())
+    })?;
+    let mut bytes = Vec::with_capacity(out.len() * 8);
+    for h in out.iter() {
+        bytes.extend_from_slice(&h.to_le_bytes());
+    }
+    Ok(xxhash_rust::xxh3::xxh3_64(&bytes))
+}
+
+/// The vCPU register part (FPU area, GPRs, rip, rflags, cr0/2/3/4) of every CPU record
+/// (typecode 2) of an HVM context, by vCPU instance.
+fn cpu_registers(ctx: &[u8]) -> Vec<(u16, &[u8])> {
+    const CPU: u16 = 2;
+    const REGS: usize = 512 + 22 * 8;
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 8 <= ctx.len() {
+        let code = u16::from_le_bytes([ctx[at], ctx[at + 1]]);
+        let inst = u16::from_le_bytes([ctx[at + 2], ctx[at + 3]]);
+        let len = u32::from_le_bytes([ctx[at + 4], ctx[at + 5], ctx[at + 6], ctx[at + 7]]) as usize;
+        let body = at + 8;
+        if code == 0 || body + len > ctx.len() {
+            break;
+        }
+        if code == CPU && len >= REGS {
+            out.push((inst, &ctx[body..body + REGS]));
+        }
+        at = body + len;
+    }
+    out
+}
+
+const REG_NAMES: [&str; 22] = [
+    "rax", "rbx", "rcx", "rdx", "rbp", "rsi", "rdi", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
+    "r14", "r15", "rip", "rflags", "cr0", "cr2", "cr3", "cr4",
+];
+
+fn reg(regs: &[u8], name: &str) -> u64 {
+    let k = REG_NAMES.iter().position(|n| *n == name).unwrap_or(0);
+    let at = 512 + 8 * k;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&regs[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+fn compare_vcpus(a: &[u8], b: &[u8]) -> Result<usize> {
+    let sa = XenState::decode(a).map_err(XenError::from)?;
+    let sb = XenState::decode(b).map_err(XenError::from)?;
+    let ra = cpu_registers(sa.hvm_context);
+    let rb = cpu_registers(sb.hvm_context);
+    if ra.is_empty() || ra.len() != rb.len() {
+        return fail(format!(
+            "vCPU records: primary {}, secondary {}",
+            ra.len(),
+            rb.len()
+        ));
+    }
+    for ((ia, x), (ib, y)) in ra.iter().zip(&rb) {
+        if ia != ib {
+            return fail(format!("vCPU instance {ia} vs {ib}"));
+        }
+        if x[..512] != y[..512] {
+            return fail(format!("vCPU {ia}: FPU state differs"));
+        }
+        for name in REG_NAMES {
+            if reg(x, name) != reg(y, name) {
+                return fail(format!(
+                    "vCPU {ia}: {name} {:#x} on the primary, {:#x} on the secondary",
+                    reg(x, name),
+                    reg(y, name)
+                ));
+            }
+        }
+    }
+    Ok(ra.len())
+}
+
+fn info(args: &Args) -> Result<()> {
+    let mut dom = XenDomain::open(args.domid("--domid")?)?;
+    let i = dom.info()?;
+    println!(
+        "check: domain {} pages {} flags {:#x} vcpus {} tot_pages {} paused {}",
+        i.domid,
+        dom.page_count(),
+        i.flags,
+        i.max_vcpu_id + 1,
+        i.tot_pages,
+        dom.is_paused()
+    );
+    Ok(())
+}
+
+fn digest(args: &Args) -> Result<()> {
+    let mut dom = XenDomain::open(args.domid("--domid")?)?;
+    let t = Instant::now();
+    let pfns = mappable_pfns(&mut dom)?;
+    let mut h = Vec::new();
+    let d = page_hashes(&mut dom, &pfns, &mut h)?;
+    println!(
+        "check: OK digest {d:016x} over {} mappable of {} pfns in {:.1} ms",
+        pfns.len(),
+        dom.page_count(),
+        ms(t.elapsed())
+    );
+    Ok(())
+}
+
+fn selftest(args: &Args) -> Result<()> {
+    let domid = args.domid("--domid")?;
+    let t = Instant::now();
+    let mut dom = XenDomain::open(domid)?;
+    let pages = dom.page_count();
+    println!(
+        "check: open domain {domid}: {pages} pfns in {:.2} ms",
+        ms(t.elapsed())
+    );
+    if dom.is_paused() {
+        dom.resume()?;
+    }
+
+    let t = Instant::now();
+    dom.start_dirty_log()?;
+    println!("check: start_dirty_log {:.2} ms", ms(t.elapsed()));
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut peek = DirtyBitmap::new(pages);
+    let t = Instant::now();
+    dom.peek_dirty(&mut peek)?;
+    println!(
+        "check: peek_dirty {:.2} ms: {} dirty",
+        ms(t.elapsed()),
+        peek.count()
+    );
+    let mut harvest = DirtyBitmap::new(pages);
+    let t = Instant::now();
+    dom.harvest_dirty(&mut harvest)?;
+    println!(
+        "check: harvest_dirty {:.2} ms: {} dirty",
+        ms(t.elapsed()),
+        harvest.count()
+    );
+    if peek.count() == 0 || harvest.count() < peek.count() {
+        return fail(format!(
+            "a running guest dirtied {} pages by peek, {} by harvest",
+            peek.count(),
+            harvest.count()
+        ));
+    }
+    let mut missing = peek.clone();
+    missing.difference_with(&harvest).map_err(XenError::from)?;
+    if missing.count() != 0 {
+        return fail(format!(
+            "{} peeked pages missing from the harvest",
+            missing.count()
+        ));
+    }
+
+    let t = Instant::now();
+    dom.pause()?;
+    let pause_ms = ms(t.elapsed());
+    if dom.info()?.flags & colo_xen::dominf::PAUSED == 0 {
+        return fail("Xen does not report the domain paused");
+    }
+    harvest.clear_all();
+    dom.harvest_dirty(&mut harvest)?;
+    harvest.clear_all();
+    dom.harvest_dirty(&mut harvest)?;
+    if harvest.count() != 0 {
+        return fail(format!("a paused guest dirtied {} pages", harvest.count()));
+    }
+    println!("check: pause {pause_ms:.2} ms; paused guest dirties nothing");
+
+    let t = Instant::now();
+    let pfns = mappable_pfns(&mut dom)?;
+    let tot = dom.info()?.tot_pages;
+    println!(
+        "check: read_pages over all {pages} pfns {:.1} ms: {} mappable (Xen: {tot} allocated)",
+        ms(t.elapsed()),
+        pfns.len()
+    );
+    // Xen's own pages in the guest's physmap (shared info, grant frames) map too, but are
+    // not counted in tot_pages.
+    if pfns.len() as u64 * 2 < tot || pfns.len() as u64 > tot + 256 {
+        return fail(format!("{} mappable pfns, {tot} allocated", pfns.len()));
+    }
+    let mut h1 = Vec::new();
+    let t = Instant::now();
+    let d1 = page_hashes(&mut dom, &pfns, &mut h1)?;
+    println!(
+        "check: digest of {} pages {:.1} ms ({:.0} MB/s)",
+        pfns.len(),
+        ms(t.elapsed()),
+        (pfns.len() * PAGE_SIZE) as f64 / t.elapsed().as_secs_f64() / 1e6
+    );
+
+    // Write pages back unchanged through PROT_WRITE mappings, then flip one byte and back.
+    let sample: Vec<u64> = pfns.iter().copied().step_by(8).take(2048).collect();
+    let mut data = vec![0u8; sample.len() * PAGE_SIZE];
+    dom.read_pages(&sample, &mut |i, page| match page {
+        Some(p) => {
+            data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].copy_from_slice(p);
+            Ok(())
+        }
+        None => Err(BackendError::Unsupported(format!(
+            "pfn {:#x} vanished",
+            sample[i]
+        ))),
+    })?;
+    let t = Instant::now();
+    dom.write_pages(&sample, &data)?;
+    println!(
+        "check: write_pages {} pages {:.1} ms",
+        sample.len(),
+        ms(t.elapsed())
+    );
+    let mut h2 = Vec::new();
+    if page_hashes(&mut dom, &pfns, &mut h2)? != d1 {
+        return fail("rewriting pages unchanged changed the digest");
+    }
+    let last = sample.len() - 1;
+    data[last * PAGE_SIZE + 4095] ^= 0x5a;
+    dom.write_pages(&sample[last..], &data[last * PAGE_SIZE..])?;
+    if page_hashes(&mut dom, &pfns, &mut h2)? == d1 {
+        return fail("a written byte did not reach guest memory");
+    }
+    data[last * PAGE_SIZE + 4095] ^= 0x5a;
+    dom.write_pages(&sample[last..], &data[last * PAGE_SIZE..])?;
+    if page_hashes(&mut dom, &pfns, &mut h2)? != d1 {
+        return fail("restoring the byte did not restore the digest");
+    }
+
+    let mut blob = Vec::new();
+    let t = Instant::now();
+    dom.get_state(&mut blob)?;
+    let get_ms = ms(t.elapsed());
+    let st = XenState::decode(&blob).map_err(XenError::from)?;
+    println!(
+        "check: get_state {get_ms:.2} ms: {} bytes, HVM context {} bytes, {} params, tsc mode {} {} kHz",
+        blob.len(),
+        st.hvm_context.len(),
+        st.params().count(),
+        st.tsc.mode,
+        st.tsc.khz
+    );
+    let t = Instant::now();
+    dom.set_state(&blob)?;
+    println!("check: set_state (same domain) {:.2} ms", ms(t.elapsed()));
+    let mut again = Vec::new();
+    dom.get_state(&mut again)?;
+    let n = compare_vcpus(&blob, &again)?;
+    println!("check: {n} vCPU(s) identical after set_state");
+
+    dom.resume()?;
+    std::thread::sleep(Duration::from_millis(500));
+    harvest.clear_all();
+    dom.harvest_dirty(&mut harvest)?;
+    dom.stop_dirty_log()?;
+    if harvest.count() == 0 {
+        return fail("the guest dirtied nothing after resume: it did not survive set_state");
+    }
+    println!(
+        "check: OK selftest on domain {domid} ({} dirty after resume)",
+        harvest.count()
+    );
+    Ok(())
+}
+
+struct Pair {
+    a: XenDomain,
+    b: XenDomain,
+}
+
+impl Pair {
+    fn pause(&mut self) -> Result<()> {
+        self.a.pause()?;
+        self.b.pause()?;
+        Ok(())
+    }
+}
+
+/// Copies `pfns` from `a` to `b`; returns the pages copied.
+fn copy_pages(p: &mut Pair, pfns: &[u64], buf: &mut Vec<u8>) -> Result<usize> {
+    buf.clear();
+    buf.resize(pfns.len() * PAGE_SIZE, 0);
+    let mut have = Vec::with_capacity(pfns.len());
+    let mut n = 0;
+    p.a.read_pages(pfns, &mut |i, page| {
+        if let Some(src) = page {
+            buf[n * PAGE_SIZE..(n + 1) * PAGE_SIZE].copy_from_slice(src);
+            n += 1;
+            have.push(pfns[i]);
+        }
+        Ok(())
+    })?;
+    p.b.write_pages(&have, &buf[..n * PAGE_SIZE])?;
+    Ok(n)
+}
+
+fn verify(p: &mut Pair, pfns: &[u64], ha: &mut Vec<u64>, hb: &mut Vec<u64>) -> Result<u64> {
+    let da = page_hashes(&mut p.a, pfns, ha)?;
+    let db = page_hashes(&mut p.b, pfns, hb)?;
+    if da != db {
+        let bad: Vec<String> = pfns
+            .iter()
+            .zip(ha.iter().zip(hb.iter()))
+            .filter(|(_, (x, y))| x != y)
+            .take(5)
+            .map(|(pfn, _)| format!("{pfn:#x}"))
+            .collect();
+        return fail(format!("memory differs, e.g. at pfns {}", bad.join(", ")));
+    }
+    Ok(da)
+}
+
+fn replicate(args: &Args) -> Result<()> {
+    let checkpoints = args.num("--checkpoints", Some(20))?;
+    let interval = Duration::from_millis(args.num("--interval-ms", Some(1000))?);
+    let mut p = Pair {
+        a: XenDomain::open(args.domid("--primary")?)?,
+        b: XenDomain::open(args.domid("--secondary")?)?,
+    };
+    let pages = p.a.page_count();
+    if p.b.page_count() != pages {
+        return fail(format!(
+            "primary has {pages} pfns, secondary {}: not the same shape",
+            p.b.page_count()
+        ));
+    }
+    p.pause()?;
+    let t = Instant::now();
+    let pfns = mappable_pfns(&mut p.a)?;
+    let pfns_b = mappable_pfns(&mut p.b)?;
+    if pfns != pfns_b {
+        return fail(format!(
+            "populated pfns differ: primary {}, secondary {}",
+            pfns.len(),
+            pfns_b.len()
+        ));
+    }
+    let mut buf = Vec::new();
+    let n = copy_pages(&mut p, &pfns, &mut buf)?;
+    let mut blob = Vec::new();
+    p.a.get_state(&mut blob)?;
+    p.b.set_state(&blob)?;
+    let (mut ha, mut hb) = (Vec::new(), Vec::new());
+    let d = verify(&mut p, &pfns, &mut ha, &mut hb)?;
+    let mut blob_b = Vec::new();
+    p.b.get_state(&mut blob_b)?;
+    compare_vcpus(&blob, &blob_b)?;
+    println!(
+        "check: initial full copy {n} pages + state in {:.0} ms, digest {d:016x}",
+        ms(t.elapsed())
+    );
+    p.a.start_dirty_log()?;
+    p.b.start_dirty_log()?;
+    p.a.resume()?;
+    p.b.resume()?;
+
+    let (mut da, mut db) = (DirtyBitmap::new(pages), DirtyBitmap::new(pages));
+    let mut dset = Vec::new();
+    let mut pauses = Vec::new();
+    for k in 1..=checkpoints {
+        std::thread::sleep(interval);
+        let t0 = Instant::now();
+        p.pause()?;
+        da.clear_all();
+        db.clear_all();
+        p.a.harvest_dirty(&mut da)?;
+        p.b.harvest_dirty(&mut db)?;
+        let (na, nb) = (da.count(), db.count());
+        da.union_with(&db).map_err(XenError::from)?;
+        dset.clear();
+        da.extend_pfns(&mut dset);
+        let copied = copy_pages(&mut p, &dset, &mut buf)?;
+        blob.clear();
+        p.a.get_state(&mut blob)?;
+        p.b.set_state(&blob)?;
+        let pause = t0.elapsed();
+        pauses.push(ms(pause));
+        let t1 = Instant::now();
+        let d = verify(&mut p, &pfns, &mut ha, &mut hb)?;
+        blob_b.clear();
+        p.b.get_state(&mut blob_b)?;
+        let vcpus = compare_vcpus(&blob, &blob_b)?;
+        let verify_ms = ms(t1.elapsed());
+        let last = k == checkpoints && args.flag("--leave-paused");
+        if !last {
+            p.a.resume()?;
+            p.b.resume()?;
+        }
+        println!(
+            "check: checkpoint {k}: dirty primary {na} secondary {nb} sent {copied}; \
+             pause {:.1} ms; verified {} pages + {vcpus} vCPU(s) in {verify_ms:.0} ms, digest {d:016x}",
+            ms(pause),
+            pfns.len()
+        );
+        if na == 0 {
+            return fail(format!(
+                "checkpoint {k}: the primary dirtied nothing; is it running?"
+            ));
+        }
+    }
+    pauses.sort_by(f64::total_cmp);
+    let p50 = pauses.get(pauses.len() / 2).copied().unwrap_or(0.0);
+    let max = pauses.last().copied().unwrap_or(0.0);
+    println!(
+        "check: OK replicate {checkpoints} checkpoints verified; pause p50 {p50:.1} ms max {max:.1} ms"
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let res = Args::parse().and_then(|args| match args.cmd.as_str() {
+        "info" => info(&args),
+        "digest" => digest(&args),
+        "selftest" => selftest(&args),
+        "replicate" => replicate(&args),
+        other => Err(CheckError::Usage(format!(
+            "unknown command `{other}` (info, digest, selftest, replicate)"
+        ))),
+    });
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            println!("check: FAIL {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

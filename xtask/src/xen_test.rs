@@ -1,0 +1,655 @@
+//! `cargo xtask xen-test`: colo-xen on a real Xen 4.17 hypervisor, booted under QEMU (TCG).
+//!
+//! 1. installs qemu-system-x86, busybox-static, cpio, libxen-dev, libclang-dev (root);
+//! 2. `apt-get download`s Debian's Xen 4.17 hypervisor and tools and the current kernel into
+//!    `target/xen-test/debs` (cached) and unpacks them;
+//! 3. builds the xen-enabled `colo` and `colo-xen-check` (and `colo-xen-conformance` when it
+//!    exists) in release mode;
+//! 4. packs a guest initramfs (busybox + `xtask/xen/domU-init`) and a dom0 initramfs (busybox,
+//!    the Xen tools and their libraries, the Xen kernel modules, the kernel and guest initramfs,
+//!    our binaries, `xtask/xen/dom0-init` and `xtask/xen/dom0-test.sh`);
+//! 5. boots Xen + dom0 with `qemu-system-x86_64 -cpu qemu64,+svm,+npt`, reads the serial
+//!    console (saved to `target/xen-test/console.log`), kills QEMU past the deadline;
+//! 6. prints `xen-test: PASS …` or `xen-test: FAIL <reason>` as its last line; exits 0 or 1.
+//!
+//! What runs in dom0 is `xtask/xen/dom0-test.sh`: two PVH guests of the same shape, the
+//! colo-xen selftest, checkpoints from one onto the other each verified page by page and
+//! register by register, then a takeover by the secondary.
+
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Debian packages the test needs on the host.
+pub const PACKAGES: [&str; 5] = [
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "libxen-dev",
+    "libclang-dev",
+];
+/// Xen packages downloaded (not installed) for the guest side.
+const XEN_DEBS: [&str; 3] = [
+    "xen-hypervisor-4.17-amd64",
+    "xen-utils-4.17",
+    "xen-utils-common",
+];
+/// Xen's kernel modules dom0 loads, in order (xen-privcmd before xenfs).
+const MODULES: [&str; 5] = [
+    "drivers/xen/xen-privcmd.ko",
+    "drivers/xen/xen-evtchn.ko",
+    "drivers/xen/xenfs/xenfs.ko",
+    "drivers/xen/xen-gntdev.ko",
+    "drivers/xen/xen-gntalloc.ko",
+];
+
+const USAGE: &str = "\
+usage: cargo xtask xen-test [--deadline SECS] [--checkpoints N] [--interval-ms MS] [--verbose]
+  --deadline SECS   kill QEMU after this long (default 420)
+  --checkpoints N   verified checkpoints to replicate (default 20)
+  --interval-ms MS  guest run time between checkpoints (default 500)
+  --verbose         echo the whole serial console, not just the test's lines";
+
+struct Opts {
+    deadline: Duration,
+    checkpoints: u32,
+    interval_ms: u32,
+    verbose: bool,
+}
+
+fn parse(args: &[String]) -> Result<Opts> {
+    let mut o = Opts {
+        deadline: Duration::from_secs(420),
+        checkpoints: 20,
+        interval_ms: 500,
+        verbose: false,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut num = |name: &str| -> Result<u64> {
+            let v = it.next().with_context(|| format!("{name} needs a value"))?;
+            v.parse()
+                .with_context(|| format!("{name}: `{v}` is not a whole number"))
+        };
+        match a.as_str() {
+            "--deadline" => o.deadline = Duration::from_secs(num("--deadline")?),
+            "--checkpoints" => o.checkpoints = u32::try_from(num("--checkpoints")?)?,
+            "--interval-ms" => o.interval_ms = u32::try_from(num("--interval-ms")?)?,
+            "--verbose" => o.verbose = true,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("xen-test: unknown argument `{other}`\n{USAGE}"),
+        }
+    }
+    Ok(o)
+}
+
+/// Entry point: never returns an error, so that its last line is always the verdict.
+pub fn run(args: &[String]) -> Result<()> {
+    let started = Instant::now();
+    let res = parse(args).and_then(|o| run_inner(&o, started));
+    match res {
+        Ok(summary) => {
+            println!(
+                "xen-test: PASS {summary}; total {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            println!(
+                "xen-test: FAIL {e:#} (after {:.0} s)",
+                started.elapsed().as_secs_f64()
+            );
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run_inner(o: &Opts, started: Instant) -> Result<String> {
+    crate::sys::ensure_packages(&PACKAGES)?;
+    let root = crate::root();
+    let work = root.join("target/xen-test");
+    let t = Instant::now();
+    let x = fetch(&work)?;
+    println!(
+        "xen-test: packages ready in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let t = Instant::now();
+    crate::cargo(&["build", "--release", "-p", "colo-cli", "--features", "xen"])?;
+    crate::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "colo-xen",
+        "--features",
+        "xen",
+        "--bins",
+    ])?;
+    let rel = root.join("target/release");
+    let mut bins = vec![rel.join("colo"), rel.join("colo-xen-check")];
+    let conformance = rel.join("colo-xen-conformance");
+    if conformance.exists() {
+        bins.push(conformance);
+    } else {
+        println!("xen-test: colo-xen-conformance not built; the conformance stage is skipped");
+    }
+    println!(
+        "xen-test: binaries built in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let t = Instant::now();
+    let boot = work.join("boot");
+    std::fs::create_dir_all(&boot)?;
+    let xen = boot.join("xen");
+    sh(&format!(
+        "zcat {} > {}",
+        x.join("boot/xen-4.17-amd64.gz").display(),
+        xen.display()
+    ))?;
+    let vmlinuz = find_one(&x.join("boot"), "vmlinuz-")?;
+    let scripts = root.join("xtask/xen");
+    let domu = boot.join("domU.cpio");
+    build_domu(&work.join("domUroot"), &scripts, &domu)?;
+    let dom0 = boot.join("dom0.cpio");
+    build_dom0(
+        &work.join("dom0root"),
+        &x,
+        &scripts,
+        &vmlinuz,
+        &domu,
+        &bins,
+        o,
+        &dom0,
+    )?;
+    println!(
+        "xen-test: initramfs built in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let before_boot = started.elapsed();
+    let outcome = boot_and_watch(&xen, &vmlinuz, &dom0, &work.join("console.log"), o)?;
+    let stages: Vec<String> = outcome
+        .stages
+        .iter()
+        .map(|(n, s)| format!("{n} {s} s"))
+        .collect();
+    Ok(format!(
+        "{}; setup {:.0} s, QEMU {:.0} s (dom0 Xen-ready at {:.0} s; {})",
+        outcome.result,
+        before_boot.as_secs_f64(),
+        outcome.qemu_secs,
+        outcome.ready_secs,
+        stages.join(", ")
+    ))
+}
+
+fn sh(cmd: &str) -> Result<()> {
+    let st = Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .with_context(|| format!("running `{cmd}`"))?;
+    if !st.success() {
+        bail!("`{cmd}` failed ({st})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn find_one(dir: &Path, prefix: &str) -> Result<PathBuf> {
+    let mut hits: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix))
+        })
+        .collect();
+    hits.sort();
+    match hits.pop() {
+        Some(p) => Ok(p),
+        None => bail!("no {prefix}* in {}", dir.display()),
+    }
+}
+
+/// Downloads (once) and unpacks the Xen and kernel packages; returns the unpacked tree.
+fn fetch(work: &Path) -> Result<PathBuf> {
+    let debs = work.join("debs");
+    std::fs::create_dir_all(&debs)?;
+    let deps = output(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
+    let kpkg = deps
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| {
+            p.starts_with("linux-image-") && p.as_bytes().get(12).is_some_and(u8::is_ascii_digit)
+        })
+        .context("apt-cache depends linux-image-amd64 names no linux-image-<version> package")?
+        .to_string();
+    let mut wanted: Vec<String> = XEN_DEBS.iter().map(|s| s.to_string()).collect();
+    wanted.push(kpkg);
+    let have = |p: &str| find_one(&debs, &format!("{p}_")).is_ok();
+    let missing: Vec<&String> = wanted.iter().filter(|p| !have(p)).collect();
+    if !missing.is_empty() {
+        let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+        println!("xen-test: apt-get download {}", names.join(" "));
+        let dl = || {
+            Command::new("apt-get")
+                .arg("download")
+                .args(&names)
+                .current_dir(&debs)
+                .status()
+        };
+        if !dl().context("running apt-get download")?.success() {
+            sh("apt-get update -qq")?;
+            if !dl().context("running apt-get download")?.success() {
+                bail!("apt-get download {} failed", names.join(" "));
+            }
+        }
+    }
+    let mut files: Vec<PathBuf> = Vec::new();
+    for p in &wanted {
+        files.push(find_one(&debs, &format!("{p}_"))?);
+    }
+    let stamp_text: String = files.iter().map(|f| format!("{}\n", f.display())).collect();
+    let x = work.join("x");
+    let stamp = work.join("x.stamp");
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(stamp_text.as_str()) {
+        let _ = std::fs::remove_dir_all(&x);
+        std::fs::create_dir_all(&x)?;
+        for f in &files {
+            let st = Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(f)
+                .arg(&x)
+                .status()
+                .context("running dpkg-deb")?;
+            if !st.success() {
+                bail!("dpkg-deb -x {} failed", f.display());
+            }
+        }
+        std::fs::write(&stamp, stamp_text)?;
+    }
+    Ok(x)
+}
+
+fn fresh_dir(dir: &Path) -> Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+}
+
+/// Copies busybox into `root/bin` with a link per applet (never over busybox itself).
+fn install_busybox(root: &Path) -> Result<()> {
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    std::fs::copy("/bin/busybox", bin.join("busybox")).context("copying /bin/busybox")?;
+    let list = output(Command::new("/bin/busybox").arg("--list"))?;
+    for applet in list.lines().map(str::trim) {
+        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
+            continue;
+        }
+        let link = bin.join(applet);
+        if !link.exists() {
+            std::os::unix::fs::symlink("busybox", &link)?;
+        }
+    }
+    for d in ["sbin", "usr/bin", "usr/sbin"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    Ok(())
+}
+
+fn copy_exec(src: &Path, dst: &Path) -> Result<()> {
+    if let Some(p) = dst.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    std::fs::copy(src, dst).with_context(|| format!("copying {}", src.display()))?;
+    sh(&format!("chmod 755 '{}'", dst.display()))
+}
+
+/// Packs `root` as an uncompressed newc cpio: QEMU and xl load it straight into memory, and
+/// decompressing inside an emulated guest costs more than the extra bytes.
+fn pack(root: &Path, out: &Path) -> Result<()> {
+    sh(&format!(
+        "cd '{}' && find . | cpio -H newc -o --quiet > '{}'",
+        root.display(),
+        out.display()
+    ))
+}
+
+fn build_domu(root: &Path, scripts: &Path, out: &Path) -> Result<()> {
+    fresh_dir(root)?;
+    install_busybox(root)?;
+    for d in ["dev", "proc", "sys", "tmp"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    copy_exec(&scripts.join("domU-init"), &root.join("init"))?;
+    pack(root, out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_dom0(
+    root: &Path,
+    x: &Path,
+    scripts: &Path,
+    vmlinuz: &Path,
+    domu: &Path,
+    bins: &[PathBuf],
+    o: &Opts,
+    out: &Path,
+) -> Result<()> {
+    fresh_dir(root)?;
+    install_busybox(root)?;
+    for d in [
+        "etc",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "root",
+        "run",
+        "var/run/xen",
+        "var/lib/xen",
+        "var/lib/xenstored",
+        "var/log/xen",
+        "lib/modules",
+        "usr/local/bin",
+    ] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    sh(&format!(
+        "mkdir -p '{r}/usr/lib/xen-4.17' '{r}/usr/lib/xen-common' && \
+         cp -a '{x}/usr/lib/xen-4.17/bin' '{r}/usr/lib/xen-4.17/' && \
+         cp -a '{x}/usr/lib/xen-common/bin' '{r}/usr/lib/xen-common/' && \
+         cp -a '{x}/etc/xen' '{r}/etc/'",
+        r = root.display(),
+        x = x.display()
+    ))?;
+    for b in bins {
+        let name = b.file_name().context("binary without a name")?;
+        let dst = root.join("usr/local/bin").join(name);
+        // Without debug info: a smaller initramfs boots faster under emulation.
+        let st = Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(b)
+            .arg(&dst)
+            .status();
+        if !st.is_ok_and(|s| s.success()) {
+            copy_exec(b, &dst)?;
+        }
+    }
+    // Every library the ELF programs need, as resolved on this (same-release) host, plus
+    // libgcc_s, without which xl and Rust binaries abort.
+    let mut libs = std::collections::BTreeSet::new();
+    libs.insert(PathBuf::from("/lib/x86_64-linux-gnu/libgcc_s.so.1"));
+    for dir in ["usr/lib/xen-4.17/bin", "usr/local/bin"] {
+        for e in std::fs::read_dir(root.join(dir))?.filter_map(|e| e.ok()) {
+            let p = e.path();
+            let mut magic = [0u8; 4];
+            let is_elf = std::fs::File::open(&p)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+                .is_ok()
+                && magic == *b"\x7fELF";
+            if !is_elf {
+                continue;
+            }
+            let out = Command::new("ldd").arg(&p).output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            for line in text.lines() {
+                if line.contains("not found") {
+                    bail!("{}: {}", p.display(), line.trim());
+                }
+                if let Some(path) = line.split_whitespace().find(|w| w.starts_with('/')) {
+                    libs.insert(PathBuf::from(path));
+                }
+            }
+        }
+    }
+    for lib in &libs {
+        let rel = lib.strip_prefix("/").unwrap_or(lib);
+        let dst = root.join(rel);
+        if let Some(p) = dst.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        std::fs::copy(lib, &dst).with_context(|| format!("copying {}", lib.display()))?;
+    }
+    let kver_dir = find_one(&x.join("lib/modules"), "")?;
+    for m in MODULES {
+        let src = kver_dir.join("kernel").join(m);
+        let name = src.file_name().context("module without a name")?;
+        std::fs::copy(&src, root.join("lib/modules").join(name))
+            .with_context(|| format!("copying {}", src.display()))?;
+    }
+    std::fs::copy(vmlinuz, root.join("root/vmlinuz"))?;
+    std::fs::copy(domu, root.join("root/domU.cpio"))?;
+    std::fs::copy(scripts.join("guest.cfg"), root.join("root/guest.cfg"))?;
+    copy_exec(&scripts.join("dom0-init"), &root.join("init"))?;
+    let test = std::fs::read_to_string(scripts.join("dom0-test.sh"))?;
+    let test = format!(
+        "#!/bin/sh\nexport CHECKPOINTS={} INTERVAL_MS={}\n{}",
+        o.checkpoints,
+        o.interval_ms,
+        test.strip_prefix("#!/bin/sh\n").unwrap_or(&test)
+    );
+    std::fs::write(root.join("root/test.sh"), test)?;
+    sh(&format!("chmod 755 '{}/root/test.sh'", root.display()))?;
+    pack(root, out)
+}
+
+struct Outcome {
+    result: String,
+    qemu_secs: f64,
+    ready_secs: f64,
+    stages: Vec<(String, String)>,
+}
+
+/// Kills QEMU (our own child) if it is still running when dropped.
+struct Qemu(Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn interesting(line: &str) -> bool {
+    [
+        "check:",
+        "XEN-TEST",
+        "DOM0",
+        "GUEST",
+        "---",
+        "xen_version",
+        "virt_caps",
+        "(XEN) Xen version",
+        "Kernel panic",
+        "(XEN) ****",
+    ]
+    .iter()
+    .any(|p| line.contains(p))
+}
+
+fn boot_and_watch(
+    xen: &Path,
+    vmlinuz: &Path,
+    dom0: &Path,
+    log_path: &Path,
+    o: &Opts,
+) -> Result<Outcome> {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm,+npt", "-m", "3G",
+        "-smp", "2", "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
+    ])
+    .arg("-kernel")
+    .arg(xen)
+    .arg("-append")
+    .arg("console=com1 com1=115200,8n1 dom0_mem=1G,max:1G loglvl=warning guest_loglvl=none noreboot console_timestamps=boot")
+    .arg("-initrd")
+    .arg(format!(
+        "{} console=hvc0 earlyprintk=xen loglevel=4,{}",
+        vmlinuz.display(),
+        dom0.display()
+    ))
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stream);
+            let mut buf = Vec::new();
+            while let Ok(n) = r.read_until(b'\n', &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let line = String::from_utf8_lossy(&buf).trim_end().replace('\r', "");
+                if tx.send(line).is_err() {
+                    break;
+                }
+                buf.clear();
+            }
+        });
+    }
+    drop(tx);
+    let mut qemu = Qemu(child);
+    let mut log = std::fs::File::create(log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    println!(
+        "xen-test: booting Xen + dom0 in QEMU (deadline {} s; console in {})",
+        o.deadline.as_secs(),
+        log_path.display()
+    );
+    let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let mut result: Option<String> = None;
+    let mut ready = 0.0;
+    let mut stages = Vec::new();
+    let mut result_at: Option<Instant> = None;
+    loop {
+        let now = t0.elapsed();
+        if now >= o.deadline {
+            break;
+        }
+        // After the verdict, give dom0 a few seconds to power off by itself.
+        if result_at.is_some_and(|t| t.elapsed() > Duration::from_secs(15)) {
+            break;
+        }
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                let _ = writeln!(log, "[{:7.2}] {line}", t0.elapsed().as_secs_f64());
+                if o.verbose || interesting(&line) {
+                    println!("  | {line}");
+                }
+                tail.push_back(line.clone());
+                if tail.len() > 60 {
+                    tail.pop_front();
+                }
+                if line.contains("DOM0 XEN READY") {
+                    ready = t0.elapsed().as_secs_f64();
+                }
+                if let Some(rest) = line.split("XEN-TEST-STAGE ").nth(1) {
+                    let mut w = rest.split_whitespace();
+                    if let (Some(n), Some(s)) = (w.next(), w.next()) {
+                        stages.push((n.to_string(), s.to_string()));
+                    }
+                }
+                if let Some(rest) = line.split("XEN-TEST-RESULT: ").nth(1) {
+                    result = Some(rest.to_string());
+                    result_at = Some(Instant::now());
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Ok(Some(_)) = qemu.0.try_wait() {
+                    // Drain what is left, then stop.
+                    while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+                        let _ = writeln!(log, "{line}");
+                        if let Some(rest) = line.split("XEN-TEST-RESULT: ").nth(1) {
+                            result = Some(rest.to_string());
+                        }
+                    }
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = qemu.0.wait();
+                break;
+            }
+        }
+    }
+    let qemu_secs = t0.elapsed().as_secs_f64();
+    let exited = matches!(qemu.0.try_wait(), Ok(Some(_)));
+    drop(qemu);
+    let show_tail = |why: &str| {
+        println!("xen-test: {why}; last console lines:");
+        for l in &tail {
+            println!("  | {l}");
+        }
+    };
+    match result {
+        Some(r) if r.starts_with("PASS") => {
+            if !exited {
+                println!("xen-test: dom0 did not power off; QEMU killed");
+            }
+            Ok(Outcome {
+                result: r.trim_start_matches("PASS").trim().to_string(),
+                qemu_secs,
+                ready_secs: ready,
+                stages,
+            })
+        }
+        Some(r) => {
+            show_tail("dom0 test failed");
+            bail!("{}", r.trim_start_matches("FAIL").trim())
+        }
+        None if qemu_secs >= o.deadline.as_secs_f64() => {
+            show_tail("deadline reached");
+            bail!(
+                "no verdict from dom0 within the {} s deadline; QEMU killed",
+                o.deadline.as_secs()
+            )
+        }
+        None => {
+            show_tail("QEMU exited without a verdict");
+            bail!("QEMU exited after {qemu_secs:.0} s without a verdict from dom0")
+        }
+    }
+}
