@@ -31,7 +31,7 @@ const SERVER_IO_TIMEOUT: Duration = Duration::from_secs(2);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An action requested over the control socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlCommand {
     /// Report the status (answered by the server itself; never sent on the channel).
     Status,
@@ -39,6 +39,12 @@ pub enum ControlCommand {
     Failover,
     /// Take a checkpoint now.
     Checkpoint,
+    /// Re-protection: an unprotected primary connects to a new secondary at `peer` and
+    /// re-synchronises it while its guest keeps running.
+    Protect {
+        /// The new secondary's replication address.
+        peer: String,
+    },
 }
 
 impl ControlCommand {
@@ -230,7 +236,16 @@ fn respond(line: &[u8], status: &Shared, commands: &Sender<ControlCommand>) -> V
     let Some(cmd) = req.get("cmd").and_then(Value::as_str) else {
         return json!({ "error": "malformed request: expected {\"cmd\":\"status\"|\"failover\"|\"checkpoint\"}" });
     };
-    match ControlCommand::parse(cmd) {
+    let parsed = match cmd {
+        "protect" => match req.get("peer").and_then(Value::as_str) {
+            Some(peer) => Some(ControlCommand::Protect {
+                peer: peer.to_string(),
+            }),
+            None => return json!({ "error": "protect needs a \"peer\" address" }),
+        },
+        other => ControlCommand::parse(other),
+    };
+    match parsed {
         None => {
             json!({ "error": format!("unknown command {cmd:?} (expected status, failover or checkpoint)") })
         }
@@ -256,6 +271,12 @@ pub fn status_json(status: &Shared) -> Value {
 /// Sends `cmd` to the node listening on `path` and returns its JSON answer. Fails (naming the
 /// socket) if nothing listens there, on a 5 s timeout, or if the node answers `{"error":...}`.
 pub fn request(path: &Path, cmd: &str) -> anyhow::Result<Value> {
+    request_json(path, cmd, json!({ "cmd": cmd }))
+}
+
+/// Sends the request object `req` (whose command is `cmd`) to the node on `path`; see
+/// [`request`].
+pub fn request_json(path: &Path, cmd: &str, req: Value) -> anyhow::Result<Value> {
     let stream = UnixStream::connect(path).map_err(|e| {
         anyhow::Error::new(e).context(format!(
             "no colo node is listening on {} (is it running? see --name)",
@@ -269,7 +290,7 @@ pub fn request(path: &Path, cmd: &str) -> anyhow::Result<Value> {
     stream
         .set_write_timeout(Some(CLIENT_TIMEOUT))
         .with_context(ctx)?;
-    let mut req = serde_json::to_vec(&json!({ "cmd": cmd }))?;
+    let mut req = serde_json::to_vec(&req)?;
     req.push(b'\n');
     (&stream)
         .write_all(&req)

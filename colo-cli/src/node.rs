@@ -183,6 +183,16 @@ fn digest_domain(dom: &mut dyn Domain, state: &[u8]) -> Result<[u8; DIGEST_LEN],
     Ok(d.finish(state))
 }
 
+fn primary_config(opts: &NodeOptions, pages: u64) -> PrimaryConfig {
+    let mut cfg = PrimaryConfig::new(pages);
+    cfg.sync_mode = opts.sync_mode;
+    cfg.liveness = opts.liveness;
+    cfg.verify = opts.verify;
+    cfg.key = opts.key.clone();
+    cfg.nonce = nonce();
+    cfg
+}
+
 /// A running primary.
 pub struct PrimaryNode<G: Guest> {
     guest: G,
@@ -236,12 +246,7 @@ impl<G: Guest> PrimaryNode<G> {
     ) -> Result<Self> {
         let pages = guest.page_count();
         let now = Instant::now();
-        let mut cfg = PrimaryConfig::new(pages);
-        cfg.sync_mode = opts.sync_mode;
-        cfg.liveness = opts.liveness;
-        cfg.verify = opts.verify;
-        cfg.key = opts.key.clone();
-        cfg.nonce = nonce();
+        let cfg = primary_config(&opts, pages);
         let mut engine = Primary::new(cfg, now);
         if link.is_none() {
             engine.peer_lost(now, "started without a secondary".into());
@@ -278,17 +283,51 @@ impl<G: Guest> PrimaryNode<G> {
         })
     }
 
+    /// Re-protection: an unprotected primary (for example the survivor of a failover) connects
+    /// to a new secondary at `peer` and re-synchronises it (pre-copy while the guest runs, then
+    /// checkpoint 0). Client output passes through unprotected until checkpoint 0 begins.
+    pub fn protect(&mut self, peer: &str) -> Result<()> {
+        if self.engine.state() != PrimaryState::Unprotected {
+            bail!(
+                "this primary is {} (protected or protecting already)",
+                self.engine.state().name()
+            );
+        }
+        let pages = self.guest.page_count();
+        let link = Link::connect(
+            peer,
+            self.opts.connect_timeout,
+            DecoderConfig {
+                expect_headers: false,
+                page_count: Some(pages),
+            },
+        )?;
+        self.engine = Primary::new(primary_config(&self.opts, pages), Instant::now());
+        self.comparator = None;
+        let mut st = self.status.lock();
+        st.peer = Some(link.peer().to_string());
+        st.failover_reason = None;
+        st.failover_at = None;
+        self.link = Some(link);
+        tracing::info!("re-protecting with the secondary at {peer}");
+        Ok(())
+    }
+
     /// Takes operator commands (from the control socket).
     pub fn set_commands(&mut self, rx: crossbeam_channel::Receiver<ControlCommand>) {
         self.commands = Some(rx);
     }
 
     fn poll_commands(&mut self) {
-        let Some(rx) = &self.commands else { return };
-        while let Ok(c) = rx.try_recv() {
+        while let Some(c) = self.commands.as_ref().and_then(|rx| rx.try_recv().ok()) {
             match c {
                 ControlCommand::Failover => self.engine.failover(Instant::now()),
                 ControlCommand::Checkpoint => self.manual = true,
+                ControlCommand::Protect { peer } => {
+                    if let Err(e) = self.protect(&peer) {
+                        tracing::error!("re-protection with {peer} failed: {e:#}");
+                    }
+                }
                 ControlCommand::Status => {}
             }
         }
@@ -823,8 +862,12 @@ impl<G: Guest> SecondaryNode<G> {
     pub fn step(&mut self, wait: Duration) -> Result<bool> {
         if let Some(rx) = &self.commands {
             while let Ok(c) = rx.try_recv() {
-                if c == ControlCommand::Failover {
-                    self.engine.failover();
+                match c {
+                    ControlCommand::Failover => self.engine.failover(),
+                    ControlCommand::Protect { .. } => {
+                        tracing::warn!("`protect` is for a primary; this node is a secondary")
+                    }
+                    ControlCommand::Status | ControlCommand::Checkpoint => {}
                 }
             }
         }
