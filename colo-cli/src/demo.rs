@@ -18,6 +18,17 @@ use colo_core::engine::SyncMode;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
+/// Examples shown by `colo demo --help`.
+pub const EXAMPLES: &str = "\
+Examples:
+  colo demo                                   live view until Ctrl-C
+  colo demo --duration 10 --json              one JSON summary after 10 s
+  colo demo --kill-primary-after 5 --duration 10    watch the secondary take over
+  colo demo --sync-mode primary-only --verify       see why the back channel is needed
+  colo demo --duration 5 --save vm.img        also save the primary VM at the end
+
+Exit codes: 0 ok, 1 an acknowledged write was lost or a verification failed, 2 bad usage.";
+
 /// Flags of `colo demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -51,6 +62,10 @@ pub struct DemoArgs {
     /// Maximum interval between checkpoints, ms (passed to the primary).
     #[arg(long)]
     max_interval_ms: Option<u64>,
+    /// At the end, save a full snapshot of the primary VM (the survivor after a failover) to
+    /// this file, in Xen's libxc stream format.
+    #[arg(long, value_name = "FILE")]
+    save: Option<PathBuf>,
     /// Print one JSON object at the end instead of the live view.
     #[arg(long)]
     json: bool,
@@ -96,8 +111,9 @@ impl Proc {
         }
     }
 
-    /// Asks the node to stop (SIGTERM-like via Ctrl-C handler: SIGINT), then kills it.
-    fn stop(&mut self) {
+    /// Asks the node to stop (SIGINT, which its Ctrl-C handler turns into an orderly stop),
+    /// waits up to `grace`, then kills it.
+    fn stop(&mut self, grace: Duration) {
         let Some(c) = self.child.as_mut() else { return };
         if !matches!(c.try_wait(), Ok(None)) {
             return;
@@ -106,7 +122,7 @@ impl Proc {
             .args(["-INT", &c.id().to_string()])
             .stderr(Stdio::null())
             .status();
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if !matches!(c.try_wait(), Ok(None)) {
                 return;
@@ -182,6 +198,15 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     ];
     if a.verify {
         common.push("--verify".into());
+    }
+    if let Some(p) = &a.save {
+        // Both nodes get it; only the one that stops as the primary writes it.
+        let _ = std::fs::remove_file(p);
+        let abs = std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.clone());
+        common.push("--save-on-exit".into());
+        common.push(abs.display().to_string());
     }
     let mut sargs = vec![
         "secondary".to_string(),
@@ -311,8 +336,18 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     std::thread::sleep(Duration::from_millis(300));
     let ps = read_status(&primary.status_file);
     let ss = read_status(&secondary.status_file);
-    primary.stop();
-    secondary.stop();
+    // Saving a snapshot on the way out takes a moment (about 1 s per GiB).
+    let grace = Duration::from_secs(if a.save.is_some() { 30 } else { 3 });
+    primary.stop(grace);
+    secondary.stop(grace);
+    let snapshot = a.save.as_ref().filter(|p| p.is_file());
+    if let (Some(p), None) = (&a.save, snapshot) {
+        eprintln!(
+            "colo demo: no snapshot was written to {}; see the node logs in {}",
+            p.display(),
+            dir.display()
+        );
+    }
     let cs = client_result.unwrap_or_else(|| client_stats.lock().clone());
 
     let failover = killed.map(|(who, at)| {
@@ -343,6 +378,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         "acked_writes": cs.acked_writes,
         "lost_acked_writes": cs.lost_acked_writes,
         "failover": failover,
+        "snapshot": snapshot.map(|p| p.display().to_string()),
         "logs": dir.display().to_string(),
     });
     if a.json {
@@ -350,7 +386,9 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     } else {
         println!("\n{}", serde_json::to_string_pretty(&summary)?);
     }
-    let bad = cs.lost_acked_writes > 0 || ps["verify_failures"].as_u64().unwrap_or(0) > 0;
+    let bad = cs.lost_acked_writes > 0
+        || ps["verify_failures"].as_u64().unwrap_or(0) > 0
+        || (a.save.is_some() && snapshot.is_none());
     Ok(if bad { 1 } else { 0 })
 }
 

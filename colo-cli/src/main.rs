@@ -3,21 +3,29 @@
 //! Exit codes: 0 success; 1 a runtime failure (a node lost its guest, a verification failed);
 //! 2 bad usage or input (a bad flag, a missing file, an unreachable peer, a malformed stream).
 
+use std::ffi::OsString;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use anyhow::{bail, Context, Result};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use colo_cli::config::{parse_size, Config};
 use colo_cli::mock::{MockSpec, WorkloadKind};
-use colo_cli::node::{new_status, NodeOptions, PrimaryNode, SecondaryNode, SecondaryOutcome};
+use colo_cli::node::{
+    new_status, Guest, NodeOptions, PrimaryNode, SecondaryNode, SecondaryOutcome,
+};
 use colo_cli::status::Shared;
 use colo_core::compare::CompareConfig;
 use colo_core::engine::{Liveness, SyncMode};
 use colo_core::policy::CheckpointPolicy;
 
 mod demo;
+mod save;
+#[cfg(feature = "xen")]
+mod xen;
 
 /// COLO virtual-machine replication: a primary and a secondary VM run side by side, their
 /// outputs are compared, and a checkpoint makes the secondary an exact copy of the primary
@@ -35,20 +43,88 @@ Examples:
   colo demo --duration 10 --json              run 10 s, print one JSON summary
   colo secondary --listen 127.0.0.1:7000 --ram 64M --client 127.0.0.1:7101
   colo primary --peer 127.0.0.1:7000 --ram 64M --client 127.0.0.1:7100
-  colo stream dump checkpoint.bin             inspect a libxc migration stream
+  colo primary --config /etc/colo/primary.toml
+  colo status --name primary                  ask a running node how it is doing
+  colo save --ram 64M --workload kv --seconds 2 --out vm.img
+  colo stream dump vm.img                     inspect a libxc migration stream
 
 Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=colo=debug) for more.
 Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input.";
 
+const PRIMARY_EXAMPLES: &str = "\
+Examples:
+  colo primary --peer 10.0.0.2:7000 --ram 1G --client 0.0.0.0:7100 --key-file /etc/colo/key
+  colo primary --config /etc/colo/node.toml --verify      flags win over the file
+  colo primary --backend xen --domid 7 --peer 10.0.0.2:7000    (built with --features xen)
+
+Config file (TOML): every key is the flag's name with '-' written as '_', e.g.
+  peer = \"10.0.0.2:7000\"
+  ram = \"1G\"
+  key_file = \"/etc/colo/key\"
+  max_interval_ms = 2000
+Keys that do not apply to the primary (listen) are ignored, so one file can serve both nodes.
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input (incl. an unreachable peer).";
+
+const SECONDARY_EXAMPLES: &str = "\
+Examples:
+  colo secondary --listen 0.0.0.0:7000 --ram 1G --client 0.0.0.0:7100 --key-file /etc/colo/key
+  colo secondary --config /etc/colo/node.toml --heartbeat-timeout-ms 1000
+  colo secondary --listen 0.0.0.0:7000 --fence-cmd 'ssh pvm-bmc power off'
+
+Config file (TOML): every key is the flag's name with '-' written as '_', e.g.
+  listen = \"0.0.0.0:7000\"
+  ram = \"1G\"
+  heartbeat_timeout_ms = 1000
+Keys that only the primary uses (peer, sync_mode, min_interval_ms, max_interval_ms,
+compare_timeout_ms) are ignored, so one file can serve both nodes.
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input.";
+
+const STATUS_EXAMPLES: &str = "\
+Examples:
+  colo status                        the node named `primary`
+  colo status --name secondary --json";
+
+const FAILOVER_EXAMPLES: &str = "\
+Examples:
+  colo failover --name secondary     the secondary takes over now
+  colo failover --name primary       the primary drops the secondary and runs unprotected";
+
+const SAVE_EXAMPLES: &str = "\
+Examples:
+  colo save --ram 64M --workload kv --seconds 2 --out vm.img
+  colo save --backend xen --domid 7 --out dom7.img     (built with --features xen)
+  colo stream dump vm.img && colo restore --in vm.img --ram 64M --workload kv
+
+The file is a plain libxc migration stream v3 (image and domain header, CPUID/MSR policies,
+STATIC_DATA_END, PAGE_DATA for every page, X86_TSC_INFO, HVM_CONTEXT, HVM_PARAMS, END).
+A mock guest's vCPU state travels in HVM_CONTEXT.";
+
+const RESTORE_EXAMPLES: &str = "\
+Examples:
+  colo restore --in vm.img --ram 64M --workload kv --seconds 2
+  colo restore --in vm.img --ram 64M --workload dirty --seconds 0   load and verify only
+
+--ram and --workload must match the saved guest. Exit 2 on a malformed stream (the error
+names the byte offset), 1 if the restored guest's memory differs from the stream or it faults.";
+
+const DUMP_EXAMPLES: &str = "\
+Examples:
+  colo stream dump vm.img
+  colo stream dump --json - < vm.img";
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the primary node: runs the PVM, connects to the secondary, sends checkpoints.
+    #[command(after_help = PRIMARY_EXAMPLES)]
     Primary(PrimaryArgs),
     /// Run the secondary node: runs the SVM, receives checkpoints, takes over if the primary dies.
+    #[command(after_help = SECONDARY_EXAMPLES)]
     Secondary(SecondaryArgs),
     /// Start a primary, a secondary and a client on this machine and show them live.
+    #[command(after_help = demo::EXAMPLES)]
     Demo(demo::DemoArgs),
     /// Ask a running node for its role, state, peer, protection and recent checkpoints.
+    #[command(after_help = STATUS_EXAMPLES)]
     Status {
         /// The node's name (its control socket is <runtime dir>/<name>.sock).
         #[arg(long, default_value = "primary")]
@@ -58,11 +134,18 @@ enum Command {
         json: bool,
     },
     /// Force a failover on a running node: a secondary takes over, a primary drops protection.
+    #[command(after_help = FAILOVER_EXAMPLES)]
     Failover {
         /// The node's name.
         #[arg(long)]
         name: String,
     },
+    /// Write a full snapshot of a VM in Xen's libxc migration stream format.
+    #[command(after_help = SAVE_EXAMPLES)]
+    Save(SaveArgs),
+    /// Load a snapshot written by `colo save` into a fresh mock VM, verify it and run it.
+    #[command(after_help = RESTORE_EXAMPLES)]
+    Restore(RestoreArgs),
     /// Inspect Xen libxc migration streams.
     Stream {
         #[command(subcommand)]
@@ -73,6 +156,7 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum StreamCommand {
     /// Print a stream's headers and records; exit 2 if it is malformed.
+    #[command(after_help = DUMP_EXAMPLES)]
     Dump {
         /// The stream file, or `-` for standard input.
         file: String,
@@ -82,16 +166,37 @@ enum StreamCommand {
     },
 }
 
+/// Which hypervisor runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// colo-mock: a simulated VM in this process (for development, tests and the demo).
+    Mock,
+    /// A live Xen domain (`--domid`); needs a colo built with `--features xen`, run in dom0.
+    Xen,
+}
+
+#[cfg(not(feature = "xen"))]
+const NO_XEN: &str = "this colo was built without Xen support; rebuild with --features xen";
+
 /// Settings shared by both node roles.
 #[derive(Debug, Clone, Args)]
 pub struct NodeArgs {
-    /// Guest RAM size (e.g. 64M, 1G).
+    /// Read settings from this TOML file; flags given on the command line win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The guest's hypervisor.
+    #[arg(long, value_enum, default_value = "mock")]
+    pub backend: Backend,
+    /// Xen domain id of the guest (--backend xen).
+    #[arg(long)]
+    pub domid: Option<u32>,
+    /// Guest RAM size (e.g. 64M, 1G; --backend mock).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub ram: u64,
     /// Back guest RAM by this file (under /dev/shm, kept for inspection) instead of a memfd.
     #[arg(long)]
     pub ram_file: Option<PathBuf>,
-    /// The guest's workload.
+    /// The guest's workload (--backend mock).
     #[arg(long, value_enum, default_value = "kv")]
     pub workload: WorkloadKind,
     /// kv: place entries by per-VM randomness so the replicas' memories differ.
@@ -137,13 +242,17 @@ pub struct NodeArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100).
     #[arg(long)]
     pub metrics: Option<String>,
+    /// When the node stops while it is the primary, save its VM to this file (`colo demo
+    /// --save`).
+    #[arg(long, hide = true)]
+    pub save_on_exit: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 struct PrimaryArgs {
-    /// The secondary's replication address (HOST:PORT).
+    /// The secondary's replication address (HOST:PORT); required, here or in the config file.
     #[arg(long)]
-    peer: String,
+    peer: Option<String>,
     #[command(flatten)]
     node: NodeArgs,
     /// backchannel (D = A ∪ B, correct) or primary-only (D = A, to show why B is needed).
@@ -162,33 +271,52 @@ struct PrimaryArgs {
 
 #[derive(Debug, Args)]
 struct SecondaryArgs {
-    /// Address to listen on for the primary (HOST:PORT).
+    /// Address to listen on for the primary (HOST:PORT); required, here or in the config file.
     #[arg(long)]
-    listen: String,
+    listen: Option<String>,
     #[command(flatten)]
     node: NodeArgs,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        None => (t, 1u64),
-        Some((i, _)) => {
-            let unit = t[i..].to_ascii_lowercase();
-            let m = match unit.as_str() {
-                "k" | "kb" | "kib" => 1 << 10,
-                "m" | "mb" | "mib" => 1 << 20,
-                "g" | "gb" | "gib" => 1 << 30,
-                _ => return Err(format!("`{s}`: unknown unit (use K, M or G)")),
-            };
-            (&t[..i], m)
-        }
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (e.g. 64M, 1G)"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("`{s}` is too large"))
+#[derive(Debug, Args)]
+struct SaveArgs {
+    /// The VM's hypervisor: a fresh mock guest, or a live Xen domain.
+    #[arg(long, value_enum, default_value = "mock")]
+    backend: Backend,
+    /// Xen domain id (--backend xen).
+    #[arg(long)]
+    domid: Option<u32>,
+    /// Mock guest RAM size.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    ram: u64,
+    /// Mock guest workload.
+    #[arg(long, value_enum, default_value = "kv")]
+    workload: WorkloadKind,
+    /// Let the mock guest run this many seconds before it is paused and saved.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+    /// Mock guest entropy seed (default: random).
+    #[arg(long)]
+    vm_seed: Option<u64>,
+    /// The snapshot file to write.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// The snapshot file (`-` for standard input).
+    #[arg(long = "in", value_name = "FILE")]
+    input: String,
+    /// RAM size of the new mock guest (must hold every saved pfn).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    ram: u64,
+    /// Workload of the new mock guest (must match the saved one).
+    #[arg(long, value_enum, default_value = "kv")]
+    workload: WorkloadKind,
+    /// Run the restored guest this many seconds (0: load and verify only).
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -199,15 +327,129 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
     }
 }
 
-fn main() {
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            std::process::exit(code);
-        }
+/// Config keys only one role uses; the other ignores them.
+const PRIMARY_ONLY: &[&str] = &[
+    "peer",
+    "sync_mode",
+    "min_interval_ms",
+    "max_interval_ms",
+    "compare_timeout_ms",
+];
+const SECONDARY_ONLY: &[&str] = &["listen"];
+
+/// The config file's settings as `--flag=value` arguments, for every key set in the file whose
+/// flag was not given on the command line (`matches` are the subcommand's).
+fn config_args(cfg: &Config, role: &str, matches: &ArgMatches) -> Vec<OsString> {
+    let os = |p: &Path| p.as_os_str().to_owned();
+    let entries: Vec<(&str, Option<OsString>)> = vec![
+        ("backend", cfg.backend.clone().map(Into::into)),
+        ("ram", cfg.ram.map(|v| v.to_string().into())),
+        ("ram_file", cfg.ram_file.as_deref().map(os)),
+        ("workload", cfg.workload.clone().map(Into::into)),
+        ("domid", cfg.domid.map(|v| v.to_string().into())),
+        ("peer", cfg.peer.clone().map(Into::into)),
+        ("listen", cfg.listen.clone().map(Into::into)),
+        ("client", cfg.client.clone().map(Into::into)),
+        ("sync_mode", cfg.sync_mode.clone().map(Into::into)),
+        ("key_file", cfg.key_file.as_deref().map(os)),
+        // A boolean flag: present or absent, no value.
+        ("verify", cfg.verify.filter(|&v| v).map(|_| OsString::new())),
+        (
+            "min_interval_ms",
+            cfg.min_interval_ms.map(|v| v.to_string().into()),
+        ),
+        (
+            "max_interval_ms",
+            cfg.max_interval_ms.map(|v| v.to_string().into()),
+        ),
+        (
+            "compare_timeout_ms",
+            cfg.compare_timeout_ms.map(|v| v.to_string().into()),
+        ),
+        (
+            "heartbeat_interval_ms",
+            cfg.heartbeat_interval_ms.map(|v| v.to_string().into()),
+        ),
+        (
+            "heartbeat_timeout_ms",
+            cfg.heartbeat_timeout_ms.map(|v| v.to_string().into()),
+        ),
+        ("fence_cmd", cfg.fence_cmd.clone().map(Into::into)),
+        ("metrics", cfg.metrics.clone().map(Into::into)),
+        ("name", cfg.name.clone().map(Into::into)),
+        (
+            "output_divergence",
+            cfg.output_divergence.map(|v| v.to_string().into()),
+        ),
+        (
+            "memory_divergence",
+            cfg.memory_divergence
+                .map(|v| if v { "on" } else { "off" }.into()),
+        ),
+    ];
+    let skip = if role == "primary" {
+        SECONDARY_ONLY
+    } else {
+        PRIMARY_ONLY
     };
+    let mut out = Vec::new();
+    for (key, value) in entries {
+        let Some(value) = value else { continue };
+        if skip.contains(&key) || matches.value_source(key) == Some(ValueSource::CommandLine) {
+            continue;
+        }
+        let mut arg = OsString::from(format!("--{}", key.replace('_', "-")));
+        if !value.is_empty() || key != "verify" {
+            arg.push("=");
+            arg.push(value);
+        }
+        out.push(arg);
+    }
+    out
+}
+
+/// Exits on a clap outcome: --help/--version print as clap does (exit 0); a usage error prints
+/// one line (exit 2).
+fn clap_exit(e: clap::Error) -> ! {
+    if !e.use_stderr() {
+        let _ = e.print();
+        std::process::exit(0);
+    }
+    let msg = e.to_string();
+    let first = msg.lines().next().unwrap_or("bad usage");
+    eprintln!("colo: {first} (see `colo --help` or `colo <command> --help`)",);
+    std::process::exit(2);
+}
+
+/// Parses the command line, merging a node's `--config` file under its flags.
+fn parse_cli() -> Result<Cli> {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    let matches = Cli::command()
+        .try_get_matches_from(&args)
+        .unwrap_or_else(|e| clap_exit(e));
+    if let Some((role @ ("primary" | "secondary"), sub)) = matches.subcommand() {
+        if let Some(path) = sub.get_one::<PathBuf>("config") {
+            let cfg = colo_cli::config::load(path)?;
+            let extra = config_args(&cfg, role, sub);
+            if !extra.is_empty() {
+                args.extend(extra);
+                let merged = Cli::command().try_get_matches_from(&args).map_err(|e| {
+                    let msg = e.to_string();
+                    let first = msg
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .trim_start_matches("error: ");
+                    anyhow::anyhow!("config file {}: {first}", path.display())
+                })?;
+                return Cli::from_arg_matches(&merged).map_err(|e| anyhow::anyhow!("{e}"));
+            }
+        }
+    }
+    Cli::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -215,7 +457,8 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    std::process::exit(match run(cli) {
+    let result = parse_cli().and_then(run);
+    std::process::exit(match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("colo: error: {e:#}");
@@ -243,6 +486,8 @@ fn run(cli: Cli) -> Result<i32> {
             println!("failover requested on {name}");
             Ok(0)
         }
+        Command::Save(a) => run_save(a),
+        Command::Restore(a) => run_restore(a),
         Command::Stream {
             command: StreamCommand::Dump { file, json },
         } => stream_dump(&file, json),
@@ -267,15 +512,175 @@ fn stream_dump(file: &str, json: bool) -> Result<i32> {
     }
 }
 
+/// A guest that `colo save` and `--save-on-exit` can snapshot.
+trait Snapshot: colo_core::Domain {
+    /// The stream's platform records for the guest's current state (guest paused).
+    fn platform(&mut self) -> Result<save::PlatformRecords>;
+}
+
+impl Snapshot for colo_mock::MockDomain {
+    fn platform(&mut self) -> Result<save::PlatformRecords> {
+        let mut blob = Vec::new();
+        colo_core::Domain::get_state(self, &mut blob).context("reading the vCPU state")?;
+        save::PlatformRecords::opaque(blob)
+    }
+}
+
+#[cfg(feature = "xen")]
+impl Snapshot for xen::XenGuest {
+    fn platform(&mut self) -> Result<save::PlatformRecords> {
+        let mut blob = Vec::new();
+        colo_core::Domain::get_state(self, &mut blob).context("reading the domain's state")?;
+        xen::platform(&blob)
+    }
+}
+
+/// Pauses `dom`, saves it to `path`, prints one line, and resumes it if it was running.
+fn save_guest<G: Snapshot>(dom: &mut G, path: &Path) -> Result<save::SaveFigures> {
+    let was_paused = dom.is_paused();
+    dom.pause().context("pausing the guest")?;
+    let res = dom
+        .platform()
+        .and_then(|p| save::save_to_file(dom, &p, path));
+    if !was_paused {
+        dom.resume().context("resuming the guest")?;
+    }
+    let f = res?;
+    eprintln!(
+        "colo: saved {} pages{} ({} bytes) to {}; memory digest {:032x}",
+        f.pages,
+        if f.xtab > 0 {
+            format!(" and {} unmappable", f.xtab)
+        } else {
+            String::new()
+        },
+        f.bytes,
+        path.display(),
+        f.digest
+    );
+    Ok(f)
+}
+
+fn workload_name(w: WorkloadKind) -> &'static str {
+    match w {
+        WorkloadKind::Kv => "kv",
+        WorkloadKind::Dirty => "dirty",
+    }
+}
+
+fn check_seconds(s: f64) -> Result<Duration> {
+    if !(0.0..=86_400.0).contains(&s) {
+        bail!("--seconds must be between 0 and 86400, got {s}");
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+fn mock_for(ram: u64, workload: WorkloadKind, vm_seed: u64) -> Result<colo_mock::MockDomain> {
+    colo_cli::mock::build(&MockSpec {
+        ram,
+        ram_file: None,
+        workload,
+        vm_seed,
+        memory_divergence: true,
+        output_divergence: 0.0,
+        dirty_rate: 100,
+    })
+}
+
+fn run_save(a: SaveArgs) -> Result<i32> {
+    match a.backend {
+        Backend::Mock => {
+            let run_for = check_seconds(a.seconds)?;
+            let mut dom = mock_for(a.ram, a.workload, a.vm_seed.unwrap_or_else(rand::random))?;
+            colo_core::Domain::resume(&mut dom)?;
+            std::thread::sleep(run_for);
+            colo_core::Domain::pause(&mut dom)?;
+            if let Some(f) = dom.fault() {
+                bail!("the mock guest faulted before it was saved: {f}");
+            }
+            let figures = save_guest(&mut dom, &a.out)?;
+            if figures.digest != dom.digest() {
+                bail!("the saved pages do not match the guest's memory digest");
+            }
+            Ok(0)
+        }
+        Backend::Xen => save_xen(a.domid, &a.out),
+    }
+}
+
+#[cfg(feature = "xen")]
+fn save_xen(domid: Option<u32>, out: &Path) -> Result<i32> {
+    let domid = domid.context("--backend xen needs --domid")?;
+    let mut dom = xen::open(domid)?;
+    save_guest(&mut dom, out)?;
+    Ok(0)
+}
+
+#[cfg(not(feature = "xen"))]
+fn save_xen(_domid: Option<u32>, _out: &Path) -> Result<i32> {
+    bail!("{NO_XEN}")
+}
+
+fn run_restore(a: RestoreArgs) -> Result<i32> {
+    let run_for = check_seconds(a.seconds)?;
+    let mut input: Box<dyn std::io::Read> = if a.input == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(
+            std::fs::File::open(&a.input)
+                .with_context(|| format!("cannot open snapshot file {}", a.input))?,
+        )
+    };
+    let mut dom = mock_for(a.ram, a.workload, rand::random())?;
+    let restored = save::read_snapshot(&mut dom, &mut input).with_context(|| a.input.clone())?;
+    let ctx = restored.hvm_context.as_deref().unwrap_or_default();
+    colo_core::Domain::set_state(&mut dom, ctx).with_context(|| {
+        format!(
+            "{}: the snapshot's vCPU state does not fit a {} MiB {} mock guest (check --ram and \
+             --workload)",
+            a.input,
+            a.ram >> 20,
+            workload_name(a.workload)
+        )
+    })?;
+    let digest = dom.digest();
+    let verified = match restored.digest {
+        Some(d) if d == digest => "verified: memory digest matches the stream",
+        Some(d) => {
+            eprintln!(
+                "colo: {}: restored memory digest {digest:032x} differs from the stream's {d:032x}",
+                a.input
+            );
+            return Ok(1);
+        }
+        None => "not verified: the stream does not hold every page once in order",
+    };
+    println!(
+        "restored {} pages ({} bytes) from {}; memory digest {digest:032x}; {verified}",
+        restored.pages, restored.bytes, a.input
+    );
+    if !run_for.is_zero() {
+        let before = dom.steps();
+        let start = Instant::now();
+        colo_core::Domain::resume(&mut dom)?;
+        std::thread::sleep(run_for);
+        colo_core::Domain::pause(&mut dom)?;
+        if let Some(f) = dom.fault() {
+            eprintln!("colo: the restored guest faulted: {f}");
+            return Ok(1);
+        }
+        println!(
+            "ran the restored guest {:.1} s: {} workload steps, no fault",
+            start.elapsed().as_secs_f64(),
+            dom.steps() - before
+        );
+    }
+    Ok(0)
+}
+
 fn node_options(a: &NodeArgs) -> Result<NodeOptions> {
     let key = match &a.key_file {
-        Some(p) => {
-            let k =
-                std::fs::read(p).with_context(|| format!("reading key file `{}`", p.display()))?;
-            let k = k.trim_ascii().to_vec();
-            anyhow::ensure!(!k.is_empty(), "key file `{}` is empty", p.display());
-            Some(k)
-        }
+        Some(p) => Some(colo_cli::config::read_key_file(p)?),
         None => None,
     };
     anyhow::ensure!(
@@ -284,6 +689,9 @@ fn node_options(a: &NodeArgs) -> Result<NodeOptions> {
         a.heartbeat_timeout_ms,
         a.heartbeat_interval_ms
     );
+    if a.backend == Backend::Xen && a.client.is_some() {
+        bail!("--client is not available with --backend xen: the Xen guest's network path is not part of this release");
+    }
     Ok(NodeOptions {
         liveness: Liveness {
             interval: Duration::from_millis(a.heartbeat_interval_ms),
@@ -349,7 +757,43 @@ fn install_ctrlc(flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
     let _ = ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed));
 }
 
+/// Saves the guest of a node that stopped as the primary, if `--save-on-exit` asks for it.
+fn save_on_exit<G: Snapshot>(a: &NodeArgs, guest: &mut G) -> Result<()> {
+    if let Some(path) = &a.save_on_exit {
+        save_guest(guest, path)?;
+    }
+    Ok(())
+}
+
 fn run_primary(a: PrimaryArgs) -> Result<i32> {
+    match a.node.backend {
+        Backend::Mock => {
+            let mut guest = colo_cli::mock::build(&mock_spec(&a.node))?;
+            colo_core::Domain::resume(&mut guest)?;
+            primary_with(a, guest)
+        }
+        Backend::Xen => primary_xen(a),
+    }
+}
+
+#[cfg(feature = "xen")]
+fn primary_xen(a: PrimaryArgs) -> Result<i32> {
+    let domid = a.node.domid.context("--backend xen needs --domid")?;
+    let mut guest = xen::open(domid)?;
+    colo_core::Domain::resume(&mut guest)?;
+    primary_with(a, guest)
+}
+
+#[cfg(not(feature = "xen"))]
+fn primary_xen(_a: PrimaryArgs) -> Result<i32> {
+    bail!("{NO_XEN}")
+}
+
+fn primary_with<G: Guest + Snapshot>(a: PrimaryArgs, guest: G) -> Result<i32> {
+    let peer = a
+        .peer
+        .clone()
+        .context("--peer is required (or `peer` in the --config file)")?;
     anyhow::ensure!(
         a.max_interval_ms >= a.min_interval_ms,
         "--max-interval-ms ({}) must be at least --min-interval-ms ({})",
@@ -363,27 +807,50 @@ fn run_primary(a: PrimaryArgs) -> Result<i32> {
         max_interval: Duration::from_millis(a.max_interval_ms),
     };
     opts.compare.timeout = Duration::from_millis(a.compare_timeout_ms);
-    let mut guest = colo_mock_guest(&a.node)?;
-    colo_core::Domain::resume(&mut guest)?;
     let status = new_status();
     status_writer(a.node.status_file.clone(), status.clone());
     let (_control, commands) = control(&a.node, "primary", &status)?;
-    let mut node = PrimaryNode::connect(guest, &a.peer, opts, status)?;
+    let mut node = PrimaryNode::connect(guest, &peer, opts, status)?;
     node.set_commands(commands);
     install_ctrlc(node.stop_flag());
-    node.run()?;
+    if let Err(e) = node.run() {
+        eprintln!("colo: error: the primary stopped: {e:#}");
+        return Ok(1);
+    }
+    save_on_exit(&a.node, node.guest())?;
     Ok(0)
 }
 
-fn colo_mock_guest(a: &NodeArgs) -> Result<colo_mock::MockDomain> {
-    colo_cli::mock::build(&mock_spec(a))
+fn run_secondary(a: SecondaryArgs) -> Result<i32> {
+    match a.node.backend {
+        Backend::Mock => {
+            let guest = colo_cli::mock::build(&mock_spec(&a.node))?;
+            secondary_with(a, guest)
+        }
+        Backend::Xen => secondary_xen(a),
+    }
 }
 
-fn run_secondary(a: SecondaryArgs) -> Result<i32> {
+#[cfg(feature = "xen")]
+fn secondary_xen(a: SecondaryArgs) -> Result<i32> {
+    let domid = a.node.domid.context("--backend xen needs --domid")?;
+    let guest = xen::open(domid)?;
+    secondary_with(a, guest)
+}
+
+#[cfg(not(feature = "xen"))]
+fn secondary_xen(_a: SecondaryArgs) -> Result<i32> {
+    bail!("{NO_XEN}")
+}
+
+fn secondary_with<G: Guest + Snapshot>(a: SecondaryArgs, guest: G) -> Result<i32> {
+    let listen = a
+        .listen
+        .clone()
+        .context("--listen is required (or `listen` in the --config file)")?;
     let opts = node_options(&a.node)?;
-    let guest = colo_mock_guest(&a.node)?;
     let listener =
-        TcpListener::bind(&a.listen).with_context(|| format!("listening on `{}`", a.listen))?;
+        TcpListener::bind(&listen).with_context(|| format!("listening on `{listen}`"))?;
     let status = new_status();
     status_writer(a.node.status_file.clone(), status.clone());
     let (_control, commands) = control(&a.node, "secondary", &status)?;
@@ -391,7 +858,14 @@ fn run_secondary(a: SecondaryArgs) -> Result<i32> {
     node.set_commands(commands);
     let stop = node.stop_flag();
     install_ctrlc(stop.clone());
-    match node.run()? {
+    let outcome = match node.run() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("colo: error: the secondary stopped: {e:#}");
+            return Ok(1);
+        }
+    };
+    match outcome {
         SecondaryOutcome::Stopped => Ok(0),
         SecondaryOutcome::TookOver(mut primary) => {
             let flag = primary.stop_flag();
@@ -401,7 +875,11 @@ fn run_secondary(a: SecondaryArgs) -> Result<i32> {
                 }
                 flag.store(true, Ordering::Relaxed);
             });
-            primary.run()?;
+            if let Err(e) = primary.run() {
+                eprintln!("colo: error: the node stopped after taking over: {e:#}");
+                return Ok(1);
+            }
+            save_on_exit(&a.node, primary.guest())?;
             Ok(0)
         }
     }
