@@ -1052,17 +1052,32 @@ fn to_json(r: &Report) -> Value {
     j
 }
 
+/// The smallest 5 × (1, 2 or 5) × 10^k (k ≥ 0) that is at least `v`: five round axis ticks.
+fn nice_ceil(v: f64) -> f64 {
+    let mut step = 1.0;
+    loop {
+        for m in [1.0, 2.0, 5.0] {
+            if m * step * 5.0 >= v {
+                return m * step * 5.0;
+            }
+        }
+        step *= 10.0;
+    }
+}
+
 /// Pause p50 against dirty pages, with the raw-TCP time for the same bytes and the 10k target
 /// line (1.25 × raw TCP + 2 ms). Hand-written SVG.
 fn plot_svg(r: &Report) -> String {
     let (w, h) = (720.0, 440.0);
     let (l, rt, t, b) = (70.0, 20.0, 40.0, 60.0);
     let all = || r.populated.rows.iter().chain(r.sparse.rows.iter());
-    let xmax = all().map(|p| p.pages_sent_mean).fold(1.0, f64::max);
-    let ymax = all()
-        .flat_map(|p| [p.p50, p.tcp_ms * 1.25 + 2.0])
-        .fold(1.0, f64::max)
-        * 1.1;
+    let xmax = nice_ceil(all().map(|p| p.dirty as f64).fold(1.0, f64::max));
+    let ymax = nice_ceil(
+        all()
+            .flat_map(|p| [p.p50, p.tcp_ms * 1.25 + 2.0])
+            .fold(1.0, f64::max)
+            * 1.05,
+    );
     let x = |v: f64| l + v / xmax * (w - l - rt);
     let y = |v: f64| h - b - v / ymax * (h - t - b);
     let mut s = format!(
@@ -1089,7 +1104,7 @@ fn plot_svg(r: &Report) -> String {
         let u = ymax * i as f64 / 5.0;
         s += &format!(
             "<line x1=\"{1}\" y1=\"{0:.1}\" x2=\"{2}\" y2=\"{0:.1}\" stroke=\"#ddd\"/>\
-             <text x=\"{3}\" y=\"{4:.1}\" text-anchor=\"end\">{5:.1}</text>\n",
+             <text x=\"{3}\" y=\"{4:.1}\" text-anchor=\"end\">{5}</text>\n",
             y(u),
             l,
             w - rt,
@@ -1101,7 +1116,7 @@ fn plot_svg(r: &Report) -> String {
     s += &format!(
         "<line x1=\"{l}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/>\
          <line x1=\"{l}\" y1=\"{t}\" x2=\"{l}\" y2=\"{0}\" stroke=\"black\"/>\n\
-         <text x=\"{2}\" y=\"{3}\" text-anchor=\"middle\">pages sent per checkpoint (|D|)</text>\n\
+         <text x=\"{2}\" y=\"{3}\" text-anchor=\"middle\">dirty pages per checkpoint (|D| = that + 1)</text>\n\
          <text x=\"16\" y=\"{4}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {4})\">ms</text>\n",
         h - b,
         w - rt,
@@ -1129,19 +1144,19 @@ fn plot_svg(r: &Report) -> String {
     };
     let rows = &r.populated.rows;
     s += &series(
-        rows.iter().map(|p| (p.pages_sent_mean, p.tcp_ms)).collect(),
+        rows.iter().map(|p| (p.dirty as f64, p.tcp_ms)).collect(),
         "#888",
         "stroke-dasharray=\"6 4\"",
     );
     s += &series(
         rows.iter()
-            .map(|p| (p.pages_sent_mean, 1.25 * p.tcp_ms + 2.0))
+            .map(|p| (p.dirty as f64, 1.25 * p.tcp_ms + 2.0))
             .collect(),
         "#d62728",
         "stroke-dasharray=\"2 3\"",
     );
     s += &series(
-        rows.iter().map(|p| (p.pages_sent_mean, p.p50)).collect(),
+        rows.iter().map(|p| (p.dirty as f64, p.p50)).collect(),
         "#1f77b4",
         "",
     );
@@ -1149,7 +1164,7 @@ fn plot_svg(r: &Report) -> String {
         r.sparse
             .rows
             .iter()
-            .map(|p| (p.pages_sent_mean, p.p50))
+            .map(|p| (p.dirty as f64, p.p50))
             .collect(),
         "#2ca02c",
         "",
