@@ -1190,3 +1190,41 @@ fn plot_svg(r: &Report) -> String {
     s += "</svg>\n";
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scattered_pfns_are_distinct_data_pages() {
+        for (pages, n) in [(4096u64, 4000u64), (262_144, 50_000), (1000, 0)] {
+            for seed in [0, 1, 77, u64::MAX] {
+                let mut v = scattered_pfns(pages, n, seed).unwrap();
+                assert_eq!(v.len() as u64, n);
+                assert!(v.iter().all(|&p| (DATA_PFN..pages).contains(&p)));
+                v.sort_unstable();
+                v.dedup();
+                assert_eq!(v.len() as u64, n, "duplicates for seed {seed}");
+            }
+        }
+        assert!(scattered_pfns(100, 100, 0).is_err());
+    }
+
+    #[test]
+    fn nice_ceil_rounds_up_to_five_round_ticks() {
+        assert_eq!(nice_ceil(50_000.0), 50_000.0);
+        assert_eq!(nice_ceil(50_001.0), 100_000.0);
+        assert_eq!(nice_ceil(137.6), 250.0);
+        assert_eq!(nice_ceil(0.5), 5.0);
+    }
+
+    #[test]
+    fn raw_tcp_moves_every_byte() {
+        assert!(raw_tcp_gbps(8 * MIB).unwrap() > 0.0);
+    }
+
+    #[test]
+    fn comparator_releases_every_matching_frame() {
+        assert!(comparator_fps(5_000).unwrap() > 0.0);
+    }
+}
