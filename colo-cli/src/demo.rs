@@ -199,14 +199,17 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     if a.verify {
         common.push("--verify".into());
     }
-    if let Some(p) = &a.save {
+    // Absolute, as the nodes may resolve it elsewhere.
+    let save = a.save.as_ref().map(|p| {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.clone())
+    });
+    if let Some(p) = &save {
         // Both nodes get it; only the one that stops as the primary writes it.
         let _ = std::fs::remove_file(p);
-        let abs = std::env::current_dir()
-            .map(|d| d.join(p))
-            .unwrap_or_else(|_| p.clone());
         common.push("--save-on-exit".into());
-        common.push(abs.display().to_string());
+        common.push(p.display().to_string());
     }
     let mut sargs = vec![
         "secondary".to_string(),
@@ -337,11 +340,11 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     let ps = read_status(&primary.status_file);
     let ss = read_status(&secondary.status_file);
     // Saving a snapshot on the way out takes a moment (about 1 s per GiB).
-    let grace = Duration::from_secs(if a.save.is_some() { 30 } else { 3 });
+    let grace = Duration::from_secs(if save.is_some() { 30 } else { 3 });
     primary.stop(grace);
     secondary.stop(grace);
-    let snapshot = a.save.as_ref().filter(|p| p.is_file());
-    if let (Some(p), None) = (&a.save, snapshot) {
+    let snapshot = save.as_ref().filter(|p| p.is_file());
+    if let (Some(p), None) = (&save, snapshot) {
         eprintln!(
             "colo demo: no snapshot was written to {}; see the node logs in {}",
             p.display(),
@@ -367,6 +370,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         "checkpoints": ps["checkpoints"],
         "mismatch_checkpoints": ps["mismatch_checkpoints"],
         "periodic_checkpoints": ps["periodic_checkpoints"],
+        "manual_checkpoints": ps["manual_checkpoints"],
         "verified_identical": ps["verified_identical"],
         "verify_failures": ps["verify_failures"],
         "pages_sent": ps["pages_sent"],
@@ -388,7 +392,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     }
     let bad = cs.lost_acked_writes > 0
         || ps["verify_failures"].as_u64().unwrap_or(0) > 0
-        || (a.save.is_some() && snapshot.is_none());
+        || (save.is_some() && snapshot.is_none());
     Ok(if bad { 1 } else { 0 })
 }
 

@@ -1,0 +1,525 @@
+//! Integration tests of the real `colo` binary: the demo's JSON summary (with and without a
+//! failover), status and failover against a running pair, config files merged under flags,
+//! exit code 2 with one clear line for bad input, and a save → dump → restore round trip.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const COLO: &str = env!("CARGO_BIN_EXE_colo");
+
+/// A scratch directory, removed on drop; also the nodes' runtime dir (control sockets).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "colo-cli-test-{}-{tag}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    fn colo(&self) -> Command {
+        let mut c = Command::new(COLO);
+        c.env("XDG_RUNTIME_DIR", &self.0)
+            .env_remove("RUST_LOG")
+            .current_dir(&self.0)
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.colo().args(args).output().unwrap()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed on drop.
+struct Node(Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Exit code 2 and exactly one non-empty stderr line containing every `needles`, no panic.
+fn assert_usage_error(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "want one line, got: {err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "`{n}` not in: {}", lines[0]);
+    }
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("`{key}` is not a number in {v}"))
+}
+
+fn demo_json(s: &Scratch, extra: &[&str]) -> Value {
+    let mut args = vec!["demo", "--json", "--ram", "16M"];
+    args.extend_from_slice(extra);
+    let o = s.run(&args);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    let line = stdout(&o);
+    serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+#[test]
+fn demo_json_numbers_are_sane_and_consistent() {
+    let s = Scratch::new("demo");
+    let v = demo_json(&s, &["--duration", "3"]);
+    let checkpoints = u(&v, "checkpoints");
+    assert!(checkpoints >= 1, "{v}");
+    assert_eq!(
+        u(&v, "mismatch_checkpoints") + u(&v, "periodic_checkpoints") + u(&v, "manual_checkpoints"),
+        checkpoints,
+        "{v}"
+    );
+    assert_eq!(u(&v, "lost_acked_writes"), 0, "{v}");
+    assert!(u(&v, "client_ops") > 0, "{v}");
+    assert!(u(&v, "acked_writes") <= u(&v, "client_ops"), "{v}");
+    assert!(u(&v, "pages_sent") >= u(&v, "backchannel_pages"), "{v}");
+    assert!(u(&v, "bytes_sent") >= 4096 * u(&v, "pages_sent"), "{v}");
+    let (p50, p99) = (
+        v["pause_ms_p50"].as_f64().unwrap(),
+        v["pause_ms_p99"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p50 <= p99, "{v}");
+    assert_eq!(u(&v, "verify_failures"), 0, "{v}");
+    assert!(v["failover"].is_null(), "{v}");
+    assert!(v["snapshot"].is_null(), "{v}");
+}
+
+#[test]
+fn demo_kill_primary_fails_over_without_losing_writes() {
+    let s = Scratch::new("kill");
+    let v = demo_json(&s, &["--kill-primary-after", "2", "--duration", "4"]);
+    let f = &v["failover"];
+    assert_eq!(f["survivor"], "secondary", "{v}");
+    assert!(f["detect_ms"].as_f64().is_some_and(|d| d >= 0.0), "{v}");
+    assert!(f["takeover_ms"].as_f64().is_some(), "{v}");
+    assert_eq!(u(&v, "lost_acked_writes"), 0, "{v}");
+    assert!(u(&v, "acked_writes") > 0, "{v}");
+}
+
+fn status(s: &Scratch, name: &str) -> Option<Value> {
+    let o = s.run(&["status", "--name", name, "--json"]);
+    if o.status.code() != Some(0) {
+        return None;
+    }
+    serde_json::from_str(stdout(&o).trim()).ok()
+}
+
+fn wait_for(s: &Scratch, name: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = status(s, name);
+        if let Some(v) = v.as_ref().filter(|v| ok(v)) {
+            return v.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never became {what}; last status: {v:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn status_reaches_a_running_pair_and_failover_takes_over() {
+    let s = Scratch::new("pair");
+    let repl = format!("127.0.0.1:{}", free_port());
+    let (pn, sn) = (
+        format!("p{}", std::process::id()),
+        format!("s{}", std::process::id()),
+    );
+    let common = ["--ram", "8M", "--heartbeat-timeout-ms", "3000"];
+    let _sec = Node(
+        s.colo()
+            .args(["secondary", "--listen", &repl, "--name", &sn])
+            .args(common)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let _pri = Node(
+        s.colo()
+            .args(["primary", "--peer", &repl, "--name", &pn])
+            .args(common)
+            .args(["--connect-timeout", "20"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let p = wait_for(&s, &pn, "protected", |v| v["protected"] == true);
+    assert_eq!(p["role"], "primary", "{p}");
+    let sv = wait_for(&s, &sn, "a protected secondary", |v| {
+        v["role"] == "secondary" && v["protected"] == true
+    });
+    assert!(sv["state"].is_string(), "{sv}");
+    // The human form names the role too.
+    let o = s.run(&["status", "--name", &pn]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("primary"), "{}", stdout(&o));
+
+    let o = s.run(&["failover", "--name", &sn]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v = wait_for(&s, &sn, "the primary after failover", |v| {
+        v["role"] == "primary"
+    });
+    assert!(v["failover_reason"].is_string(), "{v}");
+}
+
+#[test]
+fn bad_input_exits_2_with_one_clear_line() {
+    let s = Scratch::new("bad");
+    assert_usage_error(&s.run(&["--bogus"]), &["--bogus"]);
+    assert_usage_error(
+        &s.run(&["primary", "--peer", "127.0.0.1:1", "--ram", "12Q"]),
+        &["12Q"],
+    );
+    assert_usage_error(
+        &s.run(&["primary", "--peer", "127.0.0.1:1", "--key-file", "nokey"]),
+        &["key file", "nokey"],
+    );
+    assert_usage_error(
+        &s.run(&["secondary", "--config", "missing.toml"]),
+        &["config file", "missing.toml"],
+    );
+    let port = free_port();
+    let peer = format!("127.0.0.1:{port}");
+    assert_usage_error(
+        &s.run(&[
+            "primary",
+            "--peer",
+            &peer,
+            "--ram",
+            "8M",
+            "--connect-timeout",
+            "1",
+        ]),
+        &[&peer],
+    );
+    assert_usage_error(&s.run(&["primary", "--ram", "8M"]), &["--peer"]);
+    std::fs::write(s.path("bad.img"), b"definitely not a libxc stream").unwrap();
+    assert_usage_error(
+        &s.run(&["stream", "dump", "bad.img"]),
+        &["bad.img", "malformed"],
+    );
+    assert_usage_error(&s.run(&["stream", "dump", "none.img"]), &["none.img"]);
+}
+
+#[cfg(not(feature = "xen"))]
+#[test]
+fn xen_backend_without_the_feature_is_a_clear_error() {
+    let s = Scratch::new("xen");
+    let want = "built without Xen support; rebuild with --features xen";
+    assert_usage_error(
+        &s.run(&[
+            "primary",
+            "--backend",
+            "xen",
+            "--domid",
+            "1",
+            "--peer",
+            "x:1",
+        ]),
+        &[want],
+    );
+    assert_usage_error(
+        &s.run(&["save", "--backend", "xen", "--domid", "1", "--out", "x"]),
+        &[want],
+    );
+}
+
+/// Every key of the config file, from its own "unknown field" message.
+fn config_keys() -> Vec<String> {
+    let s = Scratch::new("keys");
+    let p = s.path("k.toml");
+    std::fs::write(&p, "zz_not_a_key = 1\n").unwrap();
+    let e = format!("{:#}", colo_cli::config::load(&p).unwrap_err());
+    let list = e
+        .split("expected one of")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no key list in: {e}"));
+    let keys: Vec<String> = list
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect();
+    assert!(keys.len() > 10, "{keys:?}");
+    keys
+}
+
+#[test]
+fn every_config_key_has_a_flag_and_every_help_has_examples() {
+    let s = Scratch::new("help");
+    let help = |args: &[&str]| {
+        let o = s.run(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        let h = stdout(&o);
+        assert!(
+            h.contains("Examples:"),
+            "{args:?} --help has no examples:\n{h}"
+        );
+        h
+    };
+    let primary = help(&["primary", "--help"]);
+    let secondary = help(&["secondary", "--help"]);
+    for sub in [
+        &["--help"][..],
+        &["demo", "--help"],
+        &["status", "--help"],
+        &["failover", "--help"],
+        &["save", "--help"],
+        &["restore", "--help"],
+        &["stream", "dump", "--help"],
+    ] {
+        help(sub);
+    }
+    for key in config_keys() {
+        let flag = format!("--{} ", key.replace('_', "-"));
+        assert!(
+            primary.contains(&flag) || secondary.contains(&flag),
+            "config key `{key}` has no flag {flag}"
+        );
+    }
+}
+
+#[test]
+fn config_file_applies_and_flags_win() {
+    let s = Scratch::new("cfg");
+    let cfg = s.path("node.toml");
+    let (p1, p2) = (free_port(), free_port());
+    std::fs::write(
+        &cfg,
+        format!("peer = \"127.0.0.1:{p1}\"\nram = \"8M\"\nlisten = \"ignored by the primary\"\n"),
+    )
+    .unwrap();
+    let cfg_s = cfg.to_str().unwrap();
+    // From the file.
+    let o = s.run(&["primary", "--config", cfg_s, "--connect-timeout", "1"]);
+    assert_usage_error(&o, &[&format!("127.0.0.1:{p1}")]);
+    // The flag wins.
+    let peer2 = format!("127.0.0.1:{p2}");
+    let o = s.run(&[
+        "primary",
+        "--config",
+        cfg_s,
+        "--peer",
+        &peer2,
+        "--connect-timeout",
+        "1",
+    ]);
+    assert_usage_error(&o, &[&peer2]);
+    // A bad value in the file names the file.
+    std::fs::write(&cfg, "peer = \"127.0.0.1:1\"\nworkload = \"bogus\"\n").unwrap();
+    let o = s.run(&["primary", "--config", cfg_s]);
+    assert_usage_error(&o, &["node.toml", "bogus"]);
+    // ... unless the flag overrides it.
+    let o = s.run(&[
+        "primary",
+        "--config",
+        cfg_s,
+        "--workload",
+        "kv",
+        "--ram",
+        "8M",
+        "--connect-timeout",
+        "1",
+    ]);
+    assert_usage_error(&o, &["127.0.0.1:1"]);
+}
+
+fn dump_json(s: &Scratch, file: &Path) -> Value {
+    let o = s.run(&["stream", "dump", "--json", file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    serde_json::from_str(stdout(&o).trim()).unwrap()
+}
+
+#[test]
+fn save_dump_restore_round_trip() {
+    let s = Scratch::new("save");
+    let img = s.path("vm.img");
+    for workload in ["kv", "dirty"] {
+        let o = s.run(&[
+            "save",
+            "--ram",
+            "8M",
+            "--workload",
+            workload,
+            "--seconds",
+            "0.5",
+            "--out",
+            img.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let saved = stderr(&o);
+        let digest = saved
+            .split("memory digest ")
+            .nth(1)
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no digest in: {saved}"))
+            .to_string();
+
+        let text = s.run(&["stream", "dump", img.to_str().unwrap()]);
+        assert_eq!(text.status.code(), Some(0), "{}", stderr(&text));
+        let text = stdout(&text);
+        let order: Vec<&str> = [
+            "X86_CPUID_POLICY",
+            "X86_MSR_POLICY",
+            "STATIC_DATA_END",
+            "PAGE_DATA",
+            "X86_TSC_INFO",
+            "HVM_CONTEXT",
+            "HVM_PARAMS",
+            "END",
+        ]
+        .into_iter()
+        .collect();
+        let mut at = 0;
+        for name in order {
+            let pos = text[at..]
+                .find(&format!(" {name} ("))
+                .unwrap_or_else(|| panic!("{name} missing or out of order:\n{text}"));
+            at += pos;
+        }
+        assert!(text.contains("x86 HVM"), "{text}");
+        let v = dump_json(&s, &img);
+        let sum = if v["summary"].is_object() {
+            &v["summary"]
+        } else {
+            &v
+        };
+        assert_eq!(sum["data_pages"], 2048, "8M is 2048 pages: {v}");
+        assert_eq!(sum["ended_with_end"], true, "{v}");
+
+        let o = s.run(&[
+            "restore",
+            "--in",
+            img.to_str().unwrap(),
+            "--ram",
+            "8M",
+            "--workload",
+            workload,
+            "--seconds",
+            "0.5",
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let out = stdout(&o);
+        assert!(
+            out.contains(&digest),
+            "restore digest differs: {out} vs {digest}"
+        );
+        assert!(out.contains("verified"), "{out}");
+        assert!(out.contains("no fault"), "{out}");
+    }
+
+    // The wrong shape is refused clearly.
+    let o = s.run(&[
+        "restore",
+        "--in",
+        "vm.img",
+        "--ram",
+        "4M",
+        "--workload",
+        "dirty",
+    ]);
+    assert_usage_error(&o, &["beyond"]);
+    let o = s.run(&[
+        "restore",
+        "--in",
+        "vm.img",
+        "--ram",
+        "8M",
+        "--workload",
+        "kv",
+    ]);
+    assert_usage_error(&o, &["--workload"]);
+    // A corrupted stream names the offset.
+    let mut bytes = std::fs::read(&img).unwrap();
+    let cut = bytes.len() / 2;
+    bytes.truncate(cut);
+    std::fs::write(s.path("cut.img"), &bytes).unwrap();
+    let o = s.run(&[
+        "restore",
+        "--in",
+        "cut.img",
+        "--ram",
+        "8M",
+        "--workload",
+        "dirty",
+    ]);
+    assert_usage_error(&o, &["cut.img", &format!("byte {cut}")]);
+    bytes[0] = 0;
+    std::fs::write(s.path("bad.img"), &bytes).unwrap();
+    let o = s.run(&[
+        "restore",
+        "--in",
+        "bad.img",
+        "--ram",
+        "8M",
+        "--workload",
+        "dirty",
+    ]);
+    assert_usage_error(&o, &["bad.img", "malformed"]);
+}
+
+#[test]
+fn demo_save_writes_a_snapshot_dump_accepts() {
+    let s = Scratch::new("demosave");
+    let v = demo_json(&s, &["--duration", "1.5", "--save", "demo.img"]);
+    let img = s.path("demo.img");
+    assert_eq!(v["snapshot"], img.display().to_string(), "{v}");
+    let d = dump_json(&s, &img);
+    let sum = if d["summary"].is_object() {
+        &d["summary"]
+    } else {
+        &d
+    };
+    assert_eq!(sum["data_pages"], 4096, "16M is 4096 pages: {d}");
+}
