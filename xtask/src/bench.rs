@@ -118,6 +118,11 @@ struct Report {
 
 /// Pause sweep, checkpoint throughput and maximum rate on one pair.
 struct Sweep {
+    /// The raw TCP baseline measured right before this sweep, GB/s.
+    tcp_gbps: f64,
+    /// Bytes ÷ the send phase (after resume, until CHECKPOINT is written) of the largest
+    /// checkpoints, as a ratio to raw TCP: the link's own efficiency.
+    send_ratio: f64,
     rows: Vec<PauseRow>,
     throughput_ratio: f64,
     throughput_gbps: f64,
@@ -169,18 +174,12 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
 
     // 1. Raw loopback TCP.
     let tcp_mib = if quick { 512 } else { 2048 };
-    let mut tcp = Vec::new();
-    for _ in 0..3 {
-        tcp.push(raw_tcp_gbps(tcp_mib * MIB)?);
-    }
-    let tcp_gbps = percentile(tcp.clone(), 50.0).unwrap_or(0.0);
-    println!("raw loopback TCP: {tcp_gbps:.2} GB/s (median of 3 × {tcp_mib} MiB; runs {tcp:.2?})");
-    let tcp_bps = tcp_gbps * 1e9;
+    let tcp_gbps = tcp_baseline(tcp_mib)?;
 
     // 2–3. Pause time against dirty pages, checkpoint throughput and the highest sustained
     // checkpoint rate, on a 1 GiB pair with populated RAM, then with sparse RAM.
     let mut pair = Pair::start(GIB, "populated RAM", true)?;
-    let populated = sweep_pair(&mut pair, quick, tcp_bps)?;
+    let populated = sweep_pair(&mut pair, quick, tcp_baseline(tcp_mib)? * 1e9)?;
     // 4. Guest slowdown: the dirty workload flat out, alone vs tracked and replicated.
     let slow_secs = if quick { 2.0 } else { 8.0 };
     let period = Duration::from_millis(50);
@@ -188,7 +187,7 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
     let paced_rep = pair.replicated_steps(slow_secs, period, PACED_RATE)?;
     pair.stop();
     let mut sparse_pair = Pair::start(GIB, "sparse RAM", false)?;
-    let sparse = sweep_pair(&mut sparse_pair, quick, tcp_bps)?;
+    let sparse = sweep_pair(&mut sparse_pair, quick, tcp_baseline(tcp_mib)? * 1e9)?;
     sparse_pair.stop();
     let slowdown = Slowdown {
         alone_sps: alone_steps(GIB, slow_secs, DirtyConfig::UNLIMITED)?,
@@ -258,6 +257,9 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
 
 /// Pause time against dirty pages (exactly N pages written before each checkpoint), checkpoint
 /// throughput, and the highest sustained rate with 50 dirty pages per checkpoint, on `pair`.
+///
+/// `tcp_bps` is a raw TCP baseline measured just before, so that a change in the machine's load
+/// between the sweeps moves both sides together.
 fn sweep_pair(pair: &mut Pair, quick: bool, tcp_bps: f64) -> Result<Sweep> {
     let sweep: &[(u64, usize)] = if quick {
         &[(0, 30), (100, 30), (1_000, 20), (10_000, 12), (50_000, 4)]
@@ -334,7 +336,13 @@ fn sweep_pair(pair: &mut Pair, quick: bool, tcp_bps: f64) -> Result<Sweep> {
         "  max sustained rate: {max_cps:.0} checkpoints/s (50 pages each, |D| ≤ {max_cps_pages_max})"
     );
 
+    let send_ratio = pause_rows
+        .last()
+        .filter(|r| r.phases[3] > 0.0)
+        .map_or(0.0, |r| r.bytes_mean / (r.phases[3] / 1e3) / tcp_bps);
     Ok(Sweep {
+        tcp_gbps: tcp_bps / 1e9,
+        send_ratio,
         rows: pause_rows,
         throughput_ratio,
         throughput_gbps: throughput_bps / 1e9,
@@ -342,6 +350,17 @@ fn sweep_pair(pair: &mut Pair, quick: bool, tcp_bps: f64) -> Result<Sweep> {
         max_cps_pages_max,
         max_cps_pause_p50,
     })
+}
+
+/// Raw loopback TCP: median of 3 transfers of `mib` MiB, GB/s.
+fn tcp_baseline(mib: u64) -> Result<f64> {
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(raw_tcp_gbps(mib * MIB)?);
+    }
+    let gbps = percentile(runs.clone(), 50.0).unwrap_or(0.0);
+    println!("raw loopback TCP: {gbps:.2} GB/s (median of 3 × {mib} MiB; runs {runs:.2?})");
+    Ok(gbps)
 }
 
 fn kernel() -> String {
@@ -853,6 +872,10 @@ fn ms(v: f64) -> String {
 fn print_sweep(title: &str, sw: &Sweep) {
     println!("\npause time against dirty pages per checkpoint (primary pause → resume), {title}");
     println!(
+        "raw loopback TCP measured right before: {:.2} GB/s",
+        sw.tcp_gbps
+    );
+    println!(
         "{:>8} {:>5} {:>9} {:>10} {:>10} {:>10} {:>12} {:>11} {:>8}",
         "dirty", "reps", "|D|", "MiB", "p50 ms", "p99 ms", "raw TCP ms", "target ms", "met"
     );
@@ -895,6 +918,10 @@ fn print_sweep(title: &str, sw: &Sweep) {
     println!(
         "checkpoint page throughput (≥10k pages, NEW → SVM_READY) {:>8.2} GB/s = {:.2} × raw TCP",
         sw.throughput_gbps, sw.throughput_ratio
+    );
+    println!(
+        "send phase alone (largest checkpoints)                {:>10.2} × raw TCP",
+        sw.send_ratio
     );
     println!(
         "max sustained checkpoint rate (50 dirty pages each)   {:>10.0} /s  (|D| ≤ {}, pause p50 {} ms; target ≥ 100: {})",
@@ -980,7 +1007,9 @@ fn sweep_json(sw: &Sweep) -> Value {
     let tenk = row(10_000);
     json!({
         "throughput_ratio_vs_tcp": sw.throughput_ratio,
+        "sweep_tcp_gbps": sw.tcp_gbps,
         "checkpoint_throughput_gbps": sw.throughput_gbps,
+        "send_throughput_ratio_vs_tcp": sw.send_ratio,
         "idle_pause_ms_p50": idle.map(|p| p.p50),
         "idle_pause_ms_p99": idle.map(|p| p.p99),
         "pause_ms_p50_10k": tenk.map(|p| p.p50),
@@ -1087,7 +1116,7 @@ fn plot_svg(r: &Report) -> String {
          <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">colo checkpoint pause vs \
          dirty pages (1 GiB guests, loopback; raw TCP {:.2} GB/s)</text>\n",
         w / 2.0,
-        r.tcp_gbps
+        r.populated.tcp_gbps
     );
     // Axes and grid.
     for i in 0..=5 {
