@@ -59,6 +59,10 @@ pub struct DemoArgs {
     /// Kill the secondary after this many seconds (the primary goes on alone).
     #[arg(long)]
     kill_secondary_after: Option<f64>,
+    /// Declare a silent peer lost after this many ms (passed to both nodes); raise it on a
+    /// loaded machine, lower it for a faster failover.
+    #[arg(long, default_value_t = 500)]
+    heartbeat_timeout_ms: u64,
     /// Maximum interval between checkpoints, ms (passed to the primary).
     #[arg(long)]
     max_interval_ms: Option<u64>,
@@ -195,6 +199,8 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         a.output_divergence.to_string(),
         "--memory-divergence".into(),
         a.memory_divergence.clone(),
+        "--heartbeat-timeout-ms".into(),
+        a.heartbeat_timeout_ms.to_string(),
     ];
     if a.verify {
         common.push("--verify".into());
@@ -247,21 +253,52 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     }
 
     // Wait until the pair is protected (initial synchronisation done).
+    let live = !a.json && std::io::stdout().is_terminal();
     let start = Instant::now();
+    let (plog, slog) = (primary.log.clone(), secondary.log.clone());
+    let node_logs = || {
+        let p = std::fs::read_to_string(&plog).unwrap_or_default();
+        let s = std::fs::read_to_string(&slog).unwrap_or_default();
+        format!("primary:\n{p}secondary:\n{s}")
+    };
     loop {
         let st = read_status(&primary.status_file);
         if st["protected"] == Value::Bool(true) {
             break;
         }
+        if let Some(reason) = st["failover_reason"].as_str() {
+            anyhow::bail!(
+                "the nodes lost each other during the initial synchronisation ({reason}); on a \
+                 slow or loaded machine raise --heartbeat-timeout-ms (e.g. 5000) or lower --ram; \
+                 node logs:\n{}",
+                node_logs()
+            );
+        }
         if !primary.alive() || !secondary.alive() || start.elapsed() > Duration::from_secs(60) {
-            let log = std::fs::read_to_string(&primary.log).unwrap_or_default()
-                + &std::fs::read_to_string(&secondary.log).unwrap_or_default();
-            anyhow::bail!("the pair did not reach protection; node logs:\n{log}");
+            anyhow::bail!(
+                "the pair did not reach protection; node logs:\n{}",
+                node_logs()
+            );
         }
         if stop.load(Ordering::Relaxed) {
             return Ok(0);
         }
+        if live {
+            let mut out = std::io::stdout().lock();
+            let _ = write!(
+                out,
+                "\r\x1b[2Kcolo demo: synchronising the secondary ({} of RAM)… {:.1} s",
+                a.ram,
+                start.elapsed().as_secs_f64()
+            );
+            let _ = out.flush();
+        }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    if live {
+        let mut out = std::io::stdout().lock();
+        let _ = write!(out, "\r\x1b[2K");
+        let _ = out.flush();
     }
     let sync_s = start.elapsed().as_secs_f64();
 
@@ -282,7 +319,6 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         })
     });
 
-    let live = !a.json && std::io::stdout().is_terminal();
     let run_start = Instant::now();
     let mut killed: Option<(&'static str, f64)> = None;
     let mut prev: Option<(Instant, Value, Value, u64)> = None;
@@ -305,9 +341,19 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         if live {
             let ps = read_status(&primary.status_file);
             let ss = read_status(&secondary.status_file);
-            let ops = client_stats.lock().ops;
+            let (ops, acked) = {
+                let c = client_stats.lock();
+                (c.ops, c.acked_writes)
+            };
             let now = Instant::now();
-            let text = render(&ps, &ss, prev.as_ref(), now, ops, killed, &dir);
+            let extras = ViewExtras {
+                elapsed: run_start.elapsed().as_secs_f64(),
+                ops,
+                acked,
+                killed,
+                dir: &dir,
+            };
+            let text = render(&ps, &ss, prev.as_ref(), now, &extras);
             let mut out = std::io::stdout().lock();
             if lines_drawn > 0 {
                 let _ = write!(out, "\x1b[{lines_drawn}A");
@@ -400,74 +446,135 @@ fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(0.0)
 }
 
+/// A whole number from a status value, or "-" when absent.
+fn num(v: &Value) -> String {
+    v.as_u64()
+        .map_or_else(|| "-".to_string(), |n| n.to_string())
+}
+
+/// Shortens `s` to at most `max` characters.
+fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(max.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// What the live view shows besides the nodes' status files.
+struct ViewExtras<'a> {
+    elapsed: f64,
+    ops: u64,
+    acked: u64,
+    killed: Option<(&'static str, f64)>,
+    dir: &'a Path,
+}
+
+/// The live view: always the same number of lines, so it can be redrawn in place.
 fn render(
     ps: &Value,
     ss: &Value,
     prev: Option<&(Instant, Value, Value, u64)>,
     now: Instant,
-    ops: u64,
-    killed: Option<(&'static str, f64)>,
-    dir: &Path,
+    x: &ViewExtras<'_>,
 ) -> String {
+    let dt = prev.map(|(t, ..)| now.duration_since(*t).as_secs_f64().max(1e-3));
     let rate = |key: &str, cur: &Value| -> f64 {
-        match prev {
-            Some((t, p, _, _)) => {
-                let dt = now.duration_since(*t).as_secs_f64().max(1e-3);
-                (f(&cur[key]) - f(&p[key])) / dt
-            }
-            None => 0.0,
+        match (prev, dt) {
+            (Some((_, p, _, _)), Some(dt)) => ((f(&cur[key]) - f(&p[key])) / dt).max(0.0),
+            _ => 0.0,
         }
     };
-    let ops_rate = prev
-        .map(|(t, _, _, o)| (ops - o) as f64 / now.duration_since(*t).as_secs_f64().max(1e-3))
-        .unwrap_or(0.0);
-    let last = &ps["last"];
+    let ops_rate = match (prev, dt) {
+        (Some((_, _, _, o)), Some(dt)) => x.ops.saturating_sub(*o) as f64 / dt,
+        _ => 0.0,
+    };
+    let killed_who = x.killed.map(|(w, _)| w);
     let node = |name: &str, s: &Value| {
+        if killed_who == Some(name) {
+            return format!(
+                "  {name:<10} {:<10} {:<21} {:<9} {}",
+                "-", "killed", "-", "-"
+            );
+        }
         format!(
-            "  {name:<10} role {:<10} state {:<20} protected {:<5} epoch {}",
+            "  {name:<10} {:<10} {:<21} {:<9} {}",
             s["role"].as_str().unwrap_or("-"),
-            s["state"].as_str().unwrap_or("(gone)"),
-            s["protected"].as_bool().unwrap_or(false),
-            s["epoch"]
+            s["state"].as_str().unwrap_or("starting"),
+            if s["protected"].as_bool().unwrap_or(false) {
+                "yes"
+            } else {
+                "no"
+            },
+            num(&s["epoch"])
         )
     };
+    // After a failover the survivor is the one whose figures move.
+    let cur = if killed_who == Some("primary") {
+        ss
+    } else {
+        ps
+    };
+    let last = &cur["last"];
     let mut out = String::new();
-    out.push_str("colo demo — a replicated pair on loopback (Ctrl-C to stop)\n");
+    out.push_str(&format!(
+        "colo demo — a replicated pair on loopback · {:.0} s · Ctrl-C to stop\n",
+        x.elapsed
+    ));
+    out.push_str("  node       role       state                 protected epoch\n");
     out.push_str(&node("primary", ps));
     out.push('\n');
     out.push_str(&node("secondary", ss));
     out.push('\n');
     out.push_str(&format!(
-        "  checkpoints {:>7}  ({:.1}/s)   mismatch {:>6}   periodic {:>6}\n",
-        ps["checkpoints"],
-        rate("checkpoints", ps),
-        ps["mismatch_checkpoints"],
-        ps["periodic_checkpoints"]
+        "  checkpoints  {:>6} total  {:>6.1}/s   mismatch {}   periodic {}   manual {}\n",
+        num(&cur["checkpoints"]),
+        rate("checkpoints", cur),
+        num(&cur["mismatch_checkpoints"]),
+        num(&cur["periodic_checkpoints"]),
+        num(&cur["manual_checkpoints"]),
     ));
     out.push_str(&format!(
-        "  pause p50 {:>7.3} ms   p99 {:>7.3} ms   last |A| {} |B| {} |D| {}\n",
-        f(&ps["pause_ms_p50"]),
-        f(&ps["pause_ms_p99"]),
-        last["dirty_primary"],
-        last["dirty_secondary"],
-        last["pages_sent"]
+        "  pause        p50 {:>7.3} ms   p99 {:>7.3} ms\n",
+        f(&cur["pause_ms_p50"]),
+        f(&cur["pause_ms_p99"]),
     ));
     out.push_str(&format!(
-        "  link {:>8.2} MB/s out   client {:>7.0} ops/s   verified {} / failed {}\n",
-        rate("link_bytes_out", ps) / 1e6,
-        ops_rate,
-        ps["verified_identical"],
-        ps["verify_failures"]
+        "  last ckpt    |A| {:>6}   |B| {:>6}   |D| {:>6} pages\n",
+        num(&last["dirty_primary"]),
+        num(&last["dirty_secondary"]),
+        num(&last["pages_sent"]),
     ));
-    match killed {
-        Some((who, _)) => out.push_str(&format!(
-            "  killed the {who}; failover: {}\n",
-            ss["failover_reason"]
-                .as_str()
-                .or(ps["failover_reason"].as_str())
-                .unwrap_or("detecting…")
-        )),
-        None => out.push_str(&format!("  logs: {}\n", dir.display())),
-    }
+    out.push_str(&format!(
+        "  link         {:>8.2} MB/s out   {:>8.2} MB/s in\n",
+        rate("link_bytes_out", cur) / 1e6,
+        rate("link_bytes_in", cur) / 1e6,
+    ));
+    out.push_str(&format!(
+        "  client       {:>8.0} ops/s   {} ops   {} acknowledged writes\n",
+        ops_rate, x.ops, x.acked
+    ));
+    out.push_str(&format!(
+        "  verify       {} identical   {} failed\n",
+        num(&cur["verified_identical"]),
+        num(&cur["verify_failures"]),
+    ));
+    let event = match x.killed {
+        Some((who, _)) => {
+            let survivor = if who == "primary" { ss } else { ps };
+            format!(
+                "killed the {who}; {}",
+                survivor["failover_reason"].as_str().map_or_else(
+                    || "waiting for the survivor to notice…".to_string(),
+                    |r| { format!("survivor: {r}") }
+                )
+            )
+        }
+        None => "none".to_string(),
+    };
+    out.push_str(&format!("  events       {}\n", clip(&event, 90)));
+    out.push_str(&format!("  node logs    {}\n", x.dir.display()));
     out
 }

@@ -97,7 +97,15 @@ fn u(v: &Value, key: &str) -> u64 {
 }
 
 fn demo_json(s: &Scratch, extra: &[&str]) -> Value {
-    let mut args = vec!["demo", "--json", "--ram", "16M"];
+    // A generous heartbeat timeout: CI machines may be loaded during the initial sync.
+    let mut args = vec![
+        "demo",
+        "--json",
+        "--ram",
+        "16M",
+        "--heartbeat-timeout-ms",
+        "3000",
+    ];
     args.extend_from_slice(extra);
     let o = s.run(&args);
     assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
