@@ -690,9 +690,6 @@ fn node_options(a: &NodeArgs) -> Result<NodeOptions> {
         a.heartbeat_timeout_ms,
         a.heartbeat_interval_ms
     );
-    if a.backend == Backend::Xen && a.client.is_some() {
-        bail!("--client is not available with --backend xen: the Xen guest's network path is not part of this release");
-    }
     Ok(NodeOptions {
         liveness: Liveness {
             interval: Duration::from_millis(a.heartbeat_interval_ms),
@@ -766,7 +763,19 @@ fn save_on_exit<G: Snapshot>(a: &NodeArgs, guest: &mut G) -> Result<()> {
     Ok(())
 }
 
+/// Flags that do not fit the chosen backend, checked before a guest is opened.
+fn check_backend(a: &NodeArgs) -> Result<()> {
+    if a.backend == Backend::Xen && a.client.is_some() {
+        bail!(
+            "--client is not available with --backend xen: the Xen guest's network path is not \
+             part of this release"
+        );
+    }
+    Ok(())
+}
+
 fn run_primary(a: PrimaryArgs) -> Result<i32> {
+    check_backend(&a.node)?;
     match a.node.backend {
         Backend::Mock => {
             let mut guest = colo_cli::mock::build(&mock_spec(&a.node))?;
@@ -823,6 +832,7 @@ fn primary_with<G: Guest + Snapshot>(a: PrimaryArgs, guest: G) -> Result<i32> {
 }
 
 fn run_secondary(a: SecondaryArgs) -> Result<i32> {
+    check_backend(&a.node)?;
     match a.node.backend {
         Backend::Mock => {
             let guest = colo_cli::mock::build(&mock_spec(&a.node))?;
