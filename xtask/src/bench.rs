@@ -573,16 +573,39 @@ impl Pair {
             sec_stop,
             value: 1,
         };
+        if let Err(e) = pair.sync(what) {
+            // Say why the secondary left, if it did.
+            pair.sec_stop.store(true, Ordering::Relaxed);
+            pair.primary = None;
+            if let Some(h) = pair.secondary.take() {
+                match h.join() {
+                    Ok(Err(se)) => return Err(e.context(format!("secondary: {se:#}"))),
+                    Err(_) => return Err(e.context("the secondary thread panicked")),
+                    Ok(Ok(_)) => {}
+                }
+            }
+            return Err(e);
+        }
+        println!(
+            "{what}: {} MiB pair synchronised in {:.2} s",
+            ram >> 20,
+            t.elapsed().as_secs_f64()
+        );
+        Ok(pair)
+    }
+
+    /// Drives the primary until the initial synchronisation has committed.
+    fn sync(&mut self, what: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let p = pair.node()?;
+            let p = self.node()?;
             p.step(Duration::from_micros(200))?;
             let synced = p.engine().state() == PrimaryState::Running;
-            if synced && pair.status.lock().last.is_some() {
-                break;
+            if synced && self.status.lock().last.is_some() {
+                return Ok(());
             }
-            if pair.node()?.engine().state() == PrimaryState::Unprotected {
-                let why = pair.status.lock().failover_reason.clone();
+            if self.node()?.engine().state() == PrimaryState::Unprotected {
+                let why = self.status.lock().failover_reason.clone();
                 bail!(
                     "{what}: the pair broke during initial synchronisation: {}",
                     why.unwrap_or_default()
@@ -592,12 +615,6 @@ impl Pair {
                 bail!("{what}: initial synchronisation took over 120 s");
             }
         }
-        println!(
-            "{what}: {} MiB pair synchronised in {:.2} s",
-            ram >> 20,
-            t.elapsed().as_secs_f64()
-        );
-        Ok(pair)
     }
 
     fn node(&mut self) -> Result<&mut PrimaryNode<MockDomain>> {
