@@ -377,11 +377,13 @@ impl<G: Guest> PrimaryNode<G> {
     pub fn step(&mut self, wait: Duration) -> Result<()> {
         self.poll_commands();
         self.poll_link(wait)?;
+        // Liveness is judged right after reading the link, never after a long action (a
+        // pre-copy round of a big guest) that kept the loop from reading what arrived meanwhile.
+        self.engine.handle_timeout(Instant::now());
         self.run_actions()?;
         self.pump_clients()?;
         self.pump_output();
         self.maybe_checkpoint()?;
-        self.engine.handle_timeout(Instant::now());
         self.run_actions()?;
         self.flush();
         self.publish();
@@ -722,8 +724,10 @@ impl<G: Guest> PrimaryNode<G> {
         let mut st = self.status.lock();
         st.state = self.engine.state().name().into();
         st.protected = self.engine.is_protected();
-        st.epoch = self.engine.epoch();
-        st.guest_steps = 0;
+        if self.engine.state() != PrimaryState::Unprotected {
+            // An unprotected node keeps showing the last checkpoint it ran from.
+            st.epoch = self.engine.epoch();
+        }
         if let Some(l) = &self.link {
             st.link_bytes_out = l.bytes_out;
             st.link_bytes_in = l.bytes_in;
@@ -872,13 +876,14 @@ impl<G: Guest> SecondaryNode<G> {
             }
         }
         self.poll_link(wait)?;
+        // Liveness right after reading, never after a long apply (see PrimaryNode::step).
+        self.engine.handle_timeout(Instant::now());
         self.run_actions()?;
         if self.taken_over {
             return Ok(false);
         }
         self.pump_inputs()?;
         self.pump_output();
-        self.engine.handle_timeout(Instant::now());
         self.run_actions()?;
         self.flush();
         self.publish();
