@@ -6,6 +6,7 @@ pub mod clients;
 pub mod config;
 pub mod control;
 pub mod dump;
+pub mod faultproxy;
 pub mod kvclient;
 pub mod link;
 pub mod metrics;
