@@ -84,6 +84,11 @@ Examples:
   colo status                        the node named `primary`
   colo status --name secondary --json";
 
+const PROTECT_EXAMPLES: &str = "\
+Examples:
+  colo secondary --listen 10.0.0.3:7000 --ram 64M --client 10.0.0.3:7100   (new secondary)
+  colo protect --name secondary --peer 10.0.0.3:7000   (on the survivor of a failover)";
+
 const FAILOVER_EXAMPLES: &str = "\
 Examples:
   colo failover --name secondary     the secondary takes over now
@@ -139,6 +144,17 @@ enum Command {
         /// The node's name.
         #[arg(long)]
         name: String,
+    },
+    /// Re-protect an unprotected primary (e.g. the survivor of a failover): it connects to a
+    /// new secondary and re-synchronises it while its guest keeps running.
+    #[command(after_help = PROTECT_EXAMPLES)]
+    Protect {
+        /// The running node's name.
+        #[arg(long)]
+        name: String,
+        /// The new secondary's replication address (HOST:PORT).
+        #[arg(long)]
+        peer: String,
     },
     /// Write a full snapshot of a VM in Xen's libxc migration stream format.
     #[command(after_help = SAVE_EXAMPLES)]
@@ -485,6 +501,15 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Failover { name } => {
             colo_cli::control::request(&colo_cli::control::socket_path(&name), "failover")?;
             println!("failover requested on {name}");
+            Ok(0)
+        }
+        Command::Protect { name, peer } => {
+            colo_cli::control::request_json(
+                &colo_cli::control::socket_path(&name),
+                "protect",
+                serde_json::json!({ "cmd": "protect", "peer": peer }),
+            )?;
+            println!("{name} is re-synchronising with the secondary at {peer}; see `colo status --name {name}`");
             Ok(0)
         }
         Command::Save(a) => run_save(a),

@@ -318,6 +318,11 @@ impl<G: Guest> PrimaryNode<G> {
         self.commands = Some(rx);
     }
 
+    /// Replaces the memory-snapshot hook (for tests).
+    pub fn set_snapshot(&mut self, hook: Option<SnapshotHook>) {
+        self.opts.snapshot = hook;
+    }
+
     fn poll_commands(&mut self) {
         while let Some(c) = self.commands.as_ref().and_then(|rx| rx.try_recv().ok()) {
             match c {
