@@ -384,3 +384,121 @@ fn writer(mut to: TcpStream, rx: Receiver<Chunk>, dir: Direction, sh: &Shared) {
         sh.forwarded[i].fetch_add(len, Ordering::SeqCst);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that accepts one connection and returns it.
+    fn server() -> (SocketAddr, JoinHandle<TcpStream>) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        (
+            addr,
+            std::thread::spawn(move || l.accept().expect("accept").0),
+        )
+    }
+
+    fn read_all(s: &mut TcpStream) -> Vec<u8> {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    }
+
+    #[test]
+    fn forwards_both_ways_and_counts() {
+        let (addr, srv) = server();
+        let p = FaultProxy::start(addr, KillSwitch::new(), 1).expect("proxy");
+        let mut c = TcpStream::connect(p.addr()).expect("connect");
+        let mut s = srv.join().expect("server");
+        c.write_all(b"hello").expect("write");
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).expect("read");
+        assert_eq!(&buf, b"hello");
+        s.write_all(b"abc").expect("write");
+        let mut buf = [0u8; 3];
+        c.read_exact(&mut buf).expect("read");
+        assert_eq!(&buf, b"abc");
+        // The counters move right after the write the peer already read.
+        let t = Instant::now();
+        while (
+            p.forwarded(Direction::ToTarget),
+            p.forwarded(Direction::FromTarget),
+        ) != (5, 3)
+            && t.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(p.forwarded(Direction::ToTarget), 5);
+        assert_eq!(p.forwarded(Direction::FromTarget), 3);
+        assert_eq!(p.accepted(), 1);
+    }
+
+    #[test]
+    fn cut_delivers_exactly_the_prefix_then_kills_the_group() {
+        let (addr, srv) = server();
+        let switch = KillSwitch::new();
+        let p = FaultProxy::start(addr, switch.clone(), 2).expect("proxy");
+        // A second proxy of the same group dies with the first.
+        let (addr2, srv2) = server();
+        let p2 = FaultProxy::start(addr2, switch.clone(), 3).expect("proxy");
+        let mut c2 = TcpStream::connect(p2.addr()).expect("connect");
+        let _s2 = srv2.join().expect("server");
+        let mut c = TcpStream::connect(p.addr()).expect("connect");
+        let mut s = srv.join().expect("server");
+        p.cut_after(Direction::ToTarget, 1000);
+        let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let _ = c.write_all(&data);
+        let got = read_all(&mut s);
+        assert_eq!(got, &data[..1000]);
+        assert!(switch.is_killed() && switch.killed_at().is_some());
+        // The other proxy's client sees its connection end, and nothing more is accepted.
+        assert!(read_all(&mut c2).is_empty());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(TcpStream::connect(p2.addr()).is_err());
+        assert!(!switch.kill(), "a switch fires once");
+    }
+
+    #[test]
+    fn stall_holds_data_until_released_and_delay_keeps_order() {
+        let (addr, srv) = server();
+        let p = FaultProxy::start(addr, KillSwitch::new(), 4).expect("proxy");
+        let mut c = TcpStream::connect(p.addr()).expect("connect");
+        let mut s = srv.join().expect("server");
+        p.stall(true);
+        c.write_all(b"stalled").expect("write");
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let mut buf = [0u8; 16];
+        assert!(s.read(&mut buf).is_err(), "a stalled link forwards nothing");
+        assert_eq!(p.forwarded(Direction::ToTarget), 0);
+        p.set_delay(Duration::from_millis(2), Duration::from_millis(5));
+        p.stall(false);
+        for i in 0..50u8 {
+            c.write_all(&[i]).expect("write");
+        }
+        drop(c);
+        let got = read_all(&mut s);
+        let mut want = b"stalled".to_vec();
+        want.extend(0..50u8);
+        assert_eq!(got, want, "delayed chunks arrive complete and in order");
+    }
+
+    #[test]
+    fn dropping_connections_breaks_both_sides_without_firing_the_switch() {
+        let (addr, srv) = server();
+        let switch = KillSwitch::new();
+        let p = FaultProxy::start(addr, switch.clone(), 5).expect("proxy");
+        let mut c = TcpStream::connect(p.addr()).expect("connect");
+        let mut s = srv.join().expect("server");
+        c.write_all(b"x").expect("write");
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).expect("read");
+        p.drop_connections();
+        assert!(read_all(&mut s).is_empty());
+        assert!(read_all(&mut c).is_empty());
+        assert!(!switch.is_killed());
+    }
+}

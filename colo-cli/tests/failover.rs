@@ -82,6 +82,7 @@ fn trial(seed: u64, victim: Victim, kill: Kill) -> Result<Trial> {
     dbg("armed");
     // The primary's state as last seen before the failure (published once per loop step).
     let mut state_at_kill = String::new();
+    let mut sstate_at_kill = String::new();
     let t = Instant::now();
     while !pair.switch.is_killed() {
         if t.elapsed() > LIMIT {
@@ -94,6 +95,7 @@ fn trial(seed: u64, victim: Victim, kill: Kill) -> Result<Trial> {
             }
             state_at_kill.clone_from(&st.state);
         }
+        sstate_at_kill.clone_from(&pair.sstatus.lock().state);
         std::thread::sleep(Duration::from_micros(200));
     }
     let killed_at = pair.switch.killed_at().context("kill time")?;
@@ -104,7 +106,7 @@ fn trial(seed: u64, victim: Victim, kill: Kill) -> Result<Trial> {
                 Direction::ToTarget => "P→S",
                 Direction::FromTarget => "S→P",
             };
-            format!("cut {dir} in {state_at_kill}")
+            format!("cut {dir} P:{state_at_kill}/S:{sstate_at_kill}")
         }
     };
     let detect_ms = match victim {
