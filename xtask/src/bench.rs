@@ -528,10 +528,10 @@ impl Pair {
     /// Builds two `ram`-byte dirty guests with their workload stopped, connects them and waits
     /// for the initial synchronisation to commit.
     ///
-    /// The driver blocks while it sends a pre-copy round and only then reads the peer's
-    /// heartbeats, so a round longer than the liveness timeout (1 GiB on this machine) reads as
-    /// a lost peer; pairs larger than 256 MiB therefore use a 60 s silence timeout. Failover is
-    /// measured on small pairs with the default liveness settings.
+    /// Pairs larger than 256 MiB use a 60 s silence timeout: the driver blocks while it writes a
+    /// pre-copy round or a whole-RAM checkpoint (seconds for 1 GiB on a loaded 2-core machine),
+    /// and an older driver judged liveness before reading the heartbeats that arrived meanwhile.
+    /// Failover is measured on small pairs with the default liveness settings.
     fn start(ram: u64, what: &str, populate: bool) -> Result<Self> {
         let silence = (ram > 256 * MIB).then_some(Duration::from_secs(60));
         let t = Instant::now();
