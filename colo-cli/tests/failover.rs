@@ -88,14 +88,21 @@ fn trial(seed: u64, victim: Victim, kill: Kill) -> Result<Trial> {
         if t.elapsed() > LIMIT {
             bail!("the injected failure did not happen in {LIMIT:?}");
         }
-        {
+        let (pstate, reason) = {
             let st = pair.pstatus.lock();
-            if let Some(r) = &st.failover_reason {
-                bail!("the primary lost the secondary before the injected failure: {r}");
-            }
-            state_at_kill.clone_from(&st.state);
+            (st.state.clone(), st.failover_reason.clone())
+        };
+        let sstate = pair.sstatus.lock().state.clone();
+        // The switch is set before any socket is cut: what was read while it is still unset
+        // happened before the injection.
+        if pair.switch.is_killed() {
+            break;
         }
-        sstate_at_kill.clone_from(&pair.sstatus.lock().state);
+        if let Some(r) = reason {
+            bail!("the primary lost the secondary before the injected failure: {r}");
+        }
+        state_at_kill = pstate;
+        sstate_at_kill = sstate;
         std::thread::sleep(Duration::from_micros(200));
     }
     let killed_at = pair.switch.killed_at().context("kill time")?;
@@ -145,6 +152,17 @@ fn trial(seed: u64, victim: Victim, kill: Kill) -> Result<Trial> {
         .with_context(|| format!("client ({phase})"))?;
     let compared = pair.check_snapshots().with_context(|| phase.clone())?;
     let takeover_epoch = *pair.takeover_epoch.lock();
+    if victim == Victim::Primary {
+        // Every checkpoint the primary committed (and released output for) was applied whole
+        // by the secondary before it took over.
+        let committed = pair.pstatus.lock().last.as_ref().map(|l| l.epoch);
+        if committed > takeover_epoch {
+            bail!(
+                "the primary committed checkpoint {committed:?} but the secondary took over from \
+                 {takeover_epoch:?} ({phase})"
+            );
+        }
+    }
     dbg("verified");
     let (p, s) = pair.stop();
     dbg("stopped");
