@@ -181,7 +181,7 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
     let mut pair = Pair::start(GIB, "populated RAM", true)?;
     let populated = sweep_pair(&mut pair, quick, tcp_baseline(tcp_mib)? * 1e9)?;
     // 4. Guest slowdown: the dirty workload flat out, alone vs tracked and replicated.
-    let slow_secs = if quick { 1.5 } else { 8.0 };
+    let slow_secs = if quick { 1.0 } else { 8.0 };
     let period = Duration::from_millis(50);
     let replicated = pair.replicated_steps(slow_secs, period, DirtyConfig::UNLIMITED)?;
     let paced_rep = pair.replicated_steps(slow_secs, period, PACED_RATE)?;
@@ -330,7 +330,7 @@ fn sweep_pair(pair: &mut Pair, quick: bool, tcp_bps: f64) -> Result<Sweep> {
     let throughput_ratio = throughput_bps / tcp_bps;
 
     // 3. Highest sustained checkpoint rate with ≤ 100 dirty pages each (policy min_interval 0).
-    let rate_secs = if quick { 1.5 } else { 10.0 };
+    let rate_secs = if quick { 1.0 } else { 10.0 };
     let (max_cps, max_cps_pages_max, max_cps_pause_p50) = pair.max_rate(rate_secs, 50)?;
     println!(
         "  max sustained rate: {max_cps:.0} checkpoints/s (50 pages each, |D| ≤ {max_cps_pages_max})"
