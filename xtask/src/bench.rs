@@ -177,8 +177,11 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
     let tcp_gbps = tcp_baseline(tcp_mib)?;
 
     // 2–3. Pause time against dirty pages, checkpoint throughput and the highest sustained
-    // checkpoint rate, on a 1 GiB pair with populated RAM, then with sparse RAM.
-    let mut pair = Pair::start(GIB, "populated RAM", true)?;
+    // checkpoint rate, on a 1 GiB pair with sparse RAM, then with populated RAM.
+    // One pair: sparse first, then every page of the primary's RAM is made to exist.
+    let mut pair = Pair::start(GIB, "pause sweeps")?;
+    let sparse = sweep_pair(&mut pair, quick, tcp_baseline(tcp_mib)? * 1e9)?;
+    pair.populate()?;
     let populated = sweep_pair(&mut pair, quick, tcp_baseline(tcp_mib)? * 1e9)?;
     // 4. Guest slowdown: the dirty workload flat out, alone vs tracked and replicated.
     let slow_secs = if quick { 1.0 } else { 8.0 };
@@ -186,9 +189,6 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
     let replicated = pair.replicated_steps(slow_secs, period, DirtyConfig::UNLIMITED)?;
     let paced_rep = pair.replicated_steps(slow_secs, period, PACED_RATE)?;
     pair.stop();
-    let mut sparse_pair = Pair::start(GIB, "sparse RAM", false)?;
-    let sparse = sweep_pair(&mut sparse_pair, quick, tcp_baseline(tcp_mib)? * 1e9)?;
-    sparse_pair.stop();
     let slowdown = Slowdown {
         alone_sps: alone_steps(GIB, slow_secs, DirtyConfig::UNLIMITED)?,
         ..replicated
@@ -532,7 +532,7 @@ impl Pair {
     /// pre-copy round or a whole-RAM checkpoint (seconds for 1 GiB on a loaded 2-core machine),
     /// and an older driver judged liveness before reading the heartbeats that arrived meanwhile.
     /// Failover is measured on small pairs with the default liveness settings.
-    fn start(ram: u64, what: &str, populate: bool) -> Result<Self> {
+    fn start(ram: u64, what: &str) -> Result<Self> {
         let silence = (ram > 256 * MIB).then_some(Duration::from_secs(60));
         let t = Instant::now();
         let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
@@ -583,31 +583,34 @@ impl Pair {
             }
             return Err(e);
         }
-        if populate {
-            // Populate the primary's RAM now rather than before the initial synchronisation:
-            // the mock's hole probe makes pre-copy reads of a populated file slow (see the
-            // report), while one checkpoint of every page reads it in a single call.
-            let pages = pair.pages;
-            let t1 = Instant::now();
-            // Zeros into zero pages: every page (NIC pages included) comes to exist, and no
-            // content changes.
-            dirty_pfns(pair.node()?.guest(), (0..pages).collect(), 0)?;
-            let written = t1.elapsed().as_secs_f64();
-            let f = pair
-                .checkpoint()
-                .with_context(|| format!("{what}: the checkpoint that populates RAM"))?;
-            println!(
-                "{what}: RAM written in {written:.2} s; its checkpoint: pause {:.0} ms, \
-                 NEW → SVM_READY {:.0} ms",
-                f.pause_ms, f.total_ms
-            );
-        }
         println!(
             "{what}: {} MiB pair synchronised in {:.2} s",
             ram >> 20,
             t.elapsed().as_secs_f64()
         );
         Ok(pair)
+    }
+
+    /// Makes every page of the primary's RAM exist (as in a real guest) and checkpoints it.
+    /// Done after the initial synchronisation: the mock's hole probe makes pre-copy reads of a
+    /// populated file slow (see the report), while one checkpoint of every page reads it in a
+    /// single call.
+    fn populate(&mut self) -> Result<()> {
+        let pages = self.pages;
+        let t = Instant::now();
+        // Zeros into zero pages: every page (NIC pages included) comes to exist, and no content
+        // changes.
+        dirty_pfns(self.node()?.guest(), (0..pages).collect(), 0)?;
+        let written = t.elapsed().as_secs_f64();
+        let f = self
+            .checkpoint()
+            .context("the checkpoint that populates RAM")?;
+        println!(
+            "populated the primary's RAM: written in {written:.2} s; its checkpoint: pause \
+             {:.0} ms, NEW → SVM_READY {:.0} ms",
+            f.pause_ms, f.total_ms
+        );
+        Ok(())
     }
 
     /// Drives the primary until the initial synchronisation has committed.
@@ -893,7 +896,7 @@ fn comparator_fps(n: usize) -> Result<f64> {
 }
 
 fn failover_once(ram: u64) -> Result<f64> {
-    let mut pair = Pair::start(ram, "failover", false)?;
+    let mut pair = Pair::start(ram, "failover")?;
     pair.checkpoint()?;
     pair.kill_primary()
 }
