@@ -284,9 +284,19 @@ pub struct Pair {
     secondary: Mutex<Option<JoinHandle<Result<SecondaryEnd>>>>,
 }
 
+/// A loopback address free now, for a node to bind later. Taken below Linux's ephemeral range
+/// (32768–60999), so no outgoing connection of this or another test can take it meanwhile.
 fn free_addr() -> Result<String> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.to_string())
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = 20000 + (u64::from(std::process::id()) * 97) % 12000;
+    for _ in 0..12000 {
+        let port = 20000 + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % 12000;
+        let addr = format!("127.0.0.1:{port}");
+        if TcpListener::bind(&addr).is_ok() {
+            return Ok(addr);
+        }
+    }
+    bail!("no free loopback port in 20000..32000")
 }
 
 fn spec(seed: u64, ram: u64, output_divergence: f64) -> MockSpec {
