@@ -298,3 +298,11 @@ impl Link {
         self.stream.try_clone()
     }
 }
+
+impl Drop for Link {
+    /// Shuts the socket down so the reader thread (which holds a clone) ends and the peer sees
+    /// the close at once, not when the reader next wakes.
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}

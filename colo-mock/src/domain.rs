@@ -473,17 +473,8 @@ impl Domain for MockDomain {
                 .write(p as usize * PAGE_SIZE, page)
                 .map_err(|e| bad_state("write_pages", &e.to_string()))?;
         }
-        // Re-protect in runs of consecutive pfns.
-        let mut i = 0;
-        while i < pfns.len() {
-            let mut j = i + 1;
-            while j < pfns.len() && pfns[j] == pfns[j - 1] + 1 {
-                j += 1;
-            }
-            self.tracker.mark_clean(pfns[i], (j - i) as u64)?;
-            i = j;
-        }
-        Ok(())
+        let runs = 1 + pfns.windows(2).filter(|w| w[1] != w[0] + 1).count();
+        self.tracker.mark_clean_pfns(pfns, runs)
     }
 
     fn get_state(&mut self, out: &mut Vec<u8>) -> Result<(), BackendError> {
@@ -594,6 +585,23 @@ mod tests {
             assert!(ram[100 * PAGE_SIZE..101 * PAGE_SIZE]
                 .iter()
                 .all(|&x| x == 0xAB));
+        }
+    }
+
+    #[test]
+    fn write_pages_with_many_runs_keeps_other_dirty_pages() {
+        for t in [TrackerChoice::Auto, TrackerChoice::Fallback] {
+            let mut d = dom(t);
+            d.start_dirty_log().unwrap();
+            // Guest-side writes before and between the host's writes, outside its page set.
+            d.poke(1, 0, &[1]).unwrap();
+            d.poke(511, 0, &[1]).unwrap();
+            let pfns: Vec<u64> = (0..100).map(|i| 3 + i * 5).collect();
+            let data = vec![0xCD; pfns.len() * PAGE_SIZE];
+            d.write_pages(&pfns, &data).unwrap();
+            let mut b = DirtyBitmap::new(512);
+            d.harvest_dirty(&mut b).unwrap();
+            assert_eq!(b.to_pfns(), vec![1, 511], "{:?}", d.tracker_kind());
         }
     }
 }
