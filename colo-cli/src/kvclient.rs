@@ -111,7 +111,8 @@ impl KvClient {
                 self.cur += 1;
                 self.stats.failovers += 1;
                 gap_start.get_or_insert_with(Instant::now);
-                std::thread::sleep(Duration::from_millis(20));
+                // A short backoff: the survivor may be a millisecond away from taking over.
+                std::thread::sleep(Duration::from_millis(2));
                 continue;
             }
             let Some(s) = self.stream.as_mut() else {

@@ -454,8 +454,9 @@ impl<G: Guest> PrimaryNode<G> {
                 return Ok(());
             }
         }
-        let now = Instant::now();
         while let Some(link) = self.link.as_mut() {
+            // Stamped per event: decoding a large read can outlast the silence timeout.
+            let now = Instant::now();
             let ev = match link.next_event() {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
@@ -949,8 +950,9 @@ impl<G: Guest> SecondaryNode<G> {
                 .peer_lost(format!("link to the primary broke: {e}"));
             return Ok(());
         }
-        let now = Instant::now();
         while let Some(link) = self.link.as_mut() {
+            // Stamped per event: decoding a large read can outlast the silence timeout.
+            let now = Instant::now();
             let ev = match link.next_event() {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,

@@ -45,18 +45,14 @@ struct Outcome {
     received: Vec<Vec<u8>>,
 }
 
-fn free_addr() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
 /// Runs a pair until `checkpoints` checkpoints committed, with a client doing kv operations.
 fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome {
     let psnap: Snapshots = Arc::default();
     let ssnap: Snapshots = Arc::default();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let repl = listener.local_addr().unwrap().to_string();
-    let client_addr = free_addr();
+    // The client hub binds port 0; the address it got is read back from the status below.
+    let client_addr = "127.0.0.1:0".to_string();
 
     let mut sopts = NodeOptions::default();
     let s2 = ssnap.clone();
@@ -72,7 +68,7 @@ fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome
 
     let mut popts = NodeOptions {
         sync_mode: mode,
-        client_addr: Some(client_addr.clone()),
+        client_addr: Some(client_addr),
         policy: CheckpointPolicy {
             min_interval: Duration::from_millis(1),
             max_interval: Duration::from_millis(4),
@@ -91,6 +87,7 @@ fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome
     let pstatus = new_status();
     let mut primary = PrimaryNode::connect(pguest, &repl, popts, pstatus.clone()).unwrap();
     let stop = primary.stop_flag();
+    let client_addr = pstatus.lock().client_addr.clone().unwrap();
 
     let client_stop = Arc::new(AtomicBool::new(false));
     let cs = client_stop.clone();

@@ -112,8 +112,18 @@ struct Report {
     paced: Slowdown,
     harvest: Vec<HarvestRow>,
     cmp_fps: f64,
+    /// Client response latency through a replicated pair vs a primary alone, ms.
+    latency: Latency,
     failover_ms: Vec<f64>,
     total_s: f64,
+}
+
+/// Response latency of kv requests (one outstanding at a time), ms.
+struct Latency {
+    replicated_p50: f64,
+    replicated_p99: f64,
+    alone_p50: f64,
+    alone_p99: f64,
 }
 
 /// Pause sweep, checkpoint throughput and maximum rate on one pair.
@@ -217,6 +227,13 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
     let cmp_fps = comparator_fps(if quick { 200_000 } else { 2_000_000 })?;
     println!("  comparator: {:.2} M frame pairs/s", cmp_fps / 1e6);
 
+    // 6b. Latency the comparator (waiting for the secondary's twin) adds to a response.
+    let latency = response_latency(if quick { 2000 } else { 20_000 })?;
+    println!(
+        "  response latency: replicated p50 {:.3} ms p99 {:.3} ms; alone p50 {:.3} ms p99 {:.3} ms",
+        latency.replicated_p50, latency.replicated_p99, latency.alone_p50, latency.alone_p99
+    );
+
     // 7. Failover.
     let mut failover_ms = Vec::new();
     for i in 0..if quick { 5 } else { 10 } {
@@ -234,6 +251,7 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
         paced,
         harvest,
         cmp_fps,
+        latency,
         failover_ms,
         total_s: started.elapsed().as_secs_f64(),
     };
@@ -847,6 +865,102 @@ fn harvest_sweep(quick: bool) -> Result<Vec<HarvestRow>> {
 }
 
 /// Matching UDP frames through the comparator (both sides, release): frame pairs per second.
+fn kv_spec(seed: u64) -> MockSpec {
+    MockSpec {
+        ram: 16 * MIB,
+        ram_file: None,
+        workload: WorkloadKind::Kv,
+        vm_seed: seed,
+        memory_divergence: true,
+        output_divergence: 0.0,
+        dirty_rate: 0,
+    }
+}
+
+/// Times `ops` sequential kv requests from a client to `addr`, ms each.
+fn client_latencies(addr: String, ops: usize, stop: Arc<AtomicBool>) -> Result<Vec<f64>> {
+    let mut c = colo_cli::kvclient::KvClient::new(vec![addr], 42000, Duration::from_secs(5));
+    let mut rng = 11u64;
+    let mut out = Vec::with_capacity(ops);
+    for _ in 0..ops {
+        let t = Instant::now();
+        c.random_op(&mut rng, 256, Instant::now() + Duration::from_secs(30))?;
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    stop.store(true, Ordering::Relaxed);
+    Ok(out)
+}
+
+/// Response latency through a replicated pair (the comparator releases a response once the
+/// secondary produced its twin) and through the same primary node without a secondary.
+fn response_latency(ops: usize) -> Result<Latency> {
+    let free =
+        || -> Result<String> { Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string()) };
+    // Alone: an unprotected primary.
+    let caddr = free()?;
+    let mut g = build(&kv_spec(1))?;
+    g.resume()?;
+    let opts = NodeOptions {
+        client_addr: Some(caddr.clone()),
+        ..NodeOptions::default()
+    };
+    let mut alone = PrimaryNode::with_link(g, None, opts, new_status())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
+    let client = std::thread::spawn(move || client_latencies(caddr, ops, st));
+    while !stop.load(Ordering::Relaxed) {
+        alone.step(Duration::from_micros(200))?;
+    }
+    let alone_ms = client.join().map_err(|_| anyhow!("client panicked"))??;
+    drop(alone);
+
+    // Replicated.
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let repl = listener.local_addr()?.to_string();
+    let sg = build(&kv_spec(2))?;
+    let secondary = std::thread::spawn(move || -> Result<()> {
+        let node = SecondaryNode::accept(sg, &listener, NodeOptions::default(), new_status())?;
+        node.run()?;
+        Ok(())
+    });
+    let caddr = free()?;
+    let mut g = build(&kv_spec(1))?;
+    g.resume()?;
+    let opts = NodeOptions {
+        client_addr: Some(caddr.clone()),
+        ..NodeOptions::default()
+    };
+    let status = new_status();
+    let mut primary = PrimaryNode::connect(g, &repl, opts, status.clone())?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !status.lock().protected {
+        if Instant::now() > deadline {
+            bail!("latency pair did not reach protection");
+        }
+        primary.step(Duration::from_micros(200))?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
+    let client = std::thread::spawn(move || client_latencies(caddr, ops, st));
+    while !stop.load(Ordering::Relaxed) {
+        primary.step(Duration::from_micros(200))?;
+    }
+    let rep_ms = client.join().map_err(|_| anyhow!("client panicked"))??;
+    primary.stop_flag().store(true, Ordering::Relaxed);
+    primary.run()?;
+    drop(primary);
+    secondary
+        .join()
+        .map_err(|_| anyhow!("secondary panicked"))??;
+    let p = |v: &Vec<f64>, q| percentile(v.clone(), q).unwrap_or(f64::NAN);
+    Ok(Latency {
+        replicated_p50: p(&rep_ms, 50.0),
+        replicated_p99: p(&rep_ms, 99.0),
+        alone_p50: p(&alone_ms, 50.0),
+        alone_p99: p(&alone_ms, 99.0),
+    })
+}
+
 fn comparator_fps(n: usize) -> Result<f64> {
     let mut frames = Vec::with_capacity(256);
     for i in 0..256u32 {
@@ -1102,6 +1216,11 @@ fn to_json(r: &Report) -> Value {
         "guest_paced_pages_per_checkpoint": r.paced.pages_per_cp,
         "guest_paced_pause_ms_p50": r.paced.pause_p50,
         "comparator_frames_per_s": r.cmp_fps,
+        "response_latency_ms_p50": r.latency.replicated_p50,
+        "response_latency_ms_p99": r.latency.replicated_p99,
+        "response_latency_alone_ms_p50": r.latency.alone_p50,
+        "response_latency_alone_ms_p99": r.latency.alone_p99,
+        "response_latency_added_ms_p50": r.latency.replicated_p50 - r.latency.alone_p50,
         "harvest": r.harvest.iter().map(|h| json!({
             "ram_mib": h.ram >> 20,
             "dirty_fraction": h.fraction,
