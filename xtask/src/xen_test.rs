@@ -32,10 +32,11 @@ pub const PACKAGES: [&str; 5] = [
     "libclang-dev",
 ];
 /// Xen packages downloaded (not installed) for the guest side.
-const XEN_DEBS: [&str; 3] = [
+const XEN_DEBS: [&str; 4] = [
     "xen-hypervisor-4.17-amd64",
     "xen-utils-4.17",
     "xen-utils-common",
+    "xenstore-utils",
 ];
 /// Xen's kernel modules dom0 loads, in order (xen-privcmd before xenfs).
 const MODULES: [&str; 5] = [
@@ -89,10 +90,21 @@ fn parse(args: &[String]) -> Result<Opts> {
     Ok(o)
 }
 
-/// Entry point: never returns an error, so that its last line is always the verdict.
+/// `cargo xtask xen-test [args]`: its last line is always the verdict, and it exits 1 itself
+/// on failure (so no later error line follows the verdict).
 pub fn run(args: &[String]) -> Result<()> {
+    if check(args).is_err() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// The whole test, for a caller such as `cargo xtask ci`: prints the verdict line and returns
+/// an error on failure.
+pub fn check(args: &[String]) -> Result<()> {
     let started = Instant::now();
     let res = parse(args).and_then(|o| run_inner(&o, started));
+    let _ = std::io::stdout().flush();
     match res {
         Ok(summary) => {
             println!(
@@ -102,12 +114,11 @@ pub fn run(args: &[String]) -> Result<()> {
             Ok(())
         }
         Err(e) => {
-            let _ = std::io::stdout().flush();
             println!(
                 "xen-test: FAIL {e:#} (after {:.0} s)",
                 started.elapsed().as_secs_f64()
             );
-            std::process::exit(1);
+            bail!("xen-test failed: {e:#}")
         }
     }
 }
@@ -382,7 +393,7 @@ fn build_dom0(
         "mkdir -p '{r}/usr/lib/xen-4.17' '{r}/usr/lib/xen-common' && \
          cp -a '{x}/usr/lib/xen-4.17/bin' '{r}/usr/lib/xen-4.17/' && \
          cp -a '{x}/usr/lib/xen-common/bin' '{r}/usr/lib/xen-common/' && \
-         cp -a '{x}/etc/xen' '{r}/etc/'",
+         cp -a '{x}/etc/xen' '{r}/etc/' && cp -a '{x}'/usr/bin/xenstore* '{r}/usr/bin/'",
         r = root.display(),
         x = x.display()
     ))?;
@@ -403,7 +414,7 @@ fn build_dom0(
     // libgcc_s, without which xl and Rust binaries abort.
     let mut libs = std::collections::BTreeSet::new();
     libs.insert(PathBuf::from("/lib/x86_64-linux-gnu/libgcc_s.so.1"));
-    for dir in ["usr/lib/xen-4.17/bin", "usr/local/bin"] {
+    for dir in ["usr/lib/xen-4.17/bin", "usr/local/bin", "usr/bin"] {
         for e in std::fs::read_dir(root.join(dir))?.filter_map(|e| e.ok()) {
             let p = e.path();
             let mut magic = [0u8; 4];
