@@ -330,11 +330,15 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         }
         if killed.is_none() {
             if a.kill_primary_after.is_some_and(|k| t >= k) {
+                // The clock is read before the kill: kill() also waits for the process to exit,
+                // and the survivor may notice the death before that wait returns.
+                let at = now_ms();
                 primary.kill();
-                killed = Some(("primary", now_ms()));
+                killed = Some(("primary", at));
             } else if a.kill_secondary_after.is_some_and(|k| t >= k) {
+                let at = now_ms();
                 secondary.kill();
-                killed = Some(("secondary", now_ms()));
+                killed = Some(("secondary", at));
             }
         }
         std::thread::sleep(Duration::from_millis(if live { 500 } else { 100 }));
