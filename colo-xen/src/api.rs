@@ -53,6 +53,22 @@ impl LogDirtyOp {
     }
 }
 
+/// Page types from `xc_get_pfn_type_batch` (`XEN_DOMCTL_PFINFO_*` >> 28) that carry no data:
+/// libxc's saver sends these without contents, and colo-xen reports them as unmappable.
+pub mod pfinfo {
+    /// Broken (poisoned) page.
+    pub const BROKEN: u64 = 0xd;
+    /// Allocated but not yet populated.
+    pub const XALLOC: u64 = 0xe;
+    /// Invalid: no page at this pfn.
+    pub const XTAB: u64 = 0xf;
+
+    /// True if a page of this type has contents to read.
+    pub fn has_data(t: u64) -> bool {
+        !matches!(t, BROKEN | XALLOC | XTAB)
+    }
+}
+
 /// What colo-xen needs from `xc_domaininfo_t`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DomInfo {
@@ -94,6 +110,9 @@ pub trait XcApi {
     /// Xen reports. On failure the buffer may hold the bits Xen copied out before failing.
     fn logdirty_control(&mut self, domid: u32, op: LogDirtyOp, pages: u64)
         -> Result<u64, XenError>;
+    /// `xc_get_pfn_type_batch` (`XEN_DOMCTL_getpageframeinfo3`) for `pfns` (≤ [`MAX_BATCH`]):
+    /// writes each page's type, see [`pfinfo`], into `types[..pfns.len()]`.
+    fn pfn_types(&mut self, domid: u32, pfns: &[u64], types: &mut [u64]) -> Result<(), XenError>;
     /// Maps `pfns` (≤ [`MAX_BATCH`]) read-only, calls `each(j, page)` for every `j` in order,
     /// unmaps. `errs` is scratch of at least `pfns.len()` entries.
     fn map_read(

@@ -6,7 +6,7 @@
 use colo_core::backend::PageVisitor;
 use colo_core::{BackendError, DirtyBitmap, Domain, PAGE_SIZE};
 
-use crate::api::{dominf, DomInfo, LogDirtyOp, ShadowOp, XcApi, MAX_BATCH};
+use crate::api::{dominf, pfinfo, DomInfo, LogDirtyOp, ShadowOp, XcApi, MAX_BATCH};
 use crate::error::XenError;
 use crate::state::{encode_state, XenState, SAVED_HVM_PARAMS};
 
@@ -31,6 +31,9 @@ pub struct XenDomain {
     /// Bits Xen already cleared that no caller has received yet (a failed harvest).
     pending: DirtyBitmap,
     errs: Vec<i32>,
+    types: Vec<u64>,
+    with_data: Vec<u64>,
+    with_data_at: Vec<usize>,
     ctx: Vec<u8>,
 }
 
@@ -107,6 +110,9 @@ impl XenDomain {
             logging: false,
             pending: DirtyBitmap::new(pages),
             errs: vec![0; MAX_BATCH],
+            types: vec![0; MAX_BATCH],
+            with_data: Vec::with_capacity(MAX_BATCH),
+            with_data_at: Vec::with_capacity(MAX_BATCH),
             ctx: Vec::new(),
         })
     }
@@ -245,11 +251,37 @@ impl XenDomain {
         self.check_pfns(pfns)?;
         let mut base = 0;
         for chunk in pfns.chunks(MAX_BATCH) {
-            let errs = &mut self.errs[..chunk.len()];
+            // Like libxc's saver: ask Xen which pages hold data, map only those (mapping a
+            // hole costs as much as mapping a page), report the others as unmappable.
+            let types = &mut self.types[..chunk.len()];
+            self.api.pfn_types(self.domid, chunk, types)?;
+            self.with_data.clear();
+            self.with_data_at.clear();
+            for (j, (&pfn, &t)) in chunk.iter().zip(types.iter()).enumerate() {
+                if pfinfo::has_data(t) {
+                    self.with_data.push(pfn);
+                    self.with_data_at.push(j);
+                }
+            }
+            // Visit in pfns order: holes before each mapped page, then the page.
+            let mut next = 0;
+            let at = &self.with_data_at;
+            let errs = &mut self.errs[..self.with_data.len()];
             errs.fill(0);
-            self.api.map_read(self.domid, chunk, errs, &mut |j, page| {
-                visit(base + j, page.ok()).map_err(XenError::Visit)
-            })?;
+            self.api
+                .map_read(self.domid, &self.with_data, errs, &mut |k, page| {
+                    let j = at[k];
+                    while next < j {
+                        visit(base + next, None).map_err(XenError::Visit)?;
+                        next += 1;
+                    }
+                    next = j + 1;
+                    visit(base + j, page.ok()).map_err(XenError::Visit)
+                })?;
+            let start = self.with_data_at.last().map_or(0, |&j| j + 1);
+            for j in start..chunk.len() {
+                visit(base + j, None).map_err(XenError::Visit)?;
+            }
             base += chunk.len();
         }
         Ok(())

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use colo_core::{DirtyBitmap, PAGE_SIZE};
 
-use crate::api::{dominf, DomInfo, LogDirtyOp, ReadPage, ShadowOp, WritePage, XcApi};
+use crate::api::{dominf, pfinfo, DomInfo, LogDirtyOp, ReadPage, ShadowOp, WritePage, XcApi};
 use crate::error::XenError;
 use crate::state::TscInfo;
 
@@ -19,7 +19,12 @@ pub(crate) struct FakeState {
     pub flags: u32,
     pub pages: u64,
     pub memory: Vec<u8>,
+    /// Pfns Xen reports as XTAB (no page).
     pub unmappable: HashSet<u64>,
+    /// Pfns with a page that nevertheless fail to map (per-page error from the map call).
+    pub map_fails: HashSet<u64>,
+    /// Pfns asked about with `pfn_types`, in order.
+    pub typed: usize,
     pub logdirty: bool,
     pub dirty: DirtyBitmap,
     pub pause_count: u32,
@@ -53,6 +58,8 @@ impl FakeHandle {
             pages,
             memory,
             unmappable: HashSet::new(),
+            map_fails: HashSet::new(),
+            typed: 0,
             logdirty: false,
             dirty: DirtyBitmap::new(pages),
             pause_count: 0,
@@ -130,7 +137,8 @@ impl FakeXc {
         );
         s.map_batches.push(pfns.len());
         for (j, &pfn) in pfns.iter().enumerate() {
-            errs[j] = if pfn >= s.pages || s.unmappable.contains(&pfn) {
+            errs[j] = if pfn >= s.pages || s.unmappable.contains(&pfn) || s.map_fails.contains(&pfn)
+            {
                 -libc::EINVAL
             } else {
                 0
@@ -255,6 +263,25 @@ impl XcApi for FakeXc {
             s.dirty.clear_all();
         }
         Ok(pages.min(s.pages))
+    }
+
+    fn pfn_types(&mut self, domid: u32, pfns: &[u64], types: &mut [u64]) -> Result<(), XenError> {
+        let mut s = self.state.lock();
+        check(&mut s, "xc_get_pfn_type_batch", domid)?;
+        assert!(
+            pfns.len() <= crate::api::MAX_BATCH,
+            "batch of {}",
+            pfns.len()
+        );
+        s.typed += pfns.len();
+        for (t, p) in types.iter_mut().zip(pfns) {
+            *t = if *p >= s.pages || s.unmappable.contains(p) {
+                pfinfo::XTAB
+            } else {
+                0
+            };
+        }
+        Ok(())
     }
 
     fn map_read(

@@ -8,7 +8,7 @@
 //! | `pause` / `resume` | `xc_domain_pause` / `xc_domain_unpause` |
 //! | `start_dirty_log` / `stop_dirty_log` | `xc_shadow_control(ENABLE_LOGDIRTY / OFF)` |
 //! | `harvest_dirty` / `peek_dirty` | `xc_logdirty_control(CLEAN / PEEK)` into one hypercall buffer |
-//! | `read_pages` | `xenforeignmemory_map(PROT_READ)`, ≤ 1024 pfns a call; per-page errors → `None` |
+//! | `read_pages` | `xc_get_pfn_type_batch`, then `xenforeignmemory_map(PROT_READ)` of the pages with data, ≤ 1024 pfns a call; holes (XTAB) and per-page errors → `None` |
 //! | `write_pages` | `xenforeignmemory_map(PROT_READ\|PROT_WRITE)` + copy |
 //! | `get_state` / `set_state` | TSC info, `xc_domain_hvm_{get,set}context`, HVM params ([`state`]) |
 //!
@@ -21,7 +21,10 @@
 //!
 //! # Supported Xen versions
 //! * **Xen 4.17** (Debian 12's `xen-hypervisor-4.17-amd64`): supported and exercised on a real
-//!   hypervisor by `cargo xtask xen-test` (Xen under QEMU TCG, PVH guests).
+//!   hypervisor by `cargo xtask xen-test` (Xen under QEMU TCG, PVH guests): the selftest of
+//!   every method, colo-core's conformance suite, 20 checkpoints verified page by page and a
+//!   takeover. `xc_get_pfn_type_batch` is declared here: libxenctrl exports it but only its
+//!   private header declares it.
 //! * **4.18 and later** are not supported: libxenctrl's ABI is tied to its version
 //!   (`libxenctrl.so.4.17`), `xc_domain_getinfo` was removed in 4.18 (colo-xen already uses
 //!   `xc_domain_getinfolist`), and 4.18+ write a 16-byte header for the
@@ -33,6 +36,22 @@
 //! HVM and PVH guests with hardware-assisted paging only. PV guests are refused
 //! ([`XenError::PvGuest`]): Debian's Xen is built without shadow paging, so log-dirty fails
 //! with EOPNOTSUPP for them. HVM guests' device-model (QEMU) state is not captured.
+//!
+//! # What replication needs from the guest (learned on a real Xen 4.17)
+//! A checkpoint carries guest memory, the HVM context, TSC info and HVM params — not the
+//! state a PVH kernel registers inside Xen by hypercall (event-channel bindings, vCPU-info and
+//! runstate areas, grant frames, the one-shot PV timer). So:
+//! * the secondary domain is created from the same configuration and boots the same kernel
+//!   the same way as the primary, so that Xen holds equivalent registrations for it;
+//! * guests boot with `nokaslr`: Xen keeps some registrations by guest-virtual address, which
+//!   must mean the same in the primary's memory image;
+//! * the secondary's kernel may wait for a timer event its Xen never armed (the primary's
+//!   one-shot timer is not in the HVM context); any event, e.g. console input, wakes it and
+//!   it re-arms its tick — `cargo xtask xen-test` does this after a takeover;
+//! * Xen writes event-channel pending bits into a domain's memory even while it is paused,
+//!   so two paused domains' memories can differ by a few bytes right after a checkpoint;
+//! * a paused guest's clock keeps running: `get_state` twice is not byte-identical, and
+//!   `set_state` bumps the TSC incarnation (as every libxc restore does).
 
 #![warn(missing_docs)]
 // Without `xen` nothing outside the tests constructs a XenDomain, so the seam looks unused.

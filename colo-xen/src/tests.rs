@@ -281,6 +281,25 @@ fn unmappable_pages_are_none_not_a_failed_batch() {
     .expect("read");
     assert_eq!(none, vec![5, 1500]);
     assert_eq!(some, 2046);
+    // Pages Xen types as XTAB are not mapped at all.
+    assert_eq!(fake.lock().map_batches, vec![1023, 1023]);
+    assert_eq!(fake.lock().typed, 2048);
+
+    // A page with data whose mapping fails is None too, and holes at the ends of a batch are
+    // visited in order.
+    fake.lock().map_fails.insert(7);
+    fake.lock().unmappable.extend([0u64, 2047]);
+    let mut order = Vec::new();
+    dom.read_pages(&pfns, &mut |i, page| {
+        order.push(i);
+        if page.is_none() {
+            none.push(i);
+        }
+        Ok(())
+    })
+    .expect("read");
+    assert_eq!(order, (0..2048).collect::<Vec<_>>());
+    assert_eq!(&none[2..], &[0, 5, 7, 1500, 2047]);
 
     // Writing needs every page.
     dom.pause().expect("pause");

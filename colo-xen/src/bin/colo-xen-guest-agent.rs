@@ -1,0 +1,123 @@
+//! colo-xen-guest-agent: runs *inside* a Linux guest so that dom0 can drive the guest's own
+//! writes for colo-core's backend conformance suite (`colo-xen-conformance`).
+//!
+//! It locks 1 + 64 + 16 anonymous pages in memory and finds their guest pfns in
+//! `/proc/self/pagemap` (needs root). Page 0 is a mailbox that dom0 reads and writes through
+//! foreign mappings; the next 64 are the scratch pages dom0 may ask the guest to fill; the last
+//! 16 are rewritten continuously while "background writes" are on. It prints
+//! `AGENT MAILBOX <pfn>` on stdout (the guest console) and serves commands until killed.
+//!
+//! Mailbox layout, little-endian u64 words: `[0]` [`MAGIC`], `[1]` its own pfn, `[2]` scratch
+//! count, `[3..67]` scratch pfns; `[256]` command sequence, `[257]` command (1 fill, 2
+//! background on, 3 background off), `[258]` fill byte, `[259]` scratch-index mask (bit i =
+//! scratch page i); `[384]` sequence of the last command done.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::time::Duration;
+
+/// First word of the mailbox: "COLOAGNT".
+pub const MAGIC: u64 = u64::from_le_bytes(*b"COLOAGNT");
+const PAGE: usize = 4096;
+const SCRATCH: usize = 64;
+const BACKGROUND: usize = 16;
+
+fn word(region: *mut u8, page: usize, idx: usize) -> *mut u64 {
+    // Pointer arithmetic only; callers stay inside the region (page < 81, idx < 512).
+    region.wrapping_add(page * PAGE + idx * 8).cast::<u64>()
+}
+
+fn read(region: *mut u8, idx: usize) -> u64 {
+    // SAFETY: `region` is the agent's own mapping of 81 pages, alive for the whole process;
+    // idx < 512 keeps the 8-byte read inside page 0, which is 8-byte aligned; volatile because
+    // dom0 writes the mailbox behind the compiler's back.
+    unsafe { std::ptr::read_volatile(word(region, 0, idx)) }
+}
+
+fn write(region: *mut u8, idx: usize, v: u64) {
+    // SAFETY: as in `read`.
+    unsafe { std::ptr::write_volatile(word(region, 0, idx), v) }
+}
+
+fn fill_page(region: *mut u8, page: usize, byte: u8) {
+    // SAFETY: page < 81, so the 4096 bytes lie inside the agent's own mapping.
+    unsafe { std::ptr::write_bytes(region.wrapping_add(page * PAGE), byte, PAGE) }
+}
+
+fn pfn_of(pagemap: &mut std::fs::File, addr: usize) -> std::io::Result<u64> {
+    let mut e = [0u8; 8];
+    pagemap.seek(SeekFrom::Start((addr / PAGE) as u64 * 8))?;
+    pagemap.read_exact(&mut e)?;
+    let v = u64::from_le_bytes(e);
+    if v >> 63 == 0 || v & ((1 << 55) - 1) == 0 {
+        return Err(std::io::Error::other(format!(
+            "page at {addr:#x} not present or pfn hidden (run as root)"
+        )));
+    }
+    Ok(v & ((1 << 55) - 1))
+}
+
+fn main() -> std::io::Result<()> {
+    let pages = 1 + SCRATCH + BACKGROUND;
+    // SAFETY: a fresh private anonymous mapping; the result is checked against MAP_FAILED.
+    let region = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            pages * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+            -1,
+            0,
+        )
+    };
+    if region == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let region = region.cast::<u8>();
+    // SAFETY: locks the mapping made above, so its pages stay resident at fixed frames.
+    if unsafe { libc::mlock(region.cast(), pages * PAGE) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    for p in 0..pages {
+        fill_page(region, p, 0);
+    }
+    let mut pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let base = region as usize;
+    write(region, 0, MAGIC);
+    write(region, 1, pfn_of(&mut pagemap, base)?);
+    write(region, 2, SCRATCH as u64);
+    for i in 0..SCRATCH {
+        write(region, 3 + i, pfn_of(&mut pagemap, base + (1 + i) * PAGE)?);
+    }
+    println!("AGENT MAILBOX {}", read(region, 1));
+    let mut done = 0u64;
+    let mut background = false;
+    let mut tick = 0u8;
+    loop {
+        let seq = read(region, 256);
+        if seq != done {
+            match read(region, 257) {
+                1 => {
+                    let byte = read(region, 258) as u8;
+                    let mask = read(region, 259);
+                    for i in 0..SCRATCH {
+                        if mask >> i & 1 == 1 {
+                            fill_page(region, 1 + i, byte);
+                        }
+                    }
+                }
+                2 => background = true,
+                3 => background = false,
+                _ => {}
+            }
+            done = seq;
+            write(region, 384, seq);
+        }
+        if background {
+            tick = tick.wrapping_add(1);
+            for i in 0..BACKGROUND {
+                fill_page(region, 1 + SCRATCH + i, tick);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
