@@ -58,6 +58,9 @@ pub struct MockDomain {
     bounce: Vec<u8>,
     tx_buf: Vec<u8>,
     holes: Holes,
+    /// Pages known to hold data (reported dirty, written by the host, or probed): data never
+    /// turns back into a hole, so these need no `lseek` probe when read.
+    known_data: DirtyBitmap,
 }
 
 impl std::fmt::Debug for MockDomain {
@@ -129,6 +132,7 @@ impl MockDomain {
             bounce: vec![0; PAGE_SIZE],
             tx_buf: vec![0; MAX_FRAME],
             holes: Holes::default(),
+            known_data: DirtyBitmap::new(cfg.pages),
         })
     }
 
@@ -368,6 +372,18 @@ impl MockDomain {
     }
 }
 
+/// Is `pfn` a never-written page? Pages known to hold data answer without a syscall.
+fn probe_hole(known: &mut DirtyBitmap, holes: &mut Holes, mem: &GuestMem, pfn: u64) -> bool {
+    if known.test(pfn).unwrap_or(false) {
+        return false;
+    }
+    let hole = holes.is_hole(mem, pfn);
+    if !hole {
+        let _ = known.set(pfn);
+    }
+    hole
+}
+
 impl Domain for MockDomain {
     fn page_count(&self) -> u64 {
         self.pages
@@ -406,7 +422,10 @@ impl Domain for MockDomain {
     }
 
     fn harvest_dirty(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
-        self.tracker.collect(into, true)
+        self.tracker.collect(into, true)?;
+        // Lengths are equal (collect checked them).
+        let _ = self.known_data.union_with(into);
+        Ok(())
     }
 
     fn peek_dirty(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
@@ -430,7 +449,7 @@ impl Domain for MockDomain {
             let ram = unsafe { self.shared.mem.slice_unchecked() };
             for (i, &p) in pfns.iter().enumerate() {
                 let o = p as usize * PAGE_SIZE;
-                if self.holes.is_hole(&self.shared.mem, p) {
+                if probe_hole(&mut self.known_data, &mut self.holes, &self.shared.mem, p) {
                     visit(i, Some(&ZERO_PAGE))?;
                 } else {
                     visit(i, Some(&ram[o..o + PAGE_SIZE]))?;
@@ -438,7 +457,7 @@ impl Domain for MockDomain {
             }
         } else {
             for (i, &p) in pfns.iter().enumerate() {
-                if self.holes.is_hole(&self.shared.mem, p) {
+                if probe_hole(&mut self.known_data, &mut self.holes, &self.shared.mem, p) {
                     visit(i, Some(&ZERO_PAGE))?;
                     continue;
                 }
@@ -472,6 +491,9 @@ impl Domain for MockDomain {
                 .mem
                 .write(p as usize * PAGE_SIZE, page)
                 .map_err(|e| bad_state("write_pages", &e.to_string()))?;
+        }
+        for &p in pfns {
+            let _ = self.known_data.set(p);
         }
         let runs = 1 + pfns.windows(2).filter(|w| w[1] != w[0] + 1).count();
         self.tracker.mark_clean_pfns(pfns, runs)
