@@ -196,6 +196,16 @@ fn digest_domain(dom: &mut dyn Domain, state: &[u8]) -> Result<[u8; DIGEST_LEN],
     Ok(d.finish(state))
 }
 
+/// Writes a state machine's outbox to the link (or drops it when there is no link) and clears it.
+fn flush_outbox(link: Option<&mut Link>, out: &mut Vec<u8>) -> std::io::Result<()> {
+    let res = match link {
+        Some(l) if !out.is_empty() => l.send(out),
+        _ => Ok(()),
+    };
+    out.clear();
+    res
+}
+
 fn primary_config(opts: &NodeOptions, pages: u64) -> PrimaryConfig {
     let mut cfg = PrimaryConfig::new(pages);
     cfg.sync_mode = opts.sync_mode;
@@ -372,17 +382,7 @@ impl<G: Guest> PrimaryNode<G> {
     }
 
     fn flush(&mut self) {
-        let Some(link) = self.link.as_mut() else {
-            self.engine.outbox_mut().clear();
-            return;
-        };
-        let out = self.engine.outbox_mut();
-        if out.is_empty() {
-            return;
-        }
-        let res = link.send(out);
-        out.clear();
-        if let Err(e) = res {
+        if let Err(e) = flush_outbox(self.link.as_mut(), self.engine.outbox_mut()) {
             self.lost(format!("writing to the secondary failed: {e}"));
         }
     }
@@ -865,17 +865,7 @@ impl<G: Guest> SecondaryNode<G> {
     }
 
     fn flush(&mut self) {
-        let Some(link) = self.link.as_mut() else {
-            self.engine.outbox_mut().clear();
-            return;
-        };
-        let out = self.engine.outbox_mut();
-        if out.is_empty() {
-            return;
-        }
-        let res = link.send(out);
-        out.clear();
-        if let Err(e) = res {
+        if let Err(e) = flush_outbox(self.link.as_mut(), self.engine.outbox_mut()) {
             self.engine
                 .peer_lost(format!("writing to the primary failed: {e}"));
         }
