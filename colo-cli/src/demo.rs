@@ -485,9 +485,14 @@ fn render(
     x: &ViewExtras<'_>,
 ) -> String {
     let dt = prev.map(|(t, ..)| now.duration_since(*t).as_secs_f64().max(1e-3));
+    let survivor_is_secondary = x.killed.map(|(w, _)| w) == Some("primary");
+    // A rate compares a node's figures with the same node's previous figures.
     let rate = |key: &str, cur: &Value| -> f64 {
         match (prev, dt) {
-            (Some((_, p, _, _)), Some(dt)) => ((f(&cur[key]) - f(&p[key])) / dt).max(0.0),
+            (Some((_, p, s, _)), Some(dt)) => {
+                let before = if survivor_is_secondary { s } else { p };
+                ((f(&cur[key]) - f(&before[key])) / dt).max(0.0)
+            }
             _ => 0.0,
         }
     };
