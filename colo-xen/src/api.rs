@@ -140,6 +140,9 @@ pub trait XcApi {
     fn hvm_param_get(&mut self, domid: u32, index: u32) -> Result<u64, XenError>;
     /// `xc_hvm_param_set`.
     fn hvm_param_set(&mut self, domid: u32, index: u32, value: u64) -> Result<(), XenError>;
+    /// `xendevicemodel_inject_msi`: delivers an MSI (`addr`, `data`) to the domain's LAPICs,
+    /// which wakes a vCPU blocked in Xen.
+    fn inject_msi(&mut self, domid: u32, addr: u64, data: u32) -> Result<(), XenError>;
     /// `xc_domain_get_tsc_info`.
     fn tsc_info_get(&mut self, domid: u32) -> Result<TscInfo, XenError>;
     /// `xc_domain_set_tsc_info`.

@@ -176,9 +176,9 @@ impl From<XenError> for BackendError {
             XenError::Call { op, source, .. } | XenError::Open { lib: op, source } => {
                 BackendError::Os { op, source }
             }
-            XenError::PageUnmappable { source, .. } => BackendError::Os {
-                op: "xenforeignmemory_map(PROT_WRITE) page",
-                source,
+            e @ XenError::PageUnmappable { .. } => BackendError::BadState {
+                op: "write_pages",
+                reason: e.to_string(),
             },
             XenError::PermissionDenied { op, .. } => BackendError::Os {
                 op,

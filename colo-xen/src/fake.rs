@@ -39,6 +39,9 @@ pub(crate) struct FakeState {
     pub hvm_context: Vec<u8>,
     pub params: HashMap<u32, u64>,
     pub param_sets: Vec<(u32, u64)>,
+    /// MSIs injected, as (address, data).
+    pub msis: Vec<(u64, u32)>,
+    pub max_vcpu_id: u32,
     pub tsc: TscInfo,
 }
 
@@ -70,6 +73,8 @@ impl FakeHandle {
             hvm_context: vec![0xAB; 1000],
             params: HashMap::from([(1, 0xfeffc), (17, 0xfeffd)]),
             param_sets: Vec::new(),
+            msis: Vec::new(),
+            max_vcpu_id: 0,
             tsc: TscInfo {
                 mode: 0,
                 khz: 2_400_000,
@@ -170,7 +175,7 @@ impl XcApi for FakeXc {
         Ok(Some(DomInfo {
             domid,
             flags: s.flags | paused,
-            max_vcpu_id: 0,
+            max_vcpu_id: s.max_vcpu_id,
             tot_pages: s.pages,
         }))
     }
@@ -345,6 +350,13 @@ impl XcApi for FakeXc {
         check(&mut s, "xc_hvm_param_set", domid)?;
         s.params.insert(index, value);
         s.param_sets.push((index, value));
+        Ok(())
+    }
+
+    fn inject_msi(&mut self, domid: u32, addr: u64, data: u32) -> Result<(), XenError> {
+        let mut s = self.state.lock();
+        check(&mut s, "xendevicemodel_inject_msi", domid)?;
+        s.msis.push((addr, data));
         Ok(())
     }
 

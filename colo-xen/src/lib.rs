@@ -45,9 +45,14 @@
 //!   the same way as the primary, so that Xen holds equivalent registrations for it;
 //! * guests boot with `nokaslr`: Xen keeps some registrations by guest-virtual address, which
 //!   must mean the same in the primary's memory image;
-//! * the secondary's kernel may wait for a timer event its Xen never armed (the primary's
-//!   one-shot timer is not in the HVM context); any event, e.g. console input, wakes it and
-//!   it re-arms its tick — `cargo xtask xen-test` does this after a takeover;
+//! * the secondary's kernel often stops running after a few checkpoints and after a
+//!   takeover: it waits for a timer event its own Xen never armed (the primary's one-shot PV
+//!   timer is Xen state, not in the HVM context), or its vCPU stays blocked in Xen while the
+//!   copied memory says events are pending. Measured on Xen 4.17 + Linux 6.1 PVH: the
+//!   secondary kept running only through the first 2–8 of 20 checkpoints, and continued the
+//!   primary's workload after a takeover in 1 of 4 runs (console input as a wake-up). A
+//!   reliable takeover needs the guest's cooperation, as Xen's own COLO has (a suspend/resume
+//!   cycle that makes the kernel re-register timers and event channels) — not done yet;
 //! * Xen writes event-channel pending bits into a domain's memory even while it is paused,
 //!   so two paused domains' memories can differ by a few bytes right after a checkpoint;
 //! * a paused guest's clock keeps running: `get_state` twice is not byte-identical, and

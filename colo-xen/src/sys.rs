@@ -35,6 +35,19 @@ extern "C" {
     ) -> c_int;
 }
 
+/// Opaque `xendevicemodel_handle`.
+#[repr(C)]
+struct DmHandle {
+    _opaque: [u8; 0],
+}
+
+#[link(name = "xendevicemodel")]
+extern "C" {
+    fn xendevicemodel_open(logger: *mut c_void, open_flags: c_uint) -> *mut DmHandle;
+    fn xendevicemodel_close(dmod: *mut DmHandle) -> c_int;
+    fn xendevicemodel_inject_msi(dmod: *mut DmHandle, domid: u16, addr: u64, data: u32) -> c_int;
+}
+
 #[link(name = "xenforeignmemory")]
 extern "C" {
     fn xenforeignmemory_open(logger: *mut c_void, open_flags: c_uint) -> *mut XfmHandle;
@@ -64,6 +77,8 @@ fn fail(op: &'static str, domid: u32) -> XenError {
 pub(crate) struct RealXc {
     xch: NonNull<xc::xc_interface>,
     fmem: NonNull<XfmHandle>,
+    /// libxendevicemodel, opened on first use.
+    dmod: Option<NonNull<DmHandle>>,
     /// `hbuf.hbuf` is the hypercall buffer once allocated, `hbuf_pages` pages long.
     hbuf: xc::xc_hypercall_buffer,
     hbuf_pages: c_int,
@@ -117,6 +132,7 @@ impl RealXc {
         Ok(RealXc {
             xch,
             fmem,
+            dmod: None,
             hbuf: xc::xc_hypercall_buffer {
                 hbuf: std::ptr::null_mut(),
                 param_shadow: std::ptr::null_mut(),
@@ -192,6 +208,10 @@ impl Drop for RealXc {
                     self.hbuf_pages,
                 )
             };
+        }
+        if let Some(dmod) = self.dmod.take() {
+            // SAFETY: opened by xendevicemodel_open in inject_msi and closed exactly once.
+            unsafe { xendevicemodel_close(dmod.as_ptr()) };
         }
         // SAFETY: both handles were opened in `open`, no mapping is live (Mapping guards end
         // within map_with), and each is closed exactly once.
@@ -472,6 +492,32 @@ impl XcApi for RealXc {
         let rc = unsafe { xc::xc_hvm_param_set(self.xch.as_ptr(), domid, index, value) };
         if rc < 0 {
             return Err(fail("xc_hvm_param_set", domid));
+        }
+        Ok(())
+    }
+
+    fn inject_msi(&mut self, domid: u32, addr: u64, data: u32) -> Result<(), XenError> {
+        let dmod = match self.dmod {
+            Some(d) => d,
+            None => {
+                // SAFETY: a NULL logger selects the default; flags 0; the result is checked.
+                let d = unsafe { xendevicemodel_open(std::ptr::null_mut(), 0) };
+                let d = NonNull::new(d).ok_or_else(|| XenError::Open {
+                    lib: "xendevicemodel_open",
+                    source: std::io::Error::last_os_error(),
+                })?;
+                self.dmod = Some(d);
+                d
+            }
+        };
+        let dom = u16::try_from(domid).map_err(|_| XenError::NoSuchDomain {
+            op: "xendevicemodel_inject_msi",
+            domid,
+        })?;
+        // SAFETY: dmod is an open handle; the call takes no pointers.
+        let rc = unsafe { xendevicemodel_inject_msi(dmod.as_ptr(), dom, addr, data) };
+        if rc < 0 {
+            return Err(fail("xendevicemodel_inject_msi", domid));
         }
         Ok(())
     }

@@ -305,9 +305,9 @@ fn unmappable_pages_are_none_not_a_failed_batch() {
     dom.pause().expect("pause");
     let data = vec![0u8; 2 * PAGE_SIZE];
     let err = dom
-        .write_pages(&[4, 5], &data)
-        .expect_err("pfn 5 unmappable");
-    assert!(err.to_string().contains("xenforeignmemory_map"), "{err}");
+        .write_pages(&[4, 7], &data)
+        .expect_err("pfn 7 unmappable");
+    assert!(err.to_string().contains("pfn 0x7"), "{err}");
 }
 
 #[test]
@@ -409,4 +409,42 @@ fn state_round_trips_between_two_domains() {
         dst.set_state(&blob[..blob.len() - 1]),
         Err(BackendError::InvalidState(_))
     ));
+}
+
+#[test]
+fn resume_after_set_state_delivers_the_upcall_vector_to_every_vcpu() {
+    let (src_fake, mut src) = open(64);
+    let mut blob = Vec::new();
+    src.get_state(&mut blob).expect("get");
+    let _ = src_fake;
+
+    let (fake, mut dom) = open(64);
+    fake.lock().max_vcpu_id = 1;
+    // No callback registered and no wake vector: nothing is injected.
+    dom.set_wake_vector(None);
+    dom.pause().expect("pause");
+    dom.set_state(&blob).expect("set");
+    dom.resume().expect("resume");
+    assert!(fake.lock().msis.is_empty());
+
+    // Vector callback 0xf3 registered (type 2 in bits 63..56).
+    fake.lock().params.insert(0, (2 << 56) | 0xf3);
+    dom.pause().expect("pause");
+    dom.set_state(&blob).expect("set");
+    dom.resume().expect("resume");
+    assert_eq!(
+        fake.lock().msis,
+        vec![(0xFEE0_0000, 0xf3), (0xFEE0_0000 | 2 << 12, 0xf3)]
+    );
+    // A plain pause/resume does not inject again.
+    dom.pause().expect("pause");
+    dom.resume().expect("resume");
+    assert_eq!(fake.lock().msis.len(), 2);
+    // Per-vCPU upcall registration (no CALLBACK_IRQ): the wake vector is used.
+    fake.lock().params.insert(0, 0);
+    dom.set_wake_vector(Some(0xf3));
+    dom.pause().expect("pause");
+    dom.set_state(&blob).expect("set");
+    dom.resume().expect("resume");
+    assert_eq!(fake.lock().msis.len(), 4);
 }
