@@ -242,6 +242,10 @@ pub struct NodeArgs {
     /// Declare the peer lost after this much silence, ms.
     #[arg(long, default_value_t = 500)]
     pub heartbeat_timeout_ms: u64,
+    /// Declare the peer stuck when a checkpoint step awaited from it takes longer than this, ms
+    /// (a live but hung peer; raise it for huge guests or slow hypervisors).
+    #[arg(long, default_value_t = 10_000)]
+    pub progress_timeout_ms: u64,
     /// Command run before taking over; no takeover if it fails (split-brain fencing).
     #[arg(long)]
     pub fence_cmd: Option<String>,
@@ -719,7 +723,7 @@ fn node_options(a: &NodeArgs) -> Result<NodeOptions> {
         liveness: Liveness {
             interval: Duration::from_millis(a.heartbeat_interval_ms),
             timeout: Duration::from_millis(a.heartbeat_timeout_ms),
-            ..Liveness::default()
+            progress_timeout: Duration::from_millis(a.progress_timeout_ms),
         },
         verify: a.verify,
         key,

@@ -18,7 +18,9 @@ use colo_core::engine::{
     DIGEST_LEN,
 };
 use colo_core::policy::{CheckpointPolicy, CheckpointReason};
-use colo_core::stream::{write_page_data, DecoderConfig, Event};
+use colo_core::stream::{
+    encode_page_data_header, DecoderConfig, Event, PageType, MAX_PAGES_PER_RECORD,
+};
 use colo_core::{BackendError, Domain, PAGE_SIZE};
 use parking_lot::Mutex;
 
@@ -102,7 +104,7 @@ fn snapshot(
     let Some(hook) = hook else { return Ok(()) };
     let pfns: Vec<u64> = (0..dom.page_count()).collect();
     let mut ram = Vec::new();
-    copy_pages(dom, &pfns, &mut ram)?;
+    copy_pages(dom, &pfns, &mut ram, None)?;
     hook(epoch, ram, state.to_vec());
     Ok(())
 }
@@ -148,18 +150,27 @@ fn run_fence(cmd: &Option<String>) -> Result<()> {
     Ok(())
 }
 
-/// Reads pages of `pfns` from `dom` into `out` (appending 4096 bytes per pfn, in order). The
-/// buffer keeps its capacity across checkpoints, so the pause neither allocates nor zero-fills.
-fn copy_pages(dom: &mut dyn Domain, pfns: &[u64], out: &mut Vec<u8>) -> Result<(), BackendError> {
-    let base = out.len();
+/// Reads pages of `pfns` from `dom` into `out`, in order. A page the backend cannot map (Xen's
+/// holes: MMIO, beyond RAM) is zero-filled when `present` is None, or else left out of `out`
+/// and marked `false` in `present` (then it travels as an XTAB entry without data). The
+/// buffers keep their capacity across checkpoints, so the pause neither allocates nor
+/// zero-fills.
+fn copy_pages(
+    dom: &mut dyn Domain,
+    pfns: &[u64],
+    out: &mut Vec<u8>,
+    mut present: Option<&mut Vec<bool>>,
+) -> Result<(), BackendError> {
     out.reserve(pfns.len() * PAGE_SIZE);
+    let mut next = 0;
     dom.read_pages(pfns, &mut |i, page| {
-        if out.len() != base + i * PAGE_SIZE {
+        if i != next {
             return Err(BackendError::BadState {
                 op: "read_pages",
                 reason: format!("page {i} delivered out of order"),
             });
         }
+        next += 1;
         match page {
             Some(p) if p.len() == PAGE_SIZE => out.extend_from_slice(p),
             Some(p) => {
@@ -169,10 +180,55 @@ fn copy_pages(dom: &mut dyn Domain, pfns: &[u64], out: &mut Vec<u8>) -> Result<(
                     pages: 1,
                 })
             }
-            None => out.resize(out.len() + PAGE_SIZE, 0),
+            None if present.is_none() => out.resize(out.len() + PAGE_SIZE, 0),
+            None => {}
+        }
+        if let Some(v) = present.as_deref_mut() {
+            v.push(page.is_some());
         }
         Ok(())
     })
+}
+
+/// Writes PAGE_DATA records for `pfns` (batches of at most 1024): present pages as NOTAB with
+/// their data (consecutive in `data`), the others as XTAB without data. Two writes per batch,
+/// the header and the batch's data, straight from `data`.
+fn write_typed_pages(
+    w: &mut impl std::io::Write,
+    pfns: &[u64],
+    present: &[bool],
+    data: &[u8],
+    scratch: &mut Vec<u8>,
+    entries: &mut Vec<(u64, PageType)>,
+) -> std::io::Result<u64> {
+    let mut off = 0;
+    let mut bytes = 0u64;
+    for (ps, ok) in pfns
+        .chunks(MAX_PAGES_PER_RECORD)
+        .zip(present.chunks(MAX_PAGES_PER_RECORD))
+    {
+        entries.clear();
+        entries.extend(
+            ps.iter()
+                .zip(ok)
+                .map(|(&p, &ok)| (p, if ok { PageType::Notab } else { PageType::Xtab })),
+        );
+        scratch.clear();
+        encode_page_data_header(scratch, entries)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        let n = ok.iter().filter(|x| **x).count() * PAGE_SIZE;
+        let chunk = data.get(off..off + n).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "page data shorter than its pfns",
+            )
+        })?;
+        w.write_all(scratch)?;
+        w.write_all(chunk)?;
+        off += n;
+        bytes += (scratch.len() + n) as u64;
+    }
+    Ok(bytes)
 }
 
 /// Digest of all of a paused domain's memory and `state`.
@@ -227,6 +283,8 @@ pub struct PrimaryNode<G: Guest> {
     next_seq: u64,
     queued: VecDeque<Vec<u8>>,
     copy: Vec<u8>,
+    present: Vec<bool>,
+    entries: Vec<(u64, PageType)>,
     state: Vec<u8>,
     scratch: Vec<u8>,
     released: Vec<Vec<u8>>,
@@ -295,6 +353,8 @@ impl<G: Guest> PrimaryNode<G> {
             next_seq: 0,
             queued: VecDeque::new(),
             copy: Vec::new(),
+            present: Vec::new(),
+            entries: Vec::with_capacity(MAX_PAGES_PER_RECORD),
             state: Vec::new(),
             scratch: Vec::new(),
             released: Vec::new(),
@@ -541,8 +601,14 @@ impl<G: Guest> PrimaryNode<G> {
             }
             PrimaryAction::Capture => {
                 self.copy.clear();
+                self.present.clear();
                 let pfns = self.engine.capture_pfns();
-                copy_pages(&mut self.guest, pfns, &mut self.copy)?;
+                copy_pages(
+                    &mut self.guest,
+                    pfns,
+                    &mut self.copy,
+                    Some(&mut self.present),
+                )?;
                 self.state.clear();
                 self.guest.get_state(&mut self.state)?;
                 let digest = if self.engine.verifying() {
@@ -627,10 +693,22 @@ impl<G: Guest> PrimaryNode<G> {
                 break;
             }
             self.copy.clear();
-            copy_pages(&mut self.guest, &pfns, &mut self.copy)?;
-            let slices: Vec<&[u8]> = self.copy.chunks(PAGE_SIZE).collect();
-            bytes += write_page_data(link.writer(), &pfns, &slices, &mut self.scratch)
-                .context("sending pre-copy pages")?;
+            self.present.clear();
+            copy_pages(
+                &mut self.guest,
+                &pfns,
+                &mut self.copy,
+                Some(&mut self.present),
+            )?;
+            bytes += write_typed_pages(
+                link.writer(),
+                &pfns,
+                &self.present,
+                &self.copy,
+                &mut self.scratch,
+                &mut self.entries,
+            )
+            .context("sending pre-copy pages")?;
         }
         link.bytes_out += bytes;
         Ok(bytes)
@@ -643,8 +721,14 @@ impl<G: Guest> PrimaryNode<G> {
         let pfns = self.engine.capture_pfns();
         let mut bytes = 0;
         if !pfns.is_empty() {
-            let slices: Vec<&[u8]> = self.copy.chunks(PAGE_SIZE).collect();
-            bytes = write_page_data(link.writer(), pfns, &slices, &mut self.scratch)?;
+            bytes = write_typed_pages(
+                link.writer(),
+                pfns,
+                &self.present,
+                &self.copy,
+                &mut self.scratch,
+                &mut self.entries,
+            )?;
         }
         self.scratch.clear();
         Message::VcpuState(&self.state).encode(&mut self.scratch);
@@ -1001,15 +1085,17 @@ impl<G: Guest> SecondaryNode<G> {
                     // Frames the SVM emitted in the old epoch are superseded.
                     self.out_frames.clear();
                     self.guest.drain_tx(&mut |_| {});
-                    let digest = if self.engine.verifying() || self.opts.snapshot.is_some() {
+                    if self.opts.snapshot.is_some() {
+                        // Read back through the backend: tests check the state round trip too.
                         let mut st = Vec::new();
                         self.guest.get_state(&mut st)?;
                         snapshot(&mut self.guest, &self.opts.snapshot, epoch, &st)?;
-                        if self.engine.verifying() {
-                            Some(digest_domain(&mut self.guest, &st)?)
-                        } else {
-                            None
-                        }
+                    }
+                    // The digest covers the state as applied: a hypervisor's state read back
+                    // later differs (Xen's clock runs on in a paused domain).
+                    let digest = if self.engine.verifying() {
+                        let st = self.engine.staged_state().to_vec();
+                        Some(digest_domain(&mut self.guest, &st)?)
                     } else {
                         None
                     };
@@ -1110,4 +1196,63 @@ impl<G: Guest> SecondaryNode<G> {
 /// Builds a status handle.
 pub fn new_status() -> Shared {
     Arc::new(Mutex::new(NodeStatus::default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use colo_core::stream::Decoder;
+
+    #[test]
+    fn unmappable_pages_travel_as_xtab_without_data() {
+        // 1030 pfns (two records); every third page cannot be mapped.
+        let pfns: Vec<u64> = (0..1030).collect();
+        let present: Vec<bool> = pfns.iter().map(|p| p % 3 != 0).collect();
+        let mut data = Vec::new();
+        for (&p, &ok) in pfns.iter().zip(&present) {
+            if ok {
+                data.extend(std::iter::repeat_n(p as u8, PAGE_SIZE));
+            }
+        }
+        let mut wire = Vec::new();
+        let (mut scratch, mut entries) = (Vec::new(), Vec::new());
+        let n = write_typed_pages(
+            &mut wire,
+            &pfns,
+            &present,
+            &data,
+            &mut scratch,
+            &mut entries,
+        )
+        .unwrap();
+        assert_eq!(n as usize, wire.len());
+        let mut dec = Decoder::new(DecoderConfig {
+            expect_headers: false,
+            page_count: Some(2048),
+        });
+        let mut seen = Vec::new();
+        let mut input = &wire[..];
+        loop {
+            let (used, ev) = dec.feed(input).unwrap();
+            input = &input[used..];
+            match ev {
+                Some(Event::Page {
+                    pfn,
+                    page_type,
+                    data,
+                }) => {
+                    match data {
+                        Some(d) => assert!(d.iter().all(|&b| b == pfn as u8)),
+                        None => assert_eq!(page_type, PageType::Xtab),
+                    }
+                    seen.push((pfn, data.is_some()));
+                }
+                Some(_) => {}
+                None if input.is_empty() => break,
+                None => {}
+            }
+        }
+        let want: Vec<(u64, bool)> = pfns.iter().copied().zip(present.iter().copied()).collect();
+        assert_eq!(seen, want);
+    }
 }
