@@ -14,7 +14,7 @@ use crate::bitmap::DirtyBitmap;
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// A system or hypervisor call failed.
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed")]
     Os {
         /// The call that failed, e.g. `xc_domain_pause` or `PAGEMAP_SCAN`.
         op: &'static str,

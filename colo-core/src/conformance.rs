@@ -25,7 +25,7 @@ use crate::PAGE_SIZE;
 #[derive(Debug, thiserror::Error)]
 pub enum ConformanceError {
     /// The backend returned an error where it should have succeeded.
-    #[error("{check}: backend error: {source}")]
+    #[error("{check}: backend error")]
     Backend {
         /// The check.
         check: &'static str,

@@ -33,7 +33,7 @@ use colo_core::BackendError;
 #[derive(Debug, thiserror::Error)]
 pub enum MockError {
     /// A system call failed.
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed")]
     Os {
         /// What was attempted.
         op: &'static str,

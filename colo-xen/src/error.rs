@@ -11,7 +11,7 @@ use crate::state::StateError;
 pub enum XenError {
     /// `xc_interface_open` or `xenforeignmemory_open` failed (not root, not dom0, or the
     /// `xen-privcmd` module is not loaded).
-    #[error("{lib} failed: {source} (colo-xen must run as root in dom0 with xen-privcmd loaded)")]
+    #[error("{lib} failed (colo-xen must run as root in dom0 with xen-privcmd loaded)")]
     Open {
         /// The open call that failed.
         lib: &'static str,
@@ -20,7 +20,7 @@ pub enum XenError {
         source: io::Error,
     },
     /// A libxc call failed with an errno that has no more specific variant.
-    #[error("{op} on domain {domid} failed: {source}")]
+    #[error("{op} on domain {domid} failed")]
     Call {
         /// The C function.
         op: &'static str,
@@ -76,7 +76,7 @@ pub enum XenError {
         domid: u32,
     },
     /// A page could not be mapped for writing.
-    #[error("pfn {pfn:#x} of domain {domid} cannot be mapped for writing: {source}")]
+    #[error("pfn {pfn:#x} of domain {domid} cannot be mapped for writing")]
     PageUnmappable {
         /// The domain.
         domid: u32,

@@ -50,10 +50,12 @@ xl info | grep -E "^(xen_version|virt_caps)"
 # Xen-side state (event channels, vCPU info areas, timers) is set up like the primary's.
 mkguest colo-a
 mkguest colo-b
-A=$(xl domid colo-a)
-B=$(xl domid colo-b)
 waitguest colo-a
 waitguest colo-b
+# Domain ids are read once both guests run: a guest that rebooted while booting has a new one.
+A=$(xl domid colo-a)
+B=$(xl domid colo-b)
+echo "DOM0: colo-a is domain $A, colo-b is domain $B"
 stage guests-boot
 
 colo-xen-check selftest --domid "$A" || fail "colo-xen-check selftest on domain $A"
