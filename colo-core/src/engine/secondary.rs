@@ -414,6 +414,9 @@ impl Secondary {
         match (self.state, &m) {
             (SecondaryState::AwaitingHandshake, _) => {
                 if self.handshake.on_message(&m, &mut self.outbox)? {
+                    // The initial synchronisation is as long as the guest is big: only silence
+                    // counts against it, not its duration.
+                    self.heartbeat.awaiting_progress(None);
                     self.state = SecondaryState::InitialSync;
                 }
                 Ok(None)
