@@ -16,7 +16,8 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
-  ci               format check, clippy, every test (colo-xen included), fuzz smoke
+  ci               format check, clippy, every test (colo-xen included), fuzz smoke,
+                   the real-Xen test
   fuzz [--seconds N] [--target NAME]
                    run the cargo-fuzz targets (installs cargo-fuzz if missing)
   bench [--quick] [--json FILE]
@@ -124,6 +125,10 @@ fn ci(args: &[String]) -> Result<()> {
     step(
         "fuzz smoke (every cargo-fuzz target, 20 s each)",
         &mut || sys::run_fuzz(&root(), None, 20),
+    )?;
+    step(
+        "xen-test (colo-xen on a real Xen 4.17 under QEMU)",
+        &mut || xen_test::check(&[]),
     )?;
     println!("\n==> xtask ci: summary");
     for s in &steps {
