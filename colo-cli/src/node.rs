@@ -252,6 +252,20 @@ fn digest_domain(dom: &mut dyn Domain, state: &[u8]) -> Result<[u8; DIGEST_LEN],
     Ok(d.finish(state))
 }
 
+/// Writes the initial synchronisation's buffered pages to the guest.
+fn flush_sync_pages(
+    guest: &mut dyn Domain,
+    pfns: &mut Vec<u64>,
+    data: &mut Vec<u8>,
+) -> Result<(), BackendError> {
+    if !pfns.is_empty() {
+        guest.write_pages(pfns, data)?;
+    }
+    pfns.clear();
+    data.clear();
+    Ok(())
+}
+
 /// Writes a state machine's outbox to the link (or drops it when there is no link) and clears it.
 fn flush_outbox(link: Option<&mut Link>, out: &mut Vec<u8>) -> std::io::Result<()> {
     let res = match link {
@@ -858,6 +872,8 @@ pub struct SecondaryNode<G: Guest> {
     stop: Arc<AtomicBool>,
     taken_over: bool,
     out_frames: Vec<Vec<u8>>,
+    sync_pfns: Vec<u64>,
+    sync_data: Vec<u8>,
     commands: Option<crossbeam_channel::Receiver<ControlCommand>>,
 }
 
@@ -918,6 +934,8 @@ impl<G: Guest> SecondaryNode<G> {
             stop: Arc::new(AtomicBool::new(false)),
             taken_over: false,
             out_frames: Vec::new(),
+            sync_pfns: Vec::with_capacity(MAX_PAGES_PER_RECORD),
+            sync_data: Vec::with_capacity(MAX_PAGES_PER_RECORD * PAGE_SIZE),
             commands: None,
         })
     }
@@ -1036,9 +1054,20 @@ impl<G: Guest> SecondaryNode<G> {
                     break;
                 }
             };
+            let record_end = matches!(ev, Event::PageDataEnd);
             match self.engine.on_event(now, &ev) {
                 Ok(Some(Delivery::WritePage { pfn, data })) => {
-                    self.guest.write_pages(&[pfn], data)?;
+                    // Initial synchronisation: pages go to the guest a record (≤ 1024 pages)
+                    // at a time, so a hypervisor maps them in one call, not one per page.
+                    self.sync_pfns.push(pfn);
+                    self.sync_data.extend_from_slice(data);
+                    if self.sync_pfns.len() >= MAX_PAGES_PER_RECORD {
+                        flush_sync_pages(
+                            &mut self.guest,
+                            &mut self.sync_pfns,
+                            &mut self.sync_data,
+                        )?;
+                    }
                 }
                 Ok(Some(Delivery::Input { seq, frame })) => {
                     self.inputs.push_back((seq, frame.to_vec()));
@@ -1049,6 +1078,9 @@ impl<G: Guest> SecondaryNode<G> {
                         .peer_lost(format!("primary broke the protocol: {e}"));
                     break;
                 }
+            }
+            if record_end {
+                flush_sync_pages(&mut self.guest, &mut self.sync_pfns, &mut self.sync_data)?;
             }
             // Apply a complete checkpoint before reading further.
             if matches!(self.engine.state(), SecondaryState::Applying { .. }) {
@@ -1079,6 +1111,7 @@ impl<G: Guest> SecondaryNode<G> {
                     self.engine.harvested(now())?;
                 }
                 SecondaryAction::Apply { epoch } => {
+                    flush_sync_pages(&mut self.guest, &mut self.sync_pfns, &mut self.sync_data)?;
                     self.guest
                         .write_pages(self.engine.staged_pfns(), self.engine.staged_data())?;
                     self.guest.set_state(self.engine.staged_state())?;
