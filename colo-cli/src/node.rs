@@ -579,7 +579,14 @@ impl<G: Guest> PrimaryNode<G> {
         match action {
             PrimaryAction::StartDirtyLog => self.guest.start_dirty_log()?,
             PrimaryAction::SendPages { all } => {
+                let t = now();
                 let bytes = self.send_precopy(all)?;
+                tracing::info!(
+                    "pre-copy round ({}): {} MB in {:.1} s",
+                    if all { "all pages" } else { "dirty pages" },
+                    bytes / 1_000_000,
+                    t.elapsed().as_secs_f64()
+                );
                 self.engine.pages_sent(now(), bytes)?;
             }
             PrimaryAction::HarvestDirty => {

@@ -82,11 +82,11 @@ stage conformance
 # colo itself: `colo primary` and `colo secondary` with the Xen backend over loopback.
 ip link set lo up
 jnum() { grep -o "\"$2\": *[0-9]*" "$1" 2>/dev/null | head -1 | grep -o "[0-9]*$"; }
-colo secondary --backend xen --domid "$B" --listen 127.0.0.1:7000 --name secondary \
+RUST_LOG=${RUST_LOG:-info} colo secondary --backend xen --domid "$B" --listen 127.0.0.1:7000 --name secondary \
   --status-file /tmp/sec.json $COLO_VERIFY > /tmp/sec.log 2>&1 &
 SP=$!
 sleep 1
-colo primary --backend xen --domid "$A" --peer 127.0.0.1:7000 --name primary \
+RUST_LOG=${RUST_LOG:-info} colo primary --backend xen --domid "$A" --peer 127.0.0.1:7000 --name primary \
   --max-interval-ms "$INTERVAL_MS" --status-file /tmp/pri.json $COLO_VERIFY > /tmp/pri.log 2>&1 &
 PP=$!
 i=0
@@ -99,7 +99,7 @@ done
 kill -TERM $PP 2>/dev/null; wait $PP; prc=$?
 kill -TERM $SP 2>/dev/null; wait $SP; src=$?
 for f in pri sec; do
-  echo "--- colo $f: $(tr -d '\n' < /tmp/$f.json 2>/dev/null | grep -o '"\(state\|checkpoints\|verified_identical\|verify_failures\|pages_sent\|backchannel_pages\)": *"*[a-z0-9_]*' | tr '\n' ' ')"
+  echo "--- colo $f: $(tr -d '\n' < /tmp/$f.json 2>/dev/null | grep -o '"\(state\|checkpoints\|verified_identical\|verify_failures\|pages_sent\|backchannel_pages\)": *"*[A-Za-z0-9_]*' | tr '\n' ' ')"
   tail -4 /tmp/$f.log
 done
 cp=$(jnum /tmp/pri.json checkpoints); cp=${cp:-0}
