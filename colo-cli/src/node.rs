@@ -134,6 +134,9 @@ fn nonce() -> [u8; 32] {
     n
 }
 
+/// Longest stretch the loop spends consuming the link before it looks at timers again.
+const MAX_READ_SLICE: Duration = Duration::from_millis(20);
+
 /// How often the loop wakes when nothing happens, to pick up guest output (the mock has no
 /// interrupt line to the host).
 const POLL: Duration = Duration::from_micros(500);
@@ -528,9 +531,15 @@ impl<G: Guest> PrimaryNode<G> {
                 return Ok(());
             }
         }
+        let started = Instant::now();
         while let Some(link) = self.link.as_mut() {
             // Stamped per event: decoding a large read can outlast the silence timeout.
             let now = Instant::now();
+            // Return to the loop now and then, so heartbeats go out while a long stream (a
+            // big initial synchronisation onto a slow hypervisor) is being consumed.
+            if now.duration_since(started) > MAX_READ_SLICE {
+                break;
+            }
             let ev = match link.next_event() {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
@@ -1049,9 +1058,15 @@ impl<G: Guest> SecondaryNode<G> {
                 .peer_lost(format!("link to the primary broke: {e}"));
             return Ok(());
         }
+        let started = Instant::now();
         while let Some(link) = self.link.as_mut() {
             // Stamped per event: decoding a large read can outlast the silence timeout.
             let now = Instant::now();
+            // Return to the loop now and then, so heartbeats go out while a long stream (a
+            // big initial synchronisation onto a slow hypervisor) is being consumed.
+            if now.duration_since(started) > MAX_READ_SLICE {
+                break;
+            }
             let ev = match link.next_event() {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
