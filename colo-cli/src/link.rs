@@ -270,6 +270,19 @@ impl Link {
         Ok(ev)
     }
 
+    /// [`Link::next_event`], or `Ok(None)` once `now` is past `until` (the caller's time slice
+    /// for reading; what is left stays buffered for the next call).
+    pub fn next_event_until(
+        &mut self,
+        now: Instant,
+        until: Instant,
+    ) -> Result<Option<Event<'_>>, StreamError> {
+        if now > until {
+            return Ok(None);
+        }
+        self.next_event()
+    }
+
     /// True if received bytes wait to be decoded.
     pub fn has_buffered(&self) -> bool {
         self.cur.as_ref().is_some_and(|(_, n)| self.pos < *n)

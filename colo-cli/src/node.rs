@@ -531,16 +531,13 @@ impl<G: Guest> PrimaryNode<G> {
                 return Ok(());
             }
         }
-        let started = Instant::now();
+        // Return to the loop now and then, so heartbeats go out while a long stream (a big
+        // initial synchronisation onto a slow hypervisor) is being consumed.
+        let until = Instant::now() + MAX_READ_SLICE;
         while let Some(link) = self.link.as_mut() {
             // Stamped per event: decoding a large read can outlast the silence timeout.
             let now = Instant::now();
-            // Return to the loop now and then, so heartbeats go out while a long stream (a
-            // big initial synchronisation onto a slow hypervisor) is being consumed.
-            if now.duration_since(started) > MAX_READ_SLICE {
-                break;
-            }
-            let ev = match link.next_event() {
+            let ev = match link.next_event_until(now, until) {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
                 Err(e) => {
@@ -1058,16 +1055,13 @@ impl<G: Guest> SecondaryNode<G> {
                 .peer_lost(format!("link to the primary broke: {e}"));
             return Ok(());
         }
-        let started = Instant::now();
+        // Return to the loop now and then, so heartbeats go out while a long stream (a big
+        // initial synchronisation onto a slow hypervisor) is being consumed.
+        let until = Instant::now() + MAX_READ_SLICE;
         while let Some(link) = self.link.as_mut() {
             // Stamped per event: decoding a large read can outlast the silence timeout.
             let now = Instant::now();
-            // Return to the loop now and then, so heartbeats go out while a long stream (a
-            // big initial synchronisation onto a slow hypervisor) is being consumed.
-            if now.duration_since(started) > MAX_READ_SLICE {
-                break;
-            }
-            let ev = match link.next_event() {
+            let ev = match link.next_event_until(now, until) {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
                 Err(e) => {
