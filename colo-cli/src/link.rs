@@ -1,7 +1,13 @@
 //! The replication link: one TCP connection per pair (TCP_NODELAY, 4 MiB socket buffers), read
-//! with a deadline into a reusable buffer and decoded incrementally with colo-core's decoder.
+//! with a deadline into a reusable buffer and decoded incrementally with colo-core's decoder,
+//! written whole records at a time, with a keepalive thread that speaks while the node is busy.
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use colo_core::engine::messages::Message;
+use parking_lot::{Mutex, MutexGuard};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Select, Sender, TryRecvError};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -19,6 +25,97 @@ const READ_BUFFER: usize = 1 << 20;
 /// A chunk read from the socket: the buffer and how many bytes of it are valid.
 type Chunk = io::Result<(Vec<u8>, usize)>;
 
+/// Keepalive heartbeats carry sequence numbers with this bit set, so a stream dump tells them
+/// from the state machine's own.
+const KEEPALIVE_SEQ: u64 = 1 << 63;
+
+/// The sending half, shared with the keepalive thread.
+#[derive(Debug)]
+struct Tx {
+    /// Held for the whole of each write, so records never interleave.
+    stream: Mutex<TcpStream>,
+    /// Another handle on the socket, for shutting it down without waiting for a writer.
+    ctl: TcpStream,
+    /// When the last write ended, in ns since `epoch`.
+    last_write: AtomicU64,
+    epoch: Instant,
+    /// Set when the link is dropped: the keepalive thread ends.
+    closed: AtomicBool,
+}
+
+impl Tx {
+    fn touch(&self) {
+        let ns = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_write.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_nanos(self.last_write.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+/// Sends a heartbeat whenever nothing was written for `interval`, unless a write is under way.
+///
+/// The node's loop sends heartbeats itself, but not while it sits in one long backend call (a
+/// slow hypervisor copying a large checkpoint, or digesting a whole guest, takes seconds); the
+/// peer would read that silence as death. So silence means "process, host or network gone",
+/// and a loop that is alive but stuck is caught by the state machine's progress timeout.
+fn keepalive(tx: Arc<Tx>, interval: Duration) {
+    let mut seq = 0u64;
+    let mut frame = Vec::with_capacity(32);
+    let tick = (interval / 2).max(Duration::from_millis(1));
+    while !tx.closed.load(Ordering::Relaxed) {
+        std::thread::sleep(tick);
+        if tx.idle_for() < interval {
+            continue;
+        }
+        // A write in progress is itself a sign of life (or blocked by the peer): skip.
+        let Some(mut s) = tx.stream.try_lock() else {
+            continue;
+        };
+        if tx.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        seq += 1;
+        frame.clear();
+        Message::Heartbeat(KEEPALIVE_SEQ | seq).encode(&mut frame);
+        if s.write_all(&frame).is_err() {
+            // The node's next write or read reports the broken link.
+            return;
+        }
+        drop(s);
+        tx.touch();
+    }
+}
+
+/// Exclusive use of the link's sending half for a batch of whole records (see [`Link::writer`]).
+#[derive(Debug)]
+pub struct LinkWriter<'a> {
+    guard: MutexGuard<'a, TcpStream>,
+    tx: &'a Tx,
+}
+
+impl Write for LinkWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.guard.write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.guard.write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.guard.flush()
+    }
+}
+
+impl Drop for LinkWriter<'_> {
+    fn drop(&mut self) {
+        self.tx.touch();
+    }
+}
+
 /// One end of the replication link.
 ///
 /// A reader thread owns the receiving half: it reads into pooled buffers and hands them over a
@@ -27,7 +124,8 @@ type Chunk = io::Result<(Vec<u8>, usize)>;
 /// decoder borrows pages straight from them.
 #[derive(Debug)]
 pub struct Link {
-    stream: TcpStream,
+    tx: Arc<Tx>,
+    keepalive: bool,
     decoder: Decoder,
     rx: Receiver<Chunk>,
     pool: Sender<Vec<u8>>,
@@ -87,7 +185,14 @@ impl Link {
             .spawn(move || reader(read_half, tx, pool_rx))
             .context("spawning the link reader")?;
         Ok(Self {
-            stream,
+            tx: Arc::new(Tx {
+                ctl: stream.try_clone().context("cloning the link socket")?,
+                stream: Mutex::new(stream),
+                last_write: AtomicU64::new(0),
+                epoch: Instant::now(),
+                closed: AtomicBool::new(false),
+            }),
+            keepalive: false,
             decoder: Decoder::new(cfg),
             rx,
             pool: pool_tx,
@@ -164,19 +269,39 @@ impl Link {
         self.peer
     }
 
-    /// Writes all of `bytes`.
+    /// Writes all of `bytes` (whole records: nothing else is written in between).
     pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         if bytes.is_empty() {
             return Ok(());
         }
-        self.stream.write_all(bytes)?;
+        self.writer().write_all(bytes)?;
         self.bytes_out += bytes.len() as u64;
         Ok(())
     }
 
-    /// The stream for vectored page writes.
-    pub fn writer(&mut self) -> &mut TcpStream {
-        &mut self.stream
+    /// The sending half for a batch of whole records (vectored page writes); the keepalive
+    /// thread stays out until the writer is dropped. Uncontended, this is a lock without a
+    /// syscall.
+    pub fn writer(&mut self) -> LinkWriter<'_> {
+        LinkWriter {
+            guard: self.tx.stream.lock(),
+            tx: &self.tx,
+        }
+    }
+
+    /// From now on, a heartbeat goes out whenever nothing was written for `interval`, even
+    /// while the caller is busy. Call it once the handshake is over (a heartbeat before it
+    /// breaks the handshake); later calls do nothing.
+    pub fn start_keepalive(&mut self, interval: Duration) -> io::Result<()> {
+        if self.keepalive {
+            return Ok(());
+        }
+        let tx = self.tx.clone();
+        std::thread::Builder::new()
+            .name("colo-link-keepalive".into())
+            .spawn(move || keepalive(tx, interval))?;
+        self.keepalive = true;
+        Ok(())
     }
 
     fn take(&mut self, chunk: Chunk) -> io::Result<()> {
@@ -298,17 +423,20 @@ impl Link {
 
     /// Shuts the sending direction down (the peer reads EOF after what was sent).
     pub fn shutdown_write(&self) {
-        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        // No keepalive may follow the last record.
+        self.tx.closed.store(true, Ordering::Relaxed);
+        let _ = self.tx.ctl.shutdown(std::net::Shutdown::Write);
     }
 
     /// Shuts the connection down (both directions).
     pub fn shutdown(&self) {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.tx.closed.store(true, Ordering::Relaxed);
+        let _ = self.tx.ctl.shutdown(std::net::Shutdown::Both);
     }
 
     /// A second handle on the socket, e.g. to cut it from another thread.
     pub fn try_clone_stream(&self) -> io::Result<TcpStream> {
-        self.stream.try_clone()
+        self.tx.ctl.try_clone()
     }
 }
 
@@ -316,6 +444,6 @@ impl Drop for Link {
     /// Shuts the socket down so the reader thread (which holds a clone) ends and the peer sees
     /// the close at once, not when the reader next wakes.
     fn drop(&mut self) {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.shutdown();
     }
 }

@@ -462,6 +462,15 @@ impl<G: Guest> PrimaryNode<G> {
         if let Err(e) = flush_outbox(self.link.as_mut(), self.engine.outbox_mut()) {
             self.lost(format!("writing to the secondary failed: {e}"));
         }
+        let talking = !matches!(
+            self.engine.state(),
+            PrimaryState::AwaitingHandshake | PrimaryState::Unprotected
+        );
+        if let Some(link) = self.link.as_mut().filter(|_| talking) {
+            if let Err(e) = link.start_keepalive(self.opts.liveness.interval) {
+                self.lost(format!("starting the link keepalive: {e}"));
+            }
+        }
     }
 
     fn lost(&mut self, reason: String) {
@@ -728,7 +737,7 @@ impl<G: Guest> PrimaryNode<G> {
                 Some(&mut self.present),
             )?;
             bytes += write_typed_pages(
-                link.writer(),
+                &mut link.writer(),
                 &pfns,
                 &self.present,
                 &self.copy,
@@ -749,7 +758,7 @@ impl<G: Guest> PrimaryNode<G> {
         let mut bytes = 0;
         if !pfns.is_empty() {
             bytes = write_typed_pages(
-                link.writer(),
+                &mut link.writer(),
                 pfns,
                 &self.present,
                 &self.copy,
@@ -983,6 +992,19 @@ impl<G: Guest> SecondaryNode<G> {
         if let Err(e) = flush_outbox(self.link.as_mut(), self.engine.outbox_mut()) {
             self.engine
                 .peer_lost(format!("writing to the primary failed: {e}"));
+        }
+        let talking = !matches!(
+            self.engine.state(),
+            SecondaryState::AwaitingHandshake
+                | SecondaryState::TakenOver
+                | SecondaryState::Failed
+                | SecondaryState::Closed
+        );
+        if let Some(link) = self.link.as_mut().filter(|_| talking) {
+            if let Err(e) = link.start_keepalive(self.opts.liveness.interval) {
+                self.engine
+                    .peer_lost(format!("starting the link keepalive: {e}"));
+            }
         }
     }
 

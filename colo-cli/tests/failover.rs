@@ -394,6 +394,44 @@ fn link_fault_trial(seed: u64, fault: LinkFault, fence_ok: bool) -> Result<(f64,
     Ok((primary_ms, secondary_ms))
 }
 
+/// A slow backend is not a dead peer: with every apply on the secondary and every page read on
+/// the primary taking three times the silence timeout (a nested hypervisor copying a large
+/// checkpoint), the link's keepalive speaks for the busy node and the pair stays protected.
+#[test]
+fn backend_calls_longer_than_the_silence_timeout_are_not_taken_for_death() {
+    let cfg = PairConfig::new(0x5_10E, Victim::Secondary);
+    let slow = cfg.liveness.timeout * 3;
+    let pair = Pair::start(&cfg).expect("pair");
+    pair.wait_checkpoints(2, LIMIT)
+        .expect("checkpoints before slowing down");
+    pair.strip.slow_down(Op::WritePages, slow);
+    pair.ptrip.slow_down(Op::ReadPages, slow);
+    let before = pair.pstatus.lock().checkpoints;
+    pair.wait_checkpoints(before + 5, LIMIT)
+        .expect("checkpoints while the backends are slow");
+    for (who, st) in [("primary", &pair.pstatus), ("secondary", &pair.sstatus)] {
+        let st = st.lock();
+        assert_eq!(
+            st.failover_reason, None,
+            "the {who} declared its peer lost although both were alive"
+        );
+    }
+    assert!(
+        pair.took_over_at.lock().is_none(),
+        "the secondary took over"
+    );
+    let compared = pair.check_snapshots().expect("memories identical");
+    eprintln!(
+        "slow backend ({} ms per call, silence timeout {} ms): {} checkpoints compared, no failover",
+        slow.as_millis(),
+        cfg.liveness.timeout.as_millis(),
+        compared
+    );
+    let (p, s) = pair.stop();
+    p.expect("primary");
+    s.expect("secondary");
+}
+
 #[test]
 fn stalled_link_is_detected_by_heartbeat_timeout_on_both_sides() {
     let mut prim = Vec::new();

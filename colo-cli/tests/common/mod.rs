@@ -80,6 +80,8 @@ pub struct Trip {
     armed: AtomicBool,
     count: AtomicU64,
     pub switch: Arc<KillSwitch>,
+    /// Every call of this op sleeps this long first (a slow hypervisor), armed or not.
+    slow: Mutex<Option<(Op, Duration)>>,
 }
 
 impl Trip {
@@ -91,7 +93,13 @@ impl Trip {
             armed: AtomicBool::new(false),
             count: AtomicU64::new(0),
             switch,
+            slow: Mutex::new(None),
         })
+    }
+
+    /// From now on every call of `op` takes at least `d`.
+    pub fn slow_down(&self, op: Op, d: Duration) {
+        *self.slow.lock() = Some((op, d));
     }
 
     pub fn arm(&self) {
@@ -105,6 +113,11 @@ impl Trip {
         };
         if self.switch.is_killed() {
             return Err(dead());
+        }
+        let slow = *self.slow.lock();
+        if let Some((o, d)) = slow.filter(|(o, _)| *o == op && when == When::Before) {
+            let _ = o;
+            std::thread::sleep(d);
         }
         if self.armed.load(Ordering::SeqCst)
             && op == self.op
