@@ -126,6 +126,7 @@ impl Drop for LinkWriter<'_> {
 pub struct Link {
     tx: Arc<Tx>,
     keepalive: bool,
+    arrival: Arc<Arrival>,
     decoder: Decoder,
     rx: Receiver<Chunk>,
     pool: Sender<Vec<u8>>,
@@ -148,10 +149,33 @@ fn configure(stream: &TcpStream) -> Result<()> {
     Ok(())
 }
 
-fn reader(mut s: TcpStream, tx: Sender<Chunk>, pool: Receiver<Vec<u8>>) {
+/// When bytes last arrived, in ns since `epoch` (0: never), written by the reader thread.
+#[derive(Debug)]
+struct Arrival {
+    epoch: Instant,
+    last: AtomicU64,
+}
+
+impl Arrival {
+    fn stamp(&self) {
+        let ns = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.fetch_max(ns.max(1), Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Option<Instant> {
+        match self.last.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(self.epoch + Duration::from_nanos(ns)),
+        }
+    }
+}
+
+fn reader(mut s: TcpStream, tx: Sender<Chunk>, pool: Receiver<Vec<u8>>, arrival: Arc<Arrival>) {
     loop {
         let mut buf = pool.try_recv().unwrap_or_else(|_| vec![0; READ_BUFFER]);
-        match s.read(&mut buf) {
+        let res = s.read(&mut buf);
+        arrival.stamp();
+        match res {
             Ok(0) => {
                 let _ = tx.send(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -180,9 +204,14 @@ impl Link {
         let read_half = stream.try_clone().context("cloning the link socket")?;
         let (tx, rx) = crossbeam_channel::bounded(16);
         let (pool_tx, pool_rx) = crossbeam_channel::bounded(16);
+        let arrival = Arc::new(Arrival {
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+        });
+        let stamps = arrival.clone();
         std::thread::Builder::new()
             .name("colo-link-rx".into())
-            .spawn(move || reader(read_half, tx, pool_rx))
+            .spawn(move || reader(read_half, tx, pool_rx, stamps))
             .context("spawning the link reader")?;
         Ok(Self {
             tx: Arc::new(Tx {
@@ -193,6 +222,7 @@ impl Link {
                 closed: AtomicBool::new(false),
             }),
             keepalive: false,
+            arrival,
             decoder: Decoder::new(cfg),
             rx,
             pool: pool_tx,
@@ -262,6 +292,11 @@ impl Link {
                 Err(e) => return Err(e).context("accepting the peer's connection"),
             }
         }
+    }
+
+    /// When the reader thread last received bytes (or saw the link end), decoded or not.
+    pub fn last_arrival(&self) -> Option<Instant> {
+        self.arrival.last()
     }
 
     /// The peer's address.

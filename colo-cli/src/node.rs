@@ -482,7 +482,11 @@ impl<G: Guest> PrimaryNode<G> {
         self.poll_commands();
         self.poll_link(wait)?;
         // Liveness is judged right after reading the link, never after a long action (a
-        // pre-copy round of a big guest) that kept the loop from reading what arrived meanwhile.
+        // pre-copy round of a big guest) that kept the loop from reading what arrived meanwhile,
+        // and by when bytes arrived, not when this loop got round to decoding them.
+        if let Some(at) = self.link.as_ref().and_then(Link::last_arrival) {
+            self.engine.peer_heard(at);
+        }
         self.engine.handle_timeout(Instant::now());
         self.run_actions()?;
         self.pump_clients()?;
@@ -1023,6 +1027,9 @@ impl<G: Guest> SecondaryNode<G> {
         }
         self.poll_link(wait)?;
         // Liveness right after reading, never after a long apply (see PrimaryNode::step).
+        if let Some(at) = self.link.as_ref().and_then(Link::last_arrival) {
+            self.engine.peer_heard(at);
+        }
         self.engine.handle_timeout(Instant::now());
         self.run_actions()?;
         if self.taken_over {

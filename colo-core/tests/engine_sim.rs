@@ -501,3 +501,35 @@ fn a_checkpoint_cut_anywhere_leaves_the_svm_old_or_entirely_new() {
     // Only a cut after the final CHECKPOINT record yields the new memory.
     assert!(old > 100 && new >= 1, "old {old}, new {new}");
 }
+
+/// Liveness is judged by when bytes last arrived as the driver reports it with `peer_heard`,
+/// not by when the driver decoded them: a secondary whose driver was busy past the silence
+/// timeout does not take over while the primary's bytes sat in its receive buffer.
+#[test]
+fn silence_counts_from_the_last_arrival_the_driver_reports() {
+    let mut pair = Pair::new(32, SyncMode::Backchannel);
+    pair.sync();
+    let timeout = colo_core::engine::Liveness::default().timeout;
+    let t0 = pair.now;
+    // The driver spent 1.5 timeouts in a backend call; bytes kept arriving meanwhile.
+    pair.s.peer_heard(t0 + timeout);
+    pair.s.handle_timeout(t0 + timeout * 3 / 2);
+    assert!(
+        std::iter::from_fn(|| pair.s.poll_action())
+            .all(|a| !matches!(a, SecondaryAction::TakeOver { .. })),
+        "the secondary took over although the primary's bytes had arrived"
+    );
+    assert!(matches!(pair.s.state(), SecondaryState::AwaitingNew { .. }));
+    // Real silence is still detected, counted from that arrival.
+    pair.s
+        .handle_timeout(t0 + timeout * 2 + Duration::from_millis(1));
+    assert!(std::iter::from_fn(|| pair.s.poll_action())
+        .any(|a| matches!(a, SecondaryAction::TakeOver { .. })));
+    // The same on the primary's side.
+    pair.p.peer_heard(t0 + timeout);
+    pair.p.handle_timeout(t0 + timeout * 3 / 2);
+    assert_ne!(pair.p.state(), PrimaryState::Unprotected);
+    pair.p
+        .handle_timeout(t0 + timeout * 2 + Duration::from_millis(1));
+    assert_eq!(pair.p.state(), PrimaryState::Unprotected);
+}

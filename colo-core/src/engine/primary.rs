@@ -615,6 +615,14 @@ impl Primary {
         }
     }
 
+    /// Bytes from the secondary arrived at `at` (the driver's receiving thread saw them, even if
+    /// they are not decoded yet): the peer is alive. Call it before [`Self::handle_timeout`] so a
+    /// driver that spent a while in a backend call does not take its own delay for the peer's
+    /// silence.
+    pub fn peer_heard(&mut self, at: Instant) {
+        self.heartbeat.heard(at);
+    }
+
     /// Time passed: sends heartbeats and detects a lost or stuck secondary.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.state == PrimaryState::Unprotected {
