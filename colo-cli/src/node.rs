@@ -246,7 +246,7 @@ fn digest_domain(dom: &mut dyn Domain, state: &[u8]) -> Result<[u8; DIGEST_LEN],
         dom.read_pages(&pfns, &mut |_, page| {
             match page {
                 Some(p) => d.page(p),
-                None => d.page(&[0u8; PAGE_SIZE]),
+                None => d.absent_page(),
             }
             Ok(())
         })?;
@@ -589,7 +589,14 @@ impl<G: Guest> PrimaryNode<G> {
             let Some(action) = self.engine.poll_action() else {
                 return Ok(());
             };
+            tracing::debug!(?action, "primary action");
+            let t = Instant::now();
             self.execute(action)?;
+            tracing::debug!(
+                "primary action done in {:.1} ms, now {}",
+                t.elapsed().as_secs_f64() * 1e3,
+                self.engine.state().name()
+            );
         }
     }
 
@@ -1141,6 +1148,7 @@ impl<G: Guest> SecondaryNode<G> {
             let Some(action) = self.engine.poll_action() else {
                 return Ok(());
             };
+            tracing::debug!(?action, "secondary action");
             let now = Instant::now;
             match action {
                 SecondaryAction::StartDirtyLog => self.guest.start_dirty_log()?,
@@ -1156,6 +1164,7 @@ impl<G: Guest> SecondaryNode<G> {
                     self.engine.harvested(now())?;
                 }
                 SecondaryAction::Apply { epoch } => {
+                    let t = now();
                     flush_sync_pages(&mut self.guest, &mut self.sync_pfns, &mut self.sync_data)?;
                     self.guest
                         .write_pages(self.engine.staged_pfns(), self.engine.staged_data())?;
@@ -1177,6 +1186,16 @@ impl<G: Guest> SecondaryNode<G> {
                     } else {
                         None
                     };
+                    tracing::debug!(
+                        "checkpoint {epoch}: {} pages applied{} in {:.1} ms",
+                        self.engine.staged_pfns().len(),
+                        if digest.is_some() {
+                            " and digested"
+                        } else {
+                            ""
+                        },
+                        t.elapsed().as_secs_f64() * 1e3
+                    );
                     self.engine.applied(now(), digest)?;
                     self.status.lock().checkpoints += 1;
                 }

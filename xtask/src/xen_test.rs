@@ -486,12 +486,21 @@ fn build_dom0(
     std::fs::copy(scripts.join("guest.cfg"), root.join("root/guest.cfg"))?;
     copy_exec(&scripts.join("dom0-init"), &root.join("init"))?;
     let test = std::fs::read_to_string(scripts.join("dom0-test.sh"))?;
+    // The nodes' log filter follows the host's RUST_LOG (only the characters a filter uses).
+    let log = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| {
+            v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_=,:.-".contains(c))
+        })
+        .unwrap_or_else(|| "info".into());
     let test = format!(
-        "#!/bin/sh\nexport CHECKPOINTS={} INTERVAL_MS={} REQUIRE_TAKEOVER={} COLO_REQUIRED={}\n{}",
+        "#!/bin/sh\nexport CHECKPOINTS={} INTERVAL_MS={} REQUIRE_TAKEOVER={} COLO_REQUIRED={} RUST_LOG={}\n{}",
         o.checkpoints,
         o.interval_ms,
         if o.require_takeover { "1" } else { "" },
         if o.require_colo { "1" } else { "" },
+        log,
         test.strip_prefix("#!/bin/sh\n").unwrap_or(&test)
     );
     std::fs::write(root.join("root/test.sh"), test)?;

@@ -100,7 +100,7 @@ kill -TERM $PP 2>/dev/null; wait $PP; prc=$?
 kill -TERM $SP 2>/dev/null; wait $SP; src=$?
 for f in pri sec; do
   echo "--- colo $f: $(tr -d '\n' < /tmp/$f.json 2>/dev/null | grep -o '"\(state\|checkpoints\|verified_identical\|verify_failures\|pages_sent\|backchannel_pages\)": *"*[A-Za-z0-9_]*' | tr '\n' ' ')"
-  tail -4 /tmp/$f.log
+  tail -40 /tmp/$f.log
 done
 cp=$(jnum /tmp/pri.json checkpoints); cp=${cp:-0}
 vi=$(jnum /tmp/pri.json verified_identical); vf=$(jnum /tmp/pri.json verify_failures)

@@ -311,9 +311,12 @@ impl Heartbeat {
 pub use messages::DIGEST_LEN;
 
 /// Digest of a whole guest (every page, in pfn order, then the vCPU/platform state) for the
-/// verification option: xxh3-128 over the pages and xxh3-128 over the state.
+/// verification option: xxh3-128 over the sequence of per-page xxh3-64 hashes, and xxh3-128 over
+/// the state. A page the backend cannot map counts as a zero page, at the cost of one 8-byte
+/// update: a guest of 4 GiB of pfns with 100 MiB populated digests in the time of its 100 MiB.
 pub struct Digester {
     pages: xxhash_rust::xxh3::Xxh3,
+    zero_page: [u8; 8],
 }
 
 impl std::fmt::Debug for Digester {
@@ -333,12 +336,19 @@ impl Digester {
     pub fn new() -> Self {
         Self {
             pages: xxhash_rust::xxh3::Xxh3::new(),
+            zero_page: xxhash_rust::xxh3::xxh3_64(&[0u8; crate::stream::PAGE_SIZE]).to_le_bytes(),
         }
     }
 
     /// Adds the next page (pfn order).
     pub fn page(&mut self, data: &[u8]) {
-        self.pages.update(data);
+        self.pages
+            .update(&xxhash_rust::xxh3::xxh3_64(data).to_le_bytes());
+    }
+
+    /// Adds the next page (pfn order) when it cannot be mapped: the same as a page of zeros.
+    pub fn absent_page(&mut self) {
+        self.pages.update(&self.zero_page);
     }
 
     /// The final digest, given the state blob.
@@ -347,5 +357,37 @@ impl Digester {
         out[..16].copy_from_slice(&self.pages.digest128().to_le_bytes());
         out[16..].copy_from_slice(&xxhash_rust::xxh3::xxh3_128(state).to_le_bytes());
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_absent_page_digests_as_zeros_and_order_and_content_count() {
+        let zero = [0u8; crate::stream::PAGE_SIZE];
+        let mut one = [0u8; crate::stream::PAGE_SIZE];
+        one[100] = 1;
+        let digest = |pages: &[Option<&[u8]>], state: &[u8]| {
+            let mut d = Digester::new();
+            for p in pages {
+                match p {
+                    Some(p) => d.page(p),
+                    None => d.absent_page(),
+                }
+            }
+            d.finish(state)
+        };
+        let base = digest(&[Some(&one), None], b"s");
+        assert_eq!(base, digest(&[Some(&one), Some(&zero)], b"s"));
+        assert_ne!(base, digest(&[None, Some(&one)], b"s"), "order counts");
+        assert_ne!(
+            base,
+            digest(&[Some(&one), Some(&one)], b"s"),
+            "content counts"
+        );
+        assert_ne!(base, digest(&[Some(&one), None], b"t"), "state counts");
+        assert_ne!(base, digest(&[Some(&one)], b"s"), "length counts");
     }
 }
