@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 
 use crate::clients::ClientHub;
 use crate::control::ControlCommand;
-use crate::link::Link;
+use crate::link::{Link, ReadSlice};
 use crate::status::{NodeStatus, Shared};
 
 /// A guest's network interface as the node sees it (the mock's vif; Xen frames would come from
@@ -546,18 +546,20 @@ impl<G: Guest> PrimaryNode<G> {
         }
         // Return to the loop now and then, so heartbeats go out while a long stream (a big
         // initial synchronisation onto a slow hypervisor) is being consumed.
-        let until = Instant::now() + MAX_READ_SLICE;
+        let mut slice = ReadSlice::new(MAX_READ_SLICE);
         while let Some(link) = self.link.as_mut() {
-            // Stamped per event: decoding a large read can outlast the silence timeout.
-            let now = Instant::now();
-            let ev = match link.next_event_until(now, until) {
+            let ev = match link.next_event_until(&mut slice) {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
                 Err(e) => {
                     let reason = format!("malformed stream from the secondary: {e}");
-                    self.engine.peer_lost(now, reason);
+                    self.engine.peer_lost(slice.refresh(), reason);
                     break;
                 }
+            };
+            let now = match ev {
+                Event::Page { .. } => slice.now(),
+                _ => slice.refresh(),
             };
             let res = match &ev {
                 Event::Record(rec) => self.engine.on_record(now, rec),
@@ -1093,11 +1095,9 @@ impl<G: Guest> SecondaryNode<G> {
         }
         // Return to the loop now and then, so heartbeats go out while a long stream (a big
         // initial synchronisation onto a slow hypervisor) is being consumed.
-        let until = Instant::now() + MAX_READ_SLICE;
+        let mut slice = ReadSlice::new(MAX_READ_SLICE);
         while let Some(link) = self.link.as_mut() {
-            // Stamped per event: decoding a large read can outlast the silence timeout.
-            let now = Instant::now();
-            let ev = match link.next_event_until(now, until) {
+            let ev = match link.next_event_until(&mut slice) {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
                 Err(e) => {
@@ -1107,6 +1107,10 @@ impl<G: Guest> SecondaryNode<G> {
                 }
             };
             let record_end = matches!(ev, Event::PageDataEnd);
+            let now = match ev {
+                Event::Page { .. } => slice.now(),
+                _ => slice.refresh(),
+            };
             match self.engine.on_event(now, &ev) {
                 Ok(Some(Delivery::WritePage { pfn, data })) => {
                     // Initial synchronisation: pages go to the guest a record (≤ 1024 pages)
