@@ -347,13 +347,16 @@ pub fn format_status(v: &Value) -> String {
             n(v.get("manual_checkpoints")),
         ),
     );
-    if n(v.get("verified_identical")) + n(v.get("verify_failures")) > 0 {
+    if n(v.get("verified_identical")) + n(v.get("verify_failures")) + n(v.get("verify_unsettled"))
+        > 0
+    {
         line(
             "verified:",
             format!(
-                "{} identical, {} failures",
+                "{} identical, {} failures, {} unsettled",
                 n(v.get("verified_identical")),
-                n(v.get("verify_failures"))
+                n(v.get("verify_failures")),
+                n(v.get("verify_unsettled"))
             ),
         );
     }

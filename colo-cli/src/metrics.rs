@@ -262,6 +262,12 @@ pub fn render(s: &NodeStatus) -> String {
         &one(s.verify_failures),
     );
     family(
+        "colo_verify_unsettled_total",
+        "counter",
+        "Checkpoints not compared because memory changed while it was digested.",
+        &one(s.verify_unsettled),
+    );
+    family(
         "colo_verified_identical_total",
         "counter",
         "Checkpoints whose memory digests matched.",

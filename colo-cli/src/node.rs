@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use colo_core::bitmap::DirtyBitmap;
 use colo_core::compare::{Comparator, CompareConfig};
 use colo_core::engine::messages::Message;
 use colo_core::engine::{
     CheckpointStats, Delivery, Digester, Liveness, Primary, PrimaryAction, PrimaryConfig,
     PrimaryState, Secondary, SecondaryAction, SecondaryConfig, SecondaryState, SyncMode, Trigger,
-    DIGEST_LEN,
+    Verdict, DIGEST_LEN,
 };
 use colo_core::policy::{CheckpointPolicy, CheckpointReason};
 use colo_core::stream::{
@@ -255,6 +256,42 @@ fn digest_domain(dom: &mut dyn Domain, state: &[u8]) -> Result<[u8; DIGEST_LEN],
     Ok(d.finish(state))
 }
 
+/// [`digest_domain`] of a paused guest, or None if its memory changed meanwhile: pages the dirty
+/// log shows written after the digest began were written by someone other than the paused guest
+/// (Xen sets event-channel bits in a paused domain's memory), so the digest may mix old and new
+/// contents. `late` is scratch space (allocated on first use, verification only).
+///
+/// `since_harvest`: any page dirtied since the last harvest counts (the primary harvested at the
+/// pause, so such a page may have missed the capture); otherwise only pages dirtied from now
+/// (the secondary's own checkpoint writes may show in its log).
+fn settled_digest(
+    dom: &mut dyn Domain,
+    state: &[u8],
+    late: &mut Option<DirtyBitmap>,
+    since_harvest: bool,
+) -> Result<Option<[u8; DIGEST_LEN]>, BackendError> {
+    let pages = dom.page_count();
+    let late = late.get_or_insert_with(|| DirtyBitmap::new(pages));
+    late.clear_all();
+    let before = if since_harvest {
+        0
+    } else {
+        dom.peek_dirty(late)?;
+        late.count()
+    };
+    let digest = digest_domain(dom, state)?;
+    dom.peek_dirty(late)?;
+    let after = late.count();
+    if after > before {
+        tracing::debug!(
+            "{} pages written while the paused guest was digested",
+            after - before
+        );
+        return Ok(None);
+    }
+    Ok(Some(digest))
+}
+
 /// Writes the initial synchronisation's buffered pages to the guest.
 fn flush_sync_pages(
     guest: &mut dyn Domain,
@@ -304,6 +341,8 @@ pub struct PrimaryNode<G: Guest> {
     entries: Vec<(u64, PageType)>,
     state: Vec<u8>,
     scratch: Vec<u8>,
+    /// Dirty-log scratch for the verification option.
+    late: Option<DirtyBitmap>,
     released: Vec<Vec<u8>>,
     last_cp_end: Instant,
     manual: bool,
@@ -374,6 +413,7 @@ impl<G: Guest> PrimaryNode<G> {
             entries: Vec::with_capacity(MAX_PAGES_PER_RECORD),
             state: Vec::new(),
             scratch: Vec::new(),
+            late: None,
             released: Vec::new(),
             last_cp_end: now,
             manual: false,
@@ -661,7 +701,7 @@ impl<G: Guest> PrimaryNode<G> {
                 self.state.clear();
                 self.guest.get_state(&mut self.state)?;
                 let digest = if self.engine.verifying() {
-                    Some(digest_domain(&mut self.guest, &self.state)?)
+                    settled_digest(&mut self.guest, &self.state, &mut self.late, true)?
                 } else {
                     None
                 };
@@ -693,15 +733,23 @@ impl<G: Guest> PrimaryNode<G> {
                 self.last_cp_end = now();
                 self.record(stats);
             }
-            PrimaryAction::Verified { epoch, identical } => {
+            PrimaryAction::Verified { epoch, verdict } => {
                 let mut st = self.status.lock();
-                if identical {
-                    st.verified_identical += 1;
-                } else {
-                    st.verify_failures += 1;
-                    tracing::error!(
-                        "checkpoint {epoch}: the secondary's memory differs from the primary's"
-                    );
+                match verdict {
+                    Verdict::Identical => st.verified_identical += 1,
+                    Verdict::Different => {
+                        st.verify_failures += 1;
+                        tracing::error!(
+                            "checkpoint {epoch}: the secondary's memory differs from the primary's"
+                        );
+                    }
+                    Verdict::Unsettled => {
+                        st.verify_unsettled += 1;
+                        tracing::info!(
+                            "checkpoint {epoch}: not verified, memory changed while paused (the \
+                             hypervisor wrote it); the next checkpoint carries those pages"
+                        );
+                    }
                 }
             }
             PrimaryAction::PeerLost { reason } => {
@@ -909,6 +957,8 @@ pub struct SecondaryNode<G: Guest> {
     out_frames: Vec<Vec<u8>>,
     sync_pfns: Vec<u64>,
     sync_data: Vec<u8>,
+    /// Dirty-log scratch for the verification option.
+    late: Option<DirtyBitmap>,
     commands: Option<crossbeam_channel::Receiver<ControlCommand>>,
 }
 
@@ -971,6 +1021,7 @@ impl<G: Guest> SecondaryNode<G> {
             out_frames: Vec::new(),
             sync_pfns: Vec::with_capacity(MAX_PAGES_PER_RECORD),
             sync_data: Vec::with_capacity(MAX_PAGES_PER_RECORD * PAGE_SIZE),
+            late: None,
             commands: None,
         })
     }
@@ -1186,7 +1237,7 @@ impl<G: Guest> SecondaryNode<G> {
                     // later differs (Xen's clock runs on in a paused domain).
                     let digest = if self.engine.verifying() {
                         let st = self.engine.staged_state().to_vec();
-                        Some(digest_domain(&mut self.guest, &st)?)
+                        settled_digest(&mut self.guest, &st, &mut self.late, false)?
                     } else {
                         None
                     };

@@ -102,6 +102,9 @@ pub struct NodeStatus {
     pub verified_identical: u64,
     /// Checkpoints whose digests differed.
     pub verify_failures: u64,
+    /// Checkpoints not compared: a side's memory changed while it was digested (a hypervisor
+    /// wrote the paused domain); the pages travel in the next checkpoint.
+    pub verify_unsettled: u64,
     /// Pages sent in checkpoints (initial synchronisation excluded).
     pub pages_sent: u64,
     /// Pages sent because the secondary dirtied them (|B|, summed).

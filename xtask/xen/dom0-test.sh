@@ -99,17 +99,26 @@ done
 kill -TERM $PP 2>/dev/null; wait $PP; prc=$?
 kill -TERM $SP 2>/dev/null; wait $SP; src=$?
 for f in pri sec; do
-  echo "--- colo $f: $(tr -d '\n' < /tmp/$f.json 2>/dev/null | grep -o '"\(state\|checkpoints\|verified_identical\|verify_failures\|pages_sent\|backchannel_pages\)": *"*[A-Za-z0-9_]*' | tr '\n' ' ')"
+  echo "--- colo $f: $(tr -d '\n' < /tmp/$f.json 2>/dev/null | grep -o '"\(state\|checkpoints\|verified_identical\|verify_failures\|verify_unsettled\|pages_sent\|backchannel_pages\|failover_reason\)": *"*[A-Za-z0-9_]*' | tr '\n' ' ')"
   tail -40 /tmp/$f.log
 done
 cp=$(jnum /tmp/pri.json checkpoints); cp=${cp:-0}
 vi=$(jnum /tmp/pri.json verified_identical); vf=$(jnum /tmp/pri.json verify_failures)
-echo "DOM0: colo primary/secondary: $cp checkpoints in ${i}s, verified identical ${vi:-0}, verify failures ${vf:-0} (exit $prc/$src)"
-COLO_SUMMARY="colo primary/secondary (Xen backend, loopback): $cp checkpoints, verify identical ${vi:-0} / failed ${vf:-0}"
+vu=$(jnum /tmp/pri.json verify_unsettled)
+vi=${vi:-0}; vf=${vf:-0}; vu=${vu:-0}
+echo "DOM0: colo primary/secondary: $cp checkpoints in ${i}s, verified identical $vi, differing $vf, unsettled $vu (exit $prc/$src)"
+COLO_SUMMARY="colo primary/secondary (Xen backend, loopback): $cp checkpoints in ${i} s, digests identical $vi / differing $vf / unsettled $vu (Xen wrote the paused domain)"
+why=""
 if [ "$cp" -lt "$CHECKPOINTS" ]; then
-  why=$(grep -h "error" /tmp/pri.log /tmp/sec.log | tail -1 | cut -c1-200)
-  COLO_SUMMARY="$COLO_SUMMARY (advisory, short of $CHECKPOINTS: $why)"
-  [ -n "$COLO_REQUIRED" ] && fail "colo primary/secondary: $cp of $CHECKPOINTS checkpoints: $why"
+  why="$cp of $CHECKPOINTS checkpoints: $(grep -h "error\|WARN" /tmp/pri.log /tmp/sec.log | tail -1 | cut -c1-200)"
+elif [ -n "$COLO_VERIFY" ] && [ "$vf" -ne 0 ]; then
+  why="$vf checkpoints left the secondary's memory different from the primary's"
+elif [ -n "$COLO_VERIFY" ] && [ $((vi * 2)) -lt "$cp" ]; then
+  why="only $vi of $cp checkpoints could be verified identical"
+fi
+if [ -n "$why" ]; then
+  COLO_SUMMARY="$COLO_SUMMARY (advisory: $why)"
+  [ -n "$COLO_REQUIRED" ] && fail "colo primary/secondary: $why"
 fi
 stage colo-cli
 

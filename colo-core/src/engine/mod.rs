@@ -49,7 +49,7 @@ pub mod messages;
 mod primary;
 mod secondary;
 
-pub use primary::{Primary, PrimaryAction, PrimaryConfig, PrimaryState};
+pub use primary::{Primary, PrimaryAction, PrimaryConfig, PrimaryState, Verdict};
 pub use secondary::{Delivery, Secondary, SecondaryAction, SecondaryConfig, SecondaryState};
 
 use std::time::{Duration, Instant};

@@ -132,6 +132,18 @@ impl PrimaryState {
     }
 }
 
+/// The outcome of comparing both sides' digests after a checkpoint (the verification option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Both memories and states are identical.
+    Identical,
+    /// They differ: the checkpoint did not make the SVM a copy of the PVM.
+    Different,
+    /// No comparison: a side's memory changed while it computed its digest (a hypervisor
+    /// wrote the paused domain), so that side sent none. The pages are in the next checkpoint.
+    Unsettled,
+}
+
 /// What the driver must do next, in order. Before executing any action and after every call into
 /// the machine, the driver writes [`Primary::outbox_mut`] to the link and clears it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,8 +183,8 @@ pub enum PrimaryAction {
     Verified {
         /// The checkpoint.
         epoch: u64,
-        /// Memories and states are identical.
-        identical: bool,
+        /// What the comparison showed.
+        verdict: Verdict,
     },
     /// The secondary is lost: release all held output, stop comparing, run unprotected.
     PeerLost {
@@ -429,12 +441,20 @@ impl Primary {
                 self.actions.push_back(PrimaryAction::Committed(self.cur));
                 self.protected = true;
                 if self.cfg.verify {
-                    let identical = match (self.digest, self.peer_digest) {
-                        (Some((e1, d1)), Some((e2, d2))) => e1 == epoch && e2 == epoch && d1 == d2,
-                        _ => false,
+                    let verdict = match (self.digest, self.peer_digest) {
+                        (Some((e1, d1)), Some((e2, d2))) if e1 == epoch && e2 == epoch => {
+                            if d1 == d2 {
+                                Verdict::Identical
+                            } else {
+                                Verdict::Different
+                            }
+                        }
+                        // A side whose memory changed while it digested (a hypervisor writes
+                        // a paused domain's event-channel bits) sends no digest for the epoch.
+                        _ => Verdict::Unsettled,
                     };
                     self.actions
-                        .push_back(PrimaryAction::Verified { epoch, identical });
+                        .push_back(PrimaryAction::Verified { epoch, verdict });
                 }
                 self.state = PrimaryState::AwaitingSvmResumed { epoch };
                 self.heartbeat.awaiting_progress(Some(now));
@@ -538,7 +558,8 @@ impl Primary {
     }
 
     /// The driver copied the capture set and the state; `digest` is the digest of all memory and
-    /// the state when verifying.
+    /// the state when verifying (None if the memory changed while paused: the verification of
+    /// this checkpoint is then unsettled).
     pub fn captured(
         &mut self,
         now: Instant,

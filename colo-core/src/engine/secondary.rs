@@ -501,7 +501,8 @@ impl Secondary {
     }
 
     /// The driver applied the staged checkpoint; `digest` of all memory and the state when
-    /// verifying.
+    /// verifying (None if the memory changed while it was digested: the primary then reports
+    /// the checkpoint's verification as unsettled).
     pub fn applied(
         &mut self,
         now: Instant,
