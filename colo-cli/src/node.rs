@@ -263,13 +263,18 @@ fn digest_domain(dom: &mut dyn Domain, state: &[u8]) -> Result<[u8; DIGEST_LEN],
 ///
 /// `since_harvest`: any page dirtied since the last harvest counts (the primary harvested at the
 /// pause, so such a page may have missed the capture); otherwise only pages dirtied from now
-/// (the secondary's own checkpoint writes may show in its log).
+/// (the secondary's own checkpoint writes may show in its log). `logging`: whether the dirty
+/// log is on (a secondary starts it after checkpoint 0); without it nothing can be watched.
 fn settled_digest(
     dom: &mut dyn Domain,
     state: &[u8],
     late: &mut Option<DirtyBitmap>,
     since_harvest: bool,
+    logging: bool,
 ) -> Result<Option<[u8; DIGEST_LEN]>, BackendError> {
+    if !logging {
+        return digest_domain(dom, state).map(Some);
+    }
     let pages = dom.page_count();
     let late = late.get_or_insert_with(|| DirtyBitmap::new(pages));
     late.clear_all();
@@ -701,7 +706,7 @@ impl<G: Guest> PrimaryNode<G> {
                 self.state.clear();
                 self.guest.get_state(&mut self.state)?;
                 let digest = if self.engine.verifying() {
-                    settled_digest(&mut self.guest, &self.state, &mut self.late, true)?
+                    settled_digest(&mut self.guest, &self.state, &mut self.late, true, true)?
                 } else {
                     None
                 };
@@ -959,6 +964,8 @@ pub struct SecondaryNode<G: Guest> {
     sync_data: Vec<u8>,
     /// Dirty-log scratch for the verification option.
     late: Option<DirtyBitmap>,
+    /// The SVM's dirty log is on.
+    logging: bool,
     commands: Option<crossbeam_channel::Receiver<ControlCommand>>,
 }
 
@@ -1022,6 +1029,7 @@ impl<G: Guest> SecondaryNode<G> {
             sync_pfns: Vec::with_capacity(MAX_PAGES_PER_RECORD),
             sync_data: Vec::with_capacity(MAX_PAGES_PER_RECORD * PAGE_SIZE),
             late: None,
+            logging: false,
             commands: None,
         })
     }
@@ -1206,7 +1214,10 @@ impl<G: Guest> SecondaryNode<G> {
             tracing::debug!(?action, "secondary action");
             let now = Instant::now;
             match action {
-                SecondaryAction::StartDirtyLog => self.guest.start_dirty_log()?,
+                SecondaryAction::StartDirtyLog => {
+                    self.guest.start_dirty_log()?;
+                    self.logging = true;
+                }
                 SecondaryAction::Pause => {
                     // Outputs emitted before the pause still belong to the running epoch.
                     self.pump_output();
@@ -1237,7 +1248,7 @@ impl<G: Guest> SecondaryNode<G> {
                     // later differs (Xen's clock runs on in a paused domain).
                     let digest = if self.engine.verifying() {
                         let st = self.engine.staged_state().to_vec();
-                        settled_digest(&mut self.guest, &st, &mut self.late, false)?
+                        settled_digest(&mut self.guest, &st, &mut self.late, false, self.logging)?
                     } else {
                         None
                     };
