@@ -559,7 +559,7 @@ fn boot_and_watch(
     .arg("-kernel")
     .arg(xen)
     .arg("-append")
-    .arg("console=com1 com1=115200,8n1 dom0_mem=1G,max:1G loglvl=warning guest_loglvl=none noreboot console_timestamps=boot")
+    .arg("console=com1 com1=115200,8n1 dom0_mem=1G,max:1G loglvl=warning guest_loglvl=info noreboot console_timestamps=boot")
     .arg("-initrd")
     .arg(format!(
         "{} console=hvc0 earlyprintk=xen loglevel=4,{}",
