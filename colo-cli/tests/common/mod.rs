@@ -115,8 +115,7 @@ impl Trip {
             return Err(dead());
         }
         let slow = *self.slow.lock();
-        if let Some((o, d)) = slow.filter(|(o, _)| *o == op && when == When::Before) {
-            let _ = o;
+        if let Some((_, d)) = slow.filter(|(o, _)| *o == op && when == When::Before) {
             std::thread::sleep(d);
         }
         if self.armed.load(Ordering::SeqCst)
