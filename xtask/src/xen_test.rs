@@ -13,14 +13,15 @@
 //! 6. prints `xen-test: PASS …` or `xen-test: FAIL <reason>` as its last line; exits 0 or 1.
 //!
 //! What runs in dom0 is `xtask/xen/dom0-test.sh`, in stages (timed, `XEN-TEST-STAGE`):
-//! two PVH guests of the same shape boot together; `colo-xen-check selftest` exercises every
-//! `Domain` method on the primary; `colo-xen-conformance` runs colo-core's conformance suite
-//! with `colo-xen-guest-agent` inside the guest (`state_round_trip` is a known failure on Xen:
-//! a paused guest's clock runs); `colo primary`/`colo secondary --backend xen` over loopback
-//! (advisory until it reaches the checkpoint count; `--require-colo` makes it fatal);
-//! `colo-xen-check replicate` takes the checkpoints in-process and verifies every one page
-//! by page and vCPU register by register; then the primary is destroyed and the secondary
-//! must continue the primary's workload (reported; `--require-takeover` makes it fatal).
+//! three PVH guests of the same shape boot (colo-a, colo-b, colo-c); `colo-xen-check selftest`
+//! exercises every `Domain` method on colo-c and `colo-xen-conformance` runs colo-core's
+//! conformance suite there with `colo-xen-guest-agent` inside the guest (`state_round_trip` is
+//! a known failure on Xen: a paused guest's clock runs); `colo-xen-check replicate` replicates
+//! colo-a onto colo-b and verifies every checkpoint page by page and vCPU register by register;
+//! colo-a is destroyed and colo-b must continue its workload (reported; `--require-takeover`
+//! makes it fatal); last, `colo primary` (colo-c) / `colo secondary` (colo-b) `--backend xen
+//! --verify` over loopback (advisory; `--require-colo` makes it fatal). The colo stage runs
+//! last because Xen has crashed its primary guest in some runs (cause not found yet).
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Write};
