@@ -151,6 +151,15 @@ impl ReadSlice {
         self.now
     }
 
+    /// The time to stamp `ev` with: a page takes the last reading, any other event (a protocol
+    /// step, whose timing is measured) a fresh one.
+    pub fn stamp(&mut self, ev: &Event<'_>) -> Instant {
+        match ev {
+            Event::Page { .. } => self.now,
+            _ => self.refresh(),
+        }
+    }
+
     /// Counts one more event; false once the slice is over.
     fn tick(&mut self) -> bool {
         self.count = self.count.wrapping_add(1);

@@ -256,29 +256,35 @@ fn digest_domain(dom: &mut dyn Domain, state: &[u8]) -> Result<[u8; DIGEST_LEN],
     Ok(d.finish(state))
 }
 
+/// Which dirty pages make a digest unsettled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    /// Any page dirtied since the last harvest (the primary harvested at the pause, so such a
+    /// page may have missed the capture).
+    SinceHarvest,
+    /// Pages dirtied from now on (the secondary's own checkpoint writes may show in its log).
+    FromNow,
+    /// None: the dirty log is off (a secondary starts it after checkpoint 0).
+    Off,
+}
+
 /// [`digest_domain`] of a paused guest, or None if its memory changed meanwhile: pages the dirty
 /// log shows written after the digest began were written by someone other than the paused guest
 /// (Xen sets event-channel bits in a paused domain's memory), so the digest may mix old and new
 /// contents. `late` is scratch space (allocated on first use, verification only).
-///
-/// `since_harvest`: any page dirtied since the last harvest counts (the primary harvested at the
-/// pause, so such a page may have missed the capture); otherwise only pages dirtied from now
-/// (the secondary's own checkpoint writes may show in its log). `logging`: whether the dirty
-/// log is on (a secondary starts it after checkpoint 0); without it nothing can be watched.
 fn settled_digest(
     dom: &mut dyn Domain,
     state: &[u8],
     late: &mut Option<DirtyBitmap>,
-    since_harvest: bool,
-    logging: bool,
+    watch: Watch,
 ) -> Result<Option<[u8; DIGEST_LEN]>, BackendError> {
-    if !logging {
+    if watch == Watch::Off {
         return digest_domain(dom, state).map(Some);
     }
     let pages = dom.page_count();
     let late = late.get_or_insert_with(|| DirtyBitmap::new(pages));
     late.clear_all();
-    let before = if since_harvest {
+    let before = if watch == Watch::SinceHarvest {
         0
     } else {
         dom.peek_dirty(late)?;
@@ -311,14 +317,27 @@ fn flush_sync_pages(
     Ok(())
 }
 
-/// Writes a state machine's outbox to the link (or drops it when there is no link) and clears it.
-fn flush_outbox(link: Option<&mut Link>, out: &mut Vec<u8>) -> std::io::Result<()> {
-    let res = match link {
-        Some(l) if !out.is_empty() => l.send(out),
-        _ => Ok(()),
+/// Writes a state machine's outbox to the link (or drops it when there is no link) and clears it;
+/// once the handshake is over (`keepalive`: the heartbeat interval), makes sure the link's
+/// keepalive runs.
+fn flush_outbox(
+    link: Option<&mut Link>,
+    out: &mut Vec<u8>,
+    keepalive: Option<Duration>,
+) -> std::io::Result<()> {
+    let Some(link) = link else {
+        out.clear();
+        return Ok(());
     };
+    let res = link.send(out);
     out.clear();
-    res
+    res?;
+    match keepalive {
+        Some(interval) => link.start_keepalive(interval).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("starting the link keepalive: {e}"))
+        }),
+        None => Ok(()),
+    }
 }
 
 fn primary_config(opts: &NodeOptions, pages: u64) -> PrimaryConfig {
@@ -504,17 +523,13 @@ impl<G: Guest> PrimaryNode<G> {
     }
 
     fn flush(&mut self) {
-        if let Err(e) = flush_outbox(self.link.as_mut(), self.engine.outbox_mut()) {
-            self.lost(format!("writing to the secondary failed: {e}"));
-        }
         let talking = !matches!(
             self.engine.state(),
             PrimaryState::AwaitingHandshake | PrimaryState::Unprotected
         );
-        if let Some(link) = self.link.as_mut().filter(|_| talking) {
-            if let Err(e) = link.start_keepalive(self.opts.liveness.interval) {
-                self.lost(format!("starting the link keepalive: {e}"));
-            }
+        let keepalive = talking.then_some(self.opts.liveness.interval);
+        if let Err(e) = flush_outbox(self.link.as_mut(), self.engine.outbox_mut(), keepalive) {
+            self.lost(format!("writing to the secondary failed: {e}"));
         }
     }
 
@@ -602,10 +617,7 @@ impl<G: Guest> PrimaryNode<G> {
                     break;
                 }
             };
-            let now = match ev {
-                Event::Page { .. } => slice.now(),
-                _ => slice.refresh(),
-            };
+            let now = slice.stamp(&ev);
             let res = match &ev {
                 Event::Record(rec) => self.engine.on_record(now, rec),
                 other => Err(colo_core::engine::EngineError::Unexpected {
@@ -706,7 +718,12 @@ impl<G: Guest> PrimaryNode<G> {
                 self.state.clear();
                 self.guest.get_state(&mut self.state)?;
                 let digest = if self.engine.verifying() {
-                    settled_digest(&mut self.guest, &self.state, &mut self.late, true, true)?
+                    settled_digest(
+                        &mut self.guest,
+                        &self.state,
+                        &mut self.late,
+                        Watch::SinceHarvest,
+                    )?
                 } else {
                     None
                 };
@@ -1061,10 +1078,6 @@ impl<G: Guest> SecondaryNode<G> {
     }
 
     fn flush(&mut self) {
-        if let Err(e) = flush_outbox(self.link.as_mut(), self.engine.outbox_mut()) {
-            self.engine
-                .peer_lost(format!("writing to the primary failed: {e}"));
-        }
         let talking = !matches!(
             self.engine.state(),
             SecondaryState::AwaitingHandshake
@@ -1072,11 +1085,10 @@ impl<G: Guest> SecondaryNode<G> {
                 | SecondaryState::Failed
                 | SecondaryState::Closed
         );
-        if let Some(link) = self.link.as_mut().filter(|_| talking) {
-            if let Err(e) = link.start_keepalive(self.opts.liveness.interval) {
-                self.engine
-                    .peer_lost(format!("starting the link keepalive: {e}"));
-            }
+        let keepalive = talking.then_some(self.opts.liveness.interval);
+        if let Err(e) = flush_outbox(self.link.as_mut(), self.engine.outbox_mut(), keepalive) {
+            self.engine
+                .peer_lost(format!("writing to the primary failed: {e}"));
         }
     }
 
@@ -1166,10 +1178,7 @@ impl<G: Guest> SecondaryNode<G> {
                 }
             };
             let record_end = matches!(ev, Event::PageDataEnd);
-            let now = match ev {
-                Event::Page { .. } => slice.now(),
-                _ => slice.refresh(),
-            };
+            let now = slice.stamp(&ev);
             match self.engine.on_event(now, &ev) {
                 Ok(Some(Delivery::WritePage { pfn, data })) => {
                     // Initial synchronisation: pages go to the guest a record (≤ 1024 pages)
@@ -1248,7 +1257,12 @@ impl<G: Guest> SecondaryNode<G> {
                     // later differs (Xen's clock runs on in a paused domain).
                     let digest = if self.engine.verifying() {
                         let st = self.engine.staged_state().to_vec();
-                        settled_digest(&mut self.guest, &st, &mut self.late, false, self.logging)?
+                        let watch = if self.logging {
+                            Watch::FromNow
+                        } else {
+                            Watch::Off
+                        };
+                        settled_digest(&mut self.guest, &st, &mut self.late, watch)?
                     } else {
                         None
                     };

@@ -432,13 +432,15 @@ fn backend_calls_longer_than_the_silence_timeout_are_not_taken_for_death() {
     s.expect("secondary");
 }
 
-#[test]
-fn stalled_link_is_detected_by_heartbeat_timeout_on_both_sides() {
+/// Four trials of `fault`, fencing succeeding in every other one (from the first when
+/// `fence_first`); checks the secondary takes over exactly when fencing succeeds and prints
+/// both sides' detection times under `label`.
+fn link_fault_trials(label: &str, fault: LinkFault, seed: u64, fence_first: bool) {
     let mut prim = Vec::new();
     let mut sec = Vec::new();
     for i in 0..4u64 {
-        let (p, s) = link_fault_trial(0x57A1_0000 + i, LinkFault::Stall, i % 2 == 0)
-            .unwrap_or_else(|e| panic!("stall trial {i}: {e:#}"));
+        let (p, s) = link_fault_trial(seed + i, fault, (i % 2 == 0) == fence_first)
+            .unwrap_or_else(|e| panic!("{fault:?} trial {i}: {e:#}"));
         prim.push(p);
         sec.extend(s);
     }
@@ -448,35 +450,28 @@ fn stalled_link_is_detected_by_heartbeat_timeout_on_both_sides() {
         "the secondary takes over exactly when fencing succeeds"
     );
     eprintln!(
-        "stall (heartbeat timeout 300 ms): primary unprotected after {}",
+        "{label}: primary unprotected after {}",
         distribution(&mut prim)
     );
     eprintln!(
-        "stall (heartbeat timeout 300 ms): secondary took over after {}",
+        "{label}: secondary took over after {}",
         distribution(&mut sec)
     );
 }
 
 #[test]
+fn stalled_link_is_detected_by_heartbeat_timeout_on_both_sides() {
+    link_fault_trials(
+        "stall (heartbeat timeout 300 ms)",
+        LinkFault::Stall,
+        0x57A1_0000,
+        true,
+    );
+}
+
+#[test]
 fn dropped_link_is_detected_at_once_and_fencing_decides_the_takeover() {
-    let mut prim = Vec::new();
-    let mut sec = Vec::new();
-    for i in 0..4u64 {
-        let (p, s) = link_fault_trial(0xD209_0000 + i, LinkFault::Drop, i % 2 == 1)
-            .unwrap_or_else(|e| panic!("drop trial {i}: {e:#}"));
-        prim.push(p);
-        sec.extend(s);
-    }
-    assert_eq!(
-        sec.len(),
-        2,
-        "the secondary takes over exactly when fencing succeeds"
-    );
-    eprintln!(
-        "drop: primary unprotected after {}",
-        distribution(&mut prim)
-    );
-    eprintln!("drop: secondary took over after {}", distribution(&mut sec));
+    link_fault_trials("drop", LinkFault::Drop, 0xD209_0000, false);
 }
 
 #[test]

@@ -10,26 +10,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use colo_cli::kvclient::KvClient;
-use colo_cli::mock::{build, MockSpec, WorkloadKind};
+use colo_cli::mock::build;
 use colo_cli::node::{new_status, NodeOptions, PrimaryNode, SecondaryNode, SecondaryOutcome};
 use colo_core::engine::SyncMode;
 use colo_core::policy::CheckpointPolicy;
 use colo_core::Domain;
 use parking_lot::Mutex;
 
-type Snapshots = Arc<Mutex<HashMap<u64, (Vec<u8>, Vec<u8>)>>>;
+mod common;
+use common::spec;
 
-fn spec(seed: u64, output_divergence: f64) -> MockSpec {
-    MockSpec {
-        ram: 8 << 20,
-        ram_file: None,
-        workload: WorkloadKind::Kv,
-        vm_seed: seed,
-        memory_divergence: true,
-        output_divergence,
-        dirty_rate: 0,
-    }
-}
+type Snapshots = Arc<Mutex<HashMap<u64, (Vec<u8>, Vec<u8>)>>>;
 
 struct Outcome {
     checkpoints: u64,
@@ -59,7 +50,7 @@ fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome
     sopts.snapshot = Some(Arc::new(move |e, ram, st| {
         s2.lock().insert(e, (ram, st));
     }));
-    let sguest = build(&spec(2, output_divergence)).unwrap();
+    let sguest = build(&spec(2, 8 << 20, output_divergence)).unwrap();
     let sstatus = new_status();
     let secondary = std::thread::spawn(move || {
         let node = SecondaryNode::accept(sguest, &listener, sopts, sstatus).unwrap();
@@ -82,7 +73,7 @@ fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome
     popts.snapshot = Some(Arc::new(move |e, ram, st| {
         p2.lock().insert(e, (ram, st));
     }));
-    let mut pguest = build(&spec(1, output_divergence)).unwrap();
+    let mut pguest = build(&spec(1, 8 << 20, output_divergence)).unwrap();
     pguest.resume().unwrap();
     let pstatus = new_status();
     let mut primary = PrimaryNode::connect(pguest, &repl, popts, pstatus.clone()).unwrap();

@@ -877,18 +877,32 @@ fn kv_spec(seed: u64) -> MockSpec {
     }
 }
 
-/// Times `ops` sequential kv requests from a client to `addr`, ms each.
-fn client_latencies(addr: String, ops: usize, stop: Arc<AtomicBool>) -> Result<Vec<f64>> {
-    let mut c = colo_cli::kvclient::KvClient::new(vec![addr], 42000, Duration::from_secs(5));
-    let mut rng = 11u64;
-    let mut out = Vec::with_capacity(ops);
-    for _ in 0..ops {
-        let t = Instant::now();
-        c.random_op(&mut rng, 256, Instant::now() + Duration::from_secs(30))?;
-        out.push(t.elapsed().as_secs_f64() * 1e3);
+/// Times `ops` sequential kv requests from a client to `addr` (the client address of `node`),
+/// ms each, stepping `node` meanwhile.
+fn client_latencies<G: colo_cli::node::Guest>(
+    node: &mut PrimaryNode<G>,
+    addr: String,
+    ops: usize,
+) -> Result<Vec<f64>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = stop.clone();
+    let client = std::thread::spawn(move || -> Result<Vec<f64>> {
+        let mut c = colo_cli::kvclient::KvClient::new(vec![addr], 42000, Duration::from_secs(5));
+        let mut rng = 11u64;
+        let mut out = Vec::with_capacity(ops);
+        let res = (0..ops).try_for_each(|_| {
+            let t = Instant::now();
+            c.random_op(&mut rng, 256, Instant::now() + Duration::from_secs(30))?;
+            out.push(t.elapsed().as_secs_f64() * 1e3);
+            Ok::<_, anyhow::Error>(())
+        });
+        done.store(true, Ordering::Relaxed);
+        res.map(|()| out)
+    });
+    while !stop.load(Ordering::Relaxed) {
+        node.step(Duration::from_micros(200))?;
     }
-    stop.store(true, Ordering::Relaxed);
-    Ok(out)
+    client.join().map_err(|_| anyhow!("client panicked"))?
 }
 
 /// Response latency through a replicated pair (the comparator releases a response once the
@@ -905,13 +919,7 @@ fn response_latency(ops: usize) -> Result<Latency> {
         ..NodeOptions::default()
     };
     let mut alone = PrimaryNode::with_link(g, None, opts, new_status())?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let st = stop.clone();
-    let client = std::thread::spawn(move || client_latencies(caddr, ops, st));
-    while !stop.load(Ordering::Relaxed) {
-        alone.step(Duration::from_micros(200))?;
-    }
-    let alone_ms = client.join().map_err(|_| anyhow!("client panicked"))??;
+    let alone_ms = client_latencies(&mut alone, caddr, ops)?;
     drop(alone);
 
     // Replicated.
@@ -939,13 +947,7 @@ fn response_latency(ops: usize) -> Result<Latency> {
         }
         primary.step(Duration::from_micros(200))?;
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let st = stop.clone();
-    let client = std::thread::spawn(move || client_latencies(caddr, ops, st));
-    while !stop.load(Ordering::Relaxed) {
-        primary.step(Duration::from_micros(200))?;
-    }
-    let rep_ms = client.join().map_err(|_| anyhow!("client panicked"))??;
+    let rep_ms = client_latencies(&mut primary, caddr, ops)?;
     primary.stop_flag().store(true, Ordering::Relaxed);
     primary.run()?;
     drop(primary);

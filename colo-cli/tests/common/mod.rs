@@ -311,7 +311,8 @@ fn free_addr() -> Result<String> {
     bail!("no free loopback port in 20000..32000")
 }
 
-fn spec(seed: u64, ram: u64, output_divergence: f64) -> MockSpec {
+/// A kv guest with both divergences on.
+pub fn spec(seed: u64, ram: u64, output_divergence: f64) -> MockSpec {
     MockSpec {
         ram,
         ram_file: None,
