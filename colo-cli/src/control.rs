@@ -353,10 +353,12 @@ pub fn format_status(v: &Value) -> String {
         line(
             "verified:",
             format!(
-                "{} identical, {} failures, {} unsettled",
+                "{} identical, {} failures, {} unsettled; {} pages resent that changed behind \
+                 the dirty log",
                 n(v.get("verified_identical")),
                 n(v.get("verify_failures")),
-                n(v.get("verify_unsettled"))
+                n(v.get("verify_unsettled")),
+                n(v.get("unlogged_pages"))
             ),
         );
     }
@@ -426,6 +428,7 @@ mod tests {
             dirty_primary: 10,
             dirty_secondary: 4,
             secondary_only: 2,
+            unlogged: 0,
             pages_sent: 12,
             bytes_sent: 12 * 4096,
             backchannel: Duration::ZERO,

@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod mock;
 pub mod node;
 pub mod status;
+mod verify;

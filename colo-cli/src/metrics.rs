@@ -292,6 +292,12 @@ pub fn render(s: &NodeStatus) -> String {
         &one(s.backchannel_pages),
     );
     family(
+        "colo_unlogged_pages_total",
+        "counter",
+        "Pages found changed behind the dirty log by the verification sweep, and sent.",
+        &one(s.unlogged_pages),
+    );
+    family(
         "colo_output_mismatches_total",
         "counter",
         "Output mismatches seen by the comparator.",
@@ -340,6 +346,7 @@ mod tests {
                 dirty_secondary: 5,
                 secondary_only: 2,
                 pages_sent: 13,
+                unlogged: 0,
                 bytes_sent: 13 * 4096,
                 pause_ms: 4.0,
                 harvest_ms: 0.0,

@@ -14,9 +14,8 @@ use colo_core::bitmap::DirtyBitmap;
 use colo_core::compare::{Comparator, CompareConfig};
 use colo_core::engine::messages::Message;
 use colo_core::engine::{
-    CheckpointStats, Delivery, Digester, Liveness, Primary, PrimaryAction, PrimaryConfig,
-    PrimaryState, Secondary, SecondaryAction, SecondaryConfig, SecondaryState, SyncMode, Trigger,
-    Verdict, DIGEST_LEN,
+    CheckpointStats, Delivery, Liveness, Primary, PrimaryAction, PrimaryConfig, PrimaryState,
+    Secondary, SecondaryAction, SecondaryConfig, SecondaryState, SyncMode, Trigger, Verdict,
 };
 use colo_core::policy::{CheckpointPolicy, CheckpointReason};
 use colo_core::stream::{
@@ -29,6 +28,7 @@ use crate::clients::ClientHub;
 use crate::control::ControlCommand;
 use crate::link::{Link, ReadSlice};
 use crate::status::{NodeStatus, Shared};
+use crate::verify::{settled_digest, SentPages, Watch};
 
 /// A guest's network interface as the node sees it (the mock's vif; Xen frames would come from
 /// the guest's vif through the same calls).
@@ -235,74 +235,6 @@ fn write_typed_pages(
     Ok(bytes)
 }
 
-/// Digest of all of a paused domain's memory and `state`.
-fn digest_domain(dom: &mut dyn Domain, state: &[u8]) -> Result<[u8; DIGEST_LEN], BackendError> {
-    let mut d = Digester::new();
-    let pages = dom.page_count();
-    let mut pfns = Vec::with_capacity(1024);
-    let mut start = 0;
-    while start < pages {
-        pfns.clear();
-        pfns.extend(start..(start + 1024).min(pages));
-        dom.read_pages(&pfns, &mut |_, page| {
-            match page {
-                Some(p) => d.page(p),
-                None => d.absent_page(),
-            }
-            Ok(())
-        })?;
-        start += 1024;
-    }
-    Ok(d.finish(state))
-}
-
-/// Which dirty pages make a digest unsettled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Watch {
-    /// Any page dirtied since the last harvest (the primary harvested at the pause, so such a
-    /// page may have missed the capture).
-    SinceHarvest,
-    /// Pages dirtied from now on (the secondary's own checkpoint writes may show in its log).
-    FromNow,
-    /// None: the dirty log is off (a secondary starts it after checkpoint 0).
-    Off,
-}
-
-/// [`digest_domain`] of a paused guest, or None if its memory changed meanwhile: pages the dirty
-/// log shows written after the digest began were written by someone other than the paused guest
-/// (Xen sets event-channel bits in a paused domain's memory), so the digest may mix old and new
-/// contents. `late` is scratch space (allocated on first use, verification only).
-fn settled_digest(
-    dom: &mut dyn Domain,
-    state: &[u8],
-    late: &mut Option<DirtyBitmap>,
-    watch: Watch,
-) -> Result<Option<[u8; DIGEST_LEN]>, BackendError> {
-    if watch == Watch::Off {
-        return digest_domain(dom, state).map(Some);
-    }
-    let pages = dom.page_count();
-    let late = late.get_or_insert_with(|| DirtyBitmap::new(pages));
-    late.clear_all();
-    let before = if watch == Watch::SinceHarvest {
-        0
-    } else {
-        dom.peek_dirty(late)?;
-        late.count()
-    };
-    let digest = digest_domain(dom, state)?;
-    dom.peek_dirty(late)?;
-    let after = late.count();
-    if after > before {
-        tracing::debug!(
-            "{} pages written while the paused guest was digested",
-            after - before
-        );
-        return Ok(None);
-    }
-    Ok(Some(digest))
-}
-
 /// Writes the initial synchronisation's buffered pages to the guest.
 fn flush_sync_pages(
     guest: &mut dyn Domain,
@@ -367,6 +299,8 @@ pub struct PrimaryNode<G: Guest> {
     scratch: Vec<u8>,
     /// Dirty-log scratch for the verification option.
     late: Option<DirtyBitmap>,
+    /// What the secondary holds of each page (the verification option).
+    sent: Option<SentPages>,
     released: Vec<Vec<u8>>,
     last_cp_end: Instant,
     manual: bool,
@@ -423,6 +357,7 @@ impl<G: Guest> PrimaryNode<G> {
             st.peer = link.as_ref().map(|l| l.peer().to_string());
             st.client_addr = clients.as_ref().map(|c| c.addr().to_string());
         }
+        let sent = opts.verify.then(|| SentPages::new(pages));
         Ok(Self {
             guest,
             engine,
@@ -438,6 +373,7 @@ impl<G: Guest> PrimaryNode<G> {
             state: Vec::new(),
             scratch: Vec::new(),
             late: None,
+            sent,
             released: Vec::new(),
             last_cp_end: now,
             manual: false,
@@ -708,24 +644,53 @@ impl<G: Guest> PrimaryNode<G> {
             PrimaryAction::Capture => {
                 self.copy.clear();
                 self.present.clear();
-                let pfns = self.engine.capture_pfns();
-                copy_pages(
-                    &mut self.guest,
-                    pfns,
-                    &mut self.copy,
-                    Some(&mut self.present),
-                )?;
-                self.state.clear();
-                self.guest.get_state(&mut self.state)?;
-                let digest = if self.engine.verifying() {
-                    settled_digest(
-                        &mut self.guest,
-                        &self.state,
-                        &mut self.late,
-                        Watch::SinceHarvest,
-                    )?
-                } else {
-                    None
+                let digest = match self.sent.as_mut() {
+                    Some(sent) => {
+                        let pages = self.guest.page_count();
+                        let late = self.late.get_or_insert_with(|| DirtyBitmap::new(pages));
+                        late.clear_all();
+                        let unlogged = sent.sweep(
+                            &mut self.guest,
+                            self.engine.capture_pfns(),
+                            &mut self.copy,
+                            &mut self.present,
+                        )?;
+                        if !unlogged.is_empty() {
+                            tracing::info!(
+                                "checkpoint {}: {} page(s) changed behind the dirty log since \
+                                 they were sent (the hypervisor wrote them); sending them too",
+                                self.engine.epoch(),
+                                unlogged.len()
+                            );
+                            tracing::debug!("written behind the dirty log: {unlogged:x?}");
+                        }
+                        self.engine.capture_also(unlogged)?;
+                        self.state.clear();
+                        self.guest.get_state(&mut self.state)?;
+                        // The guest is paused: a page logged since the harvest was written by
+                        // someone else while the sweep ran, so the digest may mix old and new.
+                        self.guest.peek_dirty(late)?;
+                        if late.count() == 0 {
+                            Some(sent.digest(&self.state))
+                        } else {
+                            tracing::debug!(
+                                "{} pages written while the paused guest was swept",
+                                late.count()
+                            );
+                            None
+                        }
+                    }
+                    None => {
+                        copy_pages(
+                            &mut self.guest,
+                            self.engine.capture_pfns(),
+                            &mut self.copy,
+                            Some(&mut self.present),
+                        )?;
+                        self.state.clear();
+                        self.guest.get_state(&mut self.state)?;
+                        None
+                    }
                 };
                 snapshot(
                     &mut self.guest,
@@ -828,6 +793,9 @@ impl<G: Guest> PrimaryNode<G> {
                 &mut self.entries,
             )
             .context("sending pre-copy pages")?;
+            if let Some(sent) = self.sent.as_mut() {
+                sent.record(&pfns, &self.present, &self.copy);
+            }
         }
         link.bytes_out += bytes;
         Ok(bytes)

@@ -30,6 +30,8 @@ pub struct CheckpointFigures {
     pub secondary_only: u64,
     /// |D|.
     pub pages_sent: u64,
+    /// Of which found changed behind the dirty log (verification only).
+    pub unlogged: u64,
     /// Bytes on the link.
     pub bytes_sent: u64,
     /// PVM pause, ms.
@@ -63,6 +65,7 @@ impl From<CheckpointStats> for CheckpointFigures {
             dirty_secondary: s.dirty_secondary,
             secondary_only: s.secondary_only,
             pages_sent: s.pages_sent,
+            unlogged: s.unlogged,
             bytes_sent: s.bytes_sent,
             pause_ms: ms(s.pause),
             harvest_ms: ms(s.harvest),
@@ -109,6 +112,9 @@ pub struct NodeStatus {
     pub pages_sent: u64,
     /// Pages sent because the secondary dirtied them (|B|, summed).
     pub backchannel_pages: u64,
+    /// Pages the verification sweep found changed behind the dirty log (the hypervisor wrote
+    /// them) and sent as well, initial synchronisation included.
+    pub unlogged_pages: u64,
     /// Bytes sent in checkpoints.
     pub bytes_sent: u64,
     /// Link bytes written.
@@ -141,6 +147,7 @@ impl NodeStatus {
     /// Adds a committed checkpoint.
     pub fn record_checkpoint(&mut self, s: CheckpointStats) {
         let f = CheckpointFigures::from(s);
+        self.unlogged_pages += s.unlogged;
         if s.trigger != Trigger::InitialSync {
             self.checkpoints += 1;
             match s.trigger {

@@ -70,6 +70,11 @@ struct Pair {
     state: Vec<u8>,
     /// The PVM's memory at the last capture.
     snapshot: Vec<u8>,
+    /// Pfns the next capture adds with `capture_also` (written behind the dirty log).
+    also: Vec<u64>,
+    /// Additions the next capture tries first, each expected to be refused, and the errors.
+    probes: Vec<Vec<u64>>,
+    probe_errors: Vec<String>,
     committed: Vec<u64>,
     now: Instant,
 }
@@ -100,6 +105,9 @@ impl Pair {
             copy: Vec::new(),
             state: Vec::new(),
             snapshot: Vec::new(),
+            also: Vec::new(),
+            probes: Vec::new(),
+            probe_errors: Vec::new(),
             committed: Vec::new(),
             now,
         }
@@ -138,6 +146,12 @@ impl Pair {
                 }
                 PrimaryAction::BeginEpoch { .. } => {}
                 PrimaryAction::Capture => {
+                    for probe in std::mem::take(&mut self.probes) {
+                        let err = self.p.capture_also(&probe).unwrap_err();
+                        self.probe_errors.push(err.to_string());
+                    }
+                    let also = std::mem::take(&mut self.also);
+                    self.p.capture_also(&also).unwrap();
                     self.copy.clear();
                     for &pfn in self.p.capture_pfns() {
                         self.copy.extend_from_slice(self.pg.page(pfn));
@@ -288,6 +302,53 @@ fn backchannel_makes_memories_identical_after_every_checkpoint() {
         assert_eq!(pair.sg.state, pair.state);
     }
     assert_eq!(pair.committed.len(), 51);
+}
+
+#[test]
+fn pages_added_to_a_capture_reach_the_secondary() {
+    let mut pair = Pair::new(64, SyncMode::Backchannel);
+    pair.sync();
+    for i in 0..10u64 {
+        pair.pg.run(2);
+        // "The hypervisor" writes a page the dirty log does not show.
+        let pfn = (i * 7) % 64;
+        pair.pg.mem[pfn as usize * PAGE_SIZE + 9] ^= 0x5a;
+        // The driver's sweep names only pages outside D.
+        if !pair.pg.dirty.test(pfn).unwrap() {
+            pair.also = vec![pfn];
+        }
+        pair.checkpoint();
+        assert_eq!(
+            pair.sg.mem, pair.snapshot,
+            "memory differs after checkpoint {i}"
+        );
+    }
+}
+
+#[test]
+fn capture_additions_are_checked() {
+    let mut pair = Pair::new(64, SyncMode::Backchannel);
+    pair.sync();
+    let err = pair.p.capture_also(&[1]).unwrap_err().to_string();
+    assert!(
+        err.contains("Running") && err.contains("capture_also"),
+        "{err}"
+    );
+    pair.pg.run(1);
+    let dirty = pair.pg.dirty.to_pfns()[0];
+    let free = (dirty + 1) % 64;
+    pair.probes = vec![vec![dirty], vec![64], vec![free, free]];
+    pair.checkpoint();
+    let errs = std::mem::take(&mut pair.probe_errors);
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    for (err, what) in errs
+        .iter()
+        .zip(["already captured", "beyond the guest", "out of order"])
+    {
+        assert!(err.contains(what), "{err}");
+    }
+    // Refused additions change nothing: the checkpoint went through with D alone.
+    assert_eq!(pair.sg.mem, pair.snapshot);
 }
 
 #[test]

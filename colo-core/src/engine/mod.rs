@@ -156,6 +156,10 @@ pub struct CheckpointStats {
     pub secondary_only: u64,
     /// |D|: pages sent.
     pub pages_sent: u64,
+    /// Pages outside D whose contents changed behind the dirty log since they were last sent
+    /// (the hypervisor wrote them), found by the verification sweep and sent as well (counted
+    /// in `pages_sent`; always 0 without verification).
+    pub unlogged: u64,
     /// Bytes sent for this checkpoint (records included).
     pub bytes_sent: u64,
     /// From NEW to the arrival of B (0 for the initial synchronisation).
@@ -219,6 +223,14 @@ pub enum EngineError {
         epoch: u64,
         /// The page count.
         pages: u64,
+    },
+    /// The driver's addition to the capture set breaks its invariants (a driver bug).
+    #[error("capture_also: pfn {pfn:#x} {reason}")]
+    BadCapture {
+        /// The offending pfn.
+        pfn: u64,
+        /// What is wrong with it.
+        reason: &'static str,
     },
 }
 
@@ -342,8 +354,22 @@ impl Digester {
 
     /// Adds the next page (pfn order).
     pub fn page(&mut self, data: &[u8]) {
-        self.pages
-            .update(&xxhash_rust::xxh3::xxh3_64(data).to_le_bytes());
+        self.page_hash(Self::hash_page(data));
+    }
+
+    /// Adds the next page (pfn order) by its [`Digester::hash_page`].
+    pub fn page_hash(&mut self, hash: u64) {
+        self.pages.update(&hash.to_le_bytes());
+    }
+
+    /// The hash a page contributes to the digest.
+    pub fn hash_page(data: &[u8]) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(data)
+    }
+
+    /// The hash an unmappable page contributes (that of a page of zeros).
+    pub fn absent_hash(&self) -> u64 {
+        u64::from_le_bytes(self.zero_page)
     }
 
     /// Adds the next page (pfn order) when it cannot be mapped: the same as a page of zeros.

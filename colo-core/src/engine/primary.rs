@@ -225,6 +225,7 @@ fn empty_stats(epoch: u64, trigger: Trigger) -> CheckpointStats {
         dirty_primary: 0,
         dirty_secondary: 0,
         secondary_only: 0,
+        unlogged: 0,
         pages_sent: 0,
         bytes_sent: 0,
         backchannel: Duration::ZERO,
@@ -554,6 +555,53 @@ impl Primary {
         self.state = PrimaryState::Harvesting { epoch };
         self.actions.push_back(PrimaryAction::BeginEpoch { epoch });
         self.actions.push_back(PrimaryAction::HarvestDirty);
+        Ok(())
+    }
+
+    /// The driver's verification sweep (while capturing) found `pfns` changed behind the dirty
+    /// log since they were last sent: the hypervisor wrote them, so neither A nor B names them.
+    /// They join this checkpoint's capture set, which stays ascending; the driver's page buffer
+    /// must follow [`Primary::capture_pfns`] as it reads afterwards. Pfns already in the set or
+    /// beyond the guest are refused.
+    pub fn capture_also(&mut self, pfns: &[u64]) -> Result<(), EngineError> {
+        if !matches!(self.state, PrimaryState::Capturing { .. }) {
+            return Err(self.err("capture_also"));
+        }
+        if pfns.is_empty() {
+            return Ok(());
+        }
+        let pages = self.a.len();
+        let bad = |pfn, reason| EngineError::BadCapture { pfn, reason };
+        let mut merged = Vec::with_capacity(self.capture.len() + pfns.len());
+        let (mut i, mut j) = (0, 0);
+        loop {
+            let next = match (self.capture.get(i), pfns.get(j)) {
+                (Some(&x), Some(&y)) if x == y => return Err(bad(y, "is already captured")),
+                (Some(&x), Some(&y)) if x < y => {
+                    i += 1;
+                    x
+                }
+                (Some(&x), None) => {
+                    i += 1;
+                    x
+                }
+                (_, Some(&y)) => {
+                    if y >= pages {
+                        return Err(bad(y, "is beyond the guest"));
+                    }
+                    j += 1;
+                    y
+                }
+                (None, None) => break,
+            };
+            if merged.last().is_some_and(|&l| l >= next) {
+                return Err(bad(next, "is out of order"));
+            }
+            merged.push(next);
+        }
+        self.capture = merged;
+        self.cur.unlogged += pfns.len() as u64;
+        self.cur.pages_sent += pfns.len() as u64;
         Ok(())
     }
 

@@ -1,0 +1,224 @@
+//! The verification option's memory sweeps: digests of a paused guest's memory, and the
+//! primary's record of what the secondary holds, which finds pages the hypervisor wrote behind
+//! the dirty log and sends them with the checkpoint.
+//!
+//! A hypervisor may write a guest's memory without marking the page in the dirty log: Xen sets
+//! event-channel bits and the vCPU time info in the `vcpu_info` area that a guest registered
+//! in its own RAM, through its own mapping, even while the domain is paused. Such a write is
+//! in neither A nor B, so a checkpoint would leave the secondary's copy of that page stale
+//! until the guest happens to write it again. With verification on, the primary keeps the
+//! hash of what it last sent of every page and, at each capture, reads every page once: a
+//! page outside D whose hash changed is sent too, and the digest is taken from the same reads.
+
+use colo_core::bitmap::DirtyBitmap;
+use colo_core::engine::{Digester, DIGEST_LEN};
+use colo_core::{BackendError, Domain, PAGE_SIZE};
+
+/// Pages per read call in a sweep.
+const BATCH: u64 = 1024;
+
+/// Calls `visit(pfn, page)` for every pfn of `dom` in order (None: unmappable).
+fn for_each_page<F>(
+    dom: &mut dyn Domain,
+    batch: &mut Vec<u64>,
+    mut visit: F,
+) -> Result<(), BackendError>
+where
+    F: FnMut(u64, Option<&[u8]>) -> Result<(), BackendError>,
+{
+    let pages = dom.page_count();
+    let mut start = 0;
+    while start < pages {
+        batch.clear();
+        batch.extend(start..(start + BATCH).min(pages));
+        let mut next = 0;
+        dom.read_pages(batch, &mut |i, page| {
+            if i != next {
+                return Err(BackendError::BadState {
+                    op: "read_pages",
+                    reason: format!("page {i} delivered out of order"),
+                });
+            }
+            next += 1;
+            visit(start + i as u64, page)
+        })?;
+        if next != batch.len() {
+            return Err(BackendError::BadState {
+                op: "read_pages",
+                reason: format!("{} of {} pages delivered", next, batch.len()),
+            });
+        }
+        start += BATCH;
+    }
+    Ok(())
+}
+
+/// Digest of all of a paused domain's memory and `state`.
+fn digest_domain(dom: &mut dyn Domain, state: &[u8]) -> Result<[u8; DIGEST_LEN], BackendError> {
+    let mut d = Digester::new();
+    let mut batch = Vec::with_capacity(BATCH as usize);
+    for_each_page(dom, &mut batch, |_, page| {
+        match page {
+            Some(p) => d.page(p),
+            None => d.absent_page(),
+        }
+        Ok(())
+    })?;
+    Ok(d.finish(state))
+}
+
+/// Which dirty pages make a digest unsettled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Watch {
+    /// Pages dirtied from now on (the secondary's own checkpoint writes may show in its log).
+    FromNow,
+    /// None: the dirty log is off (a secondary starts it after checkpoint 0).
+    Off,
+}
+
+/// [`digest_domain`] of a paused guest, or None if its memory changed meanwhile: pages the dirty
+/// log shows written after the digest began were written by someone other than the paused guest,
+/// so the digest may mix old and new contents. `late` is scratch space (allocated on first use,
+/// verification only).
+pub(crate) fn settled_digest(
+    dom: &mut dyn Domain,
+    state: &[u8],
+    late: &mut Option<DirtyBitmap>,
+    watch: Watch,
+) -> Result<Option<[u8; DIGEST_LEN]>, BackendError> {
+    if watch == Watch::Off {
+        return digest_domain(dom, state).map(Some);
+    }
+    let pages = dom.page_count();
+    let late = late.get_or_insert_with(|| DirtyBitmap::new(pages));
+    late.clear_all();
+    dom.peek_dirty(late)?;
+    let before = late.count();
+    let digest = digest_domain(dom, state)?;
+    dom.peek_dirty(late)?;
+    let after = late.count();
+    if after > before {
+        tracing::debug!(
+            "{} pages written while the paused guest was digested",
+            after - before
+        );
+        return Ok(None);
+    }
+    Ok(Some(digest))
+}
+
+/// What the primary last sent the secondary of every page, as the hash the page contributes to
+/// the digest (an unmappable page counts as zeros). Verification only: 8 bytes per pfn.
+#[derive(Debug)]
+pub(crate) struct SentPages {
+    hashes: Vec<u64>,
+    absent: u64,
+    batch: Vec<u64>,
+    unlogged: Vec<u64>,
+    /// The capture's digest of all pages; `finish` adds the state.
+    digester: Digester,
+}
+
+impl SentPages {
+    /// A record for a guest of `pages` pages of which nothing was sent yet.
+    pub(crate) fn new(pages: u64) -> Self {
+        let digester = Digester::new();
+        let absent = digester.absent_hash();
+        Self {
+            hashes: vec![absent; usize::try_from(pages).unwrap_or(0)],
+            absent,
+            batch: Vec::with_capacity(BATCH as usize),
+            unlogged: Vec::new(),
+            digester,
+        }
+    }
+
+    /// Notes pages just sent: `pfns[i]` had data iff `present[i]` (then its bytes are next in
+    /// `data`), as [`copy_pages`](crate::node) lays them out.
+    pub(crate) fn record(&mut self, pfns: &[u64], present: &[bool], data: &[u8]) {
+        let mut pages = data.chunks_exact(PAGE_SIZE);
+        for (&pfn, &ok) in pfns.iter().zip(present) {
+            let h = if ok {
+                pages.next().map_or(self.absent, Digester::hash_page)
+            } else {
+                self.absent
+            };
+            if let Some(slot) = self.hashes.get_mut(pfn as usize) {
+                *slot = h;
+            }
+        }
+    }
+
+    /// The capture with verification, in one pass over every page of the paused guest: the
+    /// pages of `capture` (ascending) and every other page whose contents differ from what was
+    /// last sent are appended to `out` (with `present`, as `copy_pages` does), everything is
+    /// hashed for the digest from the same read, and the record is updated. Returns the pages
+    /// outside `capture` that were taken (ascending): written behind the dirty log.
+    pub(crate) fn sweep(
+        &mut self,
+        dom: &mut dyn Domain,
+        capture: &[u64],
+        out: &mut Vec<u8>,
+        present: &mut Vec<bool>,
+    ) -> Result<&[u64], BackendError> {
+        if self.hashes.len() as u64 != dom.page_count() {
+            return Err(BackendError::BadState {
+                op: "verification sweep",
+                reason: format!(
+                    "record for {} pages, guest has {}",
+                    self.hashes.len(),
+                    dom.page_count()
+                ),
+            });
+        }
+        self.digester = Digester::new();
+        self.unlogged.clear();
+        out.reserve(capture.len() * PAGE_SIZE);
+        let mut wanted = capture.iter().copied().peekable();
+        let (hashes, unlogged, digester, absent) = (
+            &mut self.hashes,
+            &mut self.unlogged,
+            &mut self.digester,
+            self.absent,
+        );
+        for_each_page(dom, &mut self.batch, |pfn, page| {
+            let h = match page {
+                Some(p) if p.len() == PAGE_SIZE => Digester::hash_page(p),
+                Some(p) => {
+                    return Err(BackendError::DataLength {
+                        got: p.len(),
+                        want: PAGE_SIZE,
+                        pages: 1,
+                    })
+                }
+                None => absent,
+            };
+            let in_capture = wanted.next_if_eq(&pfn).is_some();
+            let slot = &mut hashes[pfn as usize];
+            if in_capture || *slot != h {
+                if let Some(p) = page {
+                    out.extend_from_slice(p);
+                }
+                present.push(page.is_some());
+                if !in_capture {
+                    unlogged.push(pfn);
+                }
+            }
+            *slot = h;
+            digester.page_hash(h);
+            Ok(())
+        })?;
+        if let Some(pfn) = wanted.next() {
+            return Err(BackendError::PfnOutOfRange {
+                pfn,
+                pages: dom.page_count(),
+            });
+        }
+        Ok(&self.unlogged)
+    }
+
+    /// The digest of the last sweep's pages and `state`.
+    pub(crate) fn digest(&self, state: &[u8]) -> [u8; DIGEST_LEN] {
+        self.digester.finish(state)
+    }
+}

@@ -1,0 +1,252 @@
+//! Pages written behind the dirty log: a "hypervisor" writes the paused PVM's RAM through the
+//! RAM file (as Xen writes a paused domain's `vcpu_info`), which the dirty log never sees. With
+//! verification on, the primary's sweep must find and send those pages, so the SVM's memory
+//! equals the PVM's byte for byte after every checkpoint; without it the same writes leave the
+//! memories different (the check below is able to fail).
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use colo_cli::mock::build;
+use colo_cli::node::{
+    new_status, GuestNic, NodeOptions, PrimaryNode, SecondaryNode, SecondaryOutcome,
+};
+use colo_core::backend::PageVisitor;
+use colo_core::policy::CheckpointPolicy;
+use colo_core::{BackendError, DirtyBitmap, Domain, PAGE_SIZE};
+use colo_mock::MockDomain;
+use parking_lot::Mutex;
+
+mod common;
+use common::{spec, Rng};
+
+/// A mock guest whose RAM file someone else writes while the guest is paused: once right after
+/// each pause (before the harvest and the capture) and once right before each resume (after
+/// the capture), a few bytes of a random page.
+struct BehindTheLog {
+    inner: MockDomain,
+    file: std::fs::File,
+    rng: Rng,
+    writes: u64,
+}
+
+impl BehindTheLog {
+    fn scribble(&mut self) {
+        if !self.inner.dirty_log_enabled() {
+            return;
+        }
+        let pfn = self.rng.range(0, self.inner.page_count() - 1);
+        let off = pfn * PAGE_SIZE as u64 + self.rng.range(0, PAGE_SIZE as u64 - 8);
+        let bytes = self.rng.next().to_le_bytes();
+        self.file
+            .write_at(&bytes, off)
+            .expect("writing the RAM file");
+        self.writes += 1;
+    }
+}
+
+impl Domain for BehindTheLog {
+    fn page_count(&self) -> u64 {
+        self.inner.page_count()
+    }
+    fn pause(&mut self) -> Result<(), BackendError> {
+        self.inner.pause()?;
+        self.scribble();
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), BackendError> {
+        self.scribble();
+        self.inner.resume()
+    }
+    fn is_paused(&self) -> bool {
+        self.inner.is_paused()
+    }
+    fn start_dirty_log(&mut self) -> Result<(), BackendError> {
+        self.inner.start_dirty_log()
+    }
+    fn stop_dirty_log(&mut self) -> Result<(), BackendError> {
+        self.inner.stop_dirty_log()
+    }
+    fn harvest_dirty(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
+        self.inner.harvest_dirty(into)
+    }
+    fn peek_dirty(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
+        self.inner.peek_dirty(into)
+    }
+    fn read_pages(
+        &mut self,
+        pfns: &[u64],
+        visit: &mut PageVisitor<'_>,
+    ) -> Result<(), BackendError> {
+        self.inner.read_pages(pfns, visit)
+    }
+    fn write_pages(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), BackendError> {
+        self.inner.write_pages(pfns, data)
+    }
+    fn get_state(&mut self, out: &mut Vec<u8>) -> Result<(), BackendError> {
+        self.inner.get_state(out)
+    }
+    fn set_state(&mut self, blob: &[u8]) -> Result<(), BackendError> {
+        self.inner.set_state(blob)
+    }
+}
+
+impl GuestNic for BehindTheLog {
+    fn rx_next_seq(&self) -> u64 {
+        GuestNic::rx_next_seq(&self.inner)
+    }
+    fn inject(&mut self, seq: u64, frame: &[u8]) -> Result<bool, BackendError> {
+        GuestNic::inject(&mut self.inner, seq, frame)
+    }
+    fn drain_tx(&mut self, out: &mut dyn FnMut(&[u8])) {
+        GuestNic::drain_tx(&mut self.inner, out)
+    }
+}
+
+type Snapshots = Arc<Mutex<BTreeMap<u64, Vec<u8>>>>;
+
+struct Run {
+    checkpoints: u64,
+    /// Checkpoints whose snapshots were compared, and those that differed.
+    compared: usize,
+    differing: Vec<u64>,
+    writes: u64,
+    verified_identical: u64,
+    verify_failures: u64,
+    unlogged_pages: u64,
+}
+
+fn run(verify: bool, checkpoints: u64) -> Run {
+    let psnap: Snapshots = Arc::default();
+    let ssnap: Snapshots = Arc::default();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let repl = listener.local_addr().unwrap().to_string();
+
+    let hook = |into: &Snapshots| {
+        let into = into.clone();
+        Arc::new(move |e, ram: Vec<u8>, _state: Vec<u8>| {
+            into.lock().insert(e, ram);
+        })
+    };
+    let sopts = NodeOptions {
+        verify,
+        snapshot: Some(hook(&ssnap)),
+        ..NodeOptions::default()
+    };
+    let sguest = build(&spec(2, 4 << 20, 0.0)).unwrap();
+    let secondary = std::thread::spawn(move || {
+        let node = SecondaryNode::accept(sguest, &listener, sopts, new_status()).unwrap();
+        node.run().unwrap()
+    });
+
+    let popts = NodeOptions {
+        verify,
+        snapshot: Some(hook(&psnap)),
+        policy: CheckpointPolicy {
+            min_interval: Duration::from_millis(1),
+            max_interval: Duration::from_millis(5),
+        },
+        ..NodeOptions::default()
+    };
+    let path = PathBuf::from(format!(
+        "/dev/shm/colo-test-unlogged-{}-{verify}",
+        std::process::id()
+    ));
+    let mut pspec = spec(1, 4 << 20, 0.0);
+    pspec.ram_file = Some(path.clone());
+    let mut inner = build(&pspec).unwrap();
+    inner.resume().unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let pguest = BehindTheLog {
+        inner,
+        file,
+        rng: Rng(0x5eed + u64::from(verify)),
+        writes: 0,
+    };
+    let pstatus = new_status();
+    let mut primary = PrimaryNode::connect(pguest, &repl, popts, pstatus.clone()).unwrap();
+    let stop = primary.stop_flag();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pstatus.lock().checkpoints < checkpoints {
+        assert!(Instant::now() < deadline, "checkpoints too slow");
+        primary.step(Duration::from_micros(500)).unwrap();
+    }
+    // The verdict of the last checkpoint arrives with the secondary's next message.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(200) {
+        primary.step(Duration::from_micros(500)).unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = primary.guest().writes;
+    primary.run().unwrap();
+    match secondary.join().unwrap() {
+        SecondaryOutcome::Stopped => {}
+        SecondaryOutcome::TookOver(_) => panic!("the secondary took over after an orderly stop"),
+    }
+    let _ = std::fs::remove_file(&path);
+
+    let (p, s) = (psnap.lock(), ssnap.lock());
+    let mut compared = 0;
+    let mut differing = Vec::new();
+    for (epoch, pram) in p.iter() {
+        if let Some(sram) = s.get(epoch) {
+            compared += 1;
+            if pram != sram {
+                differing.push(*epoch);
+            }
+        }
+    }
+    let st = pstatus.lock();
+    Run {
+        checkpoints: st.checkpoints,
+        compared,
+        differing,
+        writes,
+        verified_identical: st.verified_identical,
+        verify_failures: st.verify_failures,
+        unlogged_pages: st.unlogged_pages,
+    }
+}
+
+#[test]
+fn the_verification_sweep_sends_pages_written_behind_the_dirty_log() {
+    let r = run(true, 60);
+    assert!(r.writes >= 100, "only {} writes behind the log", r.writes);
+    assert!(r.compared >= 55, "only {} checkpoints compared", r.compared);
+    assert!(
+        r.differing.is_empty(),
+        "memories differ after checkpoints {:?}",
+        r.differing
+    );
+    assert_eq!(r.verify_failures, 0);
+    assert!(
+        r.verified_identical + 5 >= r.checkpoints,
+        "{} of {} verified identical",
+        r.verified_identical,
+        r.checkpoints
+    );
+    // Most scribbles land outside D; each such page is found once.
+    assert!(
+        r.unlogged_pages >= r.writes / 4,
+        "{} pages found for {} writes",
+        r.unlogged_pages,
+        r.writes
+    );
+}
+
+#[test]
+fn without_the_sweep_writes_behind_the_dirty_log_leave_the_memories_different() {
+    let r = run(false, 30);
+    assert!(r.writes >= 50);
+    assert_eq!(r.unlogged_pages, 0);
+    assert!(
+        r.differing.len() * 2 >= r.compared,
+        "only {} of {} checkpoints differed",
+        r.differing.len(),
+        r.compared
+    );
+}
