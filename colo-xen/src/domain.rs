@@ -392,11 +392,18 @@ impl XenDomain {
 
     /// After `set_state`, a vCPU may still be blocked inside Xen (it was idle when paused)
     /// while the restored memory holds pending events: Xen wakes a blocked vCPU only when an
-    /// event *becomes* pending. Delivering the guest's own event-channel upcall vector
-    /// (`HVM_PARAM_CALLBACK_IRQ` if it holds one, else [`XenDomain::set_wake_vector`]) as an
-    /// MSI to every vCPU unblocks them; the guest's upcall handler then finds whatever is
-    /// pending (and nothing, harmlessly, if nothing is).
+    /// event *becomes* pending. [`XenDomain::wake`] unblocks them.
     fn wake_restored(&mut self) -> Result<(), XenError> {
+        self.wake().map(|_| ())
+    }
+
+    /// Delivers the guest's own event-channel upcall vector (`HVM_PARAM_CALLBACK_IRQ` if it
+    /// holds one, else [`XenDomain::set_wake_vector`]) as an MSI to every vCPU; the guest's
+    /// upcall handler then scans for whatever is pending (and finds nothing, harmlessly, if
+    /// nothing is). Used after a restore and when a replica takes over: event bits the copied
+    /// memory shows pending make Xen skip the upcall for new events on that word. Returns
+    /// whether a vector was known (nothing is delivered otherwise).
+    pub fn wake(&mut self) -> Result<bool, XenError> {
         const CALLBACK_IRQ: u32 = 0;
         const TYPE_VECTOR: u64 = 2;
         let via = self.api.hvm_param_get(self.domid, CALLBACK_IRQ)?;
@@ -405,7 +412,7 @@ impl XenDomain {
         } else {
             match self.wake_vector {
                 Some(v) => v,
-                None => return Ok(()),
+                None => return Ok(false),
             }
         };
         let vector = u32::from(vector);
@@ -415,7 +422,7 @@ impl XenDomain {
             let addr = 0xFEE0_0000 | ((vcpu * 2) & 0xff) << 12;
             self.api.inject_msi(self.domid, addr, vector)?;
         }
-        Ok(())
+        Ok(true)
     }
 }
 

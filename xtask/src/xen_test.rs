@@ -20,8 +20,11 @@
 //! colo-a onto colo-b and verifies every checkpoint page by page and vCPU register by register;
 //! colo-a is destroyed and colo-b must continue its workload (reported; `--require-takeover`
 //! makes it fatal); last, `colo primary` (colo-c) / `colo secondary` (colo-b) `--backend xen
-//! --verify` over loopback (advisory; `--require-colo` makes it fatal). The colo stage runs
-//! last because Xen has crashed its primary guest in some runs (cause not found yet).
+//! --verify` over loopback, which must reach the checkpoint count with every digest compared
+//! identical (`--advisory-colo` only reports it). Guests run with `tsc_mode="native"`: with
+//! emulated rdtsc the colo primary triple-faulted in about a third of the runs, right after an
+//! intercepted rdtsc (the emulated SVM has no next-RIP save, so Xen decodes every intercepted
+//! instruction from guest memory).
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Write};
@@ -56,13 +59,13 @@ const MODULES: [&str; 5] = [
 
 const USAGE: &str = "\
 usage: cargo xtask xen-test [--deadline SECS] [--checkpoints N] [--interval-ms MS] [--verbose]
-                            [--require-takeover] [--require-colo]
+                            [--require-takeover] [--advisory-colo]
   --deadline SECS   kill QEMU after this long (default 420)
   --checkpoints N   verified checkpoints to replicate (default 20)
   --interval-ms MS  guest run time between checkpoints (default 500)
   --verbose         echo the whole serial console, not just the test's lines
   --require-takeover  fail unless the secondary continues the workload after the takeover
-  --require-colo    fail unless `colo primary/secondary` reach the checkpoint count";
+  --advisory-colo   report the colo stage without failing on it (debugging)";
 
 struct Opts {
     deadline: Duration,
@@ -80,7 +83,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         interval_ms: 500,
         verbose: false,
         require_takeover: false,
-        require_colo: false,
+        require_colo: true,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -95,7 +98,7 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--interval-ms" => o.interval_ms = u32::try_from(num("--interval-ms")?)?,
             "--verbose" => o.verbose = true,
             "--require-takeover" => o.require_takeover = true,
-            "--require-colo" => o.require_colo = true,
+            "--advisory-colo" => o.require_colo = false,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);

@@ -111,7 +111,9 @@ kick() {
   [ -n "$tty" ] && printf '\n' > "$tty"
 }
 xl destroy colo-a || fail "xl destroy colo-a"
-xl unpause colo-b || fail "xl unpause colo-b"
+# The copied memory may show event words pending that B's Xen never raised, and Xen then
+# skips the upcall for new events on them: deliver the upcall vector once as we unpause.
+colo-xen-check wake --domid "$B" --vector 243 || fail "waking colo-b"
 kick
 want=3
 i=0
@@ -133,10 +135,10 @@ else
   [ -n "$REQUIRE_TAKEOVER" ] && fail "$TAKEOVER"
 fi
 stage takeover
-# colo itself: `colo primary` and `colo secondary` with the Xen backend over loopback, last and on
-# their own domains (colo-c onto colo-b, which the takeover stage is done with): in some runs the
-# primary guest was crashed by Xen during this stage (cause not found yet), and no required
-# stage may depend on it.
+# colo itself: `colo primary` and `colo secondary` with the Xen backend over loopback, on
+# their own domains (colo-c onto colo-b, which the takeover stage is done with). Required
+# unless the harness says otherwise: the checkpoint count, no differing digest, and at least
+# half of the checkpoints compared (a side whose dirty log grew while digesting sends none).
 xl unpause colo-c >/dev/null 2>&1
 ip link set lo up
 jnum() { grep -o "\"$2\": *[0-9]*" "$1" 2>/dev/null | head -1 | grep -o "[0-9]*$"; }
@@ -157,16 +159,16 @@ done
 kill -TERM $PP 2>/dev/null; wait $PP; prc=$?
 kill -TERM $SP 2>/dev/null; wait $SP; src=$?
 for f in pri sec; do
-  echo "--- colo $f: $(tr -d '\n' < /tmp/$f.json 2>/dev/null | grep -o '"\(state\|checkpoints\|verified_identical\|verify_failures\|verify_unsettled\|pages_sent\|backchannel_pages\|failover_reason\)": *"*[A-Za-z0-9_]*' | tr '\n' ' ')"
+  echo "--- colo $f: $(tr -d '\n' < /tmp/$f.json 2>/dev/null | grep -o '"\(state\|checkpoints\|verified_identical\|verify_failures\|verify_unsettled\|unlogged_pages\|pages_sent\|backchannel_pages\|failover_reason\)": *"*[A-Za-z0-9_]*' | tr '\n' ' ')"
   grep -E " (ERROR|WARN) " /tmp/$f.log | head -8
   tail -8 /tmp/$f.log
 done
 cp=$(jnum /tmp/pri.json checkpoints); cp=${cp:-0}
 vi=$(jnum /tmp/pri.json verified_identical); vf=$(jnum /tmp/pri.json verify_failures)
-vu=$(jnum /tmp/pri.json verify_unsettled)
-vi=${vi:-0}; vf=${vf:-0}; vu=${vu:-0}
+vu=$(jnum /tmp/pri.json verify_unsettled); ul=$(jnum /tmp/pri.json unlogged_pages)
+vi=${vi:-0}; vf=${vf:-0}; vu=${vu:-0}; ul=${ul:-0}
 echo "DOM0: colo primary/secondary: $cp checkpoints in ${i}s, verified identical $vi, differing $vf, unsettled $vu (exit $prc/$src)"
-COLO_SUMMARY="colo primary/secondary (Xen backend, loopback): $cp checkpoints in ${i} s, digests identical $vi / differing $vf / unsettled $vu (Xen wrote the paused domain)"
+COLO_SUMMARY="colo primary/secondary (Xen backend, loopback): $cp checkpoints in ${i} s, digests identical $vi / differing $vf / unsettled $vu, $ul pages Xen wrote behind the dirty log found and sent"
 why=""
 if [ "$cp" -lt "$CHECKPOINTS" ]; then
   why="$cp of $CHECKPOINTS checkpoints: $(grep -h "error\|WARN" /tmp/pri.log /tmp/sec.log | tail -1 | cut -c1-200)"

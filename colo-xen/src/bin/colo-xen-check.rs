@@ -7,6 +7,7 @@
 //! colo-xen-check digest    --domid N            xxh3 of every mappable page
 //! colo-xen-check replicate --primary A --secondary B [--checkpoints 20] [--interval-ms 1000]
 //!                          [--leave-paused]     COLO checkpoints A → B in-process, each verified
+//! colo-xen-check wake      --domid N [--vector 243]  deliver the upcall vector, unpause
 //! ```
 //! Output lines start with `check:`; the last is `check: OK …` or the error (exit status 1).
 
@@ -200,6 +201,24 @@ fn info(args: &Args) -> Result<()> {
         i.max_vcpu_id + 1,
         i.tot_pages,
         dom.is_paused()
+    );
+    Ok(())
+}
+
+/// Takes over a replica left paused at a checkpoint: delivers the guest's upcall vector to
+/// every vCPU (see `XenDomain::wake`) and unpauses it.
+fn wake(args: &Args) -> Result<()> {
+    let mut dom = XenDomain::open(args.domid("--domid")?)?;
+    let vector = args.num("--vector", Some(0xf3))?;
+    let vector = u8::try_from(vector)
+        .map_err(|_| CheckError::Usage(format!("--vector {vector} is not a vector (0-255)")))?;
+    dom.set_wake_vector(Some(vector));
+    let delivered = dom.wake()?;
+    dom.resume()?;
+    println!(
+        "check: OK wake domain {}: upcall vector {}delivered, unpaused",
+        dom.domid(),
+        if delivered { "" } else { "not " }
     );
     Ok(())
 }
@@ -658,8 +677,9 @@ fn main() -> ExitCode {
         "digest" => digest(&args),
         "selftest" => selftest(&args),
         "replicate" => replicate(&args),
+        "wake" => wake(&args),
         other => Err(CheckError::Usage(format!(
-            "unknown command `{other}` (info, digest, selftest, replicate)"
+            "unknown command `{other}` (info, digest, selftest, replicate, wake)"
         ))),
     });
     match res {
