@@ -40,6 +40,8 @@ pub struct Config {
     pub key_file: Option<PathBuf>,
     /// Verify every checkpoint with memory digests.
     pub verify: Option<bool>,
+    /// Xen: the guest's event-channel upcall vector (`"none"`, `243`, `"0xf3"`).
+    pub upcall_vector: Option<String>,
     /// Minimum time between checkpoints, ms.
     pub min_interval_ms: Option<u64>,
     /// Maximum time between checkpoints (periodic checkpoint), ms.
@@ -77,6 +79,30 @@ pub fn load(path: &Path) -> anyhow::Result<Config> {
             e.to_string().trim_end()
         )
     })
+}
+
+/// An x86 interrupt vector to deliver to a Xen guest, or none (`--upcall-vector`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpcallVector(pub Option<u8>);
+
+/// Parses `--upcall-vector`: `none`, or a vector from 16 to 255 in decimal or `0x` hex (0–15
+/// are exceptions, not interrupts).
+pub fn parse_vector(s: &str) -> Result<UpcallVector, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("none") {
+        return Ok(UpcallVector(None));
+    }
+    let v = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse(),
+    }
+    .map_err(|_| format!("invalid vector {s:?}: expected none, a number or 0x-hex"))?;
+    match u8::try_from(v) {
+        Ok(v) if v >= 16 => Ok(UpcallVector(Some(v))),
+        _ => Err(format!(
+            "invalid vector {s:?}: interrupt vectors run from 16 to 255"
+        )),
+    }
 }
 
 /// Parses a size: a decimal integer with an optional binary suffix — `K`, `M`, `G`, `T`, each
@@ -236,6 +262,17 @@ pub(crate) mod testdir {
 mod tests {
     use super::testdir::TestDir;
     use super::*;
+
+    #[test]
+    fn parse_vector_cases() {
+        assert_eq!(parse_vector("0xf3"), Ok(UpcallVector(Some(0xf3))));
+        assert_eq!(parse_vector("243"), Ok(UpcallVector(Some(243))));
+        assert_eq!(parse_vector("none"), Ok(UpcallVector(None)));
+        for bad in ["", "0x", "256", "15", "-1", "f3", "0xf3f"] {
+            let e = parse_vector(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
 
     #[test]
     fn parse_size_cases() {

@@ -206,6 +206,13 @@ pub struct NodeArgs {
     /// Xen domain id of the guest (--backend xen).
     #[arg(long)]
     pub domid: Option<u32>,
+    /// Xen: the guest's event-channel upcall vector, delivered to every vCPU when a domain
+    /// resumes from a loaded checkpoint (the copied memory may show events pending that this
+    /// domain's Xen never raised, and Xen then skips the upcall for new ones). 0xf3 is Linux's
+    /// (HYPERVISOR_CALLBACK_VECTOR); `none` delivers nothing. A vector the guest registered in
+    /// HVM_PARAM_CALLBACK_IRQ takes precedence.
+    #[arg(long, default_value = "0xf3", value_parser = colo_cli::config::parse_vector)]
+    pub upcall_vector: colo_cli::config::UpcallVector,
     /// Guest RAM size (e.g. 64M, 1G; --backend mock).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub ram: u64,
@@ -367,6 +374,7 @@ fn config_args(cfg: &Config, role: &str, matches: &ArgMatches) -> Vec<OsString> 
         ("ram_file", cfg.ram_file.as_deref().map(os)),
         ("workload", cfg.workload.clone().map(Into::into)),
         ("domid", cfg.domid.map(|v| v.to_string().into())),
+        ("upcall_vector", cfg.upcall_vector.clone().map(Into::into)),
         ("peer", cfg.peer.clone().map(Into::into)),
         ("listen", cfg.listen.clone().map(Into::into)),
         ("client", cfg.client.clone().map(Into::into)),
@@ -641,7 +649,7 @@ fn run_save(a: SaveArgs) -> Result<i32> {
 #[cfg(feature = "xen")]
 fn save_xen(domid: Option<u32>, out: &Path) -> Result<i32> {
     let domid = domid.context("--backend xen needs --domid")?;
-    let mut dom = xen::open(domid)?;
+    let mut dom = xen::open(domid, colo_cli::config::UpcallVector(None))?;
     save_guest(&mut dom, out)?;
     Ok(0)
 }
@@ -818,7 +826,7 @@ fn run_primary(a: PrimaryArgs) -> Result<i32> {
 #[cfg(feature = "xen")]
 fn primary_xen(a: PrimaryArgs) -> Result<i32> {
     let domid = a.node.domid.context("--backend xen needs --domid")?;
-    let mut guest = xen::open(domid)?;
+    let mut guest = xen::open(domid, a.node.upcall_vector)?;
     colo_core::Domain::resume(&mut guest)?;
     primary_with(a, guest)
 }
@@ -874,7 +882,7 @@ fn run_secondary(a: SecondaryArgs) -> Result<i32> {
 #[cfg(feature = "xen")]
 fn secondary_xen(a: SecondaryArgs) -> Result<i32> {
     let domid = a.node.domid.context("--backend xen needs --domid")?;
-    let guest = xen::open(domid)?;
+    let guest = xen::open(domid, a.node.upcall_vector)?;
     secondary_with(a, guest)
 }
 

@@ -17,14 +17,17 @@ use colo_core::{BackendError, Domain};
 use colo_xen::{XenDomain, XenState};
 
 use crate::save::PlatformRecords;
+use colo_cli::config::UpcallVector;
 
 /// A Xen domain as a colo node's guest.
 #[derive(Debug)]
 pub struct XenGuest(pub XenDomain);
 
-/// Opens domain `domid` (HVM or PVH, from dom0).
-pub fn open(domid: u32) -> Result<XenGuest> {
-    let dom = XenDomain::open(domid).with_context(|| format!("opening Xen domain {domid}"))?;
+/// Opens domain `domid` (HVM or PVH, from dom0); `vector` is delivered when it resumes from a
+/// loaded checkpoint (see `XenDomain::wake`).
+pub fn open(domid: u32, vector: UpcallVector) -> Result<XenGuest> {
+    let mut dom = XenDomain::open(domid).with_context(|| format!("opening Xen domain {domid}"))?;
+    dom.set_wake_vector(vector.0);
     Ok(XenGuest(dom))
 }
 

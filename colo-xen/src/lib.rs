@@ -23,7 +23,7 @@
 //! * **Xen 4.17** (Debian 12's `xen-hypervisor-4.17-amd64`): supported and exercised on a real
 //!   hypervisor by `cargo xtask xen-test` (Xen under QEMU TCG, PVH guests): the selftest of
 //!   every method, colo-core's conformance suite, 20 checkpoints verified page by page and a
-//!   takeover. `xc_get_pfn_type_batch` is declared here: libxenctrl exports it but only its
+//!   takeover, then `colo primary`/`colo secondary` with 20 verified checkpoints and a failover. `xc_get_pfn_type_batch` is declared here: libxenctrl exports it but only its
 //!   private header declares it.
 //! * **4.18 and later** are not supported: libxenctrl's ABI is tied to its version
 //!   (`libxenctrl.so.4.17`), `xc_domain_getinfo` was removed in 4.18 (colo-xen already uses
@@ -45,14 +45,24 @@
 //!   the same way as the primary, so that Xen holds equivalent registrations for it;
 //! * guests boot with `nokaslr`: Xen keeps some registrations by guest-virtual address, which
 //!   must mean the same in the primary's memory image;
-//! * the secondary's kernel often stops running after a few checkpoints and after a
-//!   takeover: it waits for a timer event its own Xen never armed (the primary's one-shot PV
-//!   timer is Xen state, not in the HVM context), or its vCPU stays blocked in Xen while the
-//!   copied memory says events are pending. Measured on Xen 4.17 + Linux 6.1 PVH: the
-//!   secondary kept running only through the first 2–8 of 20 checkpoints, and continued the
-//!   primary's workload after a takeover in 1 of 4 runs (console input as a wake-up). A
-//!   reliable takeover needs the guest's cooperation, as Xen's own COLO has (a suspend/resume
-//!   cycle that makes the kernel re-register timers and event channels) — not done yet;
+//! * guests use 2-level event channels (`xen.fifo_events=0` on Linux): the FIFO ABI keeps
+//!   each queue's head and tail inside Xen, pointing into event arrays in guest memory; a
+//!   replica's Xen would link new events after a tail the copied arrays do not have, and the
+//!   replica would never see an event again. With 2-level channels the pending bitmap lives in
+//!   each domain's own shared_info page (not guest RAM, never copied) and the per-vCPU
+//!   selector in `vcpu_info`;
+//! * after loading a checkpoint, [`XenDomain::wake`] delivers the guest's upcall vector
+//!   ([`XenDomain::set_wake_vector`]; Linux uses 0xf3): the copied `vcpu_info` may show
+//!   selector bits or the upcall pending that this domain's Xen never raised, and Xen skips the
+//!   upcall for new events on such a word. The handler then finds what is really pending and
+//!   the kernel re-arms its one-shot timer.
+//!   Measured on Xen 4.17 + Linux 6.1 PVH under QEMU TCG with both: the secondary runs after
+//!   every checkpoint (it dirtied pages before 20 of 20) and goes on with the primary's
+//!   workload within seconds of a takeover. Without them it kept running through only the first
+//!   2–8 of 20 checkpoints and continued after a takeover in 1 of 4 runs;
+//! * Xen writes a paused domain's `vcpu_info` (pending bits, and the time info when a vCPU is
+//!   scheduled in) through its own mapping without marking the page in the dirty log; colo's
+//!   verification sweep finds and resends such pages (`colo-cli`'s `verify.rs`);
 //! * Xen writes event-channel pending bits into a domain's memory even while it is paused,
 //!   so two paused domains' memories can differ by a few bytes right after a checkpoint;
 //! * a paused guest's clock keeps running: `get_state` twice is not byte-identical, and

@@ -156,19 +156,47 @@ while [ $i -lt "$COLO_WAIT" ]; do
   [ "$n" -ge "$CHECKPOINTS" ] && break
   kill -0 $PP 2>/dev/null || break
 done
-kill -TERM $PP 2>/dev/null; wait $PP; prc=$?
+cp=$(jnum /tmp/pri.json checkpoints); cp=${cp:-0}
+vi=$(jnum /tmp/pri.json verified_identical); vf=$(jnum /tmp/pri.json verify_failures)
+vu=$(jnum /tmp/pri.json verify_unsettled); ul=$(jnum /tmp/pri.json unlogged_pages)
+bp=$(jnum /tmp/pri.json backchannel_pages)
+vi=${vi:-0}; vf=${vf:-0}; vu=${vu:-0}; ul=${ul:-0}; bp=${bp:-0}
+COLO_TAKEOVER="colo failover: not tried"
+if [ "$cp" -ge "$CHECKPOINTS" ]; then
+  # Failover: the primary's host dies — its colo process is killed outright and its domain
+  # destroyed. The secondary must take over and colo-b go on with colo-c's workload.
+  last=$(grep "GUEST TICK" $LOG/guest-colo-c.log | tail -1)
+  cid=$(echo "$last" | awk '{print $3}'); cn=$(echo "$last" | awk '{print $4}')
+  before=$(wc -l < $LOG/guest-colo-b.log)
+  kill -KILL $PP 2>/dev/null; wait $PP; prc=killed
+  xl destroy colo-c
+  j=0; got=0
+  while [ $j -lt 60 ]; do
+    sleep 1; j=$((j + 1))
+    got=$(tail -n +$((before + 1)) $LOG/guest-colo-b.log | grep "GUEST TICK $cid" | awk -v n="$cn" '$4 > n' | wc -l)
+    [ "$got" -ge 3 ] && break
+  done
+  reason=$(grep -o '"failover_reason": *"[^"]*' /tmp/sec.json | sed 's/.*"failover_reason": *"//' | cut -c1-80)
+  state=$(grep -o '"state": *"[A-Za-z]*' /tmp/sec.json | sed 's/.*"//')
+  echo "--- colo-b console after the colo failover (colo-c's last tick: $cid $cn)"
+  tail -n +$((before + 1)) $LOG/guest-colo-b.log | tail -5
+  other=$(tail -n +$((before + 1)) $LOG/guest-colo-b.log | grep "GUEST TICK" | grep -vc "GUEST TICK $cid")
+  if [ "$got" -ge 3 ] && [ "$other" -eq 0 ]; then
+    COLO_TAKEOVER="colo failover: primary killed and its domain destroyed; the secondary ($state: $reason) went on with colo-c's workload past its last tick $cn, $got ticks in ${j} s"
+  else
+    COLO_TAKEOVER="colo failover: NOT achieved — secondary $state ($reason), $got ticks of colo-c's boot after $cn and $other of another boot in 60 s"
+  fi
+else
+  kill -TERM $PP 2>/dev/null; wait $PP; prc=$?
+fi
 kill -TERM $SP 2>/dev/null; wait $SP; src=$?
 for f in pri sec; do
   echo "--- colo $f: $(tr -d '\n' < /tmp/$f.json 2>/dev/null | grep -o '"\(state\|checkpoints\|verified_identical\|verify_failures\|verify_unsettled\|unlogged_pages\|pages_sent\|backchannel_pages\|failover_reason\)": *"*[A-Za-z0-9_]*' | tr '\n' ' ')"
   grep -E " (ERROR|WARN) " /tmp/$f.log | head -8
   tail -8 /tmp/$f.log
 done
-cp=$(jnum /tmp/pri.json checkpoints); cp=${cp:-0}
-vi=$(jnum /tmp/pri.json verified_identical); vf=$(jnum /tmp/pri.json verify_failures)
-vu=$(jnum /tmp/pri.json verify_unsettled); ul=$(jnum /tmp/pri.json unlogged_pages)
-vi=${vi:-0}; vf=${vf:-0}; vu=${vu:-0}; ul=${ul:-0}
-echo "DOM0: colo primary/secondary: $cp checkpoints in ${i}s, verified identical $vi, differing $vf, unsettled $vu (exit $prc/$src)"
-COLO_SUMMARY="colo primary/secondary (Xen backend, loopback): $cp checkpoints in ${i} s, digests identical $vi / differing $vf / unsettled $vu, $ul pages Xen wrote behind the dirty log found and sent"
+echo "DOM0: colo primary/secondary: $cp checkpoints in ${i}s, verified identical $vi, differing $vf, unsettled $vu (exit $prc/$src); $COLO_TAKEOVER"
+COLO_SUMMARY="colo primary/secondary (Xen backend, loopback): $cp checkpoints in ${i} s, digests identical $vi / differing $vf / unsettled $vu, $bp pages the secondary dirtied sent back, $ul pages Xen wrote behind the dirty log found and sent; $COLO_TAKEOVER"
 why=""
 if [ "$cp" -lt "$CHECKPOINTS" ]; then
   why="$cp of $CHECKPOINTS checkpoints: $(grep -h "error\|WARN" /tmp/pri.log /tmp/sec.log | tail -1 | cut -c1-200)"
@@ -176,6 +204,8 @@ elif [ -n "$COLO_VERIFY" ] && [ "$vf" -ne 0 ]; then
   why="$vf checkpoints left the secondary's memory different from the primary's"
 elif [ -n "$COLO_VERIFY" ] && [ $((vi * 2)) -lt "$cp" ]; then
   why="only $vi of $cp checkpoints could be verified identical"
+elif [ -n "$REQUIRE_TAKEOVER" ] && echo "$COLO_TAKEOVER" | grep -q "NOT achieved"; then
+  why="$COLO_TAKEOVER"
 fi
 if [ -n "$why" ]; then
   COLO_SUMMARY="$COLO_SUMMARY (advisory: $why)"
