@@ -230,7 +230,13 @@ fn bad_input_exits_2_with_one_clear_line() {
         &["12Q"],
     );
     assert_usage_error(
-        &s.run(&["secondary", "--listen", "127.0.0.1:1", "--upcall-vector", "300"]),
+        &s.run(&[
+            "secondary",
+            "--listen",
+            "127.0.0.1:1",
+            "--upcall-vector",
+            "300",
+        ]),
         &["--upcall-vector", "300", "16 to 255"],
     );
     assert_usage_error(

@@ -6,7 +6,8 @@
 //! colo-xen-check selftest  --domid N            every Domain method on a running guest
 //! colo-xen-check digest    --domid N            xxh3 of every mappable page
 //! colo-xen-check replicate --primary A --secondary B [--checkpoints 20] [--interval-ms 1000]
-//!                          [--leave-paused]     COLO checkpoints A → B in-process, each verified
+//!                          [--leave-paused] [--vector 243]  COLO checkpoints A → B in-process,
+//!                                               each verified
 //! colo-xen-check wake      --domid N [--vector 243]  deliver the upcall vector, unpause
 //! ```
 //! Output lines start with `check:`; the last is `check: OK …` or the error (exit status 1).
@@ -209,10 +210,7 @@ fn info(args: &Args) -> Result<()> {
 /// every vCPU (see `XenDomain::wake`) and unpauses it.
 fn wake(args: &Args) -> Result<()> {
     let mut dom = XenDomain::open(args.domid("--domid")?)?;
-    let vector = args.num("--vector", Some(0xf3))?;
-    let vector = u8::try_from(vector)
-        .map_err(|_| CheckError::Usage(format!("--vector {vector} is not a vector (0-255)")))?;
-    dom.set_wake_vector(Some(vector));
+    dom.set_wake_vector(Some(upcall_vector(args)?));
     let delivered = dom.wake()?;
     dom.resume()?;
     println!(
@@ -554,6 +552,17 @@ fn verify(
     Ok((da, xw))
 }
 
+/// `--vector` (decimal, default 243 = 0xf3, Linux's upcall vector).
+fn upcall_vector(args: &Args) -> Result<u8> {
+    let vector = args.num("--vector", Some(0xf3))?;
+    match u8::try_from(vector) {
+        Ok(v) if v >= 16 => Ok(v),
+        _ => Err(CheckError::Usage(format!(
+            "--vector {vector}: interrupt vectors run from 16 to 255"
+        ))),
+    }
+}
+
 fn replicate(args: &Args) -> Result<()> {
     let checkpoints = args.num("--checkpoints", Some(20))?;
     let interval = Duration::from_millis(args.num("--interval-ms", Some(1000))?);
@@ -561,6 +570,10 @@ fn replicate(args: &Args) -> Result<()> {
         a: XenDomain::open(args.domid("--primary")?)?,
         b: XenDomain::open(args.domid("--secondary")?)?,
     };
+    // The secondary resumes from each loaded checkpoint with the upcall vector delivered, as
+    // `colo secondary` does: without it, a replica whose copied vcpu_info shows events pending
+    // stays blocked in Xen, stops arming its timer, and cannot take over later.
+    p.b.set_wake_vector(Some(upcall_vector(args)?));
     let pages = p.a.page_count();
     if p.b.page_count() != pages {
         return fail(format!(
