@@ -24,6 +24,13 @@ fail() {
   xl list 2>&1
   exit 1
 }
+# Xen's view of a domain that did not go on: its vCPU and event-channel state (debug keys).
+xen_state() {
+  xl dmesg -c >/dev/null 2>&1
+  xl debug-keys q >/dev/null 2>&1; xl debug-keys e >/dev/null 2>&1
+  echo "--- Xen state (debug keys q, e), domain $1"
+  xl dmesg 2>/dev/null | awk -v d="$1" '/for domain / {on = ($0 ~ ("domain " d ":"))} on' | head -60
+}
 # wait_for FILE PATTERN SECONDS
 wait_for() {
   i=0
@@ -135,6 +142,7 @@ else
   # checkpoint while the primary was destroyed; it went on in 6 of 9 runs. colo's own failover
   # below (a running secondary takes over a killed primary) is the required one.
   TAKEOVER="paused hand-off (colo-xen-check): NOT achieved, the secondary printed $got ticks of boot $id after $n (and $other of another boot) in 60 s"
+  xen_state "$B"
 fi
 stage takeover
 # colo itself: `colo primary` and `colo secondary` with the Xen backend over loopback, on
@@ -187,6 +195,7 @@ if [ "$cp" -ge "$CHECKPOINTS" ]; then
     COLO_TAKEOVER="colo failover: primary killed and its domain destroyed; the secondary ($state: $reason) went on with colo-c's workload past its last tick $cn, $got ticks in ${j} s"
   else
     COLO_TAKEOVER="colo failover: NOT achieved — secondary $state ($reason), $got ticks of colo-c's boot after $cn and $other of another boot in 60 s"
+    xen_state "$B"
   fi
 else
   kill -TERM $PP 2>/dev/null; wait $PP; prc=$?
