@@ -354,6 +354,10 @@ impl<G: Guest> PrimaryNode<G> {
         {
             let mut st = status.lock();
             st.role = "primary".into();
+            // Published together with the role, so no reader sees the new role beside a
+            // predecessor's state (a secondary that took over hands its status on).
+            st.state = engine.state().name().into();
+            st.protected = engine.is_protected();
             st.peer = link.as_ref().map(|l| l.peer().to_string());
             st.client_addr = clients.as_ref().map(|c| c.addr().to_string());
         }
@@ -1268,6 +1272,8 @@ impl<G: Guest> SecondaryNode<G> {
                         l.shutdown();
                     }
                     let mut st = self.status.lock();
+                    st.state = self.engine.state().name().into();
+                    st.protected = false;
                     st.failover_reason = Some(reason);
                     st.failover_at = Some(std::time::SystemTime::now());
                     st.takeover_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
@@ -1347,6 +1353,34 @@ pub fn new_status() -> Shared {
 mod tests {
     use super::*;
     use colo_core::stream::Decoder;
+
+    #[test]
+    fn a_secondary_turned_primary_publishes_role_and_state_together() {
+        // The status a secondary leaves behind when it takes over.
+        let status = new_status();
+        {
+            let mut st = status.lock();
+            st.role = "secondary".into();
+            st.state = "AwaitingNew".into();
+            st.protected = true;
+        }
+        let guest = crate::mock::build(&crate::mock::MockSpec {
+            ram: 4 << 20,
+            ram_file: None,
+            workload: crate::mock::WorkloadKind::Kv,
+            vm_seed: 1,
+            memory_divergence: false,
+            output_divergence: 0.0,
+            dirty_rate: 0,
+        })
+        .unwrap();
+        let _node =
+            PrimaryNode::with_link(guest, None, NodeOptions::default(), status.clone()).unwrap();
+        let st = status.lock();
+        assert_eq!(st.role, "primary");
+        assert_eq!(st.state, "Unprotected");
+        assert!(!st.protected);
+    }
 
     #[test]
     fn unmappable_pages_travel_as_xtab_without_data() {
