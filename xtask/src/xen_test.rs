@@ -18,9 +18,7 @@
 //! conformance suite there with `colo-xen-guest-agent` inside the guest (`state_round_trip` is
 //! a known failure on Xen: a paused guest's clock runs); `colo-xen-check replicate` replicates
 //! colo-a onto colo-b and verifies every checkpoint page by page and vCPU register by register;
-//! colo-a is destroyed and colo-b woken, and whether it continues colo-a's workload from the
-//! paused replica is reported (it did in 6 of 9 runs); last,
-//! `colo primary` (colo-c) / `colo secondary` (colo-b) `--backend xen --verify` over loopback,
+//! last, `colo primary` (colo-c) / `colo secondary` (colo-b) `--backend xen --verify` over loopback,
 //! which must reach the checkpoint count with no differing digest, after which the primary's
 //! colo process is killed and colo-c destroyed, and colo-b, taken over by the secondary, must
 //! go on with colo-c's workload (`--advisory-colo` / `--advisory-takeover` only report).
@@ -28,8 +26,8 @@
 //! nested SVM (its dump shows Xen's own RIP and CR3 in the guest state); the harness then
 //! boots once more and says so in the verdict.
 //! Guests use 2-level event channels (`xen.fifo_events=0`): the FIFO ABI keeps queue state in
-//! Xen that a replica's Xen does not share, so a taken-over replica would never see an event. Guests run with `tsc_mode="native"`: with
-//! emulated rdtsc the colo primary triple-faulted in about a third of the runs, right after an
+//! Xen that a replica's Xen does not share, so a taken-over replica would never see an event.
+//! Guests run with `tsc_mode="native"`: with emulated rdtsc the colo primary triple-faulted in about a third of the runs, right after an
 //! intercepted rdtsc (the emulated SVM has no next-RIP save, so Xen decodes every intercepted
 //! instruction from guest memory).
 
