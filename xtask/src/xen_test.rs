@@ -22,7 +22,7 @@
 //! which must reach the checkpoint count with no differing digest, after which the primary's
 //! colo process is killed and colo-c destroyed, and colo-b, taken over by the secondary, must
 //! go on with colo-c's workload: reported, since Xen 4.17 keeps timer and event state a
-//! checkpoint cannot carry and the replica went on in 15 of 18 runs (`--require-takeover` makes
+//! checkpoint cannot carry and the replica went on in 17 of 19 runs (`--require-takeover` makes
 //! it fatal; `--advisory-colo` only reports the whole stage).
 //! A guest triple fault reported by Xen in a failed attempt is an emulation fault of QEMU's
 //! nested SVM (its dump shows Xen's own RIP and CR3 in the guest state); the harness then

@@ -105,12 +105,13 @@ stage replicate
 # colo-a is done with (replication leaves it and colo-b paused); colo-b becomes colo's secondary.
 # (A hand-off of the paused colo-b after destroying colo-a used to run here: it went on in only 6
 # of 10 runs, and waking it once triple-faulted the emulated guest, taking colo-b from the colo
-# stage. The failover at the end of the colo stage is the takeover that is tested.)
+# stage. The failover at the end of the colo stage is the takeover that is tried.)
 xl destroy colo-a >/dev/null 2>&1
 # colo itself: `colo primary` and `colo secondary` with the Xen backend over loopback, on
-# their own domains (colo-c onto colo-b, which the takeover stage is done with). Required
-# unless the harness says otherwise: the checkpoint count, no differing digest, and at least
-# half of the checkpoints compared (a side whose dirty log grew while digesting sends none).
+# their own domains (colo-c onto colo-b, which replication is done with). Required unless the
+# harness says otherwise: the checkpoint count, no differing digest, and at least half of the
+# checkpoints compared (a side whose dirty log grew while digesting sends none). The failover
+# after it is reported, and required only with REQUIRE_TAKEOVER.
 xl unpause colo-c >/dev/null 2>&1
 ip link set lo up
 jnum() { grep -o "\"$2\": *[0-9]*" "$1" 2>/dev/null | head -1 | grep -o "[0-9]*$"; }
