@@ -28,7 +28,7 @@ use crate::clients::ClientHub;
 use crate::control::ControlCommand;
 use crate::link::{Link, ReadSlice};
 use crate::status::{NodeStatus, Shared};
-use crate::verify::{settled_digest, SentPages, Watch};
+use crate::verify::{in_order, settled_digest, SentPages, Watch};
 
 /// A guest's network interface as the node sees it (the mock's vif; Xen frames would come from
 /// the guest's vif through the same calls).
@@ -168,13 +168,7 @@ fn copy_pages(
     out.reserve(pfns.len() * PAGE_SIZE);
     let mut next = 0;
     dom.read_pages(pfns, &mut |i, page| {
-        if i != next {
-            return Err(BackendError::BadState {
-                op: "read_pages",
-                reason: format!("page {i} delivered out of order"),
-            });
-        }
-        next += 1;
+        in_order(&mut next, i)?;
         match page {
             Some(p) if p.len() == PAGE_SIZE => out.extend_from_slice(p),
             Some(p) => {

@@ -17,6 +17,19 @@ use colo_core::{BackendError, Domain, PAGE_SIZE};
 /// Pages per read call in a sweep.
 const BATCH: u64 = 1024;
 
+/// Checks that a backend's `read_pages` visitor got page `i` when page `next` was due, and
+/// moves `next` on: the page buffers are laid out in request order.
+pub(crate) fn in_order(next: &mut usize, i: usize) -> Result<(), BackendError> {
+    if i != *next {
+        return Err(BackendError::BadState {
+            op: "read_pages",
+            reason: format!("page {i} delivered out of order"),
+        });
+    }
+    *next += 1;
+    Ok(())
+}
+
 /// Calls `visit(pfn, page)` for every pfn of `dom` in order (None: unmappable).
 fn for_each_page<F>(
     dom: &mut dyn Domain,
@@ -33,13 +46,7 @@ where
         batch.extend(start..(start + BATCH).min(pages));
         let mut next = 0;
         dom.read_pages(batch, &mut |i, page| {
-            if i != next {
-                return Err(BackendError::BadState {
-                    op: "read_pages",
-                    reason: format!("page {i} delivered out of order"),
-                });
-            }
-            next += 1;
+            in_order(&mut next, i)?;
             visit(start + i as u64, page)
         })?;
         if next != batch.len() {

@@ -207,6 +207,8 @@ pub struct Primary {
     /// B from the back channel.
     b: DirtyBitmap,
     capture: Vec<u64>,
+    /// Scratch for `capture_also`'s merge.
+    merge_scratch: Vec<u64>,
     epoch: u64,
     paused: bool,
     cur: CheckpointStats,
@@ -275,6 +277,7 @@ impl Primary {
             outbox,
             actions: VecDeque::new(),
             capture: Vec::new(),
+            merge_scratch: Vec::new(),
             epoch: 0,
             paused: false,
             cur: empty_stats(0, Trigger::InitialSync),
@@ -572,7 +575,9 @@ impl Primary {
         }
         let pages = self.a.len();
         let bad = |pfn, reason| EngineError::BadCapture { pfn, reason };
-        let mut merged = Vec::with_capacity(self.capture.len() + pfns.len());
+        // Merged into scratch kept across checkpoints, then swapped in: no allocation once warm.
+        let mut merged = std::mem::take(&mut self.merge_scratch);
+        merged.clear();
         let (mut i, mut j) = (0, 0);
         loop {
             let next = match (self.capture.get(i), pfns.get(j)) {
@@ -599,7 +604,7 @@ impl Primary {
             }
             merged.push(next);
         }
-        self.capture = merged;
+        self.merge_scratch = std::mem::replace(&mut self.capture, merged);
         self.cur.unlogged += pfns.len() as u64;
         self.cur.pages_sent += pfns.len() as u64;
         Ok(())
