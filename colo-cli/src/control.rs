@@ -362,6 +362,18 @@ pub fn format_status(v: &Value) -> String {
             ),
         );
     }
+    if n(v.get("watch_set")) + n(v.get("unlogged_pages")) > 0 {
+        line(
+            "behind the log:",
+            format!(
+                "{} pages found by {} sweeps; watch set {} pages, {} carried in all",
+                n(v.get("unlogged_pages")),
+                n(v.get("sweeps")),
+                n(v.get("watch_set")),
+                n(v.get("watched_pages"))
+            ),
+        );
+    }
     match v.get("last").filter(|l| l.is_object()) {
         Some(l) => line(
             "last checkpoint:",
@@ -429,6 +441,7 @@ mod tests {
             dirty_secondary: 4,
             secondary_only: 2,
             unlogged: 0,
+            watched: 0,
             pages_sent: 12,
             bytes_sent: 12 * 4096,
             backchannel: Duration::ZERO,

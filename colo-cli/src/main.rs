@@ -240,6 +240,12 @@ pub struct NodeArgs {
     /// Digest all memory after every checkpoint and compare both sides.
     #[arg(long)]
     pub verify: bool,
+    /// Primary: sweep all memory at this many first captures (checkpoint 0 included) for pages
+    /// the hypervisor writes behind the dirty log; they are re-read at every later capture.
+    /// Default: 3 with --backend xen (Xen writes vcpu_info and shared_info unlogged), 0 with
+    /// --backend mock.
+    #[arg(long, value_name = "N")]
+    pub unlogged_sweeps: Option<u32>,
     /// File holding the link's pre-shared key (both nodes need the same).
     #[arg(long)]
     pub key_file: Option<PathBuf>,
@@ -734,6 +740,10 @@ fn node_options(a: &NodeArgs) -> Result<NodeOptions> {
             progress_timeout: Duration::from_millis(a.progress_timeout_ms),
         },
         verify: a.verify,
+        unlogged_sweeps: a.unlogged_sweeps.unwrap_or(match a.backend {
+            Backend::Xen => 3,
+            Backend::Mock => 0,
+        }),
         key,
         client_addr: a.client.clone(),
         fence_cmd: a.fence_cmd.clone(),

@@ -294,8 +294,20 @@ pub fn render(s: &NodeStatus) -> String {
     family(
         "colo_unlogged_pages_total",
         "counter",
-        "Pages found changed behind the dirty log by the verification sweep, and sent.",
+        "Pages found changed behind the dirty log by a sweep of all memory, and sent.",
         &one(s.unlogged_pages),
+    );
+    family(
+        "colo_watched_pages_total",
+        "counter",
+        "Pages carried because the hypervisor is known to write them behind the dirty log.",
+        &one(s.watched_pages),
+    );
+    family(
+        "colo_watch_set_pages",
+        "gauge",
+        "Pages the hypervisor was found writing behind the dirty log, re-read at every capture.",
+        &one(s.watch_set),
     );
     family(
         "colo_output_mismatches_total",
@@ -347,6 +359,7 @@ mod tests {
                 secondary_only: 2,
                 pages_sent: 13,
                 unlogged: 0,
+                watched: 0,
                 bytes_sent: 13 * 4096,
                 pause_ms: 4.0,
                 harvest_ms: 0.0,

@@ -16,6 +16,7 @@ use colo_core::engine::messages::Message;
 use colo_core::engine::{
     CheckpointStats, Delivery, Liveness, Primary, PrimaryAction, PrimaryConfig, PrimaryState,
     Secondary, SecondaryAction, SecondaryConfig, SecondaryState, SyncMode, Trigger, Verdict,
+    DIGEST_LEN,
 };
 use colo_core::policy::{CheckpointPolicy, CheckpointReason};
 use colo_core::stream::{
@@ -28,7 +29,7 @@ use crate::clients::ClientHub;
 use crate::control::ControlCommand;
 use crate::link::{Link, ReadSlice};
 use crate::status::{NodeStatus, Shared};
-use crate::verify::{in_order, settled_digest, SentPages, Watch};
+use crate::verify::{in_order, settled_digest, SentPages, Watch, WatchSet};
 
 /// A guest's network interface as the node sees it (the mock's vif; Xen frames would come from
 /// the guest's vif through the same calls).
@@ -62,6 +63,10 @@ pub struct NodeOptions {
     pub liveness: Liveness,
     /// Digest all memory at every checkpoint and compare.
     pub verify: bool,
+    /// Captures (the initial synchronisation's first) at which the primary sweeps all memory
+    /// for pages the hypervisor wrote behind the dirty log; what they find is re-read at every
+    /// later capture. With `verify` every capture sweeps.
+    pub unlogged_sweeps: u32,
     /// Pre-shared key.
     pub key: Option<Vec<u8>>,
     /// Checkpoint policy (primary).
@@ -115,6 +120,7 @@ impl Default for NodeOptions {
         Self {
             liveness: Liveness::default(),
             verify: false,
+            unlogged_sweeps: 0,
             key: None,
             policy: CheckpointPolicy::default(),
             compare: CompareConfig::default(),
@@ -293,8 +299,11 @@ pub struct PrimaryNode<G: Guest> {
     scratch: Vec<u8>,
     /// Dirty-log scratch for the verification option.
     late: Option<DirtyBitmap>,
-    /// What the secondary holds of each page (the verification option).
+    /// What the secondary holds of each page, while sweeps run (verification, or the first
+    /// captures).
     sent: Option<SentPages>,
+    /// The pages found written behind the dirty log, and the sweeps still to run.
+    unlogged: WatchSet,
     released: Vec<Vec<u8>>,
     last_cp_end: Instant,
     manual: bool,
@@ -355,7 +364,8 @@ impl<G: Guest> PrimaryNode<G> {
             st.peer = link.as_ref().map(|l| l.peer().to_string());
             st.client_addr = clients.as_ref().map(|c| c.addr().to_string());
         }
-        let sent = opts.verify.then(|| SentPages::new(pages));
+        let unlogged = WatchSet::new(opts.unlogged_sweeps);
+        let sent = (opts.verify || unlogged.sweeps_left > 0).then(|| SentPages::new(pages));
         Ok(Self {
             guest,
             engine,
@@ -372,6 +382,7 @@ impl<G: Guest> PrimaryNode<G> {
             scratch: Vec::new(),
             late: None,
             sent,
+            unlogged,
             released: Vec::new(),
             last_cp_end: now,
             manual: false,
@@ -640,56 +651,7 @@ impl<G: Guest> PrimaryNode<G> {
                 }
             }
             PrimaryAction::Capture => {
-                self.copy.clear();
-                self.present.clear();
-                let digest = match self.sent.as_mut() {
-                    Some(sent) => {
-                        let pages = self.guest.page_count();
-                        let late = self.late.get_or_insert_with(|| DirtyBitmap::new(pages));
-                        late.clear_all();
-                        let unlogged = sent.sweep(
-                            &mut self.guest,
-                            self.engine.capture_pfns(),
-                            &mut self.copy,
-                            &mut self.present,
-                        )?;
-                        if !unlogged.is_empty() {
-                            tracing::info!(
-                                "checkpoint {}: {} page(s) changed behind the dirty log since \
-                                 they were sent (the hypervisor wrote them); sending them too",
-                                self.engine.epoch(),
-                                unlogged.len()
-                            );
-                            tracing::debug!("written behind the dirty log: {unlogged:x?}");
-                        }
-                        self.engine.capture_also(unlogged)?;
-                        self.state.clear();
-                        self.guest.get_state(&mut self.state)?;
-                        // The guest is paused: a page logged since the harvest was written by
-                        // someone else while the sweep ran, so the digest may mix old and new.
-                        self.guest.peek_dirty(late)?;
-                        if late.count() == 0 {
-                            Some(sent.digest(&self.state))
-                        } else {
-                            tracing::debug!(
-                                "{} pages written while the paused guest was swept",
-                                late.count()
-                            );
-                            None
-                        }
-                    }
-                    None => {
-                        copy_pages(
-                            &mut self.guest,
-                            self.engine.capture_pfns(),
-                            &mut self.copy,
-                            Some(&mut self.present),
-                        )?;
-                        self.state.clear();
-                        self.guest.get_state(&mut self.state)?;
-                        None
-                    }
-                };
+                let digest = self.capture()?;
                 snapshot(
                     &mut self.guest,
                     &self.opts.snapshot,
@@ -751,6 +713,83 @@ impl<G: Guest> PrimaryNode<G> {
             }
         }
         Ok(())
+    }
+
+    /// Copies the capture set and the state of the paused PVM into the send buffer. A sweep of
+    /// all memory (at every capture with verification, else at the first
+    /// [`NodeOptions::unlogged_sweeps`]) also finds the pages the hypervisor wrote behind the
+    /// dirty log and adds them to the watch set; every other capture re-reads the watch set.
+    /// Returns the digest of memory and state when verifying (None when unsettled).
+    fn capture(&mut self) -> Result<Option<[u8; DIGEST_LEN]>> {
+        self.copy.clear();
+        self.present.clear();
+        let sweep = self.opts.verify || self.unlogged.sweeps_left > 0;
+        let Some(sent) = self.sent.as_mut().filter(|_| sweep) else {
+            self.engine.capture_watched(&self.unlogged.known)?;
+            copy_pages(
+                &mut self.guest,
+                self.engine.capture_pfns(),
+                &mut self.copy,
+                Some(&mut self.present),
+            )?;
+            self.state.clear();
+            self.guest.get_state(&mut self.state)?;
+            return Ok(None);
+        };
+        let pages = self.guest.page_count();
+        let late = self.late.get_or_insert_with(|| DirtyBitmap::new(pages));
+        late.clear_all();
+        let unlogged = sent.sweep(
+            &mut self.guest,
+            self.engine.capture_pfns(),
+            &mut self.copy,
+            &mut self.present,
+        )?;
+        if !unlogged.is_empty() {
+            tracing::info!(
+                "checkpoint {}: {} page(s) changed behind the dirty log since they were sent \
+                 (the hypervisor wrote them); sending them too",
+                self.engine.epoch(),
+                unlogged.len()
+            );
+            tracing::debug!("written behind the dirty log: {unlogged:x?}");
+        }
+        self.engine.capture_also(unlogged)?;
+        let grown = self.unlogged.learn(unlogged);
+        self.state.clear();
+        self.guest.get_state(&mut self.state)?;
+        // The guest is paused: a page logged since the harvest was written by someone else
+        // while the sweep ran, so the digest may mix old and new.
+        self.guest.peek_dirty(late)?;
+        let digest = if late.count() == 0 {
+            Some(sent.digest(&self.state))
+        } else {
+            tracing::debug!(
+                "{} pages written while the paused guest was swept",
+                late.count()
+            );
+            None
+        };
+        if self.unlogged.sweeps_left > 0 {
+            self.unlogged.sweeps_left -= 1;
+            if self.unlogged.sweeps_left == 0 && !self.opts.verify {
+                tracing::info!(
+                    "watch set after the last sweep: {} page(s) the hypervisor writes behind \
+                     the dirty log, re-read at every capture: {:x?}",
+                    self.unlogged.known.len(),
+                    self.unlogged.known
+                );
+                // No sweep follows: the record of what was sent is not needed any more.
+                self.sent = None;
+            }
+        }
+        let mut st = self.status.lock();
+        st.sweeps += 1;
+        st.watch_set = self.unlogged.known.len() as u64;
+        if grown > 0 {
+            tracing::debug!("watch set now {:x?}", self.unlogged.known);
+        }
+        Ok(digest)
     }
 
     fn send_precopy(&mut self, all: bool) -> Result<u64> {

@@ -30,8 +30,10 @@ pub struct CheckpointFigures {
     pub secondary_only: u64,
     /// |D|.
     pub pages_sent: u64,
-    /// Of which found changed behind the dirty log (verification only).
+    /// Of which found changed behind the dirty log by a sweep of all memory.
     pub unlogged: u64,
+    /// Of which carried because the hypervisor is known to write them (the watch set).
+    pub watched: u64,
     /// Bytes on the link.
     pub bytes_sent: u64,
     /// PVM pause, ms.
@@ -66,6 +68,7 @@ impl From<CheckpointStats> for CheckpointFigures {
             secondary_only: s.secondary_only,
             pages_sent: s.pages_sent,
             unlogged: s.unlogged,
+            watched: s.watched,
             bytes_sent: s.bytes_sent,
             pause_ms: ms(s.pause),
             harvest_ms: ms(s.harvest),
@@ -112,9 +115,17 @@ pub struct NodeStatus {
     pub pages_sent: u64,
     /// Pages sent because the secondary dirtied them (|B|, summed).
     pub backchannel_pages: u64,
-    /// Pages the verification sweep found changed behind the dirty log (the hypervisor wrote
+    /// Pages a sweep of all memory found changed behind the dirty log (the hypervisor wrote
     /// them) and sent as well, initial synchronisation included.
     pub unlogged_pages: u64,
+    /// Pages carried because earlier sweeps found the hypervisor writing them (the watch set),
+    /// summed over checkpoints.
+    pub watched_pages: u64,
+    /// Size of the watch set: pages the hypervisor was found writing behind the dirty log,
+    /// re-read at every capture.
+    pub watch_set: u64,
+    /// Sweeps of all memory for pages written behind the dirty log, so far.
+    pub sweeps: u64,
     /// Bytes sent in checkpoints.
     pub bytes_sent: u64,
     /// Link bytes written.
@@ -148,6 +159,7 @@ impl NodeStatus {
     pub fn record_checkpoint(&mut self, s: CheckpointStats) {
         let f = CheckpointFigures::from(s);
         self.unlogged_pages += s.unlogged;
+        self.watched_pages += s.watched;
         if s.trigger != Trigger::InitialSync {
             self.checkpoints += 1;
             match s.trigger {

@@ -1,6 +1,6 @@
-//! The verification option's memory sweeps: digests of a paused guest's memory, and the
-//! primary's record of what the secondary holds, which finds pages the hypervisor wrote behind
-//! the dirty log and sends them with the checkpoint.
+//! Sweeps of all guest memory: digests of a paused guest's memory (the verification option),
+//! and the primary's record of what the secondary holds, which finds pages the hypervisor wrote
+//! behind the dirty log and sends them with the checkpoint (the watch set).
 //!
 //! A hypervisor may write a guest's memory without marking the page in the dirty log: Xen sets
 //! event-channel bits and the vCPU time info in the `vcpu_info` area that a guest registered
@@ -9,6 +9,13 @@
 //! until the guest happens to write it again. With verification on, the primary keeps the
 //! hash of what it last sent of every page and, at each capture, reads every page once: a
 //! page outside D whose hash changed is sent too, and the digest is taken from the same reads.
+//!
+//! Production mode (no verification) sweeps only at its first captures (checkpoint 0, the end
+//! of the initial synchronisation, included): the pages those sweeps find form the watch set,
+//! which joins D at every later capture. The hypervisor's unlogged writes go to a fixed set of
+//! frames (Xen: each vCPU's registered `vcpu_info`, the shared-info frame), so re-reading that
+//! set keeps the secondary exact at the cost of a few page copies per checkpoint instead of a
+//! read of all memory.
 
 use colo_core::bitmap::DirtyBitmap;
 use colo_core::engine::{Digester, DIGEST_LEN};
@@ -72,6 +79,35 @@ fn digest_domain(dom: &mut dyn Domain, state: &[u8]) -> Result<[u8; DIGEST_LEN],
         Ok(())
     })?;
     Ok(d.finish(state))
+}
+
+/// The pages sweeps found written behind the dirty log, re-read at every capture.
+#[derive(Debug, Default)]
+pub(crate) struct WatchSet {
+    /// Sweeps still to run in production mode.
+    pub(crate) sweeps_left: u32,
+    /// Every pfn a sweep found written behind the log, ascending.
+    pub(crate) known: Vec<u64>,
+}
+
+impl WatchSet {
+    pub(crate) fn new(sweeps: u32) -> Self {
+        Self {
+            sweeps_left: sweeps,
+            known: Vec::new(),
+        }
+    }
+
+    /// Adds the pfns a sweep found (ascending); returns how many were new.
+    pub(crate) fn learn(&mut self, found: &[u64]) -> usize {
+        let before = self.known.len();
+        for &pfn in found {
+            if let Err(at) = self.known.binary_search(&pfn) {
+                self.known.insert(at, pfn);
+            }
+        }
+        self.known.len() - before
+    }
 }
 
 /// Which dirty pages make a digest unsettled.

@@ -157,9 +157,12 @@ pub struct CheckpointStats {
     /// |D|: pages sent.
     pub pages_sent: u64,
     /// Pages outside D whose contents changed behind the dirty log since they were last sent
-    /// (the hypervisor wrote them), found by the verification sweep and sent as well (counted
-    /// in `pages_sent`; always 0 without verification).
+    /// (the hypervisor wrote them), found by a sweep of all memory and sent as well (counted in
+    /// `pages_sent`; a sweep runs at every capture with verification, else at the first few).
     pub unlogged: u64,
+    /// Pages outside A ∪ B carried because earlier sweeps found the hypervisor writing them
+    /// behind the dirty log (the watch set; counted in `pages_sent`).
+    pub watched: u64,
     /// Bytes sent for this checkpoint (records included).
     pub bytes_sent: u64,
     /// From NEW to the arrival of B (0 for the initial synchronisation).

@@ -228,6 +228,7 @@ fn empty_stats(epoch: u64, trigger: Trigger) -> CheckpointStats {
         dirty_secondary: 0,
         secondary_only: 0,
         unlogged: 0,
+        watched: 0,
         pages_sent: 0,
         bytes_sent: 0,
         backchannel: Duration::ZERO,
@@ -561,27 +562,59 @@ impl Primary {
         Ok(())
     }
 
-    /// The driver's verification sweep (while capturing) found `pfns` changed behind the dirty
-    /// log since they were last sent: the hypervisor wrote them, so neither A nor B names them.
-    /// They join this checkpoint's capture set, which stays ascending; the driver's page buffer
-    /// must follow [`Primary::capture_pfns`] as it reads afterwards. Pfns already in the set or
-    /// beyond the guest are refused.
+    /// The driver's sweep (while capturing) found `pfns` changed behind the dirty log since they
+    /// were last sent: the hypervisor wrote them, so neither A nor B names them. They join this
+    /// checkpoint's capture set, which stays ascending; the driver's page buffer must follow
+    /// [`Primary::capture_pfns`] as it reads afterwards. Pfns already in the set or beyond the
+    /// guest are refused.
     pub fn capture_also(&mut self, pfns: &[u64]) -> Result<(), EngineError> {
+        let added = self.merge_capture("capture_also", pfns, false)?;
+        self.cur.unlogged += added;
+        Ok(())
+    }
+
+    /// Pages the hypervisor is known to write behind the dirty log (`pfns`, ascending: what
+    /// earlier sweeps found) join this checkpoint's capture set, so that production mode carries
+    /// them at every checkpoint without sweeping all memory. Pfns already in the set are skipped;
+    /// pfns beyond the guest are refused.
+    pub fn capture_watched(&mut self, pfns: &[u64]) -> Result<(), EngineError> {
+        let added = self.merge_capture("capture_watched", pfns, true)?;
+        self.cur.watched += added;
+        Ok(())
+    }
+
+    /// Merges ascending `pfns` into the capture set; returns how many were new. A pfn already in
+    /// the set is an error unless `dup_ok`.
+    fn merge_capture(
+        &mut self,
+        event: &'static str,
+        pfns: &[u64],
+        dup_ok: bool,
+    ) -> Result<u64, EngineError> {
         if !matches!(self.state, PrimaryState::Capturing { .. }) {
-            return Err(self.err("capture_also"));
+            return Err(self.err(event));
         }
         if pfns.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let pages = self.a.len();
         let bad = |pfn, reason| EngineError::BadCapture { pfn, reason };
         // Merged into scratch kept across checkpoints, then swapped in: no allocation once warm.
         let mut merged = std::mem::take(&mut self.merge_scratch);
         merged.clear();
+        let before = self.capture.len();
         let (mut i, mut j) = (0, 0);
         loop {
             let next = match (self.capture.get(i), pfns.get(j)) {
-                (Some(&x), Some(&y)) if x == y => return Err(bad(y, "is already captured")),
+                (Some(&x), Some(&y)) if x == y => {
+                    if !dup_ok {
+                        self.merge_scratch = merged;
+                        return Err(bad(y, "is already captured"));
+                    }
+                    i += 1;
+                    j += 1;
+                    x
+                }
                 (Some(&x), Some(&y)) if x < y => {
                     i += 1;
                     x
@@ -592,6 +625,7 @@ impl Primary {
                 }
                 (_, Some(&y)) => {
                     if y >= pages {
+                        self.merge_scratch = merged;
                         return Err(bad(y, "is beyond the guest"));
                     }
                     j += 1;
@@ -600,14 +634,15 @@ impl Primary {
                 (None, None) => break,
             };
             if merged.last().is_some_and(|&l| l >= next) {
+                self.merge_scratch = merged;
                 return Err(bad(next, "is out of order"));
             }
             merged.push(next);
         }
+        let added = (merged.len() - before) as u64;
         self.merge_scratch = std::mem::replace(&mut self.capture, merged);
-        self.cur.unlogged += pfns.len() as u64;
-        self.cur.pages_sent += pfns.len() as u64;
-        Ok(())
+        self.cur.pages_sent += added;
+        Ok(added)
     }
 
     /// The driver copied the capture set and the state; `digest` is the digest of all memory and
