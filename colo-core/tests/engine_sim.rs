@@ -72,6 +72,10 @@ struct Pair {
     snapshot: Vec<u8>,
     /// Pfns the next capture adds with `capture_also` (written behind the dirty log).
     also: Vec<u64>,
+    /// Pfns every capture adds with `capture_watched` (the watch set), and how many the last
+    /// committed checkpoint carried that way.
+    watched: Vec<u64>,
+    last_watched: u64,
     /// Additions the next capture tries first, each expected to be refused, and the errors.
     probes: Vec<Vec<u64>>,
     probe_errors: Vec<String>,
@@ -106,6 +110,8 @@ impl Pair {
             state: Vec::new(),
             snapshot: Vec::new(),
             also: Vec::new(),
+            watched: Vec::new(),
+            last_watched: 0,
             probes: Vec::new(),
             probe_errors: Vec::new(),
             committed: Vec::new(),
@@ -152,6 +158,7 @@ impl Pair {
                     }
                     let also = std::mem::take(&mut self.also);
                     self.p.capture_also(&also).unwrap();
+                    self.p.capture_watched(&self.watched).unwrap();
                     self.copy.clear();
                     for &pfn in self.p.capture_pfns() {
                         self.copy.extend_from_slice(self.pg.page(pfn));
@@ -176,7 +183,10 @@ impl Pair {
                         .encode(&mut self.to_s);
                     self.p.capture_sent(self.now, n).unwrap();
                 }
-                PrimaryAction::Committed(st) => self.committed.push(st.epoch),
+                PrimaryAction::Committed(st) => {
+                    self.committed.push(st.epoch);
+                    self.last_watched = st.watched;
+                }
                 PrimaryAction::Verified { .. } => {}
                 PrimaryAction::PeerLost { reason } => panic!("primary lost peer: {reason}"),
             }
@@ -349,6 +359,39 @@ fn capture_additions_are_checked() {
     }
     // Refused additions change nothing: the checkpoint went through with D alone.
     assert_eq!(pair.sg.mem, pair.snapshot);
+}
+
+#[test]
+fn the_watch_set_joins_every_capture_without_duplicates() {
+    let mut pair = Pair::new(64, SyncMode::Backchannel);
+    pair.sync();
+    let err = pair.p.capture_watched(&[1]).unwrap_err().to_string();
+    assert!(err.contains("capture_watched"), "{err}");
+    for round in 0..5 {
+        pair.pg.run(2);
+        pair.sg.run(2);
+        // The "hypervisor" writes the watched frames behind the dirty log.
+        let dirty = pair.pg.dirty.to_pfns();
+        let watched: Vec<u64> = [5, 40, 63].into_iter().collect();
+        for &pfn in &watched {
+            pair.pg.mem[pfn as usize * PAGE_SIZE] = round as u8 + 1;
+        }
+        pair.watched = watched.clone();
+        pair.checkpoint();
+        assert_eq!(pair.sg.mem, pair.snapshot, "round {round}");
+        let already = watched.iter().filter(|p| dirty.contains(p)).count() as u64;
+        assert_eq!(pair.last_watched, 3 - already, "round {round}");
+    }
+    pair.watched = vec![64];
+    pair.probes = vec![];
+    let before = pair.committed.len();
+    pair.pg.run(1);
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pair.checkpoint()));
+    assert!(
+        res.is_err(),
+        "a watched pfn beyond the guest must be refused"
+    );
+    assert_eq!(pair.committed.len(), before);
 }
 
 #[test]

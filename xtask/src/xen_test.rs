@@ -66,11 +66,14 @@ const MODULES: [&str; 5] = [
 
 const USAGE: &str = "\
 usage: cargo xtask xen-test [--deadline SECS] [--checkpoints N] [--interval-ms MS] [--verbose]
-                            [--require-takeover] [--advisory-colo]
-  --deadline SECS   kill QEMU after this long (default 420)
+                            [--verify] [--require-takeover] [--advisory-colo]
+  --deadline SECS   give up after this long in all, both boots included (default 3600; a
+                    boot whose console stays silent for 300 s times the measured slowdown is
+                    stopped sooner)
   --checkpoints N   verified checkpoints to replicate (default 20)
   --interval-ms MS  guest run time between checkpoints (default 500)
   --verbose         echo the whole serial console, not just the test's lines
+  --verify          run the colo pair with --verify (digests after every checkpoint)
   --require-takeover  fail when colo-b does not go on after colo's failover (reported by default)
   --advisory-colo   report the colo stage without failing on it (debugging)";
 
@@ -79,16 +82,18 @@ struct Opts {
     checkpoints: u32,
     interval_ms: u32,
     verbose: bool,
+    verify: bool,
     require_takeover: bool,
     require_colo: bool,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
     let mut o = Opts {
-        deadline: Duration::from_secs(420),
+        deadline: Duration::from_secs(3600),
         checkpoints: 20,
         interval_ms: 500,
         verbose: false,
+        verify: false,
         require_takeover: false,
         require_colo: true,
     };
@@ -104,6 +109,7 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--checkpoints" => o.checkpoints = u32::try_from(num("--checkpoints")?)?,
             "--interval-ms" => o.interval_ms = u32::try_from(num("--interval-ms")?)?,
             "--verbose" => o.verbose = true,
+            "--verify" => o.verify = true,
             "--require-takeover" => o.require_takeover = true,
             "--advisory-colo" => o.require_colo = false,
             "-h" | "--help" => {
@@ -214,7 +220,8 @@ fn run_inner(o: &Opts, started: Instant) -> Result<String> {
 
     let before_boot = started.elapsed();
     let log = work.join("console.log");
-    let (outcome, retried) = match boot_and_watch(&xen, &vmlinuz, &dom0, &log, o) {
+    let until = started + o.deadline;
+    let (outcome, retried) = match boot_and_watch(&xen, &vmlinuz, &dom0, &log, o, until) {
         Ok(out) => (out, None),
         Err(e) => match e.downcast_ref::<GuestTripleFault>() {
             // A guest triple fault is an emulation fault of QEMU's nested SVM (the guest state
@@ -230,7 +237,7 @@ fn run_inner(o: &Opts, started: Instant) -> Result<String> {
                      reported (`{fault}`; console kept in {}); booting once more",
                     first.display()
                 );
-                let out = boot_and_watch(&xen, &vmlinuz, &dom0, &log, o)
+                let out = boot_and_watch(&xen, &vmlinuz, &dom0, &log, o, until)
                     .context("attempt 2 (after an emulation fault in attempt 1)")?;
                 (out, Some(fault))
             }
@@ -533,9 +540,10 @@ fn build_dom0(
         })
         .unwrap_or_else(|| "info".into());
     let test = format!(
-        "#!/bin/sh\nexport CHECKPOINTS={} INTERVAL_MS={} REQUIRE_TAKEOVER={} COLO_REQUIRED={} RUST_LOG={}\n{}",
+        "#!/bin/sh\nexport CHECKPOINTS={} INTERVAL_MS={} COLO_VERIFY={} REQUIRE_TAKEOVER={} COLO_REQUIRED={} RUST_LOG={}\n{}",
         o.checkpoints,
         o.interval_ms,
+        if o.verify { "--verify" } else { "" },
         if o.require_takeover { "1" } else { "" },
         if o.require_colo { "1" } else { "" },
         log,
@@ -585,6 +593,7 @@ fn interesting(line: &str) -> bool {
         "GUEST",
         "---",
         "xen_version",
+        "XEN-TEST-SPEED",
         "virt_caps",
         "(XEN) Xen version",
         "Kernel panic",
@@ -594,12 +603,26 @@ fn interesting(line: &str) -> bool {
     .any(|p| line.contains(p))
 }
 
+/// How long the console may stay silent on a quiet machine before the boot counts as hung;
+/// dom0 reports its measured slowdown (`XEN-TEST-SPEED … slow=X`) and the budget scales with it.
+const QUIET_STALL: Duration = Duration::from_secs(300);
+/// The silence budget until dom0 has measured its speed (Xen and dom0 boot).
+const BOOT_STALL: Duration = Duration::from_secs(900);
+
+/// The slowdown in a `XEN-TEST-SPEED … slow=X …` line.
+fn slowdown(line: &str) -> Option<f64> {
+    let rest = line.split("XEN-TEST-SPEED").nth(1)?;
+    let v = rest.split("slow=").nth(1)?.split_whitespace().next()?;
+    v.parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 1.0)
+}
+
 fn boot_and_watch(
     xen: &Path,
     vmlinuz: &Path,
     dom0: &Path,
     log_path: &Path,
     o: &Opts,
+    until: Instant,
 ) -> Result<Outcome> {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
@@ -655,11 +678,17 @@ fn boot_and_watch(
     let mut qemu = Qemu(child);
     let mut log = std::fs::File::create(log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
+    let deadline = until.saturating_duration_since(Instant::now());
     println!(
-        "xen-test: booting Xen + dom0 in QEMU (deadline {} s; console in {})",
-        o.deadline.as_secs(),
+        "xen-test: booting Xen + dom0 in QEMU (at most {} s; stopped after {} s of console \
+         silence, scaled by dom0's measured slowdown; console in {})",
+        deadline.as_secs(),
+        BOOT_STALL.as_secs(),
         log_path.display()
     );
+    let mut stall = BOOT_STALL;
+    let mut last_line = Instant::now();
+    let mut stalled = false;
     let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     let mut result: Option<String> = None;
     let mut ready = 0.0;
@@ -667,8 +696,11 @@ fn boot_and_watch(
     let mut result_at: Option<Instant> = None;
     let mut triple: Option<String> = None;
     loop {
-        let now = t0.elapsed();
-        if now >= o.deadline {
+        if t0.elapsed() >= deadline {
+            break;
+        }
+        if last_line.elapsed() > stall {
+            stalled = true;
             break;
         }
         // After the verdict, give dom0 a few seconds to power off by itself.
@@ -677,7 +709,11 @@ fn boot_and_watch(
         }
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
+                last_line = Instant::now();
                 let _ = writeln!(log, "[{:7.2}] {line}", t0.elapsed().as_secs_f64());
+                if let Some(slow) = slowdown(&line) {
+                    stall = QUIET_STALL.mul_f64(slow).max(QUIET_STALL);
+                }
                 if o.verbose || interesting(&line) {
                     println!("  | {line}");
                 }
@@ -749,11 +785,19 @@ fn boot_and_watch(
                 None => Err(why),
             }
         }
-        None if qemu_secs >= o.deadline.as_secs_f64() => {
+        None if stalled => {
+            show_tail("console silent");
+            bail!(
+                "no console output for {} s (the stall budget at the measured speed) after \
+                 {qemu_secs:.0} s; QEMU killed",
+                stall.as_secs()
+            )
+        }
+        None if qemu_secs >= deadline.as_secs_f64() => {
             show_tail("deadline reached");
             bail!(
-                "no verdict from dom0 within the {} s deadline; QEMU killed",
-                o.deadline.as_secs()
+                "no verdict from dom0 within the {} s left of the --deadline; QEMU killed",
+                deadline.as_secs()
             )
         }
         None => {

@@ -9,6 +9,8 @@
 //!                          [--leave-paused] [--vector 243]  COLO checkpoints A → B in-process,
 //!                                               each verified
 //! colo-xen-check wake      --domid N [--vector 243]  deliver the upcall vector, unpause
+//! colo-xen-check same      --primary A --secondary B    two paused domains: every pfn's
+//!                                               contents and the vCPU registers identical
 //! ```
 //! Output lines start with `check:`; the last is `check: OK …` or the error (exit status 1).
 
@@ -553,6 +555,57 @@ fn verify(
 }
 
 /// `--vector` (decimal, default 243 = 0xf3, Linux's upcall vector).
+/// Compares two domains that the caller paused (a replica and its primary after a final
+/// checkpoint): every pfn's contents (a pfn mappable in one domain only differs) and the
+/// vCPU registers of every vCPU.
+fn same(args: &Args) -> Result<()> {
+    let mut p = Pair {
+        a: XenDomain::open(args.domid("--primary")?)?,
+        b: XenDomain::open(args.domid("--secondary")?)?,
+    };
+    let pages = p.a.page_count();
+    if p.b.page_count() != pages {
+        return fail(format!(
+            "primary has {pages} pfns, secondary {}: not the same shape",
+            p.b.page_count()
+        ));
+    }
+    let t = Instant::now();
+    let all: Vec<u64> = (0..pages).collect();
+    let (mut ha, mut hb) = (Vec::new(), Vec::new());
+    let digest = page_hashes(&mut p.a, &all, &mut ha)?;
+    page_hashes(&mut p.b, &all, &mut hb)?;
+    let mapped = ha.iter().filter(|&&h| h != 0).count();
+    let differing: Vec<u64> = all
+        .iter()
+        .zip(ha.iter().zip(&hb))
+        .filter(|(_, (x, y))| x != y)
+        .map(|(&pfn, _)| pfn)
+        .collect();
+    if !differing.is_empty() {
+        let mut what = Vec::new();
+        for &pfn in differing.iter().take(8) {
+            let n = differing_bytes(&mut p, pfn)?;
+            what.push(format!("{pfn:#x} ({n} bytes)"));
+        }
+        return fail(format!(
+            "{} of {pages} pfns differ: {}",
+            differing.len(),
+            what.join(", ")
+        ));
+    }
+    let (mut sa, mut sb) = (Vec::new(), Vec::new());
+    p.a.get_state(&mut sa)?;
+    p.b.get_state(&mut sb)?;
+    let vcpus = compare_vcpus(&sa, &sb)?;
+    println!(
+        "check: OK same: all {pages} pfns identical ({mapped} mappable, digest {digest:016x}), \
+         {vcpus} vCPU(s) identical, compared in {:.0} ms",
+        ms(t.elapsed())
+    );
+    Ok(())
+}
+
 fn upcall_vector(args: &Args) -> Result<u8> {
     let vector = args.num("--vector", Some(0xf3))?;
     match u8::try_from(vector) {
@@ -691,8 +744,9 @@ fn main() -> ExitCode {
         "selftest" => selftest(&args),
         "replicate" => replicate(&args),
         "wake" => wake(&args),
+        "same" => same(&args),
         other => Err(CheckError::Usage(format!(
-            "unknown command `{other}` (info, digest, selftest, replicate, wake)"
+            "unknown command `{other}` (info, digest, selftest, replicate, wake, same)"
         ))),
     });
     match res {
