@@ -35,12 +35,30 @@
 //!
 //! # States
 //!
-//! Primary: `AwaitingHandshake → PreCopy → AwaitingSvmReady(0) → AwaitingSvmResumed → Running →
-//! AwaitingBackChannel(n) → Capturing(n) → AwaitingSvmReady(n) → AwaitingSvmResumed → Running …`,
-//! and `Unprotected` once the secondary is lost.
+//! Each state is named for what the machine awaits in it (the `tidy` test in xtask fails when a
+//! state of [`PrimaryState`] or [`SecondaryState`] is missing from these diagrams).
 //!
-//! Secondary: `AwaitingHandshake → InitialSync → AwaitingNew ⇄ (Suspending → ReceivingCheckpoint →
-//! Applying) …`, and `TakenOver` once the primary is lost.
+//! ```text
+//! PRIMARY
+//!  AwaitingHandshake ──AUTH──▶ PreCopySending(0)
+//!  PreCopySending(r) ──pages_sent──▶ PreCopyHarvesting(r)
+//!  PreCopyHarvesting(r) ──harvested──▶ PreCopySending(r+1)   (another round is worth it)
+//!                                    └▶ Pausing(0)           (converged: checkpoint 0)
+//!  Running ──start_checkpoint──▶ AwaitingBackChannel(n) ──SVM_SUSPENDED + B──▶ Pausing(n)
+//!  Pausing(n) ──paused──▶ Harvesting(n) ──harvested──▶ Capturing(n) ──captured──▶ Resuming(n)
+//!  Resuming(n) ──resumed──▶ Sending(n) ──capture_sent──▶ AwaitingSvmReady(n)
+//!  AwaitingSvmReady(n) ──SVM_READY──▶ AwaitingSvmResumed(n) ──SVM_RESUMED──▶ Running
+//!  any state ──peer lost (silence, stuck progress, broken protocol, GOODBYE)──▶ Unprotected
+//!
+//! SECONDARY
+//!  AwaitingHandshake ──headers, HELLO, AUTH──▶ InitialSync ──CHECKPOINT(0)──▶ Applying(0)
+//!  Applying(n) ──applied──▶ Resuming(n) ──resumed──▶ AwaitingNew(n)
+//!  AwaitingNew(n) ──NEW(n+1)──▶ Pausing(n+1) ──paused──▶ Harvesting(n+1) ──harvested, B sent──▶
+//!  ReceivingCheckpoint(n+1) ──CHECKPOINT(n+1)──▶ Applying(n+1)
+//!  AwaitingNew ──GOODBYE──▶ Closed
+//!  any state ──primary lost──▶ TakenOver (a complete checkpoint is held: the SVM serves)
+//!                            └▶ Failed    (none is held yet: nothing to serve from)
+//! ```
 //!
 //! An event that is not valid in a state is [`EngineError::Unexpected`], naming both.
 
