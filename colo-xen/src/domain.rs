@@ -30,6 +30,8 @@ pub struct XenDomain {
     logging: bool,
     /// `set_state` ran since the last resume: wake the vCPUs on resume.
     restored: bool,
+    /// Loaded vLAPICs whose upcall vector was pending and cleared for the wake (diagnostics).
+    vectors_cleared: u64,
     wake_vector: Option<u8>,
     /// Bits Xen already cleared that no caller has received yet (a failed harvest).
     pending: DirtyBitmap,
@@ -112,6 +114,7 @@ impl XenDomain {
             paused: info.flags & dominf::PAUSED != 0,
             logging: false,
             restored: false,
+            vectors_cleared: 0,
             wake_vector: None,
             pending: DirtyBitmap::new(pages),
             errs: vec![0; MAX_BATCH],
@@ -371,6 +374,11 @@ impl XenDomain {
         }
         self.ctx.clear();
         self.ctx.extend_from_slice(state.hvm_context);
+        // The wake that follows must find the upcall vector not yet pending, or it does not
+        // kick a halted vCPU (see `clear_pending_vector`); it sets the bit again.
+        if let Some(v) = self.upcall_vector()? {
+            self.vectors_cleared += crate::state::clear_pending_vector(&mut self.ctx, v) as u64;
+        }
         self.api.hvm_set_context(self.domid, &mut self.ctx)?;
         self.restored = true;
         Ok(())
@@ -385,6 +393,12 @@ impl XenDomain {
         self.wake_vector = vector;
     }
 
+    /// How many loaded vLAPICs had the upcall vector pending, cleared so that the wake after
+    /// the load kicks a halted vCPU (see [`crate::state::clear_pending_vector`]).
+    pub fn vectors_cleared(&self) -> u64 {
+        self.vectors_cleared
+    }
+
     /// A raw HVM parameter (`xc_hvm_param_get`), for diagnostics.
     pub fn hvm_param(&mut self, index: u32) -> Result<u64, XenError> {
         self.api.hvm_param_get(self.domid, index)
@@ -397,6 +411,19 @@ impl XenDomain {
         self.wake().map(|_| ())
     }
 
+    /// The guest's event-channel upcall vector: `HVM_PARAM_CALLBACK_IRQ` if it holds a vector,
+    /// else [`XenDomain::set_wake_vector`]'s.
+    fn upcall_vector(&mut self) -> Result<Option<u8>, XenError> {
+        const CALLBACK_IRQ: u32 = 0;
+        const TYPE_VECTOR: u64 = 2;
+        let via = self.api.hvm_param_get(self.domid, CALLBACK_IRQ)?;
+        Ok(if via >> 56 == TYPE_VECTOR {
+            Some((via & 0xff) as u8)
+        } else {
+            self.wake_vector
+        })
+    }
+
     /// Delivers the guest's own event-channel upcall vector (`HVM_PARAM_CALLBACK_IRQ` if it
     /// holds one, else [`XenDomain::set_wake_vector`]) as an MSI to every vCPU; the guest's
     /// upcall handler then scans for whatever is pending (and finds nothing, harmlessly, if
@@ -404,16 +431,8 @@ impl XenDomain {
     /// memory shows pending make Xen skip the upcall for new events on that word. Returns
     /// whether a vector was known (nothing is delivered otherwise).
     pub fn wake(&mut self) -> Result<bool, XenError> {
-        const CALLBACK_IRQ: u32 = 0;
-        const TYPE_VECTOR: u64 = 2;
-        let via = self.api.hvm_param_get(self.domid, CALLBACK_IRQ)?;
-        let vector = if via >> 56 == TYPE_VECTOR {
-            (via & 0xff) as u8
-        } else {
-            match self.wake_vector {
-                Some(v) => v,
-                None => return Ok(false),
-            }
+        let Some(vector) = self.upcall_vector()? else {
+            return Ok(false);
         };
         let vector = u32::from(vector);
         let max_vcpu = self.info()?.max_vcpu_id;
@@ -469,13 +488,15 @@ impl Domain for XenDomain {
     }
 
     fn resume(&mut self) -> Result<(), BackendError> {
-        if self.paused {
-            self.api.unpause(self.domid)?;
-            self.paused = false;
-        }
+        // The wake goes in while the domain is still paused: the injected vector kicks a
+        // vCPU that was halted (Xen clears its blocked flag), so it runs once unpaused.
         if self.restored {
             self.restored = false;
             self.wake_restored()?;
+        }
+        if self.paused {
+            self.api.unpause(self.domid)?;
+            self.paused = false;
         }
         Ok(())
     }

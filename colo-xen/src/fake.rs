@@ -41,6 +41,8 @@ pub(crate) struct FakeState {
     pub param_sets: Vec<(u32, u64)>,
     /// MSIs injected, as (address, data).
     pub msis: Vec<(u64, u32)>,
+    /// MSIs injected while the domain was paused.
+    pub msis_while_paused: usize,
     pub max_vcpu_id: u32,
     pub tsc: TscInfo,
 }
@@ -74,6 +76,7 @@ impl FakeHandle {
             params: HashMap::from([(1, 0xfeffc), (17, 0xfeffd)]),
             param_sets: Vec::new(),
             msis: Vec::new(),
+            msis_while_paused: 0,
             max_vcpu_id: 0,
             tsc: TscInfo {
                 mode: 0,
@@ -357,6 +360,9 @@ impl XcApi for FakeXc {
         let mut s = self.state.lock();
         check(&mut s, "xendevicemodel_inject_msi", domid)?;
         s.msis.push((addr, data));
+        if s.pause_count > 0 {
+            s.msis_while_paused += 1;
+        }
         Ok(())
     }
 

@@ -108,6 +108,50 @@ pub struct TscInfo {
     pub incarnation: u32,
 }
 
+/// HVM save record type of a vCPU's local APIC registers (`struct hvm_hw_lapic_regs`, 1024
+/// bytes: the APIC register page).
+const HVM_SAVE_LAPIC_REGS: u16 = 6;
+/// Offset of the interrupt request register (IRR) in the APIC register page: eight 32-bit
+/// registers, each in a 16-byte slot, for vectors 0–255.
+const APIC_IRR: usize = 0x200;
+
+/// Clears `vector`'s bit in the IRR of every local APIC register record of `ctx` (an HVM
+/// context as `xc_domain_hvm_getcontext` returns it: records of a u16 type code, a u16
+/// instance, a u32 length, then the body). Returns how many records had it set. A malformed
+/// record ends the walk (the hypervisor validates the whole context when it is loaded).
+///
+/// Why: a replica whose vCPU was halted is woken by Xen only when an interrupt becomes
+/// pending in its vLAPIC (`vlapic_set_irq` kicks the vCPU only on an IRR bit going from 0 to
+/// 1). A context captured while Xen had raised the event upcall on the paused primary carries
+/// that IRR bit set, so the wake delivered after loading it would change nothing and the
+/// replica would stay blocked; with the bit cleared, the wake sets it again and kicks.
+pub fn clear_pending_vector(ctx: &mut [u8], vector: u8) -> usize {
+    let byte = APIC_IRR + usize::from(vector / 32) * 0x10 + usize::from(vector % 32) / 8;
+    let mask = 1u8 << (vector % 8);
+    let mut cleared = 0;
+    let mut at = 0;
+    while at + 8 <= ctx.len() {
+        let code = u16_at(ctx, at);
+        let len = u32_at(ctx, at + 4) as usize;
+        let body = at + 8;
+        let Some(end) = body.checked_add(len).filter(|&e| e <= ctx.len()) else {
+            break;
+        };
+        if code == 0 {
+            break;
+        }
+        if code == HVM_SAVE_LAPIC_REGS && len > byte {
+            let b = &mut ctx[body + byte];
+            if *b & mask != 0 {
+                *b &= !mask;
+                cleared += 1;
+            }
+        }
+        at = end;
+    }
+    cleared
+}
+
 /// A decoded state blob, borrowing from the bytes it was decoded from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XenState<'a> {
@@ -273,6 +317,55 @@ pub fn encode_state(
 
 #[cfg(test)]
 mod tests {
+
+    /// An HVM context: a CPU record, a LAPIC_REGS record per vCPU, the END record.
+    fn context(irr_byte: usize, bits: u8) -> Vec<u8> {
+        let mut ctx = Vec::new();
+        let mut record = |code: u16, inst: u16, body: &[u8]| {
+            ctx.extend_from_slice(&code.to_le_bytes());
+            ctx.extend_from_slice(&inst.to_le_bytes());
+            ctx.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            ctx.extend_from_slice(body);
+        };
+        record(2, 0, &[0xff; 1024]);
+        for vcpu in 0..2 {
+            let mut regs = [0u8; 1024];
+            regs[irr_byte] = bits;
+            record(HVM_SAVE_LAPIC_REGS, vcpu, &regs);
+        }
+        record(0, 0, &[]);
+        ctx
+    }
+
+    #[test]
+    fn the_upcall_vector_is_cleared_from_every_vlapic_irr_and_nothing_else() {
+        // Vector 0xf3: IRR register 7 (0x270), byte 2 of it (bits 16–23), bit 3.
+        let mut ctx = context(0x272, 0b1000_1001);
+        let before = ctx.clone();
+        assert_eq!(clear_pending_vector(&mut ctx, 0xf3), 2);
+        let changed: Vec<usize> = (0..ctx.len()).filter(|&i| ctx[i] != before[i]).collect();
+        assert_eq!(changed.len(), 2, "{changed:?}");
+        for i in changed {
+            assert_eq!(ctx[i], 0b1000_0001);
+        }
+        // Already clear: nothing to do; the CPU record's 0xff bytes are never touched.
+        assert_eq!(clear_pending_vector(&mut ctx, 0xf3), 0);
+        let mut other = context(0x272, 0b0000_0001);
+        assert_eq!(clear_pending_vector(&mut other, 0xf3), 0);
+    }
+
+    #[test]
+    fn a_malformed_context_ends_the_walk_without_panicking() {
+        let mut ctx = context(0x272, 0xff);
+        // A record claiming more bytes than remain.
+        ctx[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(clear_pending_vector(&mut ctx, 0xf3), 0);
+        assert_eq!(clear_pending_vector(&mut [1, 2, 3], 0xf3), 0);
+        let mut short = context(0x272, 0xff);
+        short.truncate(1500);
+        clear_pending_vector(&mut short, 0xf3);
+    }
+
     use super::*;
     use proptest::prelude::*;
 

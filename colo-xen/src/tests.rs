@@ -436,6 +436,8 @@ fn resume_after_set_state_delivers_the_upcall_vector_to_every_vcpu() {
         fake.lock().msis,
         vec![(0xFEE0_0000, 0xf3), (0xFEE0_0000 | 2 << 12, 0xf3)]
     );
+    // Delivered before the unpause, so a halted vCPU is kicked before it is let run.
+    assert_eq!(fake.lock().msis_while_paused, 2);
     // A plain pause/resume does not inject again.
     dom.pause().expect("pause");
     dom.resume().expect("resume");
