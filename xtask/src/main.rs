@@ -22,7 +22,7 @@ commands:
                    run the cargo-fuzz targets (installs cargo-fuzz if missing)
   bench [--quick] [--json FILE]
                    end-to-end speed figures (release build) beside raw loopback TCP
-  xen-test [--deadline SECS] [--checkpoints N] [--verbose] [--require-takeover] [--advisory-colo]
+  xen-test [--deadline SECS] [--checkpoints N] [--verbose] [--verify] [--advisory-takeover] [--advisory-colo]
                    colo-xen on a real Xen 4.17 booted under QEMU (root, ~3 min)
   deps             install the system packages colo's build needs (root)
 ";
