@@ -97,15 +97,9 @@ impl DirtyBitmap {
         &self.words
     }
 
-    /// Mutable access to the backing words for backends that fill the bitmap wholesale.
-    /// Bits past `len` are cleared again by [`DirtyBitmap::mask_tail`], which callers must invoke
-    /// after writing (every constructor and operation in this module keeps the invariant).
-    pub fn words_mut(&mut self) -> &mut [u64] {
-        &mut self.words
-    }
-
-    /// Clears the bits beyond `len` in the last word.
-    pub fn mask_tail(&mut self) {
+    /// Clears the bits beyond `len` in the last word (every constructor and operation in this
+    /// module keeps that invariant).
+    fn mask_tail(&mut self) {
         let rem = self.len % WORD_BITS;
         if rem != 0 {
             if let Some(last) = self.words.last_mut() {
@@ -301,23 +295,32 @@ impl DirtyBitmap {
                 len: self.len,
             });
         }
-        let bytes = &bytes[..need];
+        self.or_xen_prefix(bytes);
+        Ok(())
+    }
+
+    /// ORs a Xen log-dirty buffer of any length into this bitmap: bits beyond the bitmap are
+    /// dropped, pages beyond the buffer are left as they are (used to merge back a partial
+    /// harvest).
+    pub fn or_xen_prefix(&mut self, bytes: &[u8]) {
+        let bytes = &bytes[..bytes.len().min(Self::xen_bytes_len(self.len))];
         let mut chunks = bytes.chunks_exact(8);
+        let mut n = 0;
         for (w, c) in self.words.iter_mut().zip(&mut chunks) {
             let mut a = [0u8; 8];
             a.copy_from_slice(c);
             *w |= u64::from_le_bytes(a);
+            n += 1;
         }
         let rest = chunks.remainder();
         if !rest.is_empty() {
             let mut a = [0u8; 8];
             a[..rest.len()].copy_from_slice(rest);
-            if let Some(last) = self.words.last_mut() {
-                *last |= u64::from_le_bytes(a);
+            if let Some(w) = self.words.get_mut(n) {
+                *w |= u64::from_le_bytes(a);
             }
         }
         self.mask_tail();
-        Ok(())
     }
 
     /// Writes the bitmap in Xen's log-dirty layout into `out`, which must hold at least
@@ -429,6 +432,21 @@ impl Iterator for Runs<'_> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_xen_prefix_of_any_length_keeps_the_tail_clear() {
+        // 70 pages: two words, the second holding 6 valid bits.
+        let mut b = DirtyBitmap::new(70);
+        b.or_xen_prefix(&[0xff; 3]);
+        assert_eq!(b.count(), 24);
+        b.or_xen_prefix(&[0xff; 64]);
+        assert_eq!(b.count(), 70, "bits beyond the bitmap are dropped");
+        let mut c = DirtyBitmap::new(70);
+        c.or_xen_prefix(&[]);
+        c.or_xen_prefix(&[0, 0, 0, 0, 0, 0, 0, 0, 0xff]);
+        assert_eq!(c.to_pfns(), (64..70).collect::<Vec<u64>>());
+    }
+
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeSet;

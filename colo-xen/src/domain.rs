@@ -53,29 +53,6 @@ impl std::fmt::Debug for XenDomain {
     }
 }
 
-/// ORs a Xen-layout byte buffer of any length into `into` (used to merge back bits that could
-/// not be delivered); bits beyond the bitmap are dropped.
-fn or_xen_prefix(into: &mut DirtyBitmap, bytes: &[u8]) {
-    let words = into.words_mut();
-    let mut chunks = bytes.chunks_exact(8);
-    let mut n = 0;
-    for (w, c) in words.iter_mut().zip(&mut chunks) {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(c);
-        *w |= u64::from_le_bytes(a);
-        n += 1;
-    }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        if let Some(w) = words.get_mut(n) {
-            let mut a = [0u8; 8];
-            a[..rest.len()].copy_from_slice(rest);
-            *w |= u64::from_le_bytes(a);
-        }
-    }
-    into.mask_tail();
-}
-
 impl XenDomain {
     /// Opens domain `domid` through the real libraries.
     ///
@@ -190,11 +167,11 @@ impl XenDomain {
             .logdirty_control(self.domid, LogDirtyOp::Clean, self.pages);
         if let Err(e) = res {
             // Xen may have cleared (and copied out) part of the log before failing.
-            or_xen_prefix(&mut self.pending, self.api.dirty_buffer());
+            self.pending.or_xen_prefix(self.api.dirty_buffer());
             return Err(e);
         }
         if let Err(e) = into.or_xen_bytes(self.api.dirty_buffer()) {
-            or_xen_prefix(&mut self.pending, self.api.dirty_buffer());
+            self.pending.or_xen_prefix(self.api.dirty_buffer());
             return Err(e.into());
         }
         if self.pending.count() != 0 {
