@@ -94,15 +94,21 @@ fn keepalive(tx: Arc<Tx>, interval: Duration) {
 pub struct LinkWriter<'a> {
     guard: MutexGuard<'a, TcpStream>,
     tx: &'a Tx,
+    /// The link's count of bytes written: every byte through this writer is counted.
+    bytes_out: &'a mut u64,
 }
 
 impl Write for LinkWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.guard.write(buf)
+        let n = self.guard.write(buf)?;
+        *self.bytes_out += n as u64;
+        Ok(n)
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        self.guard.write_vectored(bufs)
+        let n = self.guard.write_vectored(bufs)?;
+        *self.bytes_out += n as u64;
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -189,9 +195,9 @@ pub struct Link {
     failed: Option<io::Error>,
     peer: SocketAddr,
     /// Bytes written so far.
-    pub bytes_out: u64,
+    bytes_out: u64,
     /// Bytes read so far.
-    pub bytes_in: u64,
+    bytes_in: u64,
 }
 
 fn configure(stream: &TcpStream) -> Result<()> {
@@ -363,9 +369,17 @@ impl Link {
         if bytes.is_empty() {
             return Ok(());
         }
-        self.writer().write_all(bytes)?;
-        self.bytes_out += bytes.len() as u64;
-        Ok(())
+        self.writer().write_all(bytes)
+    }
+
+    /// Bytes written to the peer so far (every path counts: `send`, `writer`).
+    pub fn bytes_out(&self) -> u64 {
+        self.bytes_out
+    }
+
+    /// Bytes received from the peer so far.
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in
     }
 
     /// The sending half for a batch of whole records (vectored page writes); the keepalive
@@ -375,6 +389,7 @@ impl Link {
         LinkWriter {
             guard: self.tx.stream.lock(),
             tx: &self.tx,
+            bytes_out: &mut self.bytes_out,
         }
     }
 
@@ -533,5 +548,40 @@ impl Drop for Link {
     /// the close at once, not when the reader next wakes.
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every byte written reaches the count, whichever path wrote it.
+    #[test]
+    fn bytes_out_counts_send_and_writer_alike() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cfg = DecoderConfig {
+            expect_headers: false,
+            page_count: None,
+        };
+        let reader = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut all = Vec::new();
+            io::Read::read_to_end(&mut s, &mut all).unwrap();
+            all.len() as u64
+        });
+        let mut link = Link::connect(&addr, Duration::from_secs(5), cfg).unwrap();
+        link.send(&[1; 100]).unwrap();
+        let vectored = {
+            let mut w = link.writer();
+            w.write_all(&[2; 5000]).unwrap();
+            let parts = [io::IoSlice::new(&[3; 7]), io::IoSlice::new(&[4; 70_000])];
+            w.write_vectored(&parts).unwrap() as u64
+        };
+        assert!(vectored > 0);
+        assert_eq!(link.bytes_out(), 100 + 5000 + vectored);
+        link.shutdown_write();
+        let got = reader.join().unwrap();
+        assert_eq!(got, link.bytes_out());
     }
 }

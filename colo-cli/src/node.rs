@@ -834,7 +834,6 @@ impl<G: Guest> PrimaryNode<G> {
                 sent.record(&pfns, &self.present, &self.copy);
             }
         }
-        link.bytes_out += bytes;
         Ok(bytes)
     }
 
@@ -858,7 +857,6 @@ impl<G: Guest> PrimaryNode<G> {
         Message::VcpuState(&self.state).encode(&mut self.scratch);
         link.send(&self.scratch)?;
         bytes += self.scratch.len() as u64;
-        link.bytes_out += bytes - self.scratch.len() as u64;
         Ok(bytes)
     }
 
@@ -956,8 +954,8 @@ impl<G: Guest> PrimaryNode<G> {
             st.epoch = self.engine.epoch();
         }
         if let Some(l) = &self.link {
-            st.link_bytes_out = l.bytes_out;
-            st.link_bytes_in = l.bytes_in;
+            st.link_bytes_out = l.bytes_out();
+            st.link_bytes_in = l.bytes_in();
         }
         if let Some(c) = &self.clients {
             st.frames_delivered = c.delivered;
@@ -1370,8 +1368,8 @@ impl<G: Guest> SecondaryNode<G> {
         st.protected = self.engine.running_epoch().is_some();
         st.epoch = self.engine.running_epoch().unwrap_or(0);
         if let Some(l) = &self.link {
-            st.link_bytes_out = l.bytes_out;
-            st.link_bytes_in = l.bytes_in;
+            st.link_bytes_out = l.bytes_out();
+            st.link_bytes_in = l.bytes_in();
         }
         let _ = &self.clients;
     }
