@@ -316,6 +316,13 @@ impl MockDomain {
         Ok(true)
     }
 
+    /// A channel that holds a message whenever the guest emitted a frame since the last
+    /// message was taken: wait on it (with other sources) instead of polling
+    /// [`MockDomain::drain_tx`].
+    pub fn output_ready(&self) -> crossbeam_channel::Receiver<()> {
+        self.shared.tx_ready.1.clone()
+    }
+
     /// Hands every frame the guest emitted since the last drain to `out`, in order, and frees
     /// their TX slots.
     pub fn drain_tx(&mut self, out: &mut dyn FnMut(&[u8])) -> Result<usize, MockError> {

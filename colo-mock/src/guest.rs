@@ -207,6 +207,8 @@ impl HostDevices {
 pub enum Step {
     /// Guest state changed.
     Progress,
+    /// Guest state changed and a frame went into the TX ring.
+    Emitted,
     /// Nothing to do (no request, TX full, idle workload); nothing changed.
     Idle,
 }
@@ -285,6 +287,7 @@ fn kv_step(
     mem.read(slot + 2, &mut s.rx[..len])?;
     // The RNG draw happens for every request so both replicas stay in lockstep.
     let diverge_draw = regs.rand();
+    let mut emitted = false;
     if kv_answer(cfg, mem, regs, dev, s, len, diverge_draw)? {
         let tslot = TX_RING + (tp % RING_SLOTS) as usize * SLOT_BYTES;
         let n = s.tx.len().min(MAX_FRAME);
@@ -292,13 +295,18 @@ fn kv_step(
         mem.write(tslot + 2, &s.tx[..n])?;
         tx_prod.store(tp + 1, Release);
         regs.r[0] += 1;
+        emitted = true;
     } else {
         regs.r[1] += 1;
     }
     rx_cons.store(cons + 1, Release);
     regs.pc += 1;
     regs.clock += 1000;
-    Ok(Step::Progress)
+    Ok(if emitted {
+        Step::Emitted
+    } else {
+        Step::Progress
+    })
 }
 
 /// Builds the response to the request in `s.rx[..len]` into `s.tx`; false = frame dropped.

@@ -33,6 +33,12 @@ pub(crate) struct Shared {
     pub steps: AtomicU64,
     /// Bumped by the host NIC after it posts a request.
     pub doorbell: AtomicU64,
+    /// Signalled (at most one pending) when a vCPU put a frame in the TX ring, so the host
+    /// sleeps until there is output instead of polling the ring.
+    pub tx_ready: (
+        crossbeam_channel::Sender<()>,
+        crossbeam_channel::Receiver<()>,
+    ),
     /// Dirty workload rate, pages per ms over all vCPUs.
     pub dirty_rate: AtomicU64,
     /// vCPUs idle once their program counter reaches this (u64::MAX = no limit).
@@ -54,6 +60,7 @@ impl Shared {
             regs: (0..n).map(|i| Mutex::new(VcpuRegs::boot(i))).collect(),
             steps: AtomicU64::new(0),
             doorbell: AtomicU64::new(0),
+            tx_ready: crossbeam_channel::bounded(1),
             dirty_rate: AtomicU64::new(rate),
             step_limit: AtomicU64::new(u64::MAX),
             workload,
@@ -67,6 +74,10 @@ impl Shared {
         self.cv.notify_all();
     }
 }
+
+/// Longest sleep of an idle vCPU between checks (every wake is signalled; this bounds the cost
+/// of one that is not).
+const IDLE_WAIT: Duration = Duration::from_millis(100);
 
 /// Paces the dirty workload at `rate` pages/ms per vCPU from the last resume on.
 struct Throttle {
@@ -157,14 +168,21 @@ pub(crate) fn run(shared: Arc<Shared>, idx: usize, mut dev: HostDevices) {
             }
         };
         match r {
-            Ok(Step::Progress) => {
+            Ok(step @ (Step::Progress | Step::Emitted)) => {
                 throttle.done += 1;
                 shared.steps.fetch_add(1, Ordering::Relaxed);
+                if step == Step::Emitted {
+                    // Full means a signal is already pending: the host drains everything.
+                    let _ = shared.tx_ready.0.try_send(());
+                }
             }
             Ok(Step::Idle) => {
+                // The host rings the doorbell (under this lock) when it posts a request or
+                // frees TX slots, and pause/stop notify too, so no wake is lost; the timeout
+                // is only a safety net.
                 let mut c = shared.ctl.lock();
                 if c.run && c.job.is_none() && shared.doorbell.load(Ordering::Acquire) == bell {
-                    shared.cv.wait_for(&mut c, Duration::from_millis(5));
+                    shared.cv.wait_for(&mut c, IDLE_WAIT);
                 }
             }
             Err(e) => {

@@ -368,3 +368,35 @@ fn dirty_workload_is_deterministic() {
     );
     assert_ne!(a.0, run(1, 30_001).0);
 }
+
+/// The host can sleep on `output_ready` instead of polling the TX ring: every answer is
+/// announced, and nothing is announced while the guest is idle.
+#[test]
+fn output_ready_announces_every_answer_and_stays_quiet_when_idle() {
+    let mut d = kv(5, false, 0.0);
+    let ready = d.output_ready();
+    d.resume().unwrap();
+    assert!(
+        ready.recv_timeout(Duration::from_millis(200)).is_err(),
+        "an idle guest announced output"
+    );
+    let mut frame = Vec::new();
+    for id in 0..20u64 {
+        let r = KvRequest {
+            id,
+            op: KvOp::Put,
+            key: b"k",
+            value: b"v",
+        };
+        build_request_frame(&CLIENT, &r, &mut frame).unwrap();
+        let seq = d.rx_next_seq();
+        assert!(d.inject(seq, &frame).unwrap());
+        // Blocks until the guest answered (a generous bound: only a lost signal exceeds it).
+        ready
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("answer {id} was not announced"));
+        let mut got = 0;
+        d.drain_tx(&mut |_| got += 1).unwrap();
+        assert_eq!(got, 1, "request {id}");
+    }
+}
