@@ -115,7 +115,11 @@ names the byte offset), 1 if the restored guest's memory differs from the stream
 const DUMP_EXAMPLES: &str = "\
 Examples:
   colo stream dump vm.img
-  colo stream dump --json - < vm.img";
+  colo stream dump --json - < vm.img
+
+Exit codes: 0 a whole stream (it ends with an END record); 2 the file cannot be read, the
+stream is malformed (the error names the byte offset), or it is truncated: it stops without an
+END record, as Xen's verify-stream-v2 reports (the records read are printed first).";
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -171,7 +175,7 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum StreamCommand {
-    /// Print a stream's headers and records; exit 2 if it is malformed.
+    /// Print a stream's headers and records; exit 2 if it is malformed or truncated (no END).
     #[command(after_help = DUMP_EXAMPLES)]
     Dump {
         /// The stream file, or `-` for standard input.

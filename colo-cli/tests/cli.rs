@@ -528,6 +528,51 @@ fn save_dump_restore_round_trip() {
 }
 
 #[test]
+fn dump_of_a_stream_without_end_is_truncated_exit_2() {
+    let s = Scratch::new("noend");
+    let img = s.path("vm.img");
+    let o = s.run(&[
+        "save",
+        "--ram",
+        "4M",
+        "--seconds",
+        "0",
+        "--out",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let whole = dump_json(&s, &img);
+    let records = u(&whole["summary"], "records");
+    // Cut the stream at the record boundary before END (an 8-byte record without a body).
+    let mut bytes = std::fs::read(&img).unwrap();
+    assert_eq!(
+        bytes[bytes.len() - 8..],
+        [0u8; 8],
+        "the stream must end with END"
+    );
+    bytes.truncate(bytes.len() - 8);
+    std::fs::write(s.path("noend.img"), &bytes).unwrap();
+    let want = format!(
+        "stream truncated: no END record after {} records, at byte {}",
+        records - 1,
+        bytes.len()
+    );
+    let o = s.run(&["stream", "dump", "noend.img"]);
+    assert_usage_error(&o, &["noend.img", &want]);
+    // What was read is still printed, the summary included.
+    let out = stdout(&o);
+    assert!(out.contains("HVM_PARAMS"), "{out}");
+    assert!(out.contains("no END record (truncated)"), "{out}");
+    let o = s.run(&["stream", "dump", "--json", "noend.img"]);
+    assert_usage_error(&o, &[&want]);
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["summary"]["ended_with_end"], false, "{v}");
+    // The help names the exit code.
+    let help = stdout(&s.run(&["stream", "dump", "--help"]));
+    assert!(help.contains("truncated"), "{help}");
+}
+
+#[test]
 fn demo_save_writes_a_snapshot_dump_accepts() {
     let s = Scratch::new("demosave");
     let v = demo_json(&s, &["--duration", "1.5", "--save", "demo.img"]);
