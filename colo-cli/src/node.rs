@@ -142,6 +142,17 @@ const MAX_READ_SLICE: Duration = Duration::from_millis(20);
 /// interrupt line to the host).
 const POLL: Duration = Duration::from_micros(500);
 
+/// Why the link to `peer` ("primary" or "secondary") ends after the machine refused its input:
+/// a refusal at the handshake (a setting that differs) is not a broken protocol.
+fn protocol_error(peer: &str, e: &colo_core::engine::EngineError) -> String {
+    match e {
+        colo_core::engine::EngineError::Link(l) => {
+            format!("the link handshake refused the {peer}: {l}")
+        }
+        e => format!("{peer} broke the protocol: {e}"),
+    }
+}
+
 fn run_fence(cmd: &Option<String>) -> Result<()> {
     let Some(cmd) = cmd else { return Ok(()) };
     let status = std::process::Command::new("sh")
@@ -356,7 +367,7 @@ impl<G: Guest> PrimaryNode<G> {
             st.client_addr = clients.as_ref().map(|c| c.addr().to_string());
         }
         let sent = opts.verify.then(|| SentPages::new(pages));
-        Ok(Self {
+        let mut node = Self {
             guest,
             engine,
             link,
@@ -378,7 +389,11 @@ impl<G: Guest> PrimaryNode<G> {
             status,
             stop: Arc::new(AtomicBool::new(false)),
             commands: None,
-        })
+        };
+        // The HELLO goes out at once, before anything is read: a peer that refuses this node's
+        // HELLO then still reads this node's and can say why it was refused too.
+        node.flush();
+        Ok(node)
     }
 
     /// Re-protection: an unprotected primary (for example the survivor of a failover) connects
@@ -402,11 +417,15 @@ impl<G: Guest> PrimaryNode<G> {
         )?;
         self.engine = Primary::new(primary_config(&self.opts, pages), Instant::now());
         self.comparator = None;
-        let mut st = self.status.lock();
-        st.peer = Some(link.peer().to_string());
-        st.failover_reason = None;
-        st.failover_at = None;
+        {
+            let mut st = self.status.lock();
+            st.peer = Some(link.peer().to_string());
+            st.failover_reason = None;
+            st.failover_at = None;
+        }
         self.link = Some(link);
+        // The HELLO goes out at once (see with_link).
+        self.flush();
         tracing::info!("re-protecting with the secondary at {peer}");
         Ok(())
     }
@@ -567,8 +586,7 @@ impl<G: Guest> PrimaryNode<G> {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    self.engine
-                        .peer_lost(now, format!("secondary broke the protocol: {e}"));
+                    self.engine.peer_lost(now, protocol_error("secondary", &e));
                     break;
                 }
             }
@@ -998,7 +1016,7 @@ impl<G: Guest> SecondaryNode<G> {
             st.role = "secondary".into();
             st.peer = Some(link.peer().to_string());
         }
-        Ok(Self {
+        let mut node = Self {
             guest,
             engine: Secondary::new(cfg, now),
             link: Some(link),
@@ -1014,7 +1032,10 @@ impl<G: Guest> SecondaryNode<G> {
             late: None,
             logging: false,
             commands: None,
-        })
+        };
+        // The HELLO goes out at once (see PrimaryNode::with_link).
+        node.flush();
+        Ok(node)
     }
 
     /// A flag that ends [`SecondaryNode::run`] when set.
@@ -1164,8 +1185,7 @@ impl<G: Guest> SecondaryNode<G> {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    self.engine
-                        .peer_lost(format!("primary broke the protocol: {e}"));
+                    self.engine.peer_lost(protocol_error("primary", &e));
                     break;
                 }
             }

@@ -222,6 +222,49 @@ fn status_reaches_a_running_pair_and_failover_takes_over() {
 }
 
 #[test]
+fn verify_on_one_node_only_is_refused_by_both() {
+    let s = Scratch::new("verify");
+    let repl = format!("127.0.0.1:{}", free_port());
+    let pn = format!("vp{}", std::process::id());
+    let mut sec = Node(
+        s.colo()
+            .args(["secondary", "--listen", &repl, "--ram", "8M"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let _pri = Node(
+        s.colo()
+            .args(["primary", "--peer", &repl, "--ram", "8M", "--verify"])
+            .args(["--name", &pn, "--connect-timeout", "20"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let want = "--verify differs: the primary has it and the secondary does not";
+    // The secondary refuses and stops: it never held a checkpoint to take over from.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(st) = sec.0.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(Instant::now() < deadline, "the secondary did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut sec.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(want), "{err}");
+    // The primary refuses too, and says why in its status.
+    let v = wait_for(&s, &pn, "refused", |v| v["failover_reason"].is_string());
+    let reason = v["failover_reason"].as_str().unwrap();
+    assert!(reason.contains(want), "{v}");
+    assert_eq!(v["protected"], false, "{v}");
+}
+
+#[test]
 fn bad_input_exits_2_with_one_clear_line() {
     let s = Scratch::new("bad");
     assert_usage_error(&s.run(&["--bogus"]), &["--bogus"]);
