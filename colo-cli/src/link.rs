@@ -203,6 +203,14 @@ fn configure(stream: &TcpStream) -> Result<()> {
     Ok(())
 }
 
+/// Whole seconds left until `deadline`, rounded (for messages).
+fn secs_left(deadline: Instant) -> u64 {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .as_secs_f64()
+        .round() as u64
+}
+
 /// When bytes last arrived, in ns since `epoch` (0: never), written by the reader thread.
 #[derive(Debug)]
 struct Arrival {
@@ -289,7 +297,9 @@ impl Link {
         })
     }
 
-    /// Connects to `addr`, retrying until `timeout` (the peer may still be starting).
+    /// Connects to `addr`, retrying until `timeout` (the peer may still be starting). The first
+    /// failed attempt is logged once (a warning naming the address and the time left), the
+    /// retries are quiet.
     pub fn connect(addr: &str, timeout: Duration, cfg: DecoderConfig) -> Result<Self> {
         let deadline = Instant::now() + timeout;
         let addrs: Vec<SocketAddr> = addr
@@ -299,6 +309,7 @@ impl Link {
         let first = *addrs
             .first()
             .ok_or_else(|| anyhow!("peer address `{addr}` resolves to nothing"))?;
+        let mut said = false;
         loop {
             match TcpStream::connect_timeout(&first, Duration::from_millis(500)) {
                 Ok(s) => return Self::new(s, cfg),
@@ -310,7 +321,17 @@ impl Link {
                         )
                     })
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => {
+                    if !said {
+                        said = true;
+                        tracing::warn!(
+                            "cannot reach the peer at {addr} yet ({e}); retrying quietly until \
+                             it is up, giving up in {} s (--connect-timeout)",
+                            secs_left(deadline)
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(50))
+                }
             }
         }
     }
@@ -325,6 +346,11 @@ impl Link {
         listener
             .set_nonblocking(true)
             .context("listener nonblocking")?;
+        let local = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut said = false;
         loop {
             match listener.accept() {
                 Ok((s, _)) => {
@@ -334,12 +360,20 @@ impl Link {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(anyhow!(
-                            "no peer connected to {} in time",
-                            listener
-                                .local_addr()
-                                .map(|a| a.to_string())
-                                .unwrap_or_default()
+                            "no peer connected to {local} within {} s",
+                            timeout.unwrap_or_default().as_secs_f64()
                         ));
+                    }
+                    if !said {
+                        said = true;
+                        match deadline {
+                            Some(d) => tracing::warn!(
+                                "waiting for the peer to connect to {local}; giving up in {} s \
+                                 (--connect-timeout)",
+                                secs_left(d)
+                            ),
+                            None => tracing::warn!("waiting for the peer to connect to {local}"),
+                        }
                     }
                     std::thread::sleep(Duration::from_millis(10));
                 }

@@ -263,7 +263,8 @@ pub struct NodeArgs {
     /// Write this node's status as JSON to this file every 200 ms.
     #[arg(long)]
     pub status_file: Option<PathBuf>,
-    /// How long to wait for the peer, s.
+    /// How long to wait for the peer, s. A node that has to wait says so once (the address and
+    /// the time left), then retries quietly.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
     /// Node name for the control socket (`colo status --name`, `colo failover --name`);

@@ -90,6 +90,29 @@ fn assert_usage_error(o: &Output, needles: &[&str]) {
     }
 }
 
+/// Exit code 2 after a node waited for `peer` in vain: one line saying it waits (naming the
+/// address and the time left), retries that print nothing, then one error line naming it.
+fn assert_unreachable(o: &Output, peer: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "want a waiting line and an error, got: {err}"
+    );
+    assert!(
+        lines[0].contains(&format!("cannot reach the peer at {peer} yet"))
+            && lines[0].contains("giving up in"),
+        "{err}"
+    );
+    assert!(
+        lines[1].contains(peer) && lines[1].contains("error"),
+        "{err}"
+    );
+}
+
 fn u(v: &Value, key: &str) -> u64 {
     v[key]
         .as_u64()
@@ -264,6 +287,114 @@ fn verify_on_one_node_only_is_refused_by_both() {
     assert_eq!(v["protected"], false, "{v}");
 }
 
+/// Lines of a child's stderr, as they come.
+fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let err = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(err)) {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits up to `within` for a line containing `needle`; returns it and the lines before it.
+fn wait_line(
+    rx: &std::sync::mpsc::Receiver<String>,
+    needle: &str,
+    within: Duration,
+) -> (String, Vec<String>) {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains(needle) => return (l, seen),
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("no line with `{needle}` within {within:?}; got: {seen:#?}"),
+        }
+    }
+}
+
+#[test]
+fn a_node_waiting_for_its_peer_says_so_once() {
+    let s = Scratch::new("wait");
+    let repl = format!("127.0.0.1:{}", free_port());
+    let pn = format!("wp{}", std::process::id());
+    let common = ["--ram", "8M", "--heartbeat-timeout-ms", "3000"];
+    let mut pri = Node(
+        s.colo()
+            .args(["primary", "--peer", &repl, "--name", &pn])
+            .args(common)
+            .args(["--connect-timeout", "60"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = stderr_lines(&mut pri.0);
+    // It says so at once (not after its timeout), naming the address and the time left.
+    let (line, _) = wait_line(
+        &lines,
+        &format!("cannot reach the peer at {repl} yet"),
+        Duration::from_secs(20),
+    );
+    let left: u64 = line
+        .split("giving up in ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no time left in: {line}"));
+    assert!((1..=60).contains(&left), "{line}");
+    // Let it retry a while, quietly; then the secondary comes up and the pair forms.
+    std::thread::sleep(Duration::from_millis(1500));
+    let _sec = Node(
+        s.colo()
+            .args(["secondary", "--listen", &repl])
+            .args(common)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&s, &pn, "protected", |v| v["protected"] == true);
+    drop(pri);
+    let rest: Vec<String> = lines.try_iter().collect();
+    assert!(
+        !rest.iter().any(|l| l.contains("cannot reach")),
+        "the wait was announced more than once: {rest:#?}"
+    );
+
+    // A secondary waiting for its primary says so too.
+    let port = free_port();
+    let o = s.run(&[
+        "secondary",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--name",
+        "lonely",
+        "--ram",
+        "8M",
+        "--connect-timeout",
+        "1",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(
+        lines[0].contains(&format!(
+            "waiting for the peer to connect to 127.0.0.1:{port}"
+        )) && lines[0].contains("giving up in 1 s"),
+        "{err}"
+    );
+    assert!(lines[1].contains("no peer connected"), "{err}");
+}
+
 #[test]
 fn bad_input_exits_2_with_one_clear_line() {
     let s = Scratch::new("bad");
@@ -292,7 +423,7 @@ fn bad_input_exits_2_with_one_clear_line() {
     );
     let port = free_port();
     let peer = format!("127.0.0.1:{port}");
-    assert_usage_error(
+    assert_unreachable(
         &s.run(&[
             "primary",
             "--peer",
@@ -302,7 +433,7 @@ fn bad_input_exits_2_with_one_clear_line() {
             "--connect-timeout",
             "1",
         ]),
-        &[&peer],
+        &peer,
     );
     assert_usage_error(&s.run(&["primary", "--ram", "8M"]), &["--peer"]);
     std::fs::write(s.path("bad.img"), b"definitely not a libxc stream").unwrap();
@@ -404,7 +535,7 @@ fn config_file_applies_and_flags_win() {
     let cfg_s = cfg.to_str().unwrap();
     // From the file.
     let o = s.run(&["primary", "--config", cfg_s, "--connect-timeout", "1"]);
-    assert_usage_error(&o, &[&format!("127.0.0.1:{p1}")]);
+    assert_unreachable(&o, &format!("127.0.0.1:{p1}"));
     // The flag wins.
     let peer2 = format!("127.0.0.1:{p2}");
     let o = s.run(&[
@@ -416,7 +547,7 @@ fn config_file_applies_and_flags_win() {
         "--connect-timeout",
         "1",
     ]);
-    assert_usage_error(&o, &[&peer2]);
+    assert_unreachable(&o, &peer2);
     // A bad value in the file names the file.
     std::fs::write(&cfg, "peer = \"127.0.0.1:1\"\nworkload = \"bogus\"\n").unwrap();
     let o = s.run(&["primary", "--config", cfg_s]);
@@ -433,7 +564,7 @@ fn config_file_applies_and_flags_win() {
         "--connect-timeout",
         "1",
     ]);
-    assert_usage_error(&o, &["127.0.0.1:1"]);
+    assert_unreachable(&o, "127.0.0.1:1");
 }
 
 fn dump_json(s: &Scratch, file: &Path) -> Value {
