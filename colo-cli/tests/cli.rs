@@ -174,6 +174,106 @@ fn demo_kill_primary_fails_over_without_losing_writes() {
     assert!(u(&v, "acked_writes") > 0, "{v}");
 }
 
+/// Runs `colo demo` until it has checkpointed and served its client a while, then sends it
+/// `signal` (to its whole process group when `group`, as a terminal's Ctrl-C does) and returns
+/// its output and how long it took to exit. Fails if it is still running 20 s later.
+fn demo_until_signal(s: &Scratch, signal: &str, group: bool) -> (Output, Duration) {
+    use std::os::unix::process::CommandExt;
+    let mut child = s
+        .colo()
+        .args(["demo", "--ram", "16M", "--heartbeat-timeout-ms", "3000"])
+        .env("TMPDIR", &s.0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let status_file = s.path(&format!("colo-demo-{pid}")).join("primary.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st: Option<Value> = std::fs::read(&status_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if st.is_some_and(|v| v["checkpoints"].as_u64().unwrap_or(0) >= 3) {
+            break;
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!("the demo never checkpointed: {}", stderr(&o));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The client has been running meanwhile; give it a moment more.
+    std::thread::sleep(Duration::from_millis(1000));
+    let target = if group {
+        format!("-{pid}")
+    } else {
+        pid.to_string()
+    };
+    let sent = Instant::now();
+    let ok = Command::new("kill")
+        .args([&format!("-{signal}"), "--", &target])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill -{signal} {target} failed");
+    // A safety kill after 20 s (the bug: about 21 s of ignoring Ctrl-C).
+    let killer = {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = done.clone();
+        std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < until {
+                if d.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        });
+        done
+    };
+    let o = child.wait_with_output().unwrap();
+    let took = sent.elapsed();
+    killer.store(true, Ordering::Relaxed);
+    assert!(
+        took < Duration::from_secs(20),
+        "the demo ignored SIG{signal} for {took:?}; stderr: {}",
+        stderr(&o)
+    );
+    // The nodes were stopped with it.
+    for role in ["primary", "secondary"] {
+        assert!(
+            status(s, &format!("demo-{pid}-{role}")).is_none(),
+            "the demo's {role} outlived it"
+        );
+    }
+    (o, took)
+}
+
+#[test]
+fn demo_stops_on_sigint_and_sigterm_with_its_summary_and_no_false_client_error() {
+    let s = Scratch::new("demoint");
+    for (signal, group) in [("INT", true), ("TERM", false)] {
+        let (o, took) = demo_until_signal(&s, signal, group);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(0), "SIG{signal}: {err}");
+        assert!(!err.contains("client failed"), "SIG{signal}: {err}");
+        assert!(!err.contains("read-back failed"), "SIG{signal}: {err}");
+        assert!(!err.contains("panicked"), "SIG{signal}: {err}");
+        let out = stdout(&o);
+        let v: Value = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("SIG{signal}: no JSON summary ({e}): {out}"));
+        assert!(u(&v, "checkpoints") >= 3, "{v}");
+        assert!(u(&v, "client_ops") > 0, "{v}");
+        assert_eq!(u(&v, "lost_acked_writes"), 0, "{v}");
+        eprintln!("SIG{signal}: the demo exited {took:?} after the signal");
+    }
+}
+
 fn status(s: &Scratch, name: &str) -> Option<Value> {
     let o = s.run(&["status", "--name", name, "--json"]);
     if o.status.code() != Some(0) {
