@@ -336,6 +336,24 @@ impl Link {
         }
     }
 
+    /// [`Link::connect`] on a helper thread, so the caller's loop (a node serving clients) never
+    /// blocks on name resolution or connection attempts; [`PendingLink::poll`] hands over the
+    /// result.
+    pub fn connect_in_background(
+        addr: &str,
+        timeout: Duration,
+        cfg: DecoderConfig,
+    ) -> io::Result<PendingLink> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let addr = addr.to_string();
+        std::thread::Builder::new()
+            .name("colo-link-connect".into())
+            .spawn(move || {
+                let _ = tx.send(Self::connect(&addr, timeout, cfg));
+            })?;
+        Ok(PendingLink { rx })
+    }
+
     /// Accepts one connection on `listener`, waiting at most `timeout` (None: forever).
     pub fn accept(
         listener: &TcpListener,
@@ -559,6 +577,25 @@ impl Link {
     /// A second handle on the socket, e.g. to cut it from another thread.
     pub fn try_clone_stream(&self) -> io::Result<TcpStream> {
         self.tx.ctl.try_clone()
+    }
+}
+
+/// A [`Link::connect_in_background`] under way.
+#[derive(Debug)]
+pub struct PendingLink {
+    rx: Receiver<Result<Link>>,
+}
+
+impl PendingLink {
+    /// The connection's outcome once there is one; `None` while it is still trying.
+    pub fn poll(&self) -> Option<Result<Link>> {
+        match self.rx.try_recv() {
+            Ok(res) => Some(res),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => {
+                Some(Err(anyhow!("the connecting thread ended without a result")))
+            }
+        }
     }
 }
 

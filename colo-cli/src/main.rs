@@ -87,7 +87,14 @@ Examples:
 const PROTECT_EXAMPLES: &str = "\
 Examples:
   colo secondary --listen 10.0.0.3:7000 --ram 64M --client 10.0.0.3:7100   (new secondary)
-  colo protect --name secondary --peer 10.0.0.3:7000   (on the survivor of a failover)";
+  colo protect --name secondary --peer 10.0.0.3:7000   (on the survivor of a failover)
+
+It waits for the node's answer: the node connects (on a helper thread: it keeps serving its
+clients meanwhile) and runs the link handshake with the new secondary.
+Exit codes: 0 protection started (connected, handshake passed: re-synchronising); 1 it did not
+(the node is not an unprotected primary, the peer could not be reached within
+--connect-timeout, or the handshake refused it; the reason is printed); 2 bad usage or no node
+of that name.";
 
 const FAILOVER_EXAMPLES: &str = "\
 Examples:
@@ -159,6 +166,9 @@ enum Command {
         /// The new secondary's replication address (HOST:PORT).
         #[arg(long)]
         peer: String,
+        /// How long the node keeps trying to reach the new secondary, s.
+        #[arg(long, default_value_t = 30)]
+        connect_timeout: u64,
     },
     /// Write a full snapshot of a VM in Xen's libxc migration stream format.
     #[command(after_help = SAVE_EXAMPLES)]
@@ -520,20 +530,48 @@ fn run(cli: Cli) -> Result<i32> {
             println!("failover requested on {name}");
             Ok(0)
         }
-        Command::Protect { name, peer } => {
-            colo_cli::control::request_json(
-                &colo_cli::control::socket_path(&name),
-                "protect",
-                serde_json::json!({ "cmd": "protect", "peer": peer }),
-            )?;
-            println!("{name} is re-synchronising with the secondary at {peer}; see `colo status --name {name}`");
-            Ok(0)
-        }
+        Command::Protect {
+            name,
+            peer,
+            connect_timeout,
+        } => protect(&name, &peer, connect_timeout),
         Command::Save(a) => run_save(a),
         Command::Restore(a) => run_restore(a),
         Command::Stream {
             command: StreamCommand::Dump { file, json },
         } => stream_dump(&file, json),
+    }
+}
+
+/// `colo protect`: 0 once the node started re-protecting, 1 when it answered that it did not.
+fn protect(name: &str, peer: &str, connect_timeout: u64) -> Result<i32> {
+    anyhow::ensure!(
+        connect_timeout <= 86_400,
+        "--connect-timeout must be at most 86400 s, got {connect_timeout}"
+    );
+    let timeout = Duration::from_secs(connect_timeout);
+    let res = colo_cli::control::request_json_within(
+        &colo_cli::control::socket_path(name),
+        "protect",
+        serde_json::json!({
+            "cmd": "protect",
+            "peer": peer,
+            "connect_timeout_ms": timeout.as_millis() as u64,
+        }),
+        // The node answers within the connect timeout plus its margin for the handshake.
+        timeout + colo_cli::control::PROTECT_MARGIN + Duration::from_secs(5),
+    );
+    match res {
+        Ok(v) => {
+            let what = v["message"].as_str().unwrap_or("re-protection started");
+            println!("{name}: {what}; see `colo status --name {name}`");
+            Ok(0)
+        }
+        Err(e) if e.is::<colo_cli::control::Refused>() => {
+            eprintln!("colo: error: {e:#}");
+            Ok(1)
+        }
+        Err(e) => Err(e),
     }
 }
 

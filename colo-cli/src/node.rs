@@ -25,8 +25,8 @@ use colo_core::{BackendError, Domain, PAGE_SIZE};
 use parking_lot::Mutex;
 
 use crate::clients::ClientHub;
-use crate::control::ControlCommand;
-use crate::link::{Link, ReadSlice};
+use crate::control::{ControlCommand, Reply};
+use crate::link::{Link, PendingLink, ReadSlice};
 use crate::status::{NodeStatus, Shared};
 use crate::verify::{in_order, settled_digest, SentPages, Watch};
 
@@ -312,6 +312,17 @@ pub struct PrimaryNode<G: Guest> {
     status: Shared,
     stop: Arc<AtomicBool>,
     commands: Option<crossbeam_channel::Receiver<ControlCommand>>,
+    /// A re-protection asked for over the control socket, until its outcome is known.
+    protecting: Option<Protecting>,
+}
+
+/// A re-protection under way: connecting on a helper thread (`pending`), then the handshake.
+/// `reply` gets the outcome.
+#[derive(Debug)]
+struct Protecting {
+    peer: String,
+    pending: Option<PendingLink>,
+    reply: Reply,
 }
 
 impl<G: Guest> std::fmt::Debug for PrimaryNode<G> {
@@ -389,6 +400,7 @@ impl<G: Guest> PrimaryNode<G> {
             status,
             stop: Arc::new(AtomicBool::new(false)),
             commands: None,
+            protecting: None,
         };
         // The HELLO goes out at once, before anything is read: a peer that refuses this node's
         // HELLO then still reads this node's and can say why it was refused too.
@@ -398,23 +410,101 @@ impl<G: Guest> PrimaryNode<G> {
 
     /// Re-protection: an unprotected primary (for example the survivor of a failover) connects
     /// to a new secondary at `peer` and re-synchronises it (pre-copy while the guest runs, then
-    /// checkpoint 0). Client output passes through unprotected until checkpoint 0 begins.
+    /// checkpoint 0). Client output passes through unprotected until checkpoint 0 begins. This
+    /// connects in the caller's thread; the node's loop does it on a helper thread instead
+    /// (`ControlCommand::Protect`).
     pub fn protect(&mut self, peer: &str) -> Result<()> {
-        if self.engine.state() != PrimaryState::Unprotected {
-            bail!(
-                "this primary is {} (protected or protecting already)",
-                self.engine.state().name()
-            );
+        self.may_protect().map_err(|e| anyhow!(e))?;
+        let link = Link::connect(peer, self.opts.connect_timeout, self.link_config())?;
+        self.start_link(peer, link);
+        Ok(())
+    }
+
+    fn link_config(&self) -> DecoderConfig {
+        DecoderConfig {
+            expect_headers: false,
+            page_count: Some(self.guest.page_count()),
         }
+    }
+
+    fn may_protect(&self) -> Result<(), String> {
+        if self.engine.state() != PrimaryState::Unprotected || self.protecting.is_some() {
+            let state = match &self.protecting {
+                Some(p) => format!("connecting to {}", p.peer),
+                None => self.engine.state().name().to_string(),
+            };
+            return Err(format!(
+                "this primary is {state} (protected or protecting already)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// `ControlCommand::Protect`: starts connecting on a helper thread; [`Self::poll_protect`]
+    /// takes it from there.
+    fn start_protect(&mut self, peer: String, timeout: Duration, reply: Reply) {
+        if let Err(e) = self.may_protect() {
+            reply.send(Err(e));
+            return;
+        }
+        match Link::connect_in_background(&peer, timeout, self.link_config()) {
+            Ok(pending) => {
+                self.protecting = Some(Protecting {
+                    peer,
+                    pending: Some(pending),
+                    reply,
+                })
+            }
+            Err(e) => reply.send(Err(format!("cannot start connecting to {peer}: {e}"))),
+        }
+    }
+
+    /// Moves a re-protection on: a connection made is taken into use (handshake), and the
+    /// outcome, once known, goes to the operator's reply.
+    fn poll_protect(&mut self) {
+        let Some(p) = self.protecting.as_mut() else {
+            return;
+        };
+        if let Some(pending) = &p.pending {
+            match pending.poll() {
+                None => return,
+                Some(Ok(link)) => {
+                    p.pending = None;
+                    let peer = p.peer.clone();
+                    self.start_link(&peer, link);
+                    return;
+                }
+                Some(Err(e)) => {
+                    tracing::error!("re-protection with {} failed: {e:#}", p.peer);
+                    p.reply.send(Err(format!("{e:#}")));
+                    self.protecting = None;
+                    return;
+                }
+            }
+        }
+        let answer = match self.engine.state() {
+            PrimaryState::AwaitingHandshake => return,
+            PrimaryState::Unprotected => Err(format!(
+                "protection with the secondary at {} did not start: {}",
+                p.peer,
+                self.status
+                    .lock()
+                    .failover_reason
+                    .clone()
+                    .unwrap_or_else(|| "no reason given".into())
+            )),
+            _ => Ok(format!(
+                "re-synchronising with the secondary at {} (the link handshake passed)",
+                p.peer
+            )),
+        };
+        p.reply.send(answer);
+        self.protecting = None;
+    }
+
+    /// Starts protecting over `link`, a fresh connection to the secondary at `peer`.
+    fn start_link(&mut self, peer: &str, link: Link) {
         let pages = self.guest.page_count();
-        let link = Link::connect(
-            peer,
-            self.opts.connect_timeout,
-            DecoderConfig {
-                expect_headers: false,
-                page_count: Some(pages),
-            },
-        )?;
         self.engine = Primary::new(primary_config(&self.opts, pages), Instant::now());
         self.comparator = None;
         {
@@ -427,7 +517,6 @@ impl<G: Guest> PrimaryNode<G> {
         // The HELLO goes out at once (see with_link).
         self.flush();
         tracing::info!("re-protecting with the secondary at {peer}");
-        Ok(())
     }
 
     /// Takes operator commands (from the control socket).
@@ -445,14 +534,15 @@ impl<G: Guest> PrimaryNode<G> {
             match c {
                 ControlCommand::Failover => self.engine.failover(Instant::now()),
                 ControlCommand::Checkpoint => self.manual = true,
-                ControlCommand::Protect { peer } => {
-                    if let Err(e) = self.protect(&peer) {
-                        tracing::error!("re-protection with {peer} failed: {e:#}");
-                    }
-                }
+                ControlCommand::Protect {
+                    peer,
+                    connect_timeout,
+                    reply,
+                } => self.start_protect(peer, connect_timeout, reply),
                 ControlCommand::Status => {}
             }
         }
+        self.poll_protect();
     }
 
     /// A flag that ends [`PrimaryNode::run`] when set.
@@ -1085,9 +1175,9 @@ impl<G: Guest> SecondaryNode<G> {
             while let Ok(c) = rx.try_recv() {
                 match c {
                     ControlCommand::Failover => self.engine.failover(),
-                    ControlCommand::Protect { .. } => {
-                        tracing::warn!("`protect` is for a primary; this node is a secondary")
-                    }
+                    ControlCommand::Protect { reply, .. } => reply.send(Err(
+                        "`protect` is for a primary; this node is a secondary".into(),
+                    )),
                     ControlCommand::Status | ControlCommand::Checkpoint => {}
                 }
             }

@@ -344,6 +344,131 @@ fn status_reaches_a_running_pair_and_failover_takes_over() {
     assert!(v["failover_reason"].is_string(), "{v}");
 }
 
+/// A `colo secondary` on `repl` named `name` with `ram`, output discarded.
+fn secondary(s: &Scratch, repl: &str, name: &str, ram: &str) -> Node {
+    Node(
+        s.colo()
+            .args(["secondary", "--listen", repl, "--name", name, "--ram", ram])
+            .args(["--heartbeat-timeout-ms", "2000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn protect_reports_the_nodes_answer_and_never_blocks_the_node() {
+    let s = Scratch::new("protect");
+    let id = std::process::id();
+    let (pn, s1n) = (format!("pp{id}"), format!("ps1{id}"));
+    let client = format!("127.0.0.1:{}", free_port());
+    let repl1 = format!("127.0.0.1:{}", free_port());
+    let s1 = secondary(&s, &repl1, &s1n, "8M");
+    let _pri = Node(
+        s.colo()
+            .args(["primary", "--peer", &repl1, "--name", &pn, "--ram", "8M"])
+            .args(["--client", &client, "--heartbeat-timeout-ms", "2000"])
+            .args(["--connect-timeout", "20"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&s, &pn, "protected", |v| v["protected"] == true);
+    let protect = |name: &str, peer: &str, timeout: &str| {
+        s.run(&[
+            "protect",
+            "--name",
+            name,
+            "--peer",
+            peer,
+            "--connect-timeout",
+            timeout,
+        ])
+    };
+    // A protected primary refuses, and so does a secondary: exit 1 with the node's reason.
+    let o = protect(&pn, &repl1, "5");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("protecting already"), "{}", stderr(&o));
+    let o = protect(&s1n, &repl1, "5");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is for a primary"), "{}", stderr(&o));
+    // No such node: bad usage.
+    assert_usage_error(&protect("nobody", &repl1, "5"), &["no colo node"]);
+
+    // The secondary dies; the primary goes on alone.
+    drop(s1);
+    wait_for(&s, &pn, "unprotected", |v| {
+        v["protected"] == false && v["failover_reason"].is_string()
+    });
+
+    // Towards an unreachable peer: exit 1 naming it, and the node answers its clients all along.
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let connect_timeout = Duration::from_secs(4);
+    let mut attempt = s
+        .colo()
+        .args(["protect", "--name", &pn, "--peer", &nowhere])
+        .args(["--connect-timeout", &connect_timeout.as_secs().to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut kv =
+        colo_cli::kvclient::KvClient::new(vec![client.clone()], 44000, Duration::from_secs(30));
+    let mut rng = 0x1234_5678_9abc_def1u64;
+    let (mut ops, mut slowest) = (0u32, Duration::ZERO);
+    let started = Instant::now();
+    while attempt.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < connect_timeout * 5,
+            "colo protect did not give up"
+        );
+        let t = Instant::now();
+        kv.random_op(&mut rng, 64, Instant::now() + Duration::from_secs(30))
+            .unwrap();
+        slowest = slowest.max(t.elapsed());
+        ops += 1;
+    }
+    let o = attempt.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("cannot reach peer {nowhere}")),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        started.elapsed() >= connect_timeout,
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    assert!(ops > 0);
+    assert!(
+        slowest < connect_timeout / 2,
+        "a client waited {slowest:?} while the node was connecting: the node loop blocked"
+    );
+    assert_eq!(kv.stats.lost_acked_writes, 0);
+
+    // A secondary whose guest differs is refused at the handshake: exit 1 with the reason.
+    let repl2 = format!("127.0.0.1:{}", free_port());
+    let _s2 = secondary(&s, &repl2, &format!("ps2{id}"), "4M");
+    let o = protect(&pn, &repl2, "20");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("geometry differs"), "{}", stderr(&o));
+
+    // A good one: exit 0 once re-synchronisation started, and the pair is protected again.
+    let repl3 = format!("127.0.0.1:{}", free_port());
+    let _s3 = secondary(&s, &repl3, &format!("ps3{id}"), "8M");
+    let o = protect(&pn, &repl3, "20");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("re-synchronising"), "{}", stdout(&o));
+    let v = wait_for(&s, &pn, "protected again", |v| v["protected"] == true);
+    assert_eq!(v["peer"], repl3.as_str(), "{v}");
+    kv.verify_all(Instant::now() + Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(kv.stats.lost_acked_writes, 0);
+}
+
 #[test]
 fn verify_on_one_node_only_is_refused_by_both() {
     let s = Scratch::new("verify");
