@@ -1,7 +1,8 @@
 //! The `colo` command: runs COLO nodes (primary, secondary), the demo, and inspects streams.
 //!
 //! Exit codes: 0 success; 1 a runtime failure (a node lost its guest, a verification failed);
-//! 2 bad usage or input (a bad flag, a missing file, an unreachable peer, a malformed stream).
+//! 2 bad usage or input (a bad flag, a missing file, an unreachable peer, a malformed or
+//! truncated stream). `colo protect` exits 1 when the node answers that protection did not start.
 
 use std::ffi::OsString;
 use std::net::TcpListener;
