@@ -1,6 +1,9 @@
 //! Integration tests of the real `colo` binary: the demo's JSON summary (with and without a
-//! failover), status and failover against a running pair, config files merged under flags,
-//! exit code 2 with one clear line for bad input, and a save → dump → restore round trip.
+//! failover) and its prompt, orderly end on SIGINT / SIGTERM, status and failover against a
+//! running pair, a node waiting for its peer saying so once, `colo protect`'s answers (and a
+//! node that keeps serving while it connects), `--verify` agreed at the handshake, config files
+//! merged under flags, exit code 2 with one clear line for bad input, a save → dump → restore
+//! round trip, and a stream without END reported truncated.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -264,6 +267,8 @@ fn demo_stops_on_sigint_and_sigterm_with_its_summary_and_no_false_client_error()
         assert!(!err.contains("client failed"), "SIG{signal}: {err}");
         assert!(!err.contains("read-back failed"), "SIG{signal}: {err}");
         assert!(!err.contains("panicked"), "SIG{signal}: {err}");
+        // It said how far it got before the signal.
+        assert!(err.contains("the pair is protected"), "SIG{signal}: {err}");
         let out = stdout(&o);
         let v: Value = serde_json::from_str(out.trim())
             .unwrap_or_else(|e| panic!("SIG{signal}: no JSON summary ({e}): {out}"));
