@@ -1,9 +1,18 @@
 //! A node's control socket: a Unix socket (mode 0600, in a 0700 runtime directory) over which
-//! `colo status` reads the node's status and `colo failover` / a manual checkpoint are requested.
+//! `colo status` reads the node's status and `colo failover`, `colo protect` / a manual
+//! checkpoint are requested.
 //!
 //! Protocol: the client sends one JSON line `{"cmd":"status"|"failover"|"checkpoint"}` and reads
 //! one JSON line back: the node's status (plus `pause_ms_p50`/`pause_ms_p99`), or `{"ok":true}`,
 //! or `{"error":"..."}`.
+//!
+//! `{"cmd":"protect","peer":"HOST:PORT","connect_timeout_ms":N}` (re-protection, a primary only)
+//! is answered once the node knows the outcome: `{"ok":true,"message":"..."}` when it reached
+//! the new secondary and the link handshake passed (re-synchronisation has started), else
+//! `{"error":"..."}` with the reason (not a primary, already protected, the peer unreachable
+//! within N ms, the handshake refused). The node connects on a helper thread, so its loop keeps
+//! serving clients meanwhile; each connection is served on its own thread, so `status` answers
+//! while a `protect` waits.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -16,7 +25,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::{json, Value};
 
 use crate::status::Shared;
@@ -29,6 +38,69 @@ const MAX_RESPONSE: u64 = 1 << 20;
 const SERVER_IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Client-side timeout.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// `protect`: how long the server waits for the node's answer beyond the connect timeout (the
+/// handshake; a silent peer is declared lost after the heartbeat or progress timeout).
+pub const PROTECT_MARGIN: Duration = Duration::from_secs(30);
+/// `protect`: the connect timeout when the request names none.
+const PROTECT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a node answers a command the control socket waits on (`protect`): `Ok(what started)`
+/// or `Err(why not)`.
+#[derive(Clone)]
+pub struct Reply(Sender<Result<String, String>>);
+
+impl Reply {
+    /// A reply handle and the receiver its answer arrives on.
+    pub fn new() -> (Self, Receiver<Result<String, String>>) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        (Self(tx), rx)
+    }
+
+    /// Sends the node's answer (dropped if nobody waits any more).
+    pub fn send(&self, answer: Result<String, String>) {
+        let _ = self.0.try_send(answer);
+    }
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reply")
+    }
+}
+
+impl PartialEq for Reply {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.same_channel(&other.0)
+    }
+}
+
+impl Eq for Reply {}
+
+/// The node on a control socket answered a command with an error (as opposed to there being
+/// no node to ask): `colo protect` exits 1 on it, not 2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// The socket.
+    pub path: PathBuf,
+    /// The command.
+    pub cmd: String,
+    /// The node's reason.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the node on {} refused {:?}: {}",
+            self.path.display(),
+            self.cmd,
+            self.reason
+        )
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// An action requested over the control socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +116,10 @@ pub enum ControlCommand {
     Protect {
         /// The new secondary's replication address.
         peer: String,
+        /// How long to keep trying to reach it.
+        connect_timeout: Duration,
+        /// Gets the outcome: started (connected, handshake passed) or why not.
+        reply: Reply,
     },
 }
 
@@ -195,8 +271,18 @@ fn accept_loop(
         }
         match conn {
             Ok(stream) => {
-                if let Err(e) = handle(stream, &status, &commands) {
-                    tracing::debug!(error = %e, "control connection failed");
+                // Its own thread: a `protect` waits for the node's answer, and `status` must
+                // not wait behind it.
+                let (status, commands) = (status.clone(), commands.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("colo-control-conn".into())
+                    .spawn(move || {
+                        if let Err(e) = handle(stream, &status, &commands) {
+                            tracing::debug!(error = %e, "control connection failed");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot spawn a control connection thread");
                 }
             }
             Err(e) => {
@@ -237,23 +323,62 @@ fn respond(line: &[u8], status: &Shared, commands: &Sender<ControlCommand>) -> V
         return json!({ "error": "malformed request: expected {\"cmd\":\"status\"|\"failover\"|\"checkpoint\"}" });
     };
     let parsed = match cmd {
-        "protect" => match req.get("peer").and_then(Value::as_str) {
-            Some(peer) => Some(ControlCommand::Protect {
-                peer: peer.to_string(),
-            }),
-            None => return json!({ "error": "protect needs a \"peer\" address" }),
-        },
+        "protect" => return protect(&req, status, commands),
         other => ControlCommand::parse(other),
     };
     match parsed {
         None => {
-            json!({ "error": format!("unknown command {cmd:?} (expected status, failover or checkpoint)") })
+            json!({ "error": format!("unknown command {cmd:?} (expected status, failover, checkpoint or protect)") })
         }
         Some(ControlCommand::Status) => status_json(status),
         Some(c) => match commands.send(c) {
             Ok(()) => json!({ "ok": true }),
             Err(_) => json!({ "error": "the node is shutting down" }),
         },
+    }
+}
+
+/// `protect`: forwards it to the node (a primary) and waits for the outcome.
+fn protect(req: &Value, status: &Shared, commands: &Sender<ControlCommand>) -> Value {
+    let Some(peer) = req.get("peer").and_then(Value::as_str) else {
+        return json!({ "error": "protect needs a \"peer\" address" });
+    };
+    let connect_timeout = match req.get("connect_timeout_ms") {
+        None => PROTECT_CONNECT_TIMEOUT,
+        Some(v) => match v.as_u64() {
+            Some(ms) if ms <= 86_400_000 => Duration::from_millis(ms),
+            _ => return json!({ "error": "connect_timeout_ms must be a number of ms up to a day" }),
+        },
+    };
+    let role = status.lock().role.clone();
+    if role != "primary" {
+        let what = if role.is_empty() {
+            "still starting (not yet connected to its peer)".to_string()
+        } else {
+            format!("a {role}")
+        };
+        return json!({ "error": format!("`protect` is for a primary; this node is {what}") });
+    }
+    let (reply, answer) = Reply::new();
+    let cmd = ControlCommand::Protect {
+        peer: peer.to_string(),
+        connect_timeout,
+        reply,
+    };
+    if commands.send(cmd).is_err() {
+        return json!({ "error": "the node is shutting down" });
+    }
+    let wait = connect_timeout + PROTECT_MARGIN;
+    match answer.recv_timeout(wait) {
+        Ok(Ok(message)) => json!({ "ok": true, "message": message }),
+        Ok(Err(e)) => json!({ "error": e }),
+        Err(RecvTimeoutError::Timeout) => json!({
+            "error": format!(
+                "no outcome within {} s; see `colo status` for whether protection started",
+                wait.as_secs()
+            )
+        }),
+        Err(RecvTimeoutError::Disconnected) => json!({ "error": "the node is shutting down" }),
     }
 }
 
@@ -277,6 +402,17 @@ pub fn request(path: &Path, cmd: &str) -> anyhow::Result<Value> {
 /// Sends the request object `req` (whose command is `cmd`) to the node on `path`; see
 /// [`request`].
 pub fn request_json(path: &Path, cmd: &str, req: Value) -> anyhow::Result<Value> {
+    request_json_within(path, cmd, req, CLIENT_TIMEOUT)
+}
+
+/// [`request_json`] waiting up to `timeout` for the answer. An `{"error":...}` answer is a
+/// [`Refused`] error.
+pub fn request_json_within(
+    path: &Path,
+    cmd: &str,
+    req: Value,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
     let stream = UnixStream::connect(path).map_err(|e| {
         anyhow::Error::new(e).context(format!(
             "no colo node is listening on {} (is it running? see --name)",
@@ -284,9 +420,7 @@ pub fn request_json(path: &Path, cmd: &str, req: Value) -> anyhow::Result<Value>
         ))
     })?;
     let ctx = || format!("control socket {}", path.display());
-    stream
-        .set_read_timeout(Some(CLIENT_TIMEOUT))
-        .with_context(ctx)?;
+    stream.set_read_timeout(Some(timeout)).with_context(ctx)?;
     stream
         .set_write_timeout(Some(CLIENT_TIMEOUT))
         .with_context(ctx)?;
@@ -298,18 +432,29 @@ pub fn request_json(path: &Path, cmd: &str, req: Value) -> anyhow::Result<Value>
     let mut line = Vec::new();
     BufReader::new((&stream).take(MAX_RESPONSE))
         .read_until(b'\n', &mut line)
-        .with_context(|| format!("no answer from {} within 5 s", path.display()))?;
+        .with_context(|| {
+            format!(
+                "no answer from {} within {} s",
+                path.display(),
+                timeout.as_secs()
+            )
+        })?;
     if line.is_empty() {
         bail!("{} closed the connection without answering", path.display());
     }
     let v: Value = serde_json::from_slice(&line)
         .with_context(|| format!("malformed answer from {}", path.display()))?;
     if let Some(e) = v.get("error") {
-        let e = e
+        let reason = e
             .as_str()
             .map(str::to_owned)
             .unwrap_or_else(|| e.to_string());
-        bail!("the node on {} refused {cmd:?}: {e}", path.display());
+        return Err(Refused {
+            path: path.to_path_buf(),
+            cmd: cmd.to_string(),
+            reason,
+        }
+        .into());
     }
     Ok(v)
 }
@@ -513,6 +658,64 @@ mod tests {
             )),
             "{e}"
         );
+    }
+
+    #[test]
+    fn protect_waits_for_the_nodes_answer_and_status_does_not_wait_behind_it() {
+        let d = TestDir::new();
+        let path = d.path().join("p.sock");
+        let st = shared();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let _server = serve(&path, st.clone(), tx).unwrap();
+        let req =
+            |peer: &str| json!({ "cmd": "protect", "peer": peer, "connect_timeout_ms": 1000 });
+        // The node answers later; meanwhile `status` is served.
+        let p = path.clone();
+        let asking = std::thread::spawn(move || {
+            request_json_within(&p, "protect", req("10.0.0.3:7000"), Duration::from_secs(60))
+        });
+        let cmd = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let ControlCommand::Protect {
+            peer,
+            connect_timeout,
+            reply,
+        } = cmd
+        else {
+            panic!("{cmd:?}");
+        };
+        assert_eq!(peer, "10.0.0.3:7000");
+        assert_eq!(connect_timeout, Duration::from_secs(1));
+        assert_eq!(request(&path, "status").unwrap()["role"], "primary");
+        reply.send(Ok("re-synchronising".into()));
+        let v = asking.join().unwrap().unwrap();
+        assert_eq!(v, json!({ "ok": true, "message": "re-synchronising" }));
+
+        // A refusal is a `Refused` error carrying the node's reason.
+        let p = path.clone();
+        let asking = std::thread::spawn(move || {
+            request_json_within(&p, "protect", req("x:1"), Duration::from_secs(60))
+        });
+        let ControlCommand::Protect { reply, .. } =
+            rx.recv_timeout(Duration::from_secs(10)).unwrap()
+        else {
+            panic!("not a protect command");
+        };
+        reply.send(Err("cannot reach peer x:1".into()));
+        let e = asking.join().unwrap().unwrap_err();
+        let r = e.downcast_ref::<Refused>().expect("a Refused error");
+        assert_eq!(r.reason, "cannot reach peer x:1");
+
+        // Only a primary is asked at all.
+        st.lock().role = "secondary".into();
+        let e = format!(
+            "{:#}",
+            request_json(&path, "protect", req("x:1")).unwrap_err()
+        );
+        assert!(
+            e.contains("is for a primary; this node is a secondary"),
+            "{e}"
+        );
+        assert!(rx.try_recv().is_err());
     }
 
     #[test]

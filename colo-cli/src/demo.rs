@@ -1,9 +1,15 @@
 //! `colo demo`: a primary and a secondary as separate processes on loopback with `kv` guests, a
 //! verifying load-generating client, a live view that refreshes in place, optional fault
 //! injection (kill either node), and a JSON summary.
+//!
+//! Ctrl-C (SIGINT), SIGTERM or SIGHUP end the demo in order, within about a second: the client
+//! abandons its request in flight (a stop, not a failure), reads back what it wrote, the summary
+//! is printed, then the nodes are stopped. The nodes run in their own process group, so a
+//! terminal's Ctrl-C reaches the demo alone and the nodes stay up for the read-back.
 
 use std::io::{IsTerminal, Write};
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use colo_cli::kvclient::{ClientStats, KvClient};
+use colo_cli::kvclient::{is_cancelled, ClientStats, KvClient};
 use colo_cli::mock::WorkloadKind;
 use colo_core::engine::SyncMode;
 use parking_lot::Mutex;
@@ -27,6 +33,7 @@ Examples:
   colo demo --sync-mode primary-only --verify       see why the back channel is needed
   colo demo --duration 5 --save vm.img        also save the primary VM at the end
 
+Ctrl-C (or SIGTERM) stops it within about a second and prints the summary.
 Exit codes: 0 ok, 1 an acknowledged write was lost or a verification failed, 2 bad usage.";
 
 /// Flags of `colo demo`.
@@ -157,6 +164,9 @@ fn spawn(name: &'static str, dir: &Path, args: &[String]) -> Result<Proc> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(logf)
+        // Its own process group: a terminal's Ctrl-C goes to the demo alone, which stops the
+        // nodes once the client is done with them.
+        .process_group(0)
         .spawn()
         .with_context(|| format!("starting the {name}"))?;
     Ok(Proc {
@@ -281,7 +291,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
             );
         }
         if stop.load(Ordering::Relaxed) {
-            return Ok(0);
+            break;
         }
         if live {
             let mut out = std::io::stdout().lock();
@@ -301,21 +311,36 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         let _ = out.flush();
     }
     let sync_s = start.elapsed().as_secs_f64();
+    let stopped_early = stop.load(Ordering::Relaxed);
+    if !live && !a.json && !stopped_early {
+        eprintln!(
+            "colo demo: the pair is protected (initial synchronisation {sync_s:.1} s); {}",
+            match a.duration {
+                Some(d) => format!("running {d} s"),
+                None => "running until Ctrl-C".to_string(),
+            }
+        );
+    }
 
-    // The load-generating, verifying client.
+    // The load-generating, verifying client. When the demo stops it abandons its request in
+    // flight (a node may be gone by then): that is the end of the run, not a failure.
     let client_stats = Arc::new(Mutex::new(ClientStats::default()));
     let client_stop = Arc::new(AtomicBool::new(false));
-    let client_thread = (a.workload == WorkloadKind::Kv).then(|| {
+    let client_thread = (a.workload == WorkloadKind::Kv && !stopped_early).then(|| {
         let (cs, stop) = (client_stats.clone(), client_stop.clone());
         let addrs = vec![c1a.clone(), c2a.clone()];
-        std::thread::spawn(move || -> Result<KvClient> {
+        std::thread::spawn(move || -> (KvClient, Result<()>) {
             let mut client = KvClient::new(addrs, 40000, Duration::from_millis(1500));
+            client.set_cancel(Some(stop.clone()));
             let mut rng = 0x9E37_79B9_7F4A_7C15u64;
             while !stop.load(Ordering::Relaxed) {
-                client.random_op(&mut rng, 512, Instant::now() + Duration::from_secs(20))?;
-                *cs.lock() = client.stats.clone();
+                match client.random_op(&mut rng, 512, Instant::now() + Duration::from_secs(20)) {
+                    Ok(()) => *cs.lock() = client.stats.clone(),
+                    Err(e) if is_cancelled(&e) => break,
+                    Err(e) => return (client, Err(e)),
+                }
             }
-            Ok(client)
+            (client, Ok(()))
         })
     });
 
@@ -371,18 +396,30 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         }
     }
 
-    // Stop the client, then read back every key it wrote.
+    // Stop the client, then read back every key it wrote (the nodes are still up: they run in
+    // their own process group, so a Ctrl-C at the terminal did not reach them). A second signal
+    // abandons the read-back.
     client_stop.store(true, Ordering::Relaxed);
+    stop.store(false, Ordering::Relaxed);
     let mut client_result = None;
     if let Some(h) = client_thread {
         match h.join() {
-            Ok(Ok(mut c)) => {
-                if let Err(e) = c.verify_all(Instant::now() + Duration::from_secs(20)) {
-                    eprintln!("colo demo: final read-back failed: {e:#}");
+            Ok((mut c, res)) => {
+                match res {
+                    Ok(()) => {
+                        c.set_cancel(Some(stop.clone()));
+                        match c.verify_all(Instant::now() + Duration::from_secs(20)) {
+                            Err(e) if is_cancelled(&e) => {
+                                eprintln!("colo demo: final read-back interrupted")
+                            }
+                            Err(e) => eprintln!("colo demo: final read-back failed: {e:#}"),
+                            Ok(()) => {}
+                        }
+                    }
+                    Err(e) => eprintln!("colo demo: client failed: {e:#}"),
                 }
                 client_result = Some(c.stats.clone());
             }
-            Ok(Err(e)) => eprintln!("colo demo: client failed: {e:#}"),
             Err(_) => eprintln!("colo demo: client thread panicked"),
         }
     }

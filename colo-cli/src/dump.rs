@@ -16,6 +16,14 @@ use serde::Serialize;
 pub enum DumpError {
     /// The stream is malformed (the error names the byte offset and the reason).
     Stream(StreamError),
+    /// The stream stops at a record boundary without an END record: Xen's `verify-stream-v2`
+    /// calls that truncated (a sender that died, or a checkpointed stream cut off).
+    Truncated {
+        /// Records read (END excluded, since there is none).
+        records: u64,
+        /// Where the stream stops, in bytes.
+        offset: u64,
+    },
     /// Reading the input or writing the output failed.
     Io(io::Error),
 }
@@ -24,6 +32,10 @@ impl std::fmt::Display for DumpError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DumpError::Stream(e) => write!(f, "malformed stream: {e}"),
+            DumpError::Truncated { records, offset } => write!(
+                f,
+                "stream truncated: no END record after {records} records, at byte {offset}"
+            ),
             DumpError::Io(e) => write!(f, "I/O error: {e}"),
         }
     }
@@ -33,6 +45,7 @@ impl std::error::Error for DumpError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             DumpError::Stream(e) => Some(e),
+            DumpError::Truncated { .. } => None,
             DumpError::Io(e) => Some(e),
         }
     }
@@ -65,8 +78,8 @@ pub struct DumpSummary {
     pub data_pages: u64,
     /// CHECKPOINT records.
     pub checkpoints: u64,
-    /// Whether the stream ended with an END record (a checkpointed stream may stop at a
-    /// record boundary without one).
+    /// Whether the stream ended with an END record (without one [`dump`] reports
+    /// [`DumpError::Truncated`] after printing what it read).
     pub ended_with_end: bool,
 }
 
@@ -156,7 +169,9 @@ fn domain_json(h: &DomainHeader) -> JsonDomain {
 
 /// Reads a full stream (with image and domain headers) from `input` and prints it to `out`:
 /// text lines as records arrive, or with `json` one JSON object at the end. A malformed
-/// stream is [`DumpError::Stream`] with the offset and reason.
+/// stream is [`DumpError::Stream`] with the offset and reason; a stream that stops at a record
+/// boundary without an END record is printed in full (summary included) and then reported as
+/// [`DumpError::Truncated`], as Xen's `verify-stream-v2` does.
 pub fn dump(
     input: &mut dyn Read,
     json: bool,
@@ -288,9 +303,15 @@ pub fn dump(
             if summary.ended_with_end {
                 "ends with END"
             } else {
-                "no END record (stops at a record boundary)"
+                "no END record (truncated)"
             }
         )?;
+    }
+    if !summary.ended_with_end {
+        return Err(DumpError::Truncated {
+            records: summary.records,
+            offset: summary.bytes,
+        });
     }
     Ok(summary)
 }
@@ -375,17 +396,49 @@ mod tests {
 
     #[test]
     fn json_dump_is_one_object() {
-        let s = stream(false);
+        let s = stream(true);
         let mut out = Vec::new();
         let sum = dump(&mut &s[..], true, &mut out).unwrap();
-        assert!(!sum.ended_with_end);
+        assert!(sum.ended_with_end);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["image_header"]["version"], 3);
-        assert_eq!(v["records"].as_array().unwrap().len(), 5);
+        assert_eq!(v["records"].as_array().unwrap().len(), 6);
         assert_eq!(v["records"][1]["name"], "PAGE_DATA");
         assert_eq!(v["records"][1]["offset"], 48);
         assert_eq!(v["records"][1]["length"], 4120);
         assert_eq!(v["summary"]["pages"], 2);
+        assert_eq!(v["summary"]["ended_with_end"], true);
+    }
+
+    #[test]
+    fn a_stream_without_end_is_truncated_after_printing_it() {
+        let s = stream(false);
+        let mut out = Vec::new();
+        let err = dump(&mut &s[..], false, &mut out).unwrap_err();
+        assert!(matches!(
+            err,
+            DumpError::Truncated {
+                records: 5,
+                offset
+            } if offset == s.len() as u64
+        ));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "stream truncated: no END record after 5 records, at byte {}",
+                s.len()
+            )
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("CHECKPOINT_DIRTY_PFN_LIST"), "{text}");
+        assert!(text.contains("no END record (truncated)"), "{text}");
+        // JSON: the whole object is still printed, then the error.
+        let mut out = Vec::new();
+        let err = dump(&mut &s[..], true, &mut out).unwrap_err();
+        assert!(matches!(err, DumpError::Truncated { records: 5, .. }));
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["summary"]["ended_with_end"], false);
+        assert_eq!(v["records"].as_array().unwrap().len(), 5);
     }
 
     #[test]

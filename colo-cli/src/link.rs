@@ -209,6 +209,14 @@ fn configure(stream: &TcpStream) -> Result<()> {
     Ok(())
 }
 
+/// Whole seconds left until `deadline`, rounded (for messages).
+fn secs_left(deadline: Instant) -> u64 {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .as_secs_f64()
+        .round() as u64
+}
+
 /// When bytes last arrived, in ns since `epoch` (0: never), written by the reader thread.
 #[derive(Debug)]
 struct Arrival {
@@ -295,7 +303,9 @@ impl Link {
         })
     }
 
-    /// Connects to `addr`, retrying until `timeout` (the peer may still be starting).
+    /// Connects to `addr`, retrying until `timeout` (the peer may still be starting). The first
+    /// failed attempt is logged once (a warning naming the address and the time left), the
+    /// retries are quiet.
     pub fn connect(addr: &str, timeout: Duration, cfg: DecoderConfig) -> Result<Self> {
         let deadline = Instant::now() + timeout;
         let addrs: Vec<SocketAddr> = addr
@@ -305,6 +315,7 @@ impl Link {
         let first = *addrs
             .first()
             .ok_or_else(|| anyhow!("peer address `{addr}` resolves to nothing"))?;
+        let mut said = false;
         loop {
             match TcpStream::connect_timeout(&first, Duration::from_millis(500)) {
                 Ok(s) => return Self::new(s, cfg),
@@ -316,9 +327,37 @@ impl Link {
                         )
                     })
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => {
+                    if !said {
+                        said = true;
+                        tracing::warn!(
+                            "cannot reach the peer at {addr} yet ({e}); retrying quietly until \
+                             it is up, giving up in {} s (--connect-timeout)",
+                            secs_left(deadline)
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(50))
+                }
             }
         }
+    }
+
+    /// [`Link::connect`] on a helper thread, so the caller's loop (a node serving clients) never
+    /// blocks on name resolution or connection attempts; [`PendingLink::poll`] hands over the
+    /// result.
+    pub fn connect_in_background(
+        addr: &str,
+        timeout: Duration,
+        cfg: DecoderConfig,
+    ) -> io::Result<PendingLink> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let addr = addr.to_string();
+        std::thread::Builder::new()
+            .name("colo-link-connect".into())
+            .spawn(move || {
+                let _ = tx.send(Self::connect(&addr, timeout, cfg));
+            })?;
+        Ok(PendingLink { rx })
     }
 
     /// Accepts one connection on `listener`, waiting at most `timeout` (None: forever).
@@ -331,6 +370,11 @@ impl Link {
         listener
             .set_nonblocking(true)
             .context("listener nonblocking")?;
+        let local = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut said = false;
         loop {
             match listener.accept() {
                 Ok((s, _)) => {
@@ -340,12 +384,20 @@ impl Link {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(anyhow!(
-                            "no peer connected to {} in time",
-                            listener
-                                .local_addr()
-                                .map(|a| a.to_string())
-                                .unwrap_or_default()
+                            "no peer connected to {local} within {} s",
+                            timeout.unwrap_or_default().as_secs_f64()
                         ));
+                    }
+                    if !said {
+                        said = true;
+                        match deadline {
+                            Some(d) => tracing::warn!(
+                                "waiting for the peer to connect to {local}; giving up in {} s \
+                                 (--connect-timeout)",
+                                secs_left(d)
+                            ),
+                            None => tracing::warn!("waiting for the peer to connect to {local}"),
+                        }
                     }
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -540,6 +592,25 @@ impl Link {
     /// A second handle on the socket, e.g. to cut it from another thread.
     pub fn try_clone_stream(&self) -> io::Result<TcpStream> {
         self.tx.ctl.try_clone()
+    }
+}
+
+/// A [`Link::connect_in_background`] under way.
+#[derive(Debug)]
+pub struct PendingLink {
+    rx: Receiver<Result<Link>>,
+}
+
+impl PendingLink {
+    /// The connection's outcome once there is one; `None` while it is still trying.
+    pub fn poll(&self) -> Option<Result<Link>> {
+        match self.rx.try_recv() {
+            Ok(res) => Some(res),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => {
+                Some(Err(anyhow!("the connecting thread ended without a result")))
+            }
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! The `colo` command: runs COLO nodes (primary, secondary), the demo, and inspects streams.
 //!
 //! Exit codes: 0 success; 1 a runtime failure (a node lost its guest, a verification failed);
-//! 2 bad usage or input (a bad flag, a missing file, an unreachable peer, a malformed stream).
+//! 2 bad usage or input (a bad flag, a missing file, an unreachable peer, a malformed or
+//! truncated stream). `colo protect` exits 1 when the node answers that protection did not start.
 
 use std::ffi::OsString;
 use std::net::TcpListener;
@@ -87,7 +88,14 @@ Examples:
 const PROTECT_EXAMPLES: &str = "\
 Examples:
   colo secondary --listen 10.0.0.3:7000 --ram 64M --client 10.0.0.3:7100   (new secondary)
-  colo protect --name secondary --peer 10.0.0.3:7000   (on the survivor of a failover)";
+  colo protect --name secondary --peer 10.0.0.3:7000   (on the survivor of a failover)
+
+It waits for the node's answer: the node connects (on a helper thread: it keeps serving its
+clients meanwhile) and runs the link handshake with the new secondary.
+Exit codes: 0 protection started (connected, handshake passed: re-synchronising); 1 it did not
+(the node is not an unprotected primary, the peer could not be reached within
+--connect-timeout, or the handshake refused it; the reason is printed); 2 bad usage or no node
+of that name.";
 
 const FAILOVER_EXAMPLES: &str = "\
 Examples:
@@ -115,7 +123,11 @@ names the byte offset), 1 if the restored guest's memory differs from the stream
 const DUMP_EXAMPLES: &str = "\
 Examples:
   colo stream dump vm.img
-  colo stream dump --json - < vm.img";
+  colo stream dump --json - < vm.img
+
+Exit codes: 0 a whole stream (it ends with an END record); 2 the file cannot be read, the
+stream is malformed (the error names the byte offset), or it is truncated: it stops without an
+END record, as Xen's verify-stream-v2 reports (the records read are printed first).";
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -155,6 +167,9 @@ enum Command {
         /// The new secondary's replication address (HOST:PORT).
         #[arg(long)]
         peer: String,
+        /// How long the node keeps trying to reach the new secondary, s.
+        #[arg(long, default_value_t = 30)]
+        connect_timeout: u64,
     },
     /// Write a full snapshot of a VM in Xen's libxc migration stream format.
     #[command(after_help = SAVE_EXAMPLES)]
@@ -171,7 +186,7 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum StreamCommand {
-    /// Print a stream's headers and records; exit 2 if it is malformed.
+    /// Print a stream's headers and records; exit 2 if it is malformed or truncated (no END).
     #[command(after_help = DUMP_EXAMPLES)]
     Dump {
         /// The stream file, or `-` for standard input.
@@ -265,7 +280,8 @@ pub struct NodeArgs {
     /// Write this node's status as JSON to this file every 200 ms.
     #[arg(long)]
     pub status_file: Option<PathBuf>,
-    /// How long to wait for the peer, s.
+    /// How long to wait for the peer, s. A node that has to wait says so once (the address and
+    /// the time left), then retries quietly.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
     /// Node name for the control socket (`colo status --name`, `colo failover --name`);
@@ -521,20 +537,48 @@ fn run(cli: Cli) -> Result<i32> {
             println!("failover requested on {name}");
             Ok(0)
         }
-        Command::Protect { name, peer } => {
-            colo_cli::control::request_json(
-                &colo_cli::control::socket_path(&name),
-                "protect",
-                serde_json::json!({ "cmd": "protect", "peer": peer }),
-            )?;
-            println!("{name} is re-synchronising with the secondary at {peer}; see `colo status --name {name}`");
-            Ok(0)
-        }
+        Command::Protect {
+            name,
+            peer,
+            connect_timeout,
+        } => protect(&name, &peer, connect_timeout),
         Command::Save(a) => run_save(a),
         Command::Restore(a) => run_restore(a),
         Command::Stream {
             command: StreamCommand::Dump { file, json },
         } => stream_dump(&file, json),
+    }
+}
+
+/// `colo protect`: 0 once the node started re-protecting, 1 when it answered that it did not.
+fn protect(name: &str, peer: &str, connect_timeout: u64) -> Result<i32> {
+    anyhow::ensure!(
+        connect_timeout <= 86_400,
+        "--connect-timeout must be at most 86400 s, got {connect_timeout}"
+    );
+    let timeout = Duration::from_secs(connect_timeout);
+    let res = colo_cli::control::request_json_within(
+        &colo_cli::control::socket_path(name),
+        "protect",
+        serde_json::json!({
+            "cmd": "protect",
+            "peer": peer,
+            "connect_timeout_ms": timeout.as_millis() as u64,
+        }),
+        // The node answers within the connect timeout plus its margin for the handshake.
+        timeout + colo_cli::control::PROTECT_MARGIN + Duration::from_secs(5),
+    );
+    match res {
+        Ok(v) => {
+            let what = v["message"].as_str().unwrap_or("re-protection started");
+            println!("{name}: {what}; see `colo status --name {name}`");
+            Ok(0)
+        }
+        Err(e) if e.is::<colo_cli::control::Refused>() => {
+            eprintln!("colo: error: {e:#}");
+            Ok(1)
+        }
+        Err(e) => Err(e),
     }
 }
 

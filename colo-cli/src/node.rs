@@ -26,8 +26,8 @@ use colo_core::{BackendError, Domain, PAGE_SIZE};
 use parking_lot::Mutex;
 
 use crate::clients::ClientHub;
-use crate::control::ControlCommand;
-use crate::link::{Link, ReadSlice};
+use crate::control::{ControlCommand, Reply};
+use crate::link::{Link, PendingLink, ReadSlice};
 use crate::status::{NodeStatus, Shared};
 use crate::verify::{in_order, settled_digest, SentPages, Watch, WatchSet};
 
@@ -147,6 +147,17 @@ const MAX_READ_SLICE: Duration = Duration::from_millis(20);
 /// How often the loop wakes when nothing happens, to pick up guest output (the mock has no
 /// interrupt line to the host).
 const POLL: Duration = Duration::from_micros(500);
+
+/// Why the link to `peer` ("primary" or "secondary") ends after the machine refused its input:
+/// a refusal at the handshake (a setting that differs) is not a broken protocol.
+fn protocol_error(peer: &str, e: &colo_core::engine::EngineError) -> String {
+    match e {
+        colo_core::engine::EngineError::Link(l) => {
+            format!("the link handshake refused the {peer}: {l}")
+        }
+        e => format!("{peer} broke the protocol: {e}"),
+    }
+}
 
 fn run_fence(cmd: &Option<String>) -> Result<()> {
     let Some(cmd) = cmd else { return Ok(()) };
@@ -310,6 +321,17 @@ pub struct PrimaryNode<G: Guest> {
     status: Shared,
     stop: Arc<AtomicBool>,
     commands: Option<crossbeam_channel::Receiver<ControlCommand>>,
+    /// A re-protection asked for over the control socket, until its outcome is known.
+    protecting: Option<Protecting>,
+}
+
+/// A re-protection under way: connecting on a helper thread (`pending`), then the handshake.
+/// `reply` gets the outcome.
+#[derive(Debug)]
+struct Protecting {
+    peer: String,
+    pending: Option<PendingLink>,
+    reply: Reply,
 }
 
 impl<G: Guest> std::fmt::Debug for PrimaryNode<G> {
@@ -366,7 +388,7 @@ impl<G: Guest> PrimaryNode<G> {
         }
         let unlogged = WatchSet::new(opts.unlogged_sweeps);
         let sent = (opts.verify || unlogged.sweeps_left > 0).then(|| SentPages::new(pages));
-        Ok(Self {
+        let mut node = Self {
             guest,
             engine,
             link,
@@ -389,37 +411,123 @@ impl<G: Guest> PrimaryNode<G> {
             status,
             stop: Arc::new(AtomicBool::new(false)),
             commands: None,
-        })
+            protecting: None,
+        };
+        // The HELLO goes out at once, before anything is read: a peer that refuses this node's
+        // HELLO then still reads this node's and can say why it was refused too.
+        node.flush();
+        Ok(node)
     }
 
     /// Re-protection: an unprotected primary (for example the survivor of a failover) connects
     /// to a new secondary at `peer` and re-synchronises it (pre-copy while the guest runs, then
-    /// checkpoint 0). Client output passes through unprotected until checkpoint 0 begins.
+    /// checkpoint 0). Client output passes through unprotected until checkpoint 0 begins. This
+    /// connects in the caller's thread; the node's loop does it on a helper thread instead
+    /// (`ControlCommand::Protect`).
     pub fn protect(&mut self, peer: &str) -> Result<()> {
-        if self.engine.state() != PrimaryState::Unprotected {
-            bail!(
-                "this primary is {} (protected or protecting already)",
-                self.engine.state().name()
-            );
+        self.may_protect().map_err(|e| anyhow!(e))?;
+        let link = Link::connect(peer, self.opts.connect_timeout, self.link_config())?;
+        self.start_link(peer, link);
+        Ok(())
+    }
+
+    fn link_config(&self) -> DecoderConfig {
+        DecoderConfig {
+            expect_headers: false,
+            page_count: Some(self.guest.page_count()),
         }
+    }
+
+    fn may_protect(&self) -> Result<(), String> {
+        if self.engine.state() != PrimaryState::Unprotected || self.protecting.is_some() {
+            let state = match &self.protecting {
+                Some(p) => format!("connecting to {}", p.peer),
+                None => self.engine.state().name().to_string(),
+            };
+            return Err(format!(
+                "this primary is {state} (protected or protecting already)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// `ControlCommand::Protect`: starts connecting on a helper thread; [`Self::poll_protect`]
+    /// takes it from there.
+    fn start_protect(&mut self, peer: String, timeout: Duration, reply: Reply) {
+        if let Err(e) = self.may_protect() {
+            reply.send(Err(e));
+            return;
+        }
+        match Link::connect_in_background(&peer, timeout, self.link_config()) {
+            Ok(pending) => {
+                self.protecting = Some(Protecting {
+                    peer,
+                    pending: Some(pending),
+                    reply,
+                })
+            }
+            Err(e) => reply.send(Err(format!("cannot start connecting to {peer}: {e}"))),
+        }
+    }
+
+    /// Moves a re-protection on: a connection made is taken into use (handshake), and the
+    /// outcome, once known, goes to the operator's reply.
+    fn poll_protect(&mut self) {
+        let Some(p) = self.protecting.as_mut() else {
+            return;
+        };
+        if let Some(pending) = &p.pending {
+            match pending.poll() {
+                None => return,
+                Some(Ok(link)) => {
+                    p.pending = None;
+                    let peer = p.peer.clone();
+                    self.start_link(&peer, link);
+                    return;
+                }
+                Some(Err(e)) => {
+                    tracing::error!("re-protection with {} failed: {e:#}", p.peer);
+                    p.reply.send(Err(format!("{e:#}")));
+                    self.protecting = None;
+                    return;
+                }
+            }
+        }
+        let answer = match self.engine.state() {
+            PrimaryState::AwaitingHandshake => return,
+            PrimaryState::Unprotected => Err(format!(
+                "protection with the secondary at {} did not start: {}",
+                p.peer,
+                self.status
+                    .lock()
+                    .failover_reason
+                    .clone()
+                    .unwrap_or_else(|| "no reason given".into())
+            )),
+            _ => Ok(format!(
+                "re-synchronising with the secondary at {} (the link handshake passed)",
+                p.peer
+            )),
+        };
+        p.reply.send(answer);
+        self.protecting = None;
+    }
+
+    /// Starts protecting over `link`, a fresh connection to the secondary at `peer`.
+    fn start_link(&mut self, peer: &str, link: Link) {
         let pages = self.guest.page_count();
-        let link = Link::connect(
-            peer,
-            self.opts.connect_timeout,
-            DecoderConfig {
-                expect_headers: false,
-                page_count: Some(pages),
-            },
-        )?;
         self.engine = Primary::new(primary_config(&self.opts, pages), Instant::now());
         self.comparator = None;
-        let mut st = self.status.lock();
-        st.peer = Some(link.peer().to_string());
-        st.failover_reason = None;
-        st.failover_at = None;
+        {
+            let mut st = self.status.lock();
+            st.peer = Some(link.peer().to_string());
+            st.failover_reason = None;
+            st.failover_at = None;
+        }
         self.link = Some(link);
+        // The HELLO goes out at once (see with_link).
+        self.flush();
         tracing::info!("re-protecting with the secondary at {peer}");
-        Ok(())
     }
 
     /// Takes operator commands (from the control socket).
@@ -437,14 +545,15 @@ impl<G: Guest> PrimaryNode<G> {
             match c {
                 ControlCommand::Failover => self.engine.failover(Instant::now()),
                 ControlCommand::Checkpoint => self.manual = true,
-                ControlCommand::Protect { peer } => {
-                    if let Err(e) = self.protect(&peer) {
-                        tracing::error!("re-protection with {peer} failed: {e:#}");
-                    }
-                }
+                ControlCommand::Protect {
+                    peer,
+                    connect_timeout,
+                    reply,
+                } => self.start_protect(peer, connect_timeout, reply),
                 ControlCommand::Status => {}
             }
         }
+        self.poll_protect();
     }
 
     /// A flag that ends [`PrimaryNode::run`] when set.
@@ -578,8 +687,7 @@ impl<G: Guest> PrimaryNode<G> {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    self.engine
-                        .peer_lost(now, format!("secondary broke the protocol: {e}"));
+                    self.engine.peer_lost(now, protocol_error("secondary", &e));
                     break;
                 }
             }
@@ -1035,7 +1143,7 @@ impl<G: Guest> SecondaryNode<G> {
             st.role = "secondary".into();
             st.peer = Some(link.peer().to_string());
         }
-        Ok(Self {
+        let mut node = Self {
             guest,
             engine: Secondary::new(cfg, now),
             link: Some(link),
@@ -1051,7 +1159,10 @@ impl<G: Guest> SecondaryNode<G> {
             late: None,
             logging: false,
             commands: None,
-        })
+        };
+        // The HELLO goes out at once (see PrimaryNode::with_link).
+        node.flush();
+        Ok(node)
     }
 
     /// A flag that ends [`SecondaryNode::run`] when set.
@@ -1101,9 +1212,9 @@ impl<G: Guest> SecondaryNode<G> {
             while let Ok(c) = rx.try_recv() {
                 match c {
                     ControlCommand::Failover => self.engine.failover(),
-                    ControlCommand::Protect { .. } => {
-                        tracing::warn!("`protect` is for a primary; this node is a secondary")
-                    }
+                    ControlCommand::Protect { reply, .. } => reply.send(Err(
+                        "`protect` is for a primary; this node is a secondary".into(),
+                    )),
                     ControlCommand::Status | ControlCommand::Checkpoint => {}
                 }
             }
@@ -1201,8 +1312,7 @@ impl<G: Guest> SecondaryNode<G> {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    self.engine
-                        .peer_lost(format!("primary broke the protocol: {e}"));
+                    self.engine.peer_lost(protocol_error("primary", &e));
                     break;
                 }
             }

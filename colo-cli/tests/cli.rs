@@ -1,6 +1,9 @@
 //! Integration tests of the real `colo` binary: the demo's JSON summary (with and without a
-//! failover), status and failover against a running pair, config files merged under flags,
-//! exit code 2 with one clear line for bad input, and a save → dump → restore round trip.
+//! failover) and its prompt, orderly end on SIGINT / SIGTERM, status and failover against a
+//! running pair, a node waiting for its peer saying so once, `colo protect`'s answers (and a
+//! node that keeps serving while it connects), `--verify` agreed at the handshake, config files
+//! merged under flags, exit code 2 with one clear line for bad input, a save → dump → restore
+//! round trip, and a stream without END reported truncated.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -90,6 +93,29 @@ fn assert_usage_error(o: &Output, needles: &[&str]) {
     }
 }
 
+/// Exit code 2 after a node waited for `peer` in vain: one line saying it waits (naming the
+/// address and the time left), retries that print nothing, then one error line naming it.
+fn assert_unreachable(o: &Output, peer: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "want a waiting line and an error, got: {err}"
+    );
+    assert!(
+        lines[0].contains(&format!("cannot reach the peer at {peer} yet"))
+            && lines[0].contains("giving up in"),
+        "{err}"
+    );
+    assert!(
+        lines[1].contains(peer) && lines[1].contains("error"),
+        "{err}"
+    );
+}
+
 fn u(v: &Value, key: &str) -> u64 {
     v[key]
         .as_u64()
@@ -149,6 +175,108 @@ fn demo_kill_primary_fails_over_without_losing_writes() {
     assert!(f["takeover_ms"].as_f64().is_some(), "{v}");
     assert_eq!(u(&v, "lost_acked_writes"), 0, "{v}");
     assert!(u(&v, "acked_writes") > 0, "{v}");
+}
+
+/// Runs `colo demo` until it has checkpointed and served its client a while, then sends it
+/// `signal` (to its whole process group when `group`, as a terminal's Ctrl-C does) and returns
+/// its output and how long it took to exit. Fails if it is still running 20 s later.
+fn demo_until_signal(s: &Scratch, signal: &str, group: bool) -> (Output, Duration) {
+    use std::os::unix::process::CommandExt;
+    let mut child = s
+        .colo()
+        .args(["demo", "--ram", "16M", "--heartbeat-timeout-ms", "3000"])
+        .env("TMPDIR", &s.0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let status_file = s.path(&format!("colo-demo-{pid}")).join("primary.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st: Option<Value> = std::fs::read(&status_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if st.is_some_and(|v| v["checkpoints"].as_u64().unwrap_or(0) >= 3) {
+            break;
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!("the demo never checkpointed: {}", stderr(&o));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The client has been running meanwhile; give it a moment more.
+    std::thread::sleep(Duration::from_millis(1000));
+    let target = if group {
+        format!("-{pid}")
+    } else {
+        pid.to_string()
+    };
+    let sent = Instant::now();
+    let ok = Command::new("kill")
+        .args([&format!("-{signal}"), "--", &target])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill -{signal} {target} failed");
+    // A safety kill after 20 s (the bug: about 21 s of ignoring Ctrl-C).
+    let killer = {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = done.clone();
+        std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < until {
+                if d.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        });
+        done
+    };
+    let o = child.wait_with_output().unwrap();
+    let took = sent.elapsed();
+    killer.store(true, Ordering::Relaxed);
+    assert!(
+        took < Duration::from_secs(20),
+        "the demo ignored SIG{signal} for {took:?}; stderr: {}",
+        stderr(&o)
+    );
+    // The nodes were stopped with it.
+    for role in ["primary", "secondary"] {
+        assert!(
+            status(s, &format!("demo-{pid}-{role}")).is_none(),
+            "the demo's {role} outlived it"
+        );
+    }
+    (o, took)
+}
+
+#[test]
+fn demo_stops_on_sigint_and_sigterm_with_its_summary_and_no_false_client_error() {
+    let s = Scratch::new("demoint");
+    for (signal, group) in [("INT", true), ("TERM", false)] {
+        let (o, took) = demo_until_signal(&s, signal, group);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(0), "SIG{signal}: {err}");
+        assert!(!err.contains("client failed"), "SIG{signal}: {err}");
+        assert!(!err.contains("read-back failed"), "SIG{signal}: {err}");
+        assert!(!err.contains("panicked"), "SIG{signal}: {err}");
+        // It said how far it got before the signal.
+        assert!(err.contains("the pair is protected"), "SIG{signal}: {err}");
+        let out = stdout(&o);
+        let v: Value = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("SIG{signal}: no JSON summary ({e}): {out}"));
+        assert!(u(&v, "checkpoints") >= 3, "{v}");
+        assert!(u(&v, "client_ops") > 0, "{v}");
+        assert_eq!(u(&v, "lost_acked_writes"), 0, "{v}");
+        eprintln!("SIG{signal}: the demo exited {took:?} after the signal");
+    }
 }
 
 fn status(s: &Scratch, name: &str) -> Option<Value> {
@@ -221,6 +349,282 @@ fn status_reaches_a_running_pair_and_failover_takes_over() {
     assert!(v["failover_reason"].is_string(), "{v}");
 }
 
+/// A `colo secondary` on `repl` named `name` with `ram`, output discarded.
+fn secondary(s: &Scratch, repl: &str, name: &str, ram: &str) -> Node {
+    Node(
+        s.colo()
+            .args(["secondary", "--listen", repl, "--name", name, "--ram", ram])
+            .args(["--heartbeat-timeout-ms", "2000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn protect_reports_the_nodes_answer_and_never_blocks_the_node() {
+    let s = Scratch::new("protect");
+    let id = std::process::id();
+    let (pn, s1n) = (format!("pp{id}"), format!("ps1{id}"));
+    let client = format!("127.0.0.1:{}", free_port());
+    let repl1 = format!("127.0.0.1:{}", free_port());
+    let s1 = secondary(&s, &repl1, &s1n, "8M");
+    let _pri = Node(
+        s.colo()
+            .args(["primary", "--peer", &repl1, "--name", &pn, "--ram", "8M"])
+            .args(["--client", &client, "--heartbeat-timeout-ms", "2000"])
+            .args(["--connect-timeout", "20"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&s, &pn, "protected", |v| v["protected"] == true);
+    let protect = |name: &str, peer: &str, timeout: &str| {
+        s.run(&[
+            "protect",
+            "--name",
+            name,
+            "--peer",
+            peer,
+            "--connect-timeout",
+            timeout,
+        ])
+    };
+    // A protected primary refuses, and so does a secondary: exit 1 with the node's reason.
+    let o = protect(&pn, &repl1, "5");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("protecting already"), "{}", stderr(&o));
+    let o = protect(&s1n, &repl1, "5");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is for a primary"), "{}", stderr(&o));
+    // No such node: bad usage.
+    assert_usage_error(&protect("nobody", &repl1, "5"), &["no colo node"]);
+
+    // The secondary dies; the primary goes on alone.
+    drop(s1);
+    wait_for(&s, &pn, "unprotected", |v| {
+        v["protected"] == false && v["failover_reason"].is_string()
+    });
+
+    // Towards an unreachable peer: exit 1 naming it, and the node answers its clients all along.
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let connect_timeout = Duration::from_secs(4);
+    let mut attempt = s
+        .colo()
+        .args(["protect", "--name", &pn, "--peer", &nowhere])
+        .args(["--connect-timeout", &connect_timeout.as_secs().to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut kv =
+        colo_cli::kvclient::KvClient::new(vec![client.clone()], 44000, Duration::from_secs(30));
+    let mut rng = 0x1234_5678_9abc_def1u64;
+    let (mut ops, mut slowest) = (0u32, Duration::ZERO);
+    let started = Instant::now();
+    while attempt.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < connect_timeout * 5,
+            "colo protect did not give up"
+        );
+        let t = Instant::now();
+        kv.random_op(&mut rng, 64, Instant::now() + Duration::from_secs(30))
+            .unwrap();
+        slowest = slowest.max(t.elapsed());
+        ops += 1;
+    }
+    let o = attempt.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("cannot reach peer {nowhere}")),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        started.elapsed() >= connect_timeout,
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    assert!(ops > 0);
+    assert!(
+        slowest < connect_timeout / 2,
+        "a client waited {slowest:?} while the node was connecting: the node loop blocked"
+    );
+    assert_eq!(kv.stats.lost_acked_writes, 0);
+
+    // A secondary whose guest differs is refused at the handshake: exit 1 with the reason.
+    let repl2 = format!("127.0.0.1:{}", free_port());
+    let _s2 = secondary(&s, &repl2, &format!("ps2{id}"), "4M");
+    let o = protect(&pn, &repl2, "20");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("geometry differs"), "{}", stderr(&o));
+
+    // A good one: exit 0 once re-synchronisation started, and the pair is protected again.
+    let repl3 = format!("127.0.0.1:{}", free_port());
+    let _s3 = secondary(&s, &repl3, &format!("ps3{id}"), "8M");
+    let o = protect(&pn, &repl3, "20");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("re-synchronising"), "{}", stdout(&o));
+    let v = wait_for(&s, &pn, "protected again", |v| v["protected"] == true);
+    assert_eq!(v["peer"], repl3.as_str(), "{v}");
+    kv.verify_all(Instant::now() + Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(kv.stats.lost_acked_writes, 0);
+}
+
+#[test]
+fn verify_on_one_node_only_is_refused_by_both() {
+    let s = Scratch::new("verify");
+    let repl = format!("127.0.0.1:{}", free_port());
+    let pn = format!("vp{}", std::process::id());
+    let mut sec = Node(
+        s.colo()
+            .args(["secondary", "--listen", &repl, "--ram", "8M"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let _pri = Node(
+        s.colo()
+            .args(["primary", "--peer", &repl, "--ram", "8M", "--verify"])
+            .args(["--name", &pn, "--connect-timeout", "20"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let want = "--verify differs: the primary has it and the secondary does not";
+    // The secondary refuses and stops: it never held a checkpoint to take over from.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(st) = sec.0.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(Instant::now() < deadline, "the secondary did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut sec.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(want), "{err}");
+    // The primary refuses too, and says why in its status.
+    let v = wait_for(&s, &pn, "refused", |v| v["failover_reason"].is_string());
+    let reason = v["failover_reason"].as_str().unwrap();
+    assert!(reason.contains(want), "{v}");
+    assert_eq!(v["protected"], false, "{v}");
+}
+
+/// Lines of a child's stderr, as they come.
+fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let err = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(err)) {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits up to `within` for a line containing `needle`; returns it and the lines before it.
+fn wait_line(
+    rx: &std::sync::mpsc::Receiver<String>,
+    needle: &str,
+    within: Duration,
+) -> (String, Vec<String>) {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains(needle) => return (l, seen),
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("no line with `{needle}` within {within:?}; got: {seen:#?}"),
+        }
+    }
+}
+
+#[test]
+fn a_node_waiting_for_its_peer_says_so_once() {
+    let s = Scratch::new("wait");
+    let repl = format!("127.0.0.1:{}", free_port());
+    let pn = format!("wp{}", std::process::id());
+    let common = ["--ram", "8M", "--heartbeat-timeout-ms", "3000"];
+    let mut pri = Node(
+        s.colo()
+            .args(["primary", "--peer", &repl, "--name", &pn])
+            .args(common)
+            .args(["--connect-timeout", "60"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = stderr_lines(&mut pri.0);
+    // It says so at once (not after its timeout), naming the address and the time left.
+    let (line, _) = wait_line(
+        &lines,
+        &format!("cannot reach the peer at {repl} yet"),
+        Duration::from_secs(20),
+    );
+    let left: u64 = line
+        .split("giving up in ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no time left in: {line}"));
+    assert!((1..=60).contains(&left), "{line}");
+    // Let it retry a while, quietly; then the secondary comes up and the pair forms.
+    std::thread::sleep(Duration::from_millis(1500));
+    let _sec = Node(
+        s.colo()
+            .args(["secondary", "--listen", &repl])
+            .args(common)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&s, &pn, "protected", |v| v["protected"] == true);
+    drop(pri);
+    let rest: Vec<String> = lines.try_iter().collect();
+    assert!(
+        !rest.iter().any(|l| l.contains("cannot reach")),
+        "the wait was announced more than once: {rest:#?}"
+    );
+
+    // A secondary waiting for its primary says so too.
+    let port = free_port();
+    let o = s.run(&[
+        "secondary",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--name",
+        "lonely",
+        "--ram",
+        "8M",
+        "--connect-timeout",
+        "1",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(
+        lines[0].contains(&format!(
+            "waiting for the peer to connect to 127.0.0.1:{port}"
+        )) && lines[0].contains("giving up in 1 s"),
+        "{err}"
+    );
+    assert!(lines[1].contains("no peer connected"), "{err}");
+}
+
 #[test]
 fn bad_input_exits_2_with_one_clear_line() {
     let s = Scratch::new("bad");
@@ -249,7 +653,7 @@ fn bad_input_exits_2_with_one_clear_line() {
     );
     let port = free_port();
     let peer = format!("127.0.0.1:{port}");
-    assert_usage_error(
+    assert_unreachable(
         &s.run(&[
             "primary",
             "--peer",
@@ -259,7 +663,7 @@ fn bad_input_exits_2_with_one_clear_line() {
             "--connect-timeout",
             "1",
         ]),
-        &[&peer],
+        &peer,
     );
     assert_usage_error(&s.run(&["primary", "--ram", "8M"]), &["--peer"]);
     std::fs::write(s.path("bad.img"), b"definitely not a libxc stream").unwrap();
@@ -361,7 +765,7 @@ fn config_file_applies_and_flags_win() {
     let cfg_s = cfg.to_str().unwrap();
     // From the file.
     let o = s.run(&["primary", "--config", cfg_s, "--connect-timeout", "1"]);
-    assert_usage_error(&o, &[&format!("127.0.0.1:{p1}")]);
+    assert_unreachable(&o, &format!("127.0.0.1:{p1}"));
     // The flag wins.
     let peer2 = format!("127.0.0.1:{p2}");
     let o = s.run(&[
@@ -373,7 +777,7 @@ fn config_file_applies_and_flags_win() {
         "--connect-timeout",
         "1",
     ]);
-    assert_usage_error(&o, &[&peer2]);
+    assert_unreachable(&o, &peer2);
     // A bad value in the file names the file.
     std::fs::write(&cfg, "peer = \"127.0.0.1:1\"\nworkload = \"bogus\"\n").unwrap();
     let o = s.run(&["primary", "--config", cfg_s]);
@@ -390,7 +794,7 @@ fn config_file_applies_and_flags_win() {
         "--connect-timeout",
         "1",
     ]);
-    assert_usage_error(&o, &["127.0.0.1:1"]);
+    assert_unreachable(&o, "127.0.0.1:1");
 }
 
 fn dump_json(s: &Scratch, file: &Path) -> Value {
@@ -525,6 +929,51 @@ fn save_dump_restore_round_trip() {
         "dirty",
     ]);
     assert_usage_error(&o, &["bad.img", "malformed"]);
+}
+
+#[test]
+fn dump_of_a_stream_without_end_is_truncated_exit_2() {
+    let s = Scratch::new("noend");
+    let img = s.path("vm.img");
+    let o = s.run(&[
+        "save",
+        "--ram",
+        "4M",
+        "--seconds",
+        "0",
+        "--out",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let whole = dump_json(&s, &img);
+    let records = u(&whole["summary"], "records");
+    // Cut the stream at the record boundary before END (an 8-byte record without a body).
+    let mut bytes = std::fs::read(&img).unwrap();
+    assert_eq!(
+        bytes[bytes.len() - 8..],
+        [0u8; 8],
+        "the stream must end with END"
+    );
+    bytes.truncate(bytes.len() - 8);
+    std::fs::write(s.path("noend.img"), &bytes).unwrap();
+    let want = format!(
+        "stream truncated: no END record after {} records, at byte {}",
+        records - 1,
+        bytes.len()
+    );
+    let o = s.run(&["stream", "dump", "noend.img"]);
+    assert_usage_error(&o, &["noend.img", &want]);
+    // What was read is still printed, the summary included.
+    let out = stdout(&o);
+    assert!(out.contains("HVM_PARAMS"), "{out}");
+    assert!(out.contains("no END record (truncated)"), "{out}");
+    let o = s.run(&["stream", "dump", "--json", "noend.img"]);
+    assert_usage_error(&o, &[&want]);
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["summary"]["ended_with_end"], false, "{v}");
+    // The help names the exit code.
+    let help = stdout(&s.run(&["stream", "dump", "--help"]));
+    assert!(help.contains("truncated"), "{help}");
 }
 
 #[test]

@@ -1,18 +1,25 @@
-//! The link handshake: versions, roles, guest geometry and an optional pre-shared key proven by
-//! HMAC-SHA256 challenge-response in both directions.
+//! The link handshake: versions, roles, guest geometry, the verification option and an optional
+//! pre-shared key proven by HMAC-SHA256 challenge-response in both directions.
 //!
 //! ```text
-//!   primary                                   secondary
-//!      | -- HELLO(v, role, pages, 4096, nonce_p) -->|
-//!      |<-- HELLO(v, role, pages, 4096, nonce_s) -- |     (both send at once)
-//!      | -- AUTH(HMAC(k, P, nonce_s, nonce_p, pages)) -->|   (only with a key)
-//!      |<-- AUTH(HMAC(k, S, nonce_p, nonce_s, pages)) -- |
+//!   primary                                        secondary
+//!      | -- HELLO(v, role, pages, 4096, flags, nonce_p) -->|
+//!      |<-- HELLO(v, role, pages, 4096, flags, nonce_s) -- |     (both send at once)
+//!      | -- AUTH(HMAC(k, P, nonce_s, nonce_p, pages, verify)) -->|   (only with a key)
+//!      |<-- AUTH(HMAC(k, S, nonce_p, nonce_s, pages, verify)) -- |
 //!   Done: the link is trusted; only now is a guest page read or written.
 //! ```
 //!
+//! Both sides check the peer's HELLO: same version, opposite roles, 4096-byte pages, the same
+//! page count, a key on both sides or on neither, and `--verify` on both sides or on neither
+//! (flags bit 1): a primary that verifies beside a secondary that sends no digests, or the
+//! reverse, would otherwise pass silently. A mismatch is refused by both, each naming what
+//! differs and which side has it.
+//!
 //! Each proof binds the prover's role, the verifier's fresh nonce (so it cannot be replayed), the
-//! prover's nonce (so it cannot be reflected back) and the geometry. The machine is sans-IO: the
-//! caller supplies the nonce (from the OS's RNG) and moves the encoded bytes.
+//! prover's nonce (so it cannot be reflected back), the geometry and the verify flag (so a man in
+//! the middle cannot hide a mismatch). The machine is sans-IO: the caller supplies the nonce
+//! (from the OS's RNG) and moves the encoded bytes.
 
 use super::messages::{Hello, Message, Role, MAC_LEN, PROTOCOL_VERSION};
 use hmac::{Hmac, Mac};
@@ -49,6 +56,17 @@ pub enum LinkError {
     /// One side has a key and the other has none.
     #[error("{0}")]
     KeyPresence(&'static str),
+    /// One side verifies every checkpoint (`--verify`) and the other does not.
+    #[error(
+        "--verify differs: the {with} has it and the {without} does not; give --verify to both \
+         nodes or to neither"
+    )]
+    Verify {
+        /// The side with `--verify`.
+        with: Role,
+        /// The side without.
+        without: Role,
+    },
     /// The peer's proof is wrong: it does not hold the same key.
     #[error("peer failed authentication: its HMAC proof does not match this node's key")]
     BadProof,
@@ -88,6 +106,7 @@ impl HandshakeState {
 pub struct Handshake {
     role: Role,
     page_count: u64,
+    verify: bool,
     key: Option<Vec<u8>>,
     nonce: [u8; 32],
     peer_nonce: [u8; 32],
@@ -99,6 +118,7 @@ impl std::fmt::Debug for Handshake {
         f.debug_struct("Handshake")
             .field("role", &self.role)
             .field("page_count", &self.page_count)
+            .field("verify", &self.verify)
             .field("has_key", &self.key.is_some())
             .field("state", &self.state)
             .finish()
@@ -121,11 +141,13 @@ pub(crate) fn message_name(m: &Message<'_>) -> &'static str {
 }
 
 impl Handshake {
-    /// A handshake for `role` with a guest of `page_count` pages, an optional pre-shared `key`
-    /// and a fresh random `nonce`. Appends our HELLO to `out`.
+    /// A handshake for `role` with a guest of `page_count` pages, whether this side verifies
+    /// every checkpoint (`verify`), an optional pre-shared `key` and a fresh random `nonce`.
+    /// Appends our HELLO to `out`.
     pub fn start(
         role: Role,
         page_count: u64,
+        verify: bool,
         key: Option<Vec<u8>>,
         nonce: [u8; 32],
         out: &mut Vec<u8>,
@@ -133,6 +155,7 @@ impl Handshake {
         let hs = Self {
             role,
             page_count,
+            verify,
             key,
             nonce,
             peer_nonce: [0; 32],
@@ -144,6 +167,7 @@ impl Handshake {
             page_count,
             page_size: 4096,
             wants_auth: hs.key.is_some(),
+            verify,
             nonce,
         })
         .encode(out);
@@ -167,7 +191,7 @@ impl Handshake {
             Ok(m) => m,
             Err(_) => unreachable_hmac(),
         };
-        mac.update(b"colo-link-auth-v1");
+        mac.update(b"colo-link-auth-v2");
         mac.update(&[match prover {
             Role::Primary => 1,
             Role::Secondary => 2,
@@ -175,6 +199,7 @@ impl Handshake {
         mac.update(verifier_nonce);
         mac.update(prover_nonce);
         mac.update(&self.page_count.to_le_bytes());
+        mac.update(&[u8::from(self.verify)]);
         mac
     }
 
@@ -200,6 +225,14 @@ impl Handshake {
                         ours: self.page_count,
                         peer: h.page_count,
                     });
+                }
+                if h.verify != self.verify {
+                    let (with, without) = if self.verify {
+                        (self.role, h.role)
+                    } else {
+                        (h.role, self.role)
+                    };
+                    return Err(LinkError::Verify { with, without });
                 }
                 match (self.key.is_some(), h.wants_auth) {
                     (true, false) => {
@@ -253,6 +286,7 @@ fn unreachable_hmac() -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::messages::HELLO_VERIFY;
 
     fn parse(bytes: &[u8]) -> Message<'_> {
         let rtype = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
@@ -266,10 +300,22 @@ mod tests {
         ppages: u64,
         spages: u64,
     ) -> (Result<bool, LinkError>, Result<bool, LinkError>) {
+        run_verify(pk, sk, ppages, spages, (false, false))
+    }
+
+    /// `verify`: (primary's, secondary's).
+    fn run_verify(
+        pk: Option<&[u8]>,
+        sk: Option<&[u8]>,
+        ppages: u64,
+        spages: u64,
+        verify: (bool, bool),
+    ) -> (Result<bool, LinkError>, Result<bool, LinkError>) {
         let (mut po, mut so) = (Vec::new(), Vec::new());
         let mut p = Handshake::start(
             Role::Primary,
             ppages,
+            verify.0,
             pk.map(<[u8]>::to_vec),
             [1; 32],
             &mut po,
@@ -277,6 +323,7 @@ mod tests {
         let mut s = Handshake::start(
             Role::Secondary,
             spages,
+            verify.1,
             sk.map(<[u8]>::to_vec),
             [2; 32],
             &mut so,
@@ -331,15 +378,85 @@ mod tests {
     }
 
     #[test]
+    fn verify_on_both_sides_or_neither() {
+        for key in [None, Some(&b"k"[..])] {
+            assert_eq!(
+                run_verify(key, key, 10, 10, (true, true)),
+                (Ok(true), Ok(true))
+            );
+            let only_primary = LinkError::Verify {
+                with: Role::Primary,
+                without: Role::Secondary,
+            };
+            assert_eq!(
+                run_verify(key, key, 10, 10, (true, false)),
+                (Err(only_primary.clone()), Err(only_primary.clone()))
+            );
+            let only_secondary = LinkError::Verify {
+                with: Role::Secondary,
+                without: Role::Primary,
+            };
+            assert_eq!(
+                run_verify(key, key, 10, 10, (false, true)),
+                (Err(only_secondary.clone()), Err(only_secondary))
+            );
+        }
+        assert_eq!(
+            LinkError::Verify {
+                with: Role::Primary,
+                without: Role::Secondary
+            }
+            .to_string(),
+            "--verify differs: the primary has it and the secondary does not; give --verify to \
+             both nodes or to neither"
+        );
+    }
+
+    #[test]
+    fn the_proof_covers_the_verify_flag() {
+        // A man in the middle that flips the secondary's verify bit in both HELLOs makes the
+        // flags agree on each side; the proofs, each bound to its own side's flag, then fail.
+        let (mut po, mut so) = (Vec::new(), Vec::new());
+        let key = Some(b"k".to_vec());
+        let mut p = Handshake::start(Role::Primary, 5, true, key.clone(), [1; 32], &mut po);
+        let mut s = Handshake::start(Role::Secondary, 5, false, key, [2; 32], &mut so);
+        let flip = |bytes: &[u8]| -> Vec<u8> {
+            let mut b = bytes.to_vec();
+            b[8 + 28] ^= HELLO_VERIFY as u8;
+            b
+        };
+        let (ph, sh) = (flip(&po), flip(&so));
+        po.clear();
+        so.clear();
+        assert_eq!(p.on_message(&parse(&sh), &mut po), Ok(false));
+        assert_eq!(s.on_message(&parse(&ph), &mut so), Ok(false));
+        assert_eq!(
+            p.on_message(&parse(&so), &mut Vec::new()),
+            Err(LinkError::BadProof)
+        );
+        assert_eq!(
+            s.on_message(&parse(&po), &mut Vec::new()),
+            Err(LinkError::BadProof)
+        );
+    }
+
+    #[test]
     fn same_role_and_out_of_order_messages_are_refused() {
         let mut out = Vec::new();
-        let mut a = Handshake::start(Role::Primary, 1, None, [0; 32], &mut out);
+        let mut a = Handshake::start(Role::Primary, 1, false, None, [0; 32], &mut out);
         let hello = parse(&out).clone();
         assert_eq!(
             a.on_message(&hello, &mut Vec::new()),
             Err(LinkError::SameRole(Role::Primary))
         );
-        let mut b = Handshake::start(Role::Secondary, 1, Some(vec![1]), [0; 32], &mut Vec::new());
+        let mut b = Handshake::start(
+            Role::Secondary,
+            1,
+            false,
+            Some(vec![1]),
+            [0; 32],
+            &mut Vec::new(),
+        );
         assert_eq!(
             b.on_message(&Message::Auth([0; 32]), &mut Vec::new()),
             Err(LinkError::Unexpected {
@@ -353,7 +470,14 @@ mod tests {
     fn a_reflected_proof_is_refused() {
         // A peer without the key that echoes our own AUTH back must fail.
         let mut po = Vec::new();
-        let mut p = Handshake::start(Role::Primary, 5, Some(b"k".to_vec()), [1; 32], &mut po);
+        let mut p = Handshake::start(
+            Role::Primary,
+            5,
+            false,
+            Some(b"k".to_vec()),
+            [1; 32],
+            &mut po,
+        );
         let mut fake = Vec::new();
         Message::Hello(Hello {
             version: PROTOCOL_VERSION,
@@ -361,6 +485,7 @@ mod tests {
             page_count: 5,
             page_size: 4096,
             wants_auth: true,
+            verify: false,
             nonce: [1; 32],
         })
         .encode(&mut fake);

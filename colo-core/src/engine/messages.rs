@@ -7,7 +7,7 @@
 //!
 //! | type | name | direction | body (little-endian) |
 //! |---|---|---|---|
-//! | `0x8000_C001` | HELLO | both | magic `b"COLOLINK"`, u32 version, u32 role (1 primary, 2 secondary), u64 page_count, u32 page_size, u32 flags (bit 0: wants auth), 32-byte nonce |
+//! | `0x8000_C001` | HELLO | both | magic `b"COLOLINK"`, u32 version, u32 role (1 primary, 2 secondary), u64 page_count, u32 page_size, u32 flags (bit 0: wants auth; bit 1: verifies every checkpoint, `--verify`; both sides must agree on it), 32-byte nonce |
 //! | `0x8000_C002` | AUTH | both | 32-byte HMAC-SHA256 proof (see [`super::link`]) |
 //! | `0x8000_C003` | CONTROL | both | u32 id (libxl's CHECKPOINT_STATE ids: NEW 0, SVM_SUSPENDED 1, SVM_READY 2, SVM_RESUMED 3), u32 reserved, u64 epoch |
 //! | `0x8000_C004` | INPUT | primary → secondary | u64 seq, then one Ethernet frame (a client request mirrored to the SVM) |
@@ -46,8 +46,14 @@ pub mod colo_type {
 
 /// Magic at the start of a HELLO body.
 pub const HELLO_MAGIC: [u8; 8] = *b"COLOLINK";
-/// The link protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The link protocol version this build speaks. Version 2 added HELLO's verify flag (bit 1),
+/// which both sides must agree on and which the AUTH proof covers; a version 1 peer would
+/// ignore a mismatch, so it is refused by version.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// HELLO flag: the sender has a pre-shared key and will authenticate.
+pub const HELLO_WANTS_AUTH: u32 = 1 << 0;
+/// HELLO flag: the sender digests memory at every checkpoint (`--verify`).
+pub const HELLO_VERIFY: u32 = 1 << 1;
 /// Length of a HELLO body.
 pub const HELLO_LEN: usize = 8 + 4 + 4 + 8 + 4 + 4 + 32;
 /// Length of an HMAC-SHA256 proof.
@@ -138,6 +144,8 @@ pub struct Hello {
     pub page_size: u32,
     /// The sender has a pre-shared key and will authenticate.
     pub wants_auth: bool,
+    /// The sender digests all memory at every checkpoint (`--verify`); both sides must agree.
+    pub verify: bool,
     /// The sender's challenge.
     pub nonce: [u8; 32],
 }
@@ -273,7 +281,8 @@ impl<'a> Message<'a> {
                     role,
                     page_count: u64_at(body, 16),
                     page_size: u32_at(body, 24),
-                    wants_auth: u32_at(body, 28) & 1 != 0,
+                    wants_auth: u32_at(body, 28) & HELLO_WANTS_AUTH != 0,
+                    verify: u32_at(body, 28) & HELLO_VERIFY != 0,
                     nonce,
                 })
             }
@@ -363,7 +372,14 @@ impl<'a> Message<'a> {
                 out.extend_from_slice(&h.role.wire().to_le_bytes());
                 out.extend_from_slice(&h.page_count.to_le_bytes());
                 out.extend_from_slice(&h.page_size.to_le_bytes());
-                out.extend_from_slice(&u32::from(h.wants_auth).to_le_bytes());
+                let mut flags = 0;
+                if h.wants_auth {
+                    flags |= HELLO_WANTS_AUTH;
+                }
+                if h.verify {
+                    flags |= HELLO_VERIFY;
+                }
+                out.extend_from_slice(&flags.to_le_bytes());
                 out.extend_from_slice(&h.nonce);
             }
             Message::Auth(mac) => out.extend_from_slice(mac),
@@ -408,14 +424,17 @@ mod tests {
 
     #[test]
     fn every_message_round_trips() {
-        round_trip(Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            role: Role::Secondary,
-            page_count: 262_144,
-            page_size: 4096,
-            wants_auth: true,
-            nonce: [7; 32],
-        }));
+        for (wants_auth, verify) in [(false, false), (true, false), (false, true), (true, true)] {
+            round_trip(Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                role: Role::Secondary,
+                page_count: 262_144,
+                page_size: 4096,
+                wants_auth,
+                verify,
+                nonce: [7; 32],
+            }));
+        }
         round_trip(Message::Auth([9; 32]));
         for msg in [
             Control::New,
@@ -458,6 +477,43 @@ mod tests {
                 0x02, 0x01, 0, 0, 0, 0, 0, 0, // epoch
             ]
         );
+    }
+
+    #[test]
+    fn golden_hello_flags() {
+        let mut out = Vec::new();
+        Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Primary,
+            page_count: 16,
+            page_size: 4096,
+            wants_auth: true,
+            verify: true,
+            nonce: [0; 32],
+        })
+        .encode(&mut out);
+        assert_eq!(out.len(), 8 + HELLO_LEN);
+        let body = &out[8..];
+        assert_eq!(&body[..8], b"COLOLINK");
+        assert_eq!(body[8..12], PROTOCOL_VERSION.to_le_bytes());
+        assert_eq!(body[28..32], [3, 0, 0, 0], "flags: wants auth | verify");
+        let Ok(Some(Message::Hello(h))) = Message::parse(colo_type::HELLO, body) else {
+            panic!("HELLO does not parse");
+        };
+        assert!(h.wants_auth && h.verify);
+        // A HELLO one byte short (or long) is a length error, not a panic.
+        for len in [HELLO_LEN - 1, HELLO_LEN + 1] {
+            let mut b = body.to_vec();
+            b.resize(len, 0);
+            assert_eq!(
+                Message::parse(colo_type::HELLO, &b),
+                Err(MessageError::Length {
+                    name: "HELLO",
+                    got: len,
+                    want: HELLO_LEN
+                })
+            );
+        }
     }
 
     #[test]

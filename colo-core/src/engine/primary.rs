@@ -262,6 +262,7 @@ impl Primary {
         let handshake = Handshake::start(
             Role::Primary,
             cfg.page_count,
+            cfg.verify,
             cfg.key.clone(),
             cfg.nonce,
             &mut outbox,

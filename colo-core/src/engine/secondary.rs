@@ -191,6 +191,7 @@ impl Secondary {
         let handshake = Handshake::start(
             Role::Secondary,
             cfg.page_count,
+            cfg.verify,
             cfg.key.clone(),
             cfg.nonce,
             &mut outbox,
