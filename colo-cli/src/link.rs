@@ -23,7 +23,7 @@ const SOCKET_BUFFER: usize = 4 << 20;
 const READ_BUFFER: usize = 1 << 20;
 
 /// A chunk read from the socket: the buffer and how many bytes of it are valid.
-type Chunk = io::Result<(Vec<u8>, usize)>;
+pub(crate) type Chunk = io::Result<(Vec<u8>, usize)>;
 
 /// Keepalive heartbeats carry sequence numbers with this bit set, so a stream dump tells them
 /// from the state machine's own.
@@ -561,6 +561,13 @@ impl Link {
             return Ok(None);
         }
         self.next_event()
+    }
+
+    /// The channel to sleep on (with a node's other sources) until bytes arrive; None when the
+    /// link needs no wait: bytes are buffered or a failure waits to be reported by
+    /// [`Link::fill`].
+    pub(crate) fn wait_handle(&self) -> Option<&Receiver<Chunk>> {
+        (!self.has_buffered() && self.failed.is_none()).then_some(&self.rx)
     }
 
     /// True if received bytes wait to be decoded.

@@ -30,6 +30,10 @@ impl GuestNic for MockDomain {
             tracing::error!("draining the guest's output failed: {e}");
         }
     }
+
+    fn output_ready(&self) -> Option<crossbeam_channel::Receiver<()>> {
+        Some(MockDomain::output_ready(self))
+    }
 }
 
 /// The workloads a mock guest can run.

@@ -41,6 +41,64 @@ pub trait GuestNic {
     fn inject(&mut self, seq: u64, frame: &[u8]) -> Result<bool, BackendError>;
     /// Hands every frame the guest emitted since the last call to `out`, in order.
     fn drain_tx(&mut self, out: &mut dyn FnMut(&[u8]));
+    /// A channel holding a message whenever the guest emitted output since the last message
+    /// was taken, so the node loop can sleep until then. None (a guest without the signal, or
+    /// without a NIC): the loop looks for output whenever it wakes, at least every
+    /// [`MAX_SLEEP`].
+    fn output_ready(&self) -> Option<crossbeam_channel::Receiver<()>> {
+        None
+    }
+}
+
+/// The longest a node loop sleeps when no deadline and no event is due: the latency of a stop
+/// request and of output from a guest without an output signal.
+pub const MAX_SLEEP: Duration = Duration::from_millis(100);
+
+/// The loop's sleep while requests wait for room in the guest's RX ring (the guest frees room
+/// as it answers, which the output signal announces; this bounds a guest that drops a request).
+const RING_RETRY: Duration = Duration::from_millis(1);
+
+/// Sleeps until `wait` has passed or one of a node's event sources has something: bytes on
+/// the link, a client request, a control command, guest output. The loop then looks at all of
+/// them; deadlines (heartbeats, timeouts, the checkpoint policy) bound `wait`.
+fn wait_for_events<C, K>(
+    wait: Duration,
+    link: Option<&Link>,
+    clients: Option<&crossbeam_channel::Receiver<C>>,
+    commands: Option<&crossbeam_channel::Receiver<K>>,
+    output: Option<&crossbeam_channel::Receiver<()>>,
+) {
+    if wait.is_zero() {
+        return;
+    }
+    let mut sel = crossbeam_channel::Select::new();
+    let mut sources = 0;
+    if let Some(l) = link {
+        match l.wait_handle() {
+            Some(rx) => {
+                sel.recv(rx);
+                sources += 1;
+            }
+            None => return,
+        }
+    }
+    if let Some(rx) = clients {
+        sel.recv(rx);
+        sources += 1;
+    }
+    if let Some(rx) = commands {
+        sel.recv(rx);
+        sources += 1;
+    }
+    if let Some(rx) = output {
+        sel.recv(rx);
+        sources += 1;
+    }
+    if sources == 0 {
+        std::thread::sleep(wait);
+    } else {
+        let _ = sel.ready_timeout(wait);
+    }
 }
 
 /// What a node needs from its guest.
@@ -143,10 +201,6 @@ fn nonce() -> [u8; 32] {
 
 /// Longest stretch the loop spends consuming the link before it looks at timers again.
 const MAX_READ_SLICE: Duration = Duration::from_millis(20);
-
-/// How often the loop wakes when nothing happens, to pick up guest output (the mock has no
-/// interrupt line to the host).
-const POLL: Duration = Duration::from_micros(500);
 
 /// Why the link to `peer` ("primary" or "secondary") ends after the machine refused its input:
 /// a refusal at the handshake (a setting that differs) is not a broken protocol.
@@ -321,6 +375,8 @@ pub struct PrimaryNode<G: Guest> {
     status: Shared,
     stop: Arc<AtomicBool>,
     commands: Option<crossbeam_channel::Receiver<ControlCommand>>,
+    /// The guest's output signal (see [`GuestNic::output_ready`]).
+    output: Option<crossbeam_channel::Receiver<()>>,
     /// A re-protection asked for over the control socket, until its outcome is known.
     protecting: Option<Protecting>,
 }
@@ -388,6 +444,7 @@ impl<G: Guest> PrimaryNode<G> {
         }
         let unlogged = WatchSet::new(opts.unlogged_sweeps);
         let sent = (opts.verify || unlogged.sweeps_left > 0).then(|| SentPages::new(pages));
+        let output = guest.output_ready();
         let mut node = Self {
             guest,
             engine,
@@ -411,6 +468,7 @@ impl<G: Guest> PrimaryNode<G> {
             status,
             stop: Arc::new(AtomicBool::new(false)),
             commands: None,
+            output,
             protecting: None,
         };
         // The HELLO goes out at once, before anything is read: a peer that refuses this node's
@@ -593,8 +651,8 @@ impl<G: Guest> PrimaryNode<G> {
 
     /// Runs one iteration: link input, actions, clients, guest output, policy, timers.
     pub fn step(&mut self, wait: Duration) -> Result<()> {
-        self.poll_commands();
         self.poll_link(wait)?;
+        self.poll_commands();
         // Liveness is judged right after reading the link, never after a long action (a
         // pre-copy round of a big guest) that kept the loop from reading what arrived meanwhile,
         // and by when bytes arrived, not when this loop got round to decoding them.
@@ -615,7 +673,8 @@ impl<G: Guest> PrimaryNode<G> {
     /// Runs until stopped.
     pub fn run(&mut self) -> Result<()> {
         while !self.stop.load(Ordering::Relaxed) {
-            self.step(POLL)?;
+            let wait = self.next_wait();
+            self.step(wait)?;
         }
         if let Some(link) = self.link.as_mut() {
             let mut bye = Vec::new();
@@ -638,25 +697,19 @@ impl<G: Guest> PrimaryNode<G> {
         if self.engine.state() == PrimaryState::Unprotected && self.link.take().is_some() {
             tracing::warn!("replication link closed; running unprotected");
         }
+        wait_for_events(
+            wait,
+            self.link.as_ref(),
+            self.clients.as_ref().map(ClientHub::receiver),
+            self.commands.as_ref(),
+            self.output.as_ref(),
+        );
         let Some(link) = self.link.as_mut() else {
-            // No link: wait for a client request (or the poll interval for guest output).
-            match &self.clients {
-                Some(c) => {
-                    let mut sel = crossbeam_channel::Select::new();
-                    sel.recv(c.receiver());
-                    let _ = sel.ready_timeout(wait);
-                }
-                None => std::thread::sleep(wait),
-            }
             return Ok(());
         };
-        let also = self.clients.as_ref().map(|c| c.receiver());
-        match link.fill(wait, also) {
-            Ok(_) => {}
-            Err(e) => {
-                self.lost(format!("link to the secondary broke: {e}"));
-                return Ok(());
-            }
+        if let Err(e) = link.fill::<()>(Duration::ZERO, None) {
+            self.lost(format!("link to the secondary broke: {e}"));
+            return Ok(());
         }
         // Return to the loop now and then, so heartbeats go out while a long stream (a big
         // initial synchronisation onto a slow hypervisor) is being consumed.
@@ -995,6 +1048,10 @@ impl<G: Guest> PrimaryNode<G> {
     }
 
     fn pump_output(&mut self) {
+        // Take the signal before draining: output after the drain signals anew.
+        if let Some(rx) = &self.output {
+            while rx.try_recv().is_ok() {}
+        }
         let now = Instant::now();
         let comparator = &mut self.comparator;
         let clients = &mut self.clients;
@@ -1022,6 +1079,33 @@ impl<G: Guest> PrimaryNode<G> {
                 }
             }
         }
+    }
+
+    /// How long the loop may sleep: until the engine's next timer (heartbeat, silence, progress),
+    /// the checkpoint policy's next decision, or the comparator's hold timeout, whichever comes
+    /// first, and at most [`MAX_SLEEP`]; events (link, clients, commands, output) wake it sooner.
+    fn next_wait(&self) -> Duration {
+        if !self.queued.is_empty() {
+            return RING_RETRY;
+        }
+        let now = Instant::now();
+        let mut until = now + MAX_SLEEP;
+        if let Some(t) = self.engine.next_timeout() {
+            until = until.min(t);
+        }
+        if self.engine.state() == PrimaryState::Running {
+            let comparator = self.comparator.as_ref();
+            let wanted = if self.manual {
+                Some(CheckpointReason::Manual)
+            } else {
+                comparator.and_then(|c| c.checkpoint_wanted(now))
+            };
+            until = until.min(self.opts.policy.next_wakeup(now, self.last_cp_end, wanted));
+            if let Some(t) = comparator.and_then(Comparator::next_deadline) {
+                until = until.min(t);
+            }
+        }
+        until.saturating_duration_since(now)
     }
 
     fn maybe_checkpoint(&mut self) -> Result<()> {
@@ -1095,6 +1179,8 @@ pub struct SecondaryNode<G: Guest> {
     /// The SVM's dirty log is on.
     logging: bool,
     commands: Option<crossbeam_channel::Receiver<ControlCommand>>,
+    /// The guest's output signal (see [`GuestNic::output_ready`]).
+    output: Option<crossbeam_channel::Receiver<()>>,
 }
 
 impl<G: Guest> std::fmt::Debug for SecondaryNode<G> {
@@ -1143,6 +1229,7 @@ impl<G: Guest> SecondaryNode<G> {
             st.role = "secondary".into();
             st.peer = Some(link.peer().to_string());
         }
+        let output = guest.output_ready();
         let mut node = Self {
             guest,
             engine: Secondary::new(cfg, now),
@@ -1159,6 +1246,7 @@ impl<G: Guest> SecondaryNode<G> {
             late: None,
             logging: false,
             commands: None,
+            output,
         };
         // The HELLO goes out at once (see PrimaryNode::with_link).
         node.flush();
@@ -1240,11 +1328,26 @@ impl<G: Guest> SecondaryNode<G> {
     /// Runs until stopped or the primary is lost; on loss, returns the node as a new primary.
     pub fn run(mut self) -> Result<SecondaryOutcome<G>> {
         while !self.stop.load(Ordering::Relaxed) {
-            if !self.step(POLL)? {
+            let wait = self.next_wait();
+            if !self.step(wait)? {
                 return self.into_primary();
             }
         }
         Ok(SecondaryOutcome::Stopped)
+    }
+
+    /// How long the loop may sleep: until the engine's next timer, and at most [`MAX_SLEEP`];
+    /// events (link, commands, output) wake it sooner.
+    fn next_wait(&self) -> Duration {
+        if !self.inputs.is_empty() && self.engine.running_epoch().is_some() {
+            return RING_RETRY;
+        }
+        let now = Instant::now();
+        let mut until = now + MAX_SLEEP;
+        if let Some(t) = self.engine.next_timeout() {
+            until = until.min(t);
+        }
+        until.saturating_duration_since(now)
     }
 
     fn into_primary(mut self) -> Result<SecondaryOutcome<G>> {
@@ -1269,11 +1372,17 @@ impl<G: Guest> SecondaryNode<G> {
     }
 
     fn poll_link(&mut self, wait: Duration) -> Result<()> {
+        wait_for_events::<(), _>(
+            wait,
+            self.link.as_ref(),
+            None,
+            self.commands.as_ref(),
+            self.output.as_ref(),
+        );
         let Some(link) = self.link.as_mut() else {
-            std::thread::sleep(wait);
             return Ok(());
         };
-        if let Err(e) = link.fill::<()>(wait, None) {
+        if let Err(e) = link.fill::<()>(Duration::ZERO, None) {
             self.engine
                 .peer_lost(format!("link to the primary broke: {e}"));
             return Ok(());
@@ -1458,6 +1567,9 @@ impl<G: Guest> SecondaryNode<G> {
     }
 
     fn pump_output(&mut self) {
+        if let Some(rx) = &self.output {
+            while rx.try_recv().is_ok() {}
+        }
         let now = Instant::now();
         let engine = &mut self.engine;
         let frames = &mut self.out_frames;
