@@ -28,7 +28,7 @@ use anyhow::{bail, Context};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::{json, Value};
 
-use crate::status::Shared;
+use crate::status::{Shared, StatusReport};
 
 /// Longest request line the server reads, bytes.
 const MAX_REQUEST: u64 = 4096;
@@ -460,102 +460,81 @@ pub fn request_json_within(
 }
 
 /// Human-readable multi-line rendering of a status answer, for `colo status` without `--json`.
-pub fn format_status(v: &Value) -> String {
-    let s = |k: &str| match v.get(k) {
-        Some(Value::String(x)) => x.clone(),
-        Some(Value::Null) | None => "-".into(),
-        Some(x) => x.to_string(),
-    };
-    let n = |x: Option<&Value>| x.and_then(Value::as_u64).unwrap_or(0);
-    let ms = |x: Option<&Value>| match x.and_then(Value::as_f64) {
+pub fn format_status(r: &StatusReport) -> String {
+    let v = &r.node;
+    let opt = |x: &Option<String>| x.clone().unwrap_or_else(|| "-".into());
+    let ms = |x: Option<f64>| match x {
         Some(f) => format!("{f:.2} ms"),
         None => "-".into(),
     };
     let mut out = String::new();
     let mut line = |k: &str, val: String| out.push_str(&format!("{k:<17}{val}\n"));
-    line("role:", s("role"));
-    line("state:", s("state"));
-    line("peer:", s("peer"));
-    if v.get("client_addr").is_some_and(|c| !c.is_null()) {
-        line("clients:", s("client_addr"));
+    line("role:", v.role.clone());
+    line("state:", v.state.clone());
+    line("peer:", opt(&v.peer));
+    if v.client_addr.is_some() {
+        line("clients:", opt(&v.client_addr));
     }
-    let protected = v.get("protected").and_then(Value::as_bool).unwrap_or(false);
-    line("protected:", if protected { "yes" } else { "no" }.into());
-    line("epoch:", n(v.get("epoch")).to_string());
+    line("protected:", if v.protected { "yes" } else { "no" }.into());
+    line("epoch:", v.epoch.to_string());
     line(
         "checkpoints:",
         format!(
             "{} (mismatch {}, periodic {}, manual {})",
-            n(v.get("checkpoints")),
-            n(v.get("mismatch_checkpoints")),
-            n(v.get("periodic_checkpoints")),
-            n(v.get("manual_checkpoints")),
+            v.checkpoints, v.mismatch_checkpoints, v.periodic_checkpoints, v.manual_checkpoints,
         ),
     );
-    if n(v.get("verified_identical")) + n(v.get("verify_failures")) + n(v.get("verify_unsettled"))
-        > 0
-    {
+    if v.verified_identical + v.verify_failures + v.verify_unsettled > 0 {
         line(
             "verified:",
             format!(
                 "{} identical, {} failures, {} unsettled; {} pages resent that changed behind \
                  the dirty log",
-                n(v.get("verified_identical")),
-                n(v.get("verify_failures")),
-                n(v.get("verify_unsettled")),
-                n(v.get("unlogged_pages"))
+                v.verified_identical, v.verify_failures, v.verify_unsettled, v.unlogged_pages
             ),
         );
     }
-    if n(v.get("watch_set")) + n(v.get("unlogged_pages")) > 0 {
+    if v.watch_set + v.unlogged_pages > 0 {
         line(
             "behind the log:",
             format!(
                 "{} pages found by {} sweeps; watch set {} pages, {} carried in all",
-                n(v.get("unlogged_pages")),
-                n(v.get("sweeps")),
-                n(v.get("watch_set")),
-                n(v.get("watched_pages"))
+                v.unlogged_pages, v.sweeps, v.watch_set, v.watched_pages
             ),
         );
     }
-    match v.get("last").filter(|l| l.is_object()) {
+    match &v.last {
         Some(l) => line(
             "last checkpoint:",
             format!(
                 "#{} {} |A|={} |B|={} |D|={} pause {}",
-                n(l.get("epoch")),
-                l.get("trigger").and_then(Value::as_str).unwrap_or("-"),
-                n(l.get("dirty_primary")),
-                n(l.get("dirty_secondary")),
-                n(l.get("pages_sent")),
-                ms(l.get("pause_ms")),
+                l.epoch,
+                l.trigger,
+                l.dirty_primary,
+                l.dirty_secondary,
+                l.pages_sent,
+                ms(Some(l.pause_ms)),
             ),
         ),
         None => line("last checkpoint:", "-".into()),
     }
     line(
         "pause:",
-        format!(
-            "p50 {}, p99 {}",
-            ms(v.get("pause_ms_p50")),
-            ms(v.get("pause_ms_p99"))
-        ),
+        format!("p50 {}, p99 {}", ms(r.pause_ms_p50), ms(r.pause_ms_p99)),
     );
     line(
         "link:",
         format!(
             "{} bytes out, {} bytes in",
-            n(v.get("link_bytes_out")),
-            n(v.get("link_bytes_in"))
+            v.link_bytes_out, v.link_bytes_in
         ),
     );
-    if let Some(r) = v.get("failover_reason").and_then(Value::as_str) {
-        let took = match v.get("takeover_ms").and_then(Value::as_f64) {
+    if let Some(reason) = &v.failover_reason {
+        let took = match v.takeover_ms {
             Some(t) => format!(" (takeover {t:.1} ms)"),
             None => String::new(),
         };
-        line("failover:", format!("{r}{took}"));
+        line("failover:", format!("{reason}{took}"));
     }
     out
 }
@@ -627,7 +606,9 @@ mod tests {
         assert_eq!(v["last"]["dirty_primary"], 10);
         assert_eq!(v["pause_ms_p50"], 4.0);
         assert_eq!(v["pause_ms_p99"], 6.0);
-        let text = format_status(&v);
+        let report: StatusReport = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(report.node.checkpoints, 3);
+        let text = format_status(&report);
         assert!(text.contains("role:            primary"), "{text}");
         assert!(text.contains("protected:       yes"), "{text}");
         assert!(text.contains("|A|=10 |B|=4 |D|=12 pause 6.00 ms"), "{text}");
@@ -798,17 +779,31 @@ mod tests {
     }
 
     #[test]
-    fn format_status_tolerates_sparse_input() {
-        let text = format_status(&json!({}));
-        assert!(text.contains("role:            -"), "{text}");
-        assert!(text.contains("protected:       no"), "{text}");
-        assert!(text.contains("last checkpoint: -"), "{text}");
-        let text = format_status(&json!({
-            "role": "primary", "failover_reason": "peer silent for 1000 ms", "takeover_ms": 12.5
-        }));
+    fn status_is_read_back_typed_and_a_renamed_field_is_an_error() {
+        let mut st = crate::status::NodeStatus {
+            role: "secondary".into(),
+            failover_reason: Some("peer silent for 1000 ms".into()),
+            takeover_ms: Some(12.5),
+            ..Default::default()
+        };
+        st.record_checkpoint(stats(4, 3));
+        let v = crate::status::to_json(&st);
+        let back: StatusReport = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(back.node.checkpoints, 1);
+        assert_eq!(back.node.last, st.last);
+        assert_eq!(back.pause_ms_p50, Some(3.0));
+        let text = format_status(&back);
+        assert!(text.contains("peer:            -"), "{text}");
         assert!(
             text.contains("failover:        peer silent for 1000 ms (takeover 12.5 ms)"),
             "{text}"
         );
+        // A field missing (renamed by one side) is refused, not read as zero.
+        let mut renamed = v;
+        let o = renamed.as_object_mut().unwrap();
+        let n = o.remove("link_bytes_out").unwrap();
+        o.insert("link_bytes_sent".into(), n);
+        let err = serde_json::from_value::<StatusReport>(renamed).unwrap_err();
+        assert!(err.to_string().contains("link_bytes_out"), "{err}");
     }
 }

@@ -20,9 +20,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 use colo_cli::kvclient::{is_cancelled, ClientStats, KvClient};
 use colo_cli::mock::WorkloadKind;
+use colo_cli::status::{CheckpointFigures, NodeStatus, StatusReport};
 use colo_core::engine::SyncMode;
 use parking_lot::Mutex;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// Examples shown by `colo demo --help`.
 pub const EXAMPLES: &str = "\
@@ -87,11 +88,11 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-fn read_status(path: &Path) -> Value {
+/// A node's status file, typed; None before the node wrote it (or while it is replaced).
+fn read_status(path: &Path) -> Option<StatusReport> {
     std::fs::read(path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(Value::Null)
 }
 
 fn now_ms() -> f64 {
@@ -273,10 +274,10 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     };
     loop {
         let st = read_status(&primary.status_file);
-        if st["protected"] == Value::Bool(true) {
+        if st.as_ref().is_some_and(|s| s.node.protected) {
             break;
         }
-        if let Some(reason) = st["failover_reason"].as_str() {
+        if let Some(reason) = st.as_ref().and_then(|s| s.node.failover_reason.as_deref()) {
             anyhow::bail!(
                 "the nodes lost each other during the initial synchronisation ({reason}); on a \
                  slow or loaded machine raise --heartbeat-timeout-ms (e.g. 5000) or lower --ram; \
@@ -346,7 +347,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
 
     let run_start = Instant::now();
     let mut killed: Option<(&'static str, f64)> = None;
-    let mut prev: Option<(Instant, Value, Value, u64)> = None;
+    let mut prev: Option<(Instant, Status, Status, u64)> = None;
     let mut lines_drawn = 0usize;
     loop {
         let t = run_start.elapsed().as_secs_f64();
@@ -442,29 +443,33 @@ pub fn run(a: DemoArgs) -> Result<i32> {
 
     let failover = killed.map(|(who, at)| {
         let survivor = if who == "primary" { &ss } else { &ps };
-        let detect = survivor["failover_at_unix_ms"].as_f64().map(|f| f - at);
+        let detect = survivor
+            .as_ref()
+            .and_then(|s| s.failover_at_unix_ms)
+            .map(|f| f - at);
         json!({
             "survivor": if who == "primary" { "secondary" } else { "primary" },
             "detect_ms": detect,
-            "takeover_ms": survivor["takeover_ms"],
+            "takeover_ms": survivor.as_ref().and_then(|s| s.node.takeover_ms),
             "client_gap_ms": cs.failover_gap_ms,
         })
     });
+    let pn = ps.as_ref().map(|s| s.node.clone()).unwrap_or_default();
     let summary = json!({
         "duration_s": run_start.elapsed().as_secs_f64(),
         "initial_sync_s": sync_s,
         "sync_mode": a.sync_mode.to_string(),
-        "checkpoints": ps["checkpoints"],
-        "mismatch_checkpoints": ps["mismatch_checkpoints"],
-        "periodic_checkpoints": ps["periodic_checkpoints"],
-        "manual_checkpoints": ps["manual_checkpoints"],
-        "verified_identical": ps["verified_identical"],
-        "verify_failures": ps["verify_failures"],
-        "pages_sent": ps["pages_sent"],
-        "backchannel_pages": ps["backchannel_pages"],
-        "bytes_sent": ps["bytes_sent"],
-        "pause_ms_p50": ps["pause_ms_p50"],
-        "pause_ms_p99": ps["pause_ms_p99"],
+        "checkpoints": pn.checkpoints,
+        "mismatch_checkpoints": pn.mismatch_checkpoints,
+        "periodic_checkpoints": pn.periodic_checkpoints,
+        "manual_checkpoints": pn.manual_checkpoints,
+        "verified_identical": pn.verified_identical,
+        "verify_failures": pn.verify_failures,
+        "pages_sent": pn.pages_sent,
+        "backchannel_pages": pn.backchannel_pages,
+        "bytes_sent": pn.bytes_sent,
+        "pause_ms_p50": ps.as_ref().and_then(|s| s.pause_ms_p50),
+        "pause_ms_p99": ps.as_ref().and_then(|s| s.pause_ms_p99),
         "client_ops": cs.ops,
         "acked_writes": cs.acked_writes,
         "lost_acked_writes": cs.lost_acked_writes,
@@ -478,19 +483,18 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         println!("\n{}", serde_json::to_string_pretty(&summary)?);
     }
     let bad = cs.lost_acked_writes > 0
-        || ps["verify_failures"].as_u64().unwrap_or(0) > 0
+        || pn.verify_failures > 0
         || (save.is_some() && snapshot.is_none());
     Ok(if bad { 1 } else { 0 })
 }
 
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or(0.0)
-}
+/// A node's status as the live view reads it (None: not written yet).
+type Status = Option<StatusReport>;
 
-/// A whole number from a status value, or "-" when absent.
-fn num(v: &Value) -> String {
-    v.as_u64()
-        .map_or_else(|| "-".to_string(), |n| n.to_string())
+/// A whole number for the live view, or "-" while the node has not reported.
+fn num(s: &Status, get: impl Fn(&NodeStatus) -> u64) -> String {
+    s.as_ref()
+        .map_or_else(|| "-".to_string(), |s| get(&s.node).to_string())
 }
 
 /// Shortens `s` to at most `max` characters.
@@ -515,20 +519,23 @@ struct ViewExtras<'a> {
 
 /// The live view: always the same number of lines, so it can be redrawn in place.
 fn render(
-    ps: &Value,
-    ss: &Value,
-    prev: Option<&(Instant, Value, Value, u64)>,
+    ps: &Status,
+    ss: &Status,
+    prev: Option<&(Instant, Status, Status, u64)>,
     now: Instant,
     x: &ViewExtras<'_>,
 ) -> String {
     let dt = prev.map(|(t, ..)| now.duration_since(*t).as_secs_f64().max(1e-3));
     let survivor_is_secondary = x.killed.map(|(w, _)| w) == Some("primary");
+    let value = |s: &Status, get: &dyn Fn(&NodeStatus) -> u64| {
+        s.as_ref().map_or(0.0, |s| get(&s.node) as f64)
+    };
     // A rate compares a node's figures with the same node's previous figures.
-    let rate = |key: &str, cur: &Value| -> f64 {
+    let rate = |get: &dyn Fn(&NodeStatus) -> u64, cur: &Status| -> f64 {
         match (prev, dt) {
             (Some((_, p, s, _)), Some(dt)) => {
                 let before = if survivor_is_secondary { s } else { p };
-                ((f(&cur[key]) - f(&before[key])) / dt).max(0.0)
+                ((value(cur, get) - value(before, get)) / dt).max(0.0)
             }
             _ => 0.0,
         }
@@ -538,23 +545,28 @@ fn render(
         _ => 0.0,
     };
     let killed_who = x.killed.map(|(w, _)| w);
-    let node = |name: &str, s: &Value| {
+    let node = |name: &str, s: &Status| {
         if killed_who == Some(name) {
             return format!(
                 "  {name:<10} {:<10} {:<21} {:<9} {}",
                 "-", "killed", "-", "-"
             );
         }
+        let n = s.as_ref().map(|s| &s.node);
+        let text = |t: Option<&str>, none: &'static str| match t {
+            Some(t) if !t.is_empty() => t.to_string(),
+            _ => none.to_string(),
+        };
         format!(
             "  {name:<10} {:<10} {:<21} {:<9} {}",
-            s["role"].as_str().unwrap_or("-"),
-            s["state"].as_str().unwrap_or("starting"),
-            if s["protected"].as_bool().unwrap_or(false) {
+            text(n.map(|n| n.role.as_str()), "-"),
+            text(n.map(|n| n.state.as_str()), "starting"),
+            if n.is_some_and(|n| n.protected) {
                 "yes"
             } else {
                 "no"
             },
-            num(&s["epoch"])
+            num(s, |n| n.epoch)
         )
     };
     // After a failover the survivor is the one whose figures move.
@@ -563,7 +575,12 @@ fn render(
     } else {
         ps
     };
-    let last = &cur["last"];
+    let last = cur.as_ref().and_then(|s| s.node.last.clone());
+    let last_num = |get: fn(&CheckpointFigures) -> u64| {
+        last.as_ref()
+            .map_or_else(|| "-".to_string(), |l| get(l).to_string())
+    };
+    let pause = |get: fn(&StatusReport) -> Option<f64>| cur.as_ref().and_then(get).unwrap_or(0.0);
     let mut out = String::new();
     out.push_str(&format!(
         "colo demo — a replicated pair on loopback · {:.0} s · Ctrl-C to stop\n",
@@ -576,27 +593,27 @@ fn render(
     out.push('\n');
     out.push_str(&format!(
         "  checkpoints  {:>6} total  {:>6.1}/s   mismatch {}   periodic {}   manual {}\n",
-        num(&cur["checkpoints"]),
-        rate("checkpoints", cur),
-        num(&cur["mismatch_checkpoints"]),
-        num(&cur["periodic_checkpoints"]),
-        num(&cur["manual_checkpoints"]),
+        num(cur, |n| n.checkpoints),
+        rate(&|n| n.checkpoints, cur),
+        num(cur, |n| n.mismatch_checkpoints),
+        num(cur, |n| n.periodic_checkpoints),
+        num(cur, |n| n.manual_checkpoints),
     ));
     out.push_str(&format!(
         "  pause        p50 {:>7.3} ms   p99 {:>7.3} ms\n",
-        f(&cur["pause_ms_p50"]),
-        f(&cur["pause_ms_p99"]),
+        pause(|s| s.pause_ms_p50),
+        pause(|s| s.pause_ms_p99),
     ));
     out.push_str(&format!(
         "  last ckpt    |A| {:>6}   |B| {:>6}   |D| {:>6} pages\n",
-        num(&last["dirty_primary"]),
-        num(&last["dirty_secondary"]),
-        num(&last["pages_sent"]),
+        last_num(|l| l.dirty_primary),
+        last_num(|l| l.dirty_secondary),
+        last_num(|l| l.pages_sent),
     ));
     out.push_str(&format!(
         "  link         {:>8.2} MB/s out   {:>8.2} MB/s in\n",
-        rate("link_bytes_out", cur) / 1e6,
-        rate("link_bytes_in", cur) / 1e6,
+        rate(&|n| n.link_bytes_out, cur) / 1e6,
+        rate(&|n| n.link_bytes_in, cur) / 1e6,
     ));
     out.push_str(&format!(
         "  client       {:>8.0} ops/s   {} ops   {} acknowledged writes\n",
@@ -604,18 +621,21 @@ fn render(
     ));
     out.push_str(&format!(
         "  verify       {} identical   {} failed\n",
-        num(&cur["verified_identical"]),
-        num(&cur["verify_failures"]),
+        num(cur, |n| n.verified_identical),
+        num(cur, |n| n.verify_failures),
     ));
     let event = match x.killed {
         Some((who, _)) => {
             let survivor = if who == "primary" { ss } else { ps };
             format!(
                 "killed the {who}; {}",
-                survivor["failover_reason"].as_str().map_or_else(
-                    || "waiting for the survivor to notice…".to_string(),
-                    |r| { format!("survivor: {r}") }
-                )
+                survivor
+                    .as_ref()
+                    .and_then(|s| s.node.failover_reason.as_deref())
+                    .map_or_else(
+                        || "waiting for the survivor to notice…".to_string(),
+                        |r| format!("survivor: {r}")
+                    )
             )
         }
         None => "none".to_string(),

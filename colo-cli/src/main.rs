@@ -525,10 +525,12 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Demo(a) => demo::run(a),
         Command::Status { name, json } => {
             let v = colo_cli::control::request(&colo_cli::control::socket_path(&name), "status")?;
+            let report: colo_cli::status::StatusReport = serde_json::from_value(v.clone())
+                .with_context(|| format!("node `{name}` answered a malformed status"))?;
             if json {
                 println!("{v}");
             } else {
-                print!("{}", colo_cli::control::format_status(&v));
+                print!("{}", colo_cli::control::format_status(&report));
             }
             Ok(0)
         }

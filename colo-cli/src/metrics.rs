@@ -353,7 +353,7 @@ mod tests {
             failover_reason: Some("peer silent".into()),
             last: Some(CheckpointFigures {
                 epoch: 42,
-                trigger: "mismatch",
+                trigger: "mismatch".into(),
                 dirty_primary: 11,
                 dirty_secondary: 5,
                 secondary_only: 2,

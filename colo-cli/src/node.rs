@@ -651,8 +651,10 @@ impl<G: Guest> PrimaryNode<G> {
 
     /// Runs one iteration: link input, actions, clients, guest output, policy, timers.
     pub fn step(&mut self, wait: Duration) -> Result<()> {
-        self.poll_link(wait)?;
+        // Commands first: a command that woke the previous wait is handled now, and a
+        // re-protection's verdict is read only after the last step's actions published why.
         self.poll_commands();
+        self.poll_link(wait)?;
         // Liveness is judged right after reading the link, never after a long action (a
         // pre-copy round of a big guest) that kept the loop from reading what arrived meanwhile,
         // and by when bytes arrived, not when this loop got round to decoding them.

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use colo_core::engine::{CheckpointStats, Trigger};
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Shared handle on a node's status.
 pub type Shared = Arc<Mutex<NodeStatus>>;
@@ -16,12 +16,12 @@ pub type Shared = Arc<Mutex<NodeStatus>>;
 const HISTORY: usize = 4096;
 
 /// One checkpoint, as reported by `colo status` and the demo.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CheckpointFigures {
     /// Checkpoint number.
     pub epoch: u64,
     /// initial-sync, mismatch, periodic or manual.
-    pub trigger: &'static str,
+    pub trigger: String,
     /// |A|.
     pub dirty_primary: u64,
     /// |B|.
@@ -62,7 +62,8 @@ impl From<CheckpointStats> for CheckpointFigures {
                 Trigger::Mismatch => "mismatch",
                 Trigger::Periodic => "periodic",
                 Trigger::Manual => "manual",
-            },
+            }
+            .into(),
             dirty_primary: s.dirty_primary,
             dirty_secondary: s.dirty_secondary,
             secondary_only: s.secondary_only,
@@ -81,8 +82,9 @@ impl From<CheckpointStats> for CheckpointFigures {
     }
 }
 
-/// Everything a node publishes about itself.
-#[derive(Debug, Clone, Default, Serialize)]
+/// Everything a node publishes about itself. Read back typed (a field renamed on one side is an
+/// error on the other, not a silent zero); see [`StatusReport`] for the wire form.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct NodeStatus {
     /// primary or secondary (a secondary that took over says primary).
     pub role: String,
@@ -195,18 +197,39 @@ pub fn percentile(mut v: Vec<f64>, p: f64) -> Option<f64> {
     Some(v[rank.clamp(1, v.len()) - 1])
 }
 
-/// The status as JSON, with computed pause percentiles and the failover time.
-pub fn to_json(s: &NodeStatus) -> serde_json::Value {
-    let mut v = serde_json::to_value(s).unwrap_or(serde_json::Value::Null);
-    if let Some(o) = v.as_object_mut() {
-        o.insert("pause_ms_p50".into(), s.pause_percentile(50.0).into());
-        o.insert("pause_ms_p99".into(), s.pause_percentile(99.0).into());
-        let at = s.failover_at.and_then(|t| {
-            t.duration_since(std::time::UNIX_EPOCH)
-                .ok()
-                .map(|d| d.as_secs_f64() * 1e3)
-        });
-        o.insert("failover_at_unix_ms".into(), at.into());
+/// A node's status as the control socket, the status file and the demo carry it: the figures
+/// plus what is computed from them (pause percentiles, the failover time). `colo status`, the
+/// demo and the tests read it back with serde.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    /// The figures.
+    #[serde(flatten)]
+    pub node: NodeStatus,
+    /// Median of recent pauses, ms.
+    pub pause_ms_p50: Option<f64>,
+    /// 99th percentile of recent pauses, ms.
+    pub pause_ms_p99: Option<f64>,
+    /// When the peer was declared lost, ms since the Unix epoch.
+    pub failover_at_unix_ms: Option<f64>,
+}
+
+impl StatusReport {
+    /// The report of `s`.
+    pub fn of(s: &NodeStatus) -> Self {
+        Self {
+            node: s.clone(),
+            pause_ms_p50: s.pause_percentile(50.0),
+            pause_ms_p99: s.pause_percentile(99.0),
+            failover_at_unix_ms: s.failover_at.and_then(|t| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs_f64() * 1e3)
+            }),
+        }
     }
-    v
+}
+
+/// The status as JSON ([`StatusReport`]).
+pub fn to_json(s: &NodeStatus) -> serde_json::Value {
+    serde_json::to_value(StatusReport::of(s)).unwrap_or(serde_json::Value::Null)
 }
