@@ -682,6 +682,7 @@ impl Pair {
                 if st.checkpoints > before {
                     return st
                         .last
+                        .clone()
                         .ok_or_else(|| anyhow!("a checkpoint committed without figures"));
                 }
             }

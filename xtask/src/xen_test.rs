@@ -75,7 +75,7 @@ const MODULES: [&str; 5] = [
 
 const USAGE: &str = "\
 usage: cargo xtask xen-test [--deadline SECS] [--checkpoints N] [--interval-ms MS] [--verbose]
-                            [--verify] [--advisory-takeover] [--advisory-colo]
+                            [--verify] [--takeovers N] [--advisory-takeover] [--advisory-colo]
   --deadline SECS   give up after this long in all, both boots included (default 3600; a
                     boot whose console stays silent for 300 s times the measured slowdown is
                     stopped sooner)
@@ -83,6 +83,8 @@ usage: cargo xtask xen-test [--deadline SECS] [--checkpoints N] [--interval-ms M
   --interval-ms MS  guest run time between checkpoints (default 500)
   --verbose         echo the whole serial console, not just the test's lines
   --verify          run the colo pair with --verify (digests after every checkpoint)
+  --takeovers N     takeovers in a chain (default 1): after each, the survivor re-protects onto
+                    a freshly booted domain with `colo protect` and its own host dies in turn
   --advisory-takeover  report, without failing, when colo-b does not go on after colo's failover
   --advisory-colo   report the colo stage without failing on it (debugging)";
 
@@ -92,6 +94,7 @@ struct Opts {
     interval_ms: u32,
     verbose: bool,
     verify: bool,
+    takeovers: u32,
     require_takeover: bool,
     require_colo: bool,
 }
@@ -103,6 +106,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         interval_ms: 500,
         verbose: false,
         verify: false,
+        takeovers: 1,
         require_takeover: true,
         require_colo: true,
     };
@@ -119,6 +123,12 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--interval-ms" => o.interval_ms = u32::try_from(num("--interval-ms")?)?,
             "--verbose" => o.verbose = true,
             "--verify" => o.verify = true,
+            "--takeovers" => {
+                o.takeovers = u32::try_from(num("--takeovers")?)?;
+                if o.takeovers == 0 {
+                    bail!("xen-test: --takeovers must be at least 1");
+                }
+            }
             "--require-takeover" => o.require_takeover = true,
             "--advisory-takeover" => o.require_takeover = false,
             "--advisory-colo" => o.require_colo = false,
@@ -550,8 +560,9 @@ fn build_dom0(
         })
         .unwrap_or_else(|| "info".into());
     let test = format!(
-        "#!/bin/sh\nexport CHECKPOINTS={} INTERVAL_MS={} COLO_VERIFY={} REQUIRE_TAKEOVER={} COLO_REQUIRED={} RUST_LOG={}\n{}",
+        "#!/bin/sh\nexport CHECKPOINTS={} TAKEOVERS={} INTERVAL_MS={} COLO_VERIFY={} REQUIRE_TAKEOVER={} COLO_REQUIRED={} RUST_LOG={}\n{}",
         o.checkpoints,
+        o.takeovers,
         o.interval_ms,
         if o.verify { "--verify" } else { "" },
         if o.require_takeover { "1" } else { "" },

@@ -10,6 +10,7 @@
 # at the start and again before the colo stage, and the colo stage waits on progress (a
 # checkpoint) rather than on a total. A slow or busy host gives a slower PASS, not a FAIL.
 CHECKPOINTS=${CHECKPOINTS:-20}
+TAKEOVERS=${TAKEOVERS:-1}
 COLO_VERIFY=${COLO_VERIFY:-}
 COLO_REQUIRED=${COLO_REQUIRED:-}
 KNOWN_CONFORMANCE_FAILURES=state_round_trip
@@ -191,7 +192,6 @@ wait_checkpoints "$CHECKPOINTS"
 cp=$(checkpoints)
 COLO_SECS=$(elapsed "$COLO_T0")
 SAME="not tried"
-COLO_TAKEOVER="colo failover: not tried"
 if [ "$cp" -ge "$CHECKPOINTS" ]; then
   # The final checkpoint: both domains paused by the toolstack (Xen counts pauses, so colo's
   # own pause/unpause pairs leave them paused), time for timers Xen armed before the pause to
@@ -209,38 +209,103 @@ if [ "$cp" -ge "$CHECKPOINTS" ]; then
   xl unpause colo-c; xl unpause colo-b
   wait_checkpoints $(($(checkpoints) + 2))
 fi
-if [ "$cp" -ge "$CHECKPOINTS" ] && kill -0 $PP 2>/dev/null; then
-  # Failover: the primary's host dies — its colo process is killed outright and its domain
-  # destroyed. The secondary must take over and colo-b go on with colo-c's workload.
-  last=$(grep "GUEST TICK" $LOG/guest-colo-c.log | tail -1)
-  cid=$(echo "$last" | awk '{print $3}'); cn=$(echo "$last" | awk '{print $4}')
-  before=$(wc -l < $LOG/guest-colo-b.log)
-  kill -KILL $PP 2>/dev/null; t_kill=$(now); wait $PP; prc=killed
-  xl destroy colo-c
+# takeover DEAD_PID DEAD_DOM SURVIVOR_DOM SURVIVOR_STATUS: the primary's host dies — its colo
+# process is killed outright and its domain destroyed — and the survivor's domain must go on
+# with the workload of colo-c's boot ($CID) past the last tick the dead one printed. Sets TK_OK
+# (1 or 0), TK_FIRST (seconds from the kill to the survivor's first tick) and TK_DESC.
+takeover() {
+  last=$(grep "GUEST TICK $CID" $LOG/guest-$2.log | tail -1 | awk '{print $4}')
+  before=$(wc -l < $LOG/guest-$3.log)
+  kill -KILL $1 2>/dev/null; t_kill=$(now); wait $1 2>/dev/null
+  xl destroy $2
   give=$(($(budget 60) + HB_MS / 1000))
-  got=0; first=""
+  got=0; TK_FIRST=""
   while [ "$(awk -v a="$t_kill" -v b="$(now)" -v s="$give" 'BEGIN { print (b - a > s) }')" = 0 ]; do
     usleep 100000
-    got=$(tail -n +$((before + 1)) $LOG/guest-colo-b.log | grep "GUEST TICK $cid" | awk -v n="$cn" '$4 > n' | wc -l)
-    [ "$got" -ge 1 ] && [ -z "$first" ] && first=$(elapsed "$t_kill")
+    got=$(tail -n +$((before + 1)) $LOG/guest-$3.log | grep "GUEST TICK $CID" | awk -v n="$last" '$4 > n' | wc -l)
+    [ "$got" -ge 1 ] && [ -z "$TK_FIRST" ] && TK_FIRST=$(elapsed "$t_kill")
     [ "$got" -ge 3 ] && break
   done
-  reason=$(grep -o '"failover_reason": *"[^"]*' /tmp/sec.json | sed 's/.*"failover_reason": *"//' | cut -c1-80)
-  takeover_ms=$(jnum /tmp/sec.json takeover_ms)
-  state=$(grep -o '"state": *"[A-Za-z]*' /tmp/sec.json | sed 's/.*"//')
-  echo "--- colo-b console after the colo failover (colo-c's last tick: $cid $cn)"
-  tail -n +$((before + 1)) $LOG/guest-colo-b.log | tail -5
-  other=$(tail -n +$((before + 1)) $LOG/guest-colo-b.log | grep "GUEST TICK" | grep -vc "GUEST TICK $cid")
+  reason=$(grep -o '"failover_reason": *"[^"]*' $4 | sed 's/.*"failover_reason": *"//' | cut -c1-80)
+  state=$(grep -o '"state": *"[A-Za-z]*' $4 | sed 's/.*"//')
+  echo "--- $3 console after the failover ($2's last tick: $CID $last)"
+  tail -n +$((before + 1)) $LOG/guest-$3.log | tail -3
+  other=$(tail -n +$((before + 1)) $LOG/guest-$3.log | grep "GUEST TICK" | grep -vc "GUEST TICK $CID")
   if [ "$got" -ge 3 ] && [ "$other" -eq 0 ]; then
-    COLO_TAKEOVER="takeover ok (first tick ${first} s after the kill; secondary $state: $reason; $got ticks of colo-c's boot past $cn)"
+    TK_OK=1
+    TK_DESC="first tick ${TK_FIRST} s after the kill; survivor $state: $reason; $got ticks past $last"
   else
-    COLO_TAKEOVER="takeover NOT achieved — secondary $state ($reason), $got ticks of colo-c's boot after $cn and $other of another boot in $give s"
-    xen_state "$B"
+    TK_OK=0
+    TK_DESC="$3 did NOT go on: survivor $state ($reason), $got ticks of the boot after $last and $other of another boot in $give s"
+    xen_state "$(xl domid $3 2>/dev/null)"
   fi
+}
+TAKEOVERS_OK=0; TAKEOVERS_TRIED=0; TAKEOVER_TIMES=""
+record_takeover() {
+  TAKEOVERS_TRIED=$((TAKEOVERS_TRIED + 1))
+  echo "DOM0: takeover $TAKEOVERS_TRIED: $([ $TK_OK = 1 ] && echo ok || echo FAILED) — $TK_DESC"
+  if [ "$TK_OK" = 1 ]; then
+    TAKEOVERS_OK=$((TAKEOVERS_OK + 1)); TAKEOVER_TIMES="$TAKEOVER_TIMES $TK_FIRST"
+  fi
+}
+CID=$(grep "GUEST TICK" $LOG/guest-colo-c.log | tail -1 | awk '{print $3}')
+SURV_PID=""
+if [ "$cp" -ge "$CHECKPOINTS" ] && kill -0 $PP 2>/dev/null; then
+  takeover $PP colo-c colo-b /tmp/sec.json; prc=killed
+  record_takeover
+  [ "$TK_OK" = 1 ] && SURV_PID=$SP SURV_NAME=secondary SURV_DOM=colo-b SURV_STATUS=/tmp/sec.json
+  # Further rounds (TAKEOVERS > 1): the survivor re-protects onto a freshly booted domain of
+  # the same shape (`colo protect`), the pair checkpoints, and the survivor's host dies in turn.
+  round=2
+  [ -n "$SURV_PID" ] && [ "$TAKEOVERS" -ge 2 ] && mkguest colo-t2
+  while [ -n "$SURV_PID" ] && [ "$round" -le "$TAKEOVERS" ]; do
+    name=colo-t$round
+    waitguest $name
+    D=$(xl domid $name)
+    port=$((7000 + round))
+    RUST_LOG=${RUST_LOG:-info} colo secondary $NODE_FLAGS --domid "$D" --listen 127.0.0.1:$port \
+      --name sec$round --status-file /tmp/sec$round.json > /tmp/sec$round.log 2>&1 &
+    NP=$!
+    n0=$(jnum $SURV_STATUS checkpoints); n0=${n0:-0}
+    colo protect --name $SURV_NAME --peer 127.0.0.1:$port > /tmp/protect$round.out 2>&1 || {
+      TK_OK=0; TK_DESC="colo protect onto $name failed: $(tail -1 /tmp/protect$round.out)"; record_takeover; break; }
+    # The next spare domain boots while this pair synchronises and checkpoints.
+    [ "$round" -lt "$TAKEOVERS" ] && mkguest colo-t$((round + 1))
+    i=0; stall=$(budget 240)
+    while :; do
+      sleep 1; i=$((i + 1))
+      n=$(jnum $SURV_STATUS checkpoints); n=${n:-0}
+      grep -q '"protected": *true' $SURV_STATUS && [ "$n" -ge $((n0 + 3)) ] && break
+      [ $i -ge "$stall" ] && break
+    done
+    if [ $i -ge "$stall" ]; then
+      TK_OK=0; TK_DESC="round $round: the pair on $name was not protected with 3 checkpoints within $stall s"
+      record_takeover; break
+    fi
+    takeover $SURV_PID $SURV_DOM $name /tmp/sec$round.json
+    record_takeover
+    [ "$TK_OK" = 1 ] || break
+    SURV_PID=$NP SURV_NAME=sec$round SURV_DOM=$name SURV_STATUS=/tmp/sec$round.json
+    round=$((round + 1))
+  done
+  [ -n "$SURV_PID" ] && { kill -TERM $SURV_PID 2>/dev/null; wait $SURV_PID; }
+  for f in /tmp/sec[0-9]*.log; do [ -f "$f" ] && grep -E " (ERROR|WARN) " "$f" | head -3; done
 else
   kill -TERM $PP 2>/dev/null; wait $PP; prc=$?
 fi
 kill -TERM $SP 2>/dev/null; wait $SP; src=$?
+TIMES=$(echo $TAKEOVER_TIMES | tr ' ' '\n' | sort -n | awk '{ a[NR] = $1 } END { if (NR) printf "first tick p50 %s s, max %s s", a[int((NR + 1) / 2)], a[NR] }')
+if [ "$TAKEOVERS_TRIED" -eq 0 ]; then
+  COLO_TAKEOVER="takeover not tried"
+elif [ "$TAKEOVERS_OK" -eq "$TAKEOVERS" ]; then
+  if [ "$TAKEOVERS" -eq 1 ]; then
+    COLO_TAKEOVER="takeover ok ($TK_DESC)"
+  else
+    COLO_TAKEOVER="takeovers $TAKEOVERS_OK of $TAKEOVERS ok ($TIMES)"
+  fi
+else
+  COLO_TAKEOVER="takeover NOT achieved: $TAKEOVERS_OK of $TAKEOVERS went on ($TK_DESC)"
+fi
 for f in pri sec; do
   echo "--- colo $f: $(tr -d '\n' < /tmp/$f.json 2>/dev/null | grep -o '"\(state\|checkpoints\|verified_identical\|verify_failures\|verify_unsettled\|unlogged_pages\|watch_set\|watched_pages\|sweeps\|pages_sent\|backchannel_pages\|failover_reason\)": *"*[A-Za-z0-9_]*' | tr '\n' ' ')"
   grep -E " (ERROR|WARN) " /tmp/$f.log | head -8
