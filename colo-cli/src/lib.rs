@@ -1,11 +1,13 @@
 //! colo-cli's library: the node drivers (the IO around colo-core's state machines), the TCP
 //! replication link, the client-facing hub of the mock network path, node status and the
-//! verifying kv client.
+//! verifying kv client. The `test-support` feature (never in the shipped binary) adds the fault
+//! proxy and the in-process pair builder that the tests and the bench share.
 
 pub mod clients;
 pub mod config;
 pub mod control;
 pub mod dump;
+#[cfg(feature = "test-support")]
 pub mod faultproxy;
 pub mod kvclient;
 pub mod link;
@@ -13,4 +15,6 @@ pub mod metrics;
 pub mod mock;
 pub mod node;
 pub mod status;
+#[cfg(feature = "test-support")]
+pub mod testing;
 mod verify;

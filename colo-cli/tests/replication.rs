@@ -4,14 +4,14 @@
 //! capture with the SVM's memory right after applying it.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use colo_cli::kvclient::KvClient;
 use colo_cli::mock::build;
-use colo_cli::node::{new_status, NodeOptions, PrimaryNode, SecondaryNode, SecondaryOutcome};
+use colo_cli::node::{new_status, NodeOptions, PrimaryNode, SecondaryOutcome};
+use colo_cli::testing::spawn_secondary;
 use colo_core::engine::SyncMode;
 use colo_core::policy::CheckpointPolicy;
 use colo_core::Domain;
@@ -40,8 +40,6 @@ struct Outcome {
 fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome {
     let psnap: Snapshots = Arc::default();
     let ssnap: Snapshots = Arc::default();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let repl = listener.local_addr().unwrap().to_string();
     // The client hub binds port 0; the address it got is read back from the status below.
     let client_addr = "127.0.0.1:0".to_string();
 
@@ -52,10 +50,8 @@ fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome
     }));
     let sguest = build(&spec(2, 8 << 20, output_divergence)).unwrap();
     let sstatus = new_status();
-    let secondary = std::thread::spawn(move || {
-        let node = SecondaryNode::accept(sguest, &listener, sopts, sstatus).unwrap();
-        node.run().unwrap()
-    });
+    let secondary = spawn_secondary(sguest, sopts, sstatus, |node| node.run()).unwrap();
+    let repl = secondary.addr.clone();
 
     let mut popts = NodeOptions {
         sync_mode: mode,

@@ -3,12 +3,12 @@
 //! it without stopping, and the new pair's memories are byte-identical after every checkpoint.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use colo_cli::mock::{build, MockSpec, WorkloadKind};
-use colo_cli::node::{new_status, NodeOptions, PrimaryNode, SecondaryNode, SecondaryOutcome};
+use colo_cli::node::{new_status, NodeOptions, PrimaryNode, SecondaryOutcome};
+use colo_cli::testing::SecondaryThread;
 use colo_core::policy::CheckpointPolicy;
 use colo_core::Domain;
 use colo_mock::MockDomain;
@@ -48,20 +48,12 @@ fn opts(snap: Option<Snapshots>) -> NodeOptions {
 fn spawn_secondary(
     seed: u64,
     snap: Option<Snapshots>,
-) -> (
-    String,
-    std::thread::JoinHandle<SecondaryOutcome<MockDomain>>,
-) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let g = guest(seed);
-    let h = std::thread::spawn(move || {
-        SecondaryNode::accept(g, &listener, opts(snap), new_status())
-            .unwrap()
-            .run()
-            .unwrap()
-    });
-    (addr, h)
+) -> (String, SecondaryThread<SecondaryOutcome<MockDomain>>) {
+    let s = colo_cli::testing::spawn_secondary(guest(seed), opts(snap), new_status(), |node| {
+        node.run()
+    })
+    .unwrap();
+    (s.addr.clone(), s)
 }
 
 #[test]

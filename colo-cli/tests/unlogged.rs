@@ -7,16 +7,14 @@
 //! is matched by the watch set: the first sweeps learn the frames, every capture re-reads them.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use colo_cli::mock::build;
-use colo_cli::node::{
-    new_status, GuestNic, NodeOptions, PrimaryNode, SecondaryNode, SecondaryOutcome,
-};
+use colo_cli::node::{new_status, GuestNic, NodeOptions, PrimaryNode, SecondaryOutcome};
+use colo_cli::testing::spawn_secondary;
 use colo_core::backend::PageVisitor;
 use colo_core::policy::CheckpointPolicy;
 use colo_core::{BackendError, DirtyBitmap, Domain, PAGE_SIZE};
@@ -146,8 +144,6 @@ fn run(mode: Mode, checkpoints: u64) -> Run {
     let verify = mode.verify;
     let psnap: Snapshots = Arc::default();
     let ssnap: Snapshots = Arc::default();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let repl = listener.local_addr().unwrap().to_string();
 
     let hook = |into: &Snapshots| {
         let into = into.clone();
@@ -161,10 +157,8 @@ fn run(mode: Mode, checkpoints: u64) -> Run {
         ..NodeOptions::default()
     };
     let sguest = build(&spec(2, 4 << 20, 0.0)).unwrap();
-    let secondary = std::thread::spawn(move || {
-        let node = SecondaryNode::accept(sguest, &listener, sopts, new_status()).unwrap();
-        node.run().unwrap()
-    });
+    let secondary = spawn_secondary(sguest, sopts, new_status(), |node| node.run()).unwrap();
+    let repl = secondary.addr.clone();
 
     let popts = NodeOptions {
         verify,

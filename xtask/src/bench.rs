@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use colo_cli::mock::{build, MockSpec, WorkloadKind};
-use colo_cli::node::{new_status, NodeOptions, PrimaryNode, SecondaryNode, SecondaryOutcome};
+use colo_cli::node::{new_status, NodeOptions, PrimaryNode, SecondaryOutcome};
 use colo_cli::status::{percentile, CheckpointFigures, Shared};
+use colo_cli::testing::spawn_secondary;
 use colo_core::compare::{Comparator, CompareConfig};
 use colo_core::engine::{Liveness, PrimaryState};
 use colo_core::policy::CheckpointPolicy;
@@ -553,15 +554,13 @@ impl Pair {
     fn start(ram: u64, what: &str) -> Result<Self> {
         let silence = (ram > 256 * MIB).then_some(Duration::from_secs(60));
         let t = Instant::now();
-        let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
-        let addr = listener.local_addr()?.to_string();
         let (tx, rx) = std::sync::mpsc::channel();
-        let secondary = std::thread::Builder::new()
-            .name("secondary".into())
-            .spawn(move || -> Result<Option<Instant>> {
-                let guest = build(&dirty_spec(ram, 0, 2))?;
-                let node =
-                    SecondaryNode::accept(guest, &listener, bench_opts(silence), new_status())?;
+        let sguest = build(&dirty_spec(ram, 0, 2))?;
+        let secondary = spawn_secondary(
+            sguest,
+            bench_opts(silence),
+            new_status(),
+            move |node| -> Result<Option<Instant>> {
                 let _ = tx.send(node.stop_flag());
                 match node.run()? {
                     SecondaryOutcome::Stopped => Ok(None),
@@ -571,8 +570,10 @@ impl Pair {
                         Ok(Some(Instant::now()))
                     }
                 }
-            })
-            .context("spawning the secondary")?;
+            },
+        )?;
+        let addr = secondary.addr.clone();
+        let secondary = secondary.handle;
         let mut guest = build(&dirty_spec(ram, 0, 1))?;
         guest.resume()?;
         let status = new_status();
@@ -924,14 +925,11 @@ fn response_latency(ops: usize) -> Result<Latency> {
     drop(alone);
 
     // Replicated.
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let repl = listener.local_addr()?.to_string();
     let sg = build(&kv_spec(2))?;
-    let secondary = std::thread::spawn(move || -> Result<()> {
-        let node = SecondaryNode::accept(sg, &listener, NodeOptions::default(), new_status())?;
-        node.run()?;
-        Ok(())
-    });
+    let secondary = spawn_secondary(sg, NodeOptions::default(), new_status(), |node| {
+        node.run().map(|_| ())
+    })?;
+    let repl = secondary.addr.clone();
     let caddr = free()?;
     let mut g = build(&kv_spec(1))?;
     g.resume()?;
@@ -952,9 +950,7 @@ fn response_latency(ops: usize) -> Result<Latency> {
     primary.stop_flag().store(true, Ordering::Relaxed);
     primary.run()?;
     drop(primary);
-    secondary
-        .join()
-        .map_err(|_| anyhow!("secondary panicked"))??;
+    secondary.join()?;
     let p = |v: &Vec<f64>, q| percentile(v.clone(), q).unwrap_or(f64::NAN);
     Ok(Latency {
         replicated_p50: p(&rep_ms, 50.0),

@@ -18,9 +18,10 @@ use colo_cli::faultproxy::{FaultProxy, KillSwitch};
 use colo_cli::kvclient::{ClientStats, KvClient};
 use colo_cli::mock::{build, MockSpec, WorkloadKind};
 use colo_cli::node::{
-    new_status, GuestNic, NodeOptions, PrimaryNode, SecondaryNode, SecondaryOutcome, SnapshotHook,
+    new_status, GuestNic, NodeOptions, PrimaryNode, SecondaryOutcome, SnapshotHook,
 };
 use colo_cli::status::Shared;
+use colo_cli::testing::spawn_secondary;
 use colo_core::engine::Liveness;
 use colo_core::policy::CheckpointPolicy;
 use colo_core::{BackendError, DirtyBitmap, Domain, PageVisitor};
@@ -344,9 +345,6 @@ impl Pair {
         let (op, w, n) = st.unwrap_or(never);
         let strip = Trip::new(op, w, n, sswitch.clone());
 
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let repl_target: SocketAddr = listener.local_addr()?;
-        let repl = FaultProxy::start(repl_target, vswitch.clone(), cfg.seed)?;
         let c1 = free_addr()?;
         let c2 = free_addr()?;
         let client_proxy = FaultProxy::start(
@@ -401,27 +399,26 @@ impl Pair {
                 sstop_node.clone(),
                 ssnap.clone(),
             );
-            std::thread::Builder::new().name("secondary".into()).spawn(
-                move || -> Result<SecondaryEnd> {
-                    let node = SecondaryNode::accept(sguest, &listener, sopts, status)?;
-                    *slot.lock() = Some(node.stop_flag());
-                    if stop.load(Ordering::SeqCst) {
-                        return Ok(SecondaryEnd::Stopped);
-                    }
-                    match node.run()? {
-                        SecondaryOutcome::Stopped => Ok(SecondaryEnd::Stopped),
-                        SecondaryOutcome::TookOver(mut p) => {
-                            *tat.lock() = Some(Instant::now());
-                            *tep.lock() = snaps.lock().keys().next_back().copied();
-                            while !stop.load(Ordering::SeqCst) {
-                                p.step(STEP)?;
-                            }
-                            Ok(SecondaryEnd::TookOver)
+            spawn_secondary(sguest, sopts, status, move |node| -> Result<SecondaryEnd> {
+                *slot.lock() = Some(node.stop_flag());
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(SecondaryEnd::Stopped);
+                }
+                match node.run()? {
+                    SecondaryOutcome::Stopped => Ok(SecondaryEnd::Stopped),
+                    SecondaryOutcome::TookOver(mut p) => {
+                        *tat.lock() = Some(Instant::now());
+                        *tep.lock() = snaps.lock().keys().next_back().copied();
+                        while !stop.load(Ordering::SeqCst) {
+                            p.step(STEP)?;
                         }
+                        Ok(SecondaryEnd::TookOver)
                     }
-                },
-            )?
+                }
+            })?
         };
+        let repl_target: SocketAddr = secondary.addr.parse()?;
+        let repl = FaultProxy::start(repl_target, vswitch.clone(), cfg.seed)?;
 
         let mut pguest = Faulty {
             inner: build(&spec(
@@ -460,7 +457,7 @@ impl Pair {
             sstop,
             sstop_node,
             primary: Mutex::new(Some(primary)),
-            secondary: Mutex::new(Some(secondary)),
+            secondary: Mutex::new(Some(secondary.handle)),
         })
     }
 
