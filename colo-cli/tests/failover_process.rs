@@ -20,12 +20,14 @@ impl Drop for Node {
     }
 }
 
-fn port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Three distinct free loopback ports: all are held while they are chosen (ports picked one
+/// at a time can repeat, and a repeated one made a node's own addresses collide).
+fn ports() -> (u16, u16, u16) {
+    let l: Vec<TcpListener> = (0..3)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let p = |i: usize| l[i].local_addr().unwrap().port();
+    (p(0), p(1), p(2))
 }
 
 fn spawn(args: &[String], dir: &Path, name: &str) -> Node {
@@ -75,7 +77,7 @@ struct Trial {
 fn start(seed: u64) -> Trial {
     let dir = std::env::temp_dir().join(format!("colo-fo-{}-{seed}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (repl, c1, c2) = (port(), port(), port());
+    let (repl, c1, c2) = ports();
     let pstatus = dir.join("p.json");
     let sstatus = dir.join("s.json");
     let common = |status: &Path, name: &str| -> Vec<String> {
