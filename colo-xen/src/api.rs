@@ -80,6 +80,20 @@ pub struct DomInfo {
     pub max_vcpu_id: u32,
     /// Pages currently allocated to the domain.
     pub tot_pages: u64,
+    /// Where the guest mapped its shared-info page: a gfn for HVM/PVH guests (meaningless
+    /// before the guest mapped it; check it against the page count).
+    pub shared_info_frame: u64,
+}
+
+/// An event channel's binding, from `xc_evtchn_status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvtchnStatus {
+    /// `EVTCHNSTAT_*`: 0 closed, 1 unbound, 2 interdomain, 3 pirq, 4 virq, 5 ipi.
+    pub status: u32,
+    /// The vCPU the port notifies.
+    pub vcpu: u32,
+    /// The VIRQ number when `status` is 4 (virq).
+    pub virq: u32,
 }
 
 /// One page of a foreign mapping handed to a visitor: the page's bytes, or the positive errno
@@ -99,6 +113,8 @@ pub trait XcApi {
     fn pause(&mut self, domid: u32) -> Result<(), XenError>;
     /// `xc_domain_unpause`.
     fn unpause(&mut self, domid: u32) -> Result<(), XenError>;
+    /// `xc_evtchn_status` of `port` in `domid`; an error past the domain's last port.
+    fn evtchn_status(&mut self, domid: u32, port: u32) -> Result<EvtchnStatus, XenError>;
     /// `xc_shadow_control(op)`.
     fn shadow_control(&mut self, domid: u32, op: ShadowOp) -> Result<(), XenError>;
     /// Allocates (once) the hypercall-safe buffer for at least `bytes` bytes of log-dirty bitmap

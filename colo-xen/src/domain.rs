@@ -32,6 +32,10 @@ pub struct XenDomain {
     restored: bool,
     /// Loaded vLAPICs whose upcall vector was pending and cleared for the wake (diagnostics).
     vectors_cleared: u64,
+    /// The guest's timer VIRQ ports (found once, on the first wake).
+    timer_ports: Option<Vec<u32>>,
+    /// Wakes that raised the timer VIRQ (diagnostics).
+    timers_raised: u64,
     wake_vector: Option<u8>,
     /// Bits Xen already cleared that no caller has received yet (a failed harvest).
     pending: DirtyBitmap,
@@ -92,6 +96,8 @@ impl XenDomain {
             logging: false,
             restored: false,
             vectors_cleared: 0,
+            timer_ports: None,
+            timers_raised: 0,
             wake_vector: None,
             pending: DirtyBitmap::new(pages),
             errs: vec![0; MAX_BATCH],
@@ -385,7 +391,76 @@ impl XenDomain {
     /// while the restored memory holds pending events: Xen wakes a blocked vCPU only when an
     /// event *becomes* pending. [`XenDomain::wake`] unblocks them.
     fn wake_restored(&mut self) -> Result<(), XenError> {
+        self.raise_timer_virqs()?;
         self.wake().map(|_| ())
+    }
+
+    /// How many wakes raised the timer VIRQ (see [`XenDomain::raise_timer_virqs`]).
+    pub fn timers_raised(&self) -> u64 {
+        self.timers_raised
+    }
+
+    /// The guest's ports bound to VIRQ_TIMER, found once by asking Xen about every port
+    /// until the first one past the domain's last.
+    fn timer_ports(&mut self) -> Result<Vec<u32>, XenError> {
+        if let Some(p) = &self.timer_ports {
+            return Ok(p.clone());
+        }
+        let mut ports = Vec::new();
+        for port in 1..MAX_EVTCHN_2L {
+            match self.api.evtchn_status(self.domid, port) {
+                Ok(st) if st.status == EVTCHNSTAT_VIRQ && st.virq == VIRQ_TIMER => ports.push(port),
+                Ok(_) => {}
+                // Past the domain's last port (Xen allocates them from 1 upwards).
+                Err(_) => break,
+            }
+        }
+        self.timer_ports = Some(ports.clone());
+        Ok(ports)
+    }
+
+    /// Marks the guest's timer VIRQ pending in its shared-info page, so that the upcall the
+    /// wake delivers runs the guest's timer interrupt, which programs the next timer event in
+    /// *this* domain's Xen. A replica loaded from a checkpoint holds the primary's idea of its
+    /// next timer: its kernel believes the one-shot timer armed (in the primary's Xen), while
+    /// this Xen has none armed, so an idle replica would block forever (seen on Xen 4.17: vCPU
+    /// blocked, no event pending, no timer). Linux checks the timer port first on every upcall
+    /// (`evtchn_2l_handle_events`), so no selector bit is needed. Returns how many ports were
+    /// raised (0 when the guest has no timer VIRQ or no shared-info page mapped yet).
+    pub fn raise_timer_virqs(&mut self) -> Result<usize, XenError> {
+        let ports = self.timer_ports()?;
+        if ports.is_empty() {
+            return Ok(0);
+        }
+        let gfn = self.info()?.shared_info_frame;
+        if gfn >= self.pages {
+            return Ok(0);
+        }
+        let mut errs = [0i32; 1];
+        let mut raised = 0;
+        let domid = self.domid;
+        self.api
+            .map_write(self.domid, &[gfn], &mut errs, &mut |_, page| {
+                let page = page.map_err(|errno| {
+                    XenError::from_errno("xenforeignmemory_map(shared_info)", domid, errno)
+                })?;
+                for &port in &ports {
+                    let bit = port as usize % 64;
+                    let at = SHINFO_EVTCHN_PENDING + (port as usize / 64) * 8 + bit / 8;
+                    let Some(byte) = page.get_mut(at) else {
+                        continue;
+                    };
+                    // SAFETY: `byte` is a valid, exclusively borrowed u8 of the mapped page;
+                    // AtomicU8 has u8's size and alignment. The OR is atomic (a locked
+                    // instruction) because Xen sets other bits of the same word concurrently.
+                    let a = unsafe { std::sync::atomic::AtomicU8::from_ptr(byte) };
+                    a.fetch_or(1 << (bit % 8), std::sync::atomic::Ordering::SeqCst);
+                    raised += 1;
+                }
+                Ok(())
+            })?;
+        self.timers_raised += 1;
+        Ok(raised)
     }
 
     /// The guest's event-channel upcall vector: `HVM_PARAM_CALLBACK_IRQ` if it holds a vector,
@@ -421,6 +496,16 @@ impl XenDomain {
         Ok(true)
     }
 }
+
+/// Ports of the 2-level event-channel ABI (64-bit guests).
+const MAX_EVTCHN_2L: u32 = 4096;
+/// `EVTCHNSTAT_virq` (public/event_channel.h).
+const EVTCHNSTAT_VIRQ: u32 = 4;
+/// `VIRQ_TIMER` (public/xen.h).
+const VIRQ_TIMER: u32 = 0;
+/// Offset of `evtchn_pending[]` in a 64-bit guest's shared-info page, after the 32 legacy
+/// 64-byte `vcpu_info` slots.
+const SHINFO_EVTCHN_PENDING: usize = 32 * 64;
 
 fn check_info(domid: u32, info: &DomInfo) -> Result<(), XenError> {
     if info.domid != domid {

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use colo_core::{DirtyBitmap, PAGE_SIZE};
 
-use crate::api::{dominf, pfinfo, DomInfo, LogDirtyOp, ReadPage, ShadowOp, WritePage, XcApi};
+use crate::api::{
+    dominf, pfinfo, DomInfo, EvtchnStatus, LogDirtyOp, ReadPage, ShadowOp, WritePage, XcApi,
+};
 use crate::error::XenError;
 use crate::state::TscInfo;
 
@@ -41,6 +43,10 @@ pub(crate) struct FakeState {
     pub param_sets: Vec<(u32, u64)>,
     /// MSIs injected, as (address, data).
     pub msis: Vec<(u64, u32)>,
+    /// Event channels by port (index 0 is port 0); a port past the end is an error.
+    pub ports: Vec<EvtchnStatus>,
+    /// The gfn `domain_info` reports for the shared-info page.
+    pub shared_info_frame: u64,
     /// MSIs injected while the domain was paused.
     pub msis_while_paused: usize,
     pub max_vcpu_id: u32,
@@ -76,6 +82,8 @@ impl FakeHandle {
             params: HashMap::from([(1, 0xfeffc), (17, 0xfeffd)]),
             param_sets: Vec::new(),
             msis: Vec::new(),
+            ports: Vec::new(),
+            shared_info_frame: u64::MAX,
             msis_while_paused: 0,
             max_vcpu_id: 0,
             tsc: TscInfo {
@@ -180,7 +188,21 @@ impl XcApi for FakeXc {
             flags: s.flags | paused,
             max_vcpu_id: s.max_vcpu_id,
             tot_pages: s.pages,
+            shared_info_frame: s.shared_info_frame,
         }))
+    }
+
+    fn evtchn_status(&mut self, domid: u32, port: u32) -> Result<EvtchnStatus, XenError> {
+        let mut s = self.state.lock();
+        check(&mut s, "xc_evtchn_status", domid)?;
+        match s.ports.get(port as usize) {
+            Some(&st) => Ok(st),
+            None => Err(XenError::from_errno(
+                "xc_evtchn_status",
+                domid,
+                libc::EINVAL,
+            )),
+        }
     }
 
     fn maximum_gpfn(&mut self, domid: u32) -> Result<u64, XenError> {

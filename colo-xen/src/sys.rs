@@ -8,7 +8,7 @@ use std::ptr::NonNull;
 
 use xenctrl_sys as xc;
 
-use crate::api::{DomInfo, LogDirtyOp, ReadPage, ShadowOp, WritePage, XcApi};
+use crate::api::{DomInfo, EvtchnStatus, LogDirtyOp, ReadPage, ShadowOp, WritePage, XcApi};
 use crate::error::XenError;
 use crate::state::TscInfo;
 
@@ -239,6 +239,7 @@ impl XcApi for RealXc {
             flags: info.flags,
             max_vcpu_id: info.max_vcpu_id,
             tot_pages: info.tot_pages,
+            shared_info_frame: info.shared_info_frame,
         }))
     }
 
@@ -258,6 +259,33 @@ impl XcApi for RealXc {
             return Err(fail("xc_domain_pause", domid));
         }
         Ok(())
+    }
+
+    fn evtchn_status(&mut self, domid: u32, port: u32) -> Result<EvtchnStatus, XenError> {
+        let dom = u16::try_from(domid).map_err(|_| XenError::NoSuchDomain {
+            op: "xc_evtchn_status",
+            domid,
+        })?;
+        let mut st = xc::xc_evtchn_status_t {
+            dom,
+            port,
+            status: 0,
+            vcpu: 0,
+            // SAFETY: the union is plain integers; all-zero is a valid value of every member.
+            u: unsafe { std::mem::zeroed() },
+        };
+        // SAFETY: xch is open; `st` is a valid, writable evtchn_status for the call.
+        if unsafe { xc::xc_evtchn_status(self.xch.as_ptr(), &mut st) } < 0 {
+            return Err(fail("xc_evtchn_status", domid));
+        }
+        // SAFETY: every member of the union is plain integers, so reading `virq` is defined
+        // whatever Xen wrote (it is meaningful only for status virq, which the caller checks).
+        let virq = unsafe { st.u.virq };
+        Ok(EvtchnStatus {
+            status: st.status,
+            vcpu: st.vcpu,
+            virq,
+        })
     }
 
     fn unpause(&mut self, domid: u32) -> Result<(), XenError> {

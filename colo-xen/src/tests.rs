@@ -3,7 +3,7 @@
 
 use colo_core::{BackendError, DirtyBitmap, Domain, PAGE_SIZE};
 
-use crate::api::dominf;
+use crate::api::{dominf, EvtchnStatus};
 use crate::fake::FakeHandle;
 use crate::{XenDomain, XenError};
 
@@ -449,4 +449,68 @@ fn resume_after_set_state_delivers_the_upcall_vector_to_every_vcpu() {
     dom.set_state(&blob).expect("set");
     dom.resume().expect("resume");
     assert_eq!(fake.lock().msis.len(), 4);
+}
+
+#[test]
+fn resume_after_set_state_raises_the_timer_virq_in_shared_info_before_the_wake() {
+    let (src_fake, mut src) = open(64);
+    let mut blob = Vec::new();
+    src.get_state(&mut blob).expect("get");
+    let _ = src_fake;
+
+    let (fake, mut dom) = open(64);
+    {
+        let mut f = fake.lock();
+        f.params.insert(0, (2 << 56) | 0xf3);
+        let virq = |vcpu, virq| EvtchnStatus {
+            status: 4,
+            vcpu,
+            virq,
+        };
+        let closed = EvtchnStatus {
+            status: 0,
+            vcpu: 0,
+            virq: 0,
+        };
+        // Port 0 is never used; the timer on port 3 (vCPU 0), another VIRQ on port 6, and the
+        // timer of a second vCPU on port 70 (word 1 of the pending array).
+        f.ports = vec![closed; 71];
+        f.ports[3] = virq(0, 0);
+        f.ports[6] = virq(0, 1);
+        f.ports[70] = virq(1, 0);
+        f.shared_info_frame = 9;
+    }
+    dom.pause().expect("pause");
+    dom.set_state(&blob).expect("set");
+    let shinfo = |f: &FakeHandle| f.lock().memory[9 * 4096..10 * 4096].to_vec();
+    let before = shinfo(&fake);
+    dom.resume().expect("resume");
+    let after = shinfo(&fake);
+    // Exactly the two timer ports' pending bits were set; nothing else in the page changed.
+    let mut changed = Vec::new();
+    for (i, (a, b)) in before.iter().zip(&after).enumerate() {
+        for bit in 0..8 {
+            if (a ^ b) & (1 << bit) != 0 {
+                assert!(b & (1 << bit) != 0, "a bit was cleared at byte {i}");
+                changed.push((i - 2048) * 8 + bit);
+            }
+        }
+    }
+    let was_set = |port: usize| before[2048 + port / 8] & (1 << (port % 8)) != 0;
+    let want: Vec<usize> = [3, 70].into_iter().filter(|&p| !was_set(p)).collect();
+    assert_eq!(changed, want, "pending bits raised");
+    let pending = |port: usize| after[2048 + port / 8] & (1 << (port % 8)) != 0;
+    assert!(pending(3) && pending(70), "timer ports not raised");
+    assert_eq!(dom.timers_raised(), 1);
+    assert_eq!(fake.lock().msis_while_paused, 1);
+    // A plain pause/resume raises nothing.
+    dom.pause().expect("pause");
+    dom.resume().expect("resume");
+    assert_eq!(dom.timers_raised(), 1);
+    // No shared-info page mapped yet (an out-of-range gfn): nothing is written.
+    fake.lock().shared_info_frame = u64::MAX;
+    dom.pause().expect("pause");
+    dom.set_state(&blob).expect("set");
+    dom.resume().expect("resume");
+    assert_eq!(dom.timers_raised(), 1);
 }
