@@ -13,7 +13,7 @@
 //! Production mode (no verification) sweeps only at its first captures (checkpoint 0, the end
 //! of the initial synchronisation, included): the pages those sweeps find form the watch set,
 //! which joins D at every later capture. The hypervisor's unlogged writes go to a fixed set of
-//! frames (Xen: each vCPU's registered `vcpu_info`, the shared-info frame), so re-reading that
+//! frames (Xen: each vCPU's registered `vcpu_info`; shared info is not guest RAM), so re-reading that
 //! set keeps the secondary exact at the cost of a few page copies per checkpoint instead of a
 //! read of all memory.
 

@@ -3,7 +3,7 @@
 //! verification on, the primary's sweep must find and send those pages, so the SVM's memory
 //! equals the PVM's byte for byte after every checkpoint; without it the same writes leave the
 //! memories different (the check below is able to fail). In production mode (no verification)
-//! a hypervisor that writes a fixed set of frames (as Xen writes `vcpu_info` and shared info)
+//! a hypervisor that writes a fixed set of frames (as Xen writes each vCPU's `vcpu_info`)
 //! is matched by the watch set: the first sweeps learn the frames, every capture re-reads them.
 
 use std::collections::BTreeMap;
@@ -298,7 +298,7 @@ fn without_the_sweep_writes_behind_the_dirty_log_leave_the_memories_different() 
 }
 
 /// Frames the "hypervisor" writes in the fixed-set tests (as Xen writes a vCPU's `vcpu_info`
-/// and the shared-info frame).
+/// of several vCPUs).
 const XEN_LIKE: &[u64] = &[3, 200, 777];
 
 #[test]

@@ -52,23 +52,26 @@
 //!   replica would never see an event again. With 2-level channels the pending bitmap lives in
 //!   each domain's own shared_info page (not guest RAM, never copied) and the per-vCPU
 //!   selector in `vcpu_info`;
-//! * after loading a checkpoint, [`XenDomain::wake`] delivers the guest's upcall vector
-//!   ([`XenDomain::set_wake_vector`]; Linux uses 0xf3): the copied `vcpu_info` may show
-//!   selector bits or the upcall pending that this domain's Xen never raised, and Xen skips the
-//!   upcall for new events on such a word. The handler then finds what is really pending and
-//!   the kernel re-arms its one-shot timer.
-//!   Measured on Xen 4.17 + Linux 6.1 PVH under QEMU TCG with both: the secondary runs after
-//!   every checkpoint (it dirtied pages before 20 of 20), and after colo's failover it went on
-//!   with the primary's workload within seconds in 12 of 13 runs. Without them it kept running
-//!   through only the first 2–8 of 20 checkpoints and continued after a takeover in 1 of 4
-//!   runs. A replica that sat paused at its last checkpoint while the primary was destroyed
-//!   went on in only 6 of 10 runs (Xen then showed its vCPU blocked with the timer VIRQ pending
-//!   and unmasked): Xen-side timer and event state that 4.17 does not let a toolstack copy.
-//!   Reliable in every case needs the guest's cooperation (a suspend/resume cycle re-registers
-//!   all of it), as Xen's own save/restore has;
-//! * Xen writes a paused domain's `vcpu_info` (pending bits, and the time info when a vCPU is
+//! * a replica resumed from a loaded checkpoint must be woken, and its timer re-armed, by
+//!   colo: the copied memory and vLAPIC say what the *primary's* Xen had raised and armed, not
+//!   this domain's. `resume` after `set_state` therefore (1) clears the upcall vector's bit in
+//!   every loaded vLAPIC's IRR ([`state::clear_pending_vector`]): Xen kicks a halted vCPU
+//!   only when the vector becomes pending, so a context captured with it pending left the
+//!   replica blocked; (2) marks the guest's VIRQ_TIMER ports pending in its shared-info page
+//!   ([`XenDomain::raise_timer_virqs`]), so the upcall runs the guest's timer interrupt,
+//!   which arms the one-shot timer in *this* Xen (a replica was seen blocked with no event
+//!   pending and no timer armed: its kernel believed the timer armed in the primary's Xen and,
+//!   idle, never reprogrammed it); (3) injects the upcall vector ([`XenDomain::wake`],
+//!   `--upcall-vector`, Linux uses 0xf3) to every vCPU while still paused; then unpauses.
+//!   Before (1)–(2), with the wake alone, the replica went on after a takeover in 17 of 19 runs;
+//!   without any of it, in 1 of 4;
+//! * Xen writes a domain's `vcpu_info` (pending bits, and the time info when a vCPU is
 //!   scheduled in) through its own mapping without marking the page in the dirty log; colo's
-//!   verification sweep finds and resends such pages (`colo-cli`'s `verify.rs`);
+//!   sweeps find such pages at the first captures and carry them in every checkpoint after
+//!   (`colo-cli`'s `verify.rs`, the watch set). With Linux 6.1 PVH guests the page is also one
+//!   the guest dirties itself (its per-cpu area) at every checkpoint, and the set stayed empty;
+//!   `cargo xtask xen-test` compares both paused domains page by page after a final
+//!   checkpoint in production mode;
 //! * Xen writes event-channel pending bits into a domain's memory even while it is paused,
 //!   so two paused domains' memories can differ by a few bytes right after a checkpoint;
 //! * a paused guest's clock keeps running: `get_state` twice is not byte-identical, and
