@@ -297,7 +297,7 @@ fn without_the_sweep_writes_behind_the_dirty_log_leave_the_memories_different() 
     );
 }
 
-/// Frames the "hypervisor" writes in the fixed-set tests (as Xen writes a vCPU's `vcpu_info`
+/// Frames the "hypervisor" writes in the fixed-set tests (as Xen writes the `vcpu_info`
 /// of several vCPUs).
 const XEN_LIKE: &[u64] = &[3, 200, 777];
 
