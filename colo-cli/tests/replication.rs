@@ -25,6 +25,8 @@ type Snapshots = Arc<Mutex<HashMap<u64, (Vec<u8>, Vec<u8>)>>>;
 struct Outcome {
     checkpoints: u64,
     mismatch_checkpoints: u64,
+    /// Output mismatches the comparator saw (frames that differed, not frames held too long).
+    mismatches: u64,
     compared: usize,
     differing: Vec<u64>,
     lost_acked_writes: u64,
@@ -127,6 +129,7 @@ fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome
     Outcome {
         checkpoints: st.checkpoints,
         mismatch_checkpoints: st.mismatch_checkpoints,
+        mismatches: st.mismatches,
         compared,
         differing,
         lost_acked_writes: cstats.lost_acked_writes,
@@ -169,8 +172,16 @@ fn primary_only_mode_is_caught_by_the_memory_check() {
 fn identical_outputs_with_divergent_memory_need_no_mismatch_checkpoint() {
     // COLO's gain over Remus: the memories differ (entry placement) but the answers do not, so
     // only the periodic timer checkpoints.
+    // A frame whose SVM twin comes late on a loaded machine may be held past the compare
+    // timeout and force a checkpoint; what must never happen is a mismatch.
     let o = run_pair(SyncMode::Backchannel, 0.0, 40);
-    assert_eq!(o.mismatch_checkpoints, 0);
+    assert_eq!(o.mismatches, 0, "identical answers were seen to differ");
+    assert!(
+        o.mismatch_checkpoints * 4 <= o.checkpoints,
+        "{} of {} checkpoints were forced by the comparator with identical outputs",
+        o.mismatch_checkpoints,
+        o.checkpoints
+    );
     assert!(o.differing.is_empty());
 }
 
