@@ -1000,3 +1000,48 @@ fn demo_save_writes_a_snapshot_dump_accepts() {
     };
     assert_eq!(sum["data_pages"], 4096, "16M is 4096 pages: {d}");
 }
+
+/// One stray connection (a port scanner, a health check) must not end the secondary's wait:
+/// it drops the connection and the real primary still pairs with it.
+#[test]
+fn a_stray_connection_does_not_end_the_secondarys_wait() {
+    use std::io::Write;
+    let s = Scratch::new("stray");
+    let id = std::process::id();
+    let repl = format!("127.0.0.1:{}", free_port());
+    let pn = format!("stp{id}");
+    let mut sec = secondary(&s, &repl, &format!("sts{id}"), "8M");
+    // A scanner that connects and leaves, then an HTTP health check.
+    for probe in [&b""[..], b"GET /health HTTP/1.0\r\n\r\n"] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut c = loop {
+            match std::net::TcpStream::connect(&repl) {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the secondary never listened: {e}"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        c.write_all(probe).unwrap();
+        drop(c);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            sec.0.try_wait().unwrap().is_none(),
+            "the secondary exited after a stray connection"
+        );
+    }
+    let _pri = Node(
+        s.colo()
+            .args(["primary", "--peer", &repl, "--name", &pn, "--ram", "8M"])
+            .args(["--heartbeat-timeout-ms", "2000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&s, &pn, "protected", |v| v["protected"] == true);
+}

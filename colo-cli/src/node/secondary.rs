@@ -39,6 +39,37 @@ pub struct SecondaryNode<G: Guest> {
     commands: Option<crossbeam_channel::Receiver<ControlCommand>>,
     /// The guest's output signal (see [`GuestNic::output_ready`]).
     output: Option<crossbeam_channel::Receiver<()>>,
+    /// Where the primary connects, kept until the handshake is done: a connection that fails
+    /// it is dropped and the wait goes on.
+    listener: Option<TcpListener>,
+    /// When waiting for the primary gives up.
+    waiting_until: Instant,
+    /// The handshake with the primary completed.
+    handshaken: bool,
+    /// Stream events decoded from the current connection.
+    events_seen: u64,
+}
+
+/// The secondary machine's settings from the node's options.
+fn secondary_config(opts: &NodeOptions, pages: u64) -> SecondaryConfig {
+    let mut cfg = SecondaryConfig::new(pages);
+    cfg.liveness = opts.liveness;
+    cfg.verify = opts.verify;
+    cfg.key = opts.key.clone();
+    cfg.nonce = nonce();
+    cfg
+}
+
+/// Accepts the primary's connection on `listener`, waiting until `until`.
+fn accept_primary(listener: &TcpListener, until: Instant, pages: u64) -> Result<Link> {
+    Link::accept(
+        listener,
+        Some(until.saturating_duration_since(Instant::now())),
+        DecoderConfig {
+            expect_headers: true,
+            page_count: Some(pages),
+        },
+    )
 }
 
 impl<G: Guest> std::fmt::Debug for SecondaryNode<G> {
@@ -68,20 +99,10 @@ impl<G: Guest> SecondaryNode<G> {
     ) -> Result<Self> {
         guest.pause()?;
         let pages = guest.page_count();
-        let link = Link::accept(
-            listener,
-            Some(opts.connect_timeout),
-            DecoderConfig {
-                expect_headers: true,
-                page_count: Some(pages),
-            },
-        )?;
+        let waiting_until = Instant::now() + opts.connect_timeout;
+        let link = accept_primary(listener, waiting_until, pages)?;
         let now = Instant::now();
-        let mut cfg = SecondaryConfig::new(pages);
-        cfg.liveness = opts.liveness;
-        cfg.verify = opts.verify;
-        cfg.key = opts.key.clone();
-        cfg.nonce = nonce();
+        let cfg = secondary_config(&opts, pages);
         {
             let mut st = status.lock();
             st.role = "secondary".into();
@@ -104,10 +125,48 @@ impl<G: Guest> SecondaryNode<G> {
             logging: false,
             commands: None,
             output,
+            listener: listener.try_clone().ok(),
+            waiting_until,
+            handshaken: false,
+            events_seen: 0,
         };
         // The HELLO goes out at once (see PrimaryNode::with_link).
         node.flush();
         Ok(node)
+    }
+
+    /// After a connection that sent nothing a colo stream decoder could read (a port scanner, a
+    /// health check): drops it and waits for the primary again, on the same listener, until the
+    /// first wait's deadline. One stray connection must not end the protection before it
+    /// starts.
+    fn wait_again(&mut self, why: &str) -> Result<()> {
+        let peer = self
+            .link
+            .take()
+            .map(|l| {
+                l.shutdown();
+                l.peer().to_string()
+            })
+            .unwrap_or_default();
+        let Some(listener) = self.listener.as_ref() else {
+            bail!("primary lost before the handshake: {why}");
+        };
+        tracing::warn!(
+            "the connection from {peer} did not complete the colo handshake ({why}); waiting \
+             for the primary again"
+        );
+        let pages = self.guest.page_count();
+        let link = accept_primary(listener, self.waiting_until, pages)?;
+        self.engine = Secondary::new(secondary_config(&self.opts, pages), Instant::now());
+        self.events_seen = 0;
+        {
+            let mut st = self.status.lock();
+            st.peer = Some(link.peer().to_string());
+            st.failover_reason = None;
+        }
+        self.link = Some(link);
+        self.flush();
+        Ok(())
     }
 
     /// A flag that ends [`SecondaryNode::run`] when set.
@@ -171,6 +230,9 @@ impl<G: Guest> SecondaryNode<G> {
         }
         self.engine.handle_timeout(Instant::now());
         self.run_actions()?;
+        if self.engine.state() != SecondaryState::AwaitingHandshake {
+            self.handshaken = true;
+        }
         if self.taken_over {
             return Ok(false);
         }
@@ -248,6 +310,7 @@ impl<G: Guest> SecondaryNode<G> {
                     break;
                 }
             };
+            self.events_seen += 1;
             let record_end = matches!(ev, Event::PageDataEnd);
             let now = slice.stamp(&ev);
             match self.engine.on_event(now, &ev) {
@@ -383,6 +446,12 @@ impl<G: Guest> SecondaryNode<G> {
                         l.shutdown();
                     }
                     self.stop.store(true, Ordering::Relaxed);
+                }
+                // Nothing decodable ever came: not a colo primary at all (a port scanner, a
+                // health check). A colo peer that was refused (another key, size or
+                // --verify) ends the wait with that reason instead.
+                SecondaryAction::GiveUp { reason } if !self.handshaken && self.events_seen == 0 => {
+                    self.wait_again(&reason)?;
                 }
                 SecondaryAction::GiveUp { reason } => {
                     return Err(anyhow!(
