@@ -1045,3 +1045,43 @@ fn a_stray_connection_does_not_end_the_secondarys_wait() {
     );
     wait_for(&s, &pn, "protected", |v| v["protected"] == true);
 }
+
+/// `colo failover` on the primary drops the secondary on purpose: the secondary is told so and
+/// stops without taking over, and only the primary serves (no split brain).
+#[test]
+fn dropping_the_secondary_leaves_one_serving_node() {
+    let s = Scratch::new("drop");
+    let id = std::process::id();
+    let repl = format!("127.0.0.1:{}", free_port());
+    let (pn, sn) = (format!("dp{id}"), format!("ds{id}"));
+    let mut sec = secondary(&s, &repl, &sn, "8M");
+    let _pri = Node(
+        s.colo()
+            .args(["primary", "--peer", &repl, "--name", &pn, "--ram", "8M"])
+            .args(["--heartbeat-timeout-ms", "2000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&s, &pn, "protected", |v| v["protected"] == true);
+    wait_for(&s, &sn, "a protected secondary", |v| v["protected"] == true);
+    let o = s.run(&["failover", "--name", &pn]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // The secondary stops in order (exit 0) instead of taking over.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(st) = sec.0.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dropped secondary did not stop; status: {:?}",
+            status(&s, &sn)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(0), "the dropped secondary failed");
+    let v = wait_for(&s, &pn, "unprotected", |v| v["protected"] == false);
+    assert_eq!(v["role"], "primary", "{v}");
+}

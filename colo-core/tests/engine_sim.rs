@@ -227,7 +227,7 @@ impl Pair {
                 SecondaryAction::TakeOver { reason } | SecondaryAction::GiveUp { reason } => {
                     panic!("secondary lost peer: {reason}")
                 }
-                SecondaryAction::Close => panic!("unexpected GOODBYE"),
+                SecondaryAction::Close { .. } => panic!("unexpected GOODBYE"),
             }
             self.to_p.append(self.s.outbox_mut());
         }

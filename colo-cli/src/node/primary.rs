@@ -13,7 +13,7 @@ use colo_core::compare::Comparator;
 use colo_core::engine::messages::Message;
 use colo_core::engine::{
     CheckpointStats, Primary, PrimaryAction, PrimaryConfig, PrimaryState, Trigger, Verdict,
-    DIGEST_LEN,
+    DIGEST_LEN, GOODBYE_DROPPED,
 };
 use colo_core::policy::CheckpointReason;
 
@@ -33,6 +33,33 @@ fn primary_config(opts: &NodeOptions, pages: u64) -> PrimaryConfig {
     cfg.key = opts.key.clone();
     cfg.nonce = nonce();
     cfg
+}
+
+/// GOODBYE reason: the primary stops (the secondary stops too).
+const GOODBYE_STOPPED: u32 = 0;
+
+/// Ends replication on purpose: sends GOODBYE(`reason`), half-closes, and reads until the
+/// secondary closes too (at most 2 s): closing with unread bytes would reset the connection
+/// and could destroy the GOODBYE in flight.
+fn goodbye(mut link: Link, reason: u32) {
+    let mut bye = Vec::new();
+    Message::Goodbye(reason).encode(&mut bye);
+    let _ = link.send(&bye);
+    link.shutdown_write();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline && link.fill::<()>(Duration::from_millis(50), None).is_ok() {
+        link.discard_buffered();
+    }
+}
+
+/// [`goodbye`] on a thread of its own, so the node loop goes on serving meanwhile.
+fn goodbye_in_background(link: Link, reason: u32) {
+    let spawned = std::thread::Builder::new()
+        .name("colo-goodbye".into())
+        .spawn(move || goodbye(link, reason));
+    if let Err(e) = spawned {
+        tracing::warn!("could not say goodbye to the secondary: {e}");
+    }
 }
 
 /// A running primary.
@@ -289,7 +316,19 @@ impl<G: Guest> PrimaryNode<G> {
     fn poll_commands(&mut self) {
         while let Some(c) = self.commands.as_ref().and_then(|rx| rx.try_recv().ok()) {
             match c {
-                ControlCommand::Failover => self.engine.failover(Instant::now()),
+                ControlCommand::Failover => {
+                    // A deliberate drop: the secondary is told so (GOODBYE) and stops instead
+                    // of reading the closed link as a dead primary and taking over.
+                    if let Some(link) = self.link.take() {
+                        if !matches!(
+                            self.engine.state(),
+                            PrimaryState::AwaitingHandshake | PrimaryState::Unprotected
+                        ) {
+                            goodbye_in_background(link, GOODBYE_DROPPED);
+                        }
+                    }
+                    self.engine.failover(Instant::now())
+                }
                 ControlCommand::Checkpoint => self.manual = true,
                 ControlCommand::Protect {
                     peer,
@@ -396,19 +435,8 @@ impl<G: Guest> PrimaryNode<G> {
             let wait = self.next_wait();
             self.step(wait)?;
         }
-        if let Some(link) = self.link.as_mut() {
-            let mut bye = Vec::new();
-            Message::Goodbye(0).encode(&mut bye);
-            let _ = link.send(&bye);
-            // Half-close and read until the secondary closes too: closing with unread bytes
-            // would reset the connection and could destroy the GOODBYE in flight.
-            link.shutdown_write();
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < deadline
-                && link.fill::<()>(Duration::from_millis(50), None).is_ok()
-            {
-                link.discard_buffered();
-            }
+        if let Some(link) = self.link.take() {
+            goodbye(link, GOODBYE_STOPPED);
         }
         Ok(())
     }

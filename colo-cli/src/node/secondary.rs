@@ -440,8 +440,15 @@ impl<G: Guest> SecondaryNode<G> {
                     st.takeover_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
                     self.taken_over = true;
                 }
-                SecondaryAction::Close => {
-                    tracing::info!("the primary ended replication; stopping");
+                SecondaryAction::Close { dropped } => {
+                    let why = if dropped {
+                        "the primary dropped this secondary (colo failover on the primary); \
+                         stopping without taking over"
+                    } else {
+                        "the primary ended replication; stopping"
+                    };
+                    tracing::info!("{why}");
+                    self.status.lock().failover_reason = Some(why.into());
                     if let Some(l) = self.link.take() {
                         l.shutdown();
                     }

@@ -15,7 +15,7 @@
 //! | `0x8000_C006` | HEARTBEAT | both | u64 sequence number |
 //! | `0x8000_C007` | VCPU_STATE | primary → secondary | the backend's opaque vCPU/platform state blob |
 //! | `0x8000_C008` | DIGEST | both | u64 epoch, 32-byte digest of all guest pages and the state (verification) |
-//! | `0x8000_C009` | GOODBYE | both | u32 reason: an orderly shutdown, not a failure |
+//! | `0x8000_C009` | GOODBYE | both | u32 reason: an orderly shutdown, not a failure (0: the primary stops; 1: the primary dropped its secondary, which must never take over) |
 //!
 //! Every parser checks the body length before reading and returns [`MessageError`] naming the
 //! record and what was wrong; nothing a peer sent is unwrapped.

@@ -68,7 +68,9 @@ mod primary;
 mod secondary;
 
 pub use primary::{Primary, PrimaryAction, PrimaryConfig, PrimaryState, Verdict};
-pub use secondary::{Delivery, Secondary, SecondaryAction, SecondaryConfig, SecondaryState};
+pub use secondary::{
+    Delivery, Secondary, SecondaryAction, SecondaryConfig, SecondaryState, GOODBYE_DROPPED,
+};
 
 use std::time::{Duration, Instant};
 use thiserror::Error;

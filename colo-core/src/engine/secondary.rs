@@ -41,6 +41,9 @@ impl SecondaryConfig {
     }
 }
 
+/// GOODBYE's reason when the primary drops its secondary on purpose.
+pub const GOODBYE_DROPPED: u32 = 1;
+
 /// What the secondary awaits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SecondaryState {
@@ -135,8 +138,12 @@ pub enum SecondaryAction {
         /// Why.
         reason: String,
     },
-    /// The primary ended replication in order: stop this node (no takeover).
-    Close,
+    /// The primary ended replication on purpose (GOODBYE): stop this node, never take over.
+    Close {
+        /// The primary dropped this secondary on purpose (GOODBYE reason 1, `colo failover` on
+        /// the primary): it must never take over. Otherwise the primary stopped in order.
+        dropped: bool,
+    },
     /// The primary is lost and the SVM holds no complete checkpoint: it cannot take over.
     GiveUp {
         /// Why.
@@ -455,11 +462,13 @@ impl Secondary {
                 self.actions.push_back(SecondaryAction::Pause);
                 Ok(None)
             }
-            (_, Message::Goodbye(_)) => {
+            (_, Message::Goodbye(reason)) => {
                 self.drop_staged();
                 self.actions.clear();
                 self.state = SecondaryState::Closed;
-                self.actions.push_back(SecondaryAction::Close);
+                self.actions.push_back(SecondaryAction::Close {
+                    dropped: *reason == GOODBYE_DROPPED,
+                });
                 Ok(None)
             }
             (_, m) => Err(self.err(match m {
