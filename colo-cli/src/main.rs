@@ -274,7 +274,8 @@ pub struct NodeArgs {
     /// (a live but hung peer; raise it for huge guests or slow hypervisors).
     #[arg(long, default_value_t = 10_000)]
     pub progress_timeout_ms: u64,
-    /// Command run before taking over; no takeover if it fails (split-brain fencing).
+    /// Command run before this node goes on alone (a secondary's takeover, a primary's
+    /// unprotected run); if it fails the node stops instead (split-brain fencing).
     #[arg(long)]
     pub fence_cmd: Option<String>,
     /// Write this node's status as JSON to this file every 200 ms.

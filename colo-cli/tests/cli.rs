@@ -1085,3 +1085,53 @@ fn dropping_the_secondary_leaves_one_serving_node() {
     let v = wait_for(&s, &pn, "unprotected", |v| v["protected"] == false);
     assert_eq!(v["role"], "primary", "{v}");
 }
+
+/// A primary that loses its secondary goes on alone only once its fence succeeded: a failing
+/// `--fence-cmd` stops it (exit 1, naming the fence) rather than serve beside a secondary that
+/// may be taking over; a succeeding one lets it run unprotected.
+#[test]
+fn the_primary_fences_before_going_on_alone() {
+    for (fence, survives) in [("true", true), ("false", false)] {
+        let s = Scratch::new(&format!("fence-{fence}"));
+        let id = std::process::id();
+        let repl = format!("127.0.0.1:{}", free_port());
+        let (pn, sn) = (format!("fp{fence}{id}"), format!("fs{fence}{id}"));
+        let mut sec = secondary(&s, &repl, &sn, "8M");
+        let mut pri = Node(
+            s.colo()
+                .args(["primary", "--peer", &repl, "--name", &pn, "--ram", "8M"])
+                .args(["--heartbeat-timeout-ms", "1000", "--fence-cmd", fence])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        wait_for(&s, &pn, "protected", |v| v["protected"] == true);
+        sec.0.kill().unwrap();
+        sec.0.wait().unwrap();
+        if survives {
+            let v = wait_for(&s, &pn, "unprotected", |v| v["protected"] == false);
+            assert!(v["failover_reason"].is_string(), "{v}");
+            assert!(pri.0.try_wait().unwrap().is_none(), "the primary exited");
+        } else {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let code = loop {
+                if let Some(st) = pri.0.try_wait().unwrap() {
+                    break st.code();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the unfenced primary went on alone"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut pri.0.stderr.take().unwrap(), &mut err).unwrap();
+            assert_eq!(code, Some(1), "{err}");
+            assert!(
+                err.contains("fence command `false` failed") && err.contains("not going on alone"),
+                "{err}"
+            );
+        }
+    }
+}

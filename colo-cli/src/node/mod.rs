@@ -137,7 +137,8 @@ pub struct NodeOptions {
     /// Client-facing address for the mock network path (primary; a secondary binds it when it
     /// takes over).
     pub client_addr: Option<String>,
-    /// Command run before taking over; no takeover if it fails (split-brain fencing).
+    /// Command run before this node goes on alone (takeover, or a primary running
+    /// unprotected); the node stops instead if it fails (split-brain fencing).
     pub fence_cmd: Option<String>,
     /// How long to wait for the peer to appear.
     pub connect_timeout: Duration,
@@ -214,14 +215,14 @@ fn protocol_error(peer: &str, e: &colo_core::engine::EngineError) -> String {
     }
 }
 
-fn run_fence(cmd: &Option<String>) -> Result<()> {
+fn run_fence(cmd: &Option<String>, instead: &str) -> Result<()> {
     let Some(cmd) = cmd else { return Ok(()) };
     let status = std::process::Command::new("sh")
         .args(["-c", cmd])
         .status()
         .with_context(|| format!("running fence command `{cmd}`"))?;
     if !status.success() {
-        bail!("fence command `{cmd}` failed ({status}); not taking over");
+        bail!("fence command `{cmd}` failed ({status}); {instead}");
     }
     Ok(())
 }

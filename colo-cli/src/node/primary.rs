@@ -609,6 +609,17 @@ impl<G: Guest> PrimaryNode<G> {
                 }
             }
             PrimaryAction::PeerLost { reason } => {
+                // Going on alone first makes sure the secondary cannot serve later from an
+                // older checkpoint (split brain): with --fence-cmd, the fence must succeed, or
+                // this node stops with its guest paused and its held output unreleased.
+                if let Err(e) = run_fence(&self.opts.fence_cmd, "not going on alone") {
+                    tracing::error!("secondary lost ({reason}); {e:#}");
+                    let _ = self.guest.pause();
+                    let mut st = self.status.lock();
+                    st.failover_reason = Some(format!("{reason}; {e:#}"));
+                    st.failover_at = Some(std::time::SystemTime::now());
+                    return Err(e.context(format!("secondary lost: {reason}")));
+                }
                 tracing::warn!("secondary lost: {reason}; running unprotected");
                 if let Some(c) = self.comparator.as_mut() {
                     c.stop_comparing();

@@ -424,7 +424,7 @@ impl<G: Guest> SecondaryNode<G> {
                 }
                 SecondaryAction::TakeOver { reason } => {
                     let t0 = Instant::now();
-                    if let Err(e) = run_fence(&self.opts.fence_cmd) {
+                    if let Err(e) = run_fence(&self.opts.fence_cmd, "not taking over") {
                         tracing::error!("{e:#}");
                         return Err(e);
                     }
