@@ -1135,3 +1135,73 @@ fn the_primary_fences_before_going_on_alone() {
         }
     }
 }
+
+/// Nodes started with different keys: both say so (the refused side's own check, not "the
+/// peer closed the link"), the secondary exits 1, and the primary reports loudly that the
+/// guest was never protected.
+#[test]
+fn different_keys_are_named_by_both_nodes() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new("keys");
+    let id = std::process::id();
+    let repl = format!("127.0.0.1:{}", free_port());
+    let pn = format!("kp{id}");
+    for (name, byte) in [("k1", 1u8), ("k2", 2u8)] {
+        std::fs::write(s.path(name), [byte; 32]).unwrap();
+        std::fs::set_permissions(s.path(name), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let k1 = s.path("k1").display().to_string();
+    let k2 = s.path("k2").display().to_string();
+    let mut sec = Node(
+        s.colo()
+            .args([
+                "secondary",
+                "--listen",
+                &repl,
+                "--ram",
+                "8M",
+                "--key-file",
+                &k1,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut pri = Node(
+        s.colo()
+            .args(["primary", "--peer", &repl, "--ram", "8M", "--key-file", &k2])
+            .args(["--name", &pn, "--connect-timeout", "20"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let want = "HMAC proof does not match";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(st) = sec.0.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(Instant::now() < deadline, "the secondary did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut sec.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(want), "secondary: {err}");
+    let v = wait_for(&s, &pn, "refused", |v| v["failover_reason"].is_string());
+    assert!(
+        v["failover_reason"].as_str().unwrap().contains(want),
+        "primary: {v}"
+    );
+    assert_eq!(v["protected"], false, "{v}");
+    pri.0.kill().unwrap();
+    pri.0.wait().unwrap();
+    let mut perr = String::new();
+    std::io::Read::read_to_string(&mut pri.0.stderr.take().unwrap(), &mut perr).unwrap();
+    assert!(
+        perr.contains("ERROR") && perr.contains("protection did not start"),
+        "{perr}"
+    );
+}

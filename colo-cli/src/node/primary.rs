@@ -620,7 +620,16 @@ impl<G: Guest> PrimaryNode<G> {
                     st.failover_at = Some(std::time::SystemTime::now());
                     return Err(e.context(format!("secondary lost: {reason}")));
                 }
-                tracing::warn!("secondary lost: {reason}; running unprotected");
+                if reason.contains("the link handshake refused") {
+                    // A setting that differs (key, guest size, --verify) is an operator's
+                    // mistake, not a failure: say so loudly, the guest was never protected.
+                    tracing::error!(
+                        "protection did not start: {reason}. The guest runs UNPROTECTED; fix the \
+                         setting on one node and re-protect (`colo protect`)"
+                    );
+                } else {
+                    tracing::warn!("secondary lost: {reason}; running unprotected");
+                }
                 if let Some(c) = self.comparator.as_mut() {
                     c.stop_comparing();
                 }

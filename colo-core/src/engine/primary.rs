@@ -774,7 +774,11 @@ impl Primary {
             self.actions.push_back(PrimaryAction::Resume);
             self.paused = false;
         }
-        self.outbox.clear();
+        // During the handshake the outbox holds this node's HELLO/AUTH: it still goes out (see
+        // the secondary's `lose`).
+        if !matches!(self.state, PrimaryState::AwaitingHandshake) {
+            self.outbox.clear();
+        }
         self.protected = false;
         self.state = PrimaryState::Unprotected;
         self.actions.push_back(PrimaryAction::PeerLost { reason });

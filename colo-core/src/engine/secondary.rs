@@ -644,7 +644,12 @@ impl Secondary {
         // A torn checkpoint is never applied: whatever was staged is dropped.
         self.drop_staged();
         self.actions.clear();
-        self.outbox.clear();
+        // During the handshake the outbox holds this node's HELLO/AUTH: it still goes out, so
+        // a peer this node refused (another key, size, --verify) learns why from its own check
+        // instead of seeing the link close.
+        if self.state != SecondaryState::AwaitingHandshake {
+            self.outbox.clear();
+        }
         if !self.applied_any {
             self.state = SecondaryState::Failed;
             self.actions.push_back(SecondaryAction::GiveUp {
