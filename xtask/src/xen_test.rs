@@ -166,6 +166,18 @@ pub fn check(args: &[String]) -> Result<()> {
             Ok(())
         }
         Err(e) => {
+            // The next run overwrites console.log: keep a failed run's console for diagnosis.
+            let work = crate::root().join("target/xen-test");
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let kept = work.join(format!("console-failed-{stamp}.log"));
+            if std::fs::copy(work.join("console.log"), &kept).is_ok() {
+                println!(
+                    "xen-test: the failed run's console is kept in {}",
+                    kept.display()
+                );
+            }
             println!(
                 "xen-test: FAIL {e:#} (after {:.0} s)",
                 started.elapsed().as_secs_f64()
