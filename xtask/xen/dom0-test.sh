@@ -267,6 +267,12 @@ takeover() {
   else
     TK_OK=0
     TK_DESC="$3 did NOT go on: survivor $state ($reason), $got ticks of the boot after $last and $other of another boot in $give s"
+    # A guest that Xen crashed (xl state c: an emulation failure, or state colo loaded badly)
+    # is told apart from one that is alive but stuck.
+    xs=$(xl list $3 2>/dev/null | awk 'NR == 2 { print $5 }')
+    case "$xs" in
+      *c*) TK_DESC="$TK_DESC; the guest CRASHED (xl state $xs): $(xl dmesg 2>/dev/null | grep -iE "crash|triple|d$(xl domid $3 2>/dev/null)v" | tail -3 | tr '\n' ' ' | cut -c1-300)" ;;
+    esac
     xen_state "$(xl domid $3 2>/dev/null)"
   fi
 }
