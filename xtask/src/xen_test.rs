@@ -631,6 +631,8 @@ fn interesting(line: &str) -> bool {
         "(XEN) Xen version",
         "Kernel panic",
         "(XEN) ****",
+        "Triple fault",
+        "domain_crash",
     ]
     .iter()
     .any(|p| line.contains(p))
