@@ -129,9 +129,9 @@ fn ci(args: &[String]) -> Result<()> {
     step(
         "xen-test (colo-xen on a real Xen 4.17 under QEMU)",
         // The takeover is reported here, not required: after the fixes it went on in all but
-        // one of the runs (that miss left the replica's vCPU paused inside Xen, cause not
-        // found), and a gate that fails at random blocks every landing. `cargo xtask
-        // xen-test` on its own requires it.
+        // one of the runs, where Xen crashed the replica under a CPU hog (xl state `sc`, an
+        // emulation failure of the nested SVM is the likely cause; not proven), and a gate
+        // that fails at random blocks every landing. `cargo xtask xen-test` requires it.
         &mut || xen_test::check(&["--advisory-takeover".to_string()]),
     )?;
     println!("\n==> xtask ci: summary");
