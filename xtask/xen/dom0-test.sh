@@ -69,7 +69,7 @@ wait_for() {
 # mkguest NAME: creates a guest; its console lines from now on are the ones waitguest reads.
 mkguest() {
   sed "s/NAME/$1/" /root/guest.cfg > /root/$1.cfg
-  wc -l < $LOG/guest-$1.log > /tmp/from-$1 2>/dev/null || echo 0 > /tmp/from-$1
+  { wc -l < $LOG/guest-$1.log; } 2>/dev/null > /tmp/from-$1 || echo 0 > /tmp/from-$1
   xl create /root/$1.cfg >/dev/null 2>&1 || fail "xl create $1"
   echo "DOM0: xl create $1 returned at uptime $(now)"
 }
