@@ -77,7 +77,7 @@ mkguest() {
 since() {
   n=$(cat /tmp/from-$1 2>/dev/null || echo 0)
   # xenconsoled may have started the log afresh for the new domain.
-  [ "$(wc -l < $LOG/guest-$1.log 2>/dev/null || echo 0)" -lt "$n" ] && n=0
+  [ "$({ wc -l < $LOG/guest-$1.log; } 2>/dev/null || echo 0)" -lt "$n" ] && n=0
   tail -n +$((n + 1)) $LOG/guest-$1.log 2>/dev/null
 }
 # wait_boot NAME PATTERN SECONDS
