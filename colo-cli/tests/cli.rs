@@ -83,6 +83,27 @@ fn free_port() -> u16 {
     }
 }
 
+/// Waits (at most 30 s) for `node` to exit; its exit code. `what` names it in the failure.
+fn exit_code(node: &mut Node, what: &str) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = node.0.try_wait().unwrap() {
+            return st.code();
+        }
+        assert!(Instant::now() < deadline, "{what} did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Everything `node` wrote to its (piped) stderr.
+fn stderr_of(node: &mut Node) -> String {
+    let mut err = String::new();
+    if let Some(mut e) = node.0.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut err).unwrap();
+    }
+    err
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -508,16 +529,8 @@ fn verify_on_one_node_only_is_refused_by_both() {
     );
     let want = "--verify differs: the primary has it and the secondary does not";
     // The secondary refuses and stops: it never held a checkpoint to take over from.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let code = loop {
-        if let Some(st) = sec.0.try_wait().unwrap() {
-            break st.code();
-        }
-        assert!(Instant::now() < deadline, "the secondary did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut sec.0.stderr.take().unwrap(), &mut err).unwrap();
+    let code = exit_code(&mut sec, "the secondary");
+    let err = stderr_of(&mut sec);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains(want), "{err}");
     // The primary refuses too, and says why in its status.
@@ -1069,18 +1082,7 @@ fn dropping_the_secondary_leaves_one_serving_node() {
     let o = s.run(&["failover", "--name", &pn]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     // The secondary stops in order (exit 0) instead of taking over.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let code = loop {
-        if let Some(st) = sec.0.try_wait().unwrap() {
-            break st.code();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the dropped secondary did not stop; status: {:?}",
-            status(&s, &sn)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let code = exit_code(&mut sec, "the dropped secondary");
     assert_eq!(code, Some(0), "the dropped secondary failed");
     let v = wait_for(&s, &pn, "unprotected", |v| v["protected"] == false);
     assert_eq!(v["role"], "primary", "{v}");
@@ -1178,16 +1180,8 @@ fn different_keys_are_named_by_both_nodes() {
             .unwrap(),
     );
     let want = "HMAC proof does not match";
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let code = loop {
-        if let Some(st) = sec.0.try_wait().unwrap() {
-            break st.code();
-        }
-        assert!(Instant::now() < deadline, "the secondary did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut sec.0.stderr.take().unwrap(), &mut err).unwrap();
+    let code = exit_code(&mut sec, "the secondary");
+    let err = stderr_of(&mut sec);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains(want), "secondary: {err}");
     let v = wait_for(&s, &pn, "refused", |v| v["failover_reason"].is_string());
@@ -1198,8 +1192,7 @@ fn different_keys_are_named_by_both_nodes() {
     assert_eq!(v["protected"], false, "{v}");
     pri.0.kill().unwrap();
     pri.0.wait().unwrap();
-    let mut perr = String::new();
-    std::io::Read::read_to_string(&mut pri.0.stderr.take().unwrap(), &mut perr).unwrap();
+    let perr = stderr_of(&mut pri);
     assert!(
         perr.contains("ERROR") && perr.contains("protection did not start"),
         "{perr}"
