@@ -536,29 +536,7 @@ impl<G: Guest> PrimaryNode<G> {
                 self.guest.pause()?;
                 self.engine.paused(now())?;
             }
-            PrimaryAction::BeginEpoch { epoch } => {
-                let t = now();
-                let comparator = &mut self.comparator;
-                let clients = &mut self.clients;
-                let tap = &self.opts.output_tap;
-                self.guest.drain_tx(&mut |f| {
-                    if let Some(tap) = tap {
-                        tap(f);
-                    }
-                    match comparator.as_mut() {
-                        Some(c) => c.push_primary(t, f.to_vec()),
-                        None => {
-                            if let Some(cl) = clients.as_mut() {
-                                cl.deliver(f);
-                            }
-                        }
-                    }
-                });
-                match self.comparator.as_mut() {
-                    Some(c) => c.begin_checkpoint(epoch),
-                    None => self.comparator = Some(Comparator::new(self.opts.compare)),
-                }
-            }
+            PrimaryAction::BeginEpoch { epoch } => self.begin_epoch(epoch),
             PrimaryAction::Capture => {
                 let digest = self.capture()?;
                 snapshot(
@@ -589,58 +567,91 @@ impl<G: Guest> PrimaryNode<G> {
                 self.last_cp_end = now();
                 self.record(stats);
             }
-            PrimaryAction::Verified { epoch, verdict } => {
-                let mut st = self.status.lock();
-                match verdict {
-                    Verdict::Identical => st.verified_identical += 1,
-                    Verdict::Different => {
-                        st.verify_failures += 1;
-                        tracing::error!(
-                            "checkpoint {epoch}: the secondary's memory differs from the primary's"
-                        );
-                    }
-                    Verdict::Unsettled => {
-                        st.verify_unsettled += 1;
-                        tracing::info!(
-                            "checkpoint {epoch}: not verified, memory changed while paused (the \
-                             hypervisor wrote it); the next checkpoint carries those pages"
-                        );
+            PrimaryAction::Verified { epoch, verdict } => self.verified(epoch, verdict),
+            PrimaryAction::PeerLost { reason } => self.peer_lost(reason)?,
+        }
+        Ok(())
+    }
+
+    /// A checkpoint begins: the PVM's output so far goes to the comparator (or straight to
+    /// the clients before the first checkpoint), and the comparator opens epoch `epoch`.
+    fn begin_epoch(&mut self, epoch: u64) {
+        let t = Instant::now();
+        let comparator = &mut self.comparator;
+        let clients = &mut self.clients;
+        let tap = &self.opts.output_tap;
+        self.guest.drain_tx(&mut |f| {
+            if let Some(tap) = tap {
+                tap(f);
+            }
+            match comparator.as_mut() {
+                Some(c) => c.push_primary(t, f.to_vec()),
+                None => {
+                    if let Some(cl) = clients.as_mut() {
+                        cl.deliver(f);
                     }
                 }
             }
-            PrimaryAction::PeerLost { reason } => {
-                // Going on alone first makes sure the secondary cannot serve later from an
-                // older checkpoint (split brain): with --fence-cmd, the fence must succeed, or
-                // this node stops with its guest paused and its held output unreleased.
-                if let Err(e) = run_fence(&self.opts.fence_cmd, "not going on alone") {
-                    tracing::error!("secondary lost ({reason}); {e:#}");
-                    let _ = self.guest.pause();
-                    let mut st = self.status.lock();
-                    st.failover_reason = Some(format!("{reason}; {e:#}"));
-                    st.failover_at = Some(std::time::SystemTime::now());
-                    return Err(e.context(format!("secondary lost: {reason}")));
-                }
-                if reason.contains("the link handshake refused") {
-                    // A setting that differs (key, guest size, --verify) is an operator's
-                    // mistake, not a failure: say so loudly, the guest was never protected.
-                    tracing::error!(
-                        "protection did not start: {reason}. The guest runs UNPROTECTED; fix the \
-                         setting on one node and re-protect (`colo protect`)"
-                    );
-                } else {
-                    tracing::warn!("secondary lost: {reason}; running unprotected");
-                }
-                if let Some(c) = self.comparator.as_mut() {
-                    c.stop_comparing();
-                }
-                if let Some(l) = self.link.take() {
-                    l.shutdown();
-                }
-                let mut st = self.status.lock();
-                st.failover_reason = Some(reason);
-                st.failover_at = Some(std::time::SystemTime::now());
+        });
+        match self.comparator.as_mut() {
+            Some(c) => c.begin_checkpoint(epoch),
+            None => self.comparator = Some(Comparator::new(self.opts.compare)),
+        }
+    }
+
+    /// The verification of checkpoint `epoch` (with `--verify`).
+    fn verified(&mut self, epoch: u64, verdict: Verdict) {
+        let mut st = self.status.lock();
+        match verdict {
+            Verdict::Identical => st.verified_identical += 1,
+            Verdict::Different => {
+                st.verify_failures += 1;
+                tracing::error!(
+                    "checkpoint {epoch}: the secondary's memory differs from the primary's"
+                );
+            }
+            Verdict::Unsettled => {
+                st.verify_unsettled += 1;
+                tracing::info!(
+                    "checkpoint {epoch}: not verified, memory changed while paused (the \
+                     hypervisor wrote it); the next checkpoint carries those pages"
+                );
             }
         }
+    }
+
+    /// The secondary is lost: fence it (with `--fence-cmd`), then run unprotected.
+    fn peer_lost(&mut self, reason: String) -> Result<()> {
+        // Going on alone first makes sure the secondary cannot serve later from an older
+        // checkpoint (split brain): with --fence-cmd, the fence must succeed, or this node
+        // stops with its guest paused and its held output unreleased.
+        if let Err(e) = run_fence(&self.opts.fence_cmd, "not going on alone") {
+            tracing::error!("secondary lost ({reason}); {e:#}");
+            let _ = self.guest.pause();
+            let mut st = self.status.lock();
+            st.failover_reason = Some(format!("{reason}; {e:#}"));
+            st.failover_at = Some(std::time::SystemTime::now());
+            return Err(e.context(format!("secondary lost: {reason}")));
+        }
+        if reason.contains("the link handshake refused") {
+            // A setting that differs (key, guest size, --verify) is an operator's mistake, not
+            // a failure: say so loudly, the guest was never protected.
+            tracing::error!(
+                "protection did not start: {reason}. The guest runs UNPROTECTED; fix the \
+                 setting on one node and re-protect (`colo protect`)"
+            );
+        } else {
+            tracing::warn!("secondary lost: {reason}; running unprotected");
+        }
+        if let Some(c) = self.comparator.as_mut() {
+            c.stop_comparing();
+        }
+        if let Some(l) = self.link.take() {
+            l.shutdown();
+        }
+        let mut st = self.status.lock();
+        st.failover_reason = Some(reason);
+        st.failover_at = Some(std::time::SystemTime::now());
         Ok(())
     }
 

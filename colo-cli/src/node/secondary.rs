@@ -371,47 +371,7 @@ impl<G: Guest> SecondaryNode<G> {
                     self.guest.harvest_dirty(self.engine.harvest_target())?;
                     self.engine.harvested(now())?;
                 }
-                SecondaryAction::Apply { epoch } => {
-                    let t = now();
-                    flush_sync_pages(&mut self.guest, &mut self.sync_pfns, &mut self.sync_data)?;
-                    self.guest
-                        .write_pages(self.engine.staged_pfns(), self.engine.staged_data())?;
-                    self.guest.set_state(self.engine.staged_state())?;
-                    // Frames the SVM emitted in the old epoch are superseded.
-                    self.out_frames.clear();
-                    self.guest.drain_tx(&mut |_| {});
-                    if self.opts.snapshot.is_some() {
-                        // Read back through the backend: tests check the state round trip too.
-                        let mut st = Vec::new();
-                        self.guest.get_state(&mut st)?;
-                        snapshot(&mut self.guest, &self.opts.snapshot, epoch, &st)?;
-                    }
-                    // The digest covers the state as applied: a hypervisor's state read back
-                    // later differs (Xen's clock runs on in a paused domain).
-                    let digest = if self.engine.verifying() {
-                        let st = self.engine.staged_state().to_vec();
-                        let watch = if self.logging {
-                            Watch::FromNow
-                        } else {
-                            Watch::Off
-                        };
-                        settled_digest(&mut self.guest, &st, &mut self.late, watch)?
-                    } else {
-                        None
-                    };
-                    tracing::debug!(
-                        "checkpoint {epoch}: {} pages applied{} in {:.1} ms",
-                        self.engine.staged_pfns().len(),
-                        if digest.is_some() {
-                            " and digested"
-                        } else {
-                            ""
-                        },
-                        t.elapsed().as_secs_f64() * 1e3
-                    );
-                    self.engine.applied(now(), digest)?;
-                    self.status.lock().checkpoints += 1;
-                }
+                SecondaryAction::Apply { epoch } => self.apply(epoch)?,
                 SecondaryAction::Resume => {
                     self.guest.resume()?;
                     if matches!(self.engine.state(), SecondaryState::Resuming { .. }) {
@@ -422,38 +382,8 @@ impl<G: Guest> SecondaryNode<G> {
                     let _ = epoch;
                     self.pump_inputs()?;
                 }
-                SecondaryAction::TakeOver { reason } => {
-                    let t0 = Instant::now();
-                    if let Err(e) = run_fence(&self.opts.fence_cmd, "not taking over") {
-                        tracing::error!("{e:#}");
-                        return Err(e);
-                    }
-                    tracing::warn!("primary lost: {reason}; taking over");
-                    if let Some(l) = self.link.take() {
-                        l.shutdown();
-                    }
-                    let mut st = self.status.lock();
-                    st.state = self.engine.state().name().into();
-                    st.protected = false;
-                    st.failover_reason = Some(reason);
-                    st.failover_at = Some(std::time::SystemTime::now());
-                    st.takeover_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
-                    self.taken_over = true;
-                }
-                SecondaryAction::Close { dropped } => {
-                    let why = if dropped {
-                        "the primary dropped this secondary (colo failover on the primary); \
-                         stopping without taking over"
-                    } else {
-                        "the primary ended replication; stopping"
-                    };
-                    tracing::info!("{why}");
-                    self.status.lock().failover_reason = Some(why.into());
-                    if let Some(l) = self.link.take() {
-                        l.shutdown();
-                    }
-                    self.stop.store(true, Ordering::Relaxed);
-                }
+                SecondaryAction::TakeOver { reason } => self.take_over(reason)?,
+                SecondaryAction::Close { dropped } => self.close(dropped),
                 // Nothing decodable ever came: not a colo primary at all (a port scanner, a
                 // health check). A colo peer that was refused (another key, size or
                 // --verify) ends the wait with that reason instead.
@@ -467,6 +397,89 @@ impl<G: Guest> SecondaryNode<G> {
                 }
             }
         }
+    }
+
+    /// Applies the staged checkpoint `epoch` to the SVM (all of it: pages, then the state),
+    /// digests it when verifying, and tells the machine.
+    fn apply(&mut self, epoch: u64) -> Result<()> {
+        let t = Instant::now();
+        flush_sync_pages(&mut self.guest, &mut self.sync_pfns, &mut self.sync_data)?;
+        self.guest
+            .write_pages(self.engine.staged_pfns(), self.engine.staged_data())?;
+        self.guest.set_state(self.engine.staged_state())?;
+        // Frames the SVM emitted in the old epoch are superseded.
+        self.out_frames.clear();
+        self.guest.drain_tx(&mut |_| {});
+        if self.opts.snapshot.is_some() {
+            // Read back through the backend: tests check the state round trip too.
+            let mut st = Vec::new();
+            self.guest.get_state(&mut st)?;
+            snapshot(&mut self.guest, &self.opts.snapshot, epoch, &st)?;
+        }
+        // The digest covers the state as applied: a hypervisor's state read back later
+        // differs (Xen's clock runs on in a paused domain).
+        let digest = if self.engine.verifying() {
+            let st = self.engine.staged_state().to_vec();
+            let watch = if self.logging {
+                Watch::FromNow
+            } else {
+                Watch::Off
+            };
+            settled_digest(&mut self.guest, &st, &mut self.late, watch)?
+        } else {
+            None
+        };
+        tracing::debug!(
+            "checkpoint {epoch}: {} pages applied{} in {:.1} ms",
+            self.engine.staged_pfns().len(),
+            if digest.is_some() {
+                " and digested"
+            } else {
+                ""
+            },
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        self.engine.applied(Instant::now(), digest)?;
+        self.status.lock().checkpoints += 1;
+        Ok(())
+    }
+
+    /// The primary is lost and a complete checkpoint is held: fence (with `--fence-cmd`), then
+    /// serve as the new primary.
+    fn take_over(&mut self, reason: String) -> Result<()> {
+        let t0 = Instant::now();
+        if let Err(e) = run_fence(&self.opts.fence_cmd, "not taking over") {
+            tracing::error!("{e:#}");
+            return Err(e);
+        }
+        tracing::warn!("primary lost: {reason}; taking over");
+        if let Some(l) = self.link.take() {
+            l.shutdown();
+        }
+        let mut st = self.status.lock();
+        st.state = self.engine.state().name().into();
+        st.protected = false;
+        st.failover_reason = Some(reason);
+        st.failover_at = Some(std::time::SystemTime::now());
+        st.takeover_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+        self.taken_over = true;
+        Ok(())
+    }
+
+    /// The primary ended replication on purpose (`dropped`: it dropped this secondary): stop.
+    fn close(&mut self, dropped: bool) {
+        let why = if dropped {
+            "the primary dropped this secondary (colo failover on the primary); stopping \
+             without taking over"
+        } else {
+            "the primary ended replication; stopping"
+        };
+        tracing::info!("{why}");
+        self.status.lock().failover_reason = Some(why.into());
+        if let Some(l) = self.link.take() {
+            l.shutdown();
+        }
+        self.stop.store(true, Ordering::Relaxed);
     }
 
     fn pump_inputs(&mut self) -> Result<()> {
