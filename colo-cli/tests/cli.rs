@@ -104,6 +104,19 @@ fn stderr_of(node: &mut Node) -> String {
     err
 }
 
+/// A handshake refused over a setting that differs: the secondary stops (exit 1; it never held a
+/// checkpoint to take over from) naming `want`, and the primary says the same in its status.
+fn refused_by_both(s: &Scratch, sec: &mut Node, pn: &str, want: &str) {
+    let code = exit_code(sec, "the secondary");
+    let err = stderr_of(sec);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(want), "secondary: {err}");
+    let v = wait_for(s, pn, "refused", |v| v["failover_reason"].is_string());
+    let reason = v["failover_reason"].as_str().unwrap();
+    assert!(reason.contains(want), "primary: {v}");
+    assert_eq!(v["protected"], false, "{v}");
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -527,17 +540,12 @@ fn verify_on_one_node_only_is_refused_by_both() {
             .spawn()
             .unwrap(),
     );
-    let want = "--verify differs: the primary has it and the secondary does not";
-    // The secondary refuses and stops: it never held a checkpoint to take over from.
-    let code = exit_code(&mut sec, "the secondary");
-    let err = stderr_of(&mut sec);
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains(want), "{err}");
-    // The primary refuses too, and says why in its status.
-    let v = wait_for(&s, &pn, "refused", |v| v["failover_reason"].is_string());
-    let reason = v["failover_reason"].as_str().unwrap();
-    assert!(reason.contains(want), "{v}");
-    assert_eq!(v["protected"], false, "{v}");
+    refused_by_both(
+        &s,
+        &mut sec,
+        &pn,
+        "--verify differs: the primary has it and the secondary does not",
+    );
 }
 
 /// Lines of a child's stderr, as they come.
@@ -1179,17 +1187,7 @@ fn different_keys_are_named_by_both_nodes() {
             .spawn()
             .unwrap(),
     );
-    let want = "HMAC proof does not match";
-    let code = exit_code(&mut sec, "the secondary");
-    let err = stderr_of(&mut sec);
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains(want), "secondary: {err}");
-    let v = wait_for(&s, &pn, "refused", |v| v["failover_reason"].is_string());
-    assert!(
-        v["failover_reason"].as_str().unwrap().contains(want),
-        "primary: {v}"
-    );
-    assert_eq!(v["protected"], false, "{v}");
+    refused_by_both(&s, &mut sec, &pn, "HMAC proof does not match");
     pri.0.kill().unwrap();
     pri.0.wait().unwrap();
     let perr = stderr_of(&mut pri);
