@@ -406,6 +406,19 @@ fn secondary(s: &Scratch, repl: &str, name: &str, ram: &str) -> Node {
     )
 }
 
+/// A `colo primary` of `ram` named `name` replicating to `repl`, output discarded.
+fn primary(s: &Scratch, repl: &str, name: &str, ram: &str) -> Node {
+    Node(
+        s.colo()
+            .args(["primary", "--peer", repl, "--name", name, "--ram", ram])
+            .args(["--heartbeat-timeout-ms", "2000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 #[test]
 fn protect_reports_the_nodes_answer_and_never_blocks_the_node() {
     let s = Scratch::new("protect");
@@ -1055,15 +1068,7 @@ fn a_stray_connection_does_not_end_the_secondarys_wait() {
             "the secondary exited after a stray connection"
         );
     }
-    let _pri = Node(
-        s.colo()
-            .args(["primary", "--peer", &repl, "--name", &pn, "--ram", "8M"])
-            .args(["--heartbeat-timeout-ms", "2000"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _pri = primary(&s, &repl, &pn, "8M");
     wait_for(&s, &pn, "protected", |v| v["protected"] == true);
 }
 
@@ -1076,15 +1081,7 @@ fn dropping_the_secondary_leaves_one_serving_node() {
     let repl = format!("127.0.0.1:{}", free_port());
     let (pn, sn) = (format!("dp{id}"), format!("ds{id}"));
     let mut sec = secondary(&s, &repl, &sn, "8M");
-    let _pri = Node(
-        s.colo()
-            .args(["primary", "--peer", &repl, "--name", &pn, "--ram", "8M"])
-            .args(["--heartbeat-timeout-ms", "2000"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _pri = primary(&s, &repl, &pn, "8M");
     wait_for(&s, &pn, "protected", |v| v["protected"] == true);
     wait_for(&s, &sn, "a protected secondary", |v| v["protected"] == true);
     let o = s.run(&["failover", "--name", &pn]);

@@ -94,6 +94,9 @@ pub struct PrimaryNode<G: Guest> {
     output: Option<crossbeam_channel::Receiver<()>>,
     /// A re-protection asked for over the control socket, until its outcome is known.
     protecting: Option<Protecting>,
+    /// The current link completed its handshake (a loss before that means protection never
+    /// started: a setting that differs, or a peer that left during the handshake).
+    handshaken: bool,
 }
 
 /// A re-protection under way: connecting on a helper thread (`pending`), then the handshake.
@@ -185,6 +188,7 @@ impl<G: Guest> PrimaryNode<G> {
             commands: None,
             output,
             protecting: None,
+            handshaken: false,
         };
         // The HELLO goes out at once, before anything is read: a peer that refuses this node's
         // HELLO then still reads this node's and can say why it was refused too.
@@ -291,6 +295,7 @@ impl<G: Guest> PrimaryNode<G> {
         let pages = self.guest.page_count();
         self.engine = Primary::new(primary_config(&self.opts, pages), Instant::now());
         self.comparator = None;
+        self.handshaken = false;
         {
             let mut st = self.status.lock();
             st.peer = Some(link.peer().to_string());
@@ -396,6 +401,8 @@ impl<G: Guest> PrimaryNode<G> {
             self.engine.state(),
             PrimaryState::AwaitingHandshake | PrimaryState::Unprotected
         );
+        // Flushed before every action, so a handshake completed earlier is always seen.
+        self.handshaken |= talking;
         let keepalive = talking.then_some(self.opts.liveness.interval);
         if let Err(e) = flush_outbox(self.link.as_mut(), self.engine.outbox_mut(), keepalive) {
             self.lost(format!("writing to the secondary failed: {e}"));
@@ -633,12 +640,13 @@ impl<G: Guest> PrimaryNode<G> {
             st.failover_at = Some(std::time::SystemTime::now());
             return Err(e.context(format!("secondary lost: {reason}")));
         }
-        if reason.contains("the link handshake refused") {
-            // A setting that differs (key, guest size, --verify) is an operator's mistake, not
-            // a failure: say so loudly, the guest was never protected.
+        if !self.handshaken {
+            // Lost during the handshake: usually a setting that differs (key, guest size,
+            // --verify), an operator's mistake rather than a failure. Say so loudly: the guest
+            // was never protected.
             tracing::error!(
                 "protection did not start: {reason}. The guest runs UNPROTECTED; fix the \
-                 setting on one node and re-protect (`colo protect`)"
+                 cause and re-protect (`colo protect`)"
             );
         } else {
             tracing::warn!("secondary lost: {reason}; running unprotected");
