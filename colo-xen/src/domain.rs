@@ -402,10 +402,7 @@ impl XenDomain {
 
     /// The guest's ports bound to VIRQ_TIMER, found once by asking Xen about every port
     /// until the first one past the domain's last.
-    fn timer_ports(&mut self) -> Result<Vec<u32>, XenError> {
-        if let Some(p) = &self.timer_ports {
-            return Ok(p.clone());
-        }
+    fn find_timer_ports(&mut self) -> Vec<u32> {
         let mut ports = Vec::new();
         for port in 1..MAX_EVTCHN_2L {
             match self.api.evtchn_status(self.domid, port) {
@@ -415,8 +412,7 @@ impl XenDomain {
                 Err(_) => break,
             }
         }
-        self.timer_ports = Some(ports.clone());
-        Ok(ports)
+        ports
     }
 
     /// Marks the guest's timer VIRQ pending in its shared-info page, so that the upcall the
@@ -428,7 +424,17 @@ impl XenDomain {
     /// (`evtchn_2l_handle_events`), so no selector bit is needed. Returns how many ports were
     /// raised (0 when the guest has no timer VIRQ or no shared-info page mapped yet).
     pub fn raise_timer_virqs(&mut self) -> Result<usize, XenError> {
-        let ports = self.timer_ports()?;
+        // Taken out and put back: no allocation per loaded checkpoint.
+        let ports = match self.timer_ports.take() {
+            Some(p) => p,
+            None => self.find_timer_ports(),
+        };
+        let res = self.raise_ports(&ports);
+        self.timer_ports = Some(ports);
+        res
+    }
+
+    fn raise_ports(&mut self, ports: &[u32]) -> Result<usize, XenError> {
         if ports.is_empty() {
             return Ok(0);
         }
@@ -444,7 +450,7 @@ impl XenDomain {
                 let page = page.map_err(|errno| {
                     XenError::from_errno("xenforeignmemory_map(shared_info)", domid, errno)
                 })?;
-                for &port in &ports {
+                for &port in ports {
                     let bit = port as usize % 64;
                     let at = SHINFO_EVTCHN_PENDING + (port as usize / 64) * 8 + bit / 8;
                     let Some(byte) = page.get_mut(at) else {
