@@ -3,10 +3,14 @@
 //! verifying kv client. The `test-support` feature (never in the shipped binary) adds the fault
 //! proxy and the in-process pair builder that the tests and the bench share.
 
+pub mod arbiter;
 pub mod clients;
 pub mod config;
 pub mod control;
 pub mod dump;
+pub mod etcd;
+#[cfg(feature = "test-support")]
+pub mod etcd_server;
 #[cfg(feature = "test-support")]
 pub mod faultproxy;
 pub mod kvclient;

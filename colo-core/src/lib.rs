@@ -12,6 +12,7 @@ pub mod compare;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod engine;
+pub mod lease;
 pub mod policy;
 pub mod stream;
 

@@ -24,7 +24,7 @@ commands:
                    end-to-end speed figures (release build) beside raw loopback TCP
   xen-test [--deadline SECS] [--checkpoints N] [--verbose] [--verify] [--advisory-takeover] [--advisory-colo]
                    colo-xen on a real Xen 4.17 booted under QEMU (root, ~3 min)
-  deps             install the system packages colo's build needs (root)
+  deps             install the system packages colo's build and tests need (root)
 ";
 
 fn main() {
@@ -43,7 +43,10 @@ fn run() -> Result<()> {
     match cmd.as_str() {
         "ci" => ci(rest),
         "fuzz" => fuzz(rest),
-        "deps" => sys::ensure_packages(&sys::BUILD_PACKAGES),
+        "deps" => {
+            sys::ensure_packages(&sys::BUILD_PACKAGES)?;
+            sys::ensure_packages(&sys::TEST_PACKAGES)
+        }
         "bench" => bench::run(rest),
         "xen-test" => xen_test::run(rest),
         "-h" | "--help" | "help" => {
@@ -102,7 +105,8 @@ fn ci(args: &[String]) -> Result<()> {
         Ok(())
     };
     step("system packages", &mut || {
-        sys::ensure_packages(&sys::BUILD_PACKAGES)
+        sys::ensure_packages(&sys::BUILD_PACKAGES)?;
+        sys::ensure_packages(&sys::TEST_PACKAGES)
     })?;
     step("cargo fmt --check", &mut || {
         cargo(&["fmt", "--all", "--", "--check"])

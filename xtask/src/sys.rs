@@ -9,6 +9,11 @@ use std::process::Command;
 /// (libclang) over the Xen headers and links libxenctrl / libxenforeignmemory.
 pub const BUILD_PACKAGES: [&str; 2] = ["libxen-dev", "libclang-dev"];
 
+/// Packages the tests need beyond the build: a real etcd for the arbiter's tests (they start
+/// their own server on loopback ports; on a machine with systemd the package also starts one
+/// on 2379, which the tests leave alone).
+pub const TEST_PACKAGES: [&str; 1] = ["etcd-server"];
+
 fn is_installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", pkg])
