@@ -88,7 +88,7 @@ impl Pair {
         let now = Instant::now();
         let mut pc = PrimaryConfig::new(pages);
         pc.sync_mode = mode;
-        pc.nonce = [1; 32];
+        pc.link.nonce = [1; 32];
         let mut sc = SecondaryConfig::new(pages);
         sc.nonce = [2; 32];
         Self {
@@ -497,7 +497,7 @@ fn torn_checkpoint_is_dropped_and_the_secondary_takes_over_from_its_own_state() 
         pair.s.state(),
         SecondaryState::ReceivingCheckpoint { .. }
     ));
-    pair.s.peer_lost("cut".into());
+    pair.s.peer_lost(pair.now, "cut".into());
     let actions: Vec<_> = std::iter::from_fn(|| pair.s.poll_action()).collect();
     assert!(matches!(actions[0], SecondaryAction::Resume));
     assert!(matches!(actions[1], SecondaryAction::TakeOver { .. }));
@@ -584,7 +584,7 @@ fn a_checkpoint_cut_anywhere_leaves_the_svm_old_or_entirely_new() {
             chunk = &chunk[n..];
             pair.secondary_actions();
         }
-        pair.s.peer_lost(format!("cut at byte {cut}"));
+        pair.s.peer_lost(pair.now, format!("cut at byte {cut}"));
         while let Some(a) = pair.s.poll_action() {
             match a {
                 SecondaryAction::Apply { .. } => unreachable!("apply is queued before the cut"),

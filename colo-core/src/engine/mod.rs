@@ -62,17 +62,19 @@
 //!
 //! An event that is not valid in a state is [`EngineError::Unexpected`], naming both.
 
+mod common;
 pub mod link;
 pub mod messages;
 mod primary;
 mod secondary;
 
-pub use primary::{Primary, PrimaryAction, PrimaryConfig, PrimaryState, Verdict};
+pub use common::LinkConfig;
+pub use primary::{InFlight, Primary, PrimaryAction, PrimaryConfig, PrimaryState, Verdict};
 pub use secondary::{
     Delivery, Secondary, SecondaryAction, SecondaryConfig, SecondaryState, GOODBYE_DROPPED,
 };
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use thiserror::Error;
 
 use crate::stream::StreamError;
@@ -263,82 +265,6 @@ impl EngineError {
             state,
             event: event.into(),
         }
-    }
-}
-
-/// Tracks when we last sent and heard, for heartbeats and failure detection.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Heartbeat {
-    cfg: Liveness,
-    last_sent: Instant,
-    last_heard: Instant,
-    progress_since: Option<Instant>,
-    seq: u64,
-}
-
-impl Heartbeat {
-    pub(crate) fn new(cfg: Liveness, now: Instant) -> Self {
-        Self {
-            cfg,
-            last_sent: now,
-            last_heard: now,
-            progress_since: None,
-            seq: 0,
-        }
-    }
-
-    pub(crate) fn heard(&mut self, now: Instant) {
-        self.last_heard = self.last_heard.max(now);
-    }
-
-    pub(crate) fn sent(&mut self, now: Instant) {
-        self.last_sent = self.last_sent.max(now);
-    }
-
-    /// A protocol step is awaited from now (Some) or none is (None).
-    pub(crate) fn awaiting_progress(&mut self, since: Option<Instant>) {
-        self.progress_since = since;
-    }
-
-    /// Some(reason) if the peer must be considered lost at `now`.
-    pub(crate) fn lost(&self, now: Instant) -> Option<String> {
-        let silent = now.saturating_duration_since(self.last_heard);
-        if silent >= self.cfg.timeout {
-            return Some(format!(
-                "nothing heard from the peer for {} ms (timeout {} ms)",
-                silent.as_millis(),
-                self.cfg.timeout.as_millis()
-            ));
-        }
-        if let Some(since) = self.progress_since {
-            let stuck = now.saturating_duration_since(since);
-            if stuck >= self.cfg.progress_timeout {
-                return Some(format!(
-                    "peer alive but made no checkpoint progress for {} ms",
-                    stuck.as_millis()
-                ));
-            }
-        }
-        None
-    }
-
-    /// Returns the next heartbeat sequence number if one is due at `now`.
-    pub(crate) fn due(&mut self, now: Instant) -> Option<u64> {
-        if now.saturating_duration_since(self.last_sent) >= self.cfg.interval {
-            self.seq += 1;
-            self.last_sent = now;
-            Some(self.seq)
-        } else {
-            None
-        }
-    }
-
-    pub(crate) fn next_deadline(&self) -> Instant {
-        let mut d = (self.last_sent + self.cfg.interval).min(self.last_heard + self.cfg.timeout);
-        if let Some(since) = self.progress_since {
-            d = d.min(since + self.cfg.progress_timeout);
-        }
-        d
     }
 }
 
