@@ -205,8 +205,10 @@ impl<G: Guest> SecondaryNode<G> {
         );
         let keepalive = talking.then_some(self.opts.liveness.interval);
         if let Err(e) = flush_outbox(self.link.as_mut(), self.engine.outbox_mut(), keepalive) {
-            self.engine
-                .peer_lost(Instant::now(), format!("writing to the primary failed: {e}"));
+            self.engine.peer_lost(
+                Instant::now(),
+                format!("writing to the primary failed: {e}"),
+            );
         }
     }
 
@@ -305,8 +307,10 @@ impl<G: Guest> SecondaryNode<G> {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
                 Err(e) => {
-                    self.engine
-                        .peer_lost(slice.refresh(), format!("malformed stream from the primary: {e}"));
+                    self.engine.peer_lost(
+                        slice.refresh(),
+                        format!("malformed stream from the primary: {e}"),
+                    );
                     break;
                 }
             };

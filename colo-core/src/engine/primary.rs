@@ -780,7 +780,9 @@ impl Primary {
     /// Starts checkpoint `epoch + 1` because of `trigger`. Only valid in `Running`.
     pub fn start_checkpoint(&mut self, now: Instant, trigger: Trigger) -> Result<u64, EngineError> {
         if self.state != PrimaryState::Running {
-            return Err(self.state.unexpected(format!("start_checkpoint({trigger})")));
+            return Err(self
+                .state
+                .unexpected(format!("start_checkpoint({trigger})")));
         }
         self.epoch += 1;
         let epoch = self.epoch;

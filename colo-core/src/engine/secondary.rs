@@ -227,7 +227,8 @@ impl Staging {
             return Err(EngineError::CheckpointTooLarge { epoch, pages });
         }
         self.pfns.push(pfn);
-        self.data.extend_from_slice(&data[..PAGE_SIZE.min(data.len())]);
+        self.data
+            .extend_from_slice(&data[..PAGE_SIZE.min(data.len())]);
         if data.len() < PAGE_SIZE {
             // The decoder always yields whole pages; keep the invariant regardless.
             self.data.resize(self.pfns.len() * PAGE_SIZE, 0);
@@ -368,7 +369,11 @@ impl Secondary {
     }
 
     /// A page with data: written now during the initial synchronisation, else staged.
-    fn on_page<'a>(&mut self, pfn: u64, data: &'a [u8]) -> Result<Option<Delivery<'a>>, EngineError> {
+    fn on_page<'a>(
+        &mut self,
+        pfn: u64,
+        data: &'a [u8],
+    ) -> Result<Option<Delivery<'a>>, EngineError> {
         let pages = self.cfg.page_count;
         match self.state {
             SecondaryState::InitialSync { .. } if pfn >= pages => {
