@@ -98,22 +98,38 @@ impl SecondaryState {
         )
     }
 
-    /// The SVM is paused (it starts paused; the driver resumes it after each apply).
+    /// The SVM is paused: it starts paused, the driver pauses it after NEW and resumes it after
+    /// each apply.
     fn svm_paused(&self) -> bool {
-        !matches!(
-            self,
+        match self {
             SecondaryState::AwaitingNew { .. }
-                | SecondaryState::Pausing { .. }
-                | SecondaryState::TakenOver
-        )
+            | SecondaryState::Pausing { .. }
+            | SecondaryState::TakenOver => false,
+            SecondaryState::AwaitingHandshake
+            | SecondaryState::InitialSync { .. }
+            | SecondaryState::Harvesting { .. }
+            | SecondaryState::ReceivingCheckpoint { .. }
+            | SecondaryState::Applying { .. }
+            | SecondaryState::Resuming { .. }
+            | SecondaryState::Failed
+            | SecondaryState::Closed => true,
+        }
     }
 
     /// The SVM holds a complete checkpoint (checkpoint 0 was applied).
     fn holds_checkpoint(&self) -> bool {
         match self {
-            SecondaryState::AwaitingHandshake | SecondaryState::InitialSync { .. } => false,
+            SecondaryState::AwaitingHandshake
+            | SecondaryState::InitialSync { .. }
+            | SecondaryState::Failed => false,
             SecondaryState::Applying { epoch, .. } => *epoch > 0,
-            _ => true,
+            SecondaryState::Resuming { .. }
+            | SecondaryState::AwaitingNew { .. }
+            | SecondaryState::Pausing { .. }
+            | SecondaryState::Harvesting { .. }
+            | SecondaryState::ReceivingCheckpoint { .. }
+            | SecondaryState::TakenOver
+            | SecondaryState::Closed => true,
         }
     }
 }
