@@ -227,24 +227,6 @@ impl PrimaryState {
                 | PrimaryState::Resuming { .. }
         )
     }
-
-    /// Checkpoint 0 is committed (and the secondary not lost).
-    fn protected(&self) -> bool {
-        match self {
-            PrimaryState::Running | PrimaryState::AwaitingSvmResumed { .. } => true,
-            PrimaryState::AwaitingBackChannel { epoch, .. }
-            | PrimaryState::Pausing { epoch, .. }
-            | PrimaryState::Harvesting { epoch, .. }
-            | PrimaryState::Capturing { epoch, .. }
-            | PrimaryState::Resuming { epoch, .. }
-            | PrimaryState::Sending { epoch, .. }
-            | PrimaryState::AwaitingSvmReady { epoch, .. } => *epoch > 0,
-            PrimaryState::AwaitingHandshake
-            | PrimaryState::PreCopySending { .. }
-            | PrimaryState::PreCopyHarvesting { .. }
-            | PrimaryState::Unprotected => false,
-        }
-    }
 }
 
 impl EngineState for PrimaryState {
@@ -383,7 +365,11 @@ impl Primary {
 
     /// True once checkpoint 0 is committed and until the secondary is lost.
     pub fn is_protected(&self) -> bool {
-        self.state.protected()
+        let committed_0 = matches!(
+            self.state,
+            PrimaryState::Running | PrimaryState::AwaitingSvmResumed { .. }
+        );
+        !self.state.is_over() && (self.epoch > 0 || committed_0)
     }
 
     /// True between the handshake and the loss of the secondary: client input must be mirrored.
@@ -691,11 +677,8 @@ impl Primary {
         let PrimaryState::Capturing { flight, .. } = &mut self.state else {
             return Err(EngineError::unexpected(state, event));
         };
-        let merge = Merge {
-            pages: self.a.len(),
-            dup_ok,
-        };
-        let added = merge.run(&mut self.capture, &mut self.merge_scratch, pfns)?;
+        let (capture, scratch) = (&mut self.capture, &mut self.merge_scratch);
+        let added = merge_ascending(capture, scratch, pfns, self.a.len(), dup_ok)?;
         flight.stats.pages_sent += added;
         Ok((&mut flight.stats, added))
     }
@@ -854,63 +837,56 @@ impl Primary {
     }
 }
 
-/// A merge of ascending pfns into the ascending capture set.
-struct Merge {
-    /// The guest's page count: pfns at or beyond it are refused.
+/// Merges ascending `pfns` into the ascending `capture` set of a guest of `pages` pages through
+/// `scratch` (kept across checkpoints and swapped in: no allocation once warm). A pfn already in
+/// the set is skipped if `dup_ok`, else refused. Returns how many pfns were new; on error
+/// `capture` is as it was.
+fn merge_ascending(
+    capture: &mut Vec<u64>,
+    scratch: &mut Vec<u64>,
+    pfns: &[u64],
     pages: u64,
-    /// A pfn already in the set is skipped (else refused).
     dup_ok: bool,
-}
-
-impl Merge {
-    /// Merges `pfns` into `capture` through `scratch` (kept across checkpoints and swapped in:
-    /// no allocation once warm). Returns how many pfns were new; on error `capture` is as it was.
-    fn run(
-        &self,
-        capture: &mut Vec<u64>,
-        scratch: &mut Vec<u64>,
-        pfns: &[u64],
-    ) -> Result<u64, EngineError> {
-        if pfns.is_empty() {
-            return Ok(0);
-        }
-        scratch.clear();
-        let bad = |pfn, reason| EngineError::BadCapture { pfn, reason };
-        let (mut i, mut j) = (0, 0);
-        loop {
-            let next = match (capture.get(i), pfns.get(j)) {
-                (Some(&x), Some(&y)) if x == y => {
-                    if !self.dup_ok {
-                        return Err(bad(y, "is already captured"));
-                    }
-                    i += 1;
-                    j += 1;
-                    x
-                }
-                (Some(&x), Some(&y)) if x < y => {
-                    i += 1;
-                    x
-                }
-                (Some(&x), None) => {
-                    i += 1;
-                    x
-                }
-                (_, Some(&y)) => {
-                    if y >= self.pages {
-                        return Err(bad(y, "is beyond the guest"));
-                    }
-                    j += 1;
-                    y
-                }
-                (None, None) => break,
-            };
-            if scratch.last().is_some_and(|&l| l >= next) {
-                return Err(bad(next, "is out of order"));
-            }
-            scratch.push(next);
-        }
-        let added = (scratch.len() - capture.len()) as u64;
-        std::mem::swap(capture, scratch);
-        Ok(added)
+) -> Result<u64, EngineError> {
+    if pfns.is_empty() {
+        return Ok(0);
     }
+    scratch.clear();
+    let bad = |pfn, reason| EngineError::BadCapture { pfn, reason };
+    let (mut i, mut j) = (0, 0);
+    loop {
+        let next = match (capture.get(i), pfns.get(j)) {
+            (Some(&x), Some(&y)) if x == y => {
+                if !dup_ok {
+                    return Err(bad(y, "is already captured"));
+                }
+                i += 1;
+                j += 1;
+                x
+            }
+            (Some(&x), Some(&y)) if x < y => {
+                i += 1;
+                x
+            }
+            (Some(&x), None) => {
+                i += 1;
+                x
+            }
+            (_, Some(&y)) => {
+                if y >= pages {
+                    return Err(bad(y, "is beyond the guest"));
+                }
+                j += 1;
+                y
+            }
+            (None, None) => break,
+        };
+        if scratch.last().is_some_and(|&l| l >= next) {
+            return Err(bad(next, "is out of order"));
+        }
+        scratch.push(next);
+    }
+    let added = (scratch.len() - capture.len()) as u64;
+    std::mem::swap(capture, scratch);
+    Ok(added)
 }
