@@ -253,6 +253,31 @@ impl Pair {
         self.s.applied(self.now, self.s_digest).unwrap();
     }
 
+    /// Feeds `bytes` of the primary's stream to the secondary, without running its actions.
+    fn feed_secondary(&mut self, bytes: &[u8]) {
+        let mut chunk = bytes;
+        while !chunk.is_empty() {
+            let (n, ev) = self.dec_s.feed(chunk).unwrap();
+            if let Some(ev) = ev {
+                self.s.on_event(self.now, &ev).unwrap();
+            }
+            chunk = &chunk[n..];
+        }
+    }
+
+    /// Feeds `bytes` of the secondary's back channel to the primary, without running its
+    /// actions.
+    fn feed_primary(&mut self, bytes: &[u8]) {
+        let mut chunk = bytes;
+        while !chunk.is_empty() {
+            let (n, ev) = self.dec_p.feed(chunk).unwrap();
+            if let Some(Event::Record(rec)) = ev {
+                self.p.on_record(self.now, &rec).unwrap();
+            }
+            chunk = &chunk[n..];
+        }
+    }
+
     /// Delivers all bytes in flight to each side, one byte at a time when `bytewise`.
     fn deliver(&mut self, bytewise: bool) {
         let input = std::mem::take(&mut self.to_s);
@@ -277,14 +302,7 @@ impl Pair {
             self.secondary_actions();
         }
         let input = std::mem::take(&mut self.to_p);
-        let mut chunk = &input[..];
-        while !chunk.is_empty() {
-            let (n, ev) = self.dec_p.feed(chunk).unwrap();
-            if let Some(Event::Record(rec)) = ev {
-                self.p.on_record(self.now, &rec).unwrap();
-            }
-            chunk = &chunk[n..];
-        }
+        self.feed_primary(&input);
         self.primary_actions();
     }
 
@@ -505,14 +523,7 @@ fn torn_checkpoint_is_dropped_and_the_secondary_takes_over_from_its_own_state() 
     // Cut the stream before CHECKPOINT: deliver all but the last record (8 bytes).
     let all = std::mem::take(&mut pair.to_s);
     assert!(all.len() > 16);
-    let mut chunk = &all[..all.len() - 8];
-    while !chunk.is_empty() {
-        let (n, ev) = pair.dec_s.feed(chunk).unwrap();
-        if let Some(ev) = ev {
-            pair.s.on_event(pair.now, &ev).unwrap();
-        }
-        chunk = &chunk[n..];
-    }
+    pair.feed_secondary(&all[..all.len() - 8]);
     assert!(matches!(
         pair.s.state(),
         SecondaryState::ReceivingCheckpoint { .. }
@@ -541,24 +552,10 @@ fn pair_with_checkpoint_in_flight() -> (Pair, Vec<u8>, Vec<u8>) {
     pair.primary_actions();
     // NEW to S; S pauses, harvests and answers with B; P captures and sends the checkpoint.
     let new = std::mem::take(&mut pair.to_s);
-    let mut chunk = &new[..];
-    while !chunk.is_empty() {
-        let (n, ev) = pair.dec_s.feed(chunk).unwrap();
-        if let Some(ev) = ev {
-            pair.s.on_event(pair.now, &ev).unwrap();
-        }
-        chunk = &chunk[n..];
-    }
+    pair.feed_secondary(&new);
     pair.secondary_actions();
     let back = std::mem::take(&mut pair.to_p);
-    let mut chunk = &back[..];
-    while !chunk.is_empty() {
-        let (n, ev) = pair.dec_p.feed(chunk).unwrap();
-        if let Some(Event::Record(rec)) = ev {
-            pair.p.on_record(pair.now, &rec).unwrap();
-        }
-        chunk = &chunk[n..];
-    }
+    pair.feed_primary(&back);
     pair.primary_actions();
     let ckpt = std::mem::take(&mut pair.to_s);
     let before = pair.sg.mem.clone();
@@ -658,24 +655,12 @@ fn silence_counts_from_the_last_arrival_the_driver_reports() {
     assert_eq!(pair.p.state(), PrimaryState::Unprotected);
 }
 
-/// Feeds `bytes` of the primary's stream to the secondary, without running its actions.
-fn feed_secondary(pair: &mut Pair, bytes: &[u8]) {
-    let mut chunk = bytes;
-    while !chunk.is_empty() {
-        let (n, ev) = pair.dec_s.feed(chunk).unwrap();
-        if let Some(ev) = ev {
-            pair.s.on_event(pair.now, &ev).unwrap();
-        }
-        chunk = &chunk[n..];
-    }
-}
-
 /// A primary lost while it applies a complete checkpoint: the checkpoint is applied, then the
 /// SVM resumes and serves; nothing more is said to the dead primary.
 #[test]
 fn a_loss_while_applying_applies_the_checkpoint_then_takes_over() {
     let (mut pair, ckpt, _) = pair_with_checkpoint_in_flight();
-    feed_secondary(&mut pair, &ckpt);
+    pair.feed_secondary(&ckpt);
     assert!(matches!(
         pair.s.state(),
         SecondaryState::Applying {
@@ -725,17 +710,10 @@ fn a_loss_while_paused_resumes_the_pvm_then_runs_unprotected() {
     assert!(pair.p.is_protected());
     pair.p.start_checkpoint(pair.now, Trigger::Manual).unwrap();
     let new = std::mem::take(pair.p.outbox_mut());
-    feed_secondary(&mut pair, &new);
+    pair.feed_secondary(&new);
     pair.secondary_actions();
     let back = std::mem::take(&mut pair.to_p);
-    let mut chunk = &back[..];
-    while !chunk.is_empty() {
-        let (n, ev) = pair.dec_p.feed(chunk).unwrap();
-        if let Some(Event::Record(rec)) = ev {
-            pair.p.on_record(pair.now, &rec).unwrap();
-        }
-        chunk = &chunk[n..];
-    }
+    pair.feed_primary(&back);
     assert_eq!(pair.p.poll_action(), Some(PrimaryAction::Pause));
     pair.p.paused(pair.now).unwrap();
     assert!(matches!(
