@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use colo_core::engine::Delivery;
 use colo_core::engine::{
-    Primary, PrimaryAction, PrimaryConfig, PrimaryState, Secondary, SecondaryAction,
-    SecondaryConfig, SecondaryState, SyncMode, Trigger,
+    CheckpointStats, Primary, PrimaryAction, PrimaryConfig, PrimaryState, Secondary,
+    SecondaryAction, SecondaryConfig, SecondaryState, SyncMode, Trigger, Verdict,
 };
 use colo_core::stream::{write_page_data, Decoder, DecoderConfig, Event};
 use colo_core::{DirtyBitmap, PAGE_SIZE};
@@ -80,17 +80,29 @@ struct Pair {
     probes: Vec<Vec<u64>>,
     probe_errors: Vec<String>,
     committed: Vec<u64>,
+    /// The figures of every committed checkpoint, and the verdicts of verified ones.
+    stats: Vec<CheckpointStats>,
+    verdicts: Vec<Verdict>,
+    /// The digests each side reports at its capture / apply (with verification).
+    p_digest: Option<[u8; 32]>,
+    s_digest: Option<[u8; 32]>,
     now: Instant,
 }
 
 impl Pair {
     fn new(pages: u64, mode: SyncMode) -> Self {
+        Self::build(pages, mode, false)
+    }
+
+    fn build(pages: u64, mode: SyncMode, verify: bool) -> Self {
         let now = Instant::now();
         let mut pc = PrimaryConfig::new(pages);
         pc.sync_mode = mode;
-        pc.nonce = [1; 32];
+        pc.link.nonce = [1; 32];
+        pc.link.verify = verify;
         let mut sc = SecondaryConfig::new(pages);
         sc.nonce = [2; 32];
+        sc.verify = verify;
         Self {
             p: Primary::new(pc, now),
             s: Secondary::new(sc, now),
@@ -115,6 +127,10 @@ impl Pair {
             probes: Vec::new(),
             probe_errors: Vec::new(),
             committed: Vec::new(),
+            stats: Vec::new(),
+            verdicts: Vec::new(),
+            p_digest: None,
+            s_digest: None,
             now,
         }
     }
@@ -165,7 +181,7 @@ impl Pair {
                     }
                     self.state = self.pg.state.clone();
                     self.snapshot = self.pg.mem.clone();
-                    self.p.captured(self.now, None).unwrap();
+                    self.p.captured(self.now, self.p_digest).unwrap();
                 }
                 PrimaryAction::Resume => {
                     self.pg.paused = false;
@@ -186,8 +202,9 @@ impl Pair {
                 PrimaryAction::Committed(st) => {
                     self.committed.push(st.epoch);
                     self.last_watched = st.watched;
+                    self.stats.push(st);
                 }
-                PrimaryAction::Verified { .. } => {}
+                PrimaryAction::Verified { verdict, .. } => self.verdicts.push(verdict),
                 PrimaryAction::PeerLost { reason } => panic!("primary lost peer: {reason}"),
             }
             self.to_s.append(self.p.outbox_mut());
@@ -208,17 +225,7 @@ impl Pair {
                     self.sg.dirty.clear_all();
                     self.s.harvested(self.now).unwrap();
                 }
-                SecondaryAction::Apply { .. } => {
-                    let pfns = self.s.staged_pfns().to_vec();
-                    let data = self.s.staged_data().to_vec();
-                    for (i, pfn) in pfns.iter().enumerate() {
-                        let o = *pfn as usize * PAGE_SIZE;
-                        self.sg.mem[o..o + PAGE_SIZE]
-                            .copy_from_slice(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
-                    }
-                    self.sg.state = self.s.staged_state().to_vec();
-                    self.s.applied(self.now, None).unwrap();
-                }
+                SecondaryAction::Apply { .. } => self.apply(),
                 SecondaryAction::Resume => {
                     self.sg.paused = false;
                     self.s.resumed(self.now).unwrap();
@@ -230,6 +237,44 @@ impl Pair {
                 SecondaryAction::Close { .. } => panic!("unexpected GOODBYE"),
             }
             self.to_p.append(self.s.outbox_mut());
+        }
+    }
+
+    /// Writes the staged checkpoint into the SVM and tells the secondary.
+    fn apply(&mut self) {
+        let pfns = self.s.staged_pfns().to_vec();
+        let data = self.s.staged_data().to_vec();
+        for (i, pfn) in pfns.iter().enumerate() {
+            let o = *pfn as usize * PAGE_SIZE;
+            self.sg.mem[o..o + PAGE_SIZE]
+                .copy_from_slice(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+        }
+        self.sg.state = self.s.staged_state().to_vec();
+        self.s.applied(self.now, self.s_digest).unwrap();
+    }
+
+    /// Feeds `bytes` of the primary's stream to the secondary, without running its actions.
+    fn feed_secondary(&mut self, bytes: &[u8]) {
+        let mut chunk = bytes;
+        while !chunk.is_empty() {
+            let (n, ev) = self.dec_s.feed(chunk).unwrap();
+            if let Some(ev) = ev {
+                self.s.on_event(self.now, &ev).unwrap();
+            }
+            chunk = &chunk[n..];
+        }
+    }
+
+    /// Feeds `bytes` of the secondary's back channel to the primary, without running its
+    /// actions.
+    fn feed_primary(&mut self, bytes: &[u8]) {
+        let mut chunk = bytes;
+        while !chunk.is_empty() {
+            let (n, ev) = self.dec_p.feed(chunk).unwrap();
+            if let Some(Event::Record(rec)) = ev {
+                self.p.on_record(self.now, &rec).unwrap();
+            }
+            chunk = &chunk[n..];
         }
     }
 
@@ -257,14 +302,7 @@ impl Pair {
             self.secondary_actions();
         }
         let input = std::mem::take(&mut self.to_p);
-        let mut chunk = &input[..];
-        while !chunk.is_empty() {
-            let (n, ev) = self.dec_p.feed(chunk).unwrap();
-            if let Some(Event::Record(rec)) = ev {
-                self.p.on_record(self.now, &rec).unwrap();
-            }
-            chunk = &chunk[n..];
-        }
+        self.feed_primary(&input);
         self.primary_actions();
     }
 
@@ -485,19 +523,12 @@ fn torn_checkpoint_is_dropped_and_the_secondary_takes_over_from_its_own_state() 
     // Cut the stream before CHECKPOINT: deliver all but the last record (8 bytes).
     let all = std::mem::take(&mut pair.to_s);
     assert!(all.len() > 16);
-    let mut chunk = &all[..all.len() - 8];
-    while !chunk.is_empty() {
-        let (n, ev) = pair.dec_s.feed(chunk).unwrap();
-        if let Some(ev) = ev {
-            pair.s.on_event(pair.now, &ev).unwrap();
-        }
-        chunk = &chunk[n..];
-    }
+    pair.feed_secondary(&all[..all.len() - 8]);
     assert!(matches!(
         pair.s.state(),
         SecondaryState::ReceivingCheckpoint { .. }
     ));
-    pair.s.peer_lost("cut".into());
+    pair.s.peer_lost(pair.now, "cut".into());
     let actions: Vec<_> = std::iter::from_fn(|| pair.s.poll_action()).collect();
     assert!(matches!(actions[0], SecondaryAction::Resume));
     assert!(matches!(actions[1], SecondaryAction::TakeOver { .. }));
@@ -521,24 +552,10 @@ fn pair_with_checkpoint_in_flight() -> (Pair, Vec<u8>, Vec<u8>) {
     pair.primary_actions();
     // NEW to S; S pauses, harvests and answers with B; P captures and sends the checkpoint.
     let new = std::mem::take(&mut pair.to_s);
-    let mut chunk = &new[..];
-    while !chunk.is_empty() {
-        let (n, ev) = pair.dec_s.feed(chunk).unwrap();
-        if let Some(ev) = ev {
-            pair.s.on_event(pair.now, &ev).unwrap();
-        }
-        chunk = &chunk[n..];
-    }
+    pair.feed_secondary(&new);
     pair.secondary_actions();
     let back = std::mem::take(&mut pair.to_p);
-    let mut chunk = &back[..];
-    while !chunk.is_empty() {
-        let (n, ev) = pair.dec_p.feed(chunk).unwrap();
-        if let Some(Event::Record(rec)) = ev {
-            pair.p.on_record(pair.now, &rec).unwrap();
-        }
-        chunk = &chunk[n..];
-    }
+    pair.feed_primary(&back);
     pair.primary_actions();
     let ckpt = std::mem::take(&mut pair.to_s);
     let before = pair.sg.mem.clone();
@@ -584,7 +601,7 @@ fn a_checkpoint_cut_anywhere_leaves_the_svm_old_or_entirely_new() {
             chunk = &chunk[n..];
             pair.secondary_actions();
         }
-        pair.s.peer_lost(format!("cut at byte {cut}"));
+        pair.s.peer_lost(pair.now, format!("cut at byte {cut}"));
         while let Some(a) = pair.s.poll_action() {
             match a {
                 SecondaryAction::Apply { .. } => unreachable!("apply is queued before the cut"),
@@ -636,4 +653,139 @@ fn silence_counts_from_the_last_arrival_the_driver_reports() {
     pair.p
         .handle_timeout(t0 + timeout * 2 + Duration::from_millis(1));
     assert_eq!(pair.p.state(), PrimaryState::Unprotected);
+}
+
+/// A primary lost while it applies a complete checkpoint: the checkpoint is applied, then the
+/// SVM resumes and serves; nothing more is said to the dead primary.
+#[test]
+fn a_loss_while_applying_applies_the_checkpoint_then_takes_over() {
+    let (mut pair, ckpt, _) = pair_with_checkpoint_in_flight();
+    pair.feed_secondary(&ckpt);
+    assert!(matches!(
+        pair.s.state(),
+        SecondaryState::Applying {
+            epoch: 1,
+            primary_lost: None
+        }
+    ));
+    pair.s.peer_lost(pair.now, "the primary died".into());
+    assert!(matches!(
+        pair.s.state(),
+        SecondaryState::Applying {
+            primary_lost: Some(_),
+            ..
+        }
+    ));
+    assert_eq!(
+        pair.s.poll_action(),
+        Some(SecondaryAction::Apply { epoch: 1 })
+    );
+    pair.apply();
+    let actions: Vec<_> = std::iter::from_fn(|| pair.s.poll_action()).collect();
+    assert_eq!(
+        actions,
+        [
+            SecondaryAction::Resume,
+            SecondaryAction::TakeOver {
+                reason: "the primary died".into()
+            }
+        ]
+    );
+    assert_eq!(pair.s.state(), SecondaryState::TakenOver);
+    assert!(
+        pair.s.outbox_mut().is_empty(),
+        "no SVM_READY to a dead primary"
+    );
+    assert_eq!(
+        pair.sg.mem, pair.snapshot,
+        "the complete checkpoint is applied"
+    );
+}
+
+/// A primary that loses its secondary while the PVM is paused resumes it before going on alone.
+#[test]
+fn a_loss_while_paused_resumes_the_pvm_then_runs_unprotected() {
+    let mut pair = Pair::new(16, SyncMode::Backchannel);
+    pair.sync();
+    assert!(pair.p.is_protected());
+    pair.p.start_checkpoint(pair.now, Trigger::Manual).unwrap();
+    let new = std::mem::take(pair.p.outbox_mut());
+    pair.feed_secondary(&new);
+    pair.secondary_actions();
+    let back = std::mem::take(&mut pair.to_p);
+    pair.feed_primary(&back);
+    assert_eq!(pair.p.poll_action(), Some(PrimaryAction::Pause));
+    pair.p.paused(pair.now).unwrap();
+    assert!(matches!(
+        pair.p.state(),
+        PrimaryState::Harvesting { epoch: 1, .. }
+    ));
+    pair.p.peer_lost(pair.now, "cut".into());
+    let actions: Vec<_> = std::iter::from_fn(|| pair.p.poll_action()).collect();
+    assert_eq!(
+        actions,
+        [
+            PrimaryAction::Resume,
+            PrimaryAction::PeerLost {
+                reason: "cut".into()
+            }
+        ]
+    );
+    assert_eq!(pair.p.state(), PrimaryState::Unprotected);
+    assert!(!pair.p.is_protected() && !pair.p.mirrors_input());
+    assert!(
+        pair.p.resumed(pair.now).is_err(),
+        "the checkpoint is gone with its state"
+    );
+}
+
+/// With verification, the secondary's digest of a checkpoint is compared with the primary's;
+/// a side that sent none leaves the checkpoint unsettled.
+#[test]
+fn verification_compares_both_digests_of_the_same_checkpoint() {
+    let mut pair = Pair::build(16, SyncMode::Backchannel, true);
+    pair.p_digest = Some([7; 32]);
+    pair.s_digest = Some([7; 32]);
+    pair.sync();
+    pair.s_digest = Some([8; 32]);
+    pair.checkpoint();
+    pair.s_digest = None;
+    pair.checkpoint();
+    pair.p_digest = None;
+    pair.s_digest = Some([7; 32]);
+    pair.checkpoint();
+    assert_eq!(
+        pair.verdicts,
+        [
+            Verdict::Identical,
+            Verdict::Different,
+            Verdict::Unsettled,
+            Verdict::Unsettled
+        ]
+    );
+}
+
+/// Each committed checkpoint reports its own figures: what each side dirtied, what was sent.
+#[test]
+fn a_committed_checkpoint_reports_its_own_figures() {
+    let mut pair = Pair::new(32, SyncMode::Backchannel);
+    pair.sync();
+    let initial = pair.stats[0];
+    assert_eq!((initial.epoch, initial.trigger), (0, Trigger::InitialSync));
+    assert!(initial.pages_sent >= 32, "pre-copy sends every page");
+    pair.pg.run(10);
+    pair.sg.run(10);
+    let mut d = pair.pg.dirty.clone();
+    d.union_with(&pair.sg.dirty).unwrap();
+    let only_b = pair.sg.dirty.count_difference(&pair.pg.dirty).unwrap();
+    let (a, b) = (pair.pg.dirty.count(), pair.sg.dirty.count());
+    pair.checkpoint();
+    let st = pair.stats[1];
+    assert_eq!((st.epoch, st.trigger), (1, Trigger::Periodic));
+    assert_eq!(
+        (st.dirty_primary, st.dirty_secondary, st.secondary_only),
+        (a, b, only_b)
+    );
+    assert_eq!(st.pages_sent, d.count());
+    assert!(st.bytes_sent > st.pages_sent * PAGE_SIZE as u64);
 }

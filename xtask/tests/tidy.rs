@@ -1,6 +1,7 @@
 //! Tidy checks on the source tree (run by `cargo test`, so by `cargo xtask ci`): colo-core does
 //! no IO and reads no clock, every source file says what it is for in a `//!` first line,
-//! ARCHITECTURE.md names every source file, and the engine's state diagrams name every state.
+//! ARCHITECTURE.md names every source file, and the engine's state diagrams name every state and
+//! every field a state carries, and no state that does not exist.
 
 use std::path::{Path, PathBuf};
 
@@ -132,27 +133,31 @@ fn architecture_names_every_source_file() {
     );
 }
 
-/// The variant names of `pub enum NAME` in `text`.
-fn variants(text: &str, name: &str) -> Vec<String> {
+/// The variants of `pub enum NAME` in `text`, each with the names of the fields it carries.
+fn variants(text: &str, name: &str) -> Vec<(String, Vec<String>)> {
     let start = text
         .find(&format!("pub enum {name} {{"))
         .unwrap_or_else(|| panic!("no `pub enum {name}`"));
     let body = &text[start..];
     let body = &body[body.find('{').unwrap_or(0) + 1..];
-    let mut out = Vec::new();
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
     let mut depth = 0;
     for line in body.lines() {
         let t = line.trim();
         if depth == 0 && t == "}" {
             break;
         }
-        if depth == 0 && !t.starts_with("//") && !t.starts_with('#') {
+        if !t.starts_with("//") && !t.starts_with('#') {
             let ident: String = t
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            if ident.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
-                out.push(ident);
+            if depth == 0 && ident.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
+                out.push((ident, Vec::new()));
+            } else if depth == 1 && t[ident.len()..].starts_with(':') {
+                if let Some((_, fields)) = out.last_mut() {
+                    fields.push(ident);
+                }
             }
         }
         depth += t.matches('{').count();
@@ -161,28 +166,89 @@ fn variants(text: &str, name: &str) -> Vec<String> {
     out
 }
 
+/// The words of `line` that look like state names (CamelCase: a capital, then a lowercase).
+fn camel_words(line: &str) -> Vec<&str> {
+    line.split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+        .filter(|w| {
+            w.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+                && w.chars().nth(1).is_some_and(|c| c.is_ascii_lowercase())
+        })
+        .collect()
+}
+
+/// The lines of the state diagram block of `engine/mod.rs` (the `text` block under `# States`)
+/// from the line `section` (PRIMARY, SECONDARY) to the next section or the block's end.
+fn diagram(docs: &str, section: &str) -> Vec<String> {
+    let states = &docs[docs.find("# States").expect("a `# States` section")..];
+    let block = states
+        .split("```")
+        .nth(1)
+        .expect("a diagram block under `# States`");
+    block
+        .lines()
+        .skip_while(|l| l.trim() != section)
+        .skip(1)
+        .take_while(|l| !l.starts_with(|c: char| c.is_ascii_uppercase()))
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
 fn the_state_diagrams_name_every_state() {
     let docs: String = read("colo-core/src/engine/mod.rs")
         .lines()
-        .filter(|l| l.starts_with("//!"))
+        .filter_map(|l| l.strip_prefix("//!"))
+        .map(|l| l.strip_prefix(' ').unwrap_or(l))
         .collect::<Vec<_>>()
         .join("\n");
-    let mut missing = Vec::new();
-    for (file, e) in [
-        ("colo-core/src/engine/primary.rs", "PrimaryState"),
-        ("colo-core/src/engine/secondary.rs", "SecondaryState"),
+    let mut wrong = Vec::new();
+    for (file, e, section) in [
+        ("colo-core/src/engine/primary.rs", "PrimaryState", "PRIMARY"),
+        (
+            "colo-core/src/engine/secondary.rs",
+            "SecondaryState",
+            "SECONDARY",
+        ),
     ] {
-        let names = variants(&read(file), e);
-        assert!(names.len() >= 5, "{e}: only {names:?} found");
-        for v in names {
-            if !docs.contains(&v) {
-                missing.push(format!("{e}::{v}"));
+        let code = read(file);
+        let states = variants(&code, e);
+        assert!(states.len() >= 5, "{e}: only {states:?} found");
+        let lines = diagram(&docs, section);
+        assert!(lines.len() >= 5, "no {section} diagram: {lines:?}");
+        for (v, fields) in &states {
+            if !lines.iter().any(|l| camel_words(l).contains(&v.as_str())) {
+                wrong.push(format!("{e}::{v} is missing from the {section} diagram"));
+            }
+            if !code.contains(&format!("=> \"{v}\"")) {
+                wrong.push(format!("{e}::{v}: `name()` does not return \"{v}\""));
+            }
+            // The diagrams write the epoch as (n); every other field a state carries is listed
+            // on a line that names the state.
+            for f in fields.iter().filter(|f| *f != "epoch") {
+                let listed = lines.iter().any(|l| {
+                    camel_words(l).contains(&v.as_str())
+                        && l.split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                            .any(|w| w == f)
+                });
+                if !listed {
+                    wrong.push(format!(
+                        "{e}::{v} carries `{f}`, which no diagram line names"
+                    ));
+                }
+            }
+        }
+        for l in &lines {
+            for w in camel_words(l) {
+                if !states.iter().any(|(v, _)| v == w) {
+                    wrong.push(format!(
+                        "the {section} diagram names `{w}`, which is no {e}"
+                    ));
+                }
             }
         }
     }
     assert!(
-        missing.is_empty(),
-        "states missing from the diagrams in colo-core/src/engine/mod.rs: {missing:?}"
+        wrong.is_empty(),
+        "the state diagrams in colo-core/src/engine/mod.rs do not match the code: {wrong:#?}"
     );
 }

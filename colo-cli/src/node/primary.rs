@@ -28,10 +28,10 @@ use super::*;
 fn primary_config(opts: &NodeOptions, pages: u64) -> PrimaryConfig {
     let mut cfg = PrimaryConfig::new(pages);
     cfg.sync_mode = opts.sync_mode;
-    cfg.liveness = opts.liveness;
-    cfg.verify = opts.verify;
-    cfg.key = opts.key.clone();
-    cfg.nonce = nonce();
+    cfg.link.liveness = opts.liveness;
+    cfg.link.verify = opts.verify;
+    cfg.link.key = opts.key.clone();
+    cfg.link.nonce = nonce();
     cfg
 }
 

@@ -186,7 +186,7 @@ impl<G: Guest> SecondaryNode<G> {
 
     /// Forces a failover (as `colo failover` does).
     pub fn failover(&mut self) {
-        self.engine.failover();
+        self.engine.failover(Instant::now());
     }
 
     /// Takes operator commands (from the control socket); they carry over to the node this one
@@ -205,8 +205,10 @@ impl<G: Guest> SecondaryNode<G> {
         );
         let keepalive = talking.then_some(self.opts.liveness.interval);
         if let Err(e) = flush_outbox(self.link.as_mut(), self.engine.outbox_mut(), keepalive) {
-            self.engine
-                .peer_lost(format!("writing to the primary failed: {e}"));
+            self.engine.peer_lost(
+                Instant::now(),
+                format!("writing to the primary failed: {e}"),
+            );
         }
     }
 
@@ -215,7 +217,7 @@ impl<G: Guest> SecondaryNode<G> {
         if let Some(rx) = &self.commands {
             while let Ok(c) = rx.try_recv() {
                 match c {
-                    ControlCommand::Failover => self.engine.failover(),
+                    ControlCommand::Failover => self.engine.failover(Instant::now()),
                     ControlCommand::Protect { reply, .. } => reply.send(Err(
                         "`protect` is for a primary; this node is a secondary".into(),
                     )),
@@ -294,7 +296,7 @@ impl<G: Guest> SecondaryNode<G> {
         };
         if let Err(e) = link.fill::<()>(Duration::ZERO, None) {
             self.engine
-                .peer_lost(format!("link to the primary broke: {e}"));
+                .peer_lost(Instant::now(), format!("link to the primary broke: {e}"));
             return Ok(());
         }
         // Return to the loop now and then, so heartbeats go out while a long stream (a big
@@ -305,8 +307,10 @@ impl<G: Guest> SecondaryNode<G> {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
                 Err(e) => {
-                    self.engine
-                        .peer_lost(format!("malformed stream from the primary: {e}"));
+                    self.engine.peer_lost(
+                        slice.refresh(),
+                        format!("malformed stream from the primary: {e}"),
+                    );
                     break;
                 }
             };
@@ -332,7 +336,7 @@ impl<G: Guest> SecondaryNode<G> {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    self.engine.peer_lost(protocol_error("primary", &e));
+                    self.engine.peer_lost(now, protocol_error("primary", &e));
                     break;
                 }
             }

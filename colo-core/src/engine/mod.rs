@@ -35,12 +35,16 @@
 //!
 //! # States
 //!
-//! Each state is named for what the machine awaits in it (the `tidy` test in xtask fails when a
-//! state of [`PrimaryState`] or [`SecondaryState`] is missing from these diagrams).
+//! Each state is named for what the machine awaits in it, and carries the data it uses: a
+//! checkpoint's figures, instants and digests live in the states between its start and its
+//! commit, so no flag can claim a step the state has not reached. The big buffers (A, B, the
+//! capture set, the staged pages) stay in the machine and are reused. The `tidy` test in xtask
+//! fails when a state of [`PrimaryState`] or [`SecondaryState`] or a field one carries is missing
+//! from these diagrams, or when they name a state that does not exist.
 //!
 //! ```text
 //! PRIMARY
-//!  AwaitingHandshake ──AUTH──▶ PreCopySending(0)
+//!  AwaitingHandshake ──HELLO [AUTH]──▶ PreCopySending(0)
 //!  PreCopySending(r) ──pages_sent──▶ PreCopyHarvesting(r)
 //!  PreCopyHarvesting(r) ──harvested──▶ PreCopySending(r+1)   (another round is worth it)
 //!                                    └▶ Pausing(0)           (converged: checkpoint 0)
@@ -49,30 +53,50 @@
 //!  Resuming(n) ──resumed──▶ Sending(n) ──capture_sent──▶ AwaitingSvmReady(n)
 //!  AwaitingSvmReady(n) ──SVM_READY──▶ AwaitingSvmResumed(n) ──SVM_RESUMED──▶ Running
 //!  any state ──peer lost (silence, stuck progress, broken protocol, GOODBYE)──▶ Unprotected
+//!                                                (a paused PVM is resumed first)
+//!
+//!  state                                  carries (flight: the checkpoint's figures and start)
+//!  PreCopySending, PreCopyHarvesting      round, flight (checkpoint 0, from the handshake's end)
+//!  AwaitingBackChannel                    flight, suspended (SVM_SUSPENDED came, B is next)
+//!  Pausing                                flight
+//!  Harvesting                             flight, paused_at
+//!  Capturing                              flight, paused_at, harvested_at
+//!  Resuming                               flight, paused_at, digest (ours, when verifying)
+//!  Sending                                flight, resumed_at, digest
+//!  AwaitingSvmReady                       flight, sent_at, digest, peer_digest
+//!  AwaitingSvmResumed                     the epoch only: the checkpoint is committed
 //!
 //! SECONDARY
-//!  AwaitingHandshake ──headers, HELLO, AUTH──▶ InitialSync ──CHECKPOINT(0)──▶ Applying(0)
+//!  AwaitingHandshake ──headers, HELLO [AUTH]──▶ InitialSync ──CHECKPOINT(0)──▶ Applying(0)
 //!  Applying(n) ──applied──▶ Resuming(n) ──resumed──▶ AwaitingNew(n)
 //!  AwaitingNew(n) ──NEW(n+1)──▶ Pausing(n+1) ──paused──▶ Harvesting(n+1) ──harvested, B sent──▶
 //!  ReceivingCheckpoint(n+1) ──CHECKPOINT(n+1)──▶ Applying(n+1)
-//!  AwaitingNew ──GOODBYE──▶ Closed
-//!  any state ──primary lost──▶ TakenOver (a complete checkpoint is held: the SVM serves)
-//!                            └▶ Failed    (none is held yet: nothing to serve from)
+//!  Applying(n) ──primary lost──▶ Applying(n) ──applied──▶ TakenOver   (it is complete: apply it)
+//!  any state after the handshake ──GOODBYE──▶ Closed
+//!  any other state ──primary lost──▶ TakenOver (a complete checkpoint is held: the SVM serves,
+//!                                              resumed first if paused)
+//!                                  └▶ Failed    (none is held yet: nothing to serve from)
+//!
+//!  state                                  carries
+//!  InitialSync, ReceivingCheckpoint       state_staged (VCPU_STATE came: CHECKPOINT may follow)
+//!  Applying                               primary_lost (why, when the primary was lost meanwhile)
 //! ```
 //!
 //! An event that is not valid in a state is [`EngineError::Unexpected`], naming both.
 
+mod common;
 pub mod link;
 pub mod messages;
 mod primary;
 mod secondary;
 
-pub use primary::{Primary, PrimaryAction, PrimaryConfig, PrimaryState, Verdict};
+pub use common::LinkConfig;
+pub use primary::{InFlight, Primary, PrimaryAction, PrimaryConfig, PrimaryState, Verdict};
 pub use secondary::{
     Delivery, Secondary, SecondaryAction, SecondaryConfig, SecondaryState, GOODBYE_DROPPED,
 };
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use thiserror::Error;
 
 use crate::stream::StreamError;
@@ -263,82 +287,6 @@ impl EngineError {
             state,
             event: event.into(),
         }
-    }
-}
-
-/// Tracks when we last sent and heard, for heartbeats and failure detection.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Heartbeat {
-    cfg: Liveness,
-    last_sent: Instant,
-    last_heard: Instant,
-    progress_since: Option<Instant>,
-    seq: u64,
-}
-
-impl Heartbeat {
-    pub(crate) fn new(cfg: Liveness, now: Instant) -> Self {
-        Self {
-            cfg,
-            last_sent: now,
-            last_heard: now,
-            progress_since: None,
-            seq: 0,
-        }
-    }
-
-    pub(crate) fn heard(&mut self, now: Instant) {
-        self.last_heard = self.last_heard.max(now);
-    }
-
-    pub(crate) fn sent(&mut self, now: Instant) {
-        self.last_sent = self.last_sent.max(now);
-    }
-
-    /// A protocol step is awaited from now (Some) or none is (None).
-    pub(crate) fn awaiting_progress(&mut self, since: Option<Instant>) {
-        self.progress_since = since;
-    }
-
-    /// Some(reason) if the peer must be considered lost at `now`.
-    pub(crate) fn lost(&self, now: Instant) -> Option<String> {
-        let silent = now.saturating_duration_since(self.last_heard);
-        if silent >= self.cfg.timeout {
-            return Some(format!(
-                "nothing heard from the peer for {} ms (timeout {} ms)",
-                silent.as_millis(),
-                self.cfg.timeout.as_millis()
-            ));
-        }
-        if let Some(since) = self.progress_since {
-            let stuck = now.saturating_duration_since(since);
-            if stuck >= self.cfg.progress_timeout {
-                return Some(format!(
-                    "peer alive but made no checkpoint progress for {} ms",
-                    stuck.as_millis()
-                ));
-            }
-        }
-        None
-    }
-
-    /// Returns the next heartbeat sequence number if one is due at `now`.
-    pub(crate) fn due(&mut self, now: Instant) -> Option<u64> {
-        if now.saturating_duration_since(self.last_sent) >= self.cfg.interval {
-            self.seq += 1;
-            self.last_sent = now;
-            Some(self.seq)
-        } else {
-            None
-        }
-    }
-
-    pub(crate) fn next_deadline(&self) -> Instant {
-        let mut d = (self.last_sent + self.cfg.interval).min(self.last_heard + self.cfg.timeout);
-        if let Some(since) = self.progress_since {
-            d = d.min(since + self.cfg.progress_timeout);
-        }
-        d
     }
 }
 

@@ -3,52 +3,82 @@
 //! back channel. See the module docs of [`super`] for the diagram.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::link::{message_name, Handshake};
+use super::common::{check_epoch, message_event, record_name, EngineState, LinkConfig, Peer};
 use super::messages::{Control, Message, Role, DIGEST_LEN};
-use super::{CheckpointStats, EngineError, Heartbeat, Liveness, SyncMode, Trigger};
+use super::{CheckpointStats, EngineError, SyncMode, Trigger};
 use crate::bitmap::DirtyBitmap;
 use crate::stream::{encode_record, rec_type, DomainHeader, DomainType, ImageHeader, Record};
 
 /// Settings of the primary.
 #[derive(Debug, Clone)]
 pub struct PrimaryConfig {
-    /// The guest's page count.
-    pub page_count: u64,
+    /// The link: geometry, liveness, verification, key.
+    pub link: LinkConfig,
     /// Backchannel (D = A ∪ B) or primary-only (D = A).
     pub sync_mode: SyncMode,
     /// Pre-copy stops after this many rounds...
     pub precopy_max_rounds: u32,
     /// ...or as soon as a round leaves at most this many dirty pages for the final pause.
     pub precopy_target_pages: u64,
-    /// Heartbeats and failure detection.
-    pub liveness: Liveness,
-    /// Digest all of memory at every checkpoint and compare with the secondary's digest.
-    pub verify: bool,
-    /// Pre-shared key for the link, if any.
-    pub key: Option<Vec<u8>>,
-    /// A fresh random nonce for the handshake.
-    pub nonce: [u8; 32],
 }
 
 impl PrimaryConfig {
     /// Defaults for a guest of `page_count` pages: 8 pre-copy rounds or ≤ 1024 pages left.
     pub fn new(page_count: u64) -> Self {
         Self {
-            page_count,
+            link: LinkConfig::new(page_count),
             sync_mode: SyncMode::Backchannel,
             precopy_max_rounds: 8,
             precopy_target_pages: 1024,
-            liveness: Liveness::default(),
-            verify: false,
-            key: None,
-            nonce: [0; 32],
         }
     }
 }
 
-/// What the primary awaits.
+/// The checkpoint in flight, carried by the states that own it: its figures so far and when it
+/// started (NEW sent; the handshake's end for checkpoint 0). Committing it ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InFlight {
+    stats: CheckpointStats,
+    started: Instant,
+}
+
+impl InFlight {
+    fn new(epoch: u64, trigger: Trigger, now: Instant) -> Self {
+        let zero = std::time::Duration::ZERO;
+        let stats = CheckpointStats {
+            epoch,
+            trigger,
+            dirty_primary: 0,
+            dirty_secondary: 0,
+            secondary_only: 0,
+            unlogged: 0,
+            watched: 0,
+            pages_sent: 0,
+            bytes_sent: 0,
+            backchannel: zero,
+            pause: zero,
+            harvest: zero,
+            capture: zero,
+            send: zero,
+            commit: zero,
+            total: zero,
+        };
+        Self {
+            stats,
+            started: now,
+        }
+    }
+
+    /// The checkpoint's figures so far.
+    pub fn stats(&self) -> &CheckpointStats {
+        &self.stats
+    }
+}
+
+/// What the primary awaits. A state in which a checkpoint is in flight carries it ([`InFlight`])
+/// and the instants and digests of its steps so far; a state carries nothing it does not use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrimaryState {
     /// The secondary's HELLO / AUTH.
@@ -57,11 +87,15 @@ pub enum PrimaryState {
     PreCopySending {
         /// Round number, from 0 (all pages).
         round: u32,
+        /// Checkpoint 0.
+        flight: InFlight,
     },
     /// The driver to harvest the pages dirtied during a pre-copy round (`harvested`).
     PreCopyHarvesting {
         /// Round just sent.
         round: u32,
+        /// Checkpoint 0.
+        flight: InFlight,
     },
     /// A checkpoint trigger (`start_checkpoint`); the pair is protected.
     Running,
@@ -71,36 +105,70 @@ pub enum PrimaryState {
         epoch: u64,
         /// SVM_SUSPENDED already arrived.
         suspended: bool,
+        /// Its figures so far.
+        flight: InFlight,
     },
     /// The driver to pause the PVM (`paused`).
     Pausing {
         /// The checkpoint in progress.
         epoch: u64,
+        /// Its figures so far.
+        flight: InFlight,
     },
     /// The driver to harvest A (`harvested`).
     Harvesting {
         /// The checkpoint in progress.
         epoch: u64,
+        /// Its figures so far.
+        flight: InFlight,
+        /// When the PVM paused.
+        paused_at: Instant,
     },
     /// The driver to copy D's pages and the state (`captured`).
     Capturing {
         /// The checkpoint in progress.
         epoch: u64,
+        /// Its figures so far.
+        flight: InFlight,
+        /// When the PVM paused.
+        paused_at: Instant,
+        /// When A was harvested.
+        harvested_at: Instant,
     },
     /// The driver to resume the PVM (`resumed`).
     Resuming {
         /// The checkpoint in progress.
         epoch: u64,
+        /// Its figures so far.
+        flight: InFlight,
+        /// When the PVM paused.
+        paused_at: Instant,
+        /// Our digest of memory and state, when verifying and settled.
+        digest: Option<[u8; DIGEST_LEN]>,
     },
     /// The driver to send the captured checkpoint (`capture_sent`).
     Sending {
         /// The checkpoint in progress.
         epoch: u64,
+        /// Its figures so far.
+        flight: InFlight,
+        /// When the PVM resumed.
+        resumed_at: Instant,
+        /// Our digest of memory and state, when verifying and settled.
+        digest: Option<[u8; DIGEST_LEN]>,
     },
     /// SVM_READY: the secondary holds the checkpoint complete.
     AwaitingSvmReady {
         /// The checkpoint in progress.
         epoch: u64,
+        /// Its figures so far.
+        flight: InFlight,
+        /// When CHECKPOINT was queued.
+        sent_at: Instant,
+        /// Our digest of memory and state, when verifying and settled.
+        digest: Option<[u8; DIGEST_LEN]>,
+        /// The secondary's digest (DIGEST precedes SVM_READY), if it sent one.
+        peer_digest: Option<[u8; DIGEST_LEN]>,
     },
     /// SVM_RESUMED.
     AwaitingSvmResumed {
@@ -129,6 +197,49 @@ impl PrimaryState {
             PrimaryState::AwaitingSvmResumed { .. } => "AwaitingSvmResumed",
             PrimaryState::Unprotected => "Unprotected",
         }
+    }
+
+    /// The checkpoint in flight, if any.
+    fn flight_mut(&mut self) -> Option<&mut InFlight> {
+        match self {
+            PrimaryState::PreCopySending { flight, .. }
+            | PrimaryState::PreCopyHarvesting { flight, .. }
+            | PrimaryState::AwaitingBackChannel { flight, .. }
+            | PrimaryState::Pausing { flight, .. }
+            | PrimaryState::Harvesting { flight, .. }
+            | PrimaryState::Capturing { flight, .. }
+            | PrimaryState::Resuming { flight, .. }
+            | PrimaryState::Sending { flight, .. }
+            | PrimaryState::AwaitingSvmReady { flight, .. } => Some(flight),
+            PrimaryState::AwaitingHandshake
+            | PrimaryState::Running
+            | PrimaryState::AwaitingSvmResumed { .. }
+            | PrimaryState::Unprotected => None,
+        }
+    }
+
+    /// The driver paused the PVM and has not resumed it yet.
+    fn pvm_paused(&self) -> bool {
+        matches!(
+            self,
+            PrimaryState::Harvesting { .. }
+                | PrimaryState::Capturing { .. }
+                | PrimaryState::Resuming { .. }
+        )
+    }
+}
+
+impl EngineState for PrimaryState {
+    fn name(&self) -> &'static str {
+        PrimaryState::name(self)
+    }
+
+    fn handshaking(&self) -> bool {
+        *self == PrimaryState::AwaitingHandshake
+    }
+
+    fn is_over(&self) -> bool {
+        *self == PrimaryState::Unprotected
     }
 }
 
@@ -198,9 +309,7 @@ pub enum PrimaryAction {
 pub struct Primary {
     cfg: PrimaryConfig,
     state: PrimaryState,
-    handshake: Handshake,
-    heartbeat: Heartbeat,
-    outbox: Vec<u8>,
+    peer: Peer,
     actions: VecDeque<PrimaryAction>,
     /// A during checkpoints, the pre-copy round's dirty set before.
     a: DirtyBitmap,
@@ -209,36 +318,8 @@ pub struct Primary {
     capture: Vec<u64>,
     /// Scratch for `capture_also`'s merge.
     merge_scratch: Vec<u64>,
+    /// The last checkpoint started.
     epoch: u64,
-    paused: bool,
-    cur: CheckpointStats,
-    t_start: Instant,
-    t_mark: Instant,
-    pause_at: Instant,
-    protected: bool,
-    digest: Option<(u64, [u8; DIGEST_LEN])>,
-    peer_digest: Option<(u64, [u8; DIGEST_LEN])>,
-}
-
-fn empty_stats(epoch: u64, trigger: Trigger) -> CheckpointStats {
-    CheckpointStats {
-        epoch,
-        trigger,
-        dirty_primary: 0,
-        dirty_secondary: 0,
-        secondary_only: 0,
-        unlogged: 0,
-        watched: 0,
-        pages_sent: 0,
-        bytes_sent: 0,
-        backchannel: Duration::ZERO,
-        pause: Duration::ZERO,
-        harvest: Duration::ZERO,
-        capture: Duration::ZERO,
-        send: Duration::ZERO,
-        commit: Duration::ZERO,
-        total: Duration::ZERO,
-    }
 }
 
 /// Xen 4.17, the version whose stream colo writes.
@@ -259,36 +340,16 @@ impl Primary {
             }
             .encode(),
         );
-        let handshake = Handshake::start(
-            Role::Primary,
-            cfg.page_count,
-            cfg.verify,
-            cfg.key.clone(),
-            cfg.nonce,
-            &mut outbox,
-        );
-        let mut heartbeat = Heartbeat::new(cfg.liveness, now);
-        heartbeat.awaiting_progress(Some(now));
         Self {
-            a: DirtyBitmap::new(cfg.page_count),
-            b: DirtyBitmap::new(cfg.page_count),
+            a: DirtyBitmap::new(cfg.link.page_count),
+            b: DirtyBitmap::new(cfg.link.page_count),
+            peer: Peer::new(Role::Primary, &cfg.link, now, outbox),
             cfg,
             state: PrimaryState::AwaitingHandshake,
-            handshake,
-            heartbeat,
-            outbox,
             actions: VecDeque::new(),
             capture: Vec::new(),
             merge_scratch: Vec::new(),
             epoch: 0,
-            paused: false,
-            cur: empty_stats(0, Trigger::InitialSync),
-            t_start: now,
-            t_mark: now,
-            pause_at: now,
-            protected: false,
-            digest: None,
-            peer_digest: None,
         }
     }
 
@@ -304,15 +365,16 @@ impl Primary {
 
     /// True once checkpoint 0 is committed and until the secondary is lost.
     pub fn is_protected(&self) -> bool {
-        self.protected
+        let committed_0 = matches!(
+            self.state,
+            PrimaryState::Running | PrimaryState::AwaitingSvmResumed { .. }
+        );
+        !self.state.is_over() && (self.epoch > 0 || committed_0)
     }
 
     /// True between the handshake and the loss of the secondary: client input must be mirrored.
     pub fn mirrors_input(&self) -> bool {
-        !matches!(
-            self.state,
-            PrimaryState::AwaitingHandshake | PrimaryState::Unprotected
-        )
+        !self.state.handshaking() && !self.state.is_over()
     }
 
     /// The next action for the driver.
@@ -322,7 +384,7 @@ impl Primary {
 
     /// Bytes to write to the link (then clear the vector).
     pub fn outbox_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.outbox
+        self.peer.outbox_mut()
     }
 
     /// The bitmap the driver harvests into.
@@ -342,18 +404,15 @@ impl Primary {
 
     /// Whether captures include a digest of all memory.
     pub fn verifying(&self) -> bool {
-        self.cfg.verify
+        self.cfg.link.verify
     }
 
-    fn err(&self, event: impl Into<String>) -> EngineError {
-        EngineError::unexpected(self.state.name(), event)
-    }
-
+    /// Sends `m`, counting its bytes into the checkpoint in flight.
     fn send(&mut self, now: Instant, m: &Message<'_>) {
-        let before = self.outbox.len();
-        m.encode(&mut self.outbox);
-        self.cur.bytes_sent += (self.outbox.len() - before) as u64;
-        self.heartbeat.sent(now);
+        let bytes = self.peer.send(now, m);
+        if let Some(flight) = self.state.flight_mut() {
+            flight.stats.bytes_sent += bytes;
+        }
     }
 
     /// A record from the secondary. Returns data-path messages (OUTPUT frames) for the driver to
@@ -363,24 +422,31 @@ impl Primary {
         now: Instant,
         rec: &Record<'a>,
     ) -> Result<Option<Message<'a>>, EngineError> {
-        self.heartbeat.heard(now);
+        self.peer.heard(now);
         match rec {
             Record::CheckpointDirtyPfnList(list) => {
-                let PrimaryState::AwaitingBackChannel { epoch, suspended } = self.state else {
-                    return Err(self.err("CHECKPOINT_DIRTY_PFN_LIST"));
+                let PrimaryState::AwaitingBackChannel {
+                    epoch,
+                    suspended,
+                    mut flight,
+                } = self.state
+                else {
+                    return Err(self.state.unexpected("CHECKPOINT_DIRTY_PFN_LIST"));
                 };
                 if !suspended {
-                    return Err(self.err("CHECKPOINT_DIRTY_PFN_LIST before SVM_SUSPENDED"));
+                    return Err(self
+                        .state
+                        .unexpected("CHECKPOINT_DIRTY_PFN_LIST before SVM_SUSPENDED"));
                 }
                 self.b.clear_all();
                 for pfn in list.iter() {
                     self.b.set(pfn).map_err(|_| EngineError::PfnOutOfRange {
                         pfn,
-                        pages: self.cfg.page_count,
+                        pages: self.cfg.link.page_count,
                     })?;
                 }
-                self.cur.backchannel = now.saturating_duration_since(self.t_start);
-                self.state = PrimaryState::Pausing { epoch };
+                flight.stats.backchannel = now.saturating_duration_since(flight.started);
+                self.state = PrimaryState::Pausing { epoch, flight };
                 self.actions.push_back(PrimaryAction::Pause);
                 Ok(None)
             }
@@ -388,7 +454,9 @@ impl Primary {
                 Some(m) => self.on_message(now, m),
                 None => Ok(None),
             },
-            other => Err(self.err(format!("{} record from the secondary", record_name(other)))),
+            other => Err(self
+                .state
+                .unexpected(format!("{} record from the secondary", record_name(other)))),
         }
     }
 
@@ -397,64 +465,76 @@ impl Primary {
         now: Instant,
         m: Message<'a>,
     ) -> Result<Option<Message<'a>>, EngineError> {
-        match (&self.state, &m) {
-            (PrimaryState::AwaitingHandshake, _) => {
-                if self.handshake.on_message(&m, &mut self.outbox)? {
-                    self.heartbeat.awaiting_progress(None);
-                    self.state = PrimaryState::PreCopySending { round: 0 };
-                    self.actions.push_back(PrimaryAction::StartDirtyLog);
-                    self.actions
-                        .push_back(PrimaryAction::SendPages { all: true });
-                    self.t_start = now;
+        if self.state.handshaking() {
+            if self.peer.handshake(&m)? {
+                self.state = PrimaryState::PreCopySending {
+                    round: 0,
+                    flight: InFlight::new(0, Trigger::InitialSync, now),
+                };
+                self.actions.push_back(PrimaryAction::StartDirtyLog);
+                self.actions
+                    .push_back(PrimaryAction::SendPages { all: true });
+            }
+            return Ok(None);
+        }
+        match m {
+            Message::Heartbeat(_) => {}
+            Message::Output { .. } if self.mirrors_input() => return Ok(Some(m)),
+            Message::Digest { epoch: got, digest } => {
+                // DIGEST(n) precedes SVM_READY(n); one for another checkpoint is stale.
+                if let PrimaryState::AwaitingSvmReady {
+                    epoch, peer_digest, ..
+                } = &mut self.state
+                {
+                    if *epoch == got {
+                        *peer_digest = Some(digest);
+                    }
                 }
-                Ok(None)
             }
-            (_, Message::Heartbeat(_)) => Ok(None),
-            (_, Message::Output { .. }) if self.mirrors_input() => Ok(Some(m)),
-            (_, Message::Digest { epoch, digest }) => {
-                self.peer_digest = Some((*epoch, *digest));
-                Ok(None)
-            }
+            Message::Goodbye(_) => self.lose("the secondary shut down (GOODBYE)".into()),
+            _ if self.state.is_over() => {}
+            Message::Control { msg, epoch } => self.on_control(now, msg, epoch)?,
+            other => return Err(self.state.unexpected(message_event(&other))),
+        }
+        Ok(None)
+    }
+
+    fn on_control(&mut self, now: Instant, msg: Control, got: u64) -> Result<(), EngineError> {
+        match (self.state, msg) {
             (
                 PrimaryState::AwaitingBackChannel {
                     epoch,
                     suspended: false,
+                    flight,
                 },
-                Message::Control {
-                    msg: Control::SvmSuspended,
-                    epoch: got,
-                },
+                Control::SvmSuspended,
             ) => {
-                let epoch = *epoch;
-                check_epoch("SVM_SUSPENDED", *got, epoch)?;
+                check_epoch("SVM_SUSPENDED", got, epoch)?;
                 self.state = PrimaryState::AwaitingBackChannel {
                     epoch,
                     suspended: true,
+                    flight,
                 };
-                Ok(None)
             }
             (
-                PrimaryState::AwaitingSvmReady { epoch },
-                Message::Control {
-                    msg: Control::SvmReady,
-                    epoch: got,
+                PrimaryState::AwaitingSvmReady {
+                    epoch,
+                    flight,
+                    sent_at,
+                    digest,
+                    peer_digest,
                 },
+                Control::SvmReady,
             ) => {
-                let epoch = *epoch;
-                check_epoch("SVM_READY", *got, epoch)?;
-                self.cur.commit = now.saturating_duration_since(self.t_mark);
-                self.cur.total = now.saturating_duration_since(self.t_start);
-                self.actions.push_back(PrimaryAction::Committed(self.cur));
-                self.protected = true;
-                if self.cfg.verify {
-                    let verdict = match (self.digest, self.peer_digest) {
-                        (Some((e1, d1)), Some((e2, d2))) if e1 == epoch && e2 == epoch => {
-                            if d1 == d2 {
-                                Verdict::Identical
-                            } else {
-                                Verdict::Different
-                            }
-                        }
+                check_epoch("SVM_READY", got, epoch)?;
+                let mut stats = flight.stats;
+                stats.commit = now.saturating_duration_since(sent_at);
+                stats.total = now.saturating_duration_since(flight.started);
+                self.actions.push_back(PrimaryAction::Committed(stats));
+                if self.cfg.link.verify {
+                    let verdict = match (digest, peer_digest) {
+                        (Some(ours), Some(theirs)) if ours == theirs => Verdict::Identical,
+                        (Some(_), Some(_)) => Verdict::Different,
                         // A side whose memory changed while it digested (a hypervisor writes
                         // a paused domain's event-channel bits) sends no digest for the epoch.
                         _ => Verdict::Unsettled,
@@ -463,47 +543,32 @@ impl Primary {
                         .push_back(PrimaryAction::Verified { epoch, verdict });
                 }
                 self.state = PrimaryState::AwaitingSvmResumed { epoch };
-                self.heartbeat.awaiting_progress(Some(now));
-                Ok(None)
+                self.peer.awaiting_progress(Some(now));
             }
-            (
-                PrimaryState::AwaitingSvmResumed { epoch },
-                Message::Control {
-                    msg: Control::SvmResumed,
-                    epoch: got,
-                },
-            ) => {
-                check_epoch("SVM_RESUMED", *got, *epoch)?;
+            (PrimaryState::AwaitingSvmResumed { epoch }, Control::SvmResumed) => {
+                check_epoch("SVM_RESUMED", got, epoch)?;
                 self.state = PrimaryState::Running;
-                self.heartbeat.awaiting_progress(None);
-                Ok(None)
+                self.peer.awaiting_progress(None);
             }
-            (_, Message::Goodbye(_)) => {
-                self.lose(now, "the secondary shut down (GOODBYE)".into());
-                Ok(None)
-            }
-            (PrimaryState::Unprotected, _) => Ok(None),
-            (_, m) => Err(self.err(match m {
-                Message::Control { msg, epoch } => format!("CONTROL {msg}({epoch})"),
-                other => message_name(other).to_string(),
-            })),
+            _ => return Err(self.state.unexpected(format!("CONTROL {msg}({got})"))),
         }
+        Ok(())
     }
 
     /// The driver finished a pre-copy round of `bytes` bytes.
     pub fn pages_sent(&mut self, now: Instant, bytes: u64) -> Result<(), EngineError> {
-        let PrimaryState::PreCopySending { round } = self.state else {
-            return Err(self.err("pages_sent"));
+        let PrimaryState::PreCopySending { round, mut flight } = self.state else {
+            return Err(self.state.unexpected("pages_sent"));
         };
         let _ = now;
-        self.cur.bytes_sent += bytes;
-        self.cur.pages_sent += if round == 0 {
-            self.cfg.page_count
+        flight.stats.bytes_sent += bytes;
+        flight.stats.pages_sent += if round == 0 {
+            self.cfg.link.page_count
         } else {
             self.a.count()
         };
         self.a.clear_all();
-        self.state = PrimaryState::PreCopyHarvesting { round };
+        self.state = PrimaryState::PreCopyHarvesting { round, flight };
         self.actions.push_back(PrimaryAction::HarvestDirty);
         Ok(())
     }
@@ -511,53 +576,68 @@ impl Primary {
     /// The driver harvested the dirty log into [`Primary::harvest_target`].
     pub fn harvested(&mut self, now: Instant) -> Result<(), EngineError> {
         match self.state {
-            PrimaryState::PreCopyHarvesting { round } => {
+            PrimaryState::PreCopyHarvesting { round, flight } => {
                 let left = self.a.count();
                 if left <= self.cfg.precopy_target_pages || round + 1 >= self.cfg.precopy_max_rounds
                 {
-                    self.state = PrimaryState::Pausing { epoch: 0 };
+                    self.state = PrimaryState::Pausing { epoch: 0, flight };
                     self.actions.push_back(PrimaryAction::Pause);
                 } else {
-                    self.state = PrimaryState::PreCopySending { round: round + 1 };
+                    let round = round + 1;
+                    self.state = PrimaryState::PreCopySending { round, flight };
                     self.actions
                         .push_back(PrimaryAction::SendPages { all: false });
                 }
                 Ok(())
             }
-            PrimaryState::Harvesting { epoch } => {
-                self.cur.harvest = now.saturating_duration_since(self.t_mark);
-                self.cur.dirty_primary = self.a.count();
-                if epoch > 0 {
-                    self.cur.dirty_secondary = self.b.count();
-                    self.cur.secondary_only = self.b.count_difference(&self.a).unwrap_or(0);
-                    if self.cfg.sync_mode == SyncMode::Backchannel {
-                        // Lengths are equal by construction.
-                        let _ = self.a.union_with(&self.b);
-                    }
-                }
-                self.capture.clear();
-                self.a.extend_pfns(&mut self.capture);
-                self.a.clear_all();
-                self.cur.pages_sent += self.capture.len() as u64;
-                self.state = PrimaryState::Capturing { epoch };
+            PrimaryState::Harvesting {
+                epoch,
+                mut flight,
+                paused_at,
+            } => {
+                self.harvest_into_capture(epoch, &mut flight.stats);
+                flight.stats.harvest = now.saturating_duration_since(paused_at);
+                self.state = PrimaryState::Capturing {
+                    epoch,
+                    flight,
+                    paused_at,
+                    harvested_at: now,
+                };
                 self.actions.push_back(PrimaryAction::Capture);
-                self.t_mark = now;
                 Ok(())
             }
-            _ => Err(self.err("harvested")),
+            _ => Err(self.state.unexpected("harvested")),
         }
+    }
+
+    /// D = A ∪ B (A alone in primary-only mode and for checkpoint 0) becomes the capture set;
+    /// A is cleared for the next harvest.
+    fn harvest_into_capture(&mut self, epoch: u64, stats: &mut CheckpointStats) {
+        stats.dirty_primary = self.a.count();
+        if epoch > 0 {
+            stats.dirty_secondary = self.b.count();
+            stats.secondary_only = self.b.count_difference(&self.a).unwrap_or(0);
+            if self.cfg.sync_mode == SyncMode::Backchannel {
+                // Lengths are equal by construction.
+                let _ = self.a.union_with(&self.b);
+            }
+        }
+        self.capture.clear();
+        self.a.extend_pfns(&mut self.capture);
+        self.a.clear_all();
+        stats.pages_sent += self.capture.len() as u64;
     }
 
     /// The driver paused the PVM.
     pub fn paused(&mut self, now: Instant) -> Result<(), EngineError> {
-        let PrimaryState::Pausing { epoch } = self.state else {
-            return Err(self.err("paused"));
+        let PrimaryState::Pausing { epoch, flight } = self.state else {
+            return Err(self.state.unexpected("paused"));
         };
-        self.paused = true;
-        self.cur.pause = Duration::ZERO;
-        self.t_mark = now;
-        self.pause_at = now;
-        self.state = PrimaryState::Harvesting { epoch };
+        self.state = PrimaryState::Harvesting {
+            epoch,
+            flight,
+            paused_at: now,
+        };
         self.actions.push_back(PrimaryAction::BeginEpoch { epoch });
         self.actions.push_back(PrimaryAction::HarvestDirty);
         Ok(())
@@ -569,8 +649,8 @@ impl Primary {
     /// [`Primary::capture_pfns`] as it reads afterwards. Pfns already in the set or beyond the
     /// guest are refused.
     pub fn capture_also(&mut self, pfns: &[u64]) -> Result<(), EngineError> {
-        let added = self.merge_capture("capture_also", pfns, false)?;
-        self.cur.unlogged += added;
+        let (stats, added) = self.merge_capture("capture_also", pfns, false)?;
+        stats.unlogged += added;
         Ok(())
     }
 
@@ -579,71 +659,28 @@ impl Primary {
     /// them at every checkpoint without sweeping all memory. Pfns already in the set are skipped;
     /// pfns beyond the guest are refused.
     pub fn capture_watched(&mut self, pfns: &[u64]) -> Result<(), EngineError> {
-        let added = self.merge_capture("capture_watched", pfns, true)?;
-        self.cur.watched += added;
+        let (stats, added) = self.merge_capture("capture_watched", pfns, true)?;
+        stats.watched += added;
         Ok(())
     }
 
-    /// Merges ascending `pfns` into the capture set; returns how many were new. A pfn already in
-    /// the set is an error unless `dup_ok`.
+    /// Merges ascending `pfns` into the capture set (only while capturing); returns the
+    /// checkpoint's figures and how many pfns were new. A pfn already in the set is an error
+    /// unless `dup_ok`.
     fn merge_capture(
         &mut self,
         event: &'static str,
         pfns: &[u64],
         dup_ok: bool,
-    ) -> Result<u64, EngineError> {
-        if !matches!(self.state, PrimaryState::Capturing { .. }) {
-            return Err(self.err(event));
-        }
-        if pfns.is_empty() {
-            return Ok(0);
-        }
-        let pages = self.a.len();
-        let bad = |pfn, reason| EngineError::BadCapture { pfn, reason };
-        // Merged into scratch kept across checkpoints, then swapped in: no allocation once warm.
-        let mut merged = std::mem::take(&mut self.merge_scratch);
-        merged.clear();
-        let before = self.capture.len();
-        let (mut i, mut j) = (0, 0);
-        loop {
-            let next = match (self.capture.get(i), pfns.get(j)) {
-                (Some(&x), Some(&y)) if x == y => {
-                    if !dup_ok {
-                        self.merge_scratch = merged;
-                        return Err(bad(y, "is already captured"));
-                    }
-                    i += 1;
-                    j += 1;
-                    x
-                }
-                (Some(&x), Some(&y)) if x < y => {
-                    i += 1;
-                    x
-                }
-                (Some(&x), None) => {
-                    i += 1;
-                    x
-                }
-                (_, Some(&y)) => {
-                    if y >= pages {
-                        self.merge_scratch = merged;
-                        return Err(bad(y, "is beyond the guest"));
-                    }
-                    j += 1;
-                    y
-                }
-                (None, None) => break,
-            };
-            if merged.last().is_some_and(|&l| l >= next) {
-                self.merge_scratch = merged;
-                return Err(bad(next, "is out of order"));
-            }
-            merged.push(next);
-        }
-        let added = (merged.len() - before) as u64;
-        self.merge_scratch = std::mem::replace(&mut self.capture, merged);
-        self.cur.pages_sent += added;
-        Ok(added)
+    ) -> Result<(&mut CheckpointStats, u64), EngineError> {
+        let state = self.state.name();
+        let PrimaryState::Capturing { flight, .. } = &mut self.state else {
+            return Err(EngineError::unexpected(state, event));
+        };
+        let (capture, scratch) = (&mut self.capture, &mut self.merge_scratch);
+        let added = merge_ascending(capture, scratch, pfns, self.a.len(), dup_ok)?;
+        flight.stats.pages_sent += added;
+        Ok((&mut flight.stats, added))
     }
 
     /// The driver copied the capture set and the state; `digest` is the digest of all memory and
@@ -654,55 +691,89 @@ impl Primary {
         now: Instant,
         digest: Option<[u8; DIGEST_LEN]>,
     ) -> Result<(), EngineError> {
-        let PrimaryState::Capturing { epoch } = self.state else {
-            return Err(self.err("captured"));
+        let PrimaryState::Capturing {
+            epoch,
+            mut flight,
+            paused_at,
+            harvested_at,
+        } = self.state
+        else {
+            return Err(self.state.unexpected("captured"));
         };
-        self.cur.capture = now.saturating_duration_since(self.t_mark);
-        self.digest = digest.map(|d| (epoch, d));
-        self.state = PrimaryState::Resuming { epoch };
+        flight.stats.capture = now.saturating_duration_since(harvested_at);
+        self.state = PrimaryState::Resuming {
+            epoch,
+            flight,
+            paused_at,
+            digest,
+        };
         self.actions.push_back(PrimaryAction::Resume);
         Ok(())
     }
 
     /// The driver resumed the PVM.
     pub fn resumed(&mut self, now: Instant) -> Result<(), EngineError> {
-        let PrimaryState::Resuming { epoch } = self.state else {
-            return Err(self.err("resumed"));
+        let PrimaryState::Resuming {
+            epoch,
+            mut flight,
+            paused_at,
+            digest,
+        } = self.state
+        else {
+            return Err(self.state.unexpected("resumed"));
         };
-        self.paused = false;
-        self.cur.pause = now.saturating_duration_since(self.pause_at);
-        self.t_mark = now;
-        self.state = PrimaryState::Sending { epoch };
+        flight.stats.pause = now.saturating_duration_since(paused_at);
+        self.state = PrimaryState::Sending {
+            epoch,
+            flight,
+            resumed_at: now,
+            digest,
+        };
         self.actions.push_back(PrimaryAction::SendCapture { epoch });
         Ok(())
     }
 
     /// The driver wrote the captured pages and state (`bytes` bytes); CHECKPOINT follows.
     pub fn capture_sent(&mut self, now: Instant, bytes: u64) -> Result<(), EngineError> {
-        let PrimaryState::Sending { epoch } = self.state else {
-            return Err(self.err("capture_sent"));
+        let PrimaryState::Sending {
+            epoch,
+            mut flight,
+            resumed_at,
+            digest,
+        } = self.state
+        else {
+            return Err(self.state.unexpected("capture_sent"));
         };
-        self.cur.bytes_sent += bytes;
-        let before = self.outbox.len();
-        encode_record(&mut self.outbox, rec_type::CHECKPOINT, &[]);
-        self.cur.bytes_sent += (self.outbox.len() - before) as u64;
-        self.heartbeat.sent(now);
-        self.cur.send = now.saturating_duration_since(self.t_mark);
-        self.t_mark = now;
-        self.state = PrimaryState::AwaitingSvmReady { epoch };
-        self.heartbeat.awaiting_progress(Some(now));
+        let record = self
+            .peer
+            .write(now, |out| encode_record(out, rec_type::CHECKPOINT, &[]));
+        flight.stats.bytes_sent += bytes + record;
+        flight.stats.send = now.saturating_duration_since(resumed_at);
+        self.state = PrimaryState::AwaitingSvmReady {
+            epoch,
+            flight,
+            sent_at: now,
+            digest,
+            peer_digest: None,
+        };
+        self.peer.awaiting_progress(Some(now));
         Ok(())
     }
 
     /// Starts checkpoint `epoch + 1` because of `trigger`. Only valid in `Running`.
     pub fn start_checkpoint(&mut self, now: Instant, trigger: Trigger) -> Result<u64, EngineError> {
         if self.state != PrimaryState::Running {
-            return Err(self.err(format!("start_checkpoint({trigger})")));
+            return Err(self
+                .state
+                .unexpected(format!("start_checkpoint({trigger})")));
         }
         self.epoch += 1;
         let epoch = self.epoch;
-        self.cur = empty_stats(epoch, trigger);
-        self.t_start = now;
+        self.state = PrimaryState::AwaitingBackChannel {
+            epoch,
+            suspended: false,
+            flight: InFlight::new(epoch, trigger, now),
+        };
         self.send(
             now,
             &Message::Control {
@@ -710,11 +781,7 @@ impl Primary {
                 epoch,
             },
         );
-        self.state = PrimaryState::AwaitingBackChannel {
-            epoch,
-            suspended: false,
-        };
-        self.heartbeat.awaiting_progress(Some(now));
+        self.peer.awaiting_progress(Some(now));
         Ok(epoch)
     }
 
@@ -730,83 +797,96 @@ impl Primary {
     /// driver that spent a while in a backend call does not take its own delay for the peer's
     /// silence.
     pub fn peer_heard(&mut self, at: Instant) {
-        self.heartbeat.heard(at);
+        self.peer.heard(at);
     }
 
     /// Time passed: sends heartbeats and detects a lost or stuck secondary.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.state == PrimaryState::Unprotected {
-            return;
-        }
-        if let Some(reason) = self.heartbeat.lost(now) {
-            self.lose(now, reason);
-            return;
-        }
-        if self.state != PrimaryState::AwaitingHandshake {
-            if let Some(seq) = self.heartbeat.due(now) {
-                Message::Heartbeat(seq).encode(&mut self.outbox);
-            }
+        if let Some(reason) = self.peer.tick(now, &self.state) {
+            self.lose(reason);
         }
     }
 
     /// When [`Primary::handle_timeout`] should be called next.
     pub fn next_timeout(&self) -> Option<Instant> {
-        (self.state != PrimaryState::Unprotected).then(|| self.heartbeat.next_deadline())
+        self.peer.next_timeout(&self.state)
     }
 
     /// The link failed (reset, EOF, write error, malformed input): go on alone.
     pub fn peer_lost(&mut self, now: Instant, reason: String) {
-        self.lose(now, reason);
+        let _ = now;
+        self.lose(reason);
     }
 
     /// The operator forces a failover: stop protecting and go on alone.
     pub fn failover(&mut self, now: Instant) {
-        self.lose(now, "failover requested by the operator".into());
+        self.peer_lost(now, "failover requested by the operator".into());
     }
 
-    fn lose(&mut self, now: Instant, reason: String) {
-        if self.state == PrimaryState::Unprotected {
+    fn lose(&mut self, reason: String) {
+        if self.state.is_over() {
             return;
         }
-        let _ = now;
         self.actions.clear();
-        if self.paused {
+        if self.state.pvm_paused() {
             self.actions.push_back(PrimaryAction::Resume);
-            self.paused = false;
         }
-        // During the handshake the outbox holds this node's HELLO/AUTH: it still goes out (see
-        // the secondary's `lose`).
-        if !matches!(self.state, PrimaryState::AwaitingHandshake) {
-            self.outbox.clear();
-        }
-        self.protected = false;
+        self.peer.hang_up(&self.state);
         self.state = PrimaryState::Unprotected;
         self.actions.push_back(PrimaryAction::PeerLost { reason });
     }
 }
 
-fn check_epoch(msg: &'static str, got: u64, want: u64) -> Result<(), EngineError> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(EngineError::WrongEpoch { msg, got, want })
+/// Merges ascending `pfns` into the ascending `capture` set of a guest of `pages` pages through
+/// `scratch` (kept across checkpoints and swapped in: no allocation once warm). A pfn already in
+/// the set is skipped if `dup_ok`, else refused. Returns how many pfns were new; on error
+/// `capture` is as it was.
+fn merge_ascending(
+    capture: &mut Vec<u64>,
+    scratch: &mut Vec<u64>,
+    pfns: &[u64],
+    pages: u64,
+    dup_ok: bool,
+) -> Result<u64, EngineError> {
+    if pfns.is_empty() {
+        return Ok(0);
     }
-}
-
-/// A record's name, for errors.
-pub(crate) fn record_name(r: &Record<'_>) -> String {
-    match r {
-        Record::End => "END".into(),
-        Record::Checkpoint => "CHECKPOINT".into(),
-        Record::StaticDataEnd => "STATIC_DATA_END".into(),
-        Record::Verify => "VERIFY".into(),
-        Record::TscInfo(_) => "X86_TSC_INFO".into(),
-        Record::HvmContext(_) => "HVM_CONTEXT".into(),
-        Record::HvmParams(_) => "HVM_PARAMS".into(),
-        Record::CheckpointDirtyPfnList(_) => "CHECKPOINT_DIRTY_PFN_LIST".into(),
-        Record::CpuidPolicy(_) => "X86_CPUID_POLICY".into(),
-        Record::MsrPolicy(_) => "X86_MSR_POLICY".into(),
-        Record::OtherXen { rtype, .. } => format!("Xen record {rtype:#x}"),
-        Record::Optional { rtype, .. } => format!("optional record {rtype:#x}"),
+    scratch.clear();
+    let bad = |pfn, reason| EngineError::BadCapture { pfn, reason };
+    let (mut i, mut j) = (0, 0);
+    loop {
+        let next = match (capture.get(i), pfns.get(j)) {
+            (Some(&x), Some(&y)) if x == y => {
+                if !dup_ok {
+                    return Err(bad(y, "is already captured"));
+                }
+                i += 1;
+                j += 1;
+                x
+            }
+            (Some(&x), Some(&y)) if x < y => {
+                i += 1;
+                x
+            }
+            (Some(&x), None) => {
+                i += 1;
+                x
+            }
+            (_, Some(&y)) => {
+                if y >= pages {
+                    return Err(bad(y, "is beyond the guest"));
+                }
+                j += 1;
+                y
+            }
+            (None, None) => break,
+        };
+        if scratch.last().is_some_and(|&l| l >= next) {
+            return Err(bad(next, "is out of order"));
+        }
+        scratch.push(next);
     }
+    let added = (scratch.len() - capture.len()) as u64;
+    std::mem::swap(capture, scratch);
+    Ok(added)
 }

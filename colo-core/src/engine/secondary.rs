@@ -5,56 +5,37 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use super::link::{message_name, Handshake};
+use super::common::{check_epoch, message_event, record_name, EngineState, LinkConfig, Peer};
 use super::messages::{Control, Message, Role, DIGEST_LEN};
-use super::primary::record_name;
-use super::{EngineError, Heartbeat, Liveness};
+use super::EngineError;
 use crate::bitmap::DirtyBitmap;
 use crate::stream::{encode_dirty_pfn_list, DomainType, Event, Record};
 use crate::PAGE_SIZE;
 
-/// Settings of the secondary.
-#[derive(Debug, Clone)]
-pub struct SecondaryConfig {
-    /// The guest's page count.
-    pub page_count: u64,
-    /// Heartbeats and failure detection.
-    pub liveness: Liveness,
-    /// Digest all of memory after every checkpoint and send it to the primary.
-    pub verify: bool,
-    /// Pre-shared key for the link, if any.
-    pub key: Option<Vec<u8>>,
-    /// A fresh random nonce for the handshake.
-    pub nonce: [u8; 32],
-}
-
-impl SecondaryConfig {
-    /// Defaults for a guest of `page_count` pages.
-    pub fn new(page_count: u64) -> Self {
-        Self {
-            page_count,
-            liveness: Liveness::default(),
-            verify: false,
-            key: None,
-            nonce: [0; 32],
-        }
-    }
-}
+/// Settings of the secondary: those of its link.
+pub type SecondaryConfig = LinkConfig;
 
 /// GOODBYE's reason when the primary drops its secondary on purpose.
 pub const GOODBYE_DROPPED: u32 = 1;
 
-/// What the secondary awaits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the secondary awaits. A state that receives a checkpoint carries whether its vCPU state
+/// has arrived; `Applying` carries the loss of the primary that arrived while applying.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecondaryState {
     /// The primary's stream headers, HELLO and AUTH.
     AwaitingHandshake,
     /// Pages of the initial synchronisation, written straight to the SVM, until CHECKPOINT(0).
-    InitialSync,
+    InitialSync {
+        /// VCPU_STATE arrived (it is staged).
+        state_staged: bool,
+    },
     /// The driver to apply checkpoint `epoch` (`applied`).
     Applying {
         /// The checkpoint.
         epoch: u64,
+        /// The primary was lost meanwhile (why): the checkpoint is complete, so it is applied
+        /// and this node takes over from it.
+        primary_lost: Option<String>,
     },
     /// The driver to resume the SVM (`resumed`).
     Resuming {
@@ -80,6 +61,8 @@ pub enum SecondaryState {
     ReceivingCheckpoint {
         /// The checkpoint.
         epoch: u64,
+        /// VCPU_STATE arrived (it is staged).
+        state_staged: bool,
     },
     /// Nothing: the primary is lost and this node serves as the new primary.
     TakenOver,
@@ -94,7 +77,7 @@ impl SecondaryState {
     pub fn name(&self) -> &'static str {
         match self {
             SecondaryState::AwaitingHandshake => "AwaitingHandshake",
-            SecondaryState::InitialSync => "InitialSync",
+            SecondaryState::InitialSync { .. } => "InitialSync",
             SecondaryState::Applying { .. } => "Applying",
             SecondaryState::Resuming { .. } => "Resuming",
             SecondaryState::AwaitingNew { .. } => "AwaitingNew",
@@ -105,6 +88,66 @@ impl SecondaryState {
             SecondaryState::Failed => "Failed",
             SecondaryState::Closed => "Closed",
         }
+    }
+
+    /// The primary's stream is being received (pages, records, the vCPU state).
+    fn receiving(&self) -> bool {
+        matches!(
+            self,
+            SecondaryState::InitialSync { .. } | SecondaryState::ReceivingCheckpoint { .. }
+        )
+    }
+
+    /// The SVM is paused: it starts paused, the driver pauses it after NEW and resumes it after
+    /// each apply.
+    fn svm_paused(&self) -> bool {
+        match self {
+            SecondaryState::AwaitingNew { .. }
+            | SecondaryState::Pausing { .. }
+            | SecondaryState::TakenOver => false,
+            SecondaryState::AwaitingHandshake
+            | SecondaryState::InitialSync { .. }
+            | SecondaryState::Harvesting { .. }
+            | SecondaryState::ReceivingCheckpoint { .. }
+            | SecondaryState::Applying { .. }
+            | SecondaryState::Resuming { .. }
+            | SecondaryState::Failed
+            | SecondaryState::Closed => true,
+        }
+    }
+
+    /// The SVM holds a complete checkpoint (checkpoint 0 was applied).
+    fn holds_checkpoint(&self) -> bool {
+        match self {
+            SecondaryState::AwaitingHandshake
+            | SecondaryState::InitialSync { .. }
+            | SecondaryState::Failed => false,
+            SecondaryState::Applying { epoch, .. } => *epoch > 0,
+            SecondaryState::Resuming { .. }
+            | SecondaryState::AwaitingNew { .. }
+            | SecondaryState::Pausing { .. }
+            | SecondaryState::Harvesting { .. }
+            | SecondaryState::ReceivingCheckpoint { .. }
+            | SecondaryState::TakenOver
+            | SecondaryState::Closed => true,
+        }
+    }
+}
+
+impl EngineState for SecondaryState {
+    fn name(&self) -> &'static str {
+        SecondaryState::name(self)
+    }
+
+    fn handshaking(&self) -> bool {
+        *self == SecondaryState::AwaitingHandshake
+    }
+
+    fn is_over(&self) -> bool {
+        matches!(
+            self,
+            SecondaryState::TakenOver | SecondaryState::Failed | SecondaryState::Closed
+        )
     }
 }
 
@@ -170,64 +213,89 @@ pub enum Delivery<'a> {
     },
 }
 
+/// How far the primary's stream is through its two headers, which precede every record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamHeaders {
+    /// The image header comes first.
+    AwaitingImage,
+    /// Then the domain header.
+    AwaitingDomain,
+    /// Both are read: records follow.
+    Read,
+}
+
+/// The checkpoint being received, staged until its CHECKPOINT. The buffers are kept across
+/// checkpoints; they hold at most the checkpoint's |D| pages, never more than the guest has.
+#[derive(Debug, Default)]
+struct Staging {
+    pfns: Vec<u64>,
+    data: Vec<u8>,
+    state: Vec<u8>,
+}
+
+impl Staging {
+    /// Stages page `pfn` of checkpoint `epoch` of a guest of `pages` pages.
+    fn page(&mut self, epoch: u64, pages: u64, pfn: u64, data: &[u8]) -> Result<(), EngineError> {
+        if pfn >= pages {
+            return Err(EngineError::PfnOutOfRange { pfn, pages });
+        }
+        if self.pfns.len() as u64 >= pages {
+            return Err(EngineError::CheckpointTooLarge { epoch, pages });
+        }
+        self.pfns.push(pfn);
+        self.data
+            .extend_from_slice(&data[..PAGE_SIZE.min(data.len())]);
+        if data.len() < PAGE_SIZE {
+            // The decoder always yields whole pages; keep the invariant regardless.
+            self.data.resize(self.pfns.len() * PAGE_SIZE, 0);
+        }
+        Ok(())
+    }
+
+    /// Stages the vCPU/platform state (a later copy replaces an earlier one).
+    fn vcpu_state(&mut self, blob: &[u8]) {
+        self.state.clear();
+        self.state.extend_from_slice(blob);
+    }
+
+    fn clear(&mut self) {
+        self.pfns.clear();
+        self.data.clear();
+        self.state.clear();
+    }
+}
+
 /// The secondary's checkpoint state machine.
 #[derive(Debug)]
 pub struct Secondary {
     cfg: SecondaryConfig,
     state: SecondaryState,
-    handshake: Handshake,
-    heartbeat: Heartbeat,
-    outbox: Vec<u8>,
+    peer: Peer,
     actions: VecDeque<SecondaryAction>,
-    headers: u8,
+    headers: StreamHeaders,
+    staged: Staging,
     b: DirtyBitmap,
-    staged_pfns: Vec<u64>,
-    staged_data: Vec<u8>,
-    staged_state: Vec<u8>,
-    has_state: bool,
-    paused: bool,
-    applied_any: bool,
     b_list: Vec<u64>,
-    pending_loss: Option<String>,
 }
 
 impl Secondary {
     /// A secondary whose HELLO is in the outbox. The SVM starts paused.
     pub fn new(cfg: SecondaryConfig, now: Instant) -> Self {
-        let mut outbox = Vec::with_capacity(4096);
-        let handshake = Handshake::start(
-            Role::Secondary,
-            cfg.page_count,
-            cfg.verify,
-            cfg.key.clone(),
-            cfg.nonce,
-            &mut outbox,
-        );
-        let mut heartbeat = Heartbeat::new(cfg.liveness, now);
-        heartbeat.awaiting_progress(Some(now));
         Self {
             b: DirtyBitmap::new(cfg.page_count),
+            peer: Peer::new(Role::Secondary, &cfg, now, Vec::with_capacity(4096)),
             cfg,
             state: SecondaryState::AwaitingHandshake,
-            handshake,
-            heartbeat,
-            outbox,
             actions: VecDeque::new(),
-            headers: 0,
-            staged_pfns: Vec::new(),
-            staged_data: Vec::new(),
-            staged_state: Vec::new(),
-            has_state: false,
-            paused: true,
-            applied_any: false,
+            headers: StreamHeaders::AwaitingImage,
+            staged: Staging::default(),
             b_list: Vec::new(),
-            pending_loss: None,
         }
     }
 
     /// What the machine awaits.
     pub fn state(&self) -> SecondaryState {
-        self.state
+        self.state.clone()
     }
 
     /// The next action for the driver.
@@ -237,7 +305,7 @@ impl Secondary {
 
     /// Bytes to write to the link (then clear the vector).
     pub fn outbox_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.outbox
+        self.peer.outbox_mut()
     }
 
     /// The bitmap the driver harvests into.
@@ -247,17 +315,17 @@ impl Secondary {
 
     /// Staged pfns of the checkpoint to apply, in arrival order (a later copy of a pfn wins).
     pub fn staged_pfns(&self) -> &[u64] {
-        &self.staged_pfns
+        &self.staged.pfns
     }
 
     /// Staged page data, 4096 bytes per staged pfn.
     pub fn staged_data(&self) -> &[u8] {
-        &self.staged_data
+        &self.staged.data
     }
 
     /// The staged vCPU/platform state.
     pub fn staged_state(&self) -> &[u8] {
-        &self.staged_state
+        &self.staged.state
     }
 
     /// Whether applies include a digest.
@@ -267,47 +335,7 @@ impl Secondary {
 
     /// Pages currently staged (bounded by the checkpoint's |D|).
     pub fn staged_pages(&self) -> usize {
-        self.staged_pfns.len()
-    }
-
-    fn err(&self, event: impl Into<String>) -> EngineError {
-        EngineError::unexpected(self.state.name(), event)
-    }
-
-    fn send(&mut self, now: Instant, m: &Message<'_>) {
-        m.encode(&mut self.outbox);
-        self.heartbeat.sent(now);
-    }
-
-    fn stage_page(&mut self, epoch: u64, pfn: u64, data: &[u8]) -> Result<(), EngineError> {
-        if pfn >= self.cfg.page_count {
-            return Err(EngineError::PfnOutOfRange {
-                pfn,
-                pages: self.cfg.page_count,
-            });
-        }
-        if self.staged_pfns.len() as u64 >= self.cfg.page_count {
-            return Err(EngineError::CheckpointTooLarge {
-                epoch,
-                pages: self.cfg.page_count,
-            });
-        }
-        self.staged_pfns.push(pfn);
-        self.staged_data
-            .extend_from_slice(&data[..PAGE_SIZE.min(data.len())]);
-        if data.len() < PAGE_SIZE {
-            // The decoder always yields whole pages; keep the invariant regardless.
-            self.staged_data
-                .resize(self.staged_pfns.len() * PAGE_SIZE, 0);
-        }
-        Ok(())
-    }
-
-    fn drop_staged(&mut self) {
-        self.staged_pfns.clear();
-        self.staged_data.clear();
-        self.staged_state.clear();
-        self.has_state = false;
+        self.staged.pfns.len()
     }
 
     /// One decoded event of the primary's stream.
@@ -316,58 +344,63 @@ impl Secondary {
         now: Instant,
         ev: &Event<'a>,
     ) -> Result<Option<Delivery<'a>>, EngineError> {
-        self.heartbeat.heard(now);
+        self.peer.heard(now);
         match ev {
-            Event::ImageHeader(_) if self.headers == 0 => {
-                self.headers = 1;
-                Ok(None)
+            Event::ImageHeader(_) | Event::DomainHeader(_) => self.on_header(ev).map(|()| None),
+            _ if self.headers != StreamHeaders::Read => {
+                Err(self.state.unexpected("a record before the stream headers"))
             }
-            Event::DomainHeader(h) if self.headers == 1 => {
+            Event::PageDataStart { .. } | Event::PageDataEnd if self.state.receiving() => Ok(None),
+            // Pages without data (XTAB, BROKEN, XALLOC) leave the SVM's page as it is.
+            Event::Page { data: None, .. } if self.state.receiving() => Ok(None),
+            Event::Page {
+                pfn,
+                data: Some(data),
+                ..
+            } => self.on_page(*pfn, data),
+            Event::PageDataStart { .. } | Event::PageDataEnd | Event::Page { .. } => {
+                Err(self.state.unexpected("PAGE_DATA"))
+            }
+            Event::Record(rec) => self.on_record(now, rec),
+        }
+    }
+
+    /// The image header, then the domain header (an HVM guest's), each once.
+    fn on_header(&mut self, ev: &Event<'_>) -> Result<(), EngineError> {
+        match (self.headers, ev) {
+            (StreamHeaders::AwaitingImage, Event::ImageHeader(_)) => {
+                self.headers = StreamHeaders::AwaitingDomain;
+            }
+            (StreamHeaders::AwaitingDomain, Event::DomainHeader(h)) => {
                 if h.domain_type != DomainType::X86Hvm {
-                    return Err(self.err(
+                    return Err(self.state.unexpected(
                         "a domain header for a PV guest (colo replicates HVM/PVH guests only)",
                     ));
                 }
-                self.headers = 2;
+                self.headers = StreamHeaders::Read;
+            }
+            _ => return Err(self.state.unexpected("a repeated stream header")),
+        }
+        Ok(())
+    }
+
+    /// A page with data: written now during the initial synchronisation, else staged.
+    fn on_page<'a>(
+        &mut self,
+        pfn: u64,
+        data: &'a [u8],
+    ) -> Result<Option<Delivery<'a>>, EngineError> {
+        let pages = self.cfg.page_count;
+        match self.state {
+            SecondaryState::InitialSync { .. } if pfn >= pages => {
+                Err(EngineError::PfnOutOfRange { pfn, pages })
+            }
+            SecondaryState::InitialSync { .. } => Ok(Some(Delivery::WritePage { pfn, data })),
+            SecondaryState::ReceivingCheckpoint { epoch, .. } => {
+                self.staged.page(epoch, pages, pfn, data)?;
                 Ok(None)
             }
-            Event::ImageHeader(_) | Event::DomainHeader(_) => {
-                Err(self.err("a repeated stream header"))
-            }
-            _ if self.headers < 2 => Err(self.err("a record before the stream headers")),
-            Event::PageDataStart { .. } | Event::PageDataEnd => match self.state {
-                SecondaryState::InitialSync | SecondaryState::ReceivingCheckpoint { .. } => {
-                    Ok(None)
-                }
-                _ => Err(self.err("PAGE_DATA")),
-            },
-            Event::Page { pfn, data, .. } => {
-                let Some(data) = *data else {
-                    // Pages without data (XTAB, BROKEN, XALLOC) leave the SVM's page as it is.
-                    return match self.state {
-                        SecondaryState::InitialSync
-                        | SecondaryState::ReceivingCheckpoint { .. } => Ok(None),
-                        _ => Err(self.err("PAGE_DATA")),
-                    };
-                };
-                match self.state {
-                    SecondaryState::InitialSync => {
-                        if *pfn >= self.cfg.page_count {
-                            return Err(EngineError::PfnOutOfRange {
-                                pfn: *pfn,
-                                pages: self.cfg.page_count,
-                            });
-                        }
-                        Ok(Some(Delivery::WritePage { pfn: *pfn, data }))
-                    }
-                    SecondaryState::ReceivingCheckpoint { epoch } => {
-                        self.stage_page(epoch, *pfn, data)?;
-                        Ok(None)
-                    }
-                    _ => Err(self.err("PAGE_DATA")),
-                }
-            }
-            Event::Record(rec) => self.on_record(now, rec),
+            _ => Err(self.state.unexpected("PAGE_DATA")),
         }
     }
 
@@ -378,15 +411,23 @@ impl Secondary {
     ) -> Result<Option<Delivery<'a>>, EngineError> {
         match rec {
             Record::Checkpoint => {
-                let epoch = match self.state {
-                    SecondaryState::InitialSync => 0,
-                    SecondaryState::ReceivingCheckpoint { epoch } => epoch,
-                    _ => return Err(self.err("CHECKPOINT")),
+                let (epoch, state_staged) = match self.state {
+                    SecondaryState::InitialSync { state_staged } => (0, state_staged),
+                    SecondaryState::ReceivingCheckpoint {
+                        epoch,
+                        state_staged,
+                    } => (epoch, state_staged),
+                    _ => return Err(self.state.unexpected("CHECKPOINT")),
                 };
-                if !self.has_state {
-                    return Err(self.err("CHECKPOINT without the vCPU state (VCPU_STATE record)"));
+                if !state_staged {
+                    return Err(self
+                        .state
+                        .unexpected("CHECKPOINT without the vCPU state (VCPU_STATE record)"));
                 }
-                self.state = SecondaryState::Applying { epoch };
+                self.state = SecondaryState::Applying {
+                    epoch,
+                    primary_lost: None,
+                };
                 self.actions.push_back(SecondaryAction::Apply { epoch });
                 Ok(None)
             }
@@ -403,14 +444,13 @@ impl Secondary {
             | Record::MsrPolicy(_)
             | Record::StaticDataEnd
             | Record::Verify
-                if matches!(
-                    self.state,
-                    SecondaryState::InitialSync | SecondaryState::ReceivingCheckpoint { .. }
-                ) =>
+                if self.state.receiving() =>
             {
                 Ok(None)
             }
-            other => Err(self.err(format!("{} record from the primary", record_name(other)))),
+            other => Err(self
+                .state
+                .unexpected(format!("{} record from the primary", record_name(other)))),
         }
     }
 
@@ -419,29 +459,25 @@ impl Secondary {
         now: Instant,
         m: Message<'a>,
     ) -> Result<Option<Delivery<'a>>, EngineError> {
-        match (self.state, &m) {
-            (SecondaryState::AwaitingHandshake, _) => {
-                if self.handshake.on_message(&m, &mut self.outbox)? {
-                    // The initial synchronisation is as long as the guest is big: only silence
-                    // counts against it, not its duration.
-                    self.heartbeat.awaiting_progress(None);
-                    self.state = SecondaryState::InitialSync;
-                }
-                Ok(None)
+        if self.state.handshaking() {
+            if self.peer.handshake(&m)? {
+                self.state = SecondaryState::InitialSync {
+                    state_staged: false,
+                };
             }
-            (_, Message::Heartbeat(_)) => Ok(None),
-            (SecondaryState::TakenOver | SecondaryState::Failed | SecondaryState::Closed, _) => {
-                Ok(None)
-            }
-            (_, Message::Input { seq, frame }) => Ok(Some(Delivery::Input { seq: *seq, frame })),
+            return Ok(None);
+        }
+        match (&mut self.state, m) {
+            (_, Message::Heartbeat(_)) => {}
+            (s, _) if s.is_over() => {}
+            (_, Message::Input { seq, frame }) => return Ok(Some(Delivery::Input { seq, frame })),
             (
-                SecondaryState::InitialSync | SecondaryState::ReceivingCheckpoint { .. },
+                SecondaryState::InitialSync { state_staged }
+                | SecondaryState::ReceivingCheckpoint { state_staged, .. },
                 Message::VcpuState(blob),
             ) => {
-                self.staged_state.clear();
-                self.staged_state.extend_from_slice(blob);
-                self.has_state = true;
-                Ok(None)
+                self.staged.vcpu_state(blob);
+                *state_staged = true;
             }
             (
                 SecondaryState::AwaitingNew { epoch },
@@ -450,40 +486,32 @@ impl Secondary {
                     epoch: got,
                 },
             ) => {
-                if *got != epoch + 1 {
-                    return Err(EngineError::WrongEpoch {
-                        msg: "NEW",
-                        got: *got,
-                        want: epoch + 1,
-                    });
-                }
-                self.state = SecondaryState::Pausing { epoch: *got };
-                self.heartbeat.awaiting_progress(Some(now));
+                check_epoch("NEW", got, *epoch + 1)?;
+                self.state = SecondaryState::Pausing { epoch: got };
+                self.peer.awaiting_progress(Some(now));
                 self.actions.push_back(SecondaryAction::Pause);
-                Ok(None)
             }
-            (_, Message::Goodbye(reason)) => {
-                self.drop_staged();
-                self.actions.clear();
-                self.state = SecondaryState::Closed;
-                self.actions.push_back(SecondaryAction::Close {
-                    dropped: *reason == GOODBYE_DROPPED,
-                });
-                Ok(None)
-            }
-            (_, m) => Err(self.err(match m {
-                Message::Control { msg, epoch } => format!("CONTROL {msg}({epoch})"),
-                other => message_name(other).to_string(),
-            })),
+            (_, Message::Goodbye(reason)) => self.close(reason),
+            (_, m) => return Err(self.state.unexpected(message_event(&m))),
         }
+        Ok(None)
+    }
+
+    /// GOODBYE: the primary ends replication on purpose.
+    fn close(&mut self, reason: u32) {
+        self.staged.clear();
+        self.actions.clear();
+        self.state = SecondaryState::Closed;
+        self.actions.push_back(SecondaryAction::Close {
+            dropped: reason == GOODBYE_DROPPED,
+        });
     }
 
     /// The driver paused the SVM.
     pub fn paused(&mut self, _now: Instant) -> Result<(), EngineError> {
         let SecondaryState::Pausing { epoch } = self.state else {
-            return Err(self.err("paused"));
+            return Err(self.state.unexpected("paused"));
         };
-        self.paused = true;
         self.b.clear_all();
         self.state = SecondaryState::Harvesting { epoch };
         self.actions.push_back(SecondaryAction::HarvestDirty);
@@ -493,9 +521,9 @@ impl Secondary {
     /// The driver harvested B: send SVM_SUSPENDED and B on the back channel.
     pub fn harvested(&mut self, now: Instant) -> Result<(), EngineError> {
         let SecondaryState::Harvesting { epoch } = self.state else {
-            return Err(self.err("harvested"));
+            return Err(self.state.unexpected("harvested"));
         };
-        self.send(
+        self.peer.send(
             now,
             &Message::Control {
                 msg: Control::SvmSuspended,
@@ -504,9 +532,14 @@ impl Secondary {
         );
         self.b_list.clear();
         self.b.extend_pfns(&mut self.b_list);
-        encode_dirty_pfn_list(&mut self.outbox, self.b_list.iter().copied());
-        self.drop_staged();
-        self.state = SecondaryState::ReceivingCheckpoint { epoch };
+        let b = &self.b_list;
+        self.peer
+            .write(now, |out| encode_dirty_pfn_list(out, b.iter().copied()));
+        self.staged.clear();
+        self.state = SecondaryState::ReceivingCheckpoint {
+            epoch,
+            state_staged: false,
+        };
         Ok(())
     }
 
@@ -518,22 +551,26 @@ impl Secondary {
         now: Instant,
         digest: Option<[u8; DIGEST_LEN]>,
     ) -> Result<(), EngineError> {
-        let SecondaryState::Applying { epoch } = self.state else {
-            return Err(self.err("applied"));
+        let SecondaryState::Applying {
+            epoch,
+            primary_lost,
+        } = &mut self.state
+        else {
+            return Err(self.state.unexpected("applied"));
         };
-        self.applied_any = true;
-        self.drop_staged();
-        if let Some(reason) = self.pending_loss.take() {
+        let (epoch, primary_lost) = (*epoch, primary_lost.take());
+        self.staged.clear();
+        self.state = SecondaryState::Resuming { epoch };
+        if let Some(reason) = primary_lost {
             // The primary died after sending this checkpoint whole: it is applied, and this node
             // takes over from it.
-            self.state = SecondaryState::Resuming { epoch };
             self.lose(reason);
             return Ok(());
         }
         if let Some(digest) = digest {
-            self.send(now, &Message::Digest { epoch, digest });
+            self.peer.send(now, &Message::Digest { epoch, digest });
         }
-        self.send(
+        self.peer.send(
             now,
             &Message::Control {
                 msg: Control::SvmReady,
@@ -543,7 +580,6 @@ impl Secondary {
         if epoch == 0 {
             self.actions.push_back(SecondaryAction::StartDirtyLog);
         }
-        self.state = SecondaryState::Resuming { epoch };
         self.actions.push_back(SecondaryAction::Resume);
         Ok(())
     }
@@ -551,17 +587,16 @@ impl Secondary {
     /// The driver resumed the SVM.
     pub fn resumed(&mut self, now: Instant) -> Result<(), EngineError> {
         let SecondaryState::Resuming { epoch } = self.state else {
-            return Err(self.err("resumed"));
+            return Err(self.state.unexpected("resumed"));
         };
-        self.paused = false;
-        self.send(
+        self.peer.send(
             now,
             &Message::Control {
                 msg: Control::SvmResumed,
                 epoch,
             },
         );
-        self.heartbeat.awaiting_progress(None);
+        self.peer.awaiting_progress(None);
         self.state = SecondaryState::AwaitingNew { epoch };
         self.actions.push_back(SecondaryAction::Running { epoch });
         Ok(())
@@ -569,8 +604,8 @@ impl Secondary {
 
     /// Appends a frame the SVM emitted to the outbox, tagged with its epoch.
     pub fn send_output(&mut self, now: Instant, frame: &[u8]) {
-        if let SecondaryState::AwaitingNew { epoch } = self.state {
-            self.send(now, &Message::Output { epoch, frame });
+        if let Some(epoch) = self.running_epoch() {
+            self.peer.send(now, &Message::Output { epoch, frame });
         }
     }
 
@@ -587,79 +622,56 @@ impl Secondary {
     /// driver that spent a while in a backend call does not take its own delay for the peer's
     /// silence.
     pub fn peer_heard(&mut self, at: Instant) {
-        self.heartbeat.heard(at);
+        self.peer.heard(at);
     }
 
     /// Time passed: sends heartbeats and detects a lost or stuck primary.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if matches!(
-            self.state,
-            SecondaryState::TakenOver | SecondaryState::Failed | SecondaryState::Closed
-        ) {
-            return;
-        }
-        if let Some(reason) = self.heartbeat.lost(now) {
+        if let Some(reason) = self.peer.tick(now, &self.state) {
             self.lose(reason);
-            return;
-        }
-        if self.state != SecondaryState::AwaitingHandshake {
-            if let Some(seq) = self.heartbeat.due(now) {
-                Message::Heartbeat(seq).encode(&mut self.outbox);
-            }
         }
     }
 
     /// When [`Secondary::handle_timeout`] should be called next.
     pub fn next_timeout(&self) -> Option<Instant> {
-        (!matches!(
-            self.state,
-            SecondaryState::TakenOver | SecondaryState::Failed | SecondaryState::Closed
-        ))
-        .then(|| self.heartbeat.next_deadline())
+        self.peer.next_timeout(&self.state)
     }
 
     /// The link failed (reset, EOF, malformed input): take over if the SVM holds a complete
     /// checkpoint.
-    pub fn peer_lost(&mut self, reason: String) {
+    pub fn peer_lost(&mut self, now: Instant, reason: String) {
+        let _ = now;
         self.lose(reason);
     }
 
     /// The operator forces a failover.
-    pub fn failover(&mut self) {
-        self.lose("failover requested by the operator".into());
+    pub fn failover(&mut self, now: Instant) {
+        self.peer_lost(now, "failover requested by the operator".into());
     }
 
     fn lose(&mut self, reason: String) {
-        if matches!(
-            self.state,
-            SecondaryState::TakenOver | SecondaryState::Failed | SecondaryState::Closed
-        ) {
-            return;
-        }
-        if let SecondaryState::Applying { .. } = self.state {
-            // The checkpoint is complete and queued for applying: apply it, then take over.
-            self.pending_loss = Some(reason);
-            return;
+        match &mut self.state {
+            s if s.is_over() => return,
+            SecondaryState::Applying { primary_lost, .. } => {
+                // The checkpoint is complete and queued for applying: apply it, then take over.
+                *primary_lost = Some(reason);
+                return;
+            }
+            _ => {}
         }
         // A torn checkpoint is never applied: whatever was staged is dropped.
-        self.drop_staged();
+        self.staged.clear();
         self.actions.clear();
-        // During the handshake the outbox holds this node's HELLO/AUTH: it still goes out, so
-        // a peer this node refused (another key, size, --verify) learns why from its own check
-        // instead of seeing the link close.
-        if self.state != SecondaryState::AwaitingHandshake {
-            self.outbox.clear();
-        }
-        if !self.applied_any {
+        self.peer.hang_up(&self.state);
+        if !self.state.holds_checkpoint() {
             self.state = SecondaryState::Failed;
             self.actions.push_back(SecondaryAction::GiveUp {
                 reason: format!("{reason}; the secondary never held a complete checkpoint"),
             });
             return;
         }
-        if self.paused {
+        if self.state.svm_paused() {
             self.actions.push_back(SecondaryAction::Resume);
-            self.paused = false;
         }
         self.state = SecondaryState::TakenOver;
         self.actions.push_back(SecondaryAction::TakeOver { reason });
