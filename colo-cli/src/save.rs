@@ -17,8 +17,9 @@
 //! optional VCPU_STATE record included, so a snapshot carries the backend's state blob in the
 //! standard records instead:
 //! * Xen backend: the blob is colo-xen's `XenState` (TSC info, the real `xc_domain_hvm_getcontext`
-//!   context, the HVM params), split into X86_TSC_INFO, HVM_CONTEXT and HVM_PARAMS unchanged;
-//!   the stream is a genuine Xen HVM save image (without the device model's state).
+//!   context, the HVM params), split into X86_TSC_INFO, HVM_CONTEXT and HVM_PARAMS unchanged
+//!   (colo-xen's `colo_core::Snapshot` impl); the stream is a genuine Xen HVM save image
+//!   (without the device model's state).
 //! * Mock backend: HVM_CONTEXT holds the mock's opaque state blob (vCPU registers, clock, RNG),
 //!   X86_TSC_INFO is a fixed placeholder (mode 0, 1 GHz, 0 ns) and HVM_PARAMS is empty. The
 //!   stream is well-formed for Xen's verifier, but only `colo restore` can load its context.

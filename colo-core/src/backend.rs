@@ -14,7 +14,7 @@
 //!
 //! Contract shared by all methods: a pfn at or beyond [`Domain::page_count`] is
 //! [`BackendError::PfnOutOfRange`], never a panic; no method allocates per page. Backends prove
-//! it with [`crate::conformance`] (feature `conformance`).
+//! it with `crate::conformance` (feature `conformance`).
 //!
 //! The one non-`std` type here is the output signal, a crossbeam channel's receiver
 //! ([`OutputSignal`]): no IO, but the node loop waits on it together with its other event
@@ -145,7 +145,7 @@ pub type OutputSignal = crossbeam_channel::Receiver<()>;
 /// would come through the same calls (Xen has no network path in this release, and its NIC is
 /// an empty one that refuses [`GuestNic::inject`]).
 ///
-/// Contract ([`crate::conformance`] checks it): requests are numbered; the next number the
+/// Contract (`crate::conformance` checks it): requests are numbered; the next number the
 /// guest expects is guest state (kept in guest memory, so a checkpoint carries it and a restore
 /// of memory and state restores it); [`GuestNic::inject`] takes exactly that number and moves
 /// it on by one, or answers `Ok(false)` (ring full) and changes nothing; every frame the guest

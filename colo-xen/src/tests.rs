@@ -1,5 +1,6 @@
 //! Unit tests of [`XenDomain`] against the in-memory fake of the C API: bitmap conversion,
-//! batching, per-page errors, errno mapping, merge-back of harvested bits, state blobs.
+//! batching, per-page errors, errno mapping, merge-back of harvested bits, state blobs, and the
+//! rest of the backend contract (the empty NIC, the snapshot's platform records).
 
 use colo_core::{BackendError, DirtyBitmap, Domain, PAGE_SIZE};
 

@@ -5,7 +5,7 @@
 //! machines.
 //!
 //! Files: `driver.rs` is the one driver both roles share ([`Node`]: the loop, the event wait,
-//! the outbox flush, the status) and the [`driver::Role`] interface; `primary.rs` and
+//! the outbox flush, the status) and the `Role` interface; `primary.rs` and
 //! `secondary.rs` are the two roles, one method per action of their machine; `protect.rs` the
 //! primary's re-protection and GOODBYE; `capture.rs` the primary's capture and the sweeps of
 //! all memory (digests, pages written behind the dirty log); `pages.rs` the page copies and
