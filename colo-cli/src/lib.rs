@@ -1,7 +1,9 @@
-//! colo-cli's library: the node drivers (the IO around colo-core's state machines), the TCP
+//! colo-cli's library: the node runtime (the IO around colo-core's state machines), the TCP
 //! replication link, the client-facing hub of the mock network path, node status and the
-//! verifying kv client. The `test-support` feature (never in the shipped binary) adds the fault
-//! proxy and the in-process pair builder that the tests and the bench share.
+//! verifying kv client. The backends' glue lives beside them (colo-mock, colo-xen); this crate
+//! only wires them. The `test-support` feature (never in the shipped binary) adds the fault
+//! proxy, the in-process pair builder and the nodes' test hooks that the tests and the bench
+//! share.
 
 pub mod arbiter;
 pub mod clients;
@@ -21,4 +23,3 @@ pub mod node;
 pub mod status;
 #[cfg(feature = "test-support")]
 pub mod testing;
-mod verify;

@@ -595,11 +595,6 @@ impl Link {
         self.tx.closed.store(true, Ordering::Relaxed);
         let _ = self.tx.ctl.shutdown(std::net::Shutdown::Both);
     }
-
-    /// A second handle on the socket, e.g. to cut it from another thread.
-    pub fn try_clone_stream(&self) -> io::Result<TcpStream> {
-        self.tx.ctl.try_clone()
-    }
 }
 
 /// A [`Link::connect_in_background`] under way.

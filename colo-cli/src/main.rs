@@ -15,18 +15,15 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use colo_cli::config::{parse_size, Config};
 use colo_cli::mock::{MockSpec, WorkloadKind};
-use colo_cli::node::{
-    new_status, Guest, NodeOptions, PrimaryNode, SecondaryNode, SecondaryOutcome,
-};
+use colo_cli::node::{new_status, NodeOptions, PrimaryNode, SecondaryNode, SecondaryOutcome};
 use colo_cli::status::Shared;
 use colo_core::compare::CompareConfig;
 use colo_core::engine::{Liveness, SyncMode};
 use colo_core::policy::CheckpointPolicy;
+use colo_core::{Guest, Snapshot};
 
 mod demo;
 mod save;
-#[cfg(feature = "xen")]
-mod xen;
 
 /// COLO virtual-machine replication: a primary and a secondary VM run side by side, their
 /// outputs are compared, and a checkpoint makes the secondary an exact copy of the primary
@@ -603,27 +600,14 @@ fn stream_dump(file: &str, json: bool) -> Result<i32> {
     }
 }
 
-/// A guest that `colo save` and `--save-on-exit` can snapshot.
-trait Snapshot: colo_core::Domain {
-    /// The stream's platform records for the guest's current state (guest paused).
-    fn platform(&mut self) -> Result<save::PlatformRecords>;
-}
-
-impl Snapshot for colo_mock::MockDomain {
-    fn platform(&mut self) -> Result<save::PlatformRecords> {
-        let mut blob = Vec::new();
-        colo_core::Domain::get_state(self, &mut blob).context("reading the vCPU state")?;
-        save::PlatformRecords::opaque(blob)
-    }
-}
-
+/// Opens Xen domain `domid` (HVM or PVH, from dom0) as a node's guest; `vector` is delivered
+/// when it resumes from a loaded checkpoint (see `XenDomain::wake`).
 #[cfg(feature = "xen")]
-impl Snapshot for xen::XenGuest {
-    fn platform(&mut self) -> Result<save::PlatformRecords> {
-        let mut blob = Vec::new();
-        colo_core::Domain::get_state(self, &mut blob).context("reading the domain's state")?;
-        xen::platform(&blob)
-    }
+fn open_xen(domid: u32, vector: colo_cli::config::UpcallVector) -> Result<colo_xen::XenDomain> {
+    let mut dom =
+        colo_xen::XenDomain::open(domid).with_context(|| format!("opening Xen domain {domid}"))?;
+    dom.set_wake_vector(vector.0);
+    Ok(dom)
 }
 
 /// Pauses `dom`, saves it to `path`, prints one line, and resumes it if it was running.
@@ -632,6 +616,7 @@ fn save_guest<G: Snapshot>(dom: &mut G, path: &Path) -> Result<save::SaveFigures
     dom.pause().context("pausing the guest")?;
     let res = dom
         .platform()
+        .context("reading the guest's vCPU and platform state")
         .and_then(|p| save::save_to_file(dom, &p, path));
     if !was_paused {
         dom.resume().context("resuming the guest")?;
@@ -702,7 +687,7 @@ fn run_save(a: SaveArgs) -> Result<i32> {
 #[cfg(feature = "xen")]
 fn save_xen(domid: Option<u32>, out: &Path) -> Result<i32> {
     let domid = domid.context("--backend xen needs --domid")?;
-    let mut dom = xen::open(domid, colo_cli::config::UpcallVector(None))?;
+    let mut dom = open_xen(domid, colo_cli::config::UpcallVector(None))?;
     save_guest(&mut dom, out)?;
     Ok(0)
 }
@@ -883,7 +868,7 @@ fn run_primary(a: PrimaryArgs) -> Result<i32> {
 #[cfg(feature = "xen")]
 fn primary_xen(a: PrimaryArgs) -> Result<i32> {
     let domid = a.node.domid.context("--backend xen needs --domid")?;
-    let mut guest = xen::open(domid, a.node.upcall_vector)?;
+    let mut guest = open_xen(domid, a.node.upcall_vector)?;
     colo_core::Domain::resume(&mut guest)?;
     primary_with(a, guest)
 }
@@ -939,7 +924,7 @@ fn run_secondary(a: SecondaryArgs) -> Result<i32> {
 #[cfg(feature = "xen")]
 fn secondary_xen(a: SecondaryArgs) -> Result<i32> {
     let domid = a.node.domid.context("--backend xen needs --domid")?;
-    let guest = xen::open(domid, a.node.upcall_vector)?;
+    let guest = open_xen(domid, a.node.upcall_vector)?;
     secondary_with(a, guest)
 }
 

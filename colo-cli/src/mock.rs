@@ -1,40 +1,11 @@
-//! Glue between colo-mock's `MockDomain` and the node driver: the guest NIC and building a guest
-//! from command-line settings.
+//! Building a mock guest (colo-mock's `MockDomain`) from command-line and config-file
+//! settings. The mock's side of the backend contract (`Domain`, `GuestNic`, `Snapshot`) is in
+//! colo-mock itself.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use colo_core::BackendError;
-use colo_mock::{DirtyConfig, KvConfig, MockConfig, MockDomain, MockError, Workload};
-
-use crate::node::GuestNic;
-
-fn backend(e: MockError) -> BackendError {
-    BackendError::BadState {
-        op: "guest NIC",
-        reason: e.to_string(),
-    }
-}
-
-impl GuestNic for MockDomain {
-    fn rx_next_seq(&self) -> u64 {
-        MockDomain::rx_next_seq(self)
-    }
-
-    fn inject(&mut self, seq: u64, frame: &[u8]) -> Result<bool, BackendError> {
-        MockDomain::inject(self, seq, frame).map_err(backend)
-    }
-
-    fn drain_tx(&mut self, out: &mut dyn FnMut(&[u8])) {
-        if let Err(e) = MockDomain::drain_tx(self, out) {
-            tracing::error!("draining the guest's output failed: {e}");
-        }
-    }
-
-    fn output_ready(&self) -> Option<crossbeam_channel::Receiver<()>> {
-        Some(MockDomain::output_ready(self))
-    }
-}
+use colo_mock::{DirtyConfig, KvConfig, MockConfig, MockDomain, Workload};
 
 /// The workloads a mock guest can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]

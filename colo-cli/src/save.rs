@@ -17,8 +17,9 @@
 //! optional VCPU_STATE record included, so a snapshot carries the backend's state blob in the
 //! standard records instead:
 //! * Xen backend: the blob is colo-xen's `XenState` (TSC info, the real `xc_domain_hvm_getcontext`
-//!   context, the HVM params), split into X86_TSC_INFO, HVM_CONTEXT and HVM_PARAMS unchanged;
-//!   the stream is a genuine Xen HVM save image (without the device model's state).
+//!   context, the HVM params), split into X86_TSC_INFO, HVM_CONTEXT and HVM_PARAMS unchanged
+//!   (colo-xen's `colo_core::Snapshot` impl); the stream is a genuine Xen HVM save image
+//!   (without the device model's state).
 //! * Mock backend: HVM_CONTEXT holds the mock's opaque state blob (vCPU registers, clock, RNG),
 //!   X86_TSC_INFO is a fixed placeholder (mode 0, 1 GHz, 0 ns) and HVM_PARAMS is empty. The
 //!   stream is well-formed for Xen's verifier, but only `colo restore` can load its context.
@@ -36,38 +37,7 @@ use colo_core::stream::{
     DecoderConfig, DomainHeader, DomainType, Event, ImageHeader, PageType, Record, TscInfo,
     MAX_PAGES_PER_RECORD,
 };
-use colo_core::{Domain, PAGE_SIZE};
-
-/// The platform records of a snapshot: X86_TSC_INFO, HVM_CONTEXT and HVM_PARAMS.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlatformRecords {
-    /// Body of X86_TSC_INFO.
-    pub tsc: TscInfo,
-    /// Body of HVM_CONTEXT (never empty: Xen's verifier rejects an empty context).
-    pub hvm_context: Vec<u8>,
-    /// Entries of HVM_PARAMS, (index, value).
-    pub hvm_params: Vec<(u64, u64)>,
-}
-
-impl PlatformRecords {
-    /// The records for an opaque backend state blob (the mock's): the blob as HVM_CONTEXT, a
-    /// placeholder TSC and no HVM params.
-    pub fn opaque(blob: Vec<u8>) -> Result<Self> {
-        if blob.is_empty() {
-            bail!("the backend returned an empty vCPU state");
-        }
-        Ok(Self {
-            tsc: TscInfo {
-                mode: 0,
-                khz: 1_000_000,
-                nsec: 0,
-                incarnation: 0,
-            },
-            hvm_context: blob,
-            hvm_params: Vec::new(),
-        })
-    }
-}
+use colo_core::{Domain, PlatformRecords, PAGE_SIZE};
 
 /// Figures of a written snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -5,8 +5,9 @@ use std::net::TcpListener;
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
+use colo_core::Guest;
 
-use crate::node::{Guest, NodeOptions, SecondaryNode};
+use crate::node::{NodeOptions, SecondaryNode};
 use crate::status::Shared;
 
 /// A secondary node on a thread of its own, accepting its primary on a fresh loopback port.

@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use colo_cli::mock::build;
-use colo_cli::node::{new_status, GuestNic, NodeOptions, PrimaryNode, SecondaryOutcome};
+use colo_cli::node::{new_status, NodeOptions, PrimaryNode, SecondaryOutcome};
 use colo_cli::testing::spawn_secondary;
 use colo_core::backend::PageVisitor;
 use colo_core::policy::CheckpointPolicy;
-use colo_core::{BackendError, DirtyBitmap, Domain, PAGE_SIZE};
+use colo_core::{BackendError, DirtyBitmap, Domain, GuestNic, PAGE_SIZE};
 use colo_mock::MockDomain;
 use parking_lot::Mutex;
 

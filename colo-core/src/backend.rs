@@ -1,14 +1,28 @@
-//! The backend trait: what a checkpoint needs from a hypervisor, written from the caller's side.
+//! The backend contract: what colo needs from a hypervisor, written from the caller's side, in
+//! one place.
 //!
-//! A [`Domain`] is one guest (a Xen domain, or a colo-mock VM). The node driver in colo-cli owns
-//! it and calls it when a state machine in [`crate`] asks for an action; colo-core itself never
-//! calls a backend. Each method names the libxenctrl call that colo-xen makes for it, so a Xen
-//! engineer can map the trait to the hypervisor at a glance.
+//! - [`Domain`]: one guest's memory, dirty log, pause and vCPU/platform state (a Xen domain, or
+//!   a colo-mock VM). The node driver in colo-cli owns it and calls it when a state machine in
+//!   [`crate`] asks for an action; colo-core itself never calls a backend. Each method names the
+//!   libxenctrl call that colo-xen makes for it, so a Xen engineer can map the trait to the
+//!   hypervisor at a glance.
+//! - [`GuestNic`]: the guest's network interface, where mirrored client requests go in and the
+//!   guest's output comes out; [`Guest`] is both, what a node runs. A backend without a network
+//!   path implements it as an empty NIC that refuses [`GuestNic::inject`].
+//! - [`Snapshot`]: the platform records (TSC, HVM context, HVM params) that `colo save` writes
+//!   beside the pages, as [`PlatformRecords`].
 //!
 //! Contract shared by all methods: a pfn at or beyond [`Domain::page_count`] is
-//! [`BackendError::PfnOutOfRange`], never a panic; no method allocates per page.
+//! [`BackendError::PfnOutOfRange`], never a panic; no method allocates per page. Backends prove
+//! it with `crate::conformance` (feature `conformance`).
+//!
+//! The one non-`std` type here is the output signal, a crossbeam channel's receiver
+//! ([`OutputSignal`]): no IO, but the node loop waits on it together with its other event
+//! sources in one `crossbeam_channel::Select`, which a backend-neutral callback could not join
+//! without a channel of its own in every backend's output path.
 
 use crate::bitmap::DirtyBitmap;
+use crate::stream::TscInfo;
 
 /// Errors a backend reports. Backends map their own errors into these variants.
 #[derive(Debug, thiserror::Error)]
@@ -121,4 +135,80 @@ pub trait Domain {
     /// Replaces the vCPU/platform state with a blob from [`Domain::get_state`] of a domain of
     /// the same shape. Only called while the domain is paused.
     fn set_state(&mut self, blob: &[u8]) -> Result<(), BackendError>;
+}
+
+/// A message arrives on it whenever the guest emitted output since the last message was taken
+/// (a bounded channel of one: many frames, one wake-up). See [`GuestNic::output_ready`].
+pub type OutputSignal = crossbeam_channel::Receiver<()>;
+
+/// A guest's network interface as the node sees it: the mock's vif rings; a Xen guest's vif
+/// would come through the same calls (Xen has no network path in this release, and its NIC is
+/// an empty one that refuses [`GuestNic::inject`]).
+///
+/// Contract (`crate::conformance` checks it): requests are numbered; the next number the
+/// guest expects is guest state (kept in guest memory, so a checkpoint carries it and a restore
+/// of memory and state restores it); [`GuestNic::inject`] takes exactly that number and moves
+/// it on by one, or answers `Ok(false)` (ring full) and changes nothing; every frame the guest
+/// emits is handed out once, in order.
+pub trait GuestNic {
+    /// Sequence number of the next request the guest expects (kept in guest memory, so a
+    /// checkpoint carries it).
+    fn rx_next_seq(&self) -> u64;
+    /// Gives request `seq` to the guest; `Ok(false)` when its ring is full. A `seq` other than
+    /// [`GuestNic::rx_next_seq`] is an error; a NIC without a network path answers
+    /// [`BackendError::Unsupported`].
+    fn inject(&mut self, seq: u64, frame: &[u8]) -> Result<bool, BackendError>;
+    /// Hands every frame the guest emitted since the last call to `out`, in order.
+    fn drain_tx(&mut self, out: &mut dyn FnMut(&[u8]));
+    /// A channel holding a message whenever the guest emitted output since the last message
+    /// was taken, so the node loop can sleep until then. None (a guest without the signal, or
+    /// without a NIC): the loop looks for output whenever it wakes, at least every 100 ms.
+    fn output_ready(&self) -> Option<OutputSignal> {
+        None
+    }
+}
+
+/// What a node needs from its guest: memory, dirty log, state, and the NIC.
+pub trait Guest: Domain + GuestNic {}
+impl<T: Domain + GuestNic> Guest for T {}
+
+/// The platform records of a saved guest (`colo save`): X86_TSC_INFO, HVM_CONTEXT and
+/// HVM_PARAMS of a libxc stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlatformRecords {
+    /// Body of X86_TSC_INFO.
+    pub tsc: TscInfo,
+    /// Body of HVM_CONTEXT (never empty: Xen's verifier rejects an empty context).
+    pub hvm_context: Vec<u8>,
+    /// Entries of HVM_PARAMS, (index, value).
+    pub hvm_params: Vec<(u64, u64)>,
+}
+
+impl PlatformRecords {
+    /// The records for an opaque backend state blob (the mock's): the blob as HVM_CONTEXT, a
+    /// placeholder TSC and no HVM params.
+    pub fn opaque(blob: Vec<u8>) -> Result<Self, BackendError> {
+        if blob.is_empty() {
+            return Err(BackendError::InvalidState(
+                "the backend returned an empty vCPU state".into(),
+            ));
+        }
+        Ok(Self {
+            tsc: TscInfo {
+                mode: 0,
+                khz: 1_000_000,
+                nsec: 0,
+                incarnation: 0,
+            },
+            hvm_context: blob,
+            hvm_params: Vec::new(),
+        })
+    }
+}
+
+/// A guest that `colo save` (and a node's `--save-on-exit`) can write as a libxc stream: its
+/// pages through [`Domain::read_pages`], and its platform records from here.
+pub trait Snapshot: Domain {
+    /// The stream's platform records for the guest's current state (guest paused).
+    fn platform(&mut self) -> Result<PlatformRecords, BackendError>;
 }

@@ -16,8 +16,19 @@
 //! | [`rejects_bad_arguments`] | out-of-range pfns, wrong data lengths and wrong bitmap sizes are errors |
 //!
 //! [`run_all`] runs them in order; the domain must be freshly created, paused, logging off.
+//!
+//! The guest NIC ([`GuestNic`]) has checks of its own. A backend whose guest has a network path
+//! supplies a [`NicConformanceGuest`] (colo-mock: the kv guest) and passes [`run_nic`]:
+//!
+//! | check | what it proves |
+//! |---|---|
+//! | [`nic_seq_is_guest_state`] | the next request number lives in guest memory or state: restoring both restores it |
+//! | [`nic_requests_answered`] | `inject` takes exactly the next number and moves it on by one (a full ring: `Ok(false)`, nothing changes); the guest's answers come out of `drain_tx` once each, in order; the output signal, if any, fired |
+//!
+//! A backend without a network path (colo-xen in this release) passes [`nic_absent`]: its
+//! `inject` is refused as unsupported, nothing ever comes out, and there is no output signal.
 
-use crate::backend::{BackendError, Domain};
+use crate::backend::{BackendError, Domain, GuestNic};
 use crate::bitmap::DirtyBitmap;
 use crate::PAGE_SIZE;
 
@@ -393,5 +404,225 @@ pub fn run_all<G: ConformanceGuest>(g: &mut G) -> Check {
     state_round_trip(g)?;
     rejects_bad_arguments(g)?;
     g.domain().stop_dirty_log().map_err(be(C))?;
+    Ok(())
+}
+
+/// The guest side of a NIC conformance run: a guest with a network path that answers requests.
+pub trait NicConformanceGuest {
+    /// The backend under test.
+    type Dom: Domain + GuestNic;
+
+    /// The domain.
+    fn domain(&mut self) -> &mut Self::Dom;
+
+    /// A request frame the guest answers with exactly one frame, told apart by `id`.
+    fn request(&mut self, id: u64) -> Vec<u8>;
+
+    /// The `id` of the request that `frame` (a frame the guest emitted) answers, if any.
+    fn answered(&self, frame: &[u8]) -> Option<u64>;
+
+    /// Lets some time pass (e.g. 20–50 ms) so a running guest makes progress.
+    fn let_time_pass(&mut self);
+}
+
+/// Every page of `d` in pfn order (an unmappable page left out: it cannot be written back).
+fn read_all<D: Domain>(
+    d: &mut D,
+    check: &'static str,
+) -> Result<(Vec<u64>, Vec<u8>), ConformanceError> {
+    let all: Vec<u64> = (0..d.page_count()).collect();
+    let (mut pfns, mut data) = (Vec::new(), Vec::new());
+    for batch in all.chunks(1024) {
+        d.read_pages(batch, &mut |i, page| {
+            if let Some(p) = page {
+                pfns.push(batch[i]);
+                data.extend_from_slice(p);
+            }
+            Ok(())
+        })
+        .map_err(be(check))?;
+    }
+    Ok((pfns, data))
+}
+
+/// The next request number is guest state: a request injected into a paused guest is undone,
+/// number included, by writing back the memory and state read before it.
+pub fn nic_seq_is_guest_state<G: NicConformanceGuest>(g: &mut G) -> Check {
+    const C: &str = "nic_seq_is_guest_state";
+    g.domain().pause().map_err(be(C))?;
+    let seq = g.domain().rx_next_seq();
+    let (pfns, data) = read_all(g.domain(), C)?;
+    let mut state = Vec::new();
+    g.domain().get_state(&mut state).map_err(be(C))?;
+    let frame = g.request(seq);
+    if !g.domain().inject(seq, &frame).map_err(be(C))? {
+        return Err(violated(C, "the RX ring of a fresh guest is full".into()));
+    }
+    if g.domain().rx_next_seq() != seq + 1 {
+        return Err(violated(
+            C,
+            format!(
+                "after injecting request {seq} the guest expects {}",
+                g.domain().rx_next_seq()
+            ),
+        ));
+    }
+    g.domain().write_pages(&pfns, &data).map_err(be(C))?;
+    g.domain().set_state(&state).map_err(be(C))?;
+    let after = g.domain().rx_next_seq();
+    if after != seq {
+        return Err(violated(
+            C,
+            format!("memory and state restored, yet the guest expects request {after}, not {seq}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Fills the paused guest's RX ring (at most `most` requests) from its next number on; returns
+/// the numbers accepted.
+fn fill_ring<G: NicConformanceGuest>(
+    g: &mut G,
+    most: u64,
+    check: &'static str,
+) -> Result<Vec<u64>, ConformanceError> {
+    let first = g.domain().rx_next_seq();
+    let frame = g.request(first);
+    let wrong = g.domain().inject(first + 1, &frame);
+    if wrong.is_ok() || g.domain().rx_next_seq() != first {
+        return Err(violated(
+            check,
+            format!(
+                "request {} injected while {first} was due: {wrong:?}",
+                first + 1
+            ),
+        ));
+    }
+    let mut accepted = Vec::new();
+    for seq in first..first + most {
+        let frame = g.request(seq);
+        let taken = g.domain().inject(seq, &frame).map_err(be(check))?;
+        let next = g.domain().rx_next_seq();
+        let want = if taken { seq + 1 } else { seq };
+        if next != want {
+            return Err(violated(
+                check,
+                format!(
+                    "inject({seq}) answered {taken}, then the guest expects {next}, not {want}"
+                ),
+            ));
+        }
+        if !taken {
+            break;
+        }
+        accepted.push(seq);
+    }
+    if accepted.is_empty() {
+        return Err(violated(
+            check,
+            "the RX ring of an idle guest is full".into(),
+        ));
+    }
+    Ok(accepted)
+}
+
+/// `inject` takes exactly the next request number and moves it on by one; a full ring answers
+/// `Ok(false)` and changes nothing; the running guest's answers come out of `drain_tx` once
+/// each, in order; the output signal, if the NIC has one, fired.
+pub fn nic_requests_answered<G: NicConformanceGuest>(g: &mut G) -> Check {
+    const C: &str = "nic_requests_answered";
+    g.domain().pause().map_err(be(C))?;
+    g.domain().drain_tx(&mut |_| {});
+    let signal = g.domain().output_ready();
+    if let Some(rx) = &signal {
+        while rx.try_recv().is_ok() {}
+    }
+    let accepted = fill_ring(g, 4096, C)?;
+    g.domain().resume().map_err(be(C))?;
+    let mut answers = Vec::new();
+    let mut signalled = false;
+    for _ in 0..200 {
+        if answers.len() >= accepted.len() {
+            break;
+        }
+        g.let_time_pass();
+        signalled |= signal.as_ref().is_some_and(|rx| rx.try_recv().is_ok());
+        let mut frames = Vec::new();
+        g.domain().drain_tx(&mut |f| frames.push(f.to_vec()));
+        answers.extend(frames.iter().filter_map(|f| g.answered(f)));
+    }
+    g.domain().pause().map_err(be(C))?;
+    signalled |= signal.as_ref().is_some_and(|rx| rx.try_recv().is_ok());
+    let mut again = 0;
+    g.domain().drain_tx(&mut |_| again += 1);
+    if answers != accepted {
+        return Err(violated(
+            C,
+            format!(
+                "requests {:?}..={:?} injected, answers seen for {} of them{}",
+                accepted.first(),
+                accepted.last(),
+                answers.len(),
+                if answers.len() == accepted.len() {
+                    ", out of order or twice"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    if again != 0 {
+        return Err(violated(
+            C,
+            format!("{again} frames came out of a paused guest after all were drained"),
+        ));
+    }
+    if signal.is_some() && !signalled {
+        return Err(violated(
+            C,
+            "the guest emitted output but the output signal never fired".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs the NIC checks on a freshly created, paused domain.
+pub fn run_nic<G: NicConformanceGuest>(g: &mut G) -> Check {
+    nic_seq_is_guest_state(g)?;
+    nic_requests_answered(g)
+}
+
+/// The contract of a NIC without a network path: `inject` is refused as unsupported and
+/// changes nothing, nothing ever comes out, and there is no output signal to wait on.
+pub fn nic_absent<N: GuestNic>(nic: &mut N) -> Check {
+    const C: &str = "nic_absent";
+    let seq = nic.rx_next_seq();
+    let r = nic.inject(seq, &[0u8; 64]);
+    if !matches!(r, Err(BackendError::Unsupported(_))) {
+        return Err(violated(
+            C,
+            format!("inject({seq}) answered {r:?}, not unsupported"),
+        ));
+    }
+    if nic.rx_next_seq() != seq {
+        return Err(violated(
+            C,
+            "a refused inject moved the request number on".into(),
+        ));
+    }
+    let mut frames = 0;
+    nic.drain_tx(&mut |_| frames += 1);
+    if frames != 0 {
+        return Err(violated(
+            C,
+            format!("{frames} frames came out of a NIC without a network path"),
+        ));
+    }
+    if nic.output_ready().is_some() {
+        return Err(violated(
+            C,
+            "a NIC without a network path offers an output signal".into(),
+        ));
+    }
     Ok(())
 }

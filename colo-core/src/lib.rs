@@ -16,7 +16,9 @@ pub mod lease;
 pub mod policy;
 pub mod stream;
 
-pub use backend::{BackendError, Domain, PageVisitor};
+pub use backend::{
+    BackendError, Domain, Guest, GuestNic, OutputSignal, PageVisitor, PlatformRecords, Snapshot,
+};
 pub use bitmap::{BitmapError, DirtyBitmap};
 
 /// Size of a guest page in bytes. colo only supports 4 KiB pages (Xen's `page_shift` 12).

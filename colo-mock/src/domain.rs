@@ -1,5 +1,6 @@
 //! [`MockDomain`]: one mock VM — guest RAM, its dirty tracker, the vCPU threads, the guest NIC —
-//! and its implementation of [`colo_core::Domain`].
+//! and its implementation of colo-core's backend contract: [`colo_core::Domain`],
+//! [`colo_core::GuestNic`] and [`colo_core::Snapshot`].
 
 use crate::guest::{self, HostDevices, VcpuRegs, Workload, MAX_FRAME, RING_SLOTS, SLOT_BYTES};
 use crate::ram::{self, GuestMem, Holes, ZERO_PAGE};
@@ -7,7 +8,9 @@ use crate::tracker::{Tracker, TrackerChoice, TrackerKind};
 use crate::vcpu::{self, Shared};
 use crate::MockError;
 use colo_core::backend::PageVisitor;
-use colo_core::{BackendError, DirtyBitmap, Domain, PAGE_SIZE};
+use colo_core::{
+    BackendError, DirtyBitmap, Domain, GuestNic, OutputSignal, PlatformRecords, Snapshot, PAGE_SIZE,
+};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -525,6 +528,40 @@ impl Domain for MockDomain {
             *slot.lock() = r;
         }
         Ok(())
+    }
+}
+
+/// The guest NIC as colo-core's backend contract has it: the inherent methods above, with the
+/// mock's errors turned into [`BackendError`]s.
+impl GuestNic for MockDomain {
+    fn rx_next_seq(&self) -> u64 {
+        MockDomain::rx_next_seq(self)
+    }
+
+    fn inject(&mut self, seq: u64, frame: &[u8]) -> Result<bool, BackendError> {
+        MockDomain::inject(self, seq, frame).map_err(|e| BackendError::BadState {
+            op: "guest NIC",
+            reason: e.to_string(),
+        })
+    }
+
+    fn drain_tx(&mut self, out: &mut dyn FnMut(&[u8])) {
+        if let Err(e) = MockDomain::drain_tx(self, out) {
+            tracing::error!("draining the guest's output failed: {e}");
+        }
+    }
+
+    fn output_ready(&self) -> Option<OutputSignal> {
+        Some(MockDomain::output_ready(self))
+    }
+}
+
+/// `colo save` of a mock guest: its state blob travels opaque, as HVM_CONTEXT.
+impl Snapshot for MockDomain {
+    fn platform(&mut self) -> Result<PlatformRecords, BackendError> {
+        let mut blob = Vec::new();
+        self.get_state(&mut blob)?;
+        PlatformRecords::opaque(blob)
     }
 }
 

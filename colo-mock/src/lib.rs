@@ -1,7 +1,8 @@
 //! colo-mock: a mock hypervisor whose guest RAM is an mmap'd shmem file with kernel-tracked
 //! dirty pages, and whose guests are deterministic workloads on their own threads.
 //!
-//! - [`MockDomain`] implements [`colo_core::Domain`]; create it with a [`MockConfig`].
+//! - [`MockDomain`] implements colo-core's backend contract ([`colo_core::Domain`],
+//!   [`colo_core::GuestNic`], [`colo_core::Snapshot`]); create it with a [`MockConfig`].
 //! - Dirty tracking ([`tracker`]): userfaultfd WP-async + `PAGEMAP_SCAN`, falling back to page
 //!   hashing; [`MockDomain::tracker_kind`] says which.
 //! - Guests ([`guest`]): the `kv` server and the `dirty` page writer; all guest state is guest

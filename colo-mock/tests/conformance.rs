@@ -1,8 +1,12 @@
-//! colo-core's backend conformance suite run on MockDomain, with each dirty tracker.
+//! colo-core's backend conformance suite run on MockDomain, with each dirty tracker, and its
+//! NIC checks on a kv guest.
 
-use colo_core::conformance::{run_all, ConformanceGuest};
+use colo_core::conformance::{run_all, run_nic, ConformanceGuest, NicConformanceGuest};
 use colo_core::PAGE_SIZE;
-use colo_mock::{DirtyConfig, MockConfig, MockDomain, TrackerChoice, TrackerKind, Workload};
+use colo_mock::{
+    build_request_frame, parse_response_frame, ClientAddr, DirtyConfig, KvConfig, KvOp, KvRequest,
+    MockConfig, MockDomain, TrackerChoice, TrackerKind, Workload,
+};
 use std::time::Duration;
 
 /// A dirty-workload guest whose background writer is the workload's rate knob and whose
@@ -78,4 +82,53 @@ fn conformance_auto_tracker() {
 #[test]
 fn conformance_hash_fallback() {
     assert_eq!(run(TrackerChoice::Fallback), TrackerKind::PageHash);
+}
+
+/// A kv guest: it answers every request with one response carrying the request's id.
+struct KvGuest {
+    dom: MockDomain,
+}
+
+impl NicConformanceGuest for KvGuest {
+    type Dom = MockDomain;
+
+    fn domain(&mut self) -> &mut MockDomain {
+        &mut self.dom
+    }
+
+    fn request(&mut self, id: u64) -> Vec<u8> {
+        let client = ClientAddr {
+            mac: [0x02, 0, 0, 0, 0, 0x09],
+            ip: [10, 0, 0, 9],
+            port: 40_000,
+        };
+        let req = KvRequest {
+            id,
+            op: KvOp::Put,
+            key: b"conformance",
+            value: &id.to_le_bytes(),
+        };
+        let mut frame = Vec::new();
+        build_request_frame(&client, &req, &mut frame).unwrap();
+        frame
+    }
+
+    fn answered(&self, frame: &[u8]) -> Option<u64> {
+        parse_response_frame(frame).ok().map(|r| r.id)
+    }
+
+    fn let_time_pass(&mut self) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn nic_conformance() {
+    let cfg = MockConfig::new(1024, Workload::Kv(KvConfig::default()), 12);
+    let mut g = KvGuest {
+        dom: MockDomain::create(cfg).unwrap(),
+    };
+    if let Err(e) = run_nic(&mut g) {
+        panic!("NIC conformance failed: {e}");
+    }
 }

@@ -1,6 +1,9 @@
 //! colo-xen: colo's backend on a real Xen domain through libxenctrl and libxenforeignmemory.
 //!
-//! [`XenDomain`] implements [`colo_core::Domain`] for one HVM or PVH domain, from dom0:
+//! [`XenDomain`] implements colo-core's backend contract for one HVM or PVH domain, from dom0:
+//! [`colo_core::Domain`] (below), [`colo_core::Snapshot`] (the state blob split into the
+//! stream's platform records) and [`colo_core::GuestNic`] (empty: no network path in this
+//! release; see `guest.rs`).
 //!
 //! | `Domain` method | Xen call |
 //! |---|---|
@@ -84,6 +87,7 @@
 mod api;
 mod domain;
 mod error;
+mod guest;
 pub mod state;
 #[cfg(feature = "xen")]
 mod sys;

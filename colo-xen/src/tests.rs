@@ -1,5 +1,6 @@
 //! Unit tests of [`XenDomain`] against the in-memory fake of the C API: bitmap conversion,
-//! batching, per-page errors, errno mapping, merge-back of harvested bits, state blobs.
+//! batching, per-page errors, errno mapping, merge-back of harvested bits, state blobs, and the
+//! rest of the backend contract (the empty NIC, the snapshot's platform records).
 
 use colo_core::{BackendError, DirtyBitmap, Domain, PAGE_SIZE};
 
@@ -513,4 +514,27 @@ fn resume_after_set_state_raises_the_timer_virq_in_shared_info_before_the_wake()
     dom.set_state(&blob).expect("set");
     dom.resume().expect("resume");
     assert_eq!(dom.timers_raised(), 1);
+}
+
+#[test]
+fn the_nic_is_the_documented_empty_one() {
+    let (_f, mut dom) = open(64);
+    colo_core::conformance::nic_absent(&mut dom).expect("no network path, said so");
+}
+
+#[test]
+fn the_snapshot_splits_the_state_blob_into_platform_records() {
+    use colo_core::Snapshot;
+    let (fake, mut dom) = open(64);
+    fake.lock().hvm_context = vec![0xAB; 300];
+    fake.lock().params.insert(36, 1); // X87_FIP_WIDTH
+    dom.pause().expect("pause");
+    let p = dom.platform().expect("platform records");
+    assert_eq!(p.hvm_context, vec![0xAB; 300]);
+    assert!(p.hvm_params.contains(&(36, 1)), "{:?}", p.hvm_params);
+    assert_eq!(p.tsc.khz, fake.lock().tsc.khz);
+    assert!(matches!(
+        crate::guest::platform(&[1, 2, 3]),
+        Err(BackendError::InvalidState(_))
+    ));
 }

@@ -881,7 +881,7 @@ fn kv_spec(seed: u64) -> MockSpec {
 
 /// Times `ops` sequential kv requests from a client to `addr` (the client address of `node`),
 /// ms each, stepping `node` meanwhile.
-fn client_latencies<G: colo_cli::node::Guest>(
+fn client_latencies<G: colo_core::Guest>(
     node: &mut PrimaryNode<G>,
     addr: String,
     ops: usize,

@@ -1,118 +1,51 @@
-//! The node drivers: the IO around colo-core's state machines. One thread per node owns the
-//! backend, the replication link, the comparator and the client hub, and executes the machines'
-//! actions in order. Everything the hot path (the primary's pause) touches is allocated once and
-//! reused: the copy buffer, the state buffer, the bitmaps inside the machines.
+//! The node runtime: the IO around colo-core's state machines. One thread per node owns the
+//! backend, the replication link, the comparator and the client hub, and executes the
+//! machines' actions in order. Everything the hot path (the primary's pause) touches is
+//! allocated once and reused: the copy buffer, the state buffer, the bitmaps inside the
+//! machines.
 //!
-//! Files: this one holds what both roles share (the guest contract, options, the event wait,
-//! the outbox flush); `primary.rs` the primary's driver (capture and the sweeps for pages
-//! written behind the dirty log included), `secondary.rs` the secondary's, `pages.rs` the page
-//! copies and PAGE_DATA writes both use.
+//! Files: `driver.rs` is the one driver both roles share ([`Node`]: the loop, the event wait,
+//! the outbox flush, the status) and the `Role` interface; `primary.rs` and
+//! `secondary.rs` are the two roles, one method per action of their machine; `protect.rs` the
+//! primary's re-protection and GOODBYE; `capture.rs` the primary's capture and the sweeps of
+//! all memory (digests, pages written behind the dirty log); `pages.rs` the page copies and
+//! PAGE_DATA writes. This file holds the options both roles take.
 
+mod capture;
+mod driver;
 mod pages;
 mod primary;
+mod protect;
 mod secondary;
 
-use pages::{copy_pages, flush_sync_pages, write_typed_pages};
+pub use driver::Node;
 pub use primary::PrimaryNode;
 pub use secondary::{SecondaryNode, SecondaryOutcome};
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use colo_core::compare::CompareConfig;
 use colo_core::engine::{Liveness, SyncMode};
 use colo_core::policy::CheckpointPolicy;
-use colo_core::stream::{
-    encode_page_data_header, DecoderConfig, Event, PageType, MAX_PAGES_PER_RECORD,
-};
 use colo_core::{BackendError, Domain};
 use parking_lot::Mutex;
 
-use crate::link::Link;
 use crate::status::{NodeStatus, Shared};
-
-/// A guest's network interface as the node sees it (the mock's vif; Xen frames would come from
-/// the guest's vif through the same calls).
-pub trait GuestNic {
-    /// Sequence number of the next request the guest expects (kept in guest memory, so a
-    /// checkpoint carries it).
-    fn rx_next_seq(&self) -> u64;
-    /// Gives request `seq` to the guest; `Ok(false)` when its ring is full.
-    fn inject(&mut self, seq: u64, frame: &[u8]) -> Result<bool, BackendError>;
-    /// Hands every frame the guest emitted since the last call to `out`, in order.
-    fn drain_tx(&mut self, out: &mut dyn FnMut(&[u8]));
-    /// A channel holding a message whenever the guest emitted output since the last message
-    /// was taken, so the node loop can sleep until then. None (a guest without the signal, or
-    /// without a NIC): the loop looks for output whenever it wakes, at least every
-    /// [`MAX_SLEEP`].
-    fn output_ready(&self) -> Option<crossbeam_channel::Receiver<()>> {
-        None
-    }
-}
 
 /// The longest a node loop sleeps when no deadline and no event is due: the latency of a stop
 /// request and of output from a guest without an output signal.
 pub const MAX_SLEEP: Duration = Duration::from_millis(100);
 
-/// The loop's sleep while requests wait for room in the guest's RX ring (the guest frees room
-/// as it answers, which the output signal announces; this bounds a guest that drops a request).
-const RING_RETRY: Duration = Duration::from_millis(1);
-
-/// Sleeps until `wait` has passed or one of a node's event sources has something: bytes on
-/// the link, a client request, a control command, guest output. The loop then looks at all of
-/// them; deadlines (heartbeats, timeouts, the checkpoint policy) bound `wait`.
-fn wait_for_events<C, K>(
-    wait: Duration,
-    link: Option<&Link>,
-    clients: Option<&crossbeam_channel::Receiver<C>>,
-    commands: Option<&crossbeam_channel::Receiver<K>>,
-    output: Option<&crossbeam_channel::Receiver<()>>,
-) {
-    if wait.is_zero() {
-        return;
-    }
-    let mut sel = crossbeam_channel::Select::new();
-    let mut sources = 0;
-    if let Some(l) = link {
-        match l.wait_handle() {
-            Some(rx) => {
-                sel.recv(rx);
-                sources += 1;
-            }
-            None => return,
-        }
-    }
-    if let Some(rx) = clients {
-        sel.recv(rx);
-        sources += 1;
-    }
-    if let Some(rx) = commands {
-        sel.recv(rx);
-        sources += 1;
-    }
-    if let Some(rx) = output {
-        sel.recv(rx);
-        sources += 1;
-    }
-    if sources == 0 {
-        std::thread::sleep(wait);
-    } else {
-        let _ = sel.ready_timeout(wait);
-    }
-}
-
-/// What a node needs from its guest.
-pub trait Guest: Domain + GuestNic {}
-impl<T: Domain + GuestNic> Guest for T {}
-
 /// Called with (epoch, every page of guest memory, the state blob) at each checkpoint: on the
 /// primary at the capture (PVM paused), on the secondary right after applying (SVM paused).
 /// For tests that compare both memories byte for byte; costs a copy of all RAM per checkpoint.
+#[cfg(feature = "test-support")]
 pub type SnapshotHook = Arc<dyn Fn(u64, Vec<u8>, Vec<u8>) + Send + Sync>;
 
 /// Called with every frame the PVM emits, before comparison (for tests that check what clients
 /// see against what the primary produced).
+#[cfg(feature = "test-support")]
 pub type OutputTap = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
 /// Settings common to both roles.
@@ -142,9 +75,11 @@ pub struct NodeOptions {
     pub fence_cmd: Option<String>,
     /// How long to wait for the peer to appear.
     pub connect_timeout: Duration,
-    /// Memory snapshots at each checkpoint, for tests.
+    /// Memory snapshots at each checkpoint, for tests (feature `test-support`).
+    #[cfg(feature = "test-support")]
     pub snapshot: Option<SnapshotHook>,
-    /// Every PVM output frame, for tests.
+    /// Every PVM output frame, for tests (feature `test-support`).
+    #[cfg(feature = "test-support")]
     pub output_tap: Option<OutputTap>,
 }
 
@@ -161,20 +96,6 @@ impl std::fmt::Debug for NodeOptions {
     }
 }
 
-fn snapshot(
-    dom: &mut dyn Domain,
-    hook: &Option<SnapshotHook>,
-    epoch: u64,
-    state: &[u8],
-) -> Result<(), BackendError> {
-    let Some(hook) = hook else { return Ok(()) };
-    let pfns: Vec<u64> = (0..dom.page_count()).collect();
-    let mut ram = Vec::new();
-    copy_pages(dom, &pfns, &mut ram, None)?;
-    hook(epoch, ram, state.to_vec());
-    Ok(())
-}
-
 impl Default for NodeOptions {
     fn default() -> Self {
         Self {
@@ -188,65 +109,49 @@ impl Default for NodeOptions {
             client_addr: None,
             fence_cmd: None,
             connect_timeout: Duration::from_secs(30),
+            #[cfg(feature = "test-support")]
             snapshot: None,
+            #[cfg(feature = "test-support")]
             output_tap: None,
         }
     }
 }
 
-fn nonce() -> [u8; 32] {
-    use rand::RngCore;
-    let mut n = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut n);
-    n
-}
+/// The test hooks, which are no-ops in a build without `test-support` (the shipped binary).
+impl NodeOptions {
+    /// A memory snapshot is wanted at each checkpoint.
+    fn snapshots(&self) -> bool {
+        #[cfg(feature = "test-support")]
+        return self.snapshot.is_some();
+        #[cfg(not(feature = "test-support"))]
+        false
+    }
 
-/// Longest stretch the loop spends consuming the link before it looks at timers again.
-const MAX_READ_SLICE: Duration = Duration::from_millis(20);
-
-/// Why the link to `peer` ("primary" or "secondary") ends after the machine refused its input:
-/// a refusal at the handshake (a setting that differs) is not a broken protocol.
-fn protocol_error(peer: &str, e: &colo_core::engine::EngineError) -> String {
-    match e {
-        colo_core::engine::EngineError::Link(l) => {
-            format!("the link handshake refused the {peer}: {l}")
+    /// Hands (epoch, all of `dom`'s memory, `state`) to the snapshot hook, if there is one.
+    #[cfg_attr(not(feature = "test-support"), allow(unused_variables))]
+    fn take_snapshot(
+        &self,
+        dom: &mut dyn Domain,
+        epoch: u64,
+        state: &[u8],
+    ) -> Result<(), BackendError> {
+        #[cfg(feature = "test-support")]
+        if let Some(hook) = &self.snapshot {
+            let pfns: Vec<u64> = (0..dom.page_count()).collect();
+            let mut ram = Vec::new();
+            pages::copy_pages(dom, &pfns, &mut ram, None)?;
+            hook(epoch, ram, state.to_vec());
         }
-        e => format!("{peer} broke the protocol: {e}"),
+        Ok(())
     }
-}
 
-fn run_fence(cmd: &Option<String>, instead: &str) -> Result<()> {
-    let Some(cmd) = cmd else { return Ok(()) };
-    let status = std::process::Command::new("sh")
-        .args(["-c", cmd])
-        .status()
-        .with_context(|| format!("running fence command `{cmd}`"))?;
-    if !status.success() {
-        bail!("fence command `{cmd}` failed ({status}); {instead}");
-    }
-    Ok(())
-}
-
-/// Writes a state machine's outbox to the link (or drops it when there is no link) and clears it;
-/// once the handshake is over (`keepalive`: the heartbeat interval), makes sure the link's
-/// keepalive runs.
-fn flush_outbox(
-    link: Option<&mut Link>,
-    out: &mut Vec<u8>,
-    keepalive: Option<Duration>,
-) -> std::io::Result<()> {
-    let Some(link) = link else {
-        out.clear();
-        return Ok(());
-    };
-    let res = link.send(out);
-    out.clear();
-    res?;
-    match keepalive {
-        Some(interval) => link.start_keepalive(interval).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("starting the link keepalive: {e}"))
-        }),
-        None => Ok(()),
+    /// Hands a frame the PVM emitted to the output tap, if there is one.
+    #[cfg_attr(not(feature = "test-support"), allow(unused_variables))]
+    fn tap(&self, frame: &[u8]) {
+        #[cfg(feature = "test-support")]
+        if let Some(tap) = &self.output_tap {
+            tap(frame);
+        }
     }
 }
 
@@ -257,8 +162,9 @@ pub fn new_status() -> Shared {
 
 #[cfg(test)]
 mod tests {
+    use super::pages::write_typed_pages;
     use super::*;
-    use colo_core::stream::Decoder;
+    use colo_core::stream::{Decoder, DecoderConfig, Event, PageType};
     use colo_core::PAGE_SIZE;
 
     #[test]

@@ -1,11 +1,21 @@
-//! Page copies out of a guest and PAGE_DATA records onto the link, for both roles.
+//! Page copies out of a guest and PAGE_DATA records onto the link (the primary), and the
+//! initial synchronisation's pages into a guest (the secondary).
 
-use anyhow::Result;
+use colo_core::stream::{encode_page_data_header, PageType, MAX_PAGES_PER_RECORD};
 use colo_core::{BackendError, Domain, PAGE_SIZE};
 
-use crate::verify::in_order;
-
-use super::*;
+/// Checks that a backend's `read_pages` visitor got page `i` when page `next` was due, and
+/// moves `next` on: the page buffers are laid out in request order.
+pub(super) fn in_order(next: &mut usize, i: usize) -> Result<(), BackendError> {
+    if i != *next {
+        return Err(BackendError::BadState {
+            op: "read_pages",
+            reason: format!("page {i} delivered out of order"),
+        });
+    }
+    *next += 1;
+    Ok(())
+}
 
 /// Reads pages of `pfns` from `dom` into `out`, in order. A page the backend cannot map (Xen's
 /// holes: MMIO, beyond RAM) is zero-filled when `present` is None, or else left out of `out`
@@ -82,16 +92,77 @@ pub(super) fn write_typed_pages(
     Ok(bytes)
 }
 
-/// Writes the initial synchronisation's buffered pages to the guest.
-pub(super) fn flush_sync_pages(
-    guest: &mut dyn Domain,
-    pfns: &mut Vec<u64>,
-    data: &mut Vec<u8>,
-) -> Result<(), BackendError> {
-    if !pfns.is_empty() {
-        guest.write_pages(pfns, data)?;
+/// The buffers [`write_typed_pages`] needs, kept across checkpoints.
+#[derive(Debug)]
+pub(super) struct PageWriter {
+    scratch: Vec<u8>,
+    entries: Vec<(u64, PageType)>,
+}
+
+impl PageWriter {
+    pub(super) fn new() -> Self {
+        Self {
+            scratch: Vec::new(),
+            entries: Vec::with_capacity(MAX_PAGES_PER_RECORD),
+        }
     }
-    pfns.clear();
-    data.clear();
-    Ok(())
+
+    /// [`write_typed_pages`] with these buffers.
+    pub(super) fn write(
+        &mut self,
+        w: &mut impl std::io::Write,
+        pfns: &[u64],
+        present: &[bool],
+        data: &[u8],
+    ) -> std::io::Result<u64> {
+        write_typed_pages(w, pfns, present, data, &mut self.scratch, &mut self.entries)
+    }
+
+    /// A record's bytes to build in place (cleared).
+    pub(super) fn scratch(&mut self) -> &mut Vec<u8> {
+        self.scratch.clear();
+        &mut self.scratch
+    }
+}
+
+/// The initial synchronisation's pages on their way into the secondary's guest: written a
+/// record (≤ 1024 pages) at a time, so a hypervisor maps them in one call, not one per page.
+#[derive(Debug)]
+pub(super) struct SyncPages {
+    pfns: Vec<u64>,
+    data: Vec<u8>,
+}
+
+impl SyncPages {
+    pub(super) fn new() -> Self {
+        Self {
+            pfns: Vec::with_capacity(MAX_PAGES_PER_RECORD),
+            data: Vec::with_capacity(MAX_PAGES_PER_RECORD * PAGE_SIZE),
+        }
+    }
+
+    /// Buffers page `pfn`; writes the buffer out once it holds a record's worth.
+    pub(super) fn push(
+        &mut self,
+        guest: &mut dyn Domain,
+        pfn: u64,
+        data: &[u8],
+    ) -> Result<(), BackendError> {
+        self.pfns.push(pfn);
+        self.data.extend_from_slice(data);
+        if self.pfns.len() >= MAX_PAGES_PER_RECORD {
+            self.flush(guest)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the buffered pages to the guest.
+    pub(super) fn flush(&mut self, guest: &mut dyn Domain) -> Result<(), BackendError> {
+        if !self.pfns.is_empty() {
+            guest.write_pages(&self.pfns, &self.data)?;
+        }
+        self.pfns.clear();
+        self.data.clear();
+        Ok(())
+    }
 }

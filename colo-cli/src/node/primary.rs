@@ -1,133 +1,81 @@
-//! The primary's node driver: the PVM, the comparator, the clients and the link to the
-//! secondary around colo-core's `Primary` machine; the capture (with the sweeps for pages
-//! written behind the dirty log) and re-protection.
+//! The primary's role: the PVM, the comparator, the clients and the link to the secondary
+//! around colo-core's `Primary` machine. One method per action; the capture itself is in
+//! `capture.rs`, re-protection (a new secondary for a primary running alone) in `protect.rs`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
-use colo_core::bitmap::DirtyBitmap;
+use anyhow::{bail, Context, Result};
 use colo_core::compare::Comparator;
 use colo_core::engine::messages::Message;
 use colo_core::engine::{
-    CheckpointStats, Primary, PrimaryAction, PrimaryConfig, PrimaryState, Trigger, Verdict,
-    DIGEST_LEN, GOODBYE_DROPPED,
+    CheckpointStats, EngineError, Primary, PrimaryAction, PrimaryConfig, PrimaryState, Trigger,
+    Verdict, GOODBYE_DROPPED,
 };
 use colo_core::policy::CheckpointReason;
+use colo_core::stream::{DecoderConfig, Event};
+use colo_core::Guest;
+use crossbeam_channel::Receiver;
 
+use super::capture::Capture;
+use super::driver::{run_fence, Io, Next, Node, Role};
+use super::pages::PageWriter;
+use super::protect::{goodbye, goodbye_in_background, Protecting};
+use super::NodeOptions;
 use crate::clients::ClientHub;
-use crate::control::{ControlCommand, Reply};
-use crate::link::{Link, PendingLink, ReadSlice};
-use crate::status::Shared;
-use crate::verify::{SentPages, WatchSet};
+use crate::control::ControlCommand;
+use crate::link::Link;
+use crate::status::{NodeStatus, Shared};
 
-use super::*;
+/// A running primary.
+pub type PrimaryNode<G> = Node<G, PrimaryRole>;
 
-fn primary_config(opts: &NodeOptions, pages: u64) -> PrimaryConfig {
+/// GOODBYE reason: the primary stops (the secondary stops too).
+const GOODBYE_STOPPED: u32 = 0;
+
+/// The primary machine's settings from the node's options.
+pub(super) fn primary_config(opts: &NodeOptions, pages: u64) -> PrimaryConfig {
     let mut cfg = PrimaryConfig::new(pages);
     cfg.sync_mode = opts.sync_mode;
     cfg.link.liveness = opts.liveness;
     cfg.link.verify = opts.verify;
     cfg.link.key = opts.key.clone();
-    cfg.link.nonce = nonce();
+    cfg.link.nonce = super::driver::nonce();
     cfg
 }
 
-/// GOODBYE reason: the primary stops (the secondary stops too).
-const GOODBYE_STOPPED: u32 = 0;
-
-/// Ends replication on purpose: sends GOODBYE(`reason`), half-closes, and reads until the
-/// secondary closes too (at most 2 s): closing with unread bytes would reset the connection
-/// and could destroy the GOODBYE in flight.
-fn goodbye(mut link: Link, reason: u32) {
-    let mut bye = Vec::new();
-    Message::Goodbye(reason).encode(&mut bye);
-    let _ = link.send(&bye);
-    link.shutdown_write();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline && link.fill::<()>(Duration::from_millis(50), None).is_ok() {
-        link.discard_buffered();
+/// How the primary reads the secondary's stream.
+pub(super) fn link_config(pages: u64) -> DecoderConfig {
+    DecoderConfig {
+        expect_headers: false,
+        page_count: Some(pages),
     }
 }
 
-/// [`goodbye`] on a thread of its own, so the node loop goes on serving meanwhile.
-fn goodbye_in_background(link: Link, reason: u32) {
-    let spawned = std::thread::Builder::new()
-        .name("colo-goodbye".into())
-        .spawn(move || goodbye(link, reason));
-    if let Err(e) = spawned {
-        tracing::warn!("could not say goodbye to the secondary: {e}");
-    }
-}
-
-/// A running primary.
-pub struct PrimaryNode<G: Guest> {
-    guest: G,
-    engine: Primary,
-    link: Option<Link>,
+/// The primary's part of a node.
+#[derive(Debug)]
+pub struct PrimaryRole {
+    pub(super) engine: Primary,
     clients: Option<ClientHub>,
-    comparator: Option<Comparator>,
-    opts: NodeOptions,
+    pub(super) comparator: Option<Comparator>,
+    /// The number of the next client request into the PVM.
     next_seq: u64,
+    /// Client requests waiting for room in the PVM's RX ring.
     queued: VecDeque<Vec<u8>>,
-    copy: Vec<u8>,
-    present: Vec<bool>,
-    entries: Vec<(u64, PageType)>,
-    state: Vec<u8>,
-    scratch: Vec<u8>,
-    /// Dirty-log scratch for the verification option.
-    late: Option<DirtyBitmap>,
-    /// What the secondary holds of each page, while sweeps run (verification, or the first
-    /// captures).
-    sent: Option<SentPages>,
-    /// The pages found written behind the dirty log, and the sweeps still to run.
-    unlogged: WatchSet,
+    capture: Capture,
+    writer: PageWriter,
     released: Vec<Vec<u8>>,
     last_cp_end: Instant,
     manual: bool,
-    status: Shared,
-    stop: Arc<AtomicBool>,
-    commands: Option<crossbeam_channel::Receiver<ControlCommand>>,
-    /// The guest's output signal (see [`GuestNic::output_ready`]).
-    output: Option<crossbeam_channel::Receiver<()>>,
     /// A re-protection asked for over the control socket, until its outcome is known.
-    protecting: Option<Protecting>,
-    /// The current link completed its handshake (a loss before that means protection never
-    /// started: a setting that differs, or a peer that left during the handshake).
-    handshaken: bool,
+    pub(super) protecting: Option<Protecting>,
 }
 
-/// A re-protection under way: connecting on a helper thread (`pending`), then the handshake.
-/// `reply` gets the outcome.
-#[derive(Debug)]
-struct Protecting {
-    peer: String,
-    pending: Option<PendingLink>,
-    reply: Reply,
-}
-
-impl<G: Guest> std::fmt::Debug for PrimaryNode<G> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PrimaryNode")
-            .field("state", &self.engine.state())
-            .finish()
-    }
-}
-
-impl<G: Guest> PrimaryNode<G> {
+impl<G: Guest> Node<G, PrimaryRole> {
     /// A primary for `guest` that will connect to the secondary at `peer`.
     pub fn connect(guest: G, peer: &str, opts: NodeOptions, status: Shared) -> Result<Self> {
         let pages = guest.page_count();
-        let link = Link::connect(
-            peer,
-            opts.connect_timeout,
-            DecoderConfig {
-                expect_headers: false,
-                page_count: Some(pages),
-            },
-        )?;
+        let link = Link::connect(peer, opts.connect_timeout, link_config(pages))?;
         Self::with_link(guest, Some(link), opts, status)
     }
 
@@ -140,16 +88,16 @@ impl<G: Guest> PrimaryNode<G> {
     ) -> Result<Self> {
         let pages = guest.page_count();
         let now = Instant::now();
-        let cfg = primary_config(&opts, pages);
-        let mut engine = Primary::new(cfg, now);
+        let mut engine = Primary::new(primary_config(&opts, pages), now);
         if link.is_none() {
             engine.peer_lost(now, "started without a secondary".into());
             while engine.poll_action().is_some() {}
         }
-        let clients = match &opts.client_addr {
-            Some(a) => Some(ClientHub::bind(a)?),
-            None => None,
-        };
+        let clients = opts
+            .client_addr
+            .as_deref()
+            .map(ClientHub::bind)
+            .transpose()?;
         {
             let mut st = status.lock();
             st.role = "primary".into();
@@ -160,190 +108,20 @@ impl<G: Guest> PrimaryNode<G> {
             st.peer = link.as_ref().map(|l| l.peer().to_string());
             st.client_addr = clients.as_ref().map(|c| c.addr().to_string());
         }
-        let unlogged = WatchSet::new(opts.unlogged_sweeps);
-        let sent = (opts.verify || unlogged.sweeps_left > 0).then(|| SentPages::new(pages));
-        let output = guest.output_ready();
-        let mut node = Self {
-            guest,
+        let role = PrimaryRole {
             engine,
-            link,
             clients,
             comparator: None,
-            opts,
             next_seq: 0,
             queued: VecDeque::new(),
-            copy: Vec::new(),
-            present: Vec::new(),
-            entries: Vec::with_capacity(MAX_PAGES_PER_RECORD),
-            state: Vec::new(),
-            scratch: Vec::new(),
-            late: None,
-            sent,
-            unlogged,
+            capture: Capture::new(pages, opts.verify, opts.unlogged_sweeps),
+            writer: PageWriter::new(),
             released: Vec::new(),
             last_cp_end: now,
             manual: false,
-            status,
-            stop: Arc::new(AtomicBool::new(false)),
-            commands: None,
-            output,
             protecting: None,
-            handshaken: false,
         };
-        // The HELLO goes out at once, before anything is read: a peer that refuses this node's
-        // HELLO then still reads this node's and can say why it was refused too.
-        node.flush();
-        Ok(node)
-    }
-
-    /// Re-protection: an unprotected primary (for example the survivor of a failover) connects
-    /// to a new secondary at `peer` and re-synchronises it (pre-copy while the guest runs, then
-    /// checkpoint 0). Client output passes through unprotected until checkpoint 0 begins. This
-    /// connects in the caller's thread; the node's loop does it on a helper thread instead
-    /// (`ControlCommand::Protect`).
-    pub fn protect(&mut self, peer: &str) -> Result<()> {
-        self.may_protect().map_err(|e| anyhow!(e))?;
-        let link = Link::connect(peer, self.opts.connect_timeout, self.link_config())?;
-        self.start_link(peer, link);
-        Ok(())
-    }
-
-    fn link_config(&self) -> DecoderConfig {
-        DecoderConfig {
-            expect_headers: false,
-            page_count: Some(self.guest.page_count()),
-        }
-    }
-
-    fn may_protect(&self) -> Result<(), String> {
-        if self.engine.state() != PrimaryState::Unprotected || self.protecting.is_some() {
-            let state = match &self.protecting {
-                Some(p) => format!("connecting to {}", p.peer),
-                None => self.engine.state().name().to_string(),
-            };
-            return Err(format!(
-                "this primary is {state} (protected or protecting already)"
-            ));
-        }
-        Ok(())
-    }
-
-    /// `ControlCommand::Protect`: starts connecting on a helper thread; [`Self::poll_protect`]
-    /// takes it from there.
-    fn start_protect(&mut self, peer: String, timeout: Duration, reply: Reply) {
-        if let Err(e) = self.may_protect() {
-            reply.send(Err(e));
-            return;
-        }
-        match Link::connect_in_background(&peer, timeout, self.link_config()) {
-            Ok(pending) => {
-                self.protecting = Some(Protecting {
-                    peer,
-                    pending: Some(pending),
-                    reply,
-                })
-            }
-            Err(e) => reply.send(Err(format!("cannot start connecting to {peer}: {e}"))),
-        }
-    }
-
-    /// Moves a re-protection on: a connection made is taken into use (handshake), and the
-    /// outcome, once known, goes to the operator's reply.
-    fn poll_protect(&mut self) {
-        let Some(p) = self.protecting.as_mut() else {
-            return;
-        };
-        if let Some(pending) = &p.pending {
-            match pending.poll() {
-                None => return,
-                Some(Ok(link)) => {
-                    p.pending = None;
-                    let peer = p.peer.clone();
-                    self.start_link(&peer, link);
-                    return;
-                }
-                Some(Err(e)) => {
-                    tracing::error!("re-protection with {} failed: {e:#}", p.peer);
-                    p.reply.send(Err(format!("{e:#}")));
-                    self.protecting = None;
-                    return;
-                }
-            }
-        }
-        let answer = match self.engine.state() {
-            PrimaryState::AwaitingHandshake => return,
-            PrimaryState::Unprotected => Err(format!(
-                "protection with the secondary at {} did not start: {}",
-                p.peer,
-                self.status
-                    .lock()
-                    .failover_reason
-                    .clone()
-                    .unwrap_or_else(|| "no reason given".into())
-            )),
-            _ => Ok(format!(
-                "re-synchronising with the secondary at {} (the link handshake passed)",
-                p.peer
-            )),
-        };
-        p.reply.send(answer);
-        self.protecting = None;
-    }
-
-    /// Starts protecting over `link`, a fresh connection to the secondary at `peer`.
-    fn start_link(&mut self, peer: &str, link: Link) {
-        let pages = self.guest.page_count();
-        self.engine = Primary::new(primary_config(&self.opts, pages), Instant::now());
-        self.comparator = None;
-        self.handshaken = false;
-        {
-            let mut st = self.status.lock();
-            st.peer = Some(link.peer().to_string());
-            st.failover_reason = None;
-            st.failover_at = None;
-        }
-        self.link = Some(link);
-        // The HELLO goes out at once (see with_link).
-        self.flush();
-        tracing::info!("re-protecting with the secondary at {peer}");
-    }
-
-    /// Takes operator commands (from the control socket).
-    pub fn set_commands(&mut self, rx: crossbeam_channel::Receiver<ControlCommand>) {
-        self.commands = Some(rx);
-    }
-
-    /// Replaces the memory-snapshot hook (for tests).
-    pub fn set_snapshot(&mut self, hook: Option<SnapshotHook>) {
-        self.opts.snapshot = hook;
-    }
-
-    fn poll_commands(&mut self) {
-        while let Some(c) = self.commands.as_ref().and_then(|rx| rx.try_recv().ok()) {
-            match c {
-                ControlCommand::Failover => {
-                    // A deliberate drop: the secondary is told so (GOODBYE) and stops instead
-                    // of reading the closed link as a dead primary and taking over.
-                    if let Some(link) = self.link.take() {
-                        if !matches!(
-                            self.engine.state(),
-                            PrimaryState::AwaitingHandshake | PrimaryState::Unprotected
-                        ) {
-                            goodbye_in_background(link, GOODBYE_DROPPED);
-                        }
-                    }
-                    self.engine.failover(Instant::now())
-                }
-                ControlCommand::Checkpoint => self.manual = true,
-                ControlCommand::Protect {
-                    peer,
-                    connect_timeout,
-                    reply,
-                } => self.start_protect(peer, connect_timeout, reply),
-                ControlCommand::Status => {}
-            }
-        }
-        self.poll_protect();
+        Ok(Node::start(Io::new(guest, link, opts, status), role))
     }
 
     /// The primary a secondary becomes when it takes over: it serves `guest` alone, answers the
@@ -354,21 +132,22 @@ impl<G: Guest> PrimaryNode<G> {
         guest: G,
         opts: NodeOptions,
         status: Shared,
-        commands: Option<crossbeam_channel::Receiver<ControlCommand>>,
+        commands: Option<Receiver<ControlCommand>>,
         inputs: VecDeque<(u64, Vec<u8>)>,
         pending: &[Vec<u8>],
     ) -> Result<Self> {
         let mut node = Self::with_link(guest, None, opts, status)?;
-        node.commands = commands;
-        node.next_seq = node.guest.rx_next_seq();
-        let next = node.next_seq;
-        node.queued.extend(
+        node.io.commands = commands;
+        let next = node.io.guest.rx_next_seq();
+        let role = &mut node.role;
+        role.next_seq = next;
+        role.queued.extend(
             inputs
                 .into_iter()
                 .filter(|(seq, _)| *seq >= next)
                 .map(|(_, f)| f),
         );
-        if let Some(c) = node.clients.as_mut() {
+        if let Some(c) = role.clients.as_mut() {
             for f in pending {
                 c.deliver(f);
             }
@@ -376,375 +155,191 @@ impl<G: Guest> PrimaryNode<G> {
         Ok(node)
     }
 
-    /// A flag that ends [`PrimaryNode::run`] when set.
-    pub fn stop_flag(&self) -> Arc<AtomicBool> {
-        self.stop.clone()
-    }
-
-    /// The guest.
-    pub fn guest(&mut self) -> &mut G {
-        &mut self.guest
-    }
-
-    /// The state machine.
-    pub fn engine(&self) -> &Primary {
-        &self.engine
-    }
-
     /// Asks for a checkpoint as soon as the protocol allows.
     pub fn request_checkpoint(&mut self) {
-        self.manual = true;
+        self.role.manual = true;
     }
 
-    fn flush(&mut self) {
-        let talking = !matches!(
-            self.engine.state(),
-            PrimaryState::AwaitingHandshake | PrimaryState::Unprotected
-        );
-        // Flushed before every action, so a handshake completed earlier is always seen.
-        self.handshaken |= talking;
-        let keepalive = talking.then_some(self.opts.liveness.interval);
-        if let Err(e) = flush_outbox(self.link.as_mut(), self.engine.outbox_mut(), keepalive) {
-            self.lost(format!("writing to the secondary failed: {e}"));
-        }
+    /// Replaces the memory-snapshot hook (for tests).
+    #[cfg(feature = "test-support")]
+    pub fn set_snapshot(&mut self, hook: Option<super::SnapshotHook>) {
+        self.io.opts.snapshot = hook;
     }
 
-    fn lost(&mut self, reason: String) {
-        self.engine.peer_lost(Instant::now(), reason);
-    }
-
-    /// Runs one iteration: link input, actions, clients, guest output, policy, timers.
-    pub fn step(&mut self, wait: Duration) -> Result<()> {
-        // Commands first: a command that woke the previous wait is handled now, and a
-        // re-protection's verdict is read only after the last step's actions published why.
-        self.poll_commands();
-        self.poll_link(wait)?;
-        // Liveness is judged right after reading the link, never after a long action (a
-        // pre-copy round of a big guest) that kept the loop from reading what arrived meanwhile,
-        // and by when bytes arrived, not when this loop got round to decoding them.
-        if let Some(at) = self.link.as_ref().and_then(Link::last_arrival) {
-            self.engine.peer_heard(at);
-        }
-        self.engine.handle_timeout(Instant::now());
-        self.run_actions()?;
-        self.pump_clients()?;
-        self.pump_output();
-        self.maybe_checkpoint()?;
-        self.run_actions()?;
-        self.flush();
-        self.publish();
-        Ok(())
-    }
-
-    /// Runs until stopped.
+    /// Runs until stopped, then ends replication with a GOODBYE.
     pub fn run(&mut self) -> Result<()> {
-        while !self.stop.load(Ordering::Relaxed) {
-            let wait = self.next_wait();
-            self.step(wait)?;
-        }
-        if let Some(link) = self.link.take() {
+        self.run_loop()?;
+        if let Some(link) = self.io.link.take() {
             goodbye(link, GOODBYE_STOPPED);
         }
         Ok(())
     }
+}
 
-    fn poll_link(&mut self, wait: Duration) -> Result<()> {
-        if self.engine.state() == PrimaryState::Unprotected && self.link.take().is_some() {
+impl Role for PrimaryRole {
+    type Engine = Primary;
+    type Action = PrimaryAction;
+    const NAME: &'static str = "primary";
+    const PEER: &'static str = "secondary";
+
+    fn engine(&self) -> &Primary {
+        &self.engine
+    }
+
+    fn state_name(&self) -> &'static str {
+        self.engine.state().name()
+    }
+
+    fn talking(&self) -> bool {
+        !matches!(
+            self.engine.state(),
+            PrimaryState::AwaitingHandshake | PrimaryState::Unprotected
+        )
+    }
+
+    fn outbox(&mut self) -> &mut Vec<u8> {
+        self.engine.outbox_mut()
+    }
+
+    fn peer_lost(&mut self, now: Instant, reason: String) {
+        self.engine.peer_lost(now, reason);
+    }
+
+    fn peer_heard(&mut self, at: Instant) {
+        self.engine.peer_heard(at);
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.engine.handle_timeout(now);
+    }
+
+    fn poll_action(&mut self) -> Option<PrimaryAction> {
+        self.engine.poll_action()
+    }
+
+    fn execute<G: Guest>(&mut self, io: &mut Io<G>, action: PrimaryAction) -> Result<()> {
+        match action {
+            PrimaryAction::StartDirtyLog => io.guest.start_dirty_log()?,
+            PrimaryAction::SendPages { all } => self.send_pages(io, all)?,
+            PrimaryAction::HarvestDirty => self.harvest(io)?,
+            PrimaryAction::Pause => self.pause(io)?,
+            PrimaryAction::BeginEpoch { epoch } => self.begin_epoch(io, epoch),
+            PrimaryAction::Capture => self.capture(io)?,
+            PrimaryAction::Resume => self.resume(io)?,
+            PrimaryAction::SendCapture { .. } => self.send_capture(io)?,
+            PrimaryAction::Committed(stats) => self.committed(io, stats),
+            PrimaryAction::Verified { epoch, verdict } => verified(io, epoch, verdict),
+            PrimaryAction::PeerLost { reason } => self.go_on_alone(io, reason)?,
+        }
+        Ok(())
+    }
+
+    fn on_command<G: Guest>(&mut self, io: &mut Io<G>, cmd: ControlCommand) {
+        match cmd {
+            ControlCommand::Failover => self.drop_secondary(io),
+            ControlCommand::Checkpoint => self.manual = true,
+            ControlCommand::Protect {
+                peer,
+                connect_timeout,
+                reply,
+            } => self.start_protect(io, peer, connect_timeout, reply),
+            ControlCommand::Status => {}
+        }
+    }
+
+    fn after_commands<G: Guest>(&mut self, io: &mut Io<G>) {
+        self.poll_protect(io);
+        if self.engine.state() == PrimaryState::Unprotected && io.link.take().is_some() {
             tracing::warn!("replication link closed; running unprotected");
         }
-        wait_for_events(
-            wait,
-            self.link.as_ref(),
-            self.clients.as_ref().map(ClientHub::receiver),
-            self.commands.as_ref(),
-            self.output.as_ref(),
-        );
-        let Some(link) = self.link.as_mut() else {
-            return Ok(());
+    }
+
+    fn clients(&self) -> Option<&Receiver<(u64, Vec<u8>)>> {
+        self.clients.as_ref().map(ClientHub::receiver)
+    }
+
+    fn on_event<G: Guest>(&mut self, _guest: &mut G, now: Instant, ev: &Event<'_>) -> Result<Next> {
+        let res = match ev {
+            Event::Record(rec) => self.engine.on_record(now, rec),
+            other => Err(EngineError::Unexpected {
+                state: self.engine.state().name(),
+                event: format!("{other:?} from the secondary"),
+            }),
         };
-        if let Err(e) = link.fill::<()>(Duration::ZERO, None) {
-            self.lost(format!("link to the secondary broke: {e}"));
-            return Ok(());
-        }
-        // Return to the loop now and then, so heartbeats go out while a long stream (a big
-        // initial synchronisation onto a slow hypervisor) is being consumed.
-        let mut slice = ReadSlice::new(MAX_READ_SLICE);
-        while let Some(link) = self.link.as_mut() {
-            let ev = match link.next_event_until(&mut slice) {
-                Ok(Some(ev)) => ev,
-                Ok(None) => break,
-                Err(e) => {
-                    let reason = format!("malformed stream from the secondary: {e}");
-                    self.engine.peer_lost(slice.refresh(), reason);
-                    break;
-                }
-            };
-            let now = slice.stamp(&ev);
-            let res = match &ev {
-                Event::Record(rec) => self.engine.on_record(now, rec),
-                other => Err(colo_core::engine::EngineError::Unexpected {
-                    state: self.engine.state().name(),
-                    event: format!("{other:?} from the secondary"),
-                }),
-            };
-            match res {
-                Ok(Some(Message::Output { epoch, frame })) => {
-                    if let Some(c) = self.comparator.as_mut() {
-                        c.push_secondary(now, epoch, frame.to_vec());
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    self.engine.peer_lost(now, protocol_error("secondary", &e));
-                    break;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn run_actions(&mut self) -> Result<()> {
-        loop {
-            self.flush();
-            let Some(action) = self.engine.poll_action() else {
-                return Ok(());
-            };
-            tracing::debug!(?action, "primary action");
-            let t = Instant::now();
-            self.execute(action)?;
-            tracing::debug!(
-                "primary action done in {:.1} ms, now {}",
-                t.elapsed().as_secs_f64() * 1e3,
-                self.engine.state().name()
-            );
-        }
-    }
-
-    fn execute(&mut self, action: PrimaryAction) -> Result<()> {
-        let now = Instant::now;
-        match action {
-            PrimaryAction::StartDirtyLog => self.guest.start_dirty_log()?,
-            PrimaryAction::SendPages { all } => {
-                let t = now();
-                let bytes = self.send_precopy(all)?;
-                tracing::info!(
-                    "pre-copy round ({}): {} MB in {:.1} s",
-                    if all { "all pages" } else { "dirty pages" },
-                    bytes / 1_000_000,
-                    t.elapsed().as_secs_f64()
-                );
-                self.engine.pages_sent(now(), bytes)?;
-            }
-            PrimaryAction::HarvestDirty => {
-                self.guest.harvest_dirty(self.engine.harvest_target())?;
-                self.engine.harvested(now())?;
-            }
-            PrimaryAction::Pause => {
-                self.guest.pause()?;
-                self.engine.paused(now())?;
-            }
-            PrimaryAction::BeginEpoch { epoch } => self.begin_epoch(epoch),
-            PrimaryAction::Capture => {
-                let digest = self.capture()?;
-                snapshot(
-                    &mut self.guest,
-                    &self.opts.snapshot,
-                    self.engine.epoch(),
-                    &self.state,
-                )?;
-                self.engine.captured(now(), digest)?;
-            }
-            PrimaryAction::Resume => {
-                self.guest.resume()?;
-                if self.engine.state() != PrimaryState::Unprotected {
-                    self.engine.resumed(now())?;
-                }
-            }
-            PrimaryAction::SendCapture { .. } => {
-                let bytes = self.send_capture();
-                match bytes {
-                    Ok(b) => self.engine.capture_sent(now(), b)?,
-                    Err(e) => self.lost(format!("sending the checkpoint failed: {e}")),
-                }
-            }
-            PrimaryAction::Committed(stats) => {
+        match res {
+            Ok(Some(Message::Output { epoch, frame })) => {
                 if let Some(c) = self.comparator.as_mut() {
-                    c.checkpoint_committed(stats.epoch);
+                    c.push_secondary(now, epoch, frame.to_vec());
                 }
-                self.last_cp_end = now();
-                self.record(stats);
+                Ok(Next::ReadOn)
             }
-            PrimaryAction::Verified { epoch, verdict } => self.verified(epoch, verdict),
-            PrimaryAction::PeerLost { reason } => self.peer_lost(reason)?,
+            Ok(_) => Ok(Next::ReadOn),
+            Err(e) => Ok(Next::Refused(e)),
         }
-        Ok(())
     }
 
-    /// A checkpoint begins: the PVM's output so far goes to the comparator (or straight to
-    /// the clients before the first checkpoint), and the comparator opens epoch `epoch`.
-    fn begin_epoch(&mut self, epoch: u64) {
-        let t = Instant::now();
-        let comparator = &mut self.comparator;
-        let clients = &mut self.clients;
-        let tap = &self.opts.output_tap;
-        self.guest.drain_tx(&mut |f| {
-            if let Some(tap) = tap {
-                tap(f);
-            }
-            match comparator.as_mut() {
-                Some(c) => c.push_primary(t, f.to_vec()),
-                None => {
-                    if let Some(cl) = clients.as_mut() {
-                        cl.deliver(f);
-                    }
-                }
-            }
+    fn serve<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
+        self.pump_clients(io)?;
+        self.pump_output(io);
+        self.maybe_checkpoint(&io.opts)
+    }
+
+    fn backlog(&self) -> bool {
+        !self.queued.is_empty()
+    }
+
+    /// The engine's next timer (heartbeat, silence, progress) and, while running, the
+    /// checkpoint policy's next decision and the comparator's hold timeout.
+    fn next_deadline(&self, opts: &NodeOptions, now: Instant) -> Option<Instant> {
+        let running = self.engine.state() == PrimaryState::Running;
+        let policy = running.then(|| {
+            opts.policy
+                .next_wakeup(now, self.last_cp_end, self.wanted(now))
         });
-        match self.comparator.as_mut() {
-            Some(c) => c.begin_checkpoint(epoch),
-            None => self.comparator = Some(Comparator::new(self.opts.compare)),
-        }
+        let hold = self.comparator.as_ref().and_then(Comparator::next_deadline);
+        [self.engine.next_timeout(), policy, hold.filter(|_| running)]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
-    /// The verification of checkpoint `epoch` (with `--verify`).
-    fn verified(&mut self, epoch: u64, verdict: Verdict) {
-        let mut st = self.status.lock();
-        match verdict {
-            Verdict::Identical => st.verified_identical += 1,
-            Verdict::Different => {
-                st.verify_failures += 1;
-                tracing::error!(
-                    "checkpoint {epoch}: the secondary's memory differs from the primary's"
-                );
-            }
-            Verdict::Unsettled => {
-                st.verify_unsettled += 1;
-                tracing::info!(
-                    "checkpoint {epoch}: not verified, memory changed while paused (the \
-                     hypervisor wrote it); the next checkpoint carries those pages"
-                );
-            }
+    fn publish(&self, st: &mut NodeStatus) {
+        st.protected = self.engine.is_protected();
+        if self.engine.state() != PrimaryState::Unprotected {
+            // An unprotected node keeps showing the last checkpoint it ran from.
+            st.epoch = self.engine.epoch();
         }
+        if let Some(c) = &self.clients {
+            st.frames_delivered = c.delivered;
+        }
+        if let Some(c) = &self.comparator {
+            st.mismatches = c.stats().mismatches;
+        }
+        st.requests = self.next_seq;
     }
+}
 
-    /// The secondary is lost: fence it (with `--fence-cmd`), then run unprotected.
-    fn peer_lost(&mut self, reason: String) -> Result<()> {
-        // Going on alone first makes sure the secondary cannot serve later from an older
-        // checkpoint (split brain): with --fence-cmd, the fence must succeed, or this node
-        // stops with its guest paused and its held output unreleased.
-        if let Err(e) = run_fence(&self.opts.fence_cmd, "not going on alone") {
-            tracing::error!("secondary lost ({reason}); {e:#}");
-            let _ = self.guest.pause();
-            let mut st = self.status.lock();
-            st.failover_reason = Some(format!("{reason}; {e:#}"));
-            st.failover_at = Some(std::time::SystemTime::now());
-            return Err(e.context(format!("secondary lost: {reason}")));
-        }
-        if !self.handshaken {
-            // Lost during the handshake: usually a setting that differs (key, guest size,
-            // --verify), an operator's mistake rather than a failure. Say so loudly: the guest
-            // was never protected.
-            tracing::error!(
-                "protection did not start: {reason}. The guest runs UNPROTECTED; fix the \
-                 cause and re-protect (`colo protect`)"
-            );
-        } else {
-            tracing::warn!("secondary lost: {reason}; running unprotected");
-        }
-        if let Some(c) = self.comparator.as_mut() {
-            c.stop_comparing();
-        }
-        if let Some(l) = self.link.take() {
-            l.shutdown();
-        }
-        let mut st = self.status.lock();
-        st.failover_reason = Some(reason);
-        st.failover_at = Some(std::time::SystemTime::now());
+impl PrimaryRole {
+    /// `SendPages`: a pre-copy round of the initial synchronisation.
+    fn send_pages<G: Guest>(&mut self, io: &mut Io<G>, all: bool) -> Result<()> {
+        let t = Instant::now();
+        let bytes = self.send_precopy(io, all)?;
+        tracing::info!(
+            "pre-copy round ({}): {} MB in {:.1} s",
+            if all { "all pages" } else { "dirty pages" },
+            bytes / 1_000_000,
+            t.elapsed().as_secs_f64()
+        );
+        self.engine.pages_sent(Instant::now(), bytes)?;
         Ok(())
     }
 
-    /// Copies the capture set and the state of the paused PVM into the send buffer. A sweep of
-    /// all memory (at every capture with verification, else at the first
-    /// [`NodeOptions::unlogged_sweeps`]) also finds the pages the hypervisor wrote behind the
-    /// dirty log and adds them to the watch set; every other capture re-reads the watch set.
-    /// Returns the digest of memory and state when verifying (None when unsettled).
-    fn capture(&mut self) -> Result<Option<[u8; DIGEST_LEN]>> {
-        self.copy.clear();
-        self.present.clear();
-        let sweep = self.opts.verify || self.unlogged.sweeps_left > 0;
-        let Some(sent) = self.sent.as_mut().filter(|_| sweep) else {
-            self.engine.capture_watched(&self.unlogged.known)?;
-            copy_pages(
-                &mut self.guest,
-                self.engine.capture_pfns(),
-                &mut self.copy,
-                Some(&mut self.present),
-            )?;
-            self.state.clear();
-            self.guest.get_state(&mut self.state)?;
-            return Ok(None);
-        };
-        let pages = self.guest.page_count();
-        let late = self.late.get_or_insert_with(|| DirtyBitmap::new(pages));
-        late.clear_all();
-        let unlogged = sent.sweep(
-            &mut self.guest,
-            self.engine.capture_pfns(),
-            &mut self.copy,
-            &mut self.present,
-        )?;
-        if !unlogged.is_empty() {
-            tracing::info!(
-                "checkpoint {}: {} page(s) changed behind the dirty log since they were sent \
-                 (the hypervisor wrote them); sending them too",
-                self.engine.epoch(),
-                unlogged.len()
-            );
-            tracing::debug!("written behind the dirty log: {unlogged:x?}");
-        }
-        self.engine.capture_also(unlogged)?;
-        let grown = self.unlogged.learn(unlogged);
-        self.state.clear();
-        self.guest.get_state(&mut self.state)?;
-        // The guest is paused: a page logged since the harvest was written by someone else
-        // while the sweep ran, so the digest may mix old and new.
-        self.guest.peek_dirty(late)?;
-        let digest = if late.count() == 0 {
-            Some(sent.digest(&self.state))
-        } else {
-            tracing::debug!(
-                "{} pages written while the paused guest was swept",
-                late.count()
-            );
-            None
-        };
-        if self.unlogged.sweeps_left > 0 {
-            self.unlogged.sweeps_left -= 1;
-            if self.unlogged.sweeps_left == 0 && !self.opts.verify {
-                tracing::info!(
-                    "watch set after the last sweep: {} page(s) the hypervisor writes behind \
-                     the dirty log, re-read at every capture: {:x?}",
-                    self.unlogged.known.len(),
-                    self.unlogged.known
-                );
-                // No sweep follows: the record of what was sent is not needed any more.
-                self.sent = None;
-            }
-        }
-        let mut st = self.status.lock();
-        st.sweeps += 1;
-        st.watch_set = self.unlogged.known.len() as u64;
-        if grown > 0 {
-            tracing::debug!("watch set now {:x?}", self.unlogged.known);
-        }
-        Ok(digest)
-    }
-
-    fn send_precopy(&mut self, all: bool) -> Result<u64> {
-        let Some(link) = self.link.as_mut() else {
+    /// Sends all pages (`all`) or the dirty ones, 1024 at a time, while the PVM runs.
+    fn send_precopy<G: Guest>(&mut self, io: &mut Io<G>, all: bool) -> Result<u64> {
+        let Some(link) = io.link.as_mut() else {
             return Ok(0);
         };
-        let pages = self.guest.page_count();
+        let pages = io.guest.page_count();
         let mut bytes = 0u64;
         let mut pfns: Vec<u64> = Vec::with_capacity(1024);
         let mut iter_dirty = self.engine.dirty_pages().iter();
@@ -761,54 +356,146 @@ impl<G: Guest> PrimaryNode<G> {
             if pfns.is_empty() {
                 break;
             }
-            self.copy.clear();
-            self.present.clear();
-            copy_pages(
-                &mut self.guest,
-                &pfns,
-                &mut self.copy,
-                Some(&mut self.present),
-            )?;
-            bytes += write_typed_pages(
-                &mut link.writer(),
-                &pfns,
-                &self.present,
-                &self.copy,
-                &mut self.scratch,
-                &mut self.entries,
-            )
-            .context("sending pre-copy pages")?;
-            if let Some(sent) = self.sent.as_mut() {
-                sent.record(&pfns, &self.present, &self.copy);
-            }
+            self.capture.read(&mut io.guest, &pfns)?;
+            let (present, copy) = (&self.capture.present, &self.capture.copy);
+            bytes += self
+                .writer
+                .write(&mut link.writer(), &pfns, present, copy)
+                .context("sending pre-copy pages")?;
+            self.capture.sent(&pfns);
         }
         Ok(bytes)
     }
 
-    fn send_capture(&mut self) -> std::io::Result<u64> {
-        let Some(link) = self.link.as_mut() else {
-            return Ok(0);
+    /// `HarvestDirty`: the PVM's dirty log into the machine's bitmap.
+    fn harvest<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
+        io.guest.harvest_dirty(self.engine.harvest_target())?;
+        self.engine.harvested(Instant::now())?;
+        Ok(())
+    }
+
+    /// `Pause`: the PVM stops for the capture.
+    fn pause<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
+        io.guest.pause()?;
+        self.engine.paused(Instant::now())?;
+        Ok(())
+    }
+
+    /// `BeginEpoch`: a checkpoint begins: the PVM's output so far goes to the comparator (or
+    /// straight to the clients before the first checkpoint), and the comparator opens epoch
+    /// `epoch`.
+    fn begin_epoch<G: Guest>(&mut self, io: &mut Io<G>, epoch: u64) {
+        self.drain_output(io, Instant::now(), true);
+        match self.comparator.as_mut() {
+            Some(c) => c.begin_checkpoint(epoch),
+            None => self.comparator = Some(Comparator::new(io.opts.compare)),
+        }
+    }
+
+    /// `Capture`: the paused PVM's capture set and state into the send buffer (see
+    /// `capture.rs`).
+    fn capture<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
+        let digest = self
+            .capture
+            .capture(&mut io.guest, &mut self.engine, &io.status)?;
+        let state = &self.capture.state;
+        io.opts
+            .take_snapshot(&mut io.guest, self.engine.epoch(), state)?;
+        self.engine.captured(Instant::now(), digest)?;
+        Ok(())
+    }
+
+    /// `Resume`: the PVM runs on while the checkpoint is sent.
+    fn resume<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
+        io.guest.resume()?;
+        if self.engine.state() != PrimaryState::Unprotected {
+            self.engine.resumed(Instant::now())?;
+        }
+        Ok(())
+    }
+
+    /// `SendCapture`: the captured pages and state onto the link.
+    fn send_capture<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
+        let sent = match io.link.as_mut() {
+            Some(link) => self.write_capture(link),
+            None => Ok(0),
         };
+        match sent {
+            Ok(b) => self.engine.capture_sent(Instant::now(), b)?,
+            Err(e) => self.engine.peer_lost(
+                Instant::now(),
+                format!("sending the checkpoint failed: {e}"),
+            ),
+        }
+        Ok(())
+    }
+
+    fn write_capture(&mut self, link: &mut Link) -> std::io::Result<u64> {
         let pfns = self.engine.capture_pfns();
+        let (present, copy) = (&self.capture.present, &self.capture.copy);
         let mut bytes = 0;
         if !pfns.is_empty() {
-            bytes = write_typed_pages(
-                &mut link.writer(),
-                pfns,
-                &self.present,
-                &self.copy,
-                &mut self.scratch,
-                &mut self.entries,
-            )?;
+            bytes = self.writer.write(&mut link.writer(), pfns, present, copy)?;
         }
-        self.scratch.clear();
-        Message::VcpuState(&self.state).encode(&mut self.scratch);
-        link.send(&self.scratch)?;
-        bytes += self.scratch.len() as u64;
-        Ok(bytes)
+        let record = self.writer.scratch();
+        Message::VcpuState(&self.capture.state).encode(record);
+        link.send(record)?;
+        Ok(bytes + record.len() as u64)
     }
 
-    fn pump_clients(&mut self) -> Result<()> {
+    /// `Committed`: the secondary holds the checkpoint; output it covers is released.
+    fn committed<G: Guest>(&mut self, io: &mut Io<G>, stats: CheckpointStats) {
+        if let Some(c) = self.comparator.as_mut() {
+            c.checkpoint_committed(stats.epoch);
+        }
+        self.last_cp_end = Instant::now();
+        io.status.lock().record_checkpoint(stats);
+    }
+
+    /// `PeerLost`: the secondary is lost: fence it (with `--fence-cmd`), then run unprotected.
+    fn go_on_alone<G: Guest>(&mut self, io: &mut Io<G>, reason: String) -> Result<()> {
+        // Going on alone first makes sure the secondary cannot serve later from an older
+        // checkpoint (split brain): with --fence-cmd, the fence must succeed, or this node
+        // stops with its guest paused and its held output unreleased.
+        if let Err(e) = run_fence(&io.opts.fence_cmd, "not going on alone") {
+            tracing::error!("secondary lost ({reason}); {e:#}");
+            let _ = io.guest.pause();
+            io.note_loss(format!("{reason}; {e:#}"));
+            return Err(e.context(format!("secondary lost: {reason}")));
+        }
+        if !io.handshaken {
+            // Lost during the handshake: usually a setting that differs (key, guest size,
+            // --verify), an operator's mistake rather than a failure. Say so loudly: the guest
+            // was never protected.
+            tracing::error!(
+                "protection did not start: {reason}. The guest runs UNPROTECTED; fix the \
+                 cause and re-protect (`colo protect`)"
+            );
+        } else {
+            tracing::warn!("secondary lost: {reason}; running unprotected");
+        }
+        if let Some(c) = self.comparator.as_mut() {
+            c.stop_comparing();
+        }
+        io.drop_link();
+        io.note_loss(reason);
+        Ok(())
+    }
+
+    /// `colo failover` on the primary: a deliberate drop. The secondary is told so (GOODBYE)
+    /// and stops instead of reading the closed link as a dead primary and taking over.
+    fn drop_secondary<G: Guest>(&mut self, io: &mut Io<G>) {
+        if let Some(link) = io.link.take() {
+            if self.talking() {
+                goodbye_in_background(link, GOODBYE_DROPPED);
+            }
+        }
+        self.engine.failover(Instant::now());
+    }
+
+    /// Client requests into the PVM, in order, as its RX ring has room; each is mirrored to
+    /// the secondary.
+    fn pump_clients<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
         let Some(clients) = self.clients.as_mut() else {
             return Ok(());
         };
@@ -817,14 +504,14 @@ impl<G: Guest> PrimaryNode<G> {
         }
         let now = Instant::now();
         while let Some(frame) = self.queued.front() {
-            if self.guest.rx_next_seq() != self.next_seq {
+            if io.guest.rx_next_seq() != self.next_seq {
                 bail!(
                     "guest expects request {} but the node is at {}",
-                    self.guest.rx_next_seq(),
+                    io.guest.rx_next_seq(),
                     self.next_seq
                 );
             }
-            if !self.guest.inject(self.next_seq, frame)? {
+            if !io.guest.inject(self.next_seq, frame)? {
                 break;
             }
             self.engine.mirror_input(now, self.next_seq, frame);
@@ -834,29 +521,12 @@ impl<G: Guest> PrimaryNode<G> {
         Ok(())
     }
 
-    fn pump_output(&mut self) {
-        // Take the signal before draining: output after the drain signals anew.
-        if let Some(rx) = &self.output {
-            while rx.try_recv().is_ok() {}
-        }
-        let now = Instant::now();
-        let comparator = &mut self.comparator;
-        let clients = &mut self.clients;
-        let protected_cmp = self.engine.state() != PrimaryState::Unprotected;
-        let tap = &self.opts.output_tap;
-        self.guest.drain_tx(&mut |f| {
-            if let Some(tap) = tap {
-                tap(f);
-            }
-            match comparator.as_mut() {
-                Some(c) if protected_cmp => c.push_primary(now, f.to_vec()),
-                _ => {
-                    if let Some(cl) = clients.as_mut() {
-                        cl.deliver(f);
-                    }
-                }
-            }
-        });
+    /// The PVM's output to the comparator (while protected) or the clients, and what the
+    /// comparator releases to the clients.
+    fn pump_output<G: Guest>(&mut self, io: &mut Io<G>) {
+        io.take_output_signal();
+        let protected = self.engine.state() != PrimaryState::Unprotected;
+        self.drain_output(io, Instant::now(), protected);
         if let Some(c) = self.comparator.as_mut() {
             self.released.clear();
             c.drain_released(&mut self.released);
@@ -868,81 +538,72 @@ impl<G: Guest> PrimaryNode<G> {
         }
     }
 
-    /// How long the loop may sleep: until the engine's next timer (heartbeat, silence, progress),
-    /// the checkpoint policy's next decision, or the comparator's hold timeout, whichever comes
-    /// first, and at most [`MAX_SLEEP`]; events (link, clients, commands, output) wake it sooner.
-    fn next_wait(&self) -> Duration {
-        if !self.queued.is_empty() {
-            return RING_RETRY;
-        }
-        let now = Instant::now();
-        let mut until = now + MAX_SLEEP;
-        if let Some(t) = self.engine.next_timeout() {
-            until = until.min(t);
-        }
-        if self.engine.state() == PrimaryState::Running {
-            let comparator = self.comparator.as_ref();
-            let wanted = if self.manual {
-                Some(CheckpointReason::Manual)
-            } else {
-                comparator.and_then(|c| c.checkpoint_wanted(now))
-            };
-            until = until.min(self.opts.policy.next_wakeup(now, self.last_cp_end, wanted));
-            if let Some(t) = comparator.and_then(Comparator::next_deadline) {
-                until = until.min(t);
+    /// Every frame the PVM emitted: to the comparator when there is one and `compare`, else
+    /// straight to the clients.
+    fn drain_output<G: Guest>(&mut self, io: &mut Io<G>, now: Instant, compare: bool) {
+        let comparator = &mut self.comparator;
+        let clients = &mut self.clients;
+        let opts = &io.opts;
+        io.guest.drain_tx(&mut |f| {
+            opts.tap(f);
+            match comparator.as_mut() {
+                Some(c) if compare => c.push_primary(now, f.to_vec()),
+                _ => {
+                    if let Some(cl) = clients.as_mut() {
+                        cl.deliver(f);
+                    }
+                }
             }
-        }
-        until.saturating_duration_since(now)
+        });
     }
 
-    fn maybe_checkpoint(&mut self) -> Result<()> {
+    /// Why a checkpoint is wanted now, if it is: asked for, or the comparator's verdict.
+    fn wanted(&self, now: Instant) -> Option<CheckpointReason> {
+        if self.manual {
+            return Some(CheckpointReason::Manual);
+        }
+        self.comparator
+            .as_ref()
+            .and_then(|c| c.checkpoint_wanted(now))
+    }
+
+    /// Starts a checkpoint when the policy says so.
+    fn maybe_checkpoint(&mut self, opts: &NodeOptions) -> Result<()> {
         if self.engine.state() != PrimaryState::Running {
             return Ok(());
         }
         let now = Instant::now();
-        let wanted = if self.manual {
-            Some(CheckpointReason::Manual)
-        } else {
-            self.comparator
-                .as_ref()
-                .and_then(|c| c.checkpoint_wanted(now))
+        let Some(reason) = opts.policy.decide(now, self.last_cp_end, self.wanted(now)) else {
+            return Ok(());
         };
-        if let Some(reason) = self.opts.policy.decide(now, self.last_cp_end, wanted) {
-            let trigger = match reason {
-                CheckpointReason::Periodic => Trigger::Periodic,
-                CheckpointReason::Manual => Trigger::Manual,
-                _ => Trigger::Mismatch,
-            };
-            self.manual = false;
-            self.engine.start_checkpoint(now, trigger)?;
-        }
+        let trigger = match reason {
+            CheckpointReason::Periodic => Trigger::Periodic,
+            CheckpointReason::Manual => Trigger::Manual,
+            _ => Trigger::Mismatch,
+        };
+        self.manual = false;
+        self.engine.start_checkpoint(now, trigger)?;
         Ok(())
     }
+}
 
-    fn record(&mut self, stats: CheckpointStats) {
-        let mut st = self.status.lock();
-        st.record_checkpoint(stats);
-    }
-
-    fn publish(&mut self) {
-        let mut st = self.status.lock();
-        st.state = self.engine.state().name().into();
-        st.protected = self.engine.is_protected();
-        if self.engine.state() != PrimaryState::Unprotected {
-            // An unprotected node keeps showing the last checkpoint it ran from.
-            st.epoch = self.engine.epoch();
+/// `Verified`: the verification of checkpoint `epoch` (with `--verify`).
+fn verified<G>(io: &Io<G>, epoch: u64, verdict: Verdict) {
+    let mut st = io.status.lock();
+    match verdict {
+        Verdict::Identical => st.verified_identical += 1,
+        Verdict::Different => {
+            st.verify_failures += 1;
+            tracing::error!(
+                "checkpoint {epoch}: the secondary's memory differs from the primary's"
+            );
         }
-        if let Some(l) = &self.link {
-            st.link_bytes_out = l.bytes_out();
-            st.link_bytes_in = l.bytes_in();
+        Verdict::Unsettled => {
+            st.verify_unsettled += 1;
+            tracing::info!(
+                "checkpoint {epoch}: not verified, memory changed while paused (the \
+                 hypervisor wrote it); the next checkpoint carries those pages"
+            );
         }
-        if let Some(c) = &self.clients {
-            st.frames_delivered = c.delivered;
-        }
-        if let Some(c) = &self.comparator {
-            let s = c.stats();
-            st.mismatches = s.mismatches;
-        }
-        st.requests = self.next_seq;
     }
 }

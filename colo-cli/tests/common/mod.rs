@@ -17,14 +17,12 @@ use anyhow::{anyhow, bail, Result};
 use colo_cli::faultproxy::{FaultProxy, KillSwitch};
 use colo_cli::kvclient::{ClientStats, KvClient};
 use colo_cli::mock::{build, MockSpec, WorkloadKind};
-use colo_cli::node::{
-    new_status, GuestNic, NodeOptions, PrimaryNode, SecondaryOutcome, SnapshotHook,
-};
+use colo_cli::node::{new_status, NodeOptions, PrimaryNode, SecondaryOutcome, SnapshotHook};
 use colo_cli::status::Shared;
 use colo_cli::testing::spawn_secondary;
 use colo_core::engine::Liveness;
 use colo_core::policy::CheckpointPolicy;
-use colo_core::{BackendError, DirtyBitmap, Domain, PageVisitor};
+use colo_core::{BackendError, DirtyBitmap, Domain, GuestNic, PageVisitor};
 use colo_mock::MockDomain;
 use parking_lot::Mutex;
 

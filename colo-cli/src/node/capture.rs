@@ -1,6 +1,7 @@
-//! Sweeps of all guest memory: digests of a paused guest's memory (the verification option),
-//! and the primary's record of what the secondary holds, which finds pages the hypervisor wrote
-//! behind the dirty log and sends them with the checkpoint (the watch set).
+//! The primary's capture of a paused guest, and the sweeps of all guest memory around it:
+//! digests of a paused guest's memory (the verification option, both roles), and the
+//! primary's record of what the secondary holds, which finds pages the hypervisor wrote behind
+//! the dirty log and sends them with the checkpoint (the watch set).
 //!
 //! A hypervisor may write a guest's memory without marking the page in the dirty log: Xen sets
 //! event-channel bits and the vCPU time info in the `vcpu_info` area that a guest registered
@@ -17,24 +18,177 @@
 //! set keeps the secondary exact at the cost of a few page copies per checkpoint instead of a
 //! read of all memory.
 
+use anyhow::Result;
 use colo_core::bitmap::DirtyBitmap;
-use colo_core::engine::{Digester, DIGEST_LEN};
+use colo_core::engine::{Digester, Primary, DIGEST_LEN};
 use colo_core::{BackendError, Domain, PAGE_SIZE};
+
+use super::pages::{copy_pages, in_order};
+use crate::status::Shared;
 
 /// Pages per read call in a sweep.
 const BATCH: u64 = 1024;
 
-/// Checks that a backend's `read_pages` visitor got page `i` when page `next` was due, and
-/// moves `next` on: the page buffers are laid out in request order.
-pub(crate) fn in_order(next: &mut usize, i: usize) -> Result<(), BackendError> {
-    if i != *next {
-        return Err(BackendError::BadState {
-            op: "read_pages",
-            reason: format!("page {i} delivered out of order"),
-        });
+/// What the primary reads of its paused guest at a capture (and of the running guest in a
+/// pre-copy round), with the sweeps' record of what the secondary holds. The buffers are
+/// allocated once and reused: the capture is the hot path.
+#[derive(Debug)]
+pub(super) struct Capture {
+    /// The pages read, in pfn order; an unmappable page is left out (see `present`).
+    pub(super) copy: Vec<u8>,
+    /// Whether each pfn read had data.
+    pub(super) present: Vec<bool>,
+    /// The vCPU/platform state read at the capture.
+    pub(super) state: Vec<u8>,
+    /// Digest every capture (`--verify`).
+    verify: bool,
+    /// Dirty-log scratch for the digest's settledness.
+    late: Option<DirtyBitmap>,
+    /// What the secondary holds of each page, while sweeps run (verification, or the first
+    /// captures).
+    sent: Option<SentPages>,
+    /// The pages found written behind the dirty log, and the sweeps still to run.
+    unlogged: WatchSet,
+}
+
+impl Capture {
+    /// For a guest of `pages` pages; `sweeps`: see [`crate::node::NodeOptions::unlogged_sweeps`].
+    pub(super) fn new(pages: u64, verify: bool, sweeps: u32) -> Self {
+        let unlogged = WatchSet::new(sweeps);
+        let sent = (verify || unlogged.sweeps_left > 0).then(|| SentPages::new(pages));
+        Self {
+            copy: Vec::new(),
+            present: Vec::new(),
+            state: Vec::new(),
+            verify,
+            late: None,
+            sent,
+            unlogged,
+        }
     }
-    *next += 1;
-    Ok(())
+
+    /// Reads `pfns` of the running guest for a pre-copy round (into `copy` and `present`).
+    pub(super) fn read(
+        &mut self,
+        guest: &mut dyn Domain,
+        pfns: &[u64],
+    ) -> Result<(), BackendError> {
+        self.copy.clear();
+        self.present.clear();
+        copy_pages(guest, pfns, &mut self.copy, Some(&mut self.present))
+    }
+
+    /// Notes that the pages last [`Capture::read`] were sent.
+    pub(super) fn sent(&mut self, pfns: &[u64]) {
+        if let Some(sent) = self.sent.as_mut() {
+            sent.record(pfns, &self.present, &self.copy);
+        }
+    }
+
+    /// Copies the capture set and the state of the paused PVM. A sweep of all memory (at every
+    /// capture with verification, else at the first [`crate::node::NodeOptions::unlogged_sweeps`])
+    /// also finds the pages the hypervisor wrote behind the dirty log and adds them to the watch
+    /// set; every other capture re-reads the watch set. Returns the digest of memory and state
+    /// when sweeping (None when unsettled, or without a sweep).
+    pub(super) fn capture(
+        &mut self,
+        guest: &mut dyn Domain,
+        engine: &mut Primary,
+        status: &Shared,
+    ) -> Result<Option<[u8; DIGEST_LEN]>> {
+        self.copy.clear();
+        self.present.clear();
+        let sweep = self.verify || self.unlogged.sweeps_left > 0;
+        if !sweep || self.sent.is_none() {
+            engine.capture_watched(&self.unlogged.known)?;
+            copy_pages(
+                guest,
+                engine.capture_pfns(),
+                &mut self.copy,
+                Some(&mut self.present),
+            )?;
+            self.state.clear();
+            guest.get_state(&mut self.state)?;
+            return Ok(None);
+        }
+        let grown = self.sweep(guest, engine)?;
+        self.state.clear();
+        guest.get_state(&mut self.state)?;
+        let digest = self.digest_if_settled(guest)?;
+        self.count_sweep(status, grown);
+        Ok(digest)
+    }
+
+    /// Reads every page once: the capture set, and each page whose contents differ from what
+    /// the secondary holds (written behind the dirty log), which joins the capture set and the
+    /// watch set. Returns how many pages the watch set gained.
+    fn sweep(&mut self, guest: &mut dyn Domain, engine: &mut Primary) -> Result<usize> {
+        let Some(sent) = self.sent.as_mut() else {
+            return Ok(0);
+        };
+        let late = self
+            .late
+            .get_or_insert_with(|| DirtyBitmap::new(guest.page_count()));
+        late.clear_all();
+        let unlogged = sent.sweep(
+            guest,
+            engine.capture_pfns(),
+            &mut self.copy,
+            &mut self.present,
+        )?;
+        if !unlogged.is_empty() {
+            tracing::info!(
+                "checkpoint {}: {} page(s) changed behind the dirty log since they were sent \
+                 (the hypervisor wrote them); sending them too",
+                engine.epoch(),
+                unlogged.len()
+            );
+            tracing::debug!("written behind the dirty log: {unlogged:x?}");
+        }
+        engine.capture_also(unlogged)?;
+        Ok(self.unlogged.learn(unlogged))
+    }
+
+    /// The sweep's digest of memory and the state, unless a page was logged dirty since the
+    /// harvest: the guest is paused, so someone else wrote it while the sweep ran and the
+    /// digest may mix old and new.
+    fn digest_if_settled(&mut self, guest: &mut dyn Domain) -> Result<Option<[u8; DIGEST_LEN]>> {
+        let (Some(sent), Some(late)) = (self.sent.as_ref(), self.late.as_mut()) else {
+            return Ok(None);
+        };
+        guest.peek_dirty(late)?;
+        if late.count() == 0 {
+            return Ok(Some(sent.digest(&self.state)));
+        }
+        tracing::debug!(
+            "{} pages written while the paused guest was swept",
+            late.count()
+        );
+        Ok(None)
+    }
+
+    /// One sweep less to run; after the last one in production mode, the record of what was
+    /// sent goes (no sweep follows). Publishes the sweep count and the watch set's size.
+    fn count_sweep(&mut self, status: &Shared, grown: usize) {
+        if self.unlogged.sweeps_left > 0 {
+            self.unlogged.sweeps_left -= 1;
+            if self.unlogged.sweeps_left == 0 && !self.verify {
+                tracing::info!(
+                    "watch set after the last sweep: {} page(s) the hypervisor writes behind \
+                     the dirty log, re-read at every capture: {:x?}",
+                    self.unlogged.known.len(),
+                    self.unlogged.known
+                );
+                self.sent = None;
+            }
+        }
+        let mut st = status.lock();
+        st.sweeps += 1;
+        st.watch_set = self.unlogged.known.len() as u64;
+        if grown > 0 {
+            tracing::debug!("watch set now {:x?}", self.unlogged.known);
+        }
+    }
 }
 
 /// Calls `visit(pfn, page)` for every pfn of `dom` in order (None: unmappable).
@@ -83,15 +237,15 @@ fn digest_domain(dom: &mut dyn Domain, state: &[u8]) -> Result<[u8; DIGEST_LEN],
 
 /// The pages sweeps found written behind the dirty log, re-read at every capture.
 #[derive(Debug, Default)]
-pub(crate) struct WatchSet {
+pub(super) struct WatchSet {
     /// Sweeps still to run in production mode.
-    pub(crate) sweeps_left: u32,
+    pub(super) sweeps_left: u32,
     /// Every pfn a sweep found written behind the log, ascending.
-    pub(crate) known: Vec<u64>,
+    pub(super) known: Vec<u64>,
 }
 
 impl WatchSet {
-    pub(crate) fn new(sweeps: u32) -> Self {
+    pub(super) fn new(sweeps: u32) -> Self {
         Self {
             sweeps_left: sweeps,
             known: Vec::new(),
@@ -99,7 +253,7 @@ impl WatchSet {
     }
 
     /// Adds the pfns a sweep found (ascending); returns how many were new.
-    pub(crate) fn learn(&mut self, found: &[u64]) -> usize {
+    pub(super) fn learn(&mut self, found: &[u64]) -> usize {
         let before = self.known.len();
         for &pfn in found {
             if let Err(at) = self.known.binary_search(&pfn) {
@@ -112,7 +266,7 @@ impl WatchSet {
 
 /// Which dirty pages make a digest unsettled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Watch {
+pub(super) enum Watch {
     /// Pages dirtied from now on (the secondary's own checkpoint writes may show in its log).
     FromNow,
     /// None: the dirty log is off (a secondary starts it after checkpoint 0).
@@ -123,7 +277,7 @@ pub(crate) enum Watch {
 /// log shows written after the digest began were written by someone other than the paused guest,
 /// so the digest may mix old and new contents. `late` is scratch space (allocated on first use,
 /// verification only).
-pub(crate) fn settled_digest(
+pub(super) fn settled_digest(
     dom: &mut dyn Domain,
     state: &[u8],
     late: &mut Option<DirtyBitmap>,
@@ -153,7 +307,7 @@ pub(crate) fn settled_digest(
 /// What the primary last sent the secondary of every page, as the hash the page contributes to
 /// the digest (an unmappable page counts as zeros). Verification only: 8 bytes per pfn.
 #[derive(Debug)]
-pub(crate) struct SentPages {
+pub(super) struct SentPages {
     hashes: Vec<u64>,
     absent: u64,
     batch: Vec<u64>,
@@ -164,7 +318,7 @@ pub(crate) struct SentPages {
 
 impl SentPages {
     /// A record for a guest of `pages` pages of which nothing was sent yet.
-    pub(crate) fn new(pages: u64) -> Self {
+    pub(super) fn new(pages: u64) -> Self {
         let digester = Digester::new();
         let absent = digester.absent_hash();
         Self {
@@ -177,8 +331,8 @@ impl SentPages {
     }
 
     /// Notes pages just sent: `pfns[i]` had data iff `present[i]` (then its bytes are next in
-    /// `data`), as [`copy_pages`](crate::node) lays them out.
-    pub(crate) fn record(&mut self, pfns: &[u64], present: &[bool], data: &[u8]) {
+    /// `data`), as [`copy_pages`] lays them out.
+    pub(super) fn record(&mut self, pfns: &[u64], present: &[bool], data: &[u8]) {
         let mut pages = data.chunks_exact(PAGE_SIZE);
         for (&pfn, &ok) in pfns.iter().zip(present) {
             let h = if ok {
@@ -197,7 +351,7 @@ impl SentPages {
     /// last sent are appended to `out` (with `present`, as `copy_pages` does), everything is
     /// hashed for the digest from the same read, and the record is updated. Returns the pages
     /// outside `capture` that were taken (ascending): written behind the dirty log.
-    pub(crate) fn sweep(
+    pub(super) fn sweep(
         &mut self,
         dom: &mut dyn Domain,
         capture: &[u64],
@@ -261,7 +415,7 @@ impl SentPages {
     }
 
     /// The digest of the last sweep's pages and `state`.
-    pub(crate) fn digest(&self, state: &[u8]) -> [u8; DIGEST_LEN] {
+    pub(super) fn digest(&self, state: &[u8]) -> [u8; DIGEST_LEN] {
         self.digester.finish(state)
     }
 }

@@ -1,0 +1,53 @@
+//! The rest of colo-core's backend contract on a [`XenDomain`]: its guest NIC (none in this
+//! release) and the platform records `colo save` writes ([`colo_core::Snapshot`]).
+//!
+//! The NIC is empty on purpose: the Xen guest's network path (mirroring client packets to the
+//! SVM and comparing the vifs' output, COLO-proxy's job) is not part of this release. So on
+//! Xen, checkpoints are periodic or manual, never triggered by an output mismatch, and a node
+//! refuses `--client`; [`GuestNic::inject`] says why if it is called anyway.
+
+use colo_core::stream::TscInfo;
+use colo_core::{BackendError, Domain, GuestNic, PlatformRecords, Snapshot};
+
+use crate::{XenDomain, XenState};
+
+/// No network path on Xen in this release: the guest never receives mirrored requests, emits
+/// nothing to compare, and offers no output signal.
+impl GuestNic for XenDomain {
+    fn rx_next_seq(&self) -> u64 {
+        0
+    }
+
+    fn inject(&mut self, _seq: u64, _frame: &[u8]) -> Result<bool, BackendError> {
+        Err(BackendError::Unsupported(
+            "the Xen backend has no client network path in this release (omit --client)".into(),
+        ))
+    }
+
+    fn drain_tx(&mut self, _out: &mut dyn FnMut(&[u8])) {}
+}
+
+/// The state blob split into the stream's X86_TSC_INFO, HVM_CONTEXT and HVM_PARAMS.
+impl Snapshot for XenDomain {
+    fn platform(&mut self) -> Result<PlatformRecords, BackendError> {
+        let mut blob = Vec::new();
+        self.get_state(&mut blob)?;
+        platform(&blob)
+    }
+}
+
+/// Splits colo-xen's state blob into the stream's platform records.
+pub(crate) fn platform(blob: &[u8]) -> Result<PlatformRecords, BackendError> {
+    let st = XenState::decode(blob)
+        .map_err(|e| BackendError::InvalidState(format!("the Xen domain's state: {e}")))?;
+    Ok(PlatformRecords {
+        tsc: TscInfo {
+            mode: st.tsc.mode,
+            khz: st.tsc.khz,
+            nsec: st.tsc.elapsed_nsec,
+            incarnation: st.tsc.incarnation,
+        },
+        hvm_context: st.hvm_context.to_vec(),
+        hvm_params: st.params().map(|(i, v)| (u64::from(i), v)).collect(),
+    })
+}
