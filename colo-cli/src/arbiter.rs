@@ -27,6 +27,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::etcd::{Etcd, EtcdError, PutOutcome};
 
+/// What a node does when a failure finds the arbiter unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Unreachable {
+    /// Keep trying until the arbiter answers (a lone primary holds its output meanwhile; a
+    /// secondary does not take over).
+    #[default]
+    Wait,
+    /// Exit 1: "no takeover without the arbiter".
+    Exit,
+}
+
 /// How a node reaches its arbiter.
 #[derive(Debug, Clone)]
 pub struct ArbiterConfig {
@@ -38,6 +49,8 @@ pub struct ArbiterConfig {
     pub ttl: Duration,
     /// This node's name in the key (role and address, e.g. `primary@10.0.0.1:7000`).
     pub name: String,
+    /// What to do when a failure finds the arbiter unreachable.
+    pub unreachable: Unreachable,
 }
 
 impl ArbiterConfig {
@@ -180,6 +193,25 @@ impl Arbiter {
         self.inner.cfg.ttl
     }
 
+    /// The settings.
+    pub fn config(&self) -> &ArbiterConfig {
+        &self.inner.cfg
+    }
+
+    /// True when this node's lease has run down unrenewed (past `sent + ttl` of the last
+    /// success): the arbiter may have given the key to another node.
+    pub fn run_down(&self, now: Instant) -> bool {
+        self.inner.lease.lock().run_down(now)
+    }
+
+    /// True while the last request to the arbiter failed.
+    pub fn unreachable(&self) -> Option<String> {
+        let lease = self.inner.lease.lock();
+        let h = self.inner.holder.lock();
+        (!h.read_ok || lease.last_error().is_some())
+            .then(|| lease.last_error().unwrap_or("no answer yet").to_string())
+    }
+
     /// The state, for status and metrics.
     pub fn status(&self, now: Instant) -> ArbiterStatus {
         let lease = self.inner.lease.lock();
@@ -258,10 +290,14 @@ impl Inner {
                 Err(_) => return,
             }
         };
+        let sent_at = now;
         let answer = etcd.keepalive(id);
         let mut l = self.lease.lock();
         match answer {
             Ok(ttl) => {
+                if l.last_error().is_some() && !ttl.is_zero() {
+                    tracing::warn!("arbiter: the lease is renewed again");
+                }
                 let _ = l.renewed(ttl, Instant::now());
                 if ttl.is_zero() {
                     tracing::error!(
@@ -271,11 +307,20 @@ impl Inner {
                 }
             }
             Err(e) => {
-                let left = l.remaining(Instant::now());
-                tracing::warn!(
-                    "arbiter: renewing the lease failed ({e}); certainly held for {} ms more",
-                    left.as_millis()
-                );
+                // Said once per run of failures, and again when the lease runs out.
+                let now = Instant::now();
+                if l.last_error().is_none() {
+                    tracing::warn!(
+                        "arbiter: renewing the lease failed ({e}); certainly held for {} ms \
+                         more; retrying",
+                        l.remaining(now).as_millis()
+                    );
+                } else if l.certainly_valid(sent_at) && !l.certainly_valid(now) {
+                    tracing::error!(
+                        "arbiter: the lease is no longer certain ({e}); alone, this node holds \
+                         its output until a renewal succeeds"
+                    );
+                }
                 l.renew_failed(e.to_string());
             }
         }
@@ -312,7 +357,9 @@ impl Inner {
                 // A node that held the key and finds another holding it was dropped.
                 let mut l = self.lease.lock();
                 if matches!(l.state(), LeaseState::Lost(_)) && value != self.cfg.name {
-                    tracing::error!("arbiter: {value} holds the serving key: this node was dropped");
+                    tracing::error!(
+                        "arbiter: {value} holds the serving key: this node was dropped"
+                    );
                     l.lost(LostReason::TakenBy(value));
                 }
                 Some(id)

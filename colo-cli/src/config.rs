@@ -54,6 +54,14 @@ pub struct Config {
     pub heartbeat_timeout_ms: Option<u64>,
     /// Command run to fence the lost peer before taking over.
     pub fence_cmd: Option<String>,
+    /// The pair's arbiter, `etcd://HOST:PORT[,HOST:PORT...]`.
+    pub arbiter: Option<String>,
+    /// The pair's name in the arbiter.
+    pub arbiter_pair: Option<String>,
+    /// The arbiter lease's TTL, s.
+    pub arbiter_ttl: Option<u64>,
+    /// `wait` or `exit` when a failure finds the arbiter unreachable.
+    pub arbiter_unreachable: Option<String>,
     /// Prometheus endpoint address, HOST:PORT.
     pub metrics: Option<String>,
     /// Node name (names the control socket).

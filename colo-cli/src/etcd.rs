@@ -8,7 +8,7 @@
 //! the last one that answered, so a dead member costs one timeout, not a hang. etcd encodes
 //! keys and values in base64 and 64-bit integers as JSON strings.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
@@ -219,6 +219,9 @@ impl Etcd {
                     self.preferred = at;
                     return answer(&ep, path, status, &text).map(|v| (ep, v));
                 }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    last = format!("{ep}: no answer within {} ms", self.timeout.as_millis());
+                }
                 Err(e) => last = format!("{ep}: {e}"),
             }
         }
@@ -275,9 +278,7 @@ fn int(v: &Value, field: &str) -> Option<i64> {
 
 fn key_value(kv: &Value) -> Option<KeyValue> {
     let raw = kv.get("value").and_then(Value::as_str).unwrap_or("");
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(raw)
-        .ok()?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(raw).ok()?;
     Some(KeyValue {
         value: String::from_utf8_lossy(&bytes).into_owned(),
         lease: int(kv, "lease").unwrap_or(0),
@@ -328,7 +329,11 @@ fn parse_response(raw: &[u8]) -> std::io::Result<(u16, String)> {
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
     let body = &raw[end + 4..];
-    let body = if chunked { dechunk(body)? } else { body.to_vec() };
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_vec()
+    };
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
@@ -371,7 +376,9 @@ mod tests {
             ("etcd://:2379", "has no host"),
             ("etcd://h:99999", "is not a port number"),
         ] {
-            let err = Etcd::parse(url, Duration::from_secs(1)).unwrap_err().to_string();
+            let err = Etcd::parse(url, Duration::from_secs(1))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(says), "{url}: {err}");
         }
     }
@@ -400,17 +407,22 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("requested lease not found"), "{e}");
-        let e = answer("h:1", "/v3/kv/txn", 200, "<html>").unwrap_err().to_string();
+        let e = answer("h:1", "/v3/kv/txn", 200, "<html>")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not JSON"), "{e}");
     }
 
     #[test]
     fn an_unreachable_cluster_names_every_endpoint() {
         // Port 1 on loopback: nothing listens there.
-        let mut e = Etcd::parse("etcd://127.0.0.1:1,127.0.0.1:1", Duration::from_millis(200))
-            .unwrap();
+        let mut e =
+            Etcd::parse("etcd://127.0.0.1:1,127.0.0.1:1", Duration::from_millis(200)).unwrap();
         let err = e.grant(Duration::from_secs(3)).unwrap_err();
         assert!(matches!(err, EtcdError::Unreachable { .. }), "{err}");
-        assert!(err.to_string().contains("127.0.0.1:1, 127.0.0.1:1"), "{err}");
+        assert!(
+            err.to_string().contains("127.0.0.1:1, 127.0.0.1:1"),
+            "{err}"
+        );
     }
 }

@@ -37,10 +37,7 @@ impl EtcdServer {
             if port == peer_port {
                 continue;
             }
-            let dir = std::env::temp_dir().join(format!(
-                "colo-etcd-{}-{port}",
-                std::process::id()
-            ));
+            let dir = std::env::temp_dir().join(format!("colo-etcd-{}-{port}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir)?;
             let mut server = EtcdServer {
@@ -88,7 +85,10 @@ impl EtcdServer {
             }
             if let Some(c) = self.child.as_mut() {
                 if let Some(status) = c.try_wait()? {
-                    bail!("etcd exited ({status}) while starting:\n{}", self.log_tail());
+                    bail!(
+                        "etcd exited ({status}) while starting:\n{}",
+                        self.log_tail()
+                    );
                 }
             }
             if Instant::now() > end {

@@ -8,6 +8,7 @@ use std::ffi::OsString;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -275,6 +276,21 @@ pub struct NodeArgs {
     /// unprotected run); if it fails the node stops instead (split-brain fencing).
     #[arg(long)]
     pub fence_cmd: Option<String>,
+    /// Let an etcd v3 cluster decide which node serves: etcd://HOST:PORT[,HOST:PORT...]. The
+    /// primary holds the pair's serving key under a lease; a secondary takes over only once it
+    /// holds the key (see docs/operations.md, "The arbiter").
+    #[arg(long, value_name = "URL")]
+    pub arbiter: Option<String>,
+    /// The pair's name in the arbiter (the key is /colo/NAME/serving); the same on both nodes.
+    #[arg(long, value_name = "NAME", default_value = "colo")]
+    pub arbiter_pair: String,
+    /// The arbiter lease's time to live, s: a dead primary's key passes after about this long.
+    #[arg(long, value_name = "SECS", default_value_t = 3)]
+    pub arbiter_ttl: u64,
+    /// When a failure finds the arbiter unreachable (no takeover without it): keep trying
+    /// (`wait`) or exit 1 (`exit`).
+    #[arg(long, value_enum, default_value = "wait")]
+    pub arbiter_unreachable: colo_cli::arbiter::Unreachable,
     /// Write this node's status as JSON to this file every 200 ms.
     #[arg(long)]
     pub status_file: Option<PathBuf>,
@@ -423,6 +439,13 @@ fn config_args(cfg: &Config, role: &str, matches: &ArgMatches) -> Vec<OsString> 
             cfg.heartbeat_timeout_ms.map(|v| v.to_string().into()),
         ),
         ("fence_cmd", cfg.fence_cmd.clone().map(Into::into)),
+        ("arbiter", cfg.arbiter.clone().map(Into::into)),
+        ("arbiter_pair", cfg.arbiter_pair.clone().map(Into::into)),
+        ("arbiter_ttl", cfg.arbiter_ttl.map(|v| v.to_string().into())),
+        (
+            "arbiter_unreachable",
+            cfg.arbiter_unreachable.clone().map(Into::into),
+        ),
         ("metrics", cfg.metrics.clone().map(Into::into)),
         ("name", cfg.name.clone().map(Into::into)),
         (
@@ -754,6 +777,86 @@ fn run_restore(a: RestoreArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// Starts a primary's arbiter and waits until it holds the pair's serving key: a primary
+/// serves no one before. A key held by another node for longer than one TTL is renewed by a
+/// live node, and this one refuses to start.
+fn hold_serving_key(
+    cfg: colo_cli::arbiter::ArbiterConfig,
+) -> Result<Arc<colo_cli::arbiter::Arbiter>> {
+    use colo_cli::arbiter::{Arbiter, Unreachable};
+    let (key, ttl, unreachable) = (cfg.key(), cfg.ttl, cfg.unreachable);
+    let arbiter = Arbiter::start(cfg, true).context("--arbiter")?;
+    let start = Instant::now();
+    let mut told = false;
+    loop {
+        let now = Instant::now();
+        if arbiter.holds_key(now) {
+            return Ok(Arc::new(arbiter));
+        }
+        if let Some((holder, held)) = arbiter.held_by_other(now) {
+            if held > ttl + Duration::from_secs(1) {
+                bail!(
+                    "the arbiter names {holder} as the serving node ({key} held and renewed for \
+                     {:.1} s); refusing to serve beside it",
+                    held.as_secs_f64()
+                );
+            }
+            if !told {
+                told = true;
+                eprintln!(
+                    "colo: {holder} holds {key}; waiting up to {} s for it to lapse",
+                    ttl.as_secs() + 1
+                );
+            }
+        } else if let Some(err) = arbiter.unreachable() {
+            if now - start > ttl {
+                if unreachable == Unreachable::Exit {
+                    bail!("the arbiter cannot be reached: {err}");
+                }
+                if !told {
+                    told = true;
+                    eprintln!("colo: the arbiter cannot be reached ({err}); waiting for it");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The arbiter settings of a node (None without `--arbiter`); `role` names it in the key.
+fn arbiter_config(a: &NodeArgs, role: &str) -> Result<Option<colo_cli::arbiter::ArbiterConfig>> {
+    let Some(url) = &a.arbiter else {
+        return Ok(None);
+    };
+    colo_cli::etcd::Etcd::parse(url, Duration::from_secs(1)).context("--arbiter")?;
+    anyhow::ensure!(
+        (1..=3600).contains(&a.arbiter_ttl),
+        "--arbiter-ttl must be 1..3600 seconds, got {}",
+        a.arbiter_ttl
+    );
+    anyhow::ensure!(
+        !a.arbiter_pair.is_empty()
+            && a.arbiter_pair
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+        "--arbiter-pair must be letters, digits, '-', '_' or '.', got {:?}",
+        a.arbiter_pair
+    );
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    Ok(Some(colo_cli::arbiter::ArbiterConfig {
+        url: url.clone(),
+        pair: a.arbiter_pair.clone(),
+        ttl: Duration::from_secs(a.arbiter_ttl),
+        name: format!(
+            "{}@{} pid {}",
+            a.name.as_deref().unwrap_or(role),
+            host.trim(),
+            std::process::id()
+        ),
+        unreachable: a.arbiter_unreachable,
+    }))
+}
+
 fn node_options(a: &NodeArgs) -> Result<NodeOptions> {
     let key = match &a.key_file {
         Some(p) => Some(colo_cli::config::read_key_file(p)?),
@@ -899,6 +1002,9 @@ fn primary_with<G: Guest + Snapshot>(a: PrimaryArgs, guest: G) -> Result<i32> {
     let status = new_status();
     status_writer(a.node.status_file.clone(), status.clone());
     let (_control, commands) = control(&a.node, "primary", &status)?;
+    if let Some(cfg) = arbiter_config(&a.node, "primary")? {
+        opts.arbiter = Some(hold_serving_key(cfg)?);
+    }
     let mut node = PrimaryNode::connect(guest, &peer, opts, status)?;
     node.set_commands(commands);
     install_ctrlc(node.stop_flag());
@@ -938,9 +1044,14 @@ fn secondary_with<G: Guest + Snapshot>(a: SecondaryArgs, guest: G) -> Result<i32
         .listen
         .clone()
         .context("--listen is required (or `listen` in the --config file)")?;
-    let opts = node_options(&a.node)?;
+    let mut opts = node_options(&a.node)?;
     let listener =
         TcpListener::bind(&listen).with_context(|| format!("listening on `{listen}`"))?;
+    if let Some(cfg) = arbiter_config(&a.node, "secondary")? {
+        opts.arbiter = Some(Arc::new(
+            colo_cli::arbiter::Arbiter::start(cfg, false).context("--arbiter")?,
+        ));
+    }
     let status = new_status();
     status_writer(a.node.status_file.clone(), status.clone());
     let (_control, commands) = control(&a.node, "secondary", &status)?;

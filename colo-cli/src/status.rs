@@ -144,6 +144,11 @@ pub struct NodeStatus {
     pub guest_steps: u64,
     /// The last checkpoint.
     pub last: Option<CheckpointFigures>,
+    /// The arbiter, with `--arbiter`: the serving key's holder, this node's lease.
+    pub arbiter: Option<crate::arbiter::ArbiterStatus>,
+    /// Output frames held back because a primary running alone could not be sure of its
+    /// arbiter lease (they go out once it is renewed).
+    pub output_withheld: u64,
     /// Why the peer was declared lost.
     pub failover_reason: Option<String>,
     /// When.

@@ -14,6 +14,7 @@ fn cfg(server: &EtcdServer, pair: &str, name: &str, ttl_s: u64) -> ArbiterConfig
         pair: pair.into(),
         ttl: Duration::from_secs(ttl_s),
         name: name.into(),
+        unreachable: Default::default(),
     }
 }
 
@@ -44,11 +45,15 @@ fn one_holder_and_a_takeover_only_after_the_old_lease_expired() {
     secondary.want_key();
     // The primary renews: the secondary sees it hold the key for longer than a TTL and never
     // gets it.
-    wait_for("the secondary to see the key held past a TTL", BUDGET, || {
-        secondary
-            .held_by_other(Instant::now())
-            .is_some_and(|(who, d)| who == "primary@a" && d > Duration::from_secs(3))
-    });
+    wait_for(
+        "the secondary to see the key held past a TTL",
+        BUDGET,
+        || {
+            secondary
+                .held_by_other(Instant::now())
+                .is_some_and(|(who, d)| who == "primary@a" && d > Duration::from_secs(3))
+        },
+    );
     assert!(!secondary.holds_key(Instant::now()));
     assert!(primary.holds_key(Instant::now()));
     // A dead primary: its lease is granted and never renewed again. Simulated with a raw lease.
@@ -68,7 +73,8 @@ fn a_dead_holders_key_passes_after_its_ttl_not_before() {
     let (id, _) = etcd.grant(Duration::from_secs(2)).unwrap();
     let put = Instant::now();
     assert_eq!(
-        etcd.put_if_absent("/colo/p2/serving", "primary@dead", id).unwrap(),
+        etcd.put_if_absent("/colo/p2/serving", "primary@dead", id)
+            .unwrap(),
         PutOutcome::Put
     );
     let secondary = Arbiter::start(cfg(&server, "p2", "secondary@b", 2), false).unwrap();
@@ -127,7 +133,8 @@ fn a_primary_whose_key_was_taken_learns_it_was_dropped() {
     etcd.revoke(held.lease).unwrap();
     let (id, _) = etcd.grant(Duration::from_secs(30)).unwrap();
     assert_eq!(
-        etcd.put_if_absent("/colo/p4/serving", "secondary@b", id).unwrap(),
+        etcd.put_if_absent("/colo/p4/serving", "secondary@b", id)
+            .unwrap(),
         PutOutcome::Put
     );
     wait_for("the primary to learn it was dropped", BUDGET, || {

@@ -314,7 +314,10 @@ mod tests {
         assert!(!l.renew_due(t0 + ms(999)));
         assert!(l.renew_due(t0 + ms(1000)));
         assert_eq!(l.renew_sent(t0 + ms(1000)), Ok(7));
-        assert!(!l.renew_due(t0 + ms(2000)), "one renewal in flight at a time");
+        assert!(
+            !l.renew_due(t0 + ms(2000)),
+            "one renewal in flight at a time"
+        );
         l.renewed(ms(3000), t0 + ms(1900)).unwrap();
         assert_eq!(l.valid_until(), Some(t0 + ms(3700)));
         assert_eq!(l.renewed_at(), Some(t0 + ms(1900)));

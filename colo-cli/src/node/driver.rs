@@ -358,8 +358,15 @@ impl<G: Guest, R: Role> Node<G, R> {
     }
 
     fn publish(&mut self) {
+        let arbiter = self
+            .io
+            .opts
+            .arbiter
+            .as_ref()
+            .map(|a| a.status(Instant::now()));
         let mut st = self.io.status.lock();
         st.state = self.role.state_name().into();
+        st.arbiter = arbiter;
         if let Some(l) = &self.io.link {
             st.link_bytes_out = l.bytes_out();
             st.link_bytes_in = l.bytes_in();

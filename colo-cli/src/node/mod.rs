@@ -75,6 +75,10 @@ pub struct NodeOptions {
     pub fence_cmd: Option<String>,
     /// How long to wait for the peer to appear.
     pub connect_timeout: Duration,
+    /// The pair's arbiter (`--arbiter`): a primary releases output alone only under its lease,
+    /// a secondary takes over only once it holds the serving key. Shared by the node a
+    /// secondary becomes when it takes over.
+    pub arbiter: Option<Arc<crate::arbiter::Arbiter>>,
     /// Memory snapshots at each checkpoint, for tests (feature `test-support`).
     #[cfg(feature = "test-support")]
     pub snapshot: Option<SnapshotHook>,
@@ -92,6 +96,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("policy", &self.policy)
             .field("sync_mode", &self.sync_mode)
             .field("client_addr", &self.client_addr)
+            .field("arbiter", &self.arbiter.is_some())
             .finish()
     }
 }
@@ -109,6 +114,7 @@ impl Default for NodeOptions {
             client_addr: None,
             fence_cmd: None,
             connect_timeout: Duration::from_secs(30),
+            arbiter: None,
             #[cfg(feature = "test-support")]
             snapshot: None,
             #[cfg(feature = "test-support")]

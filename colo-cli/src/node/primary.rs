@@ -22,6 +22,7 @@ use super::driver::{run_fence, Io, Next, Node, Role};
 use super::pages::PageWriter;
 use super::protect::{goodbye, goodbye_in_background, Protecting};
 use super::NodeOptions;
+use crate::arbiter::Unreachable;
 use crate::clients::ClientHub;
 use crate::control::ControlCommand;
 use crate::link::Link;
@@ -29,6 +30,9 @@ use crate::status::{NodeStatus, Shared};
 
 /// A running primary.
 pub type PrimaryNode<G> = Node<G, PrimaryRole>;
+
+/// How often a node waiting on its arbiter looks again.
+pub(super) const ARBITER_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// GOODBYE reason: the primary stops (the secondary stops too).
 const GOODBYE_STOPPED: u32 = 0;
@@ -69,6 +73,19 @@ pub struct PrimaryRole {
     manual: bool,
     /// A re-protection asked for over the control socket, until its outcome is known.
     pub(super) protecting: Option<Protecting>,
+    /// Output held back while this primary, alone, is not sure of its arbiter lease; it goes
+    /// out, in order, before anything newer once the lease is certain again.
+    withheld: Withheld,
+}
+
+/// Frames a lone primary may not release yet (see [`crate::arbiter`]).
+#[derive(Debug, Default)]
+struct Withheld {
+    frames: VecDeque<Vec<u8>>,
+    /// Frames ever held back.
+    count: u64,
+    /// The lease was uncertain at the last look (a change is logged once).
+    holding: bool,
 }
 
 impl<G: Guest> Node<G, PrimaryRole> {
@@ -120,6 +137,7 @@ impl<G: Guest> Node<G, PrimaryRole> {
             last_cp_end: now,
             manual: false,
             protecting: None,
+            withheld: Withheld::default(),
         };
         Ok(Node::start(Io::new(guest, link, opts, status), role))
     }
@@ -279,6 +297,7 @@ impl Role for PrimaryRole {
     }
 
     fn serve<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
+        self.check_arbiter(io)?;
         self.pump_clients(io)?;
         self.pump_output(io);
         self.maybe_checkpoint(&io.opts)
@@ -297,10 +316,18 @@ impl Role for PrimaryRole {
                 .next_wakeup(now, self.last_cp_end, self.wanted(now))
         });
         let hold = self.comparator.as_ref().and_then(Comparator::next_deadline);
-        [self.engine.next_timeout(), policy, hold.filter(|_| running)]
-            .into_iter()
-            .flatten()
-            .min()
+        // Frames held back for the lease: look again soon (a renewal frees them).
+        let withheld =
+            (!self.withheld.frames.is_empty() || self.withheld.holding).then(|| now + ARBITER_POLL);
+        [
+            self.engine.next_timeout(),
+            policy,
+            hold.filter(|_| running),
+            withheld,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn publish(&self, st: &mut NodeStatus) {
@@ -316,6 +343,7 @@ impl Role for PrimaryRole {
             st.mismatches = c.stats().mismatches;
         }
         st.requests = self.next_seq;
+        st.output_withheld = self.withheld.count;
     }
 }
 
@@ -530,31 +558,104 @@ impl PrimaryRole {
         if let Some(c) = self.comparator.as_mut() {
             self.released.clear();
             c.drain_released(&mut self.released);
-            if let Some(cl) = self.clients.as_mut() {
-                for f in &self.released {
-                    cl.deliver(f);
-                }
+            let may = self.may_release(io);
+            for f in self.released.drain(..) {
+                deliver(&mut self.clients, &mut self.withheld, may, f);
             }
         }
     }
 
     /// Every frame the PVM emitted: to the comparator when there is one and `compare`, else
-    /// straight to the clients.
+    /// straight to the clients (or held back, see [`PrimaryRole::may_release`]).
     fn drain_output<G: Guest>(&mut self, io: &mut Io<G>, now: Instant, compare: bool) {
+        let may = self.may_release(io);
         let comparator = &mut self.comparator;
         let clients = &mut self.clients;
+        let withheld = &mut self.withheld;
         let opts = &io.opts;
         io.guest.drain_tx(&mut |f| {
             opts.tap(f);
             match comparator.as_mut() {
                 Some(c) if compare => c.push_primary(now, f.to_vec()),
-                _ => {
+                _ if may && withheld.frames.is_empty() => {
                     if let Some(cl) = clients.as_mut() {
                         cl.deliver(f);
                     }
                 }
+                _ => deliver(clients, withheld, may, f.to_vec()),
             }
         });
+    }
+
+    /// Whether output may go out to clients now. In lockstep with the secondary, COLO's rule
+    /// alone decides (the SVM holds every released reply). Alone with an arbiter, only while
+    /// the lease is certain: frames held back meanwhile go out first once it is again.
+    fn may_release<G>(&mut self, io: &Io<G>) -> bool {
+        let Some(arbiter) = io.opts.arbiter.as_deref() else {
+            return true;
+        };
+        let lockstep = self.engine.state() != PrimaryState::Unprotected;
+        let may = arbiter.may_release(lockstep, Instant::now());
+        if may == self.withheld.holding {
+            self.withheld.holding = !may;
+            if may {
+                tracing::warn!(
+                    "arbiter: the lease is certain again; releasing {} held frames",
+                    self.withheld.frames.len()
+                );
+            } else {
+                tracing::error!(
+                    "arbiter: running alone without a certain lease; output is held until the \
+                     lease is renewed"
+                );
+            }
+        }
+        if may {
+            if let Some(cl) = self.clients.as_mut() {
+                for f in self.withheld.frames.drain(..) {
+                    cl.deliver(&f);
+                }
+            }
+        }
+        may
+    }
+
+    /// The arbiter's verdicts on a node that serves: a primary whose key another node holds
+    /// was dropped and stops serving (its guest paused); a lone primary whose lease ran out
+    /// with the arbiter unreachable exits when `--arbiter-unreachable exit` says so.
+    fn check_arbiter<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
+        let Some(arbiter) = io.opts.arbiter.clone() else {
+            return Ok(());
+        };
+        if let Some(holder) = arbiter.dropped() {
+            let why = format!(
+                "dropped by the arbiter: {holder} holds the pair's serving key; this node stops \
+                 serving (its guest is paused)"
+            );
+            tracing::error!("{why}");
+            let _ = io.guest.pause();
+            io.note_loss(why.clone());
+            io.drop_link();
+            bail!(why);
+        }
+        let st = arbiter.status(Instant::now());
+        if self.engine.state() == PrimaryState::Unprotected
+            && !st.holding
+            && st.state == "Holding"
+            && arbiter.config().unreachable == Unreachable::Exit
+            && arbiter.run_down(Instant::now())
+        {
+            let why = format!(
+                "no arbiter: the lease ran out unrenewed ({}); exiting as \
+                 --arbiter-unreachable exit asks (the guest is paused)",
+                st.last_error.as_deref().unwrap_or("no answer")
+            );
+            tracing::error!("{why}");
+            let _ = io.guest.pause();
+            io.note_loss(why.clone());
+            bail!(why);
+        }
+        Ok(())
     }
 
     /// Why a checkpoint is wanted now, if it is: asked for, or the comparator's verdict.
@@ -584,6 +685,18 @@ impl PrimaryRole {
         self.manual = false;
         self.engine.start_checkpoint(now, trigger)?;
         Ok(())
+    }
+}
+
+/// Hands `f` to the clients, or holds it back (behind any frame already held) unless `may`.
+fn deliver(clients: &mut Option<ClientHub>, withheld: &mut Withheld, may: bool, f: Vec<u8>) {
+    if may && withheld.frames.is_empty() {
+        if let Some(cl) = clients.as_mut() {
+            cl.deliver(&f);
+        }
+    } else {
+        withheld.frames.push_back(f);
+        withheld.count += 1;
     }
 }
 

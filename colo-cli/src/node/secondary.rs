@@ -17,8 +17,9 @@ use colo_core::Guest;
 use super::capture::{settled_digest, Watch};
 use super::driver::{flush, nonce, run_fence, Io, Next, Node, Role};
 use super::pages::SyncPages;
-use super::primary::PrimaryNode;
+use super::primary::{PrimaryNode, ARBITER_POLL};
 use super::NodeOptions;
+use crate::arbiter::Unreachable;
 use crate::control::ControlCommand;
 use crate::link::Link;
 use crate::status::{NodeStatus, Shared};
@@ -59,6 +60,18 @@ pub struct SecondaryRole {
     /// Stream events decoded from the current connection.
     events_seen: u64,
     taken_over: bool,
+    /// The primary is lost and this node waits for the arbiter's serving key before it takes
+    /// over: why, and since when.
+    awaiting_key: Option<AwaitingKey>,
+}
+
+/// A takeover waiting for the arbiter (see [`crate::arbiter`]).
+#[derive(Debug)]
+struct AwaitingKey {
+    reason: String,
+    since: Instant,
+    /// "No takeover without the arbiter" was said.
+    told_unreachable: bool,
 }
 
 /// The secondary machine's settings from the node's options.
@@ -111,6 +124,7 @@ impl<G: Guest> Node<G, SecondaryRole> {
             waiting_until,
             events_seen: 0,
             taken_over: false,
+            awaiting_key: None,
         };
         Ok(Node::start(Io::new(guest, Some(link), opts, status), role))
     }
@@ -228,6 +242,7 @@ impl Role for SecondaryRole {
     }
 
     fn serve<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
+        self.check_arbiter(io)?;
         self.pump_inputs(io)?;
         self.pump_output(io);
         Ok(())
@@ -241,8 +256,12 @@ impl Role for SecondaryRole {
         !self.inputs.is_empty() && self.engine.running_epoch().is_some()
     }
 
-    fn next_deadline(&self, _opts: &NodeOptions, _now: Instant) -> Option<Instant> {
-        self.engine.next_timeout()
+    fn next_deadline(&self, opts: &NodeOptions, now: Instant) -> Option<Instant> {
+        let arbiter = opts.arbiter.as_ref().map(|_| now + ARBITER_POLL);
+        [self.engine.next_timeout(), arbiter]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn publish(&self, st: &mut NodeStatus) {
@@ -336,7 +355,87 @@ impl SecondaryRole {
 
     /// `TakeOver`: the primary is lost and a complete checkpoint is held: fence (with
     /// `--fence-cmd`), then serve as the new primary (the loop ends; `run` turns the node).
+    /// `TakeOver`: the primary is lost and a complete checkpoint is held. With an arbiter,
+    /// the takeover waits until this node holds the serving key; otherwise it goes on now.
     fn take_over<G: Guest>(&mut self, io: &mut Io<G>, reason: String) -> Result<()> {
+        io.drop_link();
+        match io.opts.arbiter.as_deref() {
+            Some(arbiter) if !arbiter.holds_key(Instant::now()) => {
+                tracing::warn!(
+                    "primary lost: {reason}; taking over once this node holds the arbiter's \
+                     serving key (the old primary's lease must expire first, ≤ {} s)",
+                    arbiter.ttl().as_secs()
+                );
+                arbiter.want_key();
+                self.awaiting_key = Some(AwaitingKey {
+                    reason,
+                    since: Instant::now(),
+                    told_unreachable: false,
+                });
+                Ok(())
+            }
+            _ => self.serve_alone(io, reason),
+        }
+    }
+
+    /// The arbiter's part of a secondary's loop: a primary whose lease expired while the pair
+    /// ran (it is cut from the arbiter) is taken over; a takeover waiting for the key goes on
+    /// once it is held, and is given up when the old primary keeps renewing (only the link
+    /// failed) or, with `--arbiter-unreachable exit`, when the arbiter cannot be reached.
+    fn check_arbiter<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
+        let Some(arbiter) = io.opts.arbiter.clone() else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let Some(wait) = self.awaiting_key.as_mut() else {
+            if self.engine.running_epoch().is_some() && arbiter.lapsed() {
+                tracing::warn!(
+                    "arbiter: the primary's lease expired while the pair ran (the primary is \
+                     cut from the arbiter); taking over"
+                );
+                self.engine.failover(now);
+            }
+            return Ok(());
+        };
+        if arbiter.holds_key(now) {
+            let wait = self
+                .awaiting_key
+                .take()
+                .map(|w| w.reason)
+                .unwrap_or_default();
+            return self.serve_alone(io, wait);
+        }
+        let ttl = arbiter.ttl();
+        if let Some((holder, held)) = arbiter.held_by_other(now) {
+            if held > 2 * ttl {
+                let why = format!(
+                    "not taking over: {holder} holds the pair's serving key and keeps renewing \
+                     it (the primary is alive; only the replication link failed)"
+                );
+                tracing::error!("{why}");
+                io.note_loss(why.clone());
+                bail!(why);
+            }
+        } else if let Some(err) = arbiter.unreachable() {
+            if now.saturating_duration_since(wait.since) > ttl {
+                let why = format!("no takeover without the arbiter: {err}");
+                if arbiter.config().unreachable == Unreachable::Exit {
+                    tracing::error!("{why}");
+                    io.note_loss(why.clone());
+                    bail!(why);
+                }
+                if !wait.told_unreachable {
+                    wait.told_unreachable = true;
+                    tracing::error!("{why}; waiting for it (--arbiter-unreachable wait)");
+                    io.note_loss(why);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The takeover proper: fence (with `--fence-cmd`), then serve as the new primary.
+    fn serve_alone<G: Guest>(&mut self, io: &mut Io<G>, reason: String) -> Result<()> {
         let t0 = Instant::now();
         if let Err(e) = run_fence(&io.opts.fence_cmd, "not taking over") {
             tracing::error!("{e:#}");
