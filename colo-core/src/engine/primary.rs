@@ -28,6 +28,8 @@ pub struct PrimaryConfig {
     pub verify: bool,
     /// Pre-shared key for the link, if any.
     pub key: Option<Vec<u8>>,
+    /// Leave the records after the handshake unsealed (`--insecure-plaintext`; both sides).
+    pub plaintext: bool,
     /// A fresh random nonce for the handshake.
     pub nonce: [u8; 32],
 }
@@ -43,6 +45,7 @@ impl PrimaryConfig {
             liveness: Liveness::default(),
             verify: false,
             key: None,
+            plaintext: false,
             nonce: [0; 32],
         }
     }
@@ -263,6 +266,7 @@ impl Primary {
             Role::Primary,
             cfg.page_count,
             cfg.verify,
+            cfg.plaintext,
             cfg.key.clone(),
             cfg.nonce,
             &mut outbox,

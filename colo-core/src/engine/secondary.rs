@@ -24,6 +24,8 @@ pub struct SecondaryConfig {
     pub verify: bool,
     /// Pre-shared key for the link, if any.
     pub key: Option<Vec<u8>>,
+    /// Leave the records after the handshake unsealed (`--insecure-plaintext`; both sides).
+    pub plaintext: bool,
     /// A fresh random nonce for the handshake.
     pub nonce: [u8; 32],
 }
@@ -36,6 +38,7 @@ impl SecondaryConfig {
             liveness: Liveness::default(),
             verify: false,
             key: None,
+            plaintext: false,
             nonce: [0; 32],
         }
     }
@@ -199,6 +202,7 @@ impl Secondary {
             Role::Secondary,
             cfg.page_count,
             cfg.verify,
+            cfg.plaintext,
             cfg.key.clone(),
             cfg.nonce,
             &mut outbox,
