@@ -261,9 +261,17 @@ pub struct NodeArgs {
     /// --backend mock.
     #[arg(long, value_name = "N")]
     pub unlogged_sweeps: Option<u32>,
-    /// File holding the link's pre-shared key (both nodes need the same).
+    /// File holding the link's pre-shared key (both nodes need the same). With a key, the
+    /// handshake authenticates the peer and every record after it is encrypted and
+    /// authenticated (AES-256-GCM); without one the link is plain TCP, open to anyone on the
+    /// path.
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// Keep the records after the authenticated handshake unencrypted (for benchmarks, or to
+    /// read the stream with Xen's verify-stream-v2). Both nodes need it, or neither: a
+    /// mismatch is refused at the handshake.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
     /// Heartbeat interval, ms.
     #[arg(long, default_value_t = 50)]
     pub heartbeat_interval_ms: u64,
@@ -387,6 +395,9 @@ const PRIMARY_ONLY: &[&str] = &[
 ];
 const SECONDARY_ONLY: &[&str] = &["listen"];
 
+/// Config keys that are flags without a value (given when true).
+const BOOLEAN_FLAGS: &[&str] = &["verify", "insecure_plaintext"];
+
 /// The config file's settings as `--flag=value` arguments, for every key set in the file whose
 /// flag was not given on the command line (`matches` are the subcommand's).
 fn config_args(cfg: &Config, role: &str, matches: &ArgMatches) -> Vec<OsString> {
@@ -405,6 +416,10 @@ fn config_args(cfg: &Config, role: &str, matches: &ArgMatches) -> Vec<OsString> 
         ("key_file", cfg.key_file.as_deref().map(os)),
         // A boolean flag: present or absent, no value.
         ("verify", cfg.verify.filter(|&v| v).map(|_| OsString::new())),
+        (
+            "insecure_plaintext",
+            cfg.insecure_plaintext.filter(|&v| v).map(|_| OsString::new()),
+        ),
         (
             "min_interval_ms",
             cfg.min_interval_ms.map(|v| v.to_string().into()),
@@ -450,7 +465,7 @@ fn config_args(cfg: &Config, role: &str, matches: &ArgMatches) -> Vec<OsString> 
             continue;
         }
         let mut arg = OsString::from(format!("--{}", key.replace('_', "-")));
-        if !value.is_empty() || key != "verify" {
+        if !value.is_empty() || !BOOLEAN_FLAGS.contains(&key) {
             arg.push("=");
             arg.push(value);
         }
@@ -774,6 +789,18 @@ fn node_options(a: &NodeArgs) -> Result<NodeOptions> {
         Some(p) => Some(colo_cli::config::read_key_file(p)?),
         None => None,
     };
+    match (&key, a.insecure_plaintext) {
+        (Some(_), true) => tracing::warn!(
+            "--insecure-plaintext: the peer is authenticated at the handshake, but the records \
+             after it (guest memory, client traffic) cross the network unencrypted and \
+             unauthenticated"
+        ),
+        (None, _) => tracing::warn!(
+            "no --key-file: the replication link is neither authenticated nor encrypted; anyone \
+             on the path can read guest memory or inject records"
+        ),
+        (Some(_), false) => {}
+    }
     anyhow::ensure!(
         a.heartbeat_timeout_ms > a.heartbeat_interval_ms,
         "--heartbeat-timeout-ms ({}) must exceed --heartbeat-interval-ms ({})",
@@ -792,6 +819,7 @@ fn node_options(a: &NodeArgs) -> Result<NodeOptions> {
             Backend::Mock => 0,
         }),
         key,
+        insecure_plaintext: a.insecure_plaintext,
         client_addr: a.client.clone(),
         fence_cmd: a.fence_cmd.clone(),
         connect_timeout: Duration::from_secs(a.connect_timeout),

@@ -409,9 +409,15 @@ impl HandshakeTap {
     /// A tap on a direction sent by a node in `sender`'s role (the primary's begins with Xen's
     /// image and domain headers).
     pub fn new(sender: Role) -> Self {
+        Self::with_headers(sender == Role::Primary)
+    }
+
+    /// A tap on a direction that begins with Xen's image and domain headers (`headers`) or
+    /// directly with HELLO.
+    pub fn with_headers(headers: bool) -> Self {
         Self {
             dec: Decoder::new(DecoderConfig {
-                expect_headers: sender == Role::Primary,
+                expect_headers: headers,
                 page_count: None,
             }),
             hello: None,

@@ -128,6 +128,9 @@ pub struct NodeOptions {
     pub unlogged_sweeps: u32,
     /// Pre-shared key.
     pub key: Option<Vec<u8>>,
+    /// Leave the link's records unsealed although there is a key (`--insecure-plaintext`; both
+    /// nodes must agree).
+    pub insecure_plaintext: bool,
     /// Checkpoint policy (primary).
     pub policy: CheckpointPolicy,
     /// Comparator settings (primary).
@@ -154,6 +157,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("liveness", &self.liveness)
             .field("verify", &self.verify)
             .field("has_key", &self.key.is_some())
+            .field("insecure_plaintext", &self.insecure_plaintext)
             .field("policy", &self.policy)
             .field("sync_mode", &self.sync_mode)
             .field("client_addr", &self.client_addr)
@@ -182,6 +186,7 @@ impl Default for NodeOptions {
             verify: false,
             unlogged_sweeps: 0,
             key: None,
+            insecure_plaintext: false,
             policy: CheckpointPolicy::default(),
             compare: CompareConfig::default(),
             sync_mode: SyncMode::Backchannel,

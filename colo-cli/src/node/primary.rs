@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use colo_core::bitmap::DirtyBitmap;
 use colo_core::compare::Comparator;
-use colo_core::engine::messages::Message;
+use colo_core::engine::messages::{Message, Role};
 use colo_core::engine::{
     CheckpointStats, Primary, PrimaryAction, PrimaryConfig, PrimaryState, Trigger, Verdict,
     DIGEST_LEN, GOODBYE_DROPPED,
@@ -31,6 +31,7 @@ fn primary_config(opts: &NodeOptions, pages: u64) -> PrimaryConfig {
     cfg.liveness = opts.liveness;
     cfg.verify = opts.verify;
     cfg.key = opts.key.clone();
+    cfg.plaintext = opts.insecure_plaintext;
     cfg.nonce = nonce();
     cfg
 }
@@ -134,10 +135,13 @@ impl<G: Guest> PrimaryNode<G> {
     /// A primary over an established link (None: start unprotected, e.g. after a takeover).
     pub fn with_link(
         guest: G,
-        link: Option<Link>,
+        mut link: Option<Link>,
         opts: NodeOptions,
         status: Shared,
     ) -> Result<Self> {
+        if let Some(l) = link.as_mut() {
+            l.set_key(Role::Primary, opts.key.as_deref());
+        }
         let pages = guest.page_count();
         let now = Instant::now();
         let cfg = primary_config(&opts, pages);
@@ -291,7 +295,8 @@ impl<G: Guest> PrimaryNode<G> {
     }
 
     /// Starts protecting over `link`, a fresh connection to the secondary at `peer`.
-    fn start_link(&mut self, peer: &str, link: Link) {
+    fn start_link(&mut self, peer: &str, mut link: Link) {
+        link.set_key(Role::Primary, self.opts.key.as_deref());
         let pages = self.guest.page_count();
         self.engine = Primary::new(primary_config(&self.opts, pages), Instant::now());
         self.comparator = None;
