@@ -819,7 +819,14 @@ impl Link {
     /// gave `--insecure-plaintext`. This node plays `role`. Call it before this node's HELLO
     /// goes out; without a key (None) the link stays plaintext.
     pub fn set_key(&mut self, role: Role, key: Option<&[u8]>) {
-        let Some(key) = key else { return };
+        let Some(key) = key else {
+            tracing::warn!(
+                "no --key-file: the replication link with {} is neither authenticated nor \
+                 encrypted; anyone on the path can read guest memory or inject records",
+                self.peer
+            );
+            return;
+        };
         self.tx.keying.lock().psk = Some(key.to_vec());
         self.tx.stream.lock().out = Outgoing::Tapping(Box::new(HandshakeTap::new(role)));
     }
