@@ -816,6 +816,7 @@ fn node_options(a: &NodeArgs) -> Result<NodeOptions> {
             Backend::Mock => 0,
         }),
         key,
+        key_file: a.key_file.clone(),
         insecure_plaintext: a.insecure_plaintext,
         client_addr: a.client.clone(),
         fence_cmd: a.fence_cmd.clone(),

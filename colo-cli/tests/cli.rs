@@ -1193,3 +1193,112 @@ fn different_keys_are_named_by_both_nodes() {
         "{perr}"
     );
 }
+
+/// `--insecure-plaintext` on one node only: both refuse at the handshake, naming the flag and
+/// the side that has it. On both nodes: the pair is protected, and the node warns that its
+/// records go unencrypted.
+#[test]
+fn insecure_plaintext_must_be_given_to_both_nodes() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new("plaintext");
+    let id = std::process::id();
+    std::fs::write(s.path("k"), [7u8; 32]).unwrap();
+    std::fs::set_permissions(s.path("k"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let k = s.path("k").display().to_string();
+    for (primary_plain, pn) in [(false, format!("pp0{id}")), (true, format!("pp1{id}"))] {
+        let repl = format!("127.0.0.1:{}", free_port());
+        let mut sec = Node(
+            s.colo()
+                .args(["secondary", "--listen", &repl, "--ram", "8M", "--key-file", &k])
+                .args(["--insecure-plaintext", "--heartbeat-timeout-ms", "2000"])
+                .args(["--name", &format!("ps{primary_plain}{id}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let mut pri = s.colo();
+        pri.args(["primary", "--peer", &repl, "--ram", "8M", "--key-file", &k])
+            .args(["--name", &pn, "--heartbeat-timeout-ms", "2000"]);
+        if primary_plain {
+            pri.arg("--insecure-plaintext");
+        }
+        let mut pri = Node(
+            pri.stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        if primary_plain {
+            wait_for(&s, &pn, "protected", |v| v["protected"] == true);
+            pri.0.kill().unwrap();
+            pri.0.wait().unwrap();
+            let err = stderr_of(&mut pri);
+            assert!(
+                err.contains("WARN") && err.contains("--insecure-plaintext"),
+                "{err}"
+            );
+        } else {
+            refused_by_both(
+                &s,
+                &mut sec,
+                &pn,
+                "--insecure-plaintext differs: the secondary has it and the primary does not",
+            );
+        }
+    }
+}
+
+/// Key rotation as docs/operations.md tells it: new key file on both hosts, the primary drops
+/// its secondary, a secondary started with the new key, `colo protect`: the primary reads its
+/// key file again and the pair is protected under the new key.
+#[test]
+fn a_rotated_key_takes_effect_at_the_next_protect() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new("rotate");
+    let id = std::process::id();
+    let write_key = |byte: u8| {
+        let tmp = s.path("key.new");
+        std::fs::write(&tmp, [byte; 32]).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::rename(&tmp, s.path("key")).unwrap();
+    };
+    write_key(1);
+    let k = s.path("key").display().to_string();
+    let (pn, s1n, s2n) = (format!("rp{id}"), format!("rs1{id}"), format!("rs2{id}"));
+    let keyed_secondary = |repl: &str, name: &str| {
+        Node(
+            s.colo()
+                .args(["secondary", "--listen", repl, "--name", name, "--ram", "8M"])
+                .args(["--key-file", &k, "--heartbeat-timeout-ms", "2000"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let repl1 = format!("127.0.0.1:{}", free_port());
+    let mut s1 = keyed_secondary(&repl1, &s1n);
+    let _pri = Node(
+        s.colo()
+            .args(["primary", "--peer", &repl1, "--name", &pn, "--ram", "8M"])
+            .args(["--key-file", &k, "--heartbeat-timeout-ms", "2000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&s, &pn, "protected", |v| v["protected"] == true);
+    write_key(2);
+    let o = s.run(&["failover", "--name", &pn]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(exit_code(&mut s1, "the dropped secondary"), Some(0));
+    wait_for(&s, &pn, "unprotected", |v| v["protected"] == false);
+    let repl2 = format!("127.0.0.1:{}", free_port());
+    let _s2 = keyed_secondary(&repl2, &s2n);
+    let o = s.run(&["protect", "--name", &pn, "--peer", &repl2]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    wait_for(&s, &pn, "protected under the new key", |v| {
+        v["protected"] == true
+    });
+}

@@ -128,6 +128,9 @@ pub struct NodeOptions {
     pub unlogged_sweeps: u32,
     /// Pre-shared key.
     pub key: Option<Vec<u8>>,
+    /// Where `key` was read from: a primary reads it again before each re-protection, so a
+    /// rotated key takes effect without a restart.
+    pub key_file: Option<std::path::PathBuf>,
     /// Leave the link's records unsealed although there is a key (`--insecure-plaintext`; both
     /// nodes must agree).
     pub insecure_plaintext: bool,
@@ -186,6 +189,7 @@ impl Default for NodeOptions {
             verify: false,
             unlogged_sweeps: 0,
             key: None,
+            key_file: None,
             insecure_plaintext: false,
             policy: CheckpointPolicy::default(),
             compare: CompareConfig::default(),

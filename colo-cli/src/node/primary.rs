@@ -239,6 +239,16 @@ impl<G: Guest> PrimaryNode<G> {
             reply.send(Err(e));
             return;
         }
+        // The key file is read again: a rotated key is used from this connection on.
+        if let Some(path) = &self.opts.key_file {
+            match crate::config::read_key_file(path) {
+                Ok(k) => self.opts.key = Some(k),
+                Err(e) => {
+                    reply.send(Err(format!("{e:#}")));
+                    return;
+                }
+            }
+        }
         match Link::connect_in_background(&peer, timeout, self.link_config()) {
             Ok(pending) => {
                 self.protecting = Some(Protecting {
