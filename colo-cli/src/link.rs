@@ -3,7 +3,7 @@
 //! written whole records at a time, with a keepalive thread that speaks while the node is busy.
 //! With a pre-shared key (and without `--insecure-plaintext`) every byte after each side's
 //! AUTH travels in colo-core's sealed frames ([`colo_core::seal`]): the writer seals whole
-//! batches of records (one AEAD call per 256 KiB), the reader thread reads each frame into a
+//! batches of records (one AEAD call per MiB), the reader thread reads each frame into a
 //! pooled buffer, opens it in place and hands over only authenticated plaintext.
 
 use std::io::{self, Read, Write};
@@ -28,9 +28,9 @@ const SOCKET_BUFFER: usize = 4 << 20;
 /// Read buffer: large enough that a page usually arrives whole and is borrowed, not copied.
 const READ_BUFFER: usize = 1 << 20;
 
-/// Plaintext per sealed frame: whole batches of records share one AEAD call, and a frame
-/// stays small enough for the cache between sealing and the write.
-const SEAL_FRAME: usize = 256 << 10;
+/// Plaintext per sealed frame: whole batches of records share one AEAD call per MiB, and a
+/// whole frame fits one standard read buffer.
+const SEAL_FRAME: usize = READ_BUFFER - seal::OVERHEAD;
 /// Most bytes read at once beyond a sealed frame's end (they are copied to the next frame's
 /// buffer); a frame's own body is read straight into its buffer.
 const READ_AHEAD: usize = 16 << 10;
@@ -269,7 +269,7 @@ fn keepalive(tx: Arc<Tx>, interval: Duration) {
 }
 
 /// Exclusive use of the link's sending half for a batch of whole records (see [`Link::writer`]).
-/// On a sealed link the batch is sealed in frames of 256 KiB as it fills and the last frame
+/// On a sealed link the batch is sealed in frames of 1 MiB as it fills and the last frame
 /// when the writer is finished or dropped (a failure then is reported by the next write).
 #[derive(Debug)]
 pub struct LinkWriter<'a> {

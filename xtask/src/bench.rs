@@ -346,20 +346,29 @@ fn run_link_only(quick: bool, json_path: Option<&Path>) -> Result<()> {
 /// The pre-shared key of the bench's sealed-link pairs.
 const BENCH_KEY: &[u8] = b"colo bench link key";
 
-/// Two pairs of the same size, one with sealed records and one with `--insecure-plaintext`
-/// (both with a key, so only the records' encryption differs): the initial-sync rate of each,
-/// then blocks of 10,000-page checkpoints taken on each in turn (so a change in the machine's
-/// load moves both).
+/// Pairs of the same size, one with sealed records and one with `--insecure-plaintext` (both
+/// with a key, so only the records' encryption differs): the initial-sync rate of each, then
+/// blocks of 10,000-page checkpoints taken on each in turn (so a change in the machine's load
+/// moves both).
 fn link_cost(quick: bool) -> Result<LinkCost> {
     let ram = if quick { 256 * MIB } else { GIB };
-    let (blocks, per_block) = if quick { (3, 4) } else { (8, 6) };
+    let (blocks, per_block) = if quick { (24, 1) } else { (60, 1) };
     let mut pairs = Vec::new();
     let mut rows = [LinkRow::default(); 2];
-    for (i, sealed) in [false, true].into_iter().enumerate() {
-        let what = if sealed { "sealed link" } else { "plaintext link" };
-        let pair = Pair::start_with(ram, what, Some(!sealed))?;
-        rows[i].sync_gbps = ram as f64 / pair.synced_in.as_secs_f64() / 1e9;
-        pairs.push(pair);
+    // Two rounds, the modes in turn: the initial-sync rate is the better of each mode's two
+    // (the machine's load varies), and the second round's pairs take the checkpoints.
+    for round in 0..2 {
+        for (i, sealed) in [false, true].into_iter().enumerate() {
+            let what = if sealed { "sealed link" } else { "plaintext link" };
+            let mut pair = Pair::start_with(ram, what, Some(!sealed))?;
+            let gbps = ram as f64 / pair.synced_in.as_secs_f64() / 1e9;
+            rows[i].sync_gbps = rows[i].sync_gbps.max(gbps);
+            if round == 0 {
+                pair.stop();
+            } else {
+                pairs.push(pair);
+            }
+        }
     }
     let mut figs: [Vec<CheckpointFigures>; 2] = [Vec::new(), Vec::new()];
     let mut seed = 0x5eed_u64;
