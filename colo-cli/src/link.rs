@@ -138,9 +138,7 @@ impl TxInner {
                                     "replication link: records from here on are encrypted and \
                                      authenticated (AES-256-GCM)"
                                 );
-                                Outgoing::Sealed(Box::new(
-                                    Sealer::new(k).map_err(sealing_error)?,
-                                ))
+                                Outgoing::Sealed(Box::new(Sealer::new(k).map_err(sealing_error)?))
                             }
                             None => Outgoing::Plain,
                         };

@@ -420,7 +420,9 @@ fn config_args(cfg: &Config, role: &str, matches: &ArgMatches) -> Vec<OsString> 
         ("verify", cfg.verify.filter(|&v| v).map(|_| OsString::new())),
         (
             "insecure_plaintext",
-            cfg.insecure_plaintext.filter(|&v| v).map(|_| OsString::new()),
+            cfg.insecure_plaintext
+                .filter(|&v| v)
+                .map(|_| OsString::new()),
         ),
         (
             "min_interval_ms",

@@ -266,13 +266,7 @@ impl Stage {
             };
             let armed = self.t.armed.load(Ordering::SeqCst);
             let before = *checkpoints;
-            let hit = scan(
-                dec,
-                &plain[range],
-                self.t.plan.target,
-                armed,
-                checkpoints,
-            );
+            let hit = scan(dec, &plain[range], self.t.plan.target, armed, checkpoints);
             if let Some(first) = held.take() {
                 // Reordering: this frame goes first, then the held one; then straight through.
                 out.push(Forward::Bytes(wire));

@@ -1209,7 +1209,15 @@ fn insecure_plaintext_must_be_given_to_both_nodes() {
         let repl = format!("127.0.0.1:{}", free_port());
         let mut sec = Node(
             s.colo()
-                .args(["secondary", "--listen", &repl, "--ram", "8M", "--key-file", &k])
+                .args([
+                    "secondary",
+                    "--listen",
+                    &repl,
+                    "--ram",
+                    "8M",
+                    "--key-file",
+                    &k,
+                ])
                 .args(["--insecure-plaintext", "--heartbeat-timeout-ms", "2000"])
                 .args(["--name", &format!("ps{primary_plain}{id}")])
                 .stdout(Stdio::null())

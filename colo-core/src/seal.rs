@@ -287,11 +287,7 @@ impl Sealer {
         let tag = self
             .0
             .aead
-            .seal_in_place_separate_tag(
-                self.0.nonce(),
-                Aad::from(header),
-                &mut frame[HEADER_LEN..],
-            )
+            .seal_in_place_separate_tag(self.0.nonce(), Aad::from(header), &mut frame[HEADER_LEN..])
             .map_err(|_| SealError::Key)?;
         frame.extend_from_slice(tag.as_ref());
         self.0.advance(len)
@@ -635,10 +631,7 @@ mod tests {
         let mut big = vec![0u8; HEADER_LEN + MAX_FRAME + 1];
         let (mut s, _) = pair(REKEY_BYTES);
         assert!(matches!(s.seal(&mut big), Err(SealError::Oversize { .. })));
-        assert!(o
-            .truncated(5, 30)
-            .to_string()
-            .contains("truncated"));
+        assert!(o.truncated(5, 30).to_string().contains("truncated"));
     }
 
     #[test]

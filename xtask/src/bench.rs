@@ -359,7 +359,11 @@ fn link_cost(quick: bool) -> Result<LinkCost> {
     // (the machine's load varies), and the second round's pairs take the checkpoints.
     for round in 0..2 {
         for (i, sealed) in [false, true].into_iter().enumerate() {
-            let what = if sealed { "sealed link" } else { "plaintext link" };
+            let what = if sealed {
+                "sealed link"
+            } else {
+                "plaintext link"
+            };
             let mut pair = Pair::start_with(ram, what, Some(!sealed))?;
             let gbps = ram as f64 / pair.synced_in.as_secs_f64() / 1e9;
             rows[i].sync_gbps = rows[i].sync_gbps.max(gbps);

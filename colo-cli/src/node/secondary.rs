@@ -165,7 +165,12 @@ impl<G: Guest> SecondaryNode<G> {
              for the primary again"
         );
         let pages = self.guest.page_count();
-        let link = accept_primary(listener, self.waiting_until, pages, self.opts.key.as_deref())?;
+        let link = accept_primary(
+            listener,
+            self.waiting_until,
+            pages,
+            self.opts.key.as_deref(),
+        )?;
         self.engine = Secondary::new(secondary_config(&self.opts, pages), Instant::now());
         self.events_seen = 0;
         {

@@ -461,15 +461,7 @@ mod tests {
         // flags agree on each side; the proofs, each bound to its own side's flag, then fail.
         let (mut po, mut so) = (Vec::new(), Vec::new());
         let key = Some(b"k".to_vec());
-        let mut p = Handshake::start(
-            Role::Primary,
-            5,
-            true,
-            false,
-            key.clone(),
-            [1; 32],
-            &mut po,
-        );
+        let mut p = Handshake::start(Role::Primary, 5, true, false, key.clone(), [1; 32], &mut po);
         let mut s = Handshake::start(Role::Secondary, 5, false, false, key, [2; 32], &mut so);
         let flip = |bytes: &[u8]| -> Vec<u8> {
             let mut b = bytes.to_vec();
