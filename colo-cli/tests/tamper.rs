@@ -84,40 +84,38 @@ fn tamper(seed: u64, dir: Direction, target: Target, action: Action) -> Result<(
     Ok(())
 }
 
+/// A byte changed in each record kind of `targets`, sent in `dir`: one pair each.
+fn flip_each(seed: u64, dir: Direction, targets: &[Target]) -> Result<()> {
+    for (i, &target) in targets.iter().enumerate() {
+        tamper(seed + i as u64, dir, target, Action::Flip)?;
+    }
+    Ok(())
+}
+
 /// A byte changed in each kind of record the primary sends.
 #[test]
 fn a_changed_byte_in_any_record_from_the_primary_is_refused() -> Result<()> {
-    for (i, target) in [
+    let targets = [
         Target::Page,
         Target::Record(colo_type::VCPU_STATE),
         Target::Record(rec_type::CHECKPOINT),
         Target::Control(Control::New),
         Target::Record(colo_type::HEARTBEAT),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        tamper(100 + i as u64, Direction::ToTarget, target, Action::Flip)?;
-    }
-    Ok(())
+    ];
+    flip_each(100, Direction::ToTarget, &targets)
 }
 
 /// A byte changed in each kind of record of the back channel.
 #[test]
 fn a_changed_byte_in_any_record_from_the_secondary_is_refused() -> Result<()> {
-    for (i, target) in [
+    let targets = [
         Target::Record(rec_type::CHECKPOINT_DIRTY_PFN_LIST),
         Target::Control(Control::SvmSuspended),
         Target::Control(Control::SvmReady),
         Target::Control(Control::SvmResumed),
         Target::Record(colo_type::HEARTBEAT),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        tamper(200 + i as u64, Direction::FromTarget, target, Action::Flip)?;
-    }
-    Ok(())
+    ];
+    flip_each(200, Direction::FromTarget, &targets)
 }
 
 /// Whole frames replayed, reordered, dropped, injected or cut, both ways.

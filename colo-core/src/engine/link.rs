@@ -455,31 +455,41 @@ mod tests {
         );
     }
 
+    /// Both sides with a key, (verify, plaintext) settings `p` and `s`; a man in the middle
+    /// flips HELLO flag `bit` on the way both ways. Returns what each side said to the other's
+    /// AUTH (both HELLOs must have passed).
+    fn flag_flipped_in_transit(
+        p: (bool, bool),
+        s: (bool, bool),
+        bit: u32,
+    ) -> (Result<bool, LinkError>, Result<bool, LinkError>) {
+        let (mut po, mut so) = (Vec::new(), Vec::new());
+        let key = Some(b"k".to_vec());
+        let mut ph = Handshake::start(Role::Primary, 5, p.0, p.1, key.clone(), [1; 32], &mut po);
+        let mut sh = Handshake::start(Role::Secondary, 5, s.0, s.1, key, [2; 32], &mut so);
+        let flip = |bytes: &[u8]| -> Vec<u8> {
+            let mut b = bytes.to_vec();
+            b[8 + 28] ^= bit as u8;
+            b
+        };
+        let (p_hello, s_hello) = (flip(&po), flip(&so));
+        po.clear();
+        so.clear();
+        assert_eq!(ph.on_message(&parse(&s_hello), &mut po), Ok(false));
+        assert_eq!(sh.on_message(&parse(&p_hello), &mut so), Ok(false));
+        (
+            ph.on_message(&parse(&so), &mut Vec::new()),
+            sh.on_message(&parse(&po), &mut Vec::new()),
+        )
+    }
+
     #[test]
     fn the_proof_covers_the_verify_flag() {
         // A man in the middle that flips the secondary's verify bit in both HELLOs makes the
         // flags agree on each side; the proofs, each bound to its own side's flag, then fail.
-        let (mut po, mut so) = (Vec::new(), Vec::new());
-        let key = Some(b"k".to_vec());
-        let mut p = Handshake::start(Role::Primary, 5, true, false, key.clone(), [1; 32], &mut po);
-        let mut s = Handshake::start(Role::Secondary, 5, false, false, key, [2; 32], &mut so);
-        let flip = |bytes: &[u8]| -> Vec<u8> {
-            let mut b = bytes.to_vec();
-            b[8 + 28] ^= HELLO_VERIFY as u8;
-            b
-        };
-        let (ph, sh) = (flip(&po), flip(&so));
-        po.clear();
-        so.clear();
-        assert_eq!(p.on_message(&parse(&sh), &mut po), Ok(false));
-        assert_eq!(s.on_message(&parse(&ph), &mut so), Ok(false));
         assert_eq!(
-            p.on_message(&parse(&so), &mut Vec::new()),
-            Err(LinkError::BadProof)
-        );
-        assert_eq!(
-            s.on_message(&parse(&po), &mut Vec::new()),
-            Err(LinkError::BadProof)
+            flag_flipped_in_transit((true, false), (false, false), HELLO_VERIFY),
+            (Err(LinkError::BadProof), Err(LinkError::BadProof))
         );
     }
 
@@ -577,27 +587,10 @@ mod tests {
         // flips the plaintext bit in both HELLOs makes each side see its own setting (and the
         // primary would send records the secondary cannot open, or the reverse); the proofs,
         // each bound to its own side's flag, fail.
-        let (mut po, mut so) = (Vec::new(), Vec::new());
-        let key = Some(b"k".to_vec());
-        let mut p = Handshake::start(Role::Primary, 5, false, true, key.clone(), [1; 32], &mut po);
-        let mut s = Handshake::start(Role::Secondary, 5, false, false, key, [2; 32], &mut so);
-        let flip = |bytes: &[u8]| -> Vec<u8> {
-            let mut b = bytes.to_vec();
-            b[8 + 28] ^= crate::engine::messages::HELLO_PLAINTEXT as u8;
-            b
-        };
-        let (ph, sh) = (flip(&po), flip(&so));
-        po.clear();
-        so.clear();
-        assert_eq!(p.on_message(&parse(&sh), &mut po), Ok(false));
-        assert_eq!(s.on_message(&parse(&ph), &mut so), Ok(false));
+        let plaintext = crate::engine::messages::HELLO_PLAINTEXT;
         assert_eq!(
-            p.on_message(&parse(&so), &mut Vec::new()),
-            Err(LinkError::BadProof)
-        );
-        assert_eq!(
-            s.on_message(&parse(&po), &mut Vec::new()),
-            Err(LinkError::BadProof)
+            flag_flipped_in_transit((false, true), (false, false), plaintext),
+            (Err(LinkError::BadProof), Err(LinkError::BadProof))
         );
     }
 }
