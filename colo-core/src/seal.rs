@@ -23,6 +23,11 @@
 //! for plaintext ([`seals`]); sealing then begins right after each direction's AUTH record.
 //! [`HandshakeTap`] finds that point in a byte stream, so the transport can switch without the
 //! state machines telling it. Sans-IO like the rest of the crate: the caller moves the bytes.
+//!
+//! AES-256-GCM comes from `ring`, which uses AES-NI/VAES and carry-less multiplication: sealing
+//! 64 KiB–1 MiB frames ran at 4.4–6.1 GB/s on one core of the project's machine, against
+//! 0.9–1.0 GB/s for RustCrypto's `aes-gcm` and 1.1–1.9 GB/s for ChaCha20-Poly1305 (ring's or
+//! RustCrypto's) on the same frames.
 
 use std::ops::Range;
 
