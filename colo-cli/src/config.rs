@@ -40,6 +40,8 @@ pub struct Config {
     pub key_file: Option<PathBuf>,
     /// Verify every checkpoint with memory digests.
     pub verify: Option<bool>,
+    /// Keep the link's records unencrypted although there is a key (both nodes).
+    pub insecure_plaintext: Option<bool>,
     /// Xen: the guest's event-channel upcall vector (`"none"`, `243`, `"0xf3"`).
     pub upcall_vector: Option<String>,
     /// Minimum time between checkpoints, ms.

@@ -1,6 +1,7 @@
 //! `colo demo`: a primary and a secondary as separate processes on loopback with `kv` guests, a
 //! verifying load-generating client, a live view that refreshes in place, optional fault
-//! injection (kill either node), and a JSON summary.
+//! injection (kill either node), and a JSON summary. The pair shares a fresh random key, so its
+//! link runs as production's should: authenticated and encrypted.
 //!
 //! Ctrl-C (SIGINT), SIGTERM or SIGHUP end the demo in order, within about a second: the client
 //! abandons its request in flight (a stop, not a failure), reads back what it wrote, the summary
@@ -152,6 +153,25 @@ impl Drop for Proc {
     }
 }
 
+/// Writes a random 256-bit key (hex, mode 0600) for the demo's pair into `dir`.
+fn fresh_key(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("link.key");
+    let _ = std::fs::remove_file(&path);
+    let hex: String = rand::random::<[u8; 32]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(hex.as_bytes()))
+        .with_context(|| format!("writing the demo's link key {}", path.display()))?;
+    Ok(path)
+}
+
 fn spawn(name: &'static str, dir: &Path, args: &[String]) -> Result<Proc> {
     let exe = std::env::current_exe().context("locating the colo binary")?;
     let log = dir.join(format!("{name}.log"));
@@ -202,7 +222,9 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         WorkloadKind::Dirty => "dirty",
     };
     let mut common = vec![
-        "--ram".to_string(),
+        "--key-file".to_string(),
+        fresh_key(&dir)?.display().to_string(),
+        "--ram".into(),
         a.ram.clone(),
         "--workload".into(),
         workload.into(),

@@ -3,7 +3,8 @@
 //! stalls them (stops forwarding while keeping both sockets open), drops the connections, or
 //! cuts everything at an exact byte offset. Cutting goes through a [`KillSwitch`] that several
 //! proxies can share, so the death of a node (its replication link and its client sockets at
-//! once) is one atomic event: after the switch fires, no proxy forwards another byte.
+//! once) is one atomic event: after the switch fires, no proxy forwards another byte. With a
+//! [`crate::tamper::Tampering`] plan it also changes the sealed records it forwards.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -14,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
+
+use crate::tamper::{Forward, Stage, Tampering};
 
 /// How often blocked proxy threads look at their flags.
 const TICK: Duration = Duration::from_millis(5);
@@ -109,6 +112,7 @@ struct Shared {
     cut_at: [AtomicU64; 2],
     conns: Mutex<Vec<TcpStream>>,
     accepted: AtomicU64,
+    tamper: Mutex<Option<Arc<Tampering>>>,
 }
 
 impl Shared {
@@ -162,6 +166,7 @@ impl FaultProxy {
             cut_at: [AtomicU64::new(NO_CUT), AtomicU64::new(NO_CUT)],
             conns: Mutex::new(Vec::new()),
             accepted: AtomicU64::new(0),
+            tamper: Mutex::new(None),
         });
         let sh = shared.clone();
         let acceptor = std::thread::Builder::new()
@@ -212,6 +217,12 @@ impl FaultProxy {
     /// so the peers see silence, not an error.
     pub fn stall(&self, on: bool) {
         self.shared.stalled.store(on, Ordering::SeqCst);
+    }
+
+    /// Tampers with the connections accepted from now on as `plan` says (see
+    /// [`crate::tamper`]).
+    pub fn tamper(&self, plan: Arc<Tampering>) {
+        *self.shared.tamper.lock() = Some(plan);
     }
 
     /// Shuts down the connections open now (both peers see the link break); the proxy keeps
@@ -288,9 +299,10 @@ fn spawn_direction(
 ) -> io::Result<()> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let sh1 = sh.clone();
+    let stage = sh.tamper.lock().clone().map(|t| Stage::new(t, dir));
     std::thread::Builder::new()
         .name("faultproxy-read".into())
-        .spawn(move || reader(from, tx, &sh1))?;
+        .spawn(move || reader(from, tx, &sh1, stage))?;
     let sh2 = sh.clone();
     std::thread::Builder::new()
         .name("faultproxy-write".into())
@@ -298,7 +310,7 @@ fn spawn_direction(
     Ok(())
 }
 
-fn reader(mut from: TcpStream, tx: Sender<Chunk>, sh: &Shared) {
+fn reader(mut from: TcpStream, tx: Sender<Chunk>, sh: &Shared, mut stage: Option<Stage>) {
     let mut buf = vec![0u8; CHUNK];
     let mut last_due = Instant::now();
     while !sh.dead() {
@@ -315,8 +327,23 @@ fn reader(mut from: TcpStream, tx: Sender<Chunk>, sh: &Shared) {
             Ok(n) => {
                 let due = (Instant::now() + sh.next_delay()).max(last_due);
                 last_due = due;
-                if tx.send((due, buf[..n].to_vec())).is_err() {
-                    return;
+                let Some(stage) = stage.as_mut() else {
+                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                    continue;
+                };
+                for f in stage.push(&buf[..n]) {
+                    let chunk = match f {
+                        Forward::Bytes(b) if b.is_empty() => continue,
+                        Forward::Bytes(b) => b,
+                        // The end of the stream.
+                        Forward::Close => Vec::new(),
+                    };
+                    let end = chunk.is_empty();
+                    if tx.send((due, chunk)).is_err() || end {
+                        return;
+                    }
                 }
             }
             Err(e)

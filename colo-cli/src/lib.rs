@@ -2,8 +2,8 @@
 //! replication link, the client-facing hub of the mock network path, node status and the
 //! verifying kv client. The backends' glue lives beside them (colo-mock, colo-xen); this crate
 //! only wires them. The `test-support` feature (never in the shipped binary) adds the fault
-//! proxy, the in-process pair builder and the nodes' test hooks that the tests and the bench
-//! share.
+//! proxy (with its tampering stage for sealed links), the in-process pair builder, the nodes'
+//! test hooks and a throwaway etcd that the tests and the bench share.
 
 pub mod arbiter;
 pub mod clients;
@@ -21,5 +21,7 @@ pub mod metrics;
 pub mod mock;
 pub mod node;
 pub mod status;
+#[cfg(feature = "test-support")]
+pub mod tamper;
 #[cfg(feature = "test-support")]
 pub mod testing;

@@ -55,6 +55,8 @@ Examples:
   colo primary --peer 10.0.0.2:7000 --ram 1G --client 0.0.0.0:7100 --key-file /etc/colo/key
   colo primary --config /etc/colo/node.toml --verify      flags win over the file
   colo primary --backend xen --domid 7 --peer 10.0.0.2:7000    (built with --features xen)
+  colo primary --peer 10.0.0.2:7000 --key-file /etc/colo/key --insecure-plaintext ...
+                  benchmarks only: the records go unencrypted (give it to both nodes)
 
 Config file (TOML): every key is the flag's name with '-' written as '_', e.g.
   peer = \"10.0.0.2:7000\"
@@ -259,9 +261,17 @@ pub struct NodeArgs {
     /// --backend mock.
     #[arg(long, value_name = "N")]
     pub unlogged_sweeps: Option<u32>,
-    /// File holding the link's pre-shared key (both nodes need the same).
+    /// File holding the link's pre-shared key (both nodes need the same). With a key, the
+    /// handshake authenticates the peer and every record after it is encrypted and
+    /// authenticated (AES-256-GCM); without one the link is plain TCP, open to anyone on the
+    /// path.
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// Keep the records after the authenticated handshake unencrypted (for benchmarks, or to
+    /// read the stream with Xen's verify-stream-v2). Both nodes need it, or neither: a
+    /// mismatch is refused at the handshake.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
     /// Heartbeat interval, ms.
     #[arg(long, default_value_t = 50)]
     pub heartbeat_interval_ms: u64,
@@ -400,6 +410,9 @@ const PRIMARY_ONLY: &[&str] = &[
 ];
 const SECONDARY_ONLY: &[&str] = &["listen"];
 
+/// Config keys that are flags without a value (given when true).
+const BOOLEAN_FLAGS: &[&str] = &["verify", "insecure_plaintext"];
+
 /// The config file's settings as `--flag=value` arguments, for every key set in the file whose
 /// flag was not given on the command line (`matches` are the subcommand's).
 fn config_args(cfg: &Config, role: &str, matches: &ArgMatches) -> Vec<OsString> {
@@ -418,6 +431,12 @@ fn config_args(cfg: &Config, role: &str, matches: &ArgMatches) -> Vec<OsString> 
         ("key_file", cfg.key_file.as_deref().map(os)),
         // A boolean flag: present or absent, no value.
         ("verify", cfg.verify.filter(|&v| v).map(|_| OsString::new())),
+        (
+            "insecure_plaintext",
+            cfg.insecure_plaintext
+                .filter(|&v| v)
+                .map(|_| OsString::new()),
+        ),
         (
             "min_interval_ms",
             cfg.min_interval_ms.map(|v| v.to_string().into()),
@@ -470,7 +489,7 @@ fn config_args(cfg: &Config, role: &str, matches: &ArgMatches) -> Vec<OsString> 
             continue;
         }
         let mut arg = OsString::from(format!("--{}", key.replace('_', "-")));
-        if !value.is_empty() || key != "verify" {
+        if !value.is_empty() || !BOOLEAN_FLAGS.contains(&key) {
             arg.push("=");
             arg.push(value);
         }
@@ -862,6 +881,13 @@ fn node_options(a: &NodeArgs) -> Result<NodeOptions> {
         Some(p) => Some(colo_cli::config::read_key_file(p)?),
         None => None,
     };
+    if key.is_some() && a.insecure_plaintext {
+        tracing::warn!(
+            "--insecure-plaintext: the peer is authenticated at the handshake, but the records \
+             after it (guest memory, client traffic) cross the network unencrypted and \
+             unauthenticated"
+        );
+    }
     anyhow::ensure!(
         a.heartbeat_timeout_ms > a.heartbeat_interval_ms,
         "--heartbeat-timeout-ms ({}) must exceed --heartbeat-interval-ms ({})",
@@ -880,6 +906,8 @@ fn node_options(a: &NodeArgs) -> Result<NodeOptions> {
             Backend::Mock => 0,
         }),
         key,
+        key_file: a.key_file.clone(),
+        insecure_plaintext: a.insecure_plaintext,
         client_addr: a.client.clone(),
         fence_cmd: a.fence_cmd.clone(),
         connect_timeout: Duration::from_secs(a.connect_timeout),

@@ -117,6 +117,30 @@ fn refused_by_both(s: &Scratch, sec: &mut Node, pn: &str, want: &str) {
     assert_eq!(v["protected"], false, "{v}");
 }
 
+/// Writes a 0600 key file `name` of 32 `byte`s into the scratch directory (atomically, as an
+/// operator rotating a key would) and returns its path.
+fn key_file(s: &Scratch, name: &str, byte: u8) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = s.path(&format!("{name}.new"));
+    std::fs::write(&tmp, [byte; 32]).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::rename(&tmp, s.path(name)).unwrap();
+    s.path(name).display().to_string()
+}
+
+/// A node started with `args` and `--key-file key`, stdout discarded, stderr kept.
+fn keyed_node(s: &Scratch, args: &[&str], key: &str) -> Node {
+    Node(
+        s.colo()
+            .args(args)
+            .args(["--key-file", key])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -1148,41 +1172,17 @@ fn the_primary_fences_before_going_on_alone() {
 /// guest was never protected.
 #[test]
 fn different_keys_are_named_by_both_nodes() {
-    use std::os::unix::fs::PermissionsExt;
     let s = Scratch::new("keys");
     let id = std::process::id();
     let repl = format!("127.0.0.1:{}", free_port());
     let pn = format!("kp{id}");
-    for (name, byte) in [("k1", 1u8), ("k2", 2u8)] {
-        std::fs::write(s.path(name), [byte; 32]).unwrap();
-        std::fs::set_permissions(s.path(name), std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let k1 = s.path("k1").display().to_string();
-    let k2 = s.path("k2").display().to_string();
-    let mut sec = Node(
-        s.colo()
-            .args([
-                "secondary",
-                "--listen",
-                &repl,
-                "--ram",
-                "8M",
-                "--key-file",
-                &k1,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut pri = Node(
-        s.colo()
-            .args(["primary", "--peer", &repl, "--ram", "8M", "--key-file", &k2])
-            .args(["--name", &pn, "--connect-timeout", "20"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let (k1, k2) = (key_file(&s, "k1", 1), key_file(&s, "k2", 2));
+    let mut sec = keyed_node(&s, &["secondary", "--listen", &repl, "--ram", "8M"], &k1);
+    let primary = ["primary", "--peer", &repl, "--ram", "8M", "--name", &pn];
+    let mut pri = keyed_node(
+        &s,
+        &[&primary[..], &["--connect-timeout", "20"]].concat(),
+        &k2,
     );
     refused_by_both(&s, &mut sec, &pn, "HMAC proof does not match");
     pri.0.kill().unwrap();
@@ -1192,4 +1192,75 @@ fn different_keys_are_named_by_both_nodes() {
         perr.contains("ERROR") && perr.contains("protection did not start"),
         "{perr}"
     );
+}
+
+/// `--insecure-plaintext` on one node only: both refuse at the handshake, naming the flag and
+/// the side that has it. On both nodes: the pair is protected, and the node warns that its
+/// records go unencrypted.
+#[test]
+fn insecure_plaintext_must_be_given_to_both_nodes() {
+    let s = Scratch::new("plaintext");
+    let id = std::process::id();
+    let k = key_file(&s, "k", 7);
+    for (primary_plain, pn) in [(false, format!("pp0{id}")), (true, format!("pp1{id}"))] {
+        let repl = format!("127.0.0.1:{}", free_port());
+        let sn = format!("ps{primary_plain}{id}");
+        let timeout = ["--heartbeat-timeout-ms", "2000"];
+        let secondary = ["secondary", "--listen", &repl, "--ram", "8M", "--name", &sn];
+        let plain = ["--insecure-plaintext"];
+        let mut sec = keyed_node(&s, &[&secondary[..], &timeout, &plain].concat(), &k);
+        let primary = ["primary", "--peer", &repl, "--ram", "8M", "--name", &pn];
+        let flags: &[&str] = if primary_plain { &plain } else { &[] };
+        let mut pri = keyed_node(&s, &[&primary[..], &timeout, flags].concat(), &k);
+        if primary_plain {
+            wait_for(&s, &pn, "protected", |v| v["protected"] == true);
+            pri.0.kill().unwrap();
+            pri.0.wait().unwrap();
+            let err = stderr_of(&mut pri);
+            assert!(
+                err.contains("WARN") && err.contains("--insecure-plaintext"),
+                "{err}"
+            );
+        } else {
+            refused_by_both(
+                &s,
+                &mut sec,
+                &pn,
+                "--insecure-plaintext differs: the secondary has it and the primary does not",
+            );
+        }
+    }
+}
+
+/// Key rotation as docs/operations.md tells it: new key file on both hosts, the primary drops
+/// its secondary, a secondary started with the new key, `colo protect`: the primary reads its
+/// key file again and the pair is protected under the new key.
+#[test]
+fn a_rotated_key_takes_effect_at_the_next_protect() {
+    let s = Scratch::new("rotate");
+    let id = std::process::id();
+    let k = key_file(&s, "key", 1);
+    let (pn, s1n, s2n) = (format!("rp{id}"), format!("rs1{id}"), format!("rs2{id}"));
+    let timeout = ["--heartbeat-timeout-ms", "2000"];
+    let keyed_secondary = |repl: &str, name: &str| {
+        let args = ["secondary", "--listen", repl, "--name", name, "--ram", "8M"];
+        keyed_node(&s, &[&args[..], &timeout].concat(), &k)
+    };
+    let repl1 = format!("127.0.0.1:{}", free_port());
+    let mut s1 = keyed_secondary(&repl1, &s1n);
+    let primary = ["primary", "--peer", &repl1, "--name", &pn, "--ram", "8M"];
+    let _pri = keyed_node(&s, &[&primary[..], &timeout].concat(), &k);
+    wait_for(&s, &pn, "protected", |v| v["protected"] == true);
+    key_file(&s, "key", 2);
+    let o = s.run(&["failover", "--name", &pn]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(exit_code(&mut s1, "the dropped secondary"), Some(0));
+    wait_for(&s, &pn, "unprotected", |v| v["protected"] == false);
+    let repl2 = format!("127.0.0.1:{}", free_port());
+    let _s2 = keyed_secondary(&repl2, &s2n);
+    let o = s.run(&["protect", "--name", &pn, "--peer", &repl2]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    wait_for(&s, &pn, "protected under the new key", |v| {
+        v["protected"] == true
+    });
 }

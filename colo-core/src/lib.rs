@@ -1,5 +1,6 @@
 //! colo-core: the COLO protocol without IO — dirty-page bitmaps, backend traits, the Xen stream
-//! codec, output comparison, checkpoint policy and the primary/secondary state machines.
+//! codec, output comparison, checkpoint policy, the primary/secondary state machines and the
+//! sealed (encrypted, authenticated) framing of the link.
 //!
 //! Nothing in this crate touches a socket, a file or the clock: callers feed it events and the
 //! current time, and it answers with what to do. See `ARCHITECTURE.md` at the repository root.
@@ -14,6 +15,7 @@ pub mod conformance;
 pub mod engine;
 pub mod lease;
 pub mod policy;
+pub mod seal;
 pub mod stream;
 
 pub use backend::{

@@ -1,13 +1,17 @@
-//! `cargo xtask bench [--quick] [--json FILE]`: colo's end-to-end speed figures on the mock
-//! backend over loopback, each beside a raw loopback TCP baseline measured in the same run.
+//! `cargo xtask bench [--quick] [--link-only] [--json FILE]`: colo's end-to-end speed figures
+//! on the mock backend over loopback, each beside a raw loopback TCP baseline measured in the
+//! same run.
 //!
 //! The outer command re-runs this module as an optimized build (`cargo run --release -p xtask
 //! -- bench --inner …`), so every figure comes from release code. The inner run measures, in
 //! order: raw TCP throughput, pause time against dirty pages per checkpoint (a 1 GiB `dirty`
 //! guest pair whose workload is stopped, with exactly N pages written by a vCPU before each
 //! checkpoint), the highest sustained checkpoint rate, the guest's slowdown, dirty harvest time
-//! against RAM size and dirty fraction, comparator throughput and failover time. It prints a
-//! table, optionally writes a JSON object, and always writes `target/colo-bench/pause.svg`.
+//! against RAM size and dirty fraction, comparator throughput, failover time, and what the
+//! sealed link costs: the initial-sync rate, the 10,000-page pause and checkpoint throughput of
+//! a pair with encrypted records beside one with `--insecure-plaintext` (`--link-only` runs
+//! just that, after the TCP baseline). It prints a table, optionally writes a JSON object, and
+//! always writes `target/colo-bench/pause.svg`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -39,19 +43,26 @@ const PACED_RATE: u64 = 100;
 /// Entry point of `cargo xtask bench`.
 pub fn run(args: &[String]) -> Result<()> {
     let mut quick = false;
+    let mut link_only = false;
     let mut json_path: Option<PathBuf> = None;
     let mut inner = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
+            "--link-only" => link_only = true,
             "--inner" => inner = true,
             "--json" => {
                 let v = it.next().context("--json needs a file name")?;
                 json_path = Some(PathBuf::from(v));
             }
-            other => bail!("bench: unknown argument `{other}` (expected --quick, --json FILE)"),
+            other => bail!(
+                "bench: unknown argument `{other}` (expected --quick, --link-only, --json FILE)"
+            ),
         }
+    }
+    if inner && link_only {
+        return run_link_only(quick, json_path.as_deref());
     }
     if inner {
         return run_inner(quick, json_path.as_deref());
@@ -69,6 +80,9 @@ pub fn run(args: &[String]) -> Result<()> {
     ];
     if quick {
         inner_args.push("--quick".into());
+    }
+    if link_only {
+        inner_args.push("--link-only".into());
     }
     if let Some(p) = json_path {
         let abs = if p.is_absolute() {
@@ -116,7 +130,38 @@ struct Report {
     /// Client response latency through a replicated pair vs a primary alone, ms.
     latency: Latency,
     failover_ms: Vec<f64>,
+    /// Plaintext beside sealed records.
+    link: LinkCost,
     total_s: f64,
+}
+
+/// One pair's figures in the sealed-link comparison.
+#[derive(Debug, Clone, Copy, Default)]
+struct LinkRow {
+    /// Guest RAM ÷ the initial synchronisation (connect to checkpoint 0 committed), GB/s.
+    sync_gbps: f64,
+    /// The 10,000-page checkpoint's pause, p50, ms.
+    pause_p50: f64,
+    /// Its whole duration (NEW → SVM_READY), p50, ms.
+    total_p50: f64,
+    /// Its bytes ÷ its whole duration, p50, GB/s.
+    throughput_gbps: f64,
+    reps: usize,
+}
+
+/// The sealed link's cost: `[plaintext, sealed]`, measured alternately on two pairs of the
+/// same size in one run.
+#[derive(Debug, Clone, Copy, Default)]
+struct LinkCost {
+    ram: u64,
+    rows: [LinkRow; 2],
+}
+
+impl LinkCost {
+    /// sealed ÷ plaintext for a figure.
+    fn ratio(&self, f: fn(&LinkRow) -> f64) -> f64 {
+        f(&self.rows[1]) / f(&self.rows[0]).max(f64::MIN_POSITIVE)
+    }
 }
 
 /// Response latency of kv requests (one outstanding at a time), ms.
@@ -243,6 +288,9 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
     }
     println!("  failover: {:.2?} ms", failover_ms);
 
+    // 8. The sealed link's cost.
+    let link = link_cost(quick)?;
+
     let report = Report {
         quick,
         tcp_gbps,
@@ -254,6 +302,7 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
         cmp_fps,
         latency,
         failover_ms,
+        link,
         total_s: started.elapsed().as_secs_f64(),
     };
     print_table(&report);
@@ -272,6 +321,147 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
         println!("json: {}", p.display());
     }
     Ok(())
+}
+
+/// `--link-only`: the TCP baseline and the sealed link's cost, nothing else.
+fn run_link_only(quick: bool, json_path: Option<&Path>) -> Result<()> {
+    if !optimized() {
+        eprintln!("xtask bench: warning: not an optimized build; figures are not representative");
+    }
+    let started = Instant::now();
+    let tcp_gbps = tcp_baseline(if quick { 256 } else { 2048 })?;
+    let link = link_cost(quick)?;
+    println!("\nraw loopback TCP throughput (baseline, this run)      {tcp_gbps:>10.2} GB/s");
+    print_link(&link);
+    println!("bench finished in {:.1} s", started.elapsed().as_secs_f64());
+    if let Some(p) = json_path {
+        let j = json!({ "quick": quick, "tcp_gbps": tcp_gbps, "link": link_json(&link) });
+        std::fs::write(p, serde_json::to_string_pretty(&j)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+        println!("json: {}", p.display());
+    }
+    Ok(())
+}
+
+/// The pre-shared key of the bench's sealed-link pairs.
+const BENCH_KEY: &[u8] = b"colo bench link key";
+
+/// Pairs of the same size, one with sealed records and one with `--insecure-plaintext` (both
+/// with a key, so only the records' encryption differs): the initial-sync rate of each, then
+/// blocks of 10,000-page checkpoints taken on each in turn (so a change in the machine's load
+/// moves both).
+fn link_cost(quick: bool) -> Result<LinkCost> {
+    let ram = if quick { 256 * MIB } else { GIB };
+    let (blocks, per_block) = if quick { (24, 1) } else { (60, 1) };
+    let mut pairs = Vec::new();
+    let mut rows = [LinkRow::default(); 2];
+    // Two rounds, the modes in turn: the initial-sync rate is the better of each mode's two
+    // (the machine's load varies), and the second round's pairs take the checkpoints.
+    for round in 0..2 {
+        for (i, sealed) in [false, true].into_iter().enumerate() {
+            let what = if sealed {
+                "sealed link"
+            } else {
+                "plaintext link"
+            };
+            let mut pair = Pair::start_with(ram, what, Some(!sealed))?;
+            let gbps = ram as f64 / pair.synced_in.as_secs_f64() / 1e9;
+            rows[i].sync_gbps = rows[i].sync_gbps.max(gbps);
+            if round == 0 {
+                pair.stop();
+            } else {
+                pairs.push(pair);
+            }
+        }
+    }
+    let mut figs: [Vec<CheckpointFigures>; 2] = [Vec::new(), Vec::new()];
+    let mut seed = 0x5eed_u64;
+    for _ in 0..blocks {
+        for (i, pair) in pairs.iter_mut().enumerate() {
+            for _ in 0..per_block {
+                seed = splitmix(seed);
+                pair.dirty(10_000, seed)?;
+                figs[i].push(pair.checkpoint()?);
+            }
+        }
+    }
+    for mut pair in pairs {
+        pair.stop();
+    }
+    for (row, figs) in rows.iter_mut().zip(&figs) {
+        let p50 = |g: &dyn Fn(&CheckpointFigures) -> f64| {
+            percentile(figs.iter().map(g).collect(), 50.0).unwrap_or(0.0)
+        };
+        row.pause_p50 = p50(&|f| f.pause_ms);
+        row.total_p50 = p50(&|f| f.total_ms);
+        row.throughput_gbps = p50(&|f| f.bytes_sent as f64 / (f.total_ms / 1e3) / 1e9);
+        row.reps = figs.len();
+    }
+    let cost = LinkCost { ram, rows };
+    println!(
+        "  sealed link: 10,000-page pause {:.3} vs {:.3} ms plaintext ({:+.1} %), throughput \
+         {:.2} vs {:.2} GB/s (× {:.3}), initial sync {:.2} vs {:.2} GB/s (× {:.3})",
+        rows[1].pause_p50,
+        rows[0].pause_p50,
+        (cost.ratio(|r| r.pause_p50) - 1.0) * 100.0,
+        rows[1].throughput_gbps,
+        rows[0].throughput_gbps,
+        cost.ratio(|r| r.throughput_gbps),
+        rows[1].sync_gbps,
+        rows[0].sync_gbps,
+        cost.ratio(|r| r.sync_gbps),
+    );
+    Ok(cost)
+}
+
+fn print_link(l: &LinkCost) {
+    println!(
+        "\nsealed link (AES-256-GCM) beside --insecure-plaintext, {} MiB pairs, 10,000 dirty \
+         pages per checkpoint ({} each)",
+        l.ram >> 20,
+        l.rows[1].reps
+    );
+    println!(
+        "{:>22} {:>12} {:>12} {:>14} {:>14}",
+        "", "pause p50", "NEW→READY", "throughput", "initial sync"
+    );
+    for (name, r) in [("plaintext", &l.rows[0]), ("sealed", &l.rows[1])] {
+        println!(
+            "{name:>22} {:>9} ms {:>9} ms {:>9.2} GB/s {:>9.2} GB/s",
+            ms(r.pause_p50),
+            ms(r.total_p50),
+            r.throughput_gbps,
+            r.sync_gbps
+        );
+    }
+    println!(
+        "{:>22} {:>11.3}× {:>11.3}× {:>12.3}× {:>12.3}×   (targets: pause ≤ 1.10×, throughput ≥ 0.90×)",
+        "sealed ÷ plaintext",
+        l.ratio(|r| r.pause_p50),
+        l.ratio(|r| r.total_p50),
+        l.ratio(|r| r.throughput_gbps),
+        l.ratio(|r| r.sync_gbps)
+    );
+}
+
+fn link_json(l: &LinkCost) -> Value {
+    let row = |r: &LinkRow| {
+        json!({
+            "initial_sync_gbps": r.sync_gbps,
+            "pause_10k_ms_p50": r.pause_p50,
+            "checkpoint_10k_ms_p50": r.total_p50,
+            "throughput_gbps": r.throughput_gbps,
+            "checkpoints": r.reps,
+        })
+    };
+    json!({
+        "ram_mib": l.ram >> 20,
+        "plaintext": row(&l.rows[0]),
+        "sealed": row(&l.rows[1]),
+        "pause_ratio": l.ratio(|r| r.pause_p50),
+        "throughput_ratio": l.ratio(|r| r.throughput_gbps),
+        "initial_sync_ratio": l.ratio(|r| r.sync_gbps),
+    })
 }
 
 /// Pause time against dirty pages (exactly N pages written before each checkpoint), checkpoint
@@ -541,6 +731,8 @@ struct Pair {
     sec_stop: Arc<AtomicBool>,
     pages: u64,
     value: u64,
+    /// From the connection to checkpoint 0 committed.
+    synced_in: Duration,
 }
 
 impl Pair {
@@ -552,13 +744,30 @@ impl Pair {
     /// and an older driver judged liveness before reading the heartbeats that arrived meanwhile.
     /// Failover is measured on small pairs with the default liveness settings.
     fn start(ram: u64, what: &str) -> Result<Self> {
+        Self::start_with(ram, what, None)
+    }
+
+    /// [`Pair::start`]; with `plaintext` Some, both nodes hold [`BENCH_KEY`] (their records
+    /// sealed unless it is `Some(true)`, `--insecure-plaintext`) and both guests' RAM is made
+    /// to exist first, so the initial synchronisation carries every page.
+    fn start_with(ram: u64, what: &str, plaintext: Option<bool>) -> Result<Self> {
         let silence = (ram > 256 * MIB).then_some(Duration::from_secs(60));
+        let opts = NodeOptions {
+            key: plaintext.map(|_| BENCH_KEY.to_vec()),
+            insecure_plaintext: plaintext.unwrap_or(false),
+            ..bench_opts(silence)
+        };
         let t = Instant::now();
         let (tx, rx) = std::sync::mpsc::channel();
-        let sguest = build(&dirty_spec(ram, 0, 2))?;
+        let mut sguest = build(&dirty_spec(ram, 0, 2))?;
+        let mut guest = build(&dirty_spec(ram, 0, 1))?;
+        if plaintext.is_some() {
+            prefault(&mut sguest)?;
+            prefault(&mut guest)?;
+        }
         let secondary = spawn_secondary(
             sguest,
-            bench_opts(silence),
+            opts.clone(),
             new_status(),
             move |node| -> Result<Option<Instant>> {
                 let _ = tx.send(node.stop_flag());
@@ -574,10 +783,10 @@ impl Pair {
         )?;
         let addr = secondary.addr.clone();
         let secondary = secondary.handle;
-        let mut guest = build(&dirty_spec(ram, 0, 1))?;
         guest.resume()?;
         let status = new_status();
-        let primary = PrimaryNode::connect(guest, &addr, bench_opts(silence), status.clone())?;
+        let connected = Instant::now();
+        let primary = PrimaryNode::connect(guest, &addr, opts, status.clone())?;
         let sec_stop = rx
             .recv_timeout(Duration::from_secs(60))
             .map_err(|_| anyhow!("the secondary did not accept the connection"))?;
@@ -588,6 +797,7 @@ impl Pair {
             secondary: Some(secondary),
             sec_stop,
             value: 1,
+            synced_in: Duration::ZERO,
         };
         if let Err(e) = pair.sync(what) {
             // Say why the secondary left, if it did.
@@ -602,6 +812,7 @@ impl Pair {
             }
             return Err(e);
         }
+        pair.synced_in = connected.elapsed();
         println!(
             "{what}: {} MiB pair synchronised in {:.2} s",
             ram >> 20,
@@ -1139,6 +1350,7 @@ fn print_table(r: &Report) {
             .map(|v| format!("{v:.2}"))
             .collect::<Vec<_>>()
     );
+    print_link(&r.link);
     println!("{line}");
     println!("bench finished in {:.1} s", r.total_s);
 }
@@ -1200,6 +1412,7 @@ fn to_json(r: &Report) -> Value {
             "kernel": kernel(),
         },
         "tcp_gbps": r.tcp_gbps,
+        "link": link_json(&r.link),
         "harvest_ms_1gib_1pct": harvest_1g_1pct(r),
         "failover_ms_p50": percentile(r.failover_ms.clone(), 50.0),
         "failover_ms_runs": r.failover_ms,

@@ -61,6 +61,12 @@ pub struct NodeOptions {
     pub unlogged_sweeps: u32,
     /// Pre-shared key.
     pub key: Option<Vec<u8>>,
+    /// Where `key` was read from: a primary reads it again before each re-protection, so a
+    /// rotated key takes effect without a restart.
+    pub key_file: Option<std::path::PathBuf>,
+    /// Leave the link's records unsealed although there is a key (`--insecure-plaintext`; both
+    /// nodes must agree).
+    pub insecure_plaintext: bool,
     /// Checkpoint policy (primary).
     pub policy: CheckpointPolicy,
     /// Comparator settings (primary).
@@ -93,6 +99,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("liveness", &self.liveness)
             .field("verify", &self.verify)
             .field("has_key", &self.key.is_some())
+            .field("insecure_plaintext", &self.insecure_plaintext)
             .field("policy", &self.policy)
             .field("sync_mode", &self.sync_mode)
             .field("client_addr", &self.client_addr)
@@ -108,6 +115,8 @@ impl Default for NodeOptions {
             verify: false,
             unlogged_sweeps: 0,
             key: None,
+            key_file: None,
+            insecure_plaintext: false,
             policy: CheckpointPolicy::default(),
             compare: CompareConfig::default(),
             sync_mode: SyncMode::Backchannel,

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use colo_core::compare::Comparator;
-use colo_core::engine::messages::Message;
+use colo_core::engine::messages::{Message, Role as LinkRole};
 use colo_core::engine::{
     CheckpointStats, EngineError, Primary, PrimaryAction, PrimaryConfig, PrimaryState, Trigger,
     Verdict, GOODBYE_DROPPED,
@@ -44,6 +44,7 @@ pub(super) fn primary_config(opts: &NodeOptions, pages: u64) -> PrimaryConfig {
     cfg.link.liveness = opts.liveness;
     cfg.link.verify = opts.verify;
     cfg.link.key = opts.key.clone();
+    cfg.link.plaintext = opts.insecure_plaintext;
     cfg.link.nonce = super::driver::nonce();
     cfg
 }
@@ -99,10 +100,13 @@ impl<G: Guest> Node<G, PrimaryRole> {
     /// A primary over an established link (None: start unprotected, e.g. after a takeover).
     pub fn with_link(
         guest: G,
-        link: Option<Link>,
+        mut link: Option<Link>,
         opts: NodeOptions,
         status: Shared,
     ) -> Result<Self> {
+        if let Some(l) = link.as_mut() {
+            l.set_key(LinkRole::Primary, opts.key.as_deref());
+        }
         let pages = guest.page_count();
         let now = Instant::now();
         let mut engine = Primary::new(primary_config(&opts, pages), now);

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use colo_core::engine::messages::Message;
+use colo_core::engine::messages::Role;
 use colo_core::engine::{Primary, PrimaryState};
 use colo_core::Guest;
 
@@ -66,6 +67,16 @@ impl PrimaryRole {
             reply.send(Err(e));
             return;
         }
+        // The key file is read again: a rotated key is used from this connection on.
+        if let Some(path) = &io.opts.key_file {
+            match crate::config::read_key_file(path) {
+                Ok(k) => io.opts.key = Some(k),
+                Err(e) => {
+                    reply.send(Err(format!("{e:#}")));
+                    return;
+                }
+            }
+        }
         let cfg = link_config(io.guest.page_count());
         match Link::connect_in_background(&peer, timeout, cfg) {
             Ok(pending) => {
@@ -123,7 +134,8 @@ impl PrimaryRole {
     }
 
     /// Starts protecting over `link`, a fresh connection to the secondary at `peer`.
-    fn start_link<G: Guest>(&mut self, io: &mut Io<G>, peer: &str, link: Link) {
+    fn start_link<G: Guest>(&mut self, io: &mut Io<G>, peer: &str, mut link: Link) {
+        link.set_key(Role::Primary, io.opts.key.as_deref());
         let pages = io.guest.page_count();
         self.engine = Primary::new(primary_config(&io.opts, pages), Instant::now());
         self.comparator = None;

@@ -80,20 +80,29 @@ fn secondary_config(opts: &NodeOptions, pages: u64) -> SecondaryConfig {
     cfg.liveness = opts.liveness;
     cfg.verify = opts.verify;
     cfg.key = opts.key.clone();
+    cfg.plaintext = opts.insecure_plaintext;
     cfg.nonce = nonce();
     cfg
 }
 
-/// Accepts the primary's connection on `listener`, waiting until `until`.
-fn accept_primary(listener: &TcpListener, until: Instant, pages: u64) -> Result<Link> {
-    Link::accept(
+/// Accepts the primary's connection on `listener`, waiting until `until`; the link seals
+/// with `key` when the handshake says so.
+fn accept_primary(
+    listener: &TcpListener,
+    until: Instant,
+    pages: u64,
+    key: Option<&[u8]>,
+) -> Result<Link> {
+    let mut link = Link::accept(
         listener,
         Some(until.saturating_duration_since(Instant::now())),
         DecoderConfig {
             expect_headers: true,
             page_count: Some(pages),
         },
-    )
+    )?;
+    link.set_key(colo_core::engine::messages::Role::Secondary, key);
+    Ok(link)
 }
 
 impl<G: Guest> Node<G, SecondaryRole> {
@@ -107,7 +116,7 @@ impl<G: Guest> Node<G, SecondaryRole> {
         guest.pause()?;
         let pages = guest.page_count();
         let waiting_until = Instant::now() + opts.connect_timeout;
-        let link = accept_primary(listener, waiting_until, pages)?;
+        let link = accept_primary(listener, waiting_until, pages, opts.key.as_deref())?;
         {
             let mut st = status.lock();
             st.role = "secondary".into();
@@ -501,7 +510,7 @@ impl SecondaryRole {
              for the primary again"
         );
         let pages = io.guest.page_count();
-        let link = accept_primary(listener, self.waiting_until, pages)?;
+        let link = accept_primary(listener, self.waiting_until, pages, io.opts.key.as_deref())?;
         self.engine = Secondary::new(secondary_config(&io.opts, pages), Instant::now());
         self.events_seen = 0;
         io.attach(link);

@@ -19,6 +19,7 @@ use colo_cli::kvclient::{ClientStats, KvClient};
 use colo_cli::mock::{build, MockSpec, WorkloadKind};
 use colo_cli::node::{new_status, NodeOptions, PrimaryNode, SecondaryOutcome, SnapshotHook};
 use colo_cli::status::Shared;
+use colo_cli::tamper::{Plan, Tampering};
 use colo_cli::testing::spawn_secondary;
 use colo_core::engine::Liveness;
 use colo_core::policy::CheckpointPolicy;
@@ -237,6 +238,10 @@ pub struct PairConfig {
     pub output_divergence: f64,
     /// The trip of the victim's guest (the other node's never fires).
     pub trip: Option<(Op, When, u64)>,
+    /// The link's pre-shared key (both nodes): the link is sealed.
+    pub key: Option<Vec<u8>>,
+    /// Tampering with the replication link's sealed records (needs `key`), armed by the test.
+    pub tamper: Option<Plan>,
 }
 
 impl PairConfig {
@@ -257,6 +262,8 @@ impl PairConfig {
             fence_cmd: None,
             output_divergence: 0.02,
             trip: None,
+            key: None,
+            tamper: None,
         }
     }
 }
@@ -288,6 +295,8 @@ pub struct Pair {
     pub took_over_at: Arc<Mutex<Option<Instant>>>,
     /// The last epoch the secondary had applied when it took over.
     pub takeover_epoch: Arc<Mutex<Option<u64>>>,
+    /// The replication link's tampering plan, if the config has one.
+    pub tampering: Option<Arc<Tampering>>,
     pstop: Arc<Mutex<Option<Arc<AtomicBool>>>>,
     sstop: Arc<AtomicBool>,
     sstop_node: Arc<Mutex<Option<Arc<AtomicBool>>>>,
@@ -358,6 +367,7 @@ impl Pair {
             liveness: cfg.liveness,
             policy: cfg.policy,
             connect_timeout: Duration::from_secs(10),
+            key: cfg.key.clone(),
             ..NodeOptions::default()
         };
         let sopts = NodeOptions {
@@ -417,6 +427,11 @@ impl Pair {
         };
         let repl_target: SocketAddr = secondary.addr.parse()?;
         let repl = FaultProxy::start(repl_target, vswitch.clone(), cfg.seed)?;
+        let tampering = cfg.tamper.map(|plan| {
+            let t = Tampering::new(plan, cfg.key.as_deref().unwrap_or_default());
+            repl.tamper(t.clone());
+            t
+        });
 
         let mut pguest = Faulty {
             inner: build(&spec(
@@ -451,6 +466,7 @@ impl Pair {
             ssnap,
             took_over_at,
             takeover_epoch,
+            tampering,
             pstop,
             sstop,
             sstop_node,

@@ -21,6 +21,9 @@ pub struct LinkConfig {
     pub verify: bool,
     /// Pre-shared key for the link, if any.
     pub key: Option<Vec<u8>>,
+    /// Leave the records after the handshake unsealed (`--insecure-plaintext`; both sides must
+    /// agree, the handshake checks).
+    pub plaintext: bool,
     /// A fresh random nonce for the handshake.
     pub nonce: [u8; 32],
 }
@@ -33,6 +36,7 @@ impl LinkConfig {
             liveness: Liveness::default(),
             verify: false,
             key: None,
+            plaintext: false,
             nonce: [0; 32],
         }
     }
@@ -69,6 +73,7 @@ impl Peer {
             role,
             cfg.page_count,
             cfg.verify,
+            cfg.plaintext,
             cfg.key.clone(),
             cfg.nonce,
             &mut outbox,

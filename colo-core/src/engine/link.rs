@@ -1,25 +1,28 @@
-//! The link handshake: versions, roles, guest geometry, the verification option and an optional
-//! pre-shared key proven by HMAC-SHA256 challenge-response in both directions.
+//! The link handshake: versions, roles, guest geometry, the verification and plaintext options
+//! and an optional pre-shared key proven by HMAC-SHA256 challenge-response in both directions.
 //!
 //! ```text
 //!   primary                                        secondary
 //!      | -- HELLO(v, role, pages, 4096, flags, nonce_p) -->|
 //!      |<-- HELLO(v, role, pages, 4096, flags, nonce_s) -- |     (both send at once)
-//!      | -- AUTH(HMAC(k, P, nonce_s, nonce_p, pages, verify)) -->|   (only with a key)
-//!      |<-- AUTH(HMAC(k, S, nonce_p, nonce_s, pages, verify)) -- |
-//!   Done: the link is trusted; only now is a guest page read or written.
+//!      | -- AUTH(HMAC(k, P, nonce_s, nonce_p, pages, verify, plaintext)) -->|  (only with a key)
+//!      |<-- AUTH(HMAC(k, S, nonce_p, nonce_s, pages, verify, plaintext)) -- |
+//!   Done: the link is trusted; only now is a guest page read or written. With a key and
+//!   without --insecure-plaintext, every byte after each side's AUTH is sealed (crate::seal).
 //! ```
 //!
 //! Both sides check the peer's HELLO: same version, opposite roles, 4096-byte pages, the same
-//! page count, a key on both sides or on neither, and `--verify` on both sides or on neither
+//! page count, a key on both sides or on neither, `--verify` on both sides or on neither
 //! (flags bit 1): a primary that verifies beside a secondary that sends no digests, or the
-//! reverse, would otherwise pass silently. A mismatch is refused by both, each naming what
-//! differs and which side has it.
+//! reverse, would otherwise pass silently; and, with keys, `--insecure-plaintext` on both sides
+//! or on neither (flags bit 2): one side would otherwise read the other's sealed frames as
+//! records. A mismatch is refused by both, each naming what differs and which side has it.
 //!
 //! Each proof binds the prover's role, the verifier's fresh nonce (so it cannot be replayed), the
-//! prover's nonce (so it cannot be reflected back), the geometry and the verify flag (so a man in
-//! the middle cannot hide a mismatch). The machine is sans-IO: the caller supplies the nonce
-//! (from the OS's RNG) and moves the encoded bytes.
+//! prover's nonce (so it cannot be reflected back), the geometry and the verify and plaintext
+//! flags (so a man in the middle cannot hide a mismatch, nor strip the encryption by setting
+//! both plaintext flags). The machine is sans-IO: the caller supplies the nonce (from the OS's
+//! RNG) and moves the encoded bytes.
 
 use super::messages::{Hello, Message, Role, MAC_LEN, PROTOCOL_VERSION};
 use hmac::{Hmac, Mac};
@@ -67,6 +70,19 @@ pub enum LinkError {
         /// The side without.
         without: Role,
     },
+    /// One side seals the records after the handshake and the other asked for plaintext
+    /// (`--insecure-plaintext`).
+    #[error(
+        "--insecure-plaintext differs: the {with} has it and the {without} does not, so one \
+         would read the other's encrypted records as plaintext; give it to both nodes or to \
+         neither"
+    )]
+    Plaintext {
+        /// The side with `--insecure-plaintext`.
+        with: Role,
+        /// The side without.
+        without: Role,
+    },
     /// The peer's proof is wrong: it does not hold the same key.
     #[error("peer failed authentication: its HMAC proof does not match this node's key")]
     BadProof,
@@ -107,6 +123,7 @@ pub struct Handshake {
     role: Role,
     page_count: u64,
     verify: bool,
+    plaintext: bool,
     key: Option<Vec<u8>>,
     nonce: [u8; 32],
     peer_nonce: [u8; 32],
@@ -119,6 +136,7 @@ impl std::fmt::Debug for Handshake {
             .field("role", &self.role)
             .field("page_count", &self.page_count)
             .field("verify", &self.verify)
+            .field("plaintext", &self.plaintext)
             .field("has_key", &self.key.is_some())
             .field("state", &self.state)
             .finish()
@@ -142,12 +160,14 @@ pub(crate) fn message_name(m: &Message<'_>) -> &'static str {
 
 impl Handshake {
     /// A handshake for `role` with a guest of `page_count` pages, whether this side verifies
-    /// every checkpoint (`verify`), an optional pre-shared `key` and a fresh random `nonce`.
+    /// every checkpoint (`verify`), whether it asks for an unsealed link (`plaintext`,
+    /// `--insecure-plaintext`), an optional pre-shared `key` and a fresh random `nonce`.
     /// Appends our HELLO to `out`.
     pub fn start(
         role: Role,
         page_count: u64,
         verify: bool,
+        plaintext: bool,
         key: Option<Vec<u8>>,
         nonce: [u8; 32],
         out: &mut Vec<u8>,
@@ -156,6 +176,7 @@ impl Handshake {
             role,
             page_count,
             verify,
+            plaintext,
             key,
             nonce,
             peer_nonce: [0; 32],
@@ -168,6 +189,7 @@ impl Handshake {
             page_size: 4096,
             wants_auth: hs.key.is_some(),
             verify,
+            plaintext,
             nonce,
         })
         .encode(out);
@@ -191,7 +213,7 @@ impl Handshake {
             Ok(m) => m,
             Err(_) => unreachable_hmac(),
         };
-        mac.update(b"colo-link-auth-v2");
+        mac.update(b"colo-link-auth-v3");
         mac.update(&[match prover {
             Role::Primary => 1,
             Role::Secondary => 2,
@@ -199,7 +221,7 @@ impl Handshake {
         mac.update(verifier_nonce);
         mac.update(prover_nonce);
         mac.update(&self.page_count.to_le_bytes());
-        mac.update(&[u8::from(self.verify)]);
+        mac.update(&[u8::from(self.verify), u8::from(self.plaintext)]);
         mac
     }
 
@@ -250,6 +272,14 @@ impl Handshake {
                         return Ok(true);
                     }
                     (true, true) => {}
+                }
+                if h.plaintext != self.plaintext {
+                    let (with, without) = if self.plaintext {
+                        (self.role, h.role)
+                    } else {
+                        (h.role, self.role)
+                    };
+                    return Err(LinkError::Plaintext { with, without });
                 }
                 self.peer_nonce = h.nonce;
                 let tag = self
@@ -311,19 +341,32 @@ mod tests {
         spages: u64,
         verify: (bool, bool),
     ) -> (Result<bool, LinkError>, Result<bool, LinkError>) {
+        run_flags(pk, sk, (ppages, spages), verify, (false, false))
+    }
+
+    /// `pages`, `verify`, `plaintext`: (primary's, secondary's).
+    fn run_flags(
+        pk: Option<&[u8]>,
+        sk: Option<&[u8]>,
+        pages: (u64, u64),
+        verify: (bool, bool),
+        plaintext: (bool, bool),
+    ) -> (Result<bool, LinkError>, Result<bool, LinkError>) {
         let (mut po, mut so) = (Vec::new(), Vec::new());
         let mut p = Handshake::start(
             Role::Primary,
-            ppages,
+            pages.0,
             verify.0,
+            plaintext.0,
             pk.map(<[u8]>::to_vec),
             [1; 32],
             &mut po,
         );
         let mut s = Handshake::start(
             Role::Secondary,
-            spages,
+            pages.1,
             verify.1,
+            plaintext.1,
             sk.map(<[u8]>::to_vec),
             [2; 32],
             &mut so,
@@ -412,38 +455,48 @@ mod tests {
         );
     }
 
+    /// Both sides with a key, (verify, plaintext) settings `p` and `s`; a man in the middle
+    /// flips HELLO flag `bit` on the way both ways. Returns what each side said to the other's
+    /// AUTH (both HELLOs must have passed).
+    fn flag_flipped_in_transit(
+        p: (bool, bool),
+        s: (bool, bool),
+        bit: u32,
+    ) -> (Result<bool, LinkError>, Result<bool, LinkError>) {
+        let (mut po, mut so) = (Vec::new(), Vec::new());
+        let key = Some(b"k".to_vec());
+        let mut ph = Handshake::start(Role::Primary, 5, p.0, p.1, key.clone(), [1; 32], &mut po);
+        let mut sh = Handshake::start(Role::Secondary, 5, s.0, s.1, key, [2; 32], &mut so);
+        let flip = |bytes: &[u8]| -> Vec<u8> {
+            let mut b = bytes.to_vec();
+            b[8 + 28] ^= bit as u8;
+            b
+        };
+        let (p_hello, s_hello) = (flip(&po), flip(&so));
+        po.clear();
+        so.clear();
+        assert_eq!(ph.on_message(&parse(&s_hello), &mut po), Ok(false));
+        assert_eq!(sh.on_message(&parse(&p_hello), &mut so), Ok(false));
+        (
+            ph.on_message(&parse(&so), &mut Vec::new()),
+            sh.on_message(&parse(&po), &mut Vec::new()),
+        )
+    }
+
     #[test]
     fn the_proof_covers_the_verify_flag() {
         // A man in the middle that flips the secondary's verify bit in both HELLOs makes the
         // flags agree on each side; the proofs, each bound to its own side's flag, then fail.
-        let (mut po, mut so) = (Vec::new(), Vec::new());
-        let key = Some(b"k".to_vec());
-        let mut p = Handshake::start(Role::Primary, 5, true, key.clone(), [1; 32], &mut po);
-        let mut s = Handshake::start(Role::Secondary, 5, false, key, [2; 32], &mut so);
-        let flip = |bytes: &[u8]| -> Vec<u8> {
-            let mut b = bytes.to_vec();
-            b[8 + 28] ^= HELLO_VERIFY as u8;
-            b
-        };
-        let (ph, sh) = (flip(&po), flip(&so));
-        po.clear();
-        so.clear();
-        assert_eq!(p.on_message(&parse(&sh), &mut po), Ok(false));
-        assert_eq!(s.on_message(&parse(&ph), &mut so), Ok(false));
         assert_eq!(
-            p.on_message(&parse(&so), &mut Vec::new()),
-            Err(LinkError::BadProof)
-        );
-        assert_eq!(
-            s.on_message(&parse(&po), &mut Vec::new()),
-            Err(LinkError::BadProof)
+            flag_flipped_in_transit((true, false), (false, false), HELLO_VERIFY),
+            (Err(LinkError::BadProof), Err(LinkError::BadProof))
         );
     }
 
     #[test]
     fn same_role_and_out_of_order_messages_are_refused() {
         let mut out = Vec::new();
-        let mut a = Handshake::start(Role::Primary, 1, false, None, [0; 32], &mut out);
+        let mut a = Handshake::start(Role::Primary, 1, false, false, None, [0; 32], &mut out);
         let hello = parse(&out).clone();
         assert_eq!(
             a.on_message(&hello, &mut Vec::new()),
@@ -452,6 +505,7 @@ mod tests {
         let mut b = Handshake::start(
             Role::Secondary,
             1,
+            false,
             false,
             Some(vec![1]),
             [0; 32],
@@ -474,6 +528,7 @@ mod tests {
             Role::Primary,
             5,
             false,
+            false,
             Some(b"k".to_vec()),
             [1; 32],
             &mut po,
@@ -486,6 +541,7 @@ mod tests {
             page_size: 4096,
             wants_auth: true,
             verify: false,
+            plaintext: false,
             nonce: [1; 32],
         })
         .encode(&mut fake);
@@ -495,6 +551,46 @@ mod tests {
         assert_eq!(
             p.on_message(&reflected, &mut Vec::new()),
             Err(LinkError::BadProof)
+        );
+    }
+
+    #[test]
+    fn insecure_plaintext_on_both_sides_or_neither() {
+        let k = Some(&b"k"[..]);
+        for plain in [false, true] {
+            assert_eq!(
+                run_flags(k, k, (4, 4), (false, false), (plain, plain)),
+                (Ok(true), Ok(true))
+            );
+        }
+        let only_secondary = LinkError::Plaintext {
+            with: Role::Secondary,
+            without: Role::Primary,
+        };
+        assert_eq!(
+            run_flags(k, k, (4, 4), (false, false), (false, true)),
+            (Err(only_secondary.clone()), Err(only_secondary.clone()))
+        );
+        assert!(only_secondary
+            .to_string()
+            .starts_with("--insecure-plaintext differs: the secondary has it"));
+        // Without keys nothing is sealed either way: the flag is not compared.
+        assert_eq!(
+            run_flags(None, None, (4, 4), (false, false), (true, false)),
+            (Ok(true), Ok(true))
+        );
+    }
+
+    #[test]
+    fn the_proof_covers_the_plaintext_flag() {
+        // The primary asks for plaintext, the secondary does not. A man in the middle that
+        // flips the plaintext bit in both HELLOs makes each side see its own setting (and the
+        // primary would send records the secondary cannot open, or the reverse); the proofs,
+        // each bound to its own side's flag, fail.
+        let plaintext = crate::engine::messages::HELLO_PLAINTEXT;
+        assert_eq!(
+            flag_flipped_in_transit((false, true), (false, false), plaintext),
+            (Err(LinkError::BadProof), Err(LinkError::BadProof))
         );
     }
 }

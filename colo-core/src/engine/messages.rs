@@ -7,7 +7,7 @@
 //!
 //! | type | name | direction | body (little-endian) |
 //! |---|---|---|---|
-//! | `0x8000_C001` | HELLO | both | magic `b"COLOLINK"`, u32 version, u32 role (1 primary, 2 secondary), u64 page_count, u32 page_size, u32 flags (bit 0: wants auth; bit 1: verifies every checkpoint, `--verify`; both sides must agree on it), 32-byte nonce |
+//! | `0x8000_C001` | HELLO | both | magic `b"COLOLINK"`, u32 version, u32 role (1 primary, 2 secondary), u64 page_count, u32 page_size, u32 flags (bit 0: wants auth; bit 1: verifies every checkpoint, `--verify`; bit 2: will not seal the records after the handshake, `--insecure-plaintext`; both sides must agree on bits 1 and 2), 32-byte nonce |
 //! | `0x8000_C002` | AUTH | both | 32-byte HMAC-SHA256 proof (see [`super::link`]) |
 //! | `0x8000_C003` | CONTROL | both | u32 id (libxl's CHECKPOINT_STATE ids: NEW 0, SVM_SUSPENDED 1, SVM_READY 2, SVM_RESUMED 3), u32 reserved, u64 epoch |
 //! | `0x8000_C004` | INPUT | primary → secondary | u64 seq, then one Ethernet frame (a client request mirrored to the SVM) |
@@ -48,12 +48,17 @@ pub mod colo_type {
 pub const HELLO_MAGIC: [u8; 8] = *b"COLOLINK";
 /// The link protocol version this build speaks. Version 2 added HELLO's verify flag (bit 1),
 /// which both sides must agree on and which the AUTH proof covers; a version 1 peer would
-/// ignore a mismatch, so it is refused by version.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// ignore a mismatch, so it is refused by version. Version 3 seals every record after the
+/// handshake when both sides have a key (see [`crate::seal`]) and added the plaintext flag
+/// (bit 2), agreed and proven like the verify flag.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// HELLO flag: the sender has a pre-shared key and will authenticate.
 pub const HELLO_WANTS_AUTH: u32 = 1 << 0;
 /// HELLO flag: the sender digests memory at every checkpoint (`--verify`).
 pub const HELLO_VERIFY: u32 = 1 << 1;
+/// HELLO flag: the sender will not seal the records after the handshake
+/// (`--insecure-plaintext`).
+pub const HELLO_PLAINTEXT: u32 = 1 << 2;
 /// Length of a HELLO body.
 pub const HELLO_LEN: usize = 8 + 4 + 4 + 8 + 4 + 4 + 32;
 /// Length of an HMAC-SHA256 proof.
@@ -146,6 +151,9 @@ pub struct Hello {
     pub wants_auth: bool,
     /// The sender digests all memory at every checkpoint (`--verify`); both sides must agree.
     pub verify: bool,
+    /// The sender will not seal the records after the handshake (`--insecure-plaintext`); both
+    /// sides must agree. Without a key nothing is sealed, whatever this says.
+    pub plaintext: bool,
     /// The sender's challenge.
     pub nonce: [u8; 32],
 }
@@ -283,6 +291,7 @@ impl<'a> Message<'a> {
                     page_size: u32_at(body, 24),
                     wants_auth: u32_at(body, 28) & HELLO_WANTS_AUTH != 0,
                     verify: u32_at(body, 28) & HELLO_VERIFY != 0,
+                    plaintext: u32_at(body, 28) & HELLO_PLAINTEXT != 0,
                     nonce,
                 })
             }
@@ -379,6 +388,9 @@ impl<'a> Message<'a> {
                 if h.verify {
                     flags |= HELLO_VERIFY;
                 }
+                if h.plaintext {
+                    flags |= HELLO_PLAINTEXT;
+                }
                 out.extend_from_slice(&flags.to_le_bytes());
                 out.extend_from_slice(&h.nonce);
             }
@@ -425,15 +437,18 @@ mod tests {
     #[test]
     fn every_message_round_trips() {
         for (wants_auth, verify) in [(false, false), (true, false), (false, true), (true, true)] {
-            round_trip(Message::Hello(Hello {
-                version: PROTOCOL_VERSION,
-                role: Role::Secondary,
-                page_count: 262_144,
-                page_size: 4096,
-                wants_auth,
-                verify,
-                nonce: [7; 32],
-            }));
+            for plaintext in [false, true] {
+                round_trip(Message::Hello(Hello {
+                    version: PROTOCOL_VERSION,
+                    role: Role::Secondary,
+                    page_count: 262_144,
+                    page_size: 4096,
+                    wants_auth,
+                    verify,
+                    plaintext,
+                    nonce: [7; 32],
+                }));
+            }
         }
         round_trip(Message::Auth([9; 32]));
         for msg in [
@@ -489,6 +504,7 @@ mod tests {
             page_size: 4096,
             wants_auth: true,
             verify: true,
+            plaintext: false,
             nonce: [0; 32],
         })
         .encode(&mut out);
