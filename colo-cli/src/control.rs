@@ -475,7 +475,42 @@ pub fn format_status(r: &StatusReport) -> String {
     if v.client_addr.is_some() {
         line("clients:", opt(&v.client_addr));
     }
-    line("protected:", if v.protected { "yes" } else { "no" }.into());
+    line(
+        "protected:",
+        match (v.protected, v.ever_protected) {
+            (true, _) => "yes".into(),
+            (false, true) => "no".into(),
+            (false, false) => "no (never: protection has not started)".into(),
+        },
+    );
+    if let Some(a) = &v.arbiter {
+        let renewed = a
+            .last_renewal_ms_ago
+            .map_or("never".into(), |ms| format!("{:.1} s ago", ms as f64 / 1e3));
+        line(
+            "arbiter:",
+            format!(
+                "{} held by {}; this node {} (lease {:.1} s left, renewed {renewed}){}",
+                a.key,
+                a.holder.as_deref().unwrap_or("nobody"),
+                if a.holding { "holds it" } else { "does not" },
+                a.lease_remaining_ms as f64 / 1e3,
+                a.last_error
+                    .as_deref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            ),
+        );
+    }
+    if v.output_withheld > 0 {
+        line(
+            "withheld:",
+            format!("{} frames (lease uncertain)", v.output_withheld),
+        );
+    }
+    if v.refused_connections > 0 {
+        line("refused:", format!("{} connections", v.refused_connections));
+    }
     line("epoch:", v.epoch.to_string());
     line(
         "checkpoints:",

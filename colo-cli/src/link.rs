@@ -818,11 +818,15 @@ impl Link {
     /// goes out; without a key (None) the link stays plaintext.
     pub fn set_key(&mut self, role: Role, key: Option<&[u8]>) {
         let Some(key) = key else {
-            tracing::warn!(
-                "no --key-file: the replication link with {} is neither authenticated nor \
-                 encrypted; anyone on the path can read guest memory or inject records",
-                self.peer
-            );
+            // Said once per process: a secondary refusing stray connections would repeat it.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(
+                    "no --key-file: the replication link with {} is neither authenticated nor \
+                     encrypted; anyone on the path can read guest memory or inject records",
+                    self.peer
+                )
+            });
             return;
         };
         self.tx.keying.lock().psk = Some(key.to_vec());

@@ -315,6 +315,61 @@ pub fn render(s: &NodeStatus) -> String {
         "Output mismatches seen by the comparator.",
         &one(s.mismatches),
     );
+    family(
+        "colo_ever_protected",
+        "gauge",
+        "1 once the node has been protected; a primary at 0 never protected its guest.",
+        &one(u64::from(s.ever_protected)),
+    );
+    family(
+        "colo_refused_connections_total",
+        "counter",
+        "Connections a secondary refused before the handshake completed.",
+        &one(s.refused_connections),
+    );
+    family(
+        "colo_output_withheld_total",
+        "counter",
+        "Output frames a lone primary held back while unsure of its arbiter lease.",
+        &one(s.output_withheld),
+    );
+    if let Some(a) = &s.arbiter {
+        family(
+            "colo_arbiter_info",
+            "gauge",
+            "The arbiter's serving key and who holds it (always 1).",
+            &[(
+                format!(
+                    "{{key=\"{}\",holder=\"{}\",state=\"{}\"}}",
+                    escape(&a.key),
+                    escape(a.holder.as_deref().unwrap_or("")),
+                    escape(&a.state)
+                ),
+                "1".into(),
+            )],
+        );
+        family(
+            "colo_arbiter_holding",
+            "gauge",
+            "1 while this node certainly holds the pair's serving key.",
+            &one(u64::from(a.holding)),
+        );
+        family(
+            "colo_arbiter_lease_remaining_seconds",
+            "gauge",
+            "How long this node's lease is still certainly held.",
+            &[(String::new(), float(a.lease_remaining_ms as f64 / 1e3))],
+        );
+        family(
+            "colo_arbiter_last_renewal_age_seconds",
+            "gauge",
+            "Time since this node's lease was last granted or renewed (NaN: never).",
+            &[(
+                String::new(),
+                float(a.last_renewal_ms_ago.map_or(f64::NAN, |ms| ms as f64 / 1e3)),
+            )],
+        );
+    }
     o
 }
 

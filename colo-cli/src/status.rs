@@ -146,6 +146,12 @@ pub struct NodeStatus {
     pub last: Option<CheckpointFigures>,
     /// The arbiter, with `--arbiter`: the serving key's holder, this node's lease.
     pub arbiter: Option<crate::arbiter::ArbiterStatus>,
+    /// The node has been protected (a completed handshake and initial synchronisation) at
+    /// least once. A primary that says false here never protected its guest: a refused
+    /// handshake (another key, guest size, flag) leaves it running alone.
+    pub ever_protected: bool,
+    /// Connections a secondary refused before the handshake completed (strays, wrong keys).
+    pub refused_connections: u64,
     /// Output frames held back because a primary running alone could not be sure of its
     /// arbiter lease (they go out once it is renewed).
     pub output_withheld: u64,

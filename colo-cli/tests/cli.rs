@@ -104,17 +104,33 @@ fn stderr_of(node: &mut Node) -> String {
     err
 }
 
-/// A handshake refused over a setting that differs: the secondary stops (exit 1; it never held a
-/// checkpoint to take over from) naming `want`, and the primary says the same in its status.
+/// A handshake refused over a setting that differs: the secondary refuses the connection,
+/// says why (an ERROR naming `want`) and keeps waiting for its real primary; the primary says
+/// the same in its status and that it was never protected.
 fn refused_by_both(s: &Scratch, sec: &mut Node, pn: &str, want: &str) {
-    let code = exit_code(sec, "the secondary");
-    let err = stderr_of(sec);
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains(want), "secondary: {err}");
+    let lines = stderr_lines(&mut sec.0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) if l.contains("ERROR") && l.contains(want) => {
+                assert!(l.contains("waiting for the primary again"), "{l}");
+                break;
+            }
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("the secondary never named `{want}`:\n{}", seen.join("\n")),
+        }
+    }
+    assert!(
+        sec.0.try_wait().unwrap().is_none(),
+        "the secondary stopped after one refused connection"
+    );
     let v = wait_for(s, pn, "refused", |v| v["failover_reason"].is_string());
     let reason = v["failover_reason"].as_str().unwrap();
     assert!(reason.contains(want), "primary: {v}");
     assert_eq!(v["protected"], false, "{v}");
+    assert_eq!(v["ever_protected"], false, "{v}");
 }
 
 /// Writes a 0600 key file `name` of 32 `byte`s into the scratch directory (atomically, as an
@@ -1096,6 +1112,86 @@ fn a_stray_connection_does_not_end_the_secondarys_wait() {
     wait_for(&s, &pn, "protected", |v| v["protected"] == true);
 }
 
+/// A flood of connections that fail the handshake (garbage, and a HELLO of another protocol
+/// version): the secondary refuses each, logs them at a limited rate with a count, and its
+/// real primary protects the guest afterwards.
+#[test]
+fn a_flood_of_refused_connections_is_rate_limited_and_the_wait_goes_on() {
+    use std::io::Write;
+    let s = Scratch::new("flood");
+    let id = std::process::id();
+    let repl = format!("127.0.0.1:{}", free_port());
+    let pn = format!("flp{id}");
+    let mut sec = Node(
+        s.colo()
+            .args([
+                "secondary",
+                "--listen",
+                &repl,
+                "--name",
+                &format!("fls{id}"),
+            ])
+            .args(["--ram", "8M", "--heartbeat-timeout-ms", "2000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = stderr_lines(&mut sec.0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut sent = 0;
+    while sent < 30 {
+        match std::net::TcpStream::connect(&repl) {
+            Ok(mut c) => {
+                let _ = c.write_all(b"\x00garbage that is no libxc image header at all....");
+                drop(c);
+                sent += 1;
+            }
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the secondary never listened: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    // The secondary may still be working through the flood (a hundred a second at most): the
+    // primary waits for its HELLO longer than usual.
+    let _pri = Node(
+        s.colo()
+            .args(["primary", "--peer", &repl, "--name", &pn, "--ram", "8M"])
+            .args(["--heartbeat-timeout-ms", "20000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&s, &pn, "protected", |v| v["protected"] == true);
+    assert!(sec.0.try_wait().unwrap().is_none());
+    let st = wait_for(&s, &format!("fls{id}"), "refusals counted", |v| {
+        v["refused_connections"].as_u64().unwrap_or(0) >= 30
+    });
+    assert_eq!(st["refused_connections"], 30, "{st}");
+    let logged: Vec<String> = lines
+        .try_iter()
+        .filter(|l| l.contains("waiting for the primary again"))
+        .collect();
+    assert!(
+        !logged.is_empty() && logged.len() < 30,
+        "30 refusals, {} log lines:\n{}",
+        logged.len(),
+        logged.join("\n")
+    );
+    assert!(
+        logged
+            .iter()
+            .any(|l| l.contains("more refused since the last report")),
+        "{}",
+        logged.join("\n")
+    );
+}
+
 /// `colo failover` on the primary drops the secondary on purpose: the secondary is told so and
 /// stops without taking over, and only the primary serves (no split brain).
 #[test]
@@ -1192,6 +1288,12 @@ fn different_keys_are_named_by_both_nodes() {
         perr.contains("ERROR") && perr.contains("protection did not start"),
         "{perr}"
     );
+    // The secondary kept waiting: its real primary, with the right key, protects the guest.
+    let pn2 = format!("kq{id}");
+    let right = ["primary", "--peer", &repl, "--ram", "8M", "--name", &pn2];
+    let _pri2 = keyed_node(&s, &right, &k1);
+    let v = wait_for(&s, &pn2, "protected", |v| v["protected"] == true);
+    assert_eq!(v["ever_protected"], true, "{v}");
 }
 
 /// `--insecure-plaintext` on one node only: both refuse at the handshake, naming the flag and

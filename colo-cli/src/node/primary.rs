@@ -336,6 +336,7 @@ impl Role for PrimaryRole {
 
     fn publish(&self, st: &mut NodeStatus) {
         st.protected = self.engine.is_protected();
+        st.ever_protected |= st.protected;
         if self.engine.state() != PrimaryState::Unprotected {
             // An unprotected node keeps showing the last checkpoint it ran from.
             st.epoch = self.engine.epoch();

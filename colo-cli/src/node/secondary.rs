@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use colo_core::bitmap::DirtyBitmap;
 use colo_core::engine::{
     Delivery, Secondary, SecondaryAction, SecondaryConfig, SecondaryState, DIGEST_LEN,
@@ -63,6 +63,23 @@ pub struct SecondaryRole {
     /// The primary is lost and this node waits for the arbiter's serving key before it takes
     /// over: why, and since when.
     awaiting_key: Option<AwaitingKey>,
+    /// Connections refused before the handshake completed.
+    refusals: Refusals,
+}
+
+/// The shortest gap between two refused connections looked at.
+const REFUSAL_GAP: std::time::Duration = std::time::Duration::from_millis(10);
+/// The shortest gap between two log lines about refused connections.
+const REFUSAL_LOG_GAP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Connections that did not complete the handshake (see `SecondaryRole::wait_again`).
+#[derive(Debug, Default)]
+struct Refusals {
+    total: u64,
+    last: Option<Instant>,
+    logged: Option<Instant>,
+    unlogged: u64,
+    reason: String,
 }
 
 /// A takeover waiting for the arbiter (see [`crate::arbiter`]).
@@ -134,6 +151,7 @@ impl<G: Guest> Node<G, SecondaryRole> {
             events_seen: 0,
             taken_over: false,
             awaiting_key: None,
+            refusals: Refusals::default(),
         };
         Ok(Node::start(Io::new(guest, Some(link), opts, status), role))
     }
@@ -275,6 +293,8 @@ impl Role for SecondaryRole {
 
     fn publish(&self, st: &mut NodeStatus) {
         st.protected = self.engine.running_epoch().is_some();
+        st.ever_protected |= st.protected;
+        st.refused_connections = self.refusals.total;
         st.epoch = self.engine.running_epoch().unwrap_or(0);
     }
 }
@@ -482,7 +502,7 @@ impl SecondaryRole {
     /// check): the wait goes on. A colo peer that was refused (another key, size or --verify)
     /// ends the wait with that reason instead.
     fn give_up<G: Guest>(&mut self, io: &mut Io<G>, reason: &str) -> Result<()> {
-        if !io.handshaken && self.events_seen == 0 {
+        if !io.handshaken {
             return self.wait_again(io, reason);
         }
         Err(anyhow!(
@@ -490,9 +510,12 @@ impl SecondaryRole {
         ))
     }
 
-    /// Drops a connection that sent nothing a colo stream decoder could read and waits for
-    /// the primary again, on the same listener, until the first wait's deadline. One stray
-    /// connection must not end the protection before it starts.
+    /// Drops a connection that did not complete the handshake — it sent nothing a colo
+    /// stream decoder could read (a port scanner, a health check), or the handshake refused it
+    /// (another key, version, guest size, `--verify` or `--insecure-plaintext`) — and waits for
+    /// the primary again, on the same listener, until the first wait's deadline. Neither ends
+    /// the protection before it starts. Refusals are rate-limited (at most a hundred connections
+    /// a second are looked at) and logged at most once a second, with a count of the others.
     fn wait_again<G: Guest>(&mut self, io: &mut Io<G>, why: &str) -> Result<()> {
         let peer = io
             .link
@@ -505,12 +528,44 @@ impl SecondaryRole {
         let Some(listener) = self.listener.as_ref() else {
             bail!("primary lost before the handshake: {why}");
         };
-        tracing::warn!(
-            "the connection from {peer} did not complete the colo handshake ({why}); waiting \
-             for the primary again"
-        );
+        let now = Instant::now();
+        let r = &mut self.refusals;
+        if let Some(last) = r.last {
+            // A connection flood costs at most a hundred handshakes a second.
+            std::thread::sleep(REFUSAL_GAP.saturating_sub(now.saturating_duration_since(last)));
+        }
+        r.last = Some(Instant::now());
+        r.total += 1;
+        r.reason = format!("{peer}: {why}");
+        if r.logged
+            .is_none_or(|t| now.saturating_duration_since(t) >= REFUSAL_LOG_GAP)
+        {
+            let others = std::mem::take(&mut r.unlogged);
+            let more = if others > 0 {
+                format!(" ({others} more refused since the last report)")
+            } else {
+                String::new()
+            };
+            if self.events_seen == 0 {
+                tracing::warn!(
+                    "the connection from {peer} sent nothing a colo primary sends ({why}); \
+                     waiting for the primary again{more}"
+                );
+            } else {
+                tracing::error!(
+                    "refused the connection from {peer}: {why}; waiting for the primary \
+                     again{more}"
+                );
+            }
+            r.logged = Some(now);
+        } else {
+            r.unlogged += 1;
+        }
+        io.note_loss(format!("refused {peer}: {why}"));
         let pages = io.guest.page_count();
-        let link = accept_primary(listener, self.waiting_until, pages, io.opts.key.as_deref())?;
+        let last = self.refusals.reason.clone();
+        let link = accept_primary(listener, self.waiting_until, pages, io.opts.key.as_deref())
+            .with_context(|| format!("the last connection was refused ({last})"))?;
         self.engine = Secondary::new(secondary_config(&io.opts, pages), Instant::now());
         self.events_seen = 0;
         io.attach(link);
