@@ -170,6 +170,13 @@ enum Command {
         /// How long the node keeps trying to reach the new secondary, s.
         #[arg(long, default_value_t = 30)]
         connect_timeout: u64,
+        /// Check with the pair's arbiter first (etcd://HOST:PORT[,...]): the node must be the
+        /// one holding the pair's serving key, or nothing is asked of it.
+        #[arg(long, value_name = "URL")]
+        arbiter: Option<String>,
+        /// The pair's name in the arbiter.
+        #[arg(long, value_name = "NAME", default_value = "colo")]
+        arbiter_pair: String,
     },
     /// Write a full snapshot of a VM in Xen's libxc migration stream format.
     #[command(after_help = SAVE_EXAMPLES)]
@@ -583,12 +590,59 @@ fn run(cli: Cli) -> Result<i32> {
             name,
             peer,
             connect_timeout,
-        } => protect(&name, &peer, connect_timeout),
+            arbiter,
+            arbiter_pair,
+        } => {
+            if let Some(url) = arbiter {
+                if let Err(e) = protect_check_arbiter(&name, &url, &arbiter_pair) {
+                    eprintln!("colo: error: {e:#}");
+                    return Ok(1);
+                }
+            }
+            protect(&name, &peer, connect_timeout)
+        }
         Command::Save(a) => run_save(a),
         Command::Restore(a) => run_restore(a),
         Command::Stream {
             command: StreamCommand::Dump { file, json },
         } => stream_dump(&file, json),
+    }
+}
+
+/// `colo protect --arbiter`: the node asked to re-protect must be the one the arbiter names as
+/// serving (it holds the pair's key under its lease); a node that lost the key must not pull a
+/// new secondary into a pair another node serves.
+fn protect_check_arbiter(name: &str, url: &str, pair: &str) -> Result<()> {
+    let mut etcd = colo_cli::etcd::Etcd::parse(url, Duration::from_secs(2)).context("--arbiter")?;
+    let key = format!("/colo/{pair}/serving");
+    let holder = etcd
+        .get(&key)
+        .context("asking the arbiter who serves")?
+        .map(|kv| kv.value);
+    let v = colo_cli::control::request(&colo_cli::control::socket_path(name), "status")?;
+    let node: colo_cli::status::StatusReport =
+        serde_json::from_value(v).context("reading the node's status")?;
+    let Some(arb) = node.node.arbiter else {
+        bail!("{name} runs without --arbiter; start it with the pair's arbiter to use one here");
+    };
+    anyhow::ensure!(
+        arb.key == key,
+        "{name} uses the arbiter key {}, not {key} (another --arbiter-pair?)",
+        arb.key
+    );
+    match holder {
+        Some(h) if arb.holding && arb.holder.as_deref() == Some(h.as_str()) => {
+            println!(
+                "{name}: holds {key} (lease {:.1} s left)",
+                arb.lease_remaining_ms as f64 / 1e3
+            );
+            Ok(())
+        }
+        Some(h) => bail!(
+            "the arbiter names {h} as the serving node of {key}, not {name}: it must not be \
+             re-protected"
+        ),
+        None => bail!("nobody holds {key}: {name} is not serving under the arbiter"),
     }
 }
 

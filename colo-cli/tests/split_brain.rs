@@ -240,6 +240,35 @@ fn a_cut_replication_link_leaves_the_lease_holder_serving_alone() {
     let p = t.primary.status();
     assert_eq!(p["role"], "primary", "{p}");
     assert!(!answers(&t.clients[1]), "the secondary answers clients");
+    // `colo protect --arbiter` checks that the node it asks is the one serving.
+    let name = p["arbiter"]["key"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .nth(2)
+        .unwrap()
+        .to_string();
+    let protect = |pair: &str| {
+        Command::new(env!("CARGO_BIN_EXE_colo"))
+            .args([
+                "protect",
+                "--name",
+                &format!("{name}-p"),
+                "--peer",
+                "127.0.0.1:1",
+            ])
+            .args(["--connect-timeout", "1", "--arbiter", &etcd.url()])
+            .args(["--arbiter-pair", pair])
+            .output()
+            .unwrap()
+    };
+    let ok = protect(&name);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(out.contains("holds /colo/"), "{out}");
+    let wrong = protect("another-pair");
+    assert_eq!(wrong.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains("another --arbiter-pair"), "{err}");
     assert_eq!(
         client.stats.lost_acked_writes,
         0,
@@ -376,4 +405,74 @@ fn a_killed_primarys_key_passes_to_the_secondary_after_its_ttl() {
         served.as_secs_f64() * 1e3
     );
     let _ = std::fs::remove_dir_all(&t.dir);
+}
+
+/// The first scenario without an arbiter: power fencing on both sides (each node's
+/// `--fence-cmd` SIGKILLs the other) and a secondary that stalls for a second (SIGSTOP). The
+/// primary fences it before it goes on alone, so the secondary never wakes to serve stale
+/// state: one serving node, 0 lost acknowledged writes.
+#[test]
+fn with_fencing_on_both_sides_a_stalled_secondary_is_fenced_not_served_from() {
+    let dir = std::env::temp_dir().join(format!("colo-sb-{}-fence", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let [repl, c1, c2] = ports::<3>();
+    let ppid = dir.join("primary.pid");
+    let common = [
+        "--ram",
+        "8M",
+        "--workload",
+        "kv",
+        "--heartbeat-timeout-ms",
+        "1000",
+    ];
+    let mut sargs: Vec<String> = ["secondary", "--listen", &format!("127.0.0.1:{repl}")]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    sargs.extend(["--client".into(), format!("127.0.0.1:{c2}")]);
+    sargs.extend([
+        "--fence-cmd".into(),
+        format!("kill -9 $(cat {})", ppid.display()),
+    ]);
+    sargs.extend(common.iter().map(|s| s.to_string()));
+    let mut secondary = spawn(&dir, "secondary", &sargs);
+    let mut pargs: Vec<String> = ["primary", "--peer", &format!("127.0.0.1:{repl}")]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    pargs.extend(["--client".into(), format!("127.0.0.1:{c1}")]);
+    pargs.extend(["--max-interval-ms".into(), "50".into()]);
+    pargs.extend([
+        "--fence-cmd".into(),
+        format!("kill -9 {}", secondary.child.id()),
+    ]);
+    pargs.extend(common.iter().map(|s| s.to_string()));
+    let primary = spawn(&dir, "primary", &pargs);
+    std::fs::write(&ppid, primary.child.id().to_string()).unwrap();
+    primary.wait_status("protection", |v| v["protected"] == Value::Bool(true));
+    let clients = vec![format!("127.0.0.1:{c1}"), format!("127.0.0.1:{c2}")];
+    let mut client = KvClient::new(clients.clone(), 43600, Duration::from_millis(1500));
+    let mut rng = 0x5eed_0006u64;
+    ops(&mut client, &mut rng, 100);
+    secondary.signal("-STOP");
+    primary.wait_status("the primary to go on alone", |v| {
+        v["protected"] == Value::Bool(false) && v["failover_reason"].is_string()
+    });
+    let code = secondary.wait_exit("the fenced secondary to be gone");
+    assert_eq!(code, -1, "the secondary was not killed by the fence");
+    ops(&mut client, &mut rng, 200);
+    client.verify_all(deadline()).unwrap();
+    assert!(
+        !answers(&clients[1]),
+        "the fenced secondary answers clients"
+    );
+    assert_eq!(primary.status()["role"], "primary");
+    assert_eq!(
+        client.stats.lost_acked_writes,
+        0,
+        "logs in {}",
+        dir.display()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
