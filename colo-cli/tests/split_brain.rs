@@ -209,6 +209,17 @@ fn ops(client: &mut KvClient, rng: &mut u64, n: usize) {
     }
 }
 
+/// The verdict every trial shares: no acknowledged write lost; then the trial's files go.
+fn finish(t: Trial, client: &KvClient) {
+    assert_eq!(
+        client.stats.lost_acked_writes,
+        0,
+        "lost acknowledged writes; logs in {}",
+        t.dir.display()
+    );
+    let _ = std::fs::remove_dir_all(&t.dir);
+}
+
 /// True when a node's log says it took over (the line that ends "; taking over").
 fn took_over(log: &str) -> bool {
     log.lines().any(|l| l.trim_end().ends_with("; taking over"))
@@ -269,13 +280,7 @@ fn a_cut_replication_link_leaves_the_lease_holder_serving_alone() {
     assert_eq!(wrong.status.code(), Some(1));
     let err = String::from_utf8_lossy(&wrong.stderr);
     assert!(err.contains("another --arbiter-pair"), "{err}");
-    assert_eq!(
-        client.stats.lost_acked_writes,
-        0,
-        "logs in {}",
-        t.dir.display()
-    );
-    let _ = std::fs::remove_dir_all(&t.dir);
+    finish(t, &client);
 }
 
 #[test]
@@ -306,14 +311,8 @@ fn a_primary_cut_from_etcd_stops_and_the_secondary_takes_over_after_expiry() {
     let code = t.primary.wait_exit("the dropped primary to stop");
     assert_ne!(code, 0);
     assert!(t.primary.log_text().contains("dropped by the arbiter"));
-    assert_eq!(
-        client.stats.lost_acked_writes,
-        0,
-        "logs in {}",
-        t.dir.display()
-    );
     eprintln!("primary cut from etcd: the secondary served {took:?} after the cut (ttl {TTL} s)");
-    let _ = std::fs::remove_dir_all(&t.dir);
+    finish(t, &client);
 }
 
 #[test]
@@ -336,13 +335,7 @@ fn a_stalled_secondary_wakes_up_dropped_and_does_not_take_over() {
     ops(&mut client, &mut rng, 100);
     client.verify_all(deadline()).unwrap();
     assert!(!answers(&t.clients[1]), "the secondary answers clients");
-    assert_eq!(
-        client.stats.lost_acked_writes,
-        0,
-        "logs in {}",
-        t.dir.display()
-    );
-    let _ = std::fs::remove_dir_all(&t.dir);
+    finish(t, &client);
 }
 
 #[test]
@@ -394,17 +387,11 @@ fn a_killed_primarys_key_passes_to_the_secondary_after_its_ttl() {
         .wait_status("the survivor to publish its new role", |v| {
             v["role"] == "primary"
         });
-    assert_eq!(
-        client.stats.lost_acked_writes,
-        0,
-        "logs in {}",
-        t.dir.display()
-    );
     eprintln!(
         "primary killed, arbiter ttl {TTL} s: first answer from the survivor {:.0} ms after the kill",
         served.as_secs_f64() * 1e3
     );
-    let _ = std::fs::remove_dir_all(&t.dir);
+    finish(t, &client);
 }
 
 /// The first scenario without an arbiter: power fencing on both sides (each node's
