@@ -306,7 +306,7 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
         total_s: started.elapsed().as_secs_f64(),
     };
     print_table(&report);
-    let out_dir = crate::root().join("target").join("colo-bench");
+    let out_dir = crate::target_dir().join("colo-bench");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let svg = out_dir.join("pause.svg");
     std::fs::write(&svg, plot_svg(&report))

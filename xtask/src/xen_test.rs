@@ -209,7 +209,7 @@ fn run_inner(o: &Opts, started: Instant) -> Result<String> {
         "xen",
         "--bins",
     ])?;
-    let rel = root.join("target/release");
+    let rel = crate::target_dir().join("release");
     let bins = vec![
         rel.join("colo"),
         rel.join("colo-xen-check"),
