@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+use common::speed::{scaled, scaled_ms, scaled_secs, timeout_flags};
+
 const COLO: &str = env!("CARGO_BIN_EXE_colo");
 
 /// A scratch directory, removed on drop; also the nodes' runtime dir (control sockets).
@@ -83,9 +86,10 @@ fn free_port() -> u16 {
     }
 }
 
-/// Waits (at most 30 s) for `node` to exit; its exit code. `what` names it in the failure.
+/// Waits (at most 30 s on a quiet machine) for `node` to exit; its exit code. `what` names it
+/// in the failure.
 fn exit_code(node: &mut Node, what: &str) -> Option<i32> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + scaled(Duration::from_secs(30));
     loop {
         if let Some(st) = node.0.try_wait().unwrap() {
             return st.code();
@@ -208,13 +212,14 @@ fn u(v: &Value, key: &str) -> u64 {
 
 fn demo_json(s: &Scratch, extra: &[&str]) -> Value {
     // A generous heartbeat timeout: CI machines may be loaded during the initial sync.
+    let timeout = scaled_ms(3000);
     let mut args = vec![
         "demo",
         "--json",
         "--ram",
         "16M",
         "--heartbeat-timeout-ms",
-        "3000",
+        &timeout,
     ];
     args.extend_from_slice(extra);
     let o = s.run(&args);
@@ -268,7 +273,13 @@ fn demo_until_signal(s: &Scratch, signal: &str, group: bool) -> (Output, Duratio
     use std::os::unix::process::CommandExt;
     let mut child = s
         .colo()
-        .args(["demo", "--ram", "16M", "--heartbeat-timeout-ms", "3000"])
+        .args([
+            "demo",
+            "--ram",
+            "16M",
+            "--heartbeat-timeout-ms",
+            &scaled_ms(3000),
+        ])
         .env("TMPDIR", &s.0)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -277,12 +288,14 @@ fn demo_until_signal(s: &Scratch, signal: &str, group: bool) -> (Output, Duratio
         .unwrap();
     let pid = child.id();
     let status_file = s.path(&format!("colo-demo-{pid}")).join("primary.json");
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + scaled(Duration::from_secs(60));
+    // Checkpoints, and the client served (a second answer delivered: its first op is done).
     loop {
         let st: Option<Value> = std::fs::read(&status_file)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        if st.is_some_and(|v| v["checkpoints"].as_u64().unwrap_or(0) >= 3) {
+        let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+        if st.is_some_and(|v| n(&v, "checkpoints") >= 3 && n(&v, "frames_delivered") >= 2) {
             break;
         }
         if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
@@ -292,8 +305,6 @@ fn demo_until_signal(s: &Scratch, signal: &str, group: bool) -> (Output, Duratio
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    // The client has been running meanwhile; give it a moment more.
-    std::thread::sleep(Duration::from_millis(1000));
     let target = if group {
         format!("-{pid}")
     } else {
@@ -372,7 +383,7 @@ fn status(s: &Scratch, name: &str) -> Option<Value> {
 }
 
 fn wait_for(s: &Scratch, name: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + scaled(Duration::from_secs(30));
     loop {
         let v = status(s, name);
         if let Some(v) = v.as_ref().filter(|v| ok(v)) {
@@ -394,11 +405,15 @@ fn status_reaches_a_running_pair_and_failover_takes_over() {
         format!("p{}", std::process::id()),
         format!("s{}", std::process::id()),
     );
-    let common = ["--ram", "8M", "--heartbeat-timeout-ms", "3000"];
+    let common = [
+        &["--ram".to_string(), "8M".into()][..],
+        &timeout_flags(3000),
+    ]
+    .concat();
     let _sec = Node(
         s.colo()
             .args(["secondary", "--listen", &repl, "--name", &sn])
-            .args(common)
+            .args(&common)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -407,8 +422,8 @@ fn status_reaches_a_running_pair_and_failover_takes_over() {
     let _pri = Node(
         s.colo()
             .args(["primary", "--peer", &repl, "--name", &pn])
-            .args(common)
-            .args(["--connect-timeout", "20"])
+            .args(&common)
+            .args(["--connect-timeout", &scaled_secs(20).to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -438,7 +453,7 @@ fn secondary(s: &Scratch, repl: &str, name: &str, ram: &str) -> Node {
     Node(
         s.colo()
             .args(["secondary", "--listen", repl, "--name", name, "--ram", ram])
-            .args(["--heartbeat-timeout-ms", "2000"])
+            .args(timeout_flags(2000))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -451,7 +466,7 @@ fn primary(s: &Scratch, repl: &str, name: &str, ram: &str) -> Node {
     Node(
         s.colo()
             .args(["primary", "--peer", repl, "--name", name, "--ram", ram])
-            .args(["--heartbeat-timeout-ms", "2000"])
+            .args(timeout_flags(2000))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -470,8 +485,9 @@ fn protect_reports_the_nodes_answer_and_never_blocks_the_node() {
     let _pri = Node(
         s.colo()
             .args(["primary", "--peer", &repl1, "--name", &pn, "--ram", "8M"])
-            .args(["--client", &client, "--heartbeat-timeout-ms", "2000"])
-            .args(["--connect-timeout", "20"])
+            .args(["--client", &client])
+            .args(timeout_flags(2000))
+            .args(["--connect-timeout", &scaled_secs(20).to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -507,7 +523,8 @@ fn protect_reports_the_nodes_answer_and_never_blocks_the_node() {
 
     // Towards an unreachable peer: exit 1 naming it, and the node answers its clients all along.
     let nowhere = format!("127.0.0.1:{}", free_port());
-    let connect_timeout = Duration::from_secs(4);
+    // 4 s on a quiet machine: a client op must stay well under it while the node connects.
+    let connect_timeout = Duration::from_secs(scaled_secs(4));
     let mut attempt = s
         .colo()
         .args(["protect", "--name", &pn, "--peer", &nowhere])
@@ -516,8 +533,8 @@ fn protect_reports_the_nodes_answer_and_never_blocks_the_node() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut kv =
-        colo_cli::kvclient::KvClient::new(vec![client.clone()], 44000, Duration::from_secs(30));
+    let budget = scaled(Duration::from_secs(30));
+    let mut kv = colo_cli::kvclient::KvClient::new(vec![client.clone()], 44000, budget);
     let mut rng = 0x1234_5678_9abc_def1u64;
     let (mut ops, mut slowest) = (0u32, Duration::ZERO);
     let started = Instant::now();
@@ -527,8 +544,7 @@ fn protect_reports_the_nodes_answer_and_never_blocks_the_node() {
             "colo protect did not give up"
         );
         let t = Instant::now();
-        kv.random_op(&mut rng, 64, Instant::now() + Duration::from_secs(30))
-            .unwrap();
+        kv.random_op(&mut rng, 64, Instant::now() + budget).unwrap();
         slowest = slowest.max(t.elapsed());
         ops += 1;
     }
@@ -566,8 +582,7 @@ fn protect_reports_the_nodes_answer_and_never_blocks_the_node() {
     assert!(stdout(&o).contains("re-synchronising"), "{}", stdout(&o));
     let v = wait_for(&s, &pn, "protected again", |v| v["protected"] == true);
     assert_eq!(v["peer"], repl3.as_str(), "{v}");
-    kv.verify_all(Instant::now() + Duration::from_secs(30))
-        .unwrap();
+    kv.verify_all(Instant::now() + budget).unwrap();
     assert_eq!(kv.stats.lost_acked_writes, 0);
 }
 
@@ -587,7 +602,12 @@ fn verify_on_one_node_only_is_refused_by_both() {
     let _pri = Node(
         s.colo()
             .args(["primary", "--peer", &repl, "--ram", "8M", "--verify"])
-            .args(["--name", &pn, "--connect-timeout", "20"])
+            .args([
+                "--name",
+                &pn,
+                "--connect-timeout",
+                &scaled_secs(20).to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -639,12 +659,17 @@ fn a_node_waiting_for_its_peer_says_so_once() {
     let s = Scratch::new("wait");
     let repl = format!("127.0.0.1:{}", free_port());
     let pn = format!("wp{}", std::process::id());
-    let common = ["--ram", "8M", "--heartbeat-timeout-ms", "3000"];
+    let common = [
+        &["--ram".to_string(), "8M".into()][..],
+        &timeout_flags(3000),
+    ]
+    .concat();
+    let connect_timeout = scaled_secs(60);
     let mut pri = Node(
         s.colo()
             .args(["primary", "--peer", &repl, "--name", &pn])
-            .args(common)
-            .args(["--connect-timeout", "60"])
+            .args(&common)
+            .args(["--connect-timeout", &connect_timeout.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -655,7 +680,7 @@ fn a_node_waiting_for_its_peer_says_so_once() {
     let (line, _) = wait_line(
         &lines,
         &format!("cannot reach the peer at {repl} yet"),
-        Duration::from_secs(20),
+        scaled(Duration::from_secs(20)),
     );
     let left: u64 = line
         .split("giving up in ")
@@ -663,13 +688,13 @@ fn a_node_waiting_for_its_peer_says_so_once() {
         .and_then(|t| t.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no time left in: {line}"));
-    assert!((1..=60).contains(&left), "{line}");
+    assert!((1..=connect_timeout).contains(&left), "{line}");
     // Let it retry a while, quietly; then the secondary comes up and the pair forms.
     std::thread::sleep(Duration::from_millis(1500));
     let _sec = Node(
         s.colo()
             .args(["secondary", "--listen", &repl])
-            .args(common)
+            .args(&common)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -1087,7 +1112,7 @@ fn a_stray_connection_does_not_end_the_secondarys_wait() {
     let mut sec = secondary(&s, &repl, &format!("sts{id}"), "8M");
     // A scanner that connects and leaves, then an HTTP health check.
     for probe in [&b""[..], b"GET /health HTTP/1.0\r\n\r\n"] {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + scaled(Duration::from_secs(30));
         let mut c = loop {
             match std::net::TcpStream::connect(&repl) {
                 Ok(c) => break c,
@@ -1102,7 +1127,8 @@ fn a_stray_connection_does_not_end_the_secondarys_wait() {
         };
         c.write_all(probe).unwrap();
         drop(c);
-        std::thread::sleep(Duration::from_millis(300));
+        // Long enough for a secondary that ends its wait on the stray connection to exit.
+        std::thread::sleep(scaled(Duration::from_millis(300)));
         assert!(
             sec.0.try_wait().unwrap().is_none(),
             "the secondary exited after a stray connection"
@@ -1227,7 +1253,8 @@ fn the_primary_fences_before_going_on_alone() {
         let mut pri = Node(
             s.colo()
                 .args(["primary", "--peer", &repl, "--name", &pn, "--ram", "8M"])
-                .args(["--heartbeat-timeout-ms", "1000", "--fence-cmd", fence])
+                .args(timeout_flags(1000))
+                .args(["--fence-cmd", fence])
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -1241,7 +1268,7 @@ fn the_primary_fences_before_going_on_alone() {
             assert!(v["failover_reason"].is_string(), "{v}");
             assert!(pri.0.try_wait().unwrap().is_none(), "the primary exited");
         } else {
-            let deadline = Instant::now() + Duration::from_secs(30);
+            let deadline = Instant::now() + scaled(Duration::from_secs(30));
             let code = loop {
                 if let Some(st) = pri.0.try_wait().unwrap() {
                     break st.code();
@@ -1277,7 +1304,11 @@ fn different_keys_are_named_by_both_nodes() {
     let primary = ["primary", "--peer", &repl, "--ram", "8M", "--name", &pn];
     let mut pri = keyed_node(
         &s,
-        &[&primary[..], &["--connect-timeout", "20"]].concat(),
+        &[
+            &primary[..],
+            &["--connect-timeout", &scaled_secs(20).to_string()],
+        ]
+        .concat(),
         &k2,
     );
     refused_by_both(&s, &mut sec, &pn, "HMAC proof does not match");
@@ -1307,7 +1338,8 @@ fn insecure_plaintext_must_be_given_to_both_nodes() {
     for (primary_plain, pn) in [(false, format!("pp0{id}")), (true, format!("pp1{id}"))] {
         let repl = format!("127.0.0.1:{}", free_port());
         let sn = format!("ps{primary_plain}{id}");
-        let timeout = ["--heartbeat-timeout-ms", "2000"];
+        let timeout = timeout_flags(2000);
+        let timeout = timeout.each_ref().map(String::as_str);
         let secondary = ["secondary", "--listen", &repl, "--ram", "8M", "--name", &sn];
         let plain = ["--insecure-plaintext"];
         let mut sec = keyed_node(&s, &[&secondary[..], &timeout, &plain].concat(), &k);
@@ -1343,7 +1375,8 @@ fn a_rotated_key_takes_effect_at_the_next_protect() {
     let id = std::process::id();
     let k = key_file(&s, "key", 1);
     let (pn, s1n, s2n) = (format!("rp{id}"), format!("rs1{id}"), format!("rs2{id}"));
-    let timeout = ["--heartbeat-timeout-ms", "2000"];
+    let timeout = timeout_flags(2000);
+    let timeout = timeout.each_ref().map(String::as_str);
     let keyed_secondary = |repl: &str, name: &str| {
         let args = ["secondary", "--listen", repl, "--name", name, "--ram", "8M"];
         keyed_node(&s, &[&args[..], &timeout].concat(), &k)

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use colo_cli::faultproxy::Direction;
 use common::{
-    distribution, histogram, ClientThread, Op, Pair, PairConfig, Rng, SecondaryEnd, Victim, When,
+    distribution, histogram, scaled, ClientThread, Op, Pair, PairConfig, Rng, SecondaryEnd, Victim,
+    When,
 };
 
 /// How a node dies.
@@ -41,6 +42,8 @@ struct Trial {
     checkpoints_compared: usize,
 }
 
+/// What a quiet machine needs at most for any wait of a trial (the waits stretch it by the
+/// measured slowness).
 const LIMIT: Duration = Duration::from_secs(30);
 
 fn ms(d: Duration) -> f64 {
@@ -59,7 +62,7 @@ fn trial(seed: u64, victim: Victim, kill: Kill) -> Result<Trial> {
     // long because a loaded 2-core machine starves the node threads for hundreds of ms and a
     // blocking send keeps a node from reading heartbeats (see the report), which otherwise
     // declares a live peer dead before the injected failure.
-    cfg.liveness.timeout = Duration::from_secs(2);
+    cfg.liveness.timeout = scaled(Duration::from_secs(2));
     if let Kill::Trip(op, w, n) = kill {
         cfg.trip = Some((op, w, n));
     }
@@ -84,9 +87,10 @@ fn trial(seed: u64, victim: Victim, kill: Kill) -> Result<Trial> {
     let mut state_at_kill = String::new();
     let mut sstate_at_kill = String::new();
     let t = Instant::now();
+    let limit = scaled(LIMIT);
     while !pair.switch.is_killed() {
-        if t.elapsed() > LIMIT {
-            bail!("the injected failure did not happen in {LIMIT:?}");
+        if t.elapsed() > limit {
+            bail!("the injected failure did not happen in {limit:?}");
         }
         let (pstate, reason) = {
             let st = pair.pstatus.lock();
@@ -140,13 +144,10 @@ fn trial(seed: u64, victim: Victim, kill: Kill) -> Result<Trial> {
     };
     dbg("survivor up");
     // The client goes on against the survivor.
-    let t = Instant::now();
-    while client.ops_after_kill.load(Ordering::SeqCst) < 10 {
-        if t.elapsed() > LIMIT {
-            bail!("the client made no progress after the failure ({phase})");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    pair.wait_for("the client to go on after the failure", LIMIT, |_| {
+        client.ops_after_kill.load(Ordering::SeqCst) >= 10
+    })
+    .with_context(|| phase.clone())?;
     let report = client
         .finish()
         .with_context(|| format!("client ({phase})"))?;
@@ -345,7 +346,7 @@ fn link_fault_trial(seed: u64, fault: LinkFault, fence_ok: bool) -> Result<(f64,
     let mut cfg = PairConfig::new(seed, Victim::Secondary);
     // Short enough to show heartbeat detection, long enough that a loaded 2-core CI machine
     // does not declare a busy peer dead before the fault (see the report on false detection).
-    cfg.liveness.timeout = Duration::from_millis(300);
+    cfg.liveness.timeout = stall_timeout();
     cfg.fence_cmd = Some(if fence_ok { "true" } else { "exit 1" }.into());
     let pair = Pair::start(&cfg)?;
     pair.wait_checkpoints(1, LIMIT)?;
@@ -369,13 +370,9 @@ fn link_fault_trial(seed: u64, fault: LinkFault, fence_ok: bool) -> Result<(f64,
         .took_over_at
         .lock()
         .map(|t| ms(t.saturating_duration_since(t0)));
-    let t = Instant::now();
-    while client.ops_after_kill.load(Ordering::SeqCst) < 10 {
-        if t.elapsed() > LIMIT {
-            bail!("the client made no progress after the link fault");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    pair.wait_for("the client to go on after the link fault", LIMIT, |_| {
+        client.ops_after_kill.load(Ordering::SeqCst) >= 10
+    })?;
     let report = client.finish()?;
     pair.check_snapshots()?;
     let (p, s) = pair.stop();
@@ -459,10 +456,18 @@ fn link_fault_trials(label: &str, fault: LinkFault, seed: u64, fence_first: bool
     );
 }
 
+/// The silence timeout of the link fault trials: 300 ms on a quiet machine.
+fn stall_timeout() -> Duration {
+    scaled(Duration::from_millis(300))
+}
+
 #[test]
 fn stalled_link_is_detected_by_heartbeat_timeout_on_both_sides() {
     link_fault_trials(
-        "stall (heartbeat timeout 300 ms)",
+        &format!(
+            "stall (heartbeat timeout {} ms)",
+            stall_timeout().as_millis()
+        ),
         LinkFault::Stall,
         0x57A1_0000,
         true,
@@ -477,13 +482,14 @@ fn dropped_link_is_detected_at_once_and_fencing_decides_the_takeover() {
 #[test]
 fn delay_below_the_heartbeat_timeout_causes_no_failover() {
     let mut cfg = PairConfig::new(0xDE1A_0001, Victim::Secondary);
-    cfg.liveness.timeout = Duration::from_millis(600);
+    cfg.liveness.timeout = scaled(Duration::from_millis(600));
     let pair = Pair::start(&cfg).expect("pair");
     pair.wait_checkpoints(1, LIMIT).expect("protection");
     let marker = colo_cli::faultproxy::KillSwitch::new();
     let client =
         ClientThread::start(pair.client_addrs[..1].to_vec(), 0xDE1A, marker).expect("client");
-    // 40–60 ms each way: a round trip of up to 120 ms, well under the 600 ms timeout.
+    // 40–60 ms each way: a round trip of up to 120 ms, well under the timeout (600 ms on a
+    // quiet machine, more on a busy one, where the nodes' own threads are late as well).
     pair.repl
         .set_delay(Duration::from_millis(40), Duration::from_millis(20));
     let before = pair.pstatus.lock().checkpoints;

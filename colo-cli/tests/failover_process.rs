@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 use colo_cli::kvclient::KvClient;
 use serde_json::Value;
 
+mod common;
+use common::speed::{scaled, scaled_ms};
+
 struct Node(Child);
 
 impl Drop for Node {
@@ -51,7 +54,7 @@ fn status(path: &Path) -> Value {
 }
 
 fn wait_for(path: &Path, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + scaled(Duration::from_secs(30));
     loop {
         let v = status(path);
         if f(&v) {
@@ -80,6 +83,8 @@ fn start(seed: u64) -> Trial {
     let (repl, c1, c2) = ports();
     let pstatus = dir.join("p.json");
     let sstatus = dir.join("s.json");
+    // 1 s on a quiet machine; a busy one starves a live node for longer.
+    let heartbeat_timeout = scaled_ms(1000);
     let common = |status: &Path, name: &str| -> Vec<String> {
         [
             "--ram",
@@ -89,7 +94,7 @@ fn start(seed: u64) -> Trial {
             "--output-divergence",
             "0.02",
             "--heartbeat-timeout-ms",
-            "1000",
+            &heartbeat_timeout,
             "--name",
         ]
         .iter()
@@ -147,8 +152,13 @@ fn trial(seed: u64, kill_primary: bool) -> (f64, u64) {
     let mut t = start(seed);
     let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let kill_after = Duration::from_millis(100 + xorshift(&mut rng) % 600);
-    let mut client = KvClient::new(t.client_addrs.clone(), 43000, Duration::from_millis(1500));
-    let deadline = || Instant::now() + Duration::from_secs(20);
+    let mut client = KvClient::new(
+        t.client_addrs.clone(),
+        43000,
+        scaled(Duration::from_millis(1500)),
+    );
+    let budget = scaled(Duration::from_secs(20));
+    let deadline = || Instant::now() + budget;
     let begin = Instant::now();
     while begin.elapsed() < kill_after {
         client.random_op(&mut rng, 128, deadline()).unwrap();

@@ -18,7 +18,7 @@ use colo_core::Domain;
 use parking_lot::Mutex;
 
 mod common;
-use common::spec;
+use common::{node_options, scaled, spec};
 
 type Snapshots = Arc<Mutex<HashMap<u64, (Vec<u8>, Vec<u8>)>>>;
 
@@ -45,7 +45,7 @@ fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome
     // The client hub binds port 0; the address it got is read back from the status below.
     let client_addr = "127.0.0.1:0".to_string();
 
-    let mut sopts = NodeOptions::default();
+    let mut sopts = node_options();
     let s2 = ssnap.clone();
     sopts.snapshot = Some(Arc::new(move |e, ram, st| {
         s2.lock().insert(e, (ram, st));
@@ -62,7 +62,7 @@ fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome
             min_interval: Duration::from_millis(1),
             max_interval: Duration::from_millis(4),
         },
-        ..NodeOptions::default()
+        ..node_options()
     };
     let pvm_frames: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
     let tap = pvm_frames.clone();
@@ -80,28 +80,30 @@ fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome
 
     let client_stop = Arc::new(AtomicBool::new(false));
     let cs = client_stop.clone();
+    let (timeout, budget) = (
+        scaled(Duration::from_secs(5)),
+        scaled(Duration::from_secs(30)),
+    );
     let client = std::thread::spawn(move || {
-        let mut c = KvClient::new(vec![client_addr], 41000, Duration::from_secs(5));
+        let mut c = KvClient::new(vec![client_addr], 41000, timeout);
         c.record = true;
         let mut rng = 7u64;
         while !cs.load(Ordering::Relaxed) {
-            c.random_op(&mut rng, 64, Instant::now() + Duration::from_secs(30))
-                .unwrap();
+            c.random_op(&mut rng, 64, Instant::now() + budget).unwrap();
         }
-        c.verify_all(Instant::now() + Duration::from_secs(30))
-            .unwrap();
+        c.verify_all(Instant::now() + budget).unwrap();
         (c.stats, c.received)
     });
 
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + scaled(Duration::from_secs(120));
     while pstatus.lock().checkpoints < checkpoints {
         assert!(Instant::now() < deadline, "checkpoints too slow");
         primary.step(Duration::from_micros(500)).unwrap();
     }
     // Let the client finish its read-back while the pair keeps running.
     client_stop.store(true, Ordering::Relaxed);
-    let t = Instant::now();
-    while !client.is_finished() && t.elapsed() < Duration::from_secs(60) {
+    let until = Instant::now() + scaled(Duration::from_secs(60));
+    while !client.is_finished() && Instant::now() < until {
         primary.step(Duration::from_micros(500)).unwrap();
     }
     let (cstats, received) = client.join().unwrap();

@@ -14,6 +14,9 @@ use colo_core::Domain;
 use colo_mock::MockDomain;
 use parking_lot::Mutex;
 
+mod common;
+use common::{node_options, scaled};
+
 type Snapshots = Arc<Mutex<HashMap<u64, Vec<u8>>>>;
 
 fn guest(seed: u64) -> MockDomain {
@@ -35,7 +38,7 @@ fn opts(snap: Option<Snapshots>) -> NodeOptions {
             min_interval: Duration::from_millis(1),
             max_interval: Duration::from_millis(5),
         },
-        ..NodeOptions::default()
+        ..node_options()
     };
     if let Some(s) = snap {
         o.snapshot = Some(Arc::new(move |e, ram, _| {
@@ -64,7 +67,7 @@ fn survivor_takes_over_then_reprotects_with_a_new_secondary() {
     pg.resume().unwrap();
     let pstatus = new_status();
     let mut p = PrimaryNode::connect(pg, &s1_addr, opts(None), pstatus.clone()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + scaled(Duration::from_secs(60));
     while pstatus.lock().checkpoints < 10 {
         assert!(Instant::now() < deadline);
         p.step(Duration::from_micros(500)).unwrap();
@@ -76,9 +79,13 @@ fn survivor_takes_over_then_reprotects_with_a_new_secondary() {
     };
     let mut survivor = *survivor;
     let steps_at_takeover = survivor.guest().steps();
-    // It runs unprotected for a while: the guest keeps running.
+    // It runs unprotected for a while (at least 200 ms, and until its guest made progress,
+    // which a busy machine may delay): the guest keeps running.
     let t = Instant::now();
-    while t.elapsed() < Duration::from_millis(200) {
+    let until = t + scaled(Duration::from_secs(10));
+    while t.elapsed() < Duration::from_millis(200)
+        || (survivor.guest().steps() == steps_at_takeover && Instant::now() < until)
+    {
         survivor.step(Duration::from_micros(500)).unwrap();
     }
     assert!(
@@ -97,7 +104,7 @@ fn survivor_takes_over_then_reprotects_with_a_new_secondary() {
     })));
     survivor.protect(&s2_addr).unwrap();
     let before = survivor.guest().steps();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + scaled(Duration::from_secs(60));
     while psnap.lock().len() < 20 || !survivor.engine().is_protected() {
         assert!(Instant::now() < deadline, "re-protection did not complete");
         survivor.step(Duration::from_micros(500)).unwrap();

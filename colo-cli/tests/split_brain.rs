@@ -14,9 +14,14 @@ use colo_cli::faultproxy::{FaultProxy, KillSwitch};
 use colo_cli::kvclient::KvClient;
 use serde_json::Value;
 
-/// The lease TTL every trial uses, s.
-const TTL: u64 = 2;
-/// A hang guard for waits that a TTL or a heartbeat timeout bounds: many of them.
+mod common;
+use common::speed::{scaled, scaled_secs, timeout_flags};
+
+/// The lease TTL every trial uses on a quiet machine, s (a busy one stretches it, as it
+/// stretches the heartbeat timeout: a live primary must not miss its renewals).
+const QUIET_TTL: u64 = 2;
+/// A hang guard for waits that a TTL or a heartbeat timeout bounds: many of them (on a quiet
+/// machine; stretched by the measured slowness).
 const BUDGET: Duration = Duration::from_secs(120);
 
 struct Node {
@@ -41,7 +46,7 @@ impl Node {
     }
 
     fn wait_status(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        let end = Instant::now() + BUDGET;
+        let end = Instant::now() + scaled(BUDGET);
         loop {
             let v = self.status();
             if f(&v) {
@@ -58,7 +63,7 @@ impl Node {
 
     /// Waits for the process to exit; returns its exit code.
     fn wait_exit(&mut self, what: &str) -> i32 {
-        let end = Instant::now() + BUDGET;
+        let end = Instant::now() + scaled(BUDGET);
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
                 return st.code().unwrap_or(-1);
@@ -103,6 +108,8 @@ struct Trial {
     link: FaultProxy,
     /// Between the primary and etcd.
     primary_etcd: FaultProxy,
+    /// The nodes' lease TTL, s.
+    ttl: u64,
 }
 
 fn spawn(dir: &Path, name: &str, args: &[String]) -> Node {
@@ -134,6 +141,8 @@ fn start(etcd: &EtcdServer, tag: &str, extra_secondary: &[&str]) -> Trial {
     )
     .unwrap();
     let pair = format!("sb-{}-{tag}", std::process::id());
+    let ttl = scaled_secs(QUIET_TTL);
+    let timeouts = timeout_flags(1000);
     let common = |arbiter: &str, name: &str| -> Vec<String> {
         [
             "--ram",
@@ -142,19 +151,18 @@ fn start(etcd: &EtcdServer, tag: &str, extra_secondary: &[&str]) -> Trial {
             "kv",
             "--output-divergence",
             "0.02",
-            "--heartbeat-timeout-ms",
-            "1000",
             "--arbiter",
             arbiter,
             "--arbiter-pair",
             &pair,
             "--arbiter-ttl",
-            &TTL.to_string(),
+            &ttl.to_string(),
             "--name",
             &format!("{pair}-{name}"),
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(timeouts.iter().cloned())
         .collect()
     };
     let mut sargs: Vec<String> = [
@@ -195,11 +203,17 @@ fn start(etcd: &EtcdServer, tag: &str, extra_secondary: &[&str]) -> Trial {
         clients: vec![format!("127.0.0.1:{c1}"), format!("127.0.0.1:{c2}")],
         link,
         primary_etcd,
+        ttl,
     }
 }
 
 fn deadline() -> Instant {
-    Instant::now() + Duration::from_secs(60)
+    Instant::now() + scaled(Duration::from_secs(60))
+}
+
+/// A verifying client of the pair (1.5 s per request on a quiet machine).
+fn client(t: &Trial, port: u16) -> KvClient {
+    KvClient::new(t.clients.clone(), port, scaled(Duration::from_millis(1500)))
 }
 
 /// Runs `n` random operations.
@@ -225,10 +239,14 @@ fn took_over(log: &str) -> bool {
     log.lines().any(|l| l.trim_end().ends_with("; taking over"))
 }
 
-/// True when something answers a kv request on `addr` within a second.
+/// True when something answers a kv request on `addr` within a second (on a quiet machine).
 fn answers(addr: &str) -> bool {
-    let mut c = KvClient::new(vec![addr.to_string()], 47000, Duration::from_millis(500));
-    c.get(b"probe", Instant::now() + Duration::from_secs(1))
+    let mut c = KvClient::new(
+        vec![addr.to_string()],
+        47000,
+        scaled(Duration::from_millis(500)),
+    );
+    c.get(b"probe", Instant::now() + scaled(Duration::from_secs(1)))
         .is_ok()
 }
 
@@ -236,7 +254,7 @@ fn answers(addr: &str) -> bool {
 fn a_cut_replication_link_leaves_the_lease_holder_serving_alone() {
     let etcd = EtcdServer::start().unwrap();
     let mut t = start(&etcd, "cut", &[]);
-    let mut client = KvClient::new(t.clients.clone(), 43100, Duration::from_millis(1500));
+    let mut client = client(&t, 43100);
     let mut rng = 0x5eed_0001u64;
     ops(&mut client, &mut rng, 100);
     // Both nodes alive; only the link fails (silently: both sockets stay open).
@@ -287,7 +305,7 @@ fn a_cut_replication_link_leaves_the_lease_holder_serving_alone() {
 fn a_primary_cut_from_etcd_stops_and_the_secondary_takes_over_after_expiry() {
     let etcd = EtcdServer::start().unwrap();
     let mut t = start(&etcd, "etcdcut", &[]);
-    let mut client = KvClient::new(t.clients.clone(), 43200, Duration::from_millis(1500));
+    let mut client = client(&t, 43200);
     let mut rng = 0x5eed_0002u64;
     ops(&mut client, &mut rng, 100);
     t.primary_etcd.stall(true);
@@ -298,7 +316,7 @@ fn a_primary_cut_from_etcd_stops_and_the_secondary_takes_over_after_expiry() {
     });
     let took = cut.elapsed();
     assert!(
-        took >= Duration::from_secs(TTL) / 2,
+        took >= Duration::from_secs(t.ttl) / 2,
         "the secondary took the key {took:?} after the cut: before the primary's lease could expire\n{s}"
     );
     ops(&mut client, &mut rng, 200);
@@ -311,7 +329,10 @@ fn a_primary_cut_from_etcd_stops_and_the_secondary_takes_over_after_expiry() {
     let code = t.primary.wait_exit("the dropped primary to stop");
     assert_ne!(code, 0);
     assert!(t.primary.log_text().contains("dropped by the arbiter"));
-    eprintln!("primary cut from etcd: the secondary served {took:?} after the cut (ttl {TTL} s)");
+    eprintln!(
+        "primary cut from etcd: the secondary served {took:?} after the cut (ttl {} s)",
+        t.ttl
+    );
     finish(t, &client);
 }
 
@@ -319,7 +340,7 @@ fn a_primary_cut_from_etcd_stops_and_the_secondary_takes_over_after_expiry() {
 fn a_stalled_secondary_wakes_up_dropped_and_does_not_take_over() {
     let etcd = EtcdServer::start().unwrap();
     let mut t = start(&etcd, "stall", &[]);
-    let mut client = KvClient::new(t.clients.clone(), 43300, Duration::from_millis(1500));
+    let mut client = client(&t, 43300);
     let mut rng = 0x5eed_0003u64;
     ops(&mut client, &mut rng, 100);
     t.secondary.signal("-STOP");
@@ -342,14 +363,14 @@ fn a_stalled_secondary_wakes_up_dropped_and_does_not_take_over() {
 fn with_etcd_down_the_pair_stays_protected_and_a_failure_has_no_takeover() {
     let mut etcd = EtcdServer::start().unwrap();
     let mut t = start(&etcd, "etcddown", &["--arbiter-unreachable", "exit"]);
-    let mut client = KvClient::new(t.clients.clone(), 43400, Duration::from_millis(1500));
+    let mut client = client(&t, 43400);
     let mut rng = 0x5eed_0004u64;
     ops(&mut client, &mut rng, 50);
     etcd.stop();
     // Two TTLs without etcd: the primary's lease has certainly run down, but in lockstep
     // released output needs none, so the client goes on and checkpoints continue.
     let before = t.primary.status()["checkpoints"].as_u64().unwrap_or(0);
-    let end = Instant::now() + Duration::from_secs(2 * TTL);
+    let end = Instant::now() + Duration::from_secs(2 * t.ttl);
     while Instant::now() < end {
         ops(&mut client, &mut rng, 10);
     }
@@ -374,7 +395,7 @@ fn with_etcd_down_the_pair_stays_protected_and_a_failure_has_no_takeover() {
 fn a_killed_primarys_key_passes_to_the_secondary_after_its_ttl() {
     let etcd = EtcdServer::start().unwrap();
     let mut t = start(&etcd, "kill", &[]);
-    let mut client = KvClient::new(t.clients.clone(), 43500, Duration::from_millis(1500));
+    let mut client = client(&t, 43500);
     let mut rng = 0x5eed_0005u64;
     ops(&mut client, &mut rng, 100);
     t.primary.child.kill().unwrap();
@@ -388,7 +409,8 @@ fn a_killed_primarys_key_passes_to_the_secondary_after_its_ttl() {
             v["role"] == "primary"
         });
     eprintln!(
-        "primary killed, arbiter ttl {TTL} s: first answer from the survivor {:.0} ms after the kill",
+        "primary killed, arbiter ttl {} s: first answer from the survivor {:.0} ms after the kill",
+        t.ttl,
         served.as_secs_f64() * 1e3
     );
     finish(t, &client);

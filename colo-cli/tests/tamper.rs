@@ -15,7 +15,7 @@ use colo_cli::tamper::{Action, Plan, Target};
 use colo_core::engine::messages::{colo_type, Control, Role};
 use colo_core::engine::Liveness;
 use colo_core::stream::rec_type;
-use common::{Pair, PairConfig, Victim};
+use common::{scaled, Pair, PairConfig, Victim};
 
 const KEY: &[u8] = b"tamper-test pre-shared key";
 
@@ -29,8 +29,8 @@ fn tamper(seed: u64, dir: Direction, target: Target, action: Action) -> Result<(
     // Generous liveness: on a loaded machine a slow peer must not be declared lost first.
     cfg.liveness = Liveness {
         interval: Duration::from_millis(50),
-        timeout: Duration::from_secs(5),
-        progress_timeout: Duration::from_secs(20),
+        timeout: scaled(Duration::from_secs(5)),
+        progress_timeout: scaled(Duration::from_secs(20)),
     };
     cfg.key = Some(KEY.to_vec());
     cfg.tamper = Some(Plan {

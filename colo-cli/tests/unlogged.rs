@@ -22,7 +22,7 @@ use colo_mock::MockDomain;
 use parking_lot::Mutex;
 
 mod common;
-use common::{spec, Rng};
+use common::{node_options, scaled, spec, Rng};
 
 /// A mock guest whose RAM file someone else writes while the guest is paused: once right after
 /// each pause (before the harvest and the capture) and once right before each resume (after
@@ -154,7 +154,7 @@ fn run(mode: Mode, checkpoints: u64) -> Run {
     let sopts = NodeOptions {
         verify,
         snapshot: Some(hook(&ssnap)),
-        ..NodeOptions::default()
+        ..node_options()
     };
     let sguest = build(&spec(2, 4 << 20, 0.0)).unwrap();
     let secondary = spawn_secondary(sguest, sopts, new_status(), |node| node.run()).unwrap();
@@ -168,7 +168,7 @@ fn run(mode: Mode, checkpoints: u64) -> Run {
             min_interval: Duration::from_millis(1),
             max_interval: Duration::from_millis(5),
         },
-        ..NodeOptions::default()
+        ..node_options()
     };
     let path = PathBuf::from(format!(
         "/dev/shm/colo-test-unlogged-{}-{verify}-{}",
@@ -190,14 +190,19 @@ fn run(mode: Mode, checkpoints: u64) -> Run {
     let pstatus = new_status();
     let mut primary = PrimaryNode::connect(pguest, &repl, popts, pstatus.clone()).unwrap();
     let stop = primary.stop_flag();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + scaled(Duration::from_secs(120));
     while pstatus.lock().checkpoints < checkpoints {
         assert!(Instant::now() < deadline, "checkpoints too slow");
         primary.step(Duration::from_micros(500)).unwrap();
     }
-    // The verdict of the last checkpoint arrives with the secondary's next message.
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_millis(200) {
+    // With verification, the verdict of the last checkpoint arrives with the secondary's next
+    // message: step until it is in (the assertions judge the verdicts, this only waits).
+    let counted = pstatus.lock().checkpoints;
+    let verdicts = |st: &colo_cli::status::NodeStatus| {
+        st.verified_identical + st.verify_failures + st.verify_unsettled
+    };
+    let until = Instant::now() + scaled(Duration::from_secs(2));
+    while verify && verdicts(&pstatus.lock()) < counted && Instant::now() < until {
         primary.step(Duration::from_micros(500)).unwrap();
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

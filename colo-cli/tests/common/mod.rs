@@ -1,9 +1,14 @@
 //! Shared helpers of the failover tests: a guest wrapper that kills its node at a chosen backend
 //! call (so a node dies in a precise protocol phase), a replicated pair of in-process nodes over
 //! real loopback sockets with fault proxies in between, a verifying kv client on its own thread,
-//! seeded randomness and a distribution printer.
+//! seeded randomness and a distribution printer. `speed.rs` measures the machine's slowness,
+//! which stretches every timeout and wait budget of the tests.
 
 #![allow(dead_code)]
+
+pub mod speed;
+
+pub use speed::scaled;
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -21,6 +26,7 @@ use colo_cli::node::{new_status, NodeOptions, PrimaryNode, SecondaryOutcome, Sna
 use colo_cli::status::Shared;
 use colo_cli::tamper::{Plan, Tampering};
 use colo_cli::testing::spawn_secondary;
+use colo_core::compare::CompareConfig;
 use colo_core::engine::Liveness;
 use colo_core::policy::CheckpointPolicy;
 use colo_core::{BackendError, DirtyBitmap, Domain, GuestNic, PageVisitor};
@@ -245,6 +251,9 @@ pub struct PairConfig {
 }
 
 impl PairConfig {
+    /// A pair whose silence and progress timeouts are what a quiet machine needs (100 ms, 5 s)
+    /// stretched by the machine's measured [`speed::slowness`]: a busy machine starves a live
+    /// node's threads for longer, and that must not pass for a dead peer.
     pub fn new(seed: u64, victim: Victim) -> Self {
         Self {
             seed,
@@ -252,8 +261,8 @@ impl PairConfig {
             victim,
             liveness: Liveness {
                 interval: Duration::from_millis(20),
-                timeout: Duration::from_millis(100),
-                progress_timeout: Duration::from_secs(5),
+                timeout: scaled(Duration::from_millis(100)),
+                progress_timeout: scaled(Duration::from_secs(5)),
             },
             policy: CheckpointPolicy {
                 min_interval: Duration::from_millis(1),
@@ -319,6 +328,26 @@ fn free_addr() -> Result<String> {
     bail!("no free loopback port in 20000..32000")
 }
 
+/// The nodes' default options with every timeout in them (silence, progress, connect, the
+/// comparator's hold) stretched by the machine's measured [`speed::slowness`]: what is far above a
+/// quiet machine's delays must stay so on a busy one.
+pub fn node_options() -> NodeOptions {
+    let d = NodeOptions::default();
+    NodeOptions {
+        liveness: Liveness {
+            timeout: scaled(d.liveness.timeout),
+            progress_timeout: scaled(d.liveness.progress_timeout),
+            ..d.liveness
+        },
+        connect_timeout: scaled(d.connect_timeout),
+        compare: CompareConfig {
+            timeout: scaled(d.compare.timeout),
+            ..d.compare
+        },
+        ..d
+    }
+}
+
 /// A kv guest with both divergences on.
 pub fn spec(seed: u64, ram: u64, output_divergence: f64) -> MockSpec {
     MockSpec {
@@ -366,7 +395,7 @@ impl Pair {
         let base = NodeOptions {
             liveness: cfg.liveness,
             policy: cfg.policy,
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: scaled(Duration::from_secs(10)),
             key: cfg.key.clone(),
             ..NodeOptions::default()
         };
@@ -483,8 +512,10 @@ impl Pair {
         }
     }
 
-    /// Waits until the primary committed `n` checkpoints.
+    /// Waits until the primary committed `n` checkpoints; `limit` is what a quiet machine
+    /// needs at most, stretched here by the measured [`speed::slowness`].
     pub fn wait_checkpoints(&self, n: u64, limit: Duration) -> Result<()> {
+        let limit = scaled(limit);
         let t = Instant::now();
         while self.pstatus.lock().checkpoints < n {
             if t.elapsed() > limit {
@@ -532,13 +563,15 @@ impl Pair {
         Ok(())
     }
 
-    /// Waits for `cond`, polling.
+    /// Waits for `cond`, polling; `limit` is what a quiet machine needs at most, stretched here
+    /// by the measured [`speed::slowness`].
     pub fn wait_for(
         &self,
         what: &str,
         limit: Duration,
         cond: impl Fn(&Self) -> bool,
     ) -> Result<()> {
+        let limit = scaled(limit);
         let t = Instant::now();
         while !cond(self) {
             if t.elapsed() > limit {
@@ -583,8 +616,9 @@ impl Pair {
     pub fn stop(self) -> (Result<()>, Result<SecondaryEnd>) {
         self.sstop.store(true, Ordering::SeqCst);
         let t = Instant::now();
+        let limit = scaled(Duration::from_secs(5));
         // The stop flags are set once the nodes exist; wait for them (bounded).
-        while t.elapsed() < Duration::from_secs(5) {
+        while t.elapsed() < limit {
             let ps = self.pstop.lock().clone();
             let ss = self.sstop_node.lock().clone();
             if let Some(f) = &ps {
@@ -639,15 +673,19 @@ impl ClientThread {
         let after = Arc::new(AtomicU64::new(0));
         let (s2, a2) = (stop.clone(), after.clone());
         let port = 40000 + (seed % 20000) as u16;
+        let (timeout, budget) = (
+            scaled(Duration::from_secs(3)),
+            scaled(Duration::from_secs(15)),
+        );
         let handle = std::thread::Builder::new().name("kv-client".into()).spawn(
             move || -> Result<ClientReport> {
-                let mut c = KvClient::new(addrs, port, Duration::from_secs(3));
+                let mut c = KvClient::new(addrs, port, timeout);
                 let mut rng = seed | 1;
                 let mut failovers_before: Option<u64> = None;
                 let mut serve: Option<Duration> = None;
                 while !s2.load(Ordering::SeqCst) {
                     let before = c.stats.failovers;
-                    c.random_op(&mut rng, 48, Instant::now() + Duration::from_secs(15))?;
+                    c.random_op(&mut rng, 48, Instant::now() + budget)?;
                     let done = Instant::now();
                     if let Some(k) = switch.killed_at() {
                         if done > k {
@@ -660,7 +698,7 @@ impl ClientThread {
                         }
                     }
                 }
-                c.verify_all(Instant::now() + Duration::from_secs(15))?;
+                c.verify_all(Instant::now() + budget)?;
                 Ok(ClientReport {
                     stats: c.stats.clone(),
                     serve_after_kill: serve,
