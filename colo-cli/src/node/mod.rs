@@ -12,6 +12,7 @@
 //! PAGE_DATA writes. This file holds the options both roles take.
 
 mod capture;
+mod disk;
 mod driver;
 mod pages;
 mod primary;

@@ -18,6 +18,7 @@ use colo_core::Guest;
 use crossbeam_channel::Receiver;
 
 use super::capture::Capture;
+use super::disk;
 use super::driver::{run_fence, Io, Next, Node, Role};
 use super::pages::PageWriter;
 use super::protect::{goodbye, goodbye_in_background, Protecting};
@@ -250,7 +251,14 @@ impl Role for PrimaryRole {
             PrimaryAction::Resume => self.resume(io)?,
             PrimaryAction::SendCapture { .. } => self.send_capture(io)?,
             PrimaryAction::Committed(stats) => self.committed(io, stats),
-            PrimaryAction::Verified { epoch, verdict } => verified(io, epoch, verdict),
+            PrimaryAction::Verified {
+                epoch,
+                verdict,
+                disk: disk_verdict,
+            } => {
+                verified(io, epoch, verdict);
+                disk::verified(io, epoch, disk_verdict);
+            }
             PrimaryAction::PeerLost { reason } => self.go_on_alone(io, reason)?,
         }
         Ok(())

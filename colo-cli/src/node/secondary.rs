@@ -15,6 +15,7 @@ use colo_core::stream::{DecoderConfig, Event};
 use colo_core::Guest;
 
 use super::capture::{settled_digest, Watch};
+use super::disk;
 use super::driver::{flush, nonce, run_fence, Io, Next, Node, Role};
 use super::pages::SyncPages;
 use super::primary::{PrimaryNode, ARBITER_POLL};
@@ -237,6 +238,7 @@ impl Role for SecondaryRole {
             Ok(Some(Delivery::Input { seq, frame })) => {
                 self.inputs.push_back((seq, frame.to_vec()));
             }
+            Ok(Some(Delivery::WriteBlocks(blocks))) => disk::write_initial(guest, &blocks)?,
             Ok(None) => {}
             Err(e) => return Ok(Next::Refused(e)),
         }
