@@ -75,9 +75,11 @@ struct AwaitingKey {
     told_unreachable: bool,
 }
 
-/// The secondary machine's settings from the node's options.
-fn secondary_config(opts: &NodeOptions, pages: u64) -> SecondaryConfig {
+/// The secondary machine's settings from the node's options, for a guest of `pages` pages and a
+/// disk of `disk_blocks` blocks.
+fn secondary_config(opts: &NodeOptions, pages: u64, disk_blocks: u64) -> SecondaryConfig {
     let mut cfg = SecondaryConfig::new(pages);
+    cfg.disk_blocks = disk_blocks;
     cfg.liveness = opts.liveness;
     cfg.verify = opts.verify;
     cfg.key = opts.key.clone();
@@ -116,15 +118,17 @@ impl<G: Guest> Node<G, SecondaryRole> {
     ) -> Result<Self> {
         guest.pause()?;
         let pages = guest.page_count();
+        let disk_blocks = disk::blocks(&mut guest);
         let waiting_until = Instant::now() + opts.connect_timeout;
         let link = accept_primary(listener, waiting_until, pages, opts.key.as_deref())?;
         {
             let mut st = status.lock();
             st.role = "secondary".into();
             st.peer = Some(link.peer().to_string());
+            st.disk_blocks = disk_blocks;
         }
         let role = SecondaryRole {
-            engine: Secondary::new(secondary_config(&opts, pages), Instant::now()),
+            engine: Secondary::new(secondary_config(&opts, pages, disk_blocks), Instant::now()),
             inputs: VecDeque::new(),
             out_frames: Vec::new(),
             sync: SyncPages::new(),
@@ -314,6 +318,7 @@ impl SecondaryRole {
         io.guest
             .write_pages(self.engine.staged_pfns(), self.engine.staged_data())?;
         io.guest.set_state(self.engine.staged_state())?;
+        disk::apply(io, &mut self.engine, epoch)?;
         // Frames the SVM emitted in the old epoch are superseded.
         self.out_frames.clear();
         io.guest.drain_tx(&mut |_| {});
@@ -452,6 +457,7 @@ impl SecondaryRole {
             tracing::error!("{e:#}");
             return Err(e);
         }
+        disk::keep_overlay(&mut io.guest)?;
         tracing::warn!("primary lost: {reason}; taking over");
         io.drop_link();
         let mut st = io.status.lock();
@@ -513,7 +519,11 @@ impl SecondaryRole {
         );
         let pages = io.guest.page_count();
         let link = accept_primary(listener, self.waiting_until, pages, io.opts.key.as_deref())?;
-        self.engine = Secondary::new(secondary_config(&io.opts, pages), Instant::now());
+        let disk_blocks = disk::blocks(&mut io.guest);
+        self.engine = Secondary::new(
+            secondary_config(&io.opts, pages, disk_blocks),
+            Instant::now(),
+        );
         self.events_seen = 0;
         io.attach(link);
         flush(self, io);
