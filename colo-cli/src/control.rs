@@ -529,6 +529,18 @@ pub fn format_status(r: &StatusReport) -> String {
             ),
         );
     }
+    if v.disk_blocks > 0 {
+        line(
+            "disk:",
+            format!(
+                "{} MiB; {} blocks sent in checkpoints; verified {} identical, {} failures",
+                v.disk_blocks >> 8,
+                v.disk_blocks_sent,
+                v.disk_verified_identical,
+                v.disk_verify_failures
+            ),
+        );
+    }
     if v.watch_set + v.unlogged_pages > 0 {
         line(
             "behind the log:",
@@ -602,6 +614,7 @@ mod tests {
             unlogged: 0,
             watched: 0,
             pages_sent: 12,
+            disk_blocks: 0,
             bytes_sent: 12 * 4096,
             backchannel: Duration::ZERO,
             pause: Duration::from_millis(pause_ms),
@@ -840,5 +853,24 @@ mod tests {
         o.insert("link_bytes_sent".into(), n);
         let err = serde_json::from_value::<StatusReport>(renamed).unwrap_err();
         assert!(err.to_string().contains("link_bytes_out"), "{err}");
+    }
+
+    #[test]
+    fn status_shows_the_disk_only_when_there_is_one() {
+        let mut node = NodeStatus {
+            role: "primary".into(),
+            ..NodeStatus::default()
+        };
+        assert!(!format_status(&StatusReport::of(&node)).contains("disk:"));
+        node.disk_blocks = 16_384;
+        node.disk_blocks_sent = 42;
+        node.disk_verified_identical = 3;
+        let text = format_status(&StatusReport::of(&node));
+        assert!(
+            text.contains(
+                "disk:            64 MiB; 42 blocks sent in checkpoints; verified 3 identical, 0 failures"
+            ),
+            "{text}"
+        );
     }
 }

@@ -34,6 +34,7 @@ Examples:
   colo demo --kill-primary-after 5 --duration 10    watch the secondary take over
   colo demo --sync-mode primary-only --verify       see why the back channel is needed
   colo demo --duration 5 --save vm.img        also save the primary VM at the end
+  colo demo --disk 64MiB --verify --json      replicate a disk too, and compare both disks
 
 Ctrl-C (or SIGTERM) stops it within about a second and prints the summary.
 Exit codes: 0 ok, 1 an acknowledged write was lost or a verification failed, 2 bad usage.";
@@ -59,9 +60,14 @@ pub struct DemoArgs {
     /// backchannel (D = A ∪ B) or primary-only (D = A).
     #[arg(long, default_value = "backchannel")]
     sync_mode: SyncMode,
-    /// Compare both memories after every checkpoint.
+    /// Compare both memories after every checkpoint (and both disks, with --disk).
     #[arg(long)]
     verify: bool,
+    /// Give each VM a virtual disk of this size (e.g. 64MiB), replicated with every
+    /// checkpoint; the kv guests persist their tables to it. The images are kept in the logs
+    /// directory (primary.disk, secondary.disk).
+    #[arg(long, value_name = "SIZE")]
+    disk: Option<String>,
     /// Kill the primary after this many seconds (the secondary takes over).
     #[arg(long)]
     kill_primary_after: Option<f64>,
@@ -238,6 +244,20 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     if a.verify {
         common.push("--verify".into());
     }
+    if let Some(size) = &a.disk {
+        colo_cli::config::parse_size(size).map_err(|e| anyhow::anyhow!("--disk: {e}"))?;
+        common.extend(["--disk".into(), size.clone()]);
+    }
+    // Each node's own disk image, kept for inspection.
+    let disk_file = |role: &str| -> Vec<String> {
+        match &a.disk {
+            Some(_) => vec![
+                "--disk-file".into(),
+                dir.join(format!("{role}.disk")).display().to_string(),
+            ],
+            None => Vec::new(),
+        }
+    };
     // Absolute, as the nodes may resolve it elsewhere.
     let save = a.save.as_ref().map(|p| {
         std::env::current_dir()
@@ -260,6 +280,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         format!("demo-{}-secondary", std::process::id()),
     ];
     sargs.extend(common.iter().cloned());
+    sargs.extend(disk_file("secondary"));
     let mut pargs = vec![
         "primary".to_string(),
         "--peer".into(),
@@ -275,6 +296,8 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         pargs.extend(["--max-interval-ms".into(), m.to_string()]);
     }
     pargs.extend(common);
+    let _ = std::fs::remove_file(dir.join("primary.disk"));
+    pargs.extend(disk_file("primary"));
     let mut secondary = spawn("secondary", &dir, &sargs)?;
     std::thread::sleep(Duration::from_millis(100));
     let mut primary = spawn("primary", &dir, &pargs)?;
@@ -487,6 +510,9 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         "manual_checkpoints": pn.manual_checkpoints,
         "verified_identical": pn.verified_identical,
         "verify_failures": pn.verify_failures,
+        "disk_blocks_sent": pn.disk_blocks_sent,
+        "disk_verified_identical": pn.disk_verified_identical,
+        "disk_verify_failures": pn.disk_verify_failures,
         "pages_sent": pn.pages_sent,
         "backchannel_pages": pn.backchannel_pages,
         "bytes_sent": pn.bytes_sent,
@@ -506,6 +532,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     }
     let bad = cs.lost_acked_writes > 0
         || pn.verify_failures > 0
+        || pn.disk_verify_failures > 0
         || (save.is_some() && snapshot.is_none());
     Ok(if bad { 1 } else { 0 })
 }
@@ -642,9 +669,16 @@ fn render(
         ops_rate, x.ops, x.acked
     ));
     out.push_str(&format!(
-        "  verify       {} identical   {} failed\n",
+        "  verify       {} identical   {} failed   disk: {} identical   {} failed\n",
         num(cur, |n| n.verified_identical),
         num(cur, |n| n.verify_failures),
+        num(cur, |n| n.disk_verified_identical),
+        num(cur, |n| n.disk_verify_failures),
+    ));
+    out.push_str(&format!(
+        "  disk         {} blocks   {} blocks sent\n",
+        num(cur, |n| n.disk_blocks),
+        num(cur, |n| n.disk_blocks_sent),
     ));
     let event = match x.killed {
         Some((who, _)) => {

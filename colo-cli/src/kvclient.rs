@@ -348,6 +348,17 @@ impl KvClient {
         Ok(())
     }
 
+    /// What the client was told: every key whose last acknowledged write was a PUT, with its
+    /// value (keys whose last write was abandoned are left out, see [`KvClient::set_cancel`]).
+    pub fn acknowledged(&self) -> &HashMap<Vec<u8>, Vec<u8>> {
+        &self.model
+    }
+
+    /// Keys whose last write was abandoned: either outcome is right for them.
+    pub fn uncertain(&self) -> &HashSet<Vec<u8>> {
+        &self.uncertain
+    }
+
     /// Reads every key the client wrote and checks it.
     pub fn verify_all(&mut self, deadline: Instant) -> Result<()> {
         let keys: Vec<Vec<u8>> = self.model.keys().cloned().collect();

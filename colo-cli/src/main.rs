@@ -253,6 +253,18 @@ pub struct NodeArgs {
     /// dirty: pages dirtied per millisecond.
     #[arg(long, default_value_t = 100)]
     pub dirty_rate: u64,
+    /// Give the mock guest a virtual disk of this size (e.g. 64MiB), replicated with every
+    /// checkpoint (the kv workload persists its table to it). Both nodes need one; the
+    /// secondary's must be at least as large.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub disk: Option<u64>,
+    /// The disk's image file (sparse; created if missing). A primary keeps what it holds and
+    /// sends it; a secondary empties it first. Default: an anonymous in-memory file.
+    #[arg(long, value_name = "PATH")]
+    pub disk_file: Option<PathBuf>,
+    /// dirty: disk blocks (4 KiB) written per millisecond (needs --disk).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub disk_rate: u64,
     /// Per-VM entropy seed (default: random).
     #[arg(long)]
     pub vm_seed: Option<u64>,
@@ -969,6 +981,16 @@ fn node_options(a: &NodeArgs) -> Result<NodeOptions> {
     })
 }
 
+/// The mock guest's disk from the flags; a primary keeps its image's content (`keep`).
+fn disk_spec(a: &NodeArgs, keep: bool) -> colo_cli::mock::DiskSpec {
+    colo_cli::mock::DiskSpec {
+        size: a.disk.unwrap_or(0),
+        file: a.disk_file.clone(),
+        keep,
+        rate: a.disk_rate,
+    }
+}
+
 fn mock_spec(a: &NodeArgs) -> MockSpec {
     MockSpec {
         ram: a.ram,
@@ -1035,6 +1057,12 @@ fn check_backend(a: &NodeArgs) -> Result<()> {
              part of this release"
         );
     }
+    if a.backend == Backend::Xen && (a.disk.is_some() || a.disk_file.is_some()) {
+        bail!(
+            "--disk is not available with --backend xen: the Xen guest's disk does not pass \
+             through colo in this release"
+        );
+    }
     Ok(())
 }
 
@@ -1042,7 +1070,8 @@ fn run_primary(a: PrimaryArgs) -> Result<i32> {
     check_backend(&a.node)?;
     match a.node.backend {
         Backend::Mock => {
-            let mut guest = colo_cli::mock::build(&mock_spec(&a.node))?;
+            let spec = mock_spec(&a.node);
+            let mut guest = colo_cli::mock::build_with_disk(&spec, &disk_spec(&a.node, true))?;
             colo_core::Domain::resume(&mut guest)?;
             primary_with(a, guest)
         }
@@ -1102,7 +1131,8 @@ fn run_secondary(a: SecondaryArgs) -> Result<i32> {
     check_backend(&a.node)?;
     match a.node.backend {
         Backend::Mock => {
-            let guest = colo_cli::mock::build(&mock_spec(&a.node))?;
+            let spec = mock_spec(&a.node);
+            let guest = colo_cli::mock::build_with_disk(&spec, &disk_spec(&a.node, false))?;
             secondary_with(a, guest)
         }
         Backend::Xen => secondary_xen(a),

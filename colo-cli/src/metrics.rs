@@ -274,6 +274,30 @@ pub fn render(s: &NodeStatus) -> String {
         &one(s.verified_identical),
     );
     family(
+        "colo_disk_blocks",
+        "gauge",
+        "The replicated disk's size in 4 KiB blocks (0: no disk).",
+        &one(s.disk_blocks),
+    );
+    family(
+        "colo_disk_blocks_sent_total",
+        "counter",
+        "Disk blocks sent in checkpoints (written by the PVM since the last capture).",
+        &one(s.disk_blocks_sent),
+    );
+    family(
+        "colo_disk_verified_identical_total",
+        "counter",
+        "Checkpoints whose disk digests matched.",
+        &one(s.disk_verified_identical),
+    );
+    family(
+        "colo_disk_verify_failures_total",
+        "counter",
+        "Checkpoints whose disk digests differed.",
+        &one(s.disk_verify_failures),
+    );
+    family(
         "colo_epoch",
         "gauge",
         "Current checkpoint number.",
@@ -413,6 +437,7 @@ mod tests {
                 dirty_secondary: 5,
                 secondary_only: 2,
                 pages_sent: 13,
+                disk_blocks: 0,
                 unlogged: 0,
                 watched: 0,
                 bytes_sent: 13 * 4096,
@@ -523,5 +548,25 @@ mod tests {
             e.contains("cannot listen for metrics on not an address"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn disk_figures_are_exported() {
+        let s = NodeStatus {
+            disk_blocks: 16_384,
+            disk_blocks_sent: 120,
+            disk_verified_identical: 7,
+            disk_verify_failures: 1,
+            ..NodeStatus::default()
+        };
+        let body = render(&s);
+        for want in [
+            "colo_disk_blocks 16384\n",
+            "colo_disk_blocks_sent_total 120\n",
+            "colo_disk_verified_identical_total 7\n",
+            "colo_disk_verify_failures_total 1\n",
+        ] {
+            assert!(body.contains(want), "missing {want:?} in\n{body}");
+        }
     }
 }

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use colo_mock::{DirtyConfig, KvConfig, MockConfig, MockDomain, Workload};
+use colo_mock::{DirtyConfig, DiskConfig, KvConfig, MockConfig, MockDomain, Workload};
 
 /// The workloads a mock guest can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -36,8 +36,27 @@ pub struct MockSpec {
     pub dirty_rate: u64,
 }
 
-/// Builds the guest (paused).
+/// The mock guest's disk (`--disk`, `--disk-file`, `--disk-rate`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// Size in bytes (a positive multiple of 4096); 0: no disk.
+    pub size: u64,
+    /// The image file (created if missing); None: an anonymous memfd.
+    pub file: Option<PathBuf>,
+    /// Keep the image's content (a primary's disk); else it is emptied first (a secondary's,
+    /// filled by the initial synchronisation).
+    pub keep: bool,
+    /// dirty: blocks written per millisecond.
+    pub rate: u64,
+}
+
+/// Builds the guest (paused), without a disk.
 pub fn build(spec: &MockSpec) -> Result<MockDomain> {
+    build_with_disk(spec, &DiskSpec::default())
+}
+
+/// Builds the guest (paused) with the disk `disk` (none when its size is 0).
+pub fn build_with_disk(spec: &MockSpec, disk: &DiskSpec) -> Result<MockDomain> {
     if spec.ram % 4096 != 0 || spec.ram == 0 {
         bail!(
             "--ram must be a positive multiple of 4096 bytes, got {}",
@@ -61,13 +80,29 @@ pub fn build(spec: &MockSpec) -> Result<MockDomain> {
             ..DirtyConfig::default()
         }),
     };
+    if disk.size % 4096 != 0 {
+        bail!("--disk must be a multiple of 4096 bytes, got {}", disk.size);
+    }
+    if disk.size == 0 && (disk.file.is_some() || disk.rate > 0) {
+        bail!("--disk-file and --disk-rate need --disk SIZE");
+    }
     let mut cfg = MockConfig::new(spec.ram / 4096, workload, spec.vm_seed);
     cfg.ram_path = spec.ram_file.clone();
+    cfg.disk = (disk.size > 0).then(|| DiskConfig {
+        bytes: disk.size,
+        path: disk.file.clone(),
+        keep: disk.keep,
+        blocks_per_ms: disk.rate,
+    });
     let dom = MockDomain::create(cfg).context("creating the mock guest")?;
     tracing::info!(
-        "mock guest: {} MiB, dirty tracking: {}",
+        "mock guest: {} MiB, dirty tracking: {}{}",
         spec.ram >> 20,
-        dom.tracker_kind()
+        dom.tracker_kind(),
+        match dom.disk_image() {
+            Some(d) => format!(", disk {} MiB", d.blocks() >> 8),
+            None => String::new(),
+        }
     );
     Ok(dom)
 }

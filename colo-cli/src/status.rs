@@ -30,6 +30,8 @@ pub struct CheckpointFigures {
     pub secondary_only: u64,
     /// |D|.
     pub pages_sent: u64,
+    /// Disk blocks sent (written by the PVM since the last capture).
+    pub disk_blocks: u64,
     /// Of which found changed behind the dirty log by a sweep of all memory.
     pub unlogged: u64,
     /// Of which carried because the hypervisor is known to write them (the watch set).
@@ -68,6 +70,7 @@ impl From<CheckpointStats> for CheckpointFigures {
             dirty_secondary: s.dirty_secondary,
             secondary_only: s.secondary_only,
             pages_sent: s.pages_sent,
+            disk_blocks: s.disk_blocks,
             unlogged: s.unlogged,
             watched: s.watched,
             bytes_sent: s.bytes_sent,
@@ -113,6 +116,16 @@ pub struct NodeStatus {
     /// Checkpoints not compared: a side's memory changed while it was digested (a hypervisor
     /// wrote the paused domain); the pages travel in the next checkpoint.
     pub verify_unsettled: u64,
+    /// The guest's disk in 4 KiB blocks (0: none replicated).
+    pub disk_blocks: u64,
+    /// Disk blocks sent in checkpoints (initial synchronisation excluded).
+    pub disk_blocks_sent: u64,
+    /// Checkpoints whose disk digests matched.
+    pub disk_verified_identical: u64,
+    /// Checkpoints whose disk digests differed.
+    pub disk_verify_failures: u64,
+    /// Checkpoints whose disks were not compared (a side sent no disk digest).
+    pub disk_verify_unsettled: u64,
     /// Pages sent in checkpoints (initial synchronisation excluded).
     pub pages_sent: u64,
     /// Pages sent because the secondary dirtied them (|B|, summed).
@@ -182,6 +195,7 @@ impl NodeStatus {
                 Trigger::InitialSync => {}
             }
             self.pages_sent += s.pages_sent;
+            self.disk_blocks_sent += s.disk_blocks;
             self.backchannel_pages += s.dirty_secondary;
             self.bytes_sent += s.bytes_sent;
             if self.pauses.len() == HISTORY {

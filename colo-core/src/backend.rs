@@ -9,6 +9,9 @@
 //! - [`GuestNic`]: the guest's network interface, where mirrored client requests go in and the
 //!   guest's output comes out; [`Guest`] is both, what a node runs. A backend without a network
 //!   path implements it as an empty NIC that refuses [`GuestNic::inject`].
+//! - [`GuestDisk`]: the guest's disk, when it has one colo replicates: its write log, block
+//!   reads and writes, and the SVM's overlay (see [`crate::disk`] for the rule). A domain hands
+//!   it out through [`Domain::disk`]; a backend without a replicated disk returns None.
 //! - [`Snapshot`]: the platform records (TSC, HVM context, HVM params) that `colo save` writes
 //!   beside the pages, as [`PlatformRecords`].
 //!
@@ -135,6 +138,69 @@ pub trait Domain {
     /// Replaces the vCPU/platform state with a blob from [`Domain::get_state`] of a domain of
     /// the same shape. Only called while the domain is paused.
     fn set_state(&mut self, blob: &[u8]) -> Result<(), BackendError>;
+
+    /// The guest's disk, if it has one that colo replicates. The default: none (the guest's
+    /// storage, if any, is not replicated, and the handshake says so: the peer's must be none
+    /// too).
+    fn disk(&mut self) -> Option<&mut dyn GuestDisk> {
+        None
+    }
+}
+
+/// A guest's disk as the node sees it: an image of [`GuestDisk::block_count`] blocks of
+/// [`crate::disk::BLOCK_SIZE`] bytes that the guest reads and writes, with a write log (the
+/// primary) and an overlay (the secondary). The rule these calls serve is in [`crate::disk`].
+///
+/// Contract: a block at or beyond [`GuestDisk::block_count`] is
+/// [`BackendError::PfnOutOfRange`] (naming the block), never a panic; data lengths are whole
+/// blocks ([`BackendError::DataLength`] otherwise); the guest's own FLUSH / FUA requests are
+/// honoured by the backend (`fdatasync` of the image) before it reports their completion.
+///
+/// | method | colo-mock | colo-xen |
+/// |---|---|---|
+/// | [`block_count`](GuestDisk::block_count) | `--disk` size / 4096 | no disk ([`Domain::disk`] is None) |
+/// | [`start_write_log`](GuestDisk::start_write_log) | clear the written-block bitmap | - |
+/// | [`harvest_written`](GuestDisk::harvest_written) | swap the bitmap's words with 0 | - |
+/// | [`allocated`](GuestDisk::allocated) | `lseek(SEEK_DATA/SEEK_HOLE)` on the image | - |
+/// | [`read_blocks`](GuestDisk::read_blocks) | overlay, then `pread` of the image | - |
+/// | [`write_blocks`](GuestDisk::write_blocks) | `pwrite` into the image | - |
+/// | [`reset_overlay`](GuestDisk::reset_overlay) | drop the in-memory overlay | - |
+/// | [`merge_overlay`](GuestDisk::merge_overlay) | `pwrite` the overlay, `fdatasync` | - |
+pub trait GuestDisk {
+    /// The disk's size in blocks; every block number is below it.
+    fn block_count(&self) -> u64;
+
+    /// Starts the write log: every block counts as unwritten from this moment, and each block
+    /// the guest writes to the image from now on is marked (a write into the overlay is not:
+    /// it never reaches the image).
+    fn start_write_log(&mut self) -> Result<(), BackendError>;
+
+    /// ORs the blocks the guest wrote to the image since the last harvest into `into` (of
+    /// [`GuestDisk::block_count`] bits) and clears them in the backend.
+    fn harvest_written(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError>;
+
+    /// ORs every block of the image that may hold data (everything but holes) into `into`: what
+    /// an initial synchronisation must send.
+    fn allocated(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError>;
+
+    /// Reads `blocks` as the guest sees them (the overlay first, then the image) into `out`,
+    /// exactly `blocks.len()` × 4096 bytes, in order. Callable while the guest runs (a block
+    /// read while the guest writes it may be torn; that write marks it for the next harvest).
+    fn read_blocks(&mut self, blocks: &[u64], out: &mut [u8]) -> Result<(), BackendError>;
+
+    /// Writes `data` (exactly `blocks.len()` × 4096 bytes, in `blocks` order; a later copy of a
+    /// block wins) into the image, not the overlay, unlogged (a checkpoint's apply, or the
+    /// initial synchronisation). Only called while the guest is paused.
+    fn write_blocks(&mut self, blocks: &[u64], data: &[u8]) -> Result<(), BackendError>;
+
+    /// Drops the overlay (the SVM's writes since the last checkpoint) and sends the guest's
+    /// writes from now on to a fresh one: a checkpoint was applied. Only while paused.
+    fn reset_overlay(&mut self) -> Result<(), BackendError>;
+
+    /// Keeps the overlay: writes it into the image, syncs the image, and sends the guest's
+    /// writes to the image from now on (a takeover). Returns the blocks merged; 0 without an
+    /// overlay.
+    fn merge_overlay(&mut self) -> Result<u64, BackendError>;
 }
 
 /// A message arrives on it whenever the guest emitted output since the last message was taken

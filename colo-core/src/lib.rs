@@ -1,6 +1,6 @@
 //! colo-core: the COLO protocol without IO — dirty-page bitmaps, backend traits, the Xen stream
-//! codec, output comparison, checkpoint policy, the primary/secondary state machines and the
-//! sealed (encrypted, authenticated) framing of the link.
+//! codec, output comparison, checkpoint policy, the primary/secondary state machines, the disk
+//! replication rule and the sealed (encrypted, authenticated) framing of the link.
 //!
 //! Nothing in this crate touches a socket, a file or the clock: callers feed it events and the
 //! current time, and it answers with what to do. See `ARCHITECTURE.md` at the repository root.
@@ -12,6 +12,7 @@ pub mod bitmap;
 pub mod compare;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod disk;
 pub mod engine;
 pub mod lease;
 pub mod policy;
@@ -19,7 +20,8 @@ pub mod seal;
 pub mod stream;
 
 pub use backend::{
-    BackendError, Domain, Guest, GuestNic, OutputSignal, PageVisitor, PlatformRecords, Snapshot,
+    BackendError, Domain, Guest, GuestDisk, GuestNic, OutputSignal, PageVisitor, PlatformRecords,
+    Snapshot,
 };
 pub use bitmap::{BitmapError, DirtyBitmap};
 

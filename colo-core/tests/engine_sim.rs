@@ -293,7 +293,7 @@ impl Pair {
                             let o = pfn as usize * PAGE_SIZE;
                             self.sg.mem[o..o + PAGE_SIZE].copy_from_slice(data);
                         }
-                        Some(Delivery::Input { .. }) | None => {}
+                        Some(Delivery::Input { .. } | Delivery::WriteBlocks(_)) | None => {}
                     }
                 }
                 chunk = &chunk[n..];

@@ -1,7 +1,9 @@
-//! [`MockDomain`]: one mock VM — guest RAM, its dirty tracker, the vCPU threads, the guest NIC —
-//! and its implementation of colo-core's backend contract: [`colo_core::Domain`],
+//! [`MockDomain`]: one mock VM — guest RAM, its dirty tracker, the vCPU threads, the guest NIC,
+//! its optional disk — and its implementation of colo-core's backend contract:
+//! [`colo_core::Domain`] (with [`colo_core::GuestDisk`] behind `Domain::disk`),
 //! [`colo_core::GuestNic`] and [`colo_core::Snapshot`].
 
+use crate::disk::{DiskConfig, DiskHandle, MockDisk};
 use crate::guest::{self, HostDevices, VcpuRegs, Workload, MAX_FRAME, RING_SLOTS, SLOT_BYTES};
 use crate::ram::{self, GuestMem, Holes, ZERO_PAGE};
 use crate::tracker::{Tracker, TrackerChoice, TrackerKind};
@@ -9,7 +11,8 @@ use crate::vcpu::{self, Shared};
 use crate::MockError;
 use colo_core::backend::PageVisitor;
 use colo_core::{
-    BackendError, DirtyBitmap, Domain, GuestNic, OutputSignal, PlatformRecords, Snapshot, PAGE_SIZE,
+    BackendError, DirtyBitmap, Domain, GuestDisk, GuestNic, OutputSignal, PlatformRecords,
+    Snapshot, PAGE_SIZE,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -30,6 +33,8 @@ pub struct MockConfig {
     pub vm_seed: u64,
     /// Dirty-tracking mechanism.
     pub tracker: TrackerChoice,
+    /// The VM's disk, if it has one (see [`crate::disk`]).
+    pub disk: Option<DiskConfig>,
 }
 
 impl MockConfig {
@@ -41,6 +46,7 @@ impl MockConfig {
             workload,
             vm_seed,
             tracker: TrackerChoice::Auto,
+            disk: None,
         }
     }
 }
@@ -64,6 +70,8 @@ pub struct MockDomain {
     /// Pages known to hold data (reported dirty, written by the host, or probed): data never
     /// turns back into a hole, so these need no `lseek` probe when read.
     known_data: DirtyBitmap,
+    /// The disk, shared with the vCPUs' host devices.
+    disk: Option<DiskHandle>,
 }
 
 impl std::fmt::Debug for MockDomain {
@@ -108,14 +116,22 @@ impl MockDomain {
             .checked_mul(PAGE_SIZE as u64)
             .and_then(|b| usize::try_from(b).ok())
             .ok_or_else(|| MockError::Config(format!("{} pages overflow", cfg.pages)))?;
+        let disk = cfg
+            .disk
+            .as_ref()
+            .map(|d| open_disk(d, &cfg.workload))
+            .transpose()?;
         let file = ram::open_backing(cfg.ram_path.as_deref(), bytes as u64)?;
         let mem = GuestMem::map(file, bytes)?;
         let tracker = Tracker::new(mem.share(), cfg.tracker)?;
         let shared = Arc::new(Shared::new(mem, cfg.workload));
+        if let Some(d) = &cfg.disk {
+            shared.disk_rate.store(d.blocks_per_ms, Ordering::Relaxed);
+        }
         let mut threads = Vec::new();
         for idx in 0..shared.regs.len() {
             let sh = Arc::clone(&shared);
-            let dev = HostDevices::new(cfg.vm_seed, idx);
+            let dev = HostDevices::new(cfg.vm_seed, idx).with_disk(disk.clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{idx}"))
                 .spawn(move || vcpu::run(sh, idx, dev))
@@ -136,7 +152,23 @@ impl MockDomain {
             tx_buf: vec![0; MAX_FRAME],
             holes: Holes::default(),
             known_data: DirtyBitmap::new(cfg.pages),
+            disk: disk.map(DiskHandle),
         })
+    }
+
+    /// The VM's disk, if it has one (for its image's path and figures).
+    pub fn disk_image(&self) -> Option<&MockDisk> {
+        self.disk.as_ref().map(|d| &*d.0)
+    }
+
+    /// Changes the dirty workload's disk rate (blocks/ms over all vCPUs; 0 = no disk writes).
+    /// A host knob, not guest state; ignored without a disk or by other workloads.
+    pub fn set_disk_rate(&self, blocks_per_ms: u64) {
+        self.shared
+            .disk_rate
+            .store(blocks_per_ms, Ordering::Relaxed);
+        let _c = self.shared.ctl.lock();
+        self.shared.cv.notify_all();
     }
 
     /// The dirty-tracking mechanism in use.
@@ -382,6 +414,28 @@ impl MockDomain {
     }
 }
 
+/// Opens the disk of a VM running `workload`: a kv guest's disk must hold its table, and gets
+/// the table's header block when it has none yet.
+fn open_disk(cfg: &DiskConfig, workload: &Workload) -> Result<Arc<MockDisk>, MockError> {
+    let disk = MockDisk::open(cfg)?;
+    if let Workload::Kv(k) = workload {
+        let need = guest::kv_disk_blocks(k.table_pages);
+        if disk.blocks() < need {
+            return Err(MockError::Config(format!(
+                "a disk of {} blocks cannot hold the kv table ({need} blocks of 4 KiB needed)",
+                disk.blocks()
+            )));
+        }
+        let header = guest::kv_disk_header(k.table_pages);
+        let mut block0 = vec![0u8; PAGE_SIZE];
+        disk.guest_read(0, &mut block0)?;
+        if block0 != header {
+            disk.guest_write(0, &header)?;
+        }
+    }
+    Ok(Arc::new(disk))
+}
+
 /// Is `pfn` a never-written page? Pages known to hold data answer without a syscall.
 fn probe_hole(known: &mut DirtyBitmap, holes: &mut Holes, mem: &GuestMem, pfn: u64) -> bool {
     if known.test(pfn).unwrap_or(false) {
@@ -528,6 +582,10 @@ impl Domain for MockDomain {
             *slot.lock() = r;
         }
         Ok(())
+    }
+
+    fn disk(&mut self) -> Option<&mut dyn GuestDisk> {
+        self.disk.as_mut().map(|d| d as &mut dyn GuestDisk)
     }
 }
 

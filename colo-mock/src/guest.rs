@@ -14,7 +14,19 @@
 //! ([`HostDevices`]: an entropy source seeded by `vm_seed` and the wall clock) are per-VM and are
 //! NOT part of the state blob, like RDRAND and a TSC, so replicas keep diverging after a
 //! checkpoint. With the divergence knobs off, only RAM and registers matter.
+//!
+//! The disk (a host device too, when the VM has one): the `kv` workload persists its table to
+//! it, write-through: after a PUT or DELETE it writes every table page the operation changed to
+//! the disk block of that bucket and flushes the disk before it answers, so an acknowledged
+//! write is on the disk. Disk layout ([`KV_DISK_MAGIC`]): block 0 is a header (`"COLOKVD1"`,
+//! u64 table pages), block `1 + i` holds bucket page `i` exactly as in RAM (see
+//! [`kv_table_from_disk`]). The `dirty` workload writes whole blocks at a rate of its own
+//! ([`crate::DiskConfig::blocks_per_ms`]). Neither touches guest RAM or registers for the disk.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::disk::MockDisk;
 use crate::frame::{self, KvOp, KvStatus, GUEST_IP, GUEST_MAC, KV_PORT, MAX_VALUE};
 use crate::ram::GuestMem;
 use crate::MockError;
@@ -174,10 +186,11 @@ impl VcpuRegs {
     }
 }
 
-/// Per-VM host devices: not checkpointed (like RDRAND and the TSC).
+/// Per-VM host devices: not checkpointed (like RDRAND and the TSC), and the VM's disk.
 #[derive(Debug)]
 pub struct HostDevices {
     entropy: u64,
+    disk: Option<Arc<MockDisk>>,
 }
 
 impl HostDevices {
@@ -185,7 +198,19 @@ impl HostDevices {
     pub fn new(vm_seed: u64, idx: usize) -> Self {
         Self {
             entropy: vm_seed ^ (idx as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93),
+            disk: None,
         }
+    }
+
+    /// The same devices with `disk` attached.
+    pub fn with_disk(mut self, disk: Option<Arc<MockDisk>>) -> Self {
+        self.disk = disk;
+        self
+    }
+
+    /// The VM's disk, if it has one.
+    pub fn disk(&self) -> Option<&MockDisk> {
+        self.disk.as_deref()
     }
 
     /// A random number from the per-VM entropy device.
@@ -220,6 +245,10 @@ pub struct Scratch {
     tx: Vec<u8>,
     payload: Vec<u8>,
     page: Vec<u8>,
+    /// Table pages the current kv operation changed (to persist).
+    touched: Vec<u64>,
+    /// Disk blocks the dirty workload wrote (host-side counter, stamped into each block).
+    disk_writes: u64,
 }
 
 impl Default for Scratch {
@@ -229,6 +258,8 @@ impl Default for Scratch {
             tx: Vec::with_capacity(SLOT_BYTES),
             payload: Vec::with_capacity(SLOT_BYTES),
             page: vec![0; PAGE_SIZE],
+            touched: Vec::with_capacity(4),
+            disk_writes: 0,
         }
     }
 }
@@ -324,6 +355,8 @@ fn kv_answer(
         tx,
         payload,
         page,
+        touched,
+        ..
     } = s;
     let Ok(v) = frame::parse_udp(&rx[..len]) else {
         return Ok(false);
@@ -339,6 +372,7 @@ fn kv_answer(
                 mem,
                 pages: cfg.table_pages.max(1),
             };
+            touched.clear();
             let (st, n) = match req.op {
                 KvOp::Get => t.get(req.key, page, &mut value)?,
                 KvOp::Put => (
@@ -346,12 +380,16 @@ fn kv_answer(
                         req.key,
                         req.value,
                         page,
+                        touched,
                         cfg.memory_divergence.then_some(&mut *dev),
                     )?,
                     0,
                 ),
-                KvOp::Delete => (t.delete(req.key, page)?, 0),
+                KvOp::Delete => (t.delete(req.key, page, touched)?, 0),
             };
+            if let Some(disk) = dev.disk() {
+                t.persist(disk, touched, page)?;
+            }
             (req.id, st, n)
         }
     };
@@ -439,15 +477,30 @@ impl Table<'_> {
         self.mem.write(self.page_off(p) + slot * SLOT, &e)
     }
 
+    /// Write-through: the table pages in `touched` go to their disk blocks, then the disk is
+    /// flushed, before the answer leaves the guest. Nothing to do for a read.
+    fn persist(&self, disk: &MockDisk, touched: &[u64], page: &mut [u8]) -> Result<(), MockError> {
+        if touched.is_empty() {
+            return Ok(());
+        }
+        for &p in touched {
+            self.mem.read(self.page_off(p), page)?;
+            disk.guest_write(1 + p, page)?;
+        }
+        disk.guest_flush()
+    }
+
     fn put(
         &self,
         key: &[u8],
         value: &[u8],
         page: &mut [u8],
+        touched: &mut Vec<u64>,
         mut entropy: Option<&mut HostDevices>,
     ) -> Result<KvStatus, MockError> {
         if let Some((p, slot)) = self.find(key, page)? {
             self.write_entry(p, slot, key, value)?;
+            touched.push(p);
             return Ok(KvStatus::Ok);
         }
         let b = self.bucket(key);
@@ -468,6 +521,7 @@ impl Table<'_> {
                     None => free[0],
                 };
                 self.write_entry(p, pick, key, value)?;
+                touched.push(p);
                 if let Some(d) = entropy.as_deref_mut() {
                     let r = d.entropy();
                     let heap = self.page_off(self.pages + r % KV_HEAP_PAGES);
@@ -478,21 +532,113 @@ impl Table<'_> {
             }
             if page[0] == 0 {
                 self.mem.write(self.page_off(p), &[1])?;
+                touched.push(p);
             }
         }
         Ok(KvStatus::TableFull)
     }
 
-    fn delete(&self, key: &[u8], page: &mut [u8]) -> Result<KvStatus, MockError> {
+    fn delete(
+        &self,
+        key: &[u8],
+        page: &mut [u8],
+        touched: &mut Vec<u64>,
+    ) -> Result<KvStatus, MockError> {
         match self.find(key, page)? {
             None => Ok(KvStatus::NotFound),
             Some((p, slot)) => {
                 self.mem
                     .write(self.page_off(p) + slot * SLOT, &[0u8; SLOT])?;
+                touched.push(p);
                 Ok(KvStatus::Ok)
             }
         }
     }
+}
+
+/// Magic of block 0 of a kv guest's disk.
+pub const KV_DISK_MAGIC: [u8; 8] = *b"COLOKVD1";
+
+/// Disk blocks a kv table of `table_pages` pages needs: the header and one per bucket.
+pub fn kv_disk_blocks(table_pages: u64) -> u64 {
+    1 + table_pages.max(1)
+}
+
+/// Block 0 of a kv guest's disk for a table of `table_pages` pages.
+pub fn kv_disk_header(table_pages: u64) -> [u8; PAGE_SIZE] {
+    let mut b = [0u8; PAGE_SIZE];
+    b[..8].copy_from_slice(&KV_DISK_MAGIC);
+    b[8..16].copy_from_slice(&table_pages.max(1).to_le_bytes());
+    b
+}
+
+/// Adds the entries of one bucket page (as in RAM, as on disk) to `out`.
+fn bucket_entries(page: &[u8], out: &mut BTreeMap<Vec<u8>, Vec<u8>>) {
+    for s in 1..SLOTS_PER_PAGE {
+        let e = &page[s * SLOT..(s + 1) * SLOT];
+        if e[0] != 1 {
+            continue;
+        }
+        let k = usize::from(e[1]).min(frame::MAX_KEY);
+        let v = usize::from(u16::from_le_bytes([e[2], e[3]])).min(MAX_VALUE);
+        out.insert(
+            e[KEY_OFF..KEY_OFF + k].to_vec(),
+            e[VAL_OFF..VAL_OFF + v].to_vec(),
+        );
+    }
+}
+
+/// The kv table a disk image holds (read offline: key → value), from its header on.
+pub fn kv_table_from_disk(image: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, String> {
+    let header = image
+        .get(..PAGE_SIZE)
+        .ok_or_else(|| format!("a disk image of {} bytes has no header block", image.len()))?;
+    if header[..8] != KV_DISK_MAGIC {
+        return Err(format!(
+            "block 0 is not a kv disk header: {:02x?}",
+            &header[..8]
+        ));
+    }
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&header[8..16]);
+    let pages = u64::from_le_bytes(w);
+    let need = kv_disk_blocks(pages) as usize * PAGE_SIZE;
+    if image.len() < need {
+        return Err(format!(
+            "the header names {pages} table pages but the image has {} bytes",
+            image.len()
+        ));
+    }
+    let mut out = BTreeMap::new();
+    for page in image[PAGE_SIZE..need].chunks_exact(PAGE_SIZE) {
+        bucket_entries(page, &mut out);
+    }
+    Ok(out)
+}
+
+/// The kv table in guest RAM (`ram`: all of it) of a table of `table_pages` pages.
+pub fn kv_table_from_ram(ram: &[u8], table_pages: u64) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let start = DATA_PFN as usize * PAGE_SIZE;
+    let end = (start + table_pages.max(1) as usize * PAGE_SIZE).min(ram.len());
+    for page in ram[start.min(end)..end].chunks_exact(PAGE_SIZE) {
+        bucket_entries(page, &mut out);
+    }
+    out
+}
+
+/// The dirty workload's disk write: one whole block chosen by the per-VM entropy device,
+/// stamped with a counter (host state: neither RAM nor registers change).
+pub(crate) fn dirty_disk_write(dev: &mut HostDevices, s: &mut Scratch) -> Result<(), MockError> {
+    let HostDevices { entropy, disk } = dev;
+    let Some(disk) = disk.as_deref() else {
+        return Ok(());
+    };
+    let block = splitmix(entropy) % disk.blocks();
+    s.disk_writes += 1;
+    s.page[..8].copy_from_slice(&s.disk_writes.to_le_bytes());
+    s.page[8..16].copy_from_slice(&block.to_le_bytes());
+    disk.guest_write(block, &s.page)
 }
 
 /// State blob: `"CMVS" ver:u16=1 workload:u8 nvcpus:u8 pages:u64`, then per vCPU

@@ -10,7 +10,10 @@
 //!   that are not checkpointed.
 //! - The guest NIC: [`MockDomain::inject`] / [`MockDomain::drain_tx`] move Ethernet/IPv4/UDP
 //!   frames ([`frame`]) through RX/TX rings that live in guest RAM.
+//! - The disk ([`disk`], optional: [`MockConfig::disk`]): a sparse image of 4 KiB blocks with a
+//!   written-block log and the SVM's overlay; the `kv` workload persists its table to it.
 
+pub mod disk;
 mod domain;
 pub mod frame;
 pub mod guest;
@@ -19,6 +22,7 @@ mod sys;
 pub mod tracker;
 mod vcpu;
 
+pub use disk::{DiskConfig, MockDisk};
 pub use domain::{MockConfig, MockDomain};
 pub use frame::{
     build_request_frame, parse_response_frame, ClientAddr, KvOp, KvRequest, KvResponse, KvStatus,

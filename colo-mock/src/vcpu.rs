@@ -41,6 +41,8 @@ pub(crate) struct Shared {
     ),
     /// Dirty workload rate, pages per ms over all vCPUs.
     pub dirty_rate: AtomicU64,
+    /// Dirty workload disk rate, blocks per ms over all vCPUs (0: no disk writes).
+    pub disk_rate: AtomicU64,
     /// vCPUs idle once their program counter reaches this (u64::MAX = no limit).
     pub step_limit: AtomicU64,
     pub workload: Workload,
@@ -62,6 +64,7 @@ impl Shared {
             doorbell: AtomicU64::new(0),
             tx_ready: crossbeam_channel::bounded(1),
             dirty_rate: AtomicU64::new(rate),
+            disk_rate: AtomicU64::new(0),
             step_limit: AtomicU64::new(u64::MAX),
             workload,
         }
@@ -115,6 +118,12 @@ pub(crate) fn run(shared: Arc<Shared>, idx: usize, mut dev: HostDevices) {
         since: Instant::now(),
         done: 0,
     };
+    // The dirty workload's disk writes, paced on their own.
+    let mut disk_throttle = Throttle {
+        since: Instant::now(),
+        done: 0,
+    };
+    let writes_disk = matches!(shared.workload, Workload::Dirty(_)) && dev.disk().is_some();
     loop {
         let job = {
             let mut c = shared.ctl.lock();
@@ -129,6 +138,7 @@ pub(crate) fn run(shared: Arc<Shared>, idx: usize, mut dev: HostDevices) {
                     return;
                 }
                 throttle.reset();
+                disk_throttle.reset();
             }
             c.job.take()
         };
@@ -136,13 +146,31 @@ pub(crate) fn run(shared: Arc<Shared>, idx: usize, mut dev: HostDevices) {
             job(&shared.mem);
             continue;
         }
-        let rate = shared.dirty_rate.load(Ordering::Relaxed);
-        let per_vcpu = if rate == DirtyConfig::UNLIMITED {
-            rate
-        } else {
-            rate.div_ceil(n as u64)
+        let per_vcpu = |rate: u64| {
+            if rate == DirtyConfig::UNLIMITED {
+                rate
+            } else {
+                rate.div_ceil(n as u64)
+            }
         };
+        let mut disk_wait = None;
+        if writes_disk {
+            let rate = shared.disk_rate.load(Ordering::Relaxed);
+            if rate > 0 {
+                disk_wait = disk_throttle.wait(per_vcpu(rate));
+                if disk_wait.is_none() {
+                    if let Err(e) = guest::dirty_disk_write(&mut dev, &mut scratch) {
+                        fault(&shared, idx, &e);
+                        return;
+                    }
+                    disk_throttle.done += 1;
+                    shared.steps.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let per_vcpu = per_vcpu(shared.dirty_rate.load(Ordering::Relaxed));
         if let Some(d) = throttle.wait(per_vcpu) {
+            let d = disk_wait.map_or(d, |w| w.min(d));
             let mut c = shared.ctl.lock();
             if c.run && c.job.is_none() {
                 shared.cv.wait_for(&mut c, d);
@@ -186,16 +214,21 @@ pub(crate) fn run(shared: Arc<Shared>, idx: usize, mut dev: HostDevices) {
                 }
             }
             Err(e) => {
-                tracing::error!("vCPU {idx} faulted: {e}");
-                let mut c = shared.ctl.lock();
-                c.fault.get_or_insert_with(|| format!("vCPU {idx}: {e}"));
-                c.parked += 1;
-                shared.cv.notify_all();
-                while !c.stop {
-                    shared.cv.wait(&mut c);
-                }
+                fault(&shared, idx, &e);
                 return;
             }
         }
+    }
+}
+
+/// vCPU `idx` faulted: it records why and stays parked for good (a crashed guest).
+fn fault(shared: &Shared, idx: usize, e: &crate::MockError) {
+    tracing::error!("vCPU {idx} faulted: {e}");
+    let mut c = shared.ctl.lock();
+    c.fault.get_or_insert_with(|| format!("vCPU {idx}: {e}"));
+    c.parked += 1;
+    shared.cv.notify_all();
+    while !c.stop {
+        shared.cv.wait(&mut c);
     }
 }

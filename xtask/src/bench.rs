@@ -10,8 +10,8 @@
 //! against RAM size and dirty fraction, comparator throughput, failover time, and what the
 //! sealed link costs: the initial-sync rate, the 10,000-page pause and checkpoint throughput of
 //! a pair with encrypted records beside one with `--insecure-plaintext` (`--link-only` runs
-//! just that, after the TCP baseline). It prints a table, optionally writes a JSON object, and
-//! always writes `target/colo-bench/pause.svg`.
+//! just that, after the TCP baseline), and the disk figures (`bench/disk.rs`). It prints a table,
+//! optionally writes a JSON object, and always writes `target/colo-bench/pause.svg`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -34,6 +34,8 @@ use colo_core::{DirtyBitmap, Domain, PAGE_SIZE};
 use colo_mock::guest::DATA_PFN;
 use colo_mock::{DirtyConfig, MockConfig, MockDomain, Workload};
 use serde_json::{json, Value};
+
+mod disk;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -291,6 +293,9 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
     // 8. The sealed link's cost.
     let link = link_cost(quick)?;
 
+    // 9. Disk replication (bench/disk.rs).
+    let disk = disk::figures(quick, tcp_gbps)?;
+
     let report = Report {
         quick,
         tcp_gbps,
@@ -312,7 +317,8 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
     std::fs::write(&svg, plot_svg(&report))
         .with_context(|| format!("writing {}", svg.display()))?;
     println!("plot: {}", svg.display());
-    let j = to_json(&report);
+    let mut j = to_json(&report);
+    j["disk"] = disk;
     let last = out_dir.join("last.json");
     let text = serde_json::to_string_pretty(&j)?;
     std::fs::write(&last, &text).with_context(|| format!("writing {}", last.display()))?;

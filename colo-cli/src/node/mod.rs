@@ -12,6 +12,7 @@
 //! PAGE_DATA writes. This file holds the options both roles take.
 
 mod capture;
+mod disk;
 mod driver;
 mod pages;
 mod primary;
@@ -42,6 +43,12 @@ pub const MAX_SLEEP: Duration = Duration::from_millis(100);
 /// For tests that compare both memories byte for byte; costs a copy of all RAM per checkpoint.
 #[cfg(feature = "test-support")]
 pub type SnapshotHook = Arc<dyn Fn(u64, Vec<u8>, Vec<u8>) + Send + Sync>;
+
+/// Called with (epoch, the whole disk image) at each checkpoint of a guest with a disk: on the
+/// primary at the capture (PVM paused), on the secondary right after applying (SVM paused).
+/// For tests that compare both disks byte for byte; costs a read of the whole disk.
+#[cfg(feature = "test-support")]
+pub type DiskSnapshotHook = Arc<dyn Fn(u64, Vec<u8>) + Send + Sync>;
 
 /// Called with every frame the PVM emits, before comparison (for tests that check what clients
 /// see against what the primary produced).
@@ -91,6 +98,9 @@ pub struct NodeOptions {
     /// Every PVM output frame, for tests (feature `test-support`).
     #[cfg(feature = "test-support")]
     pub output_tap: Option<OutputTap>,
+    /// Disk snapshots at each checkpoint, for tests (feature `test-support`).
+    #[cfg(feature = "test-support")]
+    pub disk_snapshot: Option<DiskSnapshotHook>,
 }
 
 impl std::fmt::Debug for NodeOptions {
@@ -128,6 +138,8 @@ impl Default for NodeOptions {
             snapshot: None,
             #[cfg(feature = "test-support")]
             output_tap: None,
+            #[cfg(feature = "test-support")]
+            disk_snapshot: None,
         }
     }
 }

@@ -18,6 +18,7 @@ use colo_core::Guest;
 use crossbeam_channel::Receiver;
 
 use super::capture::Capture;
+use super::disk::{self, PrimaryDisk};
 use super::driver::{run_fence, Io, Next, Node, Role};
 use super::pages::PageWriter;
 use super::protect::{goodbye, goodbye_in_background, Protecting};
@@ -37,9 +38,11 @@ pub(super) const ARBITER_POLL: std::time::Duration = std::time::Duration::from_m
 /// GOODBYE reason: the primary stops (the secondary stops too).
 const GOODBYE_STOPPED: u32 = 0;
 
-/// The primary machine's settings from the node's options.
-pub(super) fn primary_config(opts: &NodeOptions, pages: u64) -> PrimaryConfig {
+/// The primary machine's settings from the node's options, for a guest of `pages` pages and a
+/// disk of `disk_blocks` blocks.
+pub(super) fn primary_config(opts: &NodeOptions, pages: u64, disk_blocks: u64) -> PrimaryConfig {
     let mut cfg = PrimaryConfig::new(pages);
+    cfg.link.disk_blocks = disk_blocks;
     cfg.sync_mode = opts.sync_mode;
     cfg.link.liveness = opts.liveness;
     cfg.link.verify = opts.verify;
@@ -68,6 +71,8 @@ pub struct PrimaryRole {
     /// Client requests waiting for room in the PVM's RX ring.
     queued: VecDeque<Vec<u8>>,
     capture: Capture,
+    /// The disk's side of the capture (see `disk.rs`).
+    disk: PrimaryDisk,
     writer: PageWriter,
     released: Vec<Vec<u8>>,
     last_cp_end: Instant,
@@ -99,7 +104,7 @@ impl<G: Guest> Node<G, PrimaryRole> {
 
     /// A primary over an established link (None: start unprotected, e.g. after a takeover).
     pub fn with_link(
-        guest: G,
+        mut guest: G,
         mut link: Option<Link>,
         opts: NodeOptions,
         status: Shared,
@@ -108,8 +113,9 @@ impl<G: Guest> Node<G, PrimaryRole> {
             l.set_key(LinkRole::Primary, opts.key.as_deref());
         }
         let pages = guest.page_count();
+        let disk_blocks = disk::blocks(&mut guest);
         let now = Instant::now();
-        let mut engine = Primary::new(primary_config(&opts, pages), now);
+        let mut engine = Primary::new(primary_config(&opts, pages, disk_blocks), now);
         if link.is_none() {
             engine.peer_lost(now, "started without a secondary".into());
             while engine.poll_action().is_some() {}
@@ -128,6 +134,7 @@ impl<G: Guest> Node<G, PrimaryRole> {
             st.protected = engine.is_protected();
             st.peer = link.as_ref().map(|l| l.peer().to_string());
             st.client_addr = clients.as_ref().map(|c| c.addr().to_string());
+            st.disk_blocks = disk_blocks;
         }
         let role = PrimaryRole {
             engine,
@@ -136,6 +143,7 @@ impl<G: Guest> Node<G, PrimaryRole> {
             next_seq: 0,
             queued: VecDeque::new(),
             capture: Capture::new(pages, opts.verify, opts.unlogged_sweeps),
+            disk: PrimaryDisk::default(),
             writer: PageWriter::new(),
             released: Vec::new(),
             last_cp_end: now,
@@ -241,7 +249,10 @@ impl Role for PrimaryRole {
 
     fn execute<G: Guest>(&mut self, io: &mut Io<G>, action: PrimaryAction) -> Result<()> {
         match action {
-            PrimaryAction::StartDirtyLog => io.guest.start_dirty_log()?,
+            PrimaryAction::StartDirtyLog => {
+                io.guest.start_dirty_log()?;
+                self.disk.start_log(&mut io.guest)?;
+            }
             PrimaryAction::SendPages { all } => self.send_pages(io, all)?,
             PrimaryAction::HarvestDirty => self.harvest(io)?,
             PrimaryAction::Pause => self.pause(io)?,
@@ -250,7 +261,14 @@ impl Role for PrimaryRole {
             PrimaryAction::Resume => self.resume(io)?,
             PrimaryAction::SendCapture { .. } => self.send_capture(io)?,
             PrimaryAction::Committed(stats) => self.committed(io, stats),
-            PrimaryAction::Verified { epoch, verdict } => verified(io, epoch, verdict),
+            PrimaryAction::Verified {
+                epoch,
+                verdict,
+                disk: disk_verdict,
+            } => {
+                verified(io, epoch, verdict);
+                disk::verified(io, epoch, disk_verdict);
+            }
             PrimaryAction::PeerLost { reason } => self.go_on_alone(io, reason)?,
         }
         Ok(())
@@ -356,7 +374,8 @@ impl PrimaryRole {
     /// `SendPages`: a pre-copy round of the initial synchronisation.
     fn send_pages<G: Guest>(&mut self, io: &mut Io<G>, all: bool) -> Result<()> {
         let t = Instant::now();
-        let bytes = self.send_precopy(io, all)?;
+        let bytes =
+            self.send_precopy(io, all)? + self.disk.send_round(io, all, &mut self.engine)?;
         tracing::info!(
             "pre-copy round ({}): {} MB in {:.1} s",
             if all { "all pages" } else { "dirty pages" },
@@ -434,6 +453,7 @@ impl PrimaryRole {
         let state = &self.capture.state;
         io.opts
             .take_snapshot(&mut io.guest, self.engine.epoch(), state)?;
+        self.disk.capture(io, &mut self.engine)?;
         self.engine.captured(Instant::now(), digest)?;
         Ok(())
     }
@@ -470,6 +490,7 @@ impl PrimaryRole {
         if !pfns.is_empty() {
             bytes = self.writer.write(&mut link.writer(), pfns, present, copy)?;
         }
+        bytes += self.disk.write(link)?;
         let record = self.writer.scratch();
         Message::VcpuState(&self.capture.state).encode(record);
         link.send(record)?;

@@ -137,7 +137,8 @@ impl PrimaryRole {
     fn start_link<G: Guest>(&mut self, io: &mut Io<G>, peer: &str, mut link: Link) {
         link.set_key(Role::Primary, io.opts.key.as_deref());
         let pages = io.guest.page_count();
-        self.engine = Primary::new(primary_config(&io.opts, pages), Instant::now());
+        let disk_blocks = super::disk::blocks(&mut io.guest);
+        self.engine = Primary::new(primary_config(&io.opts, pages, disk_blocks), Instant::now());
         self.comparator = None;
         io.attach(link);
         // The HELLO goes out at once (see `Node::start`).

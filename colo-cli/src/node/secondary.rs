@@ -15,6 +15,7 @@ use colo_core::stream::{DecoderConfig, Event};
 use colo_core::Guest;
 
 use super::capture::{settled_digest, Watch};
+use super::disk;
 use super::driver::{flush, nonce, run_fence, Io, Next, Node, Role};
 use super::pages::SyncPages;
 use super::primary::{PrimaryNode, ARBITER_POLL};
@@ -91,9 +92,11 @@ struct AwaitingKey {
     told_unreachable: bool,
 }
 
-/// The secondary machine's settings from the node's options.
-fn secondary_config(opts: &NodeOptions, pages: u64) -> SecondaryConfig {
+/// The secondary machine's settings from the node's options, for a guest of `pages` pages and a
+/// disk of `disk_blocks` blocks.
+fn secondary_config(opts: &NodeOptions, pages: u64, disk_blocks: u64) -> SecondaryConfig {
     let mut cfg = SecondaryConfig::new(pages);
+    cfg.disk_blocks = disk_blocks;
     cfg.liveness = opts.liveness;
     cfg.verify = opts.verify;
     cfg.key = opts.key.clone();
@@ -132,15 +135,17 @@ impl<G: Guest> Node<G, SecondaryRole> {
     ) -> Result<Self> {
         guest.pause()?;
         let pages = guest.page_count();
+        let disk_blocks = disk::blocks(&mut guest);
         let waiting_until = Instant::now() + opts.connect_timeout;
         let link = accept_primary(listener, waiting_until, pages, opts.key.as_deref())?;
         {
             let mut st = status.lock();
             st.role = "secondary".into();
             st.peer = Some(link.peer().to_string());
+            st.disk_blocks = disk_blocks;
         }
         let role = SecondaryRole {
-            engine: Secondary::new(secondary_config(&opts, pages), Instant::now()),
+            engine: Secondary::new(secondary_config(&opts, pages, disk_blocks), Instant::now()),
             inputs: VecDeque::new(),
             out_frames: Vec::new(),
             sync: SyncPages::new(),
@@ -255,6 +260,7 @@ impl Role for SecondaryRole {
             Ok(Some(Delivery::Input { seq, frame })) => {
                 self.inputs.push_back((seq, frame.to_vec()));
             }
+            Ok(Some(Delivery::WriteBlocks(blocks))) => disk::write_initial(guest, &blocks)?,
             Ok(None) => {}
             Err(e) => return Ok(Next::Refused(e)),
         }
@@ -332,6 +338,7 @@ impl SecondaryRole {
         io.guest
             .write_pages(self.engine.staged_pfns(), self.engine.staged_data())?;
         io.guest.set_state(self.engine.staged_state())?;
+        disk::apply(io, &mut self.engine, epoch)?;
         // Frames the SVM emitted in the old epoch are superseded.
         self.out_frames.clear();
         io.guest.drain_tx(&mut |_| {});
@@ -470,6 +477,7 @@ impl SecondaryRole {
             tracing::error!("{e:#}");
             return Err(e);
         }
+        disk::keep_overlay(&mut io.guest)?;
         tracing::warn!("primary lost: {reason}; taking over");
         io.drop_link();
         let mut st = io.status.lock();
@@ -566,7 +574,11 @@ impl SecondaryRole {
         let last = self.refusals.reason.clone();
         let link = accept_primary(listener, self.waiting_until, pages, io.opts.key.as_deref())
             .with_context(|| format!("the last connection was refused ({last})"))?;
-        self.engine = Secondary::new(secondary_config(&io.opts, pages), Instant::now());
+        let disk_blocks = disk::blocks(&mut io.guest);
+        self.engine = Secondary::new(
+            secondary_config(&io.opts, pages, disk_blocks),
+            Instant::now(),
+        );
         self.events_seen = 0;
         io.attach(link);
         flush(self, io);

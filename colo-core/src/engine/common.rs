@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use super::link::{message_name, Handshake};
+use super::link::{message_name, Handshake, Offer};
 use super::messages::{Message, Role};
 use super::{EngineError, Liveness};
 use crate::stream::Record;
@@ -14,6 +14,9 @@ use crate::stream::Record;
 pub struct LinkConfig {
     /// The guest's page count.
     pub page_count: u64,
+    /// The guest's disk in 4 KiB blocks (0: none that colo replicates; see [`crate::disk`]). A
+    /// secondary's must be at least the primary's; the handshake checks.
+    pub disk_blocks: u64,
     /// Heartbeats and failure detection.
     pub liveness: Liveness,
     /// Digest all of memory at every checkpoint: the secondary sends its digest, the primary
@@ -33,6 +36,7 @@ impl LinkConfig {
     pub fn new(page_count: u64) -> Self {
         Self {
             page_count,
+            disk_blocks: 0,
             liveness: Liveness::default(),
             verify: false,
             key: None,
@@ -69,15 +73,13 @@ impl Peer {
     /// Starts the handshake as `role`: our HELLO is appended to `outbox` (which may already hold
     /// the stream's headers). A handshake is a protocol step: it must progress in time.
     pub(crate) fn new(role: Role, cfg: &LinkConfig, now: Instant, mut outbox: Vec<u8>) -> Self {
-        let handshake = Handshake::start(
-            role,
-            cfg.page_count,
-            cfg.verify,
-            cfg.plaintext,
-            cfg.key.clone(),
-            cfg.nonce,
-            &mut outbox,
-        );
+        let offer = Offer {
+            page_count: cfg.page_count,
+            disk_blocks: cfg.disk_blocks,
+            verify: cfg.verify,
+            plaintext: cfg.plaintext,
+        };
+        let handshake = Handshake::offer(role, offer, cfg.key.clone(), cfg.nonce, &mut outbox);
         let mut heartbeat = Heartbeat::new(cfg.liveness, now);
         heartbeat.awaiting_progress(Some(now));
         Self {
@@ -85,6 +87,11 @@ impl Peer {
             heartbeat,
             outbox,
         }
+    }
+
+    /// The replicated disk's size in blocks (the primary's), once the handshake is done.
+    pub(crate) fn disk_blocks(&self) -> u64 {
+        self.handshake.disk_blocks()
     }
 
     /// Bytes to write to the link (the driver clears the vector).

@@ -1,12 +1,14 @@
-//! The link handshake: versions, roles, guest geometry, the verification and plaintext options
-//! and an optional pre-shared key proven by HMAC-SHA256 challenge-response in both directions.
+//! The link handshake: versions, roles, guest geometry (pages and disk), the verification and
+//! plaintext options and an optional pre-shared key proven by HMAC-SHA256 challenge-response in
+//! both directions.
 //!
 //! ```text
 //!   primary                                        secondary
-//!      | -- HELLO(v, role, pages, 4096, flags, nonce_p) -->|
-//!      |<-- HELLO(v, role, pages, 4096, flags, nonce_s) -- |     (both send at once)
-//!      | -- AUTH(HMAC(k, P, nonce_s, nonce_p, pages, verify, plaintext)) -->|  (only with a key)
-//!      |<-- AUTH(HMAC(k, S, nonce_p, nonce_s, pages, verify, plaintext)) -- |
+//!      | -- HELLO(v, role, pages, 4096, flags, nonce_p, disk_p) -->|
+//!      |<-- HELLO(v, role, pages, 4096, flags, nonce_s, disk_s) -- |     (both send at once)
+//!      | -- AUTH(HMAC(k, P, nonce_s, nonce_p, pages, disk_p, disk_s, verify, plaintext)) -->|
+//!      |<-- AUTH(HMAC(k, S, nonce_p, nonce_s, pages, disk_p, disk_s, verify, plaintext)) -- |
+//!                                                                      (AUTH only with a key)
 //!   Done: the link is trusted; only now is a guest page read or written. With a key and
 //!   without --insecure-plaintext, every byte after each side's AUTH is sealed (crate::seal).
 //! ```
@@ -17,10 +19,14 @@
 //! reverse, would otherwise pass silently; and, with keys, `--insecure-plaintext` on both sides
 //! or on neither (flags bit 2): one side would otherwise read the other's sealed frames as
 //! records. A mismatch is refused by both, each naming what differs and which side has it.
+//! The disk (`--disk`, in 4 KiB blocks): a secondary whose disk is missing or smaller than the
+//! primary's could not hold the primary's blocks, and a secondary with a disk beside a primary
+//! without one would serve a disk nobody replicates; both are refused. A larger secondary disk
+//! is accepted: only the primary's size is replicated ([`Handshake::disk_blocks`]).
 //!
 //! Each proof binds the prover's role, the verifier's fresh nonce (so it cannot be replayed), the
-//! prover's nonce (so it cannot be reflected back), the geometry and the verify and plaintext
-//! flags (so a man in the middle cannot hide a mismatch, nor strip the encryption by setting
+//! prover's nonce (so it cannot be reflected back), the geometry (both disk sizes included,
+//! as the two sides may differ) and the verify and plaintext flags (so a man in the middle cannot hide a mismatch, nor strip the encryption by setting
 //! both plaintext flags). The machine is sans-IO: the caller supplies the nonce (from the OS's
 //! RNG) and moves the encoded bytes.
 
@@ -83,6 +89,38 @@ pub enum LinkError {
         /// The side without.
         without: Role,
     },
+    /// The primary has a disk and the secondary has none.
+    #[error(
+        "the primary has a disk of {primary} blocks ({} MiB) but the secondary has none; give the \
+         secondary a disk (--disk) at least as large",
+        primary >> 8
+    )]
+    DiskMissing {
+        /// The primary's disk, in 4 KiB blocks.
+        primary: u64,
+    },
+    /// The secondary's disk cannot hold the primary's.
+    #[error(
+        "the secondary's disk ({secondary} blocks, {} MiB) is smaller than the primary's \
+         ({primary} blocks, {} MiB); it must be at least as large",
+        secondary >> 8,
+        primary >> 8
+    )]
+    DiskTooSmall {
+        /// The primary's disk, in 4 KiB blocks.
+        primary: u64,
+        /// The secondary's.
+        secondary: u64,
+    },
+    /// The secondary has a disk and the primary has none: nothing would replicate it.
+    #[error(
+        "the secondary has a disk of {secondary} blocks but the primary has none; give --disk to \
+         both nodes or to neither"
+    )]
+    DiskUnexpected {
+        /// The secondary's disk, in 4 KiB blocks.
+        secondary: u64,
+    },
     /// The peer's proof is wrong: it does not hold the same key.
     #[error("peer failed authentication: its HMAC proof does not match this node's key")]
     BadProof,
@@ -117,11 +155,27 @@ impl HandshakeState {
     }
 }
 
+/// What one side offers in its HELLO, besides its role, key and nonce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Offer {
+    /// The guest's size in pages.
+    pub page_count: u64,
+    /// The guest's disk in 4 KiB blocks (0: none).
+    pub disk_blocks: u64,
+    /// This side digests every checkpoint (`--verify`).
+    pub verify: bool,
+    /// This side asks for an unsealed link (`--insecure-plaintext`).
+    pub plaintext: bool,
+}
+
 /// One side's handshake.
 #[derive(Clone)]
 pub struct Handshake {
     role: Role,
     page_count: u64,
+    disk_blocks: u64,
+    /// The peer's disk, from its HELLO.
+    peer_disk_blocks: u64,
     verify: bool,
     plaintext: bool,
     key: Option<Vec<u8>>,
@@ -135,6 +189,7 @@ impl std::fmt::Debug for Handshake {
         f.debug_struct("Handshake")
             .field("role", &self.role)
             .field("page_count", &self.page_count)
+            .field("disk_blocks", &self.disk_blocks)
             .field("verify", &self.verify)
             .field("plaintext", &self.plaintext)
             .field("has_key", &self.key.is_some())
@@ -155,6 +210,8 @@ pub(crate) fn message_name(m: &Message<'_>) -> &'static str {
         Message::VcpuState(_) => "VCPU_STATE",
         Message::Digest { .. } => "DIGEST",
         Message::Goodbye(_) => "GOODBYE",
+        Message::DiskBlocks(_) => "DISK_BLOCKS",
+        Message::DiskDigest { .. } => "DISK_DIGEST",
     }
 }
 
@@ -162,7 +219,7 @@ impl Handshake {
     /// A handshake for `role` with a guest of `page_count` pages, whether this side verifies
     /// every checkpoint (`verify`), whether it asks for an unsealed link (`plaintext`,
     /// `--insecure-plaintext`), an optional pre-shared `key` and a fresh random `nonce`.
-    /// Appends our HELLO to `out`.
+    /// Appends our HELLO to `out`. The guest has no disk; see [`Handshake::offer`].
     pub fn start(
         role: Role,
         page_count: u64,
@@ -172,11 +229,31 @@ impl Handshake {
         nonce: [u8; 32],
         out: &mut Vec<u8>,
     ) -> Self {
-        let hs = Self {
-            role,
+        let offer = Offer {
             page_count,
+            disk_blocks: 0,
             verify,
             plaintext,
+        };
+        Self::offer(role, offer, key, nonce, out)
+    }
+
+    /// A handshake for `role` offering `offer`, with an optional pre-shared `key` and a fresh
+    /// random `nonce`. Appends our HELLO to `out`.
+    pub fn offer(
+        role: Role,
+        offer: Offer,
+        key: Option<Vec<u8>>,
+        nonce: [u8; 32],
+        out: &mut Vec<u8>,
+    ) -> Self {
+        let hs = Self {
+            role,
+            page_count: offer.page_count,
+            disk_blocks: offer.disk_blocks,
+            peer_disk_blocks: 0,
+            verify: offer.verify,
+            plaintext: offer.plaintext,
             key,
             nonce,
             peer_nonce: [0; 32],
@@ -185,15 +262,44 @@ impl Handshake {
         Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             role,
-            page_count,
+            page_count: offer.page_count,
             page_size: 4096,
             wants_auth: hs.key.is_some(),
-            verify,
-            plaintext,
+            verify: offer.verify,
+            plaintext: offer.plaintext,
             nonce,
+            disk_blocks: offer.disk_blocks,
         })
         .encode(out);
         hs
+    }
+
+    /// The replicated disk's size in blocks once the peer's HELLO passed: the primary's disk
+    /// (a secondary's may be larger; only the primary's blocks are replicated). 0: no disk.
+    pub fn disk_blocks(&self) -> u64 {
+        self.disks().0
+    }
+
+    /// (the primary's disk, the secondary's), as this side knows them.
+    fn disks(&self) -> (u64, u64) {
+        match self.role {
+            Role::Primary => (self.disk_blocks, self.peer_disk_blocks),
+            Role::Secondary => (self.peer_disk_blocks, self.disk_blocks),
+        }
+    }
+
+    /// Checks both disks once the peer's HELLO (`peer`'s disk) arrived.
+    fn check_disks(&mut self, peer: u64) -> Result<(), LinkError> {
+        self.peer_disk_blocks = peer;
+        match self.disks() {
+            (0, 0) => Ok(()),
+            (primary, 0) => Err(LinkError::DiskMissing { primary }),
+            (0, secondary) => Err(LinkError::DiskUnexpected { secondary }),
+            (primary, secondary) if secondary < primary => {
+                Err(LinkError::DiskTooSmall { primary, secondary })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// What the handshake awaits.
@@ -213,7 +319,7 @@ impl Handshake {
             Ok(m) => m,
             Err(_) => unreachable_hmac(),
         };
-        mac.update(b"colo-link-auth-v3");
+        mac.update(b"colo-link-auth-v4");
         mac.update(&[match prover {
             Role::Primary => 1,
             Role::Secondary => 2,
@@ -221,6 +327,9 @@ impl Handshake {
         mac.update(verifier_nonce);
         mac.update(prover_nonce);
         mac.update(&self.page_count.to_le_bytes());
+        let (primary_disk, secondary_disk) = self.disks();
+        mac.update(&primary_disk.to_le_bytes());
+        mac.update(&secondary_disk.to_le_bytes());
         mac.update(&[u8::from(self.verify), u8::from(self.plaintext)]);
         mac
     }
@@ -256,6 +365,7 @@ impl Handshake {
                     };
                     return Err(LinkError::Verify { with, without });
                 }
+                self.check_disks(h.disk_blocks)?;
                 match (self.key.is_some(), h.wants_auth) {
                     (true, false) => {
                         return Err(LinkError::KeyPresence(
@@ -543,6 +653,7 @@ mod tests {
             verify: false,
             plaintext: false,
             nonce: [1; 32],
+            disk_blocks: 0,
         })
         .encode(&mut fake);
         let mut auth = Vec::new();
@@ -591,6 +702,113 @@ mod tests {
         assert_eq!(
             flag_flipped_in_transit((false, true), (false, false), plaintext),
             (Err(LinkError::BadProof), Err(LinkError::BadProof))
+        );
+    }
+
+    /// Both sides with `key`, the primary's disk and the secondary's (in blocks).
+    fn run_disks(
+        key: Option<&[u8]>,
+        p: u64,
+        s: u64,
+    ) -> (Result<bool, LinkError>, Result<bool, LinkError>) {
+        let (mut po, mut so) = (Vec::new(), Vec::new());
+        let offer = |disk_blocks| Offer {
+            page_count: 8,
+            disk_blocks,
+            verify: false,
+            plaintext: false,
+        };
+        let k = key.map(<[u8]>::to_vec);
+        let mut ph = Handshake::offer(Role::Primary, offer(p), k.clone(), [1; 32], &mut po);
+        let mut sh = Handshake::offer(Role::Secondary, offer(s), k, [2; 32], &mut so);
+        let (p_hello, s_hello) = (po.clone(), so.clone());
+        po.clear();
+        so.clear();
+        let pr = ph.on_message(&parse(&s_hello), &mut po);
+        let sr = sh.on_message(&parse(&p_hello), &mut so);
+        let out = match (pr, sr) {
+            (Ok(false), Ok(false)) => (
+                ph.on_message(&parse(&so), &mut Vec::new()),
+                sh.on_message(&parse(&po), &mut Vec::new()),
+            ),
+            other => other,
+        };
+        if out == (Ok(true), Ok(true)) {
+            assert_eq!(
+                (ph.disk_blocks(), sh.disk_blocks()),
+                (p, p),
+                "the primary's size"
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn a_secondary_disk_missing_or_smaller_than_the_primarys_is_refused_by_both() {
+        for key in [None, Some(&b"k"[..])] {
+            assert_eq!(run_disks(key, 0, 0), (Ok(true), Ok(true)));
+            assert_eq!(run_disks(key, 256, 256), (Ok(true), Ok(true)));
+            assert_eq!(
+                run_disks(key, 256, 1024),
+                (Ok(true), Ok(true)),
+                "larger is fine"
+            );
+            let missing = LinkError::DiskMissing { primary: 256 };
+            assert_eq!(run_disks(key, 256, 0), (Err(missing.clone()), Err(missing)));
+            let small = LinkError::DiskTooSmall {
+                primary: 1024,
+                secondary: 256,
+            };
+            assert_eq!(run_disks(key, 1024, 256), (Err(small.clone()), Err(small)));
+            let extra = LinkError::DiskUnexpected { secondary: 8 };
+            assert_eq!(run_disks(key, 0, 8), (Err(extra.clone()), Err(extra)));
+        }
+        assert_eq!(
+            LinkError::DiskTooSmall {
+                primary: 16_384,
+                secondary: 256
+            }
+            .to_string(),
+            "the secondary's disk (256 blocks, 1 MiB) is smaller than the primary's (16384 \
+             blocks, 64 MiB); it must be at least as large"
+        );
+        assert!(LinkError::DiskMissing { primary: 256 }
+            .to_string()
+            .starts_with(
+                "the primary has a disk of 256 blocks (1 MiB) but the secondary has none"
+            ));
+    }
+
+    #[test]
+    fn the_proof_covers_both_disk_sizes() {
+        // A man in the middle that shrinks the primary's disk in the HELLO the secondary reads
+        // and grows the secondary's in the one the primary reads (so a secondary too small for
+        // the primary's disk passes both checks) is caught by the proofs.
+        let (mut po, mut so) = (Vec::new(), Vec::new());
+        let key = Some(b"k".to_vec());
+        let offer = |disk_blocks| Offer {
+            page_count: 8,
+            disk_blocks,
+            verify: false,
+            plaintext: false,
+        };
+        let mut ph = Handshake::offer(Role::Primary, offer(1024), key.clone(), [1; 32], &mut po);
+        let mut sh = Handshake::offer(Role::Secondary, offer(512), key, [2; 32], &mut so);
+        let mut forged = po.clone();
+        forged[8 + 64..8 + 72].copy_from_slice(&16u64.to_le_bytes());
+        let mut s_hello = so.clone();
+        s_hello[8 + 64..8 + 72].copy_from_slice(&2048u64.to_le_bytes());
+        po.clear();
+        so.clear();
+        assert_eq!(ph.on_message(&parse(&s_hello), &mut po), Ok(false));
+        assert_eq!(sh.on_message(&parse(&forged), &mut so), Ok(false));
+        assert_eq!(
+            sh.on_message(&parse(&po), &mut Vec::new()),
+            Err(LinkError::BadProof)
+        );
+        assert_eq!(
+            ph.on_message(&parse(&so), &mut Vec::new()),
+            Err(LinkError::BadProof)
         );
     }
 }

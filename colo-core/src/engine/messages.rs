@@ -7,7 +7,7 @@
 //!
 //! | type | name | direction | body (little-endian) |
 //! |---|---|---|---|
-//! | `0x8000_C001` | HELLO | both | magic `b"COLOLINK"`, u32 version, u32 role (1 primary, 2 secondary), u64 page_count, u32 page_size, u32 flags (bit 0: wants auth; bit 1: verifies every checkpoint, `--verify`; bit 2: will not seal the records after the handshake, `--insecure-plaintext`; both sides must agree on bits 1 and 2), 32-byte nonce |
+//! | `0x8000_C001` | HELLO | both | magic `b"COLOLINK"`, u32 version, u32 role (1 primary, 2 secondary), u64 page_count, u32 page_size, u32 flags (bit 0: wants auth; bit 1: verifies every checkpoint, `--verify`; bit 2: will not seal the records after the handshake, `--insecure-plaintext`; both sides must agree on bits 1 and 2), 32-byte nonce, u64 disk_blocks (the guest's disk in 4 KiB blocks, 0: none) |
 //! | `0x8000_C002` | AUTH | both | 32-byte HMAC-SHA256 proof (see [`super::link`]) |
 //! | `0x8000_C003` | CONTROL | both | u32 id (libxl's CHECKPOINT_STATE ids: NEW 0, SVM_SUSPENDED 1, SVM_READY 2, SVM_RESUMED 3), u32 reserved, u64 epoch |
 //! | `0x8000_C004` | INPUT | primary → secondary | u64 seq, then one Ethernet frame (a client request mirrored to the SVM) |
@@ -16,11 +16,15 @@
 //! | `0x8000_C007` | VCPU_STATE | primary → secondary | the backend's opaque vCPU/platform state blob |
 //! | `0x8000_C008` | DIGEST | both | u64 epoch, 32-byte digest of all guest pages and the state (verification) |
 //! | `0x8000_C009` | GOODBYE | both | u32 reason: an orderly shutdown, not a failure (0: the primary stops; 1: the primary dropped its secondary, which must never take over) |
+//! | `0x8000_C00A` | DISK_BLOCKS | primary → secondary | u32 count (≤ 256), u32 reserved, count × u64 block, count × 4096 bytes (see [`crate::disk`]) |
+//! | `0x8000_C00B` | DISK_DIGEST | secondary → primary | u64 epoch, 16-byte digest of the disk (verification, see [`crate::disk`]) |
 //!
 //! Every parser checks the body length before reading and returns [`MessageError`] naming the
 //! record and what was wrong; nothing a peer sent is unwrapped.
 
 use thiserror::Error;
+
+use crate::disk::{DiskBlocks, DISK_DIGEST_LEN};
 
 /// Record type numbers of colo's own records.
 pub mod colo_type {
@@ -42,6 +46,10 @@ pub mod colo_type {
     pub const DIGEST: u32 = 0x8000_C008;
     /// Orderly shutdown.
     pub const GOODBYE: u32 = 0x8000_C009;
+    /// Disk blocks of a checkpoint (or of the initial synchronisation).
+    pub const DISK_BLOCKS: u32 = 0x8000_C00A;
+    /// A digest of the disk after a checkpoint.
+    pub const DISK_DIGEST: u32 = 0x8000_C00B;
 }
 
 /// Magic at the start of a HELLO body.
@@ -50,8 +58,11 @@ pub const HELLO_MAGIC: [u8; 8] = *b"COLOLINK";
 /// which both sides must agree on and which the AUTH proof covers; a version 1 peer would
 /// ignore a mismatch, so it is refused by version. Version 3 seals every record after the
 /// handshake when both sides have a key (see [`crate::seal`]) and added the plaintext flag
-/// (bit 2), agreed and proven like the verify flag.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// (bit 2), agreed and proven like the verify flag. Version 4 added the disk's size to HELLO
+/// (a secondary whose disk is missing or smaller than the primary's is refused; the proof
+/// covers both sizes) and the DISK_BLOCKS and DISK_DIGEST records: a version 3 peer would
+/// neither send nor apply the disk.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// HELLO flag: the sender has a pre-shared key and will authenticate.
 pub const HELLO_WANTS_AUTH: u32 = 1 << 0;
 /// HELLO flag: the sender digests memory at every checkpoint (`--verify`).
@@ -60,7 +71,7 @@ pub const HELLO_VERIFY: u32 = 1 << 1;
 /// (`--insecure-plaintext`).
 pub const HELLO_PLAINTEXT: u32 = 1 << 2;
 /// Length of a HELLO body.
-pub const HELLO_LEN: usize = 8 + 4 + 4 + 8 + 4 + 4 + 32;
+pub const HELLO_LEN: usize = 8 + 4 + 4 + 8 + 4 + 4 + 32 + 8;
 /// Length of an HMAC-SHA256 proof.
 pub const MAC_LEN: usize = 32;
 /// Length of a digest.
@@ -156,6 +167,8 @@ pub struct Hello {
     pub plaintext: bool,
     /// The sender's challenge.
     pub nonce: [u8; 32],
+    /// The sender's disk in 4 KiB blocks (0: the guest has none that colo replicates).
+    pub disk_blocks: u64,
 }
 
 /// One of colo's records, parsed. Frames and blobs are borrowed from the record body.
@@ -199,6 +212,15 @@ pub enum Message<'a> {
     },
     /// Orderly shutdown.
     Goodbye(u32),
+    /// Disk blocks (see [`crate::disk`]).
+    DiskBlocks(DiskBlocks<'a>),
+    /// Verification digest of the disk after checkpoint `epoch`.
+    DiskDigest {
+        /// The checkpoint.
+        epoch: u64,
+        /// The digest.
+        digest: [u8; DISK_DIGEST_LEN],
+    },
 }
 
 /// A colo record that does not parse.
@@ -226,6 +248,22 @@ pub enum MessageError {
     /// Not one of colo's record types.
     #[error("record type {0:#x} is not one of colo's records")]
     UnknownType(u32),
+    /// A DISK_BLOCKS record with more blocks than a record may carry.
+    #[error("DISK_BLOCKS record claims {count} blocks, at most {max} are allowed")]
+    TooManyBlocks {
+        /// The count in the record.
+        count: u32,
+        /// The limit.
+        max: usize,
+    },
+    /// A reserved field that is not zero.
+    #[error("{name} record has {value:#x} in its reserved field, expected 0")]
+    Reserved {
+        /// Record name.
+        name: &'static str,
+        /// The field's value.
+        value: u32,
+    },
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -293,6 +331,7 @@ impl<'a> Message<'a> {
                     verify: u32_at(body, 28) & HELLO_VERIFY != 0,
                     plaintext: u32_at(body, 28) & HELLO_PLAINTEXT != 0,
                     nonce,
+                    disk_blocks: u64_at(body, 64),
                 })
             }
             t::AUTH => {
@@ -347,6 +386,16 @@ impl<'a> Message<'a> {
                 exact("GOODBYE", body, 4)?;
                 Message::Goodbye(u32_at(body, 0))
             }
+            t::DISK_BLOCKS => Message::DiskBlocks(DiskBlocks::parse(body)?),
+            t::DISK_DIGEST => {
+                exact("DISK_DIGEST", body, 8 + DISK_DIGEST_LEN)?;
+                let mut digest = [0u8; DISK_DIGEST_LEN];
+                digest.copy_from_slice(&body[8..]);
+                Message::DiskDigest {
+                    epoch: u64_at(body, 0),
+                    digest,
+                }
+            }
             _ => return Ok(None),
         };
         Ok(Some(m))
@@ -365,6 +414,8 @@ impl<'a> Message<'a> {
             Message::VcpuState(_) => t::VCPU_STATE,
             Message::Digest { .. } => t::DIGEST,
             Message::Goodbye(_) => t::GOODBYE,
+            Message::DiskBlocks(_) => t::DISK_BLOCKS,
+            Message::DiskDigest { .. } => t::DISK_DIGEST,
         }
     }
 
@@ -393,6 +444,7 @@ impl<'a> Message<'a> {
                 }
                 out.extend_from_slice(&flags.to_le_bytes());
                 out.extend_from_slice(&h.nonce);
+                out.extend_from_slice(&h.disk_blocks.to_le_bytes());
             }
             Message::Auth(mac) => out.extend_from_slice(mac),
             Message::Control { msg, epoch } => {
@@ -411,6 +463,11 @@ impl<'a> Message<'a> {
                 out.extend_from_slice(digest);
             }
             Message::Goodbye(r) => out.extend_from_slice(&r.to_le_bytes()),
+            Message::DiskBlocks(d) => d.encode_body(out),
+            Message::DiskDigest { epoch, digest } => {
+                out.extend_from_slice(&epoch.to_le_bytes());
+                out.extend_from_slice(digest);
+            }
         }
         let len = (out.len() - body) as u32;
         out[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
@@ -447,6 +504,7 @@ mod tests {
                     verify,
                     plaintext,
                     nonce: [7; 32],
+                    disk_blocks: u64::from(verify) << 40 | 16_384,
                 }));
             }
         }
@@ -474,6 +532,14 @@ mod tests {
             digest: [4; 32],
         });
         round_trip(Message::Goodbye(0));
+        let mut disk = Vec::new();
+        crate::disk::encode_disk_blocks_header(&mut disk, &[7, 1]);
+        disk.extend((0..2 * crate::disk::BLOCK_SIZE).map(|i| i as u8));
+        round_trip(Message::DiskBlocks(DiskBlocks::parse(&disk[8..]).unwrap()));
+        round_trip(Message::DiskDigest {
+            epoch: 9,
+            digest: [5; DISK_DIGEST_LEN],
+        });
     }
 
     #[test]
@@ -506,9 +572,15 @@ mod tests {
             verify: true,
             plaintext: false,
             nonce: [0; 32],
+            disk_blocks: 0x0102,
         })
         .encode(&mut out);
         assert_eq!(out.len(), 8 + HELLO_LEN);
+        assert_eq!(
+            out[8 + 64..8 + 72],
+            [2, 1, 0, 0, 0, 0, 0, 0],
+            "disk size last"
+        );
         let body = &out[8..];
         assert_eq!(&body[..8], b"COLOLINK");
         assert_eq!(body[8..12], PROTOCOL_VERSION.to_le_bytes());
@@ -517,6 +589,7 @@ mod tests {
             panic!("HELLO does not parse");
         };
         assert!(h.wants_auth && h.verify);
+        assert_eq!(h.disk_blocks, 0x0102);
         // A HELLO one byte short (or long) is a length error, not a panic.
         for len in [HELLO_LEN - 1, HELLO_LEN + 1] {
             let mut b = body.to_vec();
@@ -560,7 +633,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn arbitrary_bodies_never_panic(t in 0u32..12, body in proptest::collection::vec(any::<u8>(), 0..80)) {
+        fn arbitrary_bodies_never_panic(t in 0u32..14, body in proptest::collection::vec(any::<u8>(), 0..80)) {
             let _ = Message::parse(0x8000_C000 + t, &body);
         }
     }

@@ -14,11 +14,13 @@
 //!                                                       ◀── CHECKPOINT_DIRTY_PFN_LIST(B)  (back channel)
 //!  ┌ pause PVM ─ drain its output ─ harvest A
 //!  │ D = A ∪ B   (primary-only mode: D = A)
-//!  │ copy D's pages + vCPU state into the send buffer
+//!  │ copy D's pages + vCPU state into the send buffer [and the disk blocks written, E]
 //!  └ resume PVM            ◀── the pause ends here
-//!  ── PAGE_DATA(D)… VCPU_STATE, CHECKPOINT(n) ────────▶  stage everything (bounded by |D|)
+//!  ── PAGE_DATA(D)… [DISK_BLOCKS(E)…] VCPU_STATE, CHECKPOINT(n) ─▶  stage everything (bounded
+//!                                                       by |D|, the disk by its block count)
 //!                                                       on CHECKPOINT: write pages, set state
-//!                                                       [verify: digest RAM + state]
+//!                                                       [disk: drop the SVM's overlay, write E]
+//!                                                       [verify: digest RAM + state (+ disk)]
 //!                                                       ◀── CONTROL SVM_READY(n) [DIGEST(n)]
 //!  release the PVM output held at the pause             resume SVM (epoch n)
 //!                                                       ◀── CONTROL SVM_RESUMED(n)
@@ -31,7 +33,8 @@
 //! the network. Output produced after the resume is held by the comparator until the secondary
 //! acknowledges the checkpoint with SVM_READY, so a primary crash before that loses nothing that
 //! any client saw. The initial synchronisation is checkpoint 0: pre-copy rounds of pages while
-//! the PVM runs, then a final pause-copy-resume whose CHECKPOINT(0) starts the SVM.
+//! the PVM runs, then a final pause-copy-resume whose CHECKPOINT(0) starts the SVM. The disk
+//! (when the guest has one) follows the same rule; see [`crate::disk`].
 //!
 //! # States
 //!
@@ -207,6 +210,8 @@ pub struct CheckpointStats {
     /// Pages outside A ∪ B carried because earlier sweeps found the hypervisor writing them
     /// behind the dirty log (the watch set; counted in `pages_sent`).
     pub watched: u64,
+    /// Disk blocks sent (the blocks the PVM wrote since the last capture; see [`crate::disk`]).
+    pub disk_blocks: u64,
     /// Bytes sent for this checkpoint (records included).
     pub bytes_sent: u64,
     /// From NEW to the arrival of B (0 for the initial synchronisation).
@@ -270,6 +275,22 @@ pub enum EngineError {
         epoch: u64,
         /// The page count.
         pages: u64,
+    },
+    /// The peer named a disk block beyond the disk.
+    #[error("peer sent disk block {block}, beyond the disk's {blocks} blocks")]
+    BlockOutOfRange {
+        /// The block.
+        block: u64,
+        /// The disk's size in blocks.
+        blocks: u64,
+    },
+    /// The primary sent more disk blocks in one checkpoint than the disk has.
+    #[error("checkpoint {epoch} carries more than the disk's {blocks} blocks")]
+    DiskCheckpointTooLarge {
+        /// The checkpoint.
+        epoch: u64,
+        /// The disk's size in blocks.
+        blocks: u64,
     },
     /// The driver's addition to the capture set breaks its invariants (a driver bug).
     #[error("capture_also: pfn {pfn:#x} {reason}")]

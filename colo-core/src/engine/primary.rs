@@ -9,6 +9,7 @@ use super::common::{check_epoch, message_event, record_name, EngineState, LinkCo
 use super::messages::{Control, Message, Role, DIGEST_LEN};
 use super::{CheckpointStats, EngineError, SyncMode, Trigger};
 use crate::bitmap::DirtyBitmap;
+use crate::disk::{DiskCheck, DISK_DIGEST_LEN};
 use crate::stream::{encode_record, rec_type, DomainHeader, DomainType, ImageHeader, Record};
 
 /// Settings of the primary.
@@ -56,6 +57,7 @@ impl InFlight {
             unlogged: 0,
             watched: 0,
             pages_sent: 0,
+            disk_blocks: 0,
             bytes_sent: 0,
             backchannel: zero,
             pause: zero,
@@ -259,10 +261,12 @@ pub enum Verdict {
 /// the machine, the driver writes [`Primary::outbox_mut`] to the link and clears it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PrimaryAction {
-    /// Start the domain's dirty log.
+    /// Start the domain's dirty log (and the disk's write log, with a disk).
     StartDirtyLog,
     /// Pre-copy while the PVM runs: send every page (`all`) or the pages of
-    /// [`Primary::dirty_pages`] as PAGE_DATA, then call [`Primary::pages_sent`].
+    /// [`Primary::dirty_pages`] as PAGE_DATA, then call [`Primary::pages_sent`]. With a disk,
+    /// also every block that holds data (`all`, after starting the disk's write log) or the
+    /// blocks written since the last round, as DISK_BLOCKS.
     SendPages {
         /// Every page of the guest.
         all: bool,
@@ -279,11 +283,15 @@ pub enum PrimaryAction {
     },
     /// Copy the pages of [`Primary::capture_pfns`] and the vCPU state into the send buffer (and,
     /// when verifying, digest all of memory and the state), then call [`Primary::captured`].
+    /// With a disk ([`Primary::disk_blocks`] > 0), also harvest the disk's write log and copy
+    /// the blocks written since the last capture (count them with
+    /// [`Primary::disk_blocks_sent`]; when verifying, digest the disk:
+    /// [`Primary::disk_digest`]). See [`crate::disk`].
     Capture,
     /// Resume the PVM, then call [`Primary::resumed`].
     Resume,
-    /// Write the captured pages as PAGE_DATA and the state as VCPU_STATE, then call
-    /// [`Primary::capture_sent`].
+    /// Write the captured pages as PAGE_DATA, the captured disk blocks as DISK_BLOCKS and the
+    /// state as VCPU_STATE, then call [`Primary::capture_sent`].
     SendCapture {
         /// The checkpoint.
         epoch: u64,
@@ -296,6 +304,8 @@ pub enum PrimaryAction {
         epoch: u64,
         /// What the comparison showed.
         verdict: Verdict,
+        /// The same for the disks (None: the guest has no disk).
+        disk: Option<Verdict>,
     },
     /// The secondary is lost: release all held output, stop comparing, run unprotected.
     PeerLost {
@@ -318,6 +328,8 @@ pub struct Primary {
     capture: Vec<u64>,
     /// Scratch for `capture_also`'s merge.
     merge_scratch: Vec<u64>,
+    /// Both sides' disk digests, by checkpoint (verification with a disk).
+    disk_check: DiskCheck,
     /// The last checkpoint started.
     epoch: u64,
 }
@@ -349,6 +361,7 @@ impl Primary {
             actions: VecDeque::new(),
             capture: Vec::new(),
             merge_scratch: Vec::new(),
+            disk_check: DiskCheck::default(),
             epoch: 0,
         }
     }
@@ -405,6 +418,30 @@ impl Primary {
     /// Whether captures include a digest of all memory.
     pub fn verifying(&self) -> bool {
         self.cfg.link.verify
+    }
+
+    /// The guest's disk in blocks (0: none): the handshake made sure the secondary's can hold
+    /// it.
+    pub fn disk_blocks(&self) -> u64 {
+        self.cfg.link.disk_blocks
+    }
+
+    /// The driver sent (or captured, to send) `blocks` disk blocks for the checkpoint in flight
+    /// (pre-copy rounds included).
+    pub fn disk_blocks_sent(&mut self, blocks: u64) {
+        if let Some(flight) = self.state.flight_mut() {
+            flight.stats.disk_blocks += blocks;
+        }
+    }
+
+    /// Our digest of the disk at this capture (verification with a disk); only while
+    /// capturing.
+    pub fn disk_digest(&mut self, digest: [u8; DISK_DIGEST_LEN]) -> Result<(), EngineError> {
+        let PrimaryState::Capturing { epoch, .. } = self.state else {
+            return Err(self.state.unexpected("disk_digest"));
+        };
+        self.disk_check.ours(epoch, digest);
+        Ok(())
     }
 
     /// Sends `m`, counting its bytes into the checkpoint in flight.
@@ -491,6 +528,8 @@ impl Primary {
                     }
                 }
             }
+            // DISK_DIGEST(n) precedes SVM_READY(n) too; it is compared with ours of n only.
+            Message::DiskDigest { epoch, digest } => self.disk_check.theirs(epoch, digest),
             Message::Goodbye(_) => self.lose("the secondary shut down (GOODBYE)".into()),
             _ if self.state.is_over() => {}
             Message::Control { msg, epoch } => self.on_control(now, msg, epoch)?,
@@ -539,8 +578,12 @@ impl Primary {
                         // a paused domain's event-channel bits) sends no digest for the epoch.
                         _ => Verdict::Unsettled,
                     };
-                    self.actions
-                        .push_back(PrimaryAction::Verified { epoch, verdict });
+                    let disk = (self.disk_blocks() > 0).then(|| self.disk_check.verdict(epoch));
+                    self.actions.push_back(PrimaryAction::Verified {
+                        epoch,
+                        verdict,
+                        disk,
+                    });
                 }
                 self.state = PrimaryState::AwaitingSvmResumed { epoch };
                 self.peer.awaiting_progress(Some(now));

@@ -9,6 +9,7 @@ use super::common::{check_epoch, message_event, record_name, EngineState, LinkCo
 use super::messages::{Control, Message, Role, DIGEST_LEN};
 use super::EngineError;
 use crate::bitmap::DirtyBitmap;
+use crate::disk::{DiskBlocks, DiskStaging, DISK_DIGEST_LEN};
 use crate::stream::{encode_dirty_pfn_list, DomainType, Event, Record};
 use crate::PAGE_SIZE;
 
@@ -163,7 +164,10 @@ pub enum SecondaryAction {
     HarvestDirty,
     /// Write [`Secondary::staged_pfns`] / [`Secondary::staged_data`] into the SVM and set its state
     /// to [`Secondary::staged_state`] (when verifying, then digest all memory and the state), then
-    /// call [`Secondary::applied`]. The SVM is paused.
+    /// call [`Secondary::applied`]. The SVM is paused. With a disk: drop the SVM's overlay and
+    /// write [`Secondary::staged_disk_blocks`] / [`Secondary::staged_disk_data`] into the disk
+    /// image (when verifying, digest the disk and call [`Secondary::disk_digest`] first); the
+    /// SVM's writes from its resume on go to a fresh overlay. See [`crate::disk`].
     Apply {
         /// The checkpoint.
         epoch: u64,
@@ -176,7 +180,9 @@ pub enum SecondaryAction {
         /// The epoch.
         epoch: u64,
     },
-    /// The primary is lost: this node takes over as the new primary (the SVM runs).
+    /// The primary is lost: this node takes over as the new primary (the SVM runs). With a
+    /// disk, the SVM's overlay (its writes since the checkpoint it runs from) is kept: merged
+    /// into the disk image before the node serves.
     TakeOver {
         /// Why.
         reason: String,
@@ -211,6 +217,9 @@ pub enum Delivery<'a> {
         /// 4096 bytes.
         data: &'a [u8],
     },
+    /// Initial synchronisation: write these disk blocks into the disk image now (every block
+    /// number was checked against the disk).
+    WriteBlocks(DiskBlocks<'a>),
 }
 
 /// How far the primary's stream is through its two headers, which precede every record.
@@ -231,6 +240,8 @@ struct Staging {
     pfns: Vec<u64>,
     data: Vec<u8>,
     state: Vec<u8>,
+    /// The disk's blocks of the checkpoint (bounded by the disk's block count).
+    disk: DiskStaging,
 }
 
 impl Staging {
@@ -262,6 +273,7 @@ impl Staging {
         self.pfns.clear();
         self.data.clear();
         self.state.clear();
+        self.disk.clear();
     }
 }
 
@@ -331,6 +343,37 @@ impl Secondary {
     /// Whether applies include a digest.
     pub fn verifying(&self) -> bool {
         self.cfg.verify
+    }
+
+    /// The replicated disk's size in blocks (the primary's, once the handshake is done; 0: no
+    /// disk).
+    pub fn disk_blocks(&self) -> u64 {
+        self.peer.disk_blocks()
+    }
+
+    /// Staged disk blocks of the checkpoint to apply, in arrival order (a later copy of a block
+    /// wins).
+    pub fn staged_disk_blocks(&self) -> &[u64] {
+        self.staged.disk.blocks()
+    }
+
+    /// Staged disk data, 4096 bytes per staged block.
+    pub fn staged_disk_data(&self) -> &[u8] {
+        self.staged.disk.data()
+    }
+
+    /// The digest of the disk after applying the checkpoint (verification with a disk): sent
+    /// to the primary as DISK_DIGEST before SVM_READY. Only while applying.
+    pub fn disk_digest(
+        &mut self,
+        now: Instant,
+        digest: [u8; DISK_DIGEST_LEN],
+    ) -> Result<(), EngineError> {
+        let SecondaryState::Applying { epoch, .. } = self.state else {
+            return Err(self.state.unexpected("disk_digest"));
+        };
+        self.peer.send(now, &Message::DiskDigest { epoch, digest });
+        Ok(())
     }
 
     /// Pages currently staged (bounded by the checkpoint's |D|).
@@ -471,6 +514,14 @@ impl Secondary {
             (_, Message::Heartbeat(_)) => {}
             (s, _) if s.is_over() => {}
             (_, Message::Input { seq, frame }) => return Ok(Some(Delivery::Input { seq, frame })),
+            (SecondaryState::InitialSync { .. }, Message::DiskBlocks(d)) => {
+                d.check(self.peer.disk_blocks())?;
+                return Ok(Some(Delivery::WriteBlocks(d)));
+            }
+            (SecondaryState::ReceivingCheckpoint { epoch, .. }, Message::DiskBlocks(d)) => {
+                let blocks = self.peer.disk_blocks();
+                self.staged.disk.stage(*epoch, blocks, &d)?;
+            }
             (
                 SecondaryState::InitialSync { state_staged }
                 | SecondaryState::ReceivingCheckpoint { state_staged, .. },

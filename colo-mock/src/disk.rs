@@ -1,0 +1,462 @@
+//! The mock guest's virtual disk: a sparse image file (or an anonymous memfd) of 4 KiB blocks
+//! that the workloads write from their vCPU threads, the written-block bitmap (the disk's write
+//! log, like the pages' dirty log), the SVM's overlay (colo-core's [`Overlay`]: while it is on,
+//! the guest's writes go to it and its reads see it first), and colo-core's
+//! [`GuestDisk`] on top, for the node.
+//!
+//! A guest FLUSH ([`MockDisk::guest_flush`]) is an `fdatasync` of the image, done before the
+//! guest goes on (the kv workload flushes before it answers a write); with the overlay on it
+//! has nothing to sync (the overlay reaches the image, synced, only when a takeover keeps it).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use colo_core::disk::{Overlay, BLOCK_SIZE};
+use colo_core::{BackendError, DirtyBitmap, GuestDisk};
+use parking_lot::Mutex;
+
+use crate::MockError;
+
+/// How to build a mock disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Size in bytes (a positive multiple of 4096).
+    pub bytes: u64,
+    /// The image file (created if missing); `None` = an anonymous memfd.
+    pub path: Option<PathBuf>,
+    /// Keep what the image holds (a primary's disk persists across runs); else it is emptied
+    /// first (a secondary's: the initial synchronisation fills it, and a block the primary's
+    /// image does not hold must read as zeros).
+    pub keep: bool,
+    /// The `dirty` workload writes this many blocks per millisecond over all vCPUs (0: none).
+    pub blocks_per_ms: u64,
+}
+
+impl DiskConfig {
+    /// A fresh (emptied) disk of `bytes` in a memfd, not written by the dirty workload.
+    pub fn new(bytes: u64) -> Self {
+        Self {
+            bytes,
+            path: None,
+            keep: false,
+            blocks_per_ms: 0,
+        }
+    }
+}
+
+/// The disk, shared by the domain (host side) and its vCPU threads (guest side).
+pub struct MockDisk {
+    file: File,
+    blocks: u64,
+    path: Option<PathBuf>,
+    /// Blocks the guest wrote to the image since the last harvest (the write log).
+    written: Box<[AtomicU64]>,
+    /// Some: the guest's writes go here (the SVM between checkpoints).
+    overlay: Mutex<Option<Overlay>>,
+    writes: AtomicU64,
+    flushes: AtomicU64,
+}
+
+impl std::fmt::Debug for MockDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockDisk")
+            .field("blocks", &self.blocks)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn os(op: &'static str) -> impl FnOnce(std::io::Error) -> MockError {
+    move |source| MockError::Os { op, source }
+}
+
+fn out_of_range(block: u64, blocks: u64) -> BackendError {
+    BackendError::PfnOutOfRange {
+        pfn: block,
+        pages: blocks,
+    }
+}
+
+impl MockDisk {
+    /// Opens (or creates) the image as `cfg` says.
+    pub fn open(cfg: &DiskConfig) -> Result<Self, MockError> {
+        if cfg.bytes == 0 || cfg.bytes % BLOCK_SIZE as u64 != 0 {
+            return Err(MockError::Config(format!(
+                "a disk must be a positive multiple of {BLOCK_SIZE} bytes, got {}",
+                cfg.bytes
+            )));
+        }
+        let file = match &cfg.path {
+            Some(p) => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)
+                .map_err(os("open disk image"))?,
+            None => crate::sys::memfd(c"colo-mock-disk").map_err(os("memfd_create"))?,
+        };
+        if !cfg.keep {
+            file.set_len(0).map_err(os("empty disk image"))?;
+        }
+        file.set_len(cfg.bytes).map_err(os("size disk image"))?;
+        let blocks = cfg.bytes / BLOCK_SIZE as u64;
+        Ok(Self {
+            file,
+            blocks,
+            path: cfg.path.clone(),
+            written: (0..blocks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            overlay: Mutex::new(None),
+            writes: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+        })
+    }
+
+    /// Size in blocks.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// The image file's path, if it is a named file.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Blocks written and flushes done by the guest so far.
+    pub fn guest_io(&self) -> (u64, u64) {
+        (
+            self.writes.load(Ordering::Relaxed),
+            self.flushes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Blocks the overlay holds (0 without one).
+    pub fn overlay_blocks(&self) -> usize {
+        self.overlay.lock().as_ref().map_or(0, Overlay::len)
+    }
+
+    fn check(&self, block: u64) -> Result<(), MockError> {
+        if block < self.blocks {
+            Ok(())
+        } else {
+            Err(out_of_range(block, self.blocks).into())
+        }
+    }
+
+    /// The guest writes `block` (4096 bytes): into the overlay when it is on, else into the
+    /// image, marked in the write log.
+    pub fn guest_write(&self, block: u64, data: &[u8]) -> Result<(), MockError> {
+        self.check(block)?;
+        if data.len() != BLOCK_SIZE {
+            return Err(MockError::Guest(format!(
+                "a disk write of {} bytes (blocks are {BLOCK_SIZE})",
+                data.len()
+            )));
+        }
+        let mut overlay = self.overlay.lock();
+        match overlay.as_mut() {
+            Some(o) => o
+                .write(block, data)
+                .map_err(|e| MockError::Guest(e.to_string()))?,
+            None => {
+                self.file
+                    .write_all_at(data, block * BLOCK_SIZE as u64)
+                    .map_err(os("pwrite disk block"))?;
+                self.written[(block / 64) as usize].fetch_or(1 << (block % 64), Ordering::Release);
+            }
+        }
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The guest reads `block` into `out` (4096 bytes): the overlay first, then the image.
+    pub fn guest_read(&self, block: u64, out: &mut [u8]) -> Result<(), MockError> {
+        self.check(block)?;
+        if let Some(d) = self.overlay.lock().as_ref().and_then(|o| o.read(block)) {
+            out.copy_from_slice(d);
+            return Ok(());
+        }
+        self.file
+            .read_exact_at(out, block * BLOCK_SIZE as u64)
+            .map_err(os("pread disk block"))
+    }
+
+    /// A guest FLUSH: the image's data reaches stable storage (`fdatasync`) before this
+    /// returns. With the overlay on there is nothing of the guest's in the image to sync.
+    pub fn guest_flush(&self) -> Result<(), MockError> {
+        if self.overlay.lock().is_none() {
+            self.file.sync_data().map_err(os("fdatasync disk image"))?;
+        }
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads `blocks` (the guest's view) into `out`, a run of consecutive blocks per `pread`.
+    fn read(&self, blocks: &[u64], out: &mut [u8]) -> Result<(), BackendError> {
+        want_len(blocks, out.len())?;
+        let mut i = 0;
+        while i < blocks.len() {
+            let start = blocks[i];
+            if start >= self.blocks {
+                return Err(out_of_range(start, self.blocks));
+            }
+            let mut n = 1;
+            while i + n < blocks.len() && blocks[i + n] == start + n as u64 && n < 256 {
+                n += 1;
+            }
+            let end = blocks[i + n - 1];
+            if end >= self.blocks {
+                return Err(out_of_range(end, self.blocks));
+            }
+            self.file
+                .read_exact_at(
+                    &mut out[i * BLOCK_SIZE..(i + n) * BLOCK_SIZE],
+                    start * BLOCK_SIZE as u64,
+                )
+                .map_err(|source| BackendError::Os {
+                    op: "pread disk image",
+                    source,
+                })?;
+            i += n;
+        }
+        if let Some(o) = self.overlay.lock().as_ref().filter(|o| !o.is_empty()) {
+            for (i, &b) in blocks.iter().enumerate() {
+                if let Some(d) = o.read(b) {
+                    out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].copy_from_slice(d);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` for `blocks` into the image, unlogged.
+    fn write(&self, blocks: &[u64], data: &[u8]) -> Result<(), BackendError> {
+        want_len(blocks, data.len())?;
+        if let Some(&b) = blocks.iter().find(|&&b| b >= self.blocks) {
+            return Err(out_of_range(b, self.blocks));
+        }
+        for (&b, d) in blocks.iter().zip(data.chunks_exact(BLOCK_SIZE)) {
+            self.file
+                .write_all_at(d, b * BLOCK_SIZE as u64)
+                .map_err(|source| BackendError::Os {
+                    op: "pwrite disk image",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// ORs the data extents of the image (`lseek` SEEK_DATA / SEEK_HOLE) into `into`.
+    fn allocated(&self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        let len = self.blocks * BLOCK_SIZE as u64;
+        let seek = |off: u64, whence| {
+            // SAFETY: lseek only moves this fd's file offset, which nothing uses (all IO on the
+            // image is positional: pread/pwrite); no memory is passed.
+            let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
+            if r < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(r as u64)
+            }
+        };
+        let mut off = 0;
+        while off < len {
+            let data = match seek(off, libc::SEEK_DATA) {
+                Ok(d) => d,
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+                // A file system without SEEK_DATA: everything may hold data.
+                Err(_) => {
+                    let _ = into.set_range(off / BLOCK_SIZE as u64, self.blocks);
+                    break;
+                }
+            };
+            let hole = seek(data, libc::SEEK_HOLE).unwrap_or(len).min(len);
+            let (first, end) = (data / BLOCK_SIZE as u64, hole.div_ceil(BLOCK_SIZE as u64));
+            into.set_range(first, end.min(self.blocks))
+                .map_err(|e| BackendError::BadState {
+                    op: "allocated",
+                    reason: e.to_string(),
+                })?;
+            off = hole.max(data + 1);
+        }
+        Ok(())
+    }
+
+    /// Drops the overlay's blocks; the guest's writes go to a fresh overlay from now on.
+    fn reset_overlay(&self) {
+        let mut o = self.overlay.lock();
+        match o.as_mut() {
+            Some(o) => o.clear(),
+            None => *o = Some(Overlay::new()),
+        }
+    }
+
+    /// Writes the overlay into the image and syncs it; the guest writes the image from now on.
+    fn merge_overlay(&self) -> Result<u64, BackendError> {
+        let mut guard = self.overlay.lock();
+        let Some(o) = guard.as_ref() else {
+            return Ok(0);
+        };
+        let io = |source| BackendError::Os {
+            op: "merge the disk overlay",
+            source,
+        };
+        let blocks = o.sorted();
+        for (b, d) in &blocks {
+            self.file
+                .write_all_at(d, b * BLOCK_SIZE as u64)
+                .map_err(io)?;
+        }
+        self.file.sync_data().map_err(io)?;
+        let n = blocks.len() as u64;
+        *guard = None;
+        Ok(n)
+    }
+}
+
+fn want_len(blocks: &[u64], got: usize) -> Result<(), BackendError> {
+    let want = blocks.len().saturating_mul(BLOCK_SIZE);
+    if got == want {
+        Ok(())
+    } else {
+        Err(BackendError::DataLength {
+            got,
+            want,
+            pages: blocks.len(),
+        })
+    }
+}
+
+/// The domain's handle on its disk: colo-core's [`GuestDisk`] for the node.
+#[derive(Debug, Clone)]
+pub(crate) struct DiskHandle(pub(crate) Arc<MockDisk>);
+
+impl GuestDisk for DiskHandle {
+    fn block_count(&self) -> u64 {
+        self.0.blocks
+    }
+
+    fn start_write_log(&mut self) -> Result<(), BackendError> {
+        for w in self.0.written.iter() {
+            w.store(0, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn harvest_written(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
+        if into.len() != self.0.blocks {
+            return Err(BackendError::BadState {
+                op: "harvest_written",
+                reason: format!("bitmap of {} bits for {} blocks", into.len(), self.0.blocks),
+            });
+        }
+        for (i, w) in self.0.written.iter().enumerate() {
+            let mut bits = w.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                let _ = into.set(i as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn allocated(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
+        self.0.allocated(into)
+    }
+
+    fn read_blocks(&mut self, blocks: &[u64], out: &mut [u8]) -> Result<(), BackendError> {
+        self.0.read(blocks, out)
+    }
+
+    fn write_blocks(&mut self, blocks: &[u64], data: &[u8]) -> Result<(), BackendError> {
+        self.0.write(blocks, data)
+    }
+
+    fn reset_overlay(&mut self) -> Result<(), BackendError> {
+        self.0.reset_overlay();
+        Ok(())
+    }
+
+    fn merge_overlay(&mut self) -> Result<u64, BackendError> {
+        self.0.merge_overlay()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(blocks: u64) -> DiskHandle {
+        DiskHandle(Arc::new(
+            MockDisk::open(&DiskConfig::new(blocks * BLOCK_SIZE as u64)).unwrap(),
+        ))
+    }
+
+    #[test]
+    fn written_blocks_are_logged_and_read_back_and_holes_are_not_allocated() {
+        let mut d = disk(300);
+        d.start_write_log().unwrap();
+        for b in [3, 4, 200] {
+            d.0.guest_write(b, &[b as u8; BLOCK_SIZE]).unwrap();
+        }
+        d.0.guest_flush().unwrap();
+        let mut log = DirtyBitmap::new(300);
+        d.harvest_written(&mut log).unwrap();
+        assert_eq!(log.to_pfns(), vec![3, 4, 200]);
+        let mut again = DirtyBitmap::new(300);
+        d.harvest_written(&mut again).unwrap();
+        assert_eq!(again.count(), 0, "a harvest clears the log");
+        let mut out = vec![9; 4 * BLOCK_SIZE];
+        d.read_blocks(&[3, 4, 5, 200], &mut out).unwrap();
+        let firsts: Vec<u8> = out.chunks(BLOCK_SIZE).map(|c| c[0]).collect();
+        assert_eq!(firsts, vec![3, 4, 0, 200]);
+        let mut alloc = DirtyBitmap::new(300);
+        d.allocated(&mut alloc).unwrap();
+        assert!(alloc.test(3).unwrap() && alloc.test(200).unwrap());
+        assert!(!alloc.test(100).unwrap(), "a hole is not sent");
+        assert!(d.read_blocks(&[300], &mut out[..BLOCK_SIZE]).is_err());
+        assert!(d.write_blocks(&[1], &out[..10]).is_err());
+    }
+
+    #[test]
+    fn the_overlay_keeps_the_guests_writes_out_of_the_image_until_merged() {
+        let mut d = disk(16);
+        d.write_blocks(&[1, 2], &[1; 2 * BLOCK_SIZE]).unwrap();
+        d.reset_overlay().unwrap();
+        d.start_write_log().unwrap();
+        d.0.guest_write(2, &[7; BLOCK_SIZE]).unwrap();
+        d.0.guest_write(9, &[9; BLOCK_SIZE]).unwrap();
+        let mut b = [0u8; BLOCK_SIZE];
+        d.0.guest_read(2, &mut b).unwrap();
+        assert_eq!(b[0], 7, "reads see the overlay");
+        let mut log = DirtyBitmap::new(16);
+        d.harvest_written(&mut log).unwrap();
+        assert_eq!(log.count(), 0, "overlay writes never reach the image's log");
+        // A checkpoint: the overlay is dropped.
+        d.reset_overlay().unwrap();
+        d.0.guest_read(2, &mut b).unwrap();
+        assert_eq!(b[0], 1);
+        // A takeover: the overlay is kept.
+        d.0.guest_write(5, &[5; BLOCK_SIZE]).unwrap();
+        assert_eq!(d.merge_overlay().unwrap(), 1);
+        let mut img = [0u8; BLOCK_SIZE];
+        d.0.file
+            .read_exact_at(&mut img, 5 * BLOCK_SIZE as u64)
+            .unwrap();
+        assert_eq!(img[0], 5);
+        d.0.guest_write(6, &[6; BLOCK_SIZE]).unwrap();
+        d.harvest_written(&mut log).unwrap();
+        assert_eq!(
+            log.to_pfns(),
+            vec![6],
+            "after the merge the guest writes the image"
+        );
+    }
+}
