@@ -23,8 +23,10 @@ commands:
   bench [--quick] [--link-only] [--json FILE]
                    end-to-end speed figures (release build) beside raw loopback TCP;
                    --link-only: just the sealed link's cost (encrypted vs plaintext)
-  xen-test [--deadline SECS] [--checkpoints N] [--verbose] [--verify] [--advisory-takeover] [--advisory-colo]
-                   colo-xen on a real Xen 4.17 booted under QEMU (root, ~3 min)
+  xen-test [--deadline SECS] [--checkpoints N] [--interval-ms MS] [--verbose] [--verify]
+           [--takeovers N] [--advisory-takeover] [--advisory-colo]
+                   colo-xen on a real Xen 4.17 booted under QEMU (root; 3 to 30 min, as
+                   fast as the emulation runs; `cargo xtask xen-test --help` for each flag)
   deps             install the system packages colo's build and tests need (root)
 ";
 
