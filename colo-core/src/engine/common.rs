@@ -4,10 +4,10 @@
 
 use std::time::Instant;
 
-use super::link::{message_name, Handshake};
+use super::link::{message_name, Handshake, LinkFlags};
 use super::messages::{Message, Role};
 use super::{EngineError, Liveness};
-use crate::stream::Record;
+use crate::stream::{PageCoding, Record};
 
 /// Settings both roles share: what the link handshake checks and how the peer is watched.
 #[derive(Debug, Clone)]
@@ -24,6 +24,10 @@ pub struct LinkConfig {
     /// Leave the records after the handshake unsealed (`--insecure-plaintext`; both sides must
     /// agree, the handshake checks).
     pub plaintext: bool,
+    /// How page data travels (`--zero-pages`, `--compress`; both sides must agree, the
+    /// handshake checks). The primary's driver codes the pages; the secondary's decoder reads
+    /// any coding.
+    pub coding: PageCoding,
     /// A fresh random nonce for the handshake.
     pub nonce: [u8; 32],
 }
@@ -37,6 +41,7 @@ impl LinkConfig {
             verify: false,
             key: None,
             plaintext: false,
+            coding: PageCoding::PLAIN,
             nonce: [0; 32],
         }
     }
@@ -69,15 +74,13 @@ impl Peer {
     /// Starts the handshake as `role`: our HELLO is appended to `outbox` (which may already hold
     /// the stream's headers). A handshake is a protocol step: it must progress in time.
     pub(crate) fn new(role: Role, cfg: &LinkConfig, now: Instant, mut outbox: Vec<u8>) -> Self {
-        let handshake = Handshake::start(
-            role,
-            cfg.page_count,
-            cfg.verify,
-            cfg.plaintext,
-            cfg.key.clone(),
-            cfg.nonce,
-            &mut outbox,
-        );
+        let flags = LinkFlags {
+            verify: cfg.verify,
+            plaintext: cfg.plaintext,
+            coding: cfg.coding,
+        };
+        let handshake =
+            Handshake::start_with(role, cfg.page_count, flags, cfg.key.clone(), cfg.nonce, &mut outbox);
         let mut heartbeat = Heartbeat::new(cfg.liveness, now);
         heartbeat.awaiting_progress(Some(now));
         Self {

@@ -5,8 +5,8 @@
 //!   primary                                        secondary
 //!      | -- HELLO(v, role, pages, 4096, flags, nonce_p) -->|
 //!      |<-- HELLO(v, role, pages, 4096, flags, nonce_s) -- |     (both send at once)
-//!      | -- AUTH(HMAC(k, P, nonce_s, nonce_p, pages, verify, plaintext)) -->|  (only with a key)
-//!      |<-- AUTH(HMAC(k, S, nonce_p, nonce_s, pages, verify, plaintext)) -- |
+//!      | -- AUTH(HMAC(k, P, nonce_s, nonce_p, pages, verify, plaintext, coding)) -->|  (with a key)
+//!      |<-- AUTH(HMAC(k, S, nonce_p, nonce_s, pages, verify, plaintext, coding)) -- |
 //!   Done: the link is trusted; only now is a guest page read or written. With a key and
 //!   without --insecure-plaintext, every byte after each side's AUTH is sealed (crate::seal).
 //! ```
@@ -16,15 +16,18 @@
 //! (flags bit 1): a primary that verifies beside a secondary that sends no digests, or the
 //! reverse, would otherwise pass silently; and, with keys, `--insecure-plaintext` on both sides
 //! or on neither (flags bit 2): one side would otherwise read the other's sealed frames as
-//! records. A mismatch is refused by both, each naming what differs and which side has it.
+//! records; and the same page coding (flags bits 3–5, `--zero-pages`, `--compress`): a
+//! secondary must expect the primary's PACKED_PAGES. A mismatch is refused by both, each naming
+//! what differs and which side has it.
 //!
 //! Each proof binds the prover's role, the verifier's fresh nonce (so it cannot be replayed), the
-//! prover's nonce (so it cannot be reflected back), the geometry and the verify and plaintext
-//! flags (so a man in the middle cannot hide a mismatch, nor strip the encryption by setting
-//! both plaintext flags). The machine is sans-IO: the caller supplies the nonce (from the OS's
+//! prover's nonce (so it cannot be reflected back), the geometry and the verify, plaintext and
+//! page coding flags (so a man in the middle cannot hide a mismatch, nor strip the encryption by
+//! setting both plaintext flags). The machine is sans-IO: the caller supplies the nonce (from the OS's
 //! RNG) and moves the encoded bytes.
 
 use super::messages::{Hello, Message, Role, MAC_LEN, PROTOCOL_VERSION};
+use crate::stream::PageCoding;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use thiserror::Error;
@@ -83,6 +86,21 @@ pub enum LinkError {
         /// The side without.
         without: Role,
     },
+    /// The two sides code page data differently (`--zero-pages`, `--compress`).
+    #[error(
+        "page coding differs: the {ours_role} has {ours}, the {peer_role} has {peer}; give both \
+         nodes the same --compress and --zero-pages"
+    )]
+    Coding {
+        /// This side.
+        ours_role: Role,
+        /// This side's coding.
+        ours: PageCoding,
+        /// The peer.
+        peer_role: Role,
+        /// The peer's coding.
+        peer: PageCoding,
+    },
     /// The peer's proof is wrong: it does not hold the same key.
     #[error("peer failed authentication: its HMAC proof does not match this node's key")]
     BadProof,
@@ -94,6 +112,17 @@ pub enum LinkError {
         /// What came instead.
         got: &'static str,
     },
+}
+
+/// The options a HELLO carries that both sides must share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkFlags {
+    /// `--verify`.
+    pub verify: bool,
+    /// `--insecure-plaintext`.
+    pub plaintext: bool,
+    /// `--zero-pages`, `--compress`.
+    pub coding: PageCoding,
 }
 
 /// What the handshake awaits.
@@ -124,6 +153,7 @@ pub struct Handshake {
     page_count: u64,
     verify: bool,
     plaintext: bool,
+    coding: PageCoding,
     key: Option<Vec<u8>>,
     nonce: [u8; 32],
     peer_nonce: [u8; 32],
@@ -137,6 +167,7 @@ impl std::fmt::Debug for Handshake {
             .field("page_count", &self.page_count)
             .field("verify", &self.verify)
             .field("plaintext", &self.plaintext)
+            .field("coding", &self.coding)
             .field("has_key", &self.key.is_some())
             .field("state", &self.state)
             .finish()
@@ -172,11 +203,34 @@ impl Handshake {
         nonce: [u8; 32],
         out: &mut Vec<u8>,
     ) -> Self {
+        let flags = LinkFlags {
+            verify,
+            plaintext,
+            coding: PageCoding::PLAIN,
+        };
+        Self::start_with(role, page_count, flags, key, nonce, out)
+    }
+
+    /// [`Handshake::start`] with every option this side asks the peer to share.
+    pub fn start_with(
+        role: Role,
+        page_count: u64,
+        flags: LinkFlags,
+        key: Option<Vec<u8>>,
+        nonce: [u8; 32],
+        out: &mut Vec<u8>,
+    ) -> Self {
+        let LinkFlags {
+            verify,
+            plaintext,
+            coding,
+        } = flags;
         let hs = Self {
             role,
             page_count,
             verify,
             plaintext,
+            coding,
             key,
             nonce,
             peer_nonce: [0; 32],
@@ -190,6 +244,7 @@ impl Handshake {
             wants_auth: hs.key.is_some(),
             verify,
             plaintext,
+            coding,
             nonce,
         })
         .encode(out);
@@ -213,7 +268,7 @@ impl Handshake {
             Ok(m) => m,
             Err(_) => unreachable_hmac(),
         };
-        mac.update(b"colo-link-auth-v3");
+        mac.update(b"colo-link-auth-v4");
         mac.update(&[match prover {
             Role::Primary => 1,
             Role::Secondary => 2,
@@ -222,6 +277,7 @@ impl Handshake {
         mac.update(prover_nonce);
         mac.update(&self.page_count.to_le_bytes());
         mac.update(&[u8::from(self.verify), u8::from(self.plaintext)]);
+        mac.update(&self.coding.flags().to_le_bytes());
         mac
     }
 
@@ -255,6 +311,14 @@ impl Handshake {
                         (h.role, self.role)
                     };
                     return Err(LinkError::Verify { with, without });
+                }
+                if h.coding != self.coding {
+                    return Err(LinkError::Coding {
+                        ours_role: self.role,
+                        ours: self.coding,
+                        peer_role: h.role,
+                        peer: h.coding,
+                    });
                 }
                 match (self.key.is_some(), h.wants_auth) {
                     (true, false) => {
@@ -483,6 +547,75 @@ mod tests {
         )
     }
 
+    /// A handshake between sides coding pages as `p` and `s`, with or without a key.
+    fn run_coding(
+        key: Option<&[u8]>,
+        p: PageCoding,
+        s: PageCoding,
+    ) -> (Result<bool, LinkError>, Result<bool, LinkError>) {
+        let (mut po, mut so) = (Vec::new(), Vec::new());
+        let flags = |coding| LinkFlags {
+            coding,
+            ..LinkFlags::default()
+        };
+        let k = key.map(<[u8]>::to_vec);
+        let mut ph = Handshake::start_with(Role::Primary, 5, flags(p), k.clone(), [1; 32], &mut po);
+        let mut sh = Handshake::start_with(Role::Secondary, 5, flags(s), k, [2; 32], &mut so);
+        let (p_hello, s_hello) = (po.clone(), so.clone());
+        po.clear();
+        so.clear();
+        let a = ph.on_message(&parse(&s_hello), &mut po);
+        let b = sh.on_message(&parse(&p_hello), &mut so);
+        match (a, b) {
+            (Ok(false), Ok(false)) => (
+                ph.on_message(&parse(&so), &mut Vec::new()),
+                sh.on_message(&parse(&po), &mut Vec::new()),
+            ),
+            other => other,
+        }
+    }
+
+    #[test]
+    fn the_same_page_coding_on_both_sides() {
+        use crate::stream::Codec;
+        let lz4 = PageCoding {
+            zero_pages: false,
+            codec: Codec::Lz4,
+        };
+        let zero = PageCoding {
+            zero_pages: true,
+            codec: Codec::None,
+        };
+        for key in [None, Some(&b"k"[..])] {
+            for c in [PageCoding::PLAIN, lz4, zero] {
+                assert_eq!(run_coding(key, c, c), (Ok(true), Ok(true)));
+            }
+            let (a, b) = run_coding(key, lz4, PageCoding::PLAIN);
+            assert!(matches!(a, Err(LinkError::Coding { .. })), "{a:?}");
+            assert!(matches!(b, Err(LinkError::Coding { .. })), "{b:?}");
+            assert!(matches!(
+                run_coding(key, zero, lz4).0,
+                Err(LinkError::Coding { .. })
+            ));
+        }
+        let msg = run_coding(None, lz4, PageCoding::PLAIN).0.unwrap_err();
+        assert_eq!(
+            msg.to_string(),
+            "page coding differs: the primary has --compress lz4, the secondary has --compress \
+             none; give both nodes the same --compress and --zero-pages"
+        );
+    }
+
+    #[test]
+    fn the_proof_covers_the_page_coding() {
+        // Flipping the zero-pages bit of both HELLOs makes them agree on each side; the proofs
+        // then fail.
+        assert_eq!(
+            flag_flipped_in_transit((false, false), (false, false), 1 << 3),
+            (Err(LinkError::BadProof), Err(LinkError::BadProof))
+        );
+    }
+
     #[test]
     fn the_proof_covers_the_verify_flag() {
         // A man in the middle that flips the secondary's verify bit in both HELLOs makes the
@@ -542,6 +675,7 @@ mod tests {
             wants_auth: true,
             verify: false,
             plaintext: false,
+            coding: PageCoding::PLAIN,
             nonce: [1; 32],
         })
         .encode(&mut fake);

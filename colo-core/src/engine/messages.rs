@@ -7,7 +7,7 @@
 //!
 //! | type | name | direction | body (little-endian) |
 //! |---|---|---|---|
-//! | `0x8000_C001` | HELLO | both | magic `b"COLOLINK"`, u32 version, u32 role (1 primary, 2 secondary), u64 page_count, u32 page_size, u32 flags (bit 0: wants auth; bit 1: verifies every checkpoint, `--verify`; bit 2: will not seal the records after the handshake, `--insecure-plaintext`; both sides must agree on bits 1 and 2), 32-byte nonce |
+//! | `0x8000_C001` | HELLO | both | magic `b"COLOLINK"`, u32 version, u32 role (1 primary, 2 secondary), u64 page_count, u32 page_size, u32 flags (bit 0: wants auth; bit 1: verifies every checkpoint, `--verify`; bit 2: will not seal the records after the handshake, `--insecure-plaintext`; bit 3: zero pages as markers, `--zero-pages`; bits 4–5: page compression, 0 none, 1 lz4, `--compress`; both sides must agree on bits 1 to 5), 32-byte nonce |
 //! | `0x8000_C002` | AUTH | both | 32-byte HMAC-SHA256 proof (see [`super::link`]) |
 //! | `0x8000_C003` | CONTROL | both | u32 id (libxl's CHECKPOINT_STATE ids: NEW 0, SVM_SUSPENDED 1, SVM_READY 2, SVM_RESUMED 3), u32 reserved, u64 epoch |
 //! | `0x8000_C004` | INPUT | primary → secondary | u64 seq, then one Ethernet frame (a client request mirrored to the SVM) |
@@ -16,10 +16,12 @@
 //! | `0x8000_C007` | VCPU_STATE | primary → secondary | the backend's opaque vCPU/platform state blob |
 //! | `0x8000_C008` | DIGEST | both | u64 epoch, 32-byte digest of all guest pages and the state (verification) |
 //! | `0x8000_C009` | GOODBYE | both | u32 reason: an orderly shutdown, not a failure (0: the primary stops; 1: the primary dropped its secondary, which must never take over) |
+//! | `0x8000_C00A` | PACKED_PAGES | primary → secondary | pages with zero markers and compressed data, only with an agreed page coding (decoded by the stream decoder: [`crate::stream::PageCoding`]) |
 //!
 //! Every parser checks the body length before reading and returns [`MessageError`] naming the
 //! record and what was wrong; nothing a peer sent is unwrapped.
 
+use crate::stream::PageCoding;
 use thiserror::Error;
 
 /// Record type numbers of colo's own records.
@@ -42,6 +44,8 @@ pub mod colo_type {
     pub const DIGEST: u32 = 0x8000_C008;
     /// Orderly shutdown.
     pub const GOODBYE: u32 = 0x8000_C009;
+    /// Pages with zero markers and compressed data (decoded by the stream decoder).
+    pub const PACKED_PAGES: u32 = crate::stream::rec_type::PACKED_PAGES;
 }
 
 /// Magic at the start of a HELLO body.
@@ -50,8 +54,9 @@ pub const HELLO_MAGIC: [u8; 8] = *b"COLOLINK";
 /// which both sides must agree on and which the AUTH proof covers; a version 1 peer would
 /// ignore a mismatch, so it is refused by version. Version 3 seals every record after the
 /// handshake when both sides have a key (see [`crate::seal`]) and added the plaintext flag
-/// (bit 2), agreed and proven like the verify flag.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// (bit 2), agreed and proven like the verify flag. Version 4 added the page coding (bits 3–5:
+/// zero-page markers and compression in PACKED_PAGES records), agreed and proven the same way.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// HELLO flag: the sender has a pre-shared key and will authenticate.
 pub const HELLO_WANTS_AUTH: u32 = 1 << 0;
 /// HELLO flag: the sender digests memory at every checkpoint (`--verify`).
@@ -154,6 +159,8 @@ pub struct Hello {
     /// The sender will not seal the records after the handshake (`--insecure-plaintext`); both
     /// sides must agree. Without a key nothing is sealed, whatever this says.
     pub plaintext: bool,
+    /// How the sender sends page data (`--zero-pages`, `--compress`); both sides must agree.
+    pub coding: PageCoding,
     /// The sender's challenge.
     pub nonce: [u8; 32],
 }
@@ -226,6 +233,9 @@ pub enum MessageError {
     /// Not one of colo's record types.
     #[error("record type {0:#x} is not one of colo's records")]
     UnknownType(u32),
+    /// HELLO names a page compression this build does not know.
+    #[error("HELLO record has flags {0:#x}: an unknown page compression (bits 4–5)")]
+    BadCoding(u32),
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -284,6 +294,9 @@ impl<'a> Message<'a> {
                 };
                 let mut nonce = [0u8; 32];
                 nonce.copy_from_slice(&body[32..64]);
+                let flags = u32_at(body, 28);
+                let coding =
+                    PageCoding::from_flags(flags).ok_or(MessageError::BadCoding(flags))?;
                 Message::Hello(Hello {
                     version: u32_at(body, 8),
                     role,
@@ -292,6 +305,7 @@ impl<'a> Message<'a> {
                     wants_auth: u32_at(body, 28) & HELLO_WANTS_AUTH != 0,
                     verify: u32_at(body, 28) & HELLO_VERIFY != 0,
                     plaintext: u32_at(body, 28) & HELLO_PLAINTEXT != 0,
+                    coding,
                     nonce,
                 })
             }
@@ -391,6 +405,7 @@ impl<'a> Message<'a> {
                 if h.plaintext {
                     flags |= HELLO_PLAINTEXT;
                 }
+                flags |= h.coding.flags();
                 out.extend_from_slice(&flags.to_le_bytes());
                 out.extend_from_slice(&h.nonce);
             }
@@ -438,16 +453,29 @@ mod tests {
     fn every_message_round_trips() {
         for (wants_auth, verify) in [(false, false), (true, false), (false, true), (true, true)] {
             for plaintext in [false, true] {
-                round_trip(Message::Hello(Hello {
-                    version: PROTOCOL_VERSION,
-                    role: Role::Secondary,
-                    page_count: 262_144,
-                    page_size: 4096,
-                    wants_auth,
-                    verify,
-                    plaintext,
-                    nonce: [7; 32],
-                }));
+                for coding in [
+                    PageCoding::PLAIN,
+                    PageCoding {
+                        zero_pages: true,
+                        codec: crate::stream::Codec::None,
+                    },
+                    PageCoding {
+                        zero_pages: plaintext,
+                        codec: crate::stream::Codec::Lz4,
+                    },
+                ] {
+                    round_trip(Message::Hello(Hello {
+                        version: PROTOCOL_VERSION,
+                        role: Role::Secondary,
+                        page_count: 262_144,
+                        page_size: 4096,
+                        wants_auth,
+                        verify,
+                        plaintext,
+                        coding,
+                        nonce: [7; 32],
+                    }));
+                }
             }
         }
         round_trip(Message::Auth([9; 32]));
@@ -505,6 +533,7 @@ mod tests {
             wants_auth: true,
             verify: true,
             plaintext: false,
+            coding: PageCoding::PLAIN,
             nonce: [0; 32],
         })
         .encode(&mut out);
@@ -517,6 +546,24 @@ mod tests {
             panic!("HELLO does not parse");
         };
         assert!(h.wants_auth && h.verify);
+        // Bits 3–5: the page coding; an unknown codec is refused, not read as another.
+        let mut b = body.to_vec();
+        b[28] = 3 | 1 << 3 | 1 << 4;
+        let Ok(Some(Message::Hello(h))) = Message::parse(colo_type::HELLO, &b) else {
+            panic!("HELLO with a page coding does not parse");
+        };
+        assert_eq!(
+            h.coding,
+            PageCoding {
+                zero_pages: true,
+                codec: crate::stream::Codec::Lz4
+            }
+        );
+        b[28] = 3 | 2 << 4;
+        assert!(matches!(
+            Message::parse(colo_type::HELLO, &b),
+            Err(MessageError::BadCoding(_))
+        ));
         // A HELLO one byte short (or long) is a length error, not a panic.
         for len in [HELLO_LEN - 1, HELLO_LEN + 1] {
             let mut b = body.to_vec();
