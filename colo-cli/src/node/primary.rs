@@ -45,6 +45,7 @@ pub(super) fn primary_config(opts: &NodeOptions, pages: u64) -> PrimaryConfig {
     cfg.link.verify = opts.verify;
     cfg.link.key = opts.key.clone();
     cfg.link.plaintext = opts.insecure_plaintext;
+    cfg.link.coding = opts.page_coding;
     cfg.link.nonce = super::driver::nonce();
     cfg
 }
@@ -136,7 +137,7 @@ impl<G: Guest> Node<G, PrimaryRole> {
             next_seq: 0,
             queued: VecDeque::new(),
             capture: Capture::new(pages, opts.verify, opts.unlogged_sweeps),
-            writer: PageWriter::new(),
+            writer: PageWriter::new(opts.page_coding),
             released: Vec::new(),
             last_cp_end: now,
             manual: false,
