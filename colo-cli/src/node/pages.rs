@@ -20,38 +20,18 @@ pub(super) fn in_order(next: &mut usize, i: usize) -> Result<(), BackendError> {
     Ok(())
 }
 
-/// Reads pages of `pfns` from `dom` into `out`, in order. A page the backend cannot map (Xen's
-/// holes: MMIO, beyond RAM) is zero-filled when `present` is None, or else left out of `out`
-/// and marked `false` in `present` (then it travels as an XTAB entry without data). The
-/// buffers keep their capacity across checkpoints, so the pause neither allocates nor
-/// zero-fills.
+/// Reads pages of `pfns` from `dom` into `out`, in order ([`Domain::copy_pages`]). A page the
+/// backend cannot map (Xen's holes: MMIO, beyond RAM) is zero-filled when `present` is None, or
+/// else left out of `out` and marked `false` in `present` (then it travels as an XTAB entry
+/// without data). The buffers keep their capacity across checkpoints, so the pause neither
+/// allocates nor zero-fills.
 pub(super) fn copy_pages(
     dom: &mut dyn Domain,
     pfns: &[u64],
     out: &mut Vec<u8>,
-    mut present: Option<&mut Vec<bool>>,
+    present: Option<&mut Vec<bool>>,
 ) -> Result<(), BackendError> {
-    out.reserve(pfns.len() * PAGE_SIZE);
-    let mut next = 0;
-    dom.read_pages(pfns, &mut |i, page| {
-        in_order(&mut next, i)?;
-        match page {
-            Some(p) if p.len() == PAGE_SIZE => out.extend_from_slice(p),
-            Some(p) => {
-                return Err(BackendError::DataLength {
-                    got: p.len(),
-                    want: PAGE_SIZE,
-                    pages: 1,
-                })
-            }
-            None if present.is_none() => out.resize(out.len() + PAGE_SIZE, 0),
-            None => {}
-        }
-        if let Some(v) = present.as_deref_mut() {
-            v.push(page.is_some());
-        }
-        Ok(())
-    })
+    dom.copy_pages(pfns, out, present)
 }
 
 /// Writes PAGE_DATA records for `pfns` (batches of at most 1024): present pages as NOTAB with

@@ -18,7 +18,7 @@ use colo_core::Guest;
 use crossbeam_channel::Receiver;
 
 use super::capture::Capture;
-use super::driver::{run_fence, Io, Next, Node, Role};
+use super::driver::{flush, run_fence, Io, Next, Node, Role};
 use super::pages::PageWriter;
 use super::protect::{goodbye, goodbye_in_background, Protecting};
 use super::NodeOptions;
@@ -305,7 +305,7 @@ impl Role for PrimaryRole {
         self.check_arbiter(io)?;
         self.pump_clients(io)?;
         self.pump_output(io);
-        self.maybe_checkpoint(&io.opts)
+        self.maybe_checkpoint(io)
     }
 
     fn backlog(&self) -> bool {
@@ -673,13 +673,15 @@ impl PrimaryRole {
             .and_then(|c| c.checkpoint_wanted(now))
     }
 
-    /// Starts a checkpoint when the policy says so.
-    fn maybe_checkpoint(&mut self, opts: &NodeOptions) -> Result<()> {
+    /// Starts a checkpoint when the policy says so; while NEW travels, sizes the copy buffer
+    /// for it (see `Capture::prepare`).
+    fn maybe_checkpoint<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
         if self.engine.state() != PrimaryState::Running {
             return Ok(());
         }
         let now = Instant::now();
-        let Some(reason) = opts.policy.decide(now, self.last_cp_end, self.wanted(now)) else {
+        let wanted = self.wanted(now);
+        let Some(reason) = io.opts.policy.decide(now, self.last_cp_end, wanted) else {
             return Ok(());
         };
         let trigger = match reason {
@@ -689,6 +691,11 @@ impl PrimaryRole {
         };
         self.manual = false;
         self.engine.start_checkpoint(now, trigger)?;
+        // NEW goes out first: the secondary suspends its SVM meanwhile.
+        flush(self, io);
+        if let Err(e) = self.capture.prepare(&mut io.guest) {
+            tracing::debug!("sizing the copy buffer before the pause: {e}");
+        }
         Ok(())
     }
 }
