@@ -75,13 +75,14 @@ pub(super) fn write_typed_pages(
     Ok(bytes)
 }
 
-/// Batches sent raw after one that lz4 did not shrink by a tenth, before lz4 is tried again
-/// (incompressible guests pay for one try in this many).
-const LZ4_BACKOFF: u32 = 16;
+/// Pages of a batch lz4 compresses first, as a sample: the batch is compressed only if they
+/// shrink by a tenth (an incompressible guest pays for 1/64 of a compression).
+const LZ4_SAMPLE: usize = 16;
 
 /// Writes pages as the link's page coding says (see [`colo_core::stream::PageCoding`]), with
 /// its buffers kept across checkpoints: plain PAGE_DATA; zero pages as PACKED_PAGES markers;
-/// batches compressed with lz4 as PACKED_PAGES, or as PAGE_DATA when lz4 does not help.
+/// batches compressed with lz4 as PACKED_PAGES, or as PAGE_DATA when a sample of the batch
+/// does not compress.
 #[derive(Debug)]
 pub(super) struct PageWriter {
     coding: PageCoding,
@@ -94,8 +95,6 @@ pub(super) struct PageWriter {
     markers: Vec<(u64, PackedKind)>,
     rest_pfns: Vec<u64>,
     rest_present: Vec<bool>,
-    /// Batches still to send raw before lz4 is tried again.
-    backoff: u32,
 }
 
 impl PageWriter {
@@ -109,7 +108,6 @@ impl PageWriter {
             markers: Vec::new(),
             rest_pfns: Vec::new(),
             rest_present: Vec::new(),
-            backoff: 0,
         }
     }
 
@@ -175,19 +173,14 @@ impl PageWriter {
             }
         }
         let body = if zeros > 0 { &self.gather[..] } else { data };
-        if self.coding.codec == Codec::Lz4 {
-            if self.backoff == 0 {
-                self.scratch.clear();
-                encode_packed_pages(&mut self.scratch, &self.packed, body, Codec::Lz4)
-                    .map_err(|e| invalid(&e.to_string()))?;
-                let raw = body.len() + 8 * pfns.len();
-                if self.scratch.len() * 10 < raw * 9 {
-                    w.write_all(&self.scratch)?;
-                    return Ok(self.scratch.len() as u64);
-                }
-                self.backoff = LZ4_BACKOFF;
-            } else {
-                self.backoff -= 1;
+        if self.coding.codec == Codec::Lz4 && shrinks(&mut self.scratch, body) {
+            self.scratch.clear();
+            encode_packed_pages(&mut self.scratch, &self.packed, body, Codec::Lz4)
+                .map_err(|e| invalid(&e.to_string()))?;
+            let raw = body.len() + 8 * pfns.len();
+            if self.scratch.len() * 10 < raw * 9 {
+                w.write_all(&self.scratch)?;
+                return Ok(self.scratch.len() as u64);
             }
         }
         // Raw: the zero pages (if any) as markers, the others as PAGE_DATA.
@@ -224,6 +217,21 @@ impl PageWriter {
     pub(super) fn scratch(&mut self) -> &mut Vec<u8> {
         self.scratch.clear();
         &mut self.scratch
+    }
+}
+
+/// Whether lz4 shrinks a sample of `data` (its first pages) by a tenth; `scratch` is
+/// overwritten.
+fn shrinks(scratch: &mut Vec<u8>, data: &[u8]) -> bool {
+    let sample = &data[..data.len().min(LZ4_SAMPLE * PAGE_SIZE)];
+    if sample.is_empty() {
+        return true;
+    }
+    scratch.clear();
+    scratch.resize(lz4_flex::block::get_maximum_output_size(sample.len()), 0);
+    match lz4_flex::block::compress_into(sample, scratch) {
+        Ok(n) => n * 10 < sample.len() * 9,
+        Err(_) => false,
     }
 }
 
@@ -367,6 +375,5 @@ mod tests {
             .write(&mut plain, &pfns, &present, &data)
             .unwrap();
         assert_eq!(out, plain, "random pages are sent as PAGE_DATA");
-        assert_eq!(w.backoff, LZ4_BACKOFF);
     }
 }

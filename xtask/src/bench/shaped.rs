@@ -19,6 +19,9 @@ use super::{scattered_pfns, splitmix, Pair, MIB};
 
 /// Bytes read (and then paced) at once.
 const CHUNK: usize = 64 << 10;
+/// The token bucket's depth: a thread that overslept (a loaded machine) catches up within it,
+/// so the link keeps its rate (1 MiB: 8 ms at 1 Gbit/s, 0.8 ms at 10 Gbit/s).
+const BUCKET: f64 = (1 << 20) as f64;
 
 /// A rate shared by the proxy's threads, bytes/s (0: unlimited).
 #[derive(Debug, Default)]
@@ -78,8 +81,8 @@ impl Drop for Shaper {
 /// Forwards `from` to `to` at the shared rate until either side closes.
 fn pump(mut from: TcpStream, mut to: TcpStream, rate: &Rate, stop: &AtomicBool) {
     let mut buf = vec![0u8; CHUNK];
-    // Tokens in bytes; the bucket holds one chunk, so idle time earns no burst beyond it.
-    let mut tokens = CHUNK as f64;
+    // Tokens in bytes; idle time earns no burst beyond the bucket.
+    let mut tokens = BUCKET;
     let mut last = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let n = match from.read(&mut buf) {
@@ -90,7 +93,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, rate: &Rate, stop: &AtomicBool) 
         if bps > 0.0 {
             loop {
                 let now = Instant::now();
-                tokens = (tokens + now.duration_since(last).as_secs_f64() * bps).min(CHUNK as f64);
+                tokens = (tokens + now.duration_since(last).as_secs_f64() * bps).min(BUCKET);
                 last = now;
                 if tokens >= n as f64 {
                     break;
@@ -188,10 +191,54 @@ impl ShapedRow {
     }
 }
 
-/// Every row, and the raw rate each shaped link reached (one transfer through the proxy).
+/// Every row, and the baseline of each rate: raw TCP through the same proxy, ms for the bytes
+/// of a plain 10,000-page checkpoint (median of 3).
 #[derive(Debug, Default, Clone)]
 pub(super) struct Shaped {
     rows: Vec<ShapedRow>,
+    raw: Vec<(f64, f64)>,
+}
+
+/// Bytes of a plain 10,000-page checkpoint, for the raw baseline.
+const RAW_BYTES: usize = 41_000_000;
+
+/// Milliseconds raw TCP takes for [`RAW_BYTES`] through a shaper at `gbit` (median of 3).
+fn raw_through(gbit: f64) -> Result<f64> {
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let sink = TcpListener::bind("127.0.0.1:0")?;
+        let target = sink.local_addr()?.to_string();
+        let reader = std::thread::spawn(move || -> std::io::Result<usize> {
+            let (mut s, _) = sink.accept()?;
+            let mut buf = vec![0u8; CHUNK];
+            let mut got = 0;
+            loop {
+                match s.read(&mut buf)? {
+                    0 => return Ok(got),
+                    n => got += n,
+                }
+            }
+        });
+        let shaper = Shaper::start(&target)?;
+        shaper.set_gbit(gbit);
+        let mut s = TcpStream::connect(&shaper.addr)?;
+        s.set_nodelay(true)?;
+        let buf = vec![0x5au8; MIB as usize];
+        let t = Instant::now();
+        let mut sent = 0;
+        while sent < RAW_BYTES {
+            let n = (RAW_BYTES - sent).min(buf.len());
+            s.write_all(&buf[..n])?;
+            sent += n;
+        }
+        s.shutdown(Shutdown::Write)?;
+        let got = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("the sink thread panicked"))??;
+        runs.push(t.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(got == RAW_BYTES, "the shaper delivered {got} of {RAW_BYTES} bytes");
+    }
+    Ok(percentile(runs, 50.0).unwrap_or(0.0))
 }
 
 impl Shaped {
@@ -210,6 +257,16 @@ impl Shaped {
             "{:>8} {:>8} {:>8} {:>24} {:>12} {:>12}",
             "Gbit/s", "pages", "coding", "completion ms", "MB on link", "÷ plain"
         );
+        for &(g, ms) in &self.raw {
+            println!(
+                "{g:>8} {:>8} {:>8} {ms:>10.1} {:>13} {:>12.2}   (baseline: raw TCP through the \
+                 proxy, same run)",
+                "raw TCP",
+                "",
+                "",
+                RAW_BYTES as f64 / 1e6
+            );
+        }
         for r in &self.rows {
             let (lo, hi) = (
                 r.total_ms.iter().copied().fold(f64::INFINITY, f64::min),
@@ -240,6 +297,8 @@ impl Shaped {
     pub(super) fn json(&self) -> Value {
         let get = |g: f64, c: Content, m: &str| self.find(g, c, m).map(ShapedRow::p50);
         json!({
+            "raw_tcp_ms_41mb_1gbit": self.raw.iter().find(|r| r.0 == 1.0).map(|r| r.1),
+            "raw_tcp_ms_41mb_10gbit": self.raw.iter().find(|r| r.0 == 10.0).map(|r| r.1),
             "completion_ms_10k_1gbit_plain": get(1.0, Content::Kv, "plain"),
             "completion_ms_10k_1gbit_lz4": get(1.0, Content::Kv, "lz4"),
             "completion_ms_10k_1gbit_zero": get(1.0, Content::Kv, "zero"),
@@ -290,7 +349,12 @@ pub(super) fn run(quick: bool) -> Result<Shaped> {
             ram,
             &format!("shaped link, {name}"),
             Some(true),
-            &|o| o.page_coding = coding,
+            &|o| {
+                o.page_coding = coding;
+                // A shared, loaded machine can starve a node's threads for a while.
+                o.liveness.timeout = Duration::from_secs(10);
+                o.liveness.progress_timeout = Duration::from_secs(60);
+            },
             Some(&|addr: &str| {
                 let s = Shaper::start(addr)?;
                 let a = s.addr.clone();
@@ -306,6 +370,9 @@ pub(super) fn run(quick: bool) -> Result<Shaped> {
     let mut out = Shaped::default();
     let mut seed = 0x5ba9_ed00_u64;
     for gbit in [1.0, 10.0] {
+        let raw = raw_through(gbit)?;
+        println!("  {gbit} Gbit/s: raw TCP moves {RAW_BYTES} bytes through the proxy in {raw:.1} ms");
+        out.raw.push((gbit, raw));
         for (_, _, s) in &pairs {
             s.set_gbit(gbit);
         }
