@@ -600,18 +600,18 @@ mod tests {
         );
     }
 
-    /// Both sides with a key, (verify, plaintext) settings `p` and `s`; a man in the middle
-    /// flips HELLO flag `bit` on the way both ways. Returns what each side said to the other's
-    /// AUTH (both HELLOs must have passed).
+    /// Both sides with a key, offering `p` and `s` (5 pages); a man in the middle flips HELLO
+    /// flag `bit` on the way both ways. Returns what each side said to the other's AUTH (both
+    /// HELLOs must have passed).
     fn flag_flipped_in_transit(
-        p: (bool, bool),
-        s: (bool, bool),
+        p: Offer,
+        s: Offer,
         bit: u32,
     ) -> (Result<bool, LinkError>, Result<bool, LinkError>) {
         let (mut po, mut so) = (Vec::new(), Vec::new());
         let key = Some(b"k".to_vec());
-        let mut ph = Handshake::start(Role::Primary, 5, p.0, p.1, key.clone(), [1; 32], &mut po);
-        let mut sh = Handshake::start(Role::Secondary, 5, s.0, s.1, key, [2; 32], &mut so);
+        let mut ph = Handshake::offer(Role::Primary, p, key.clone(), [1; 32], &mut po);
+        let mut sh = Handshake::offer(Role::Secondary, s, key, [2; 32], &mut so);
         let flip = |bytes: &[u8]| -> Vec<u8> {
             let mut b = bytes.to_vec();
             b[8 + 28] ^= bit as u8;
@@ -626,6 +626,16 @@ mod tests {
             ph.on_message(&parse(&so), &mut Vec::new()),
             sh.on_message(&parse(&po), &mut Vec::new()),
         )
+    }
+
+    /// An offer of 5 pages with `--verify` and `--insecure-plaintext` as given, pages plain.
+    fn flags(verify: bool, plaintext: bool) -> Offer {
+        Offer {
+            page_count: 5,
+            verify,
+            plaintext,
+            ..Offer::default()
+        }
     }
 
     /// A handshake between sides coding pages as `p` and `s`, with or without a key.
@@ -690,10 +700,18 @@ mod tests {
 
     #[test]
     fn the_proof_covers_the_page_coding() {
-        // Flipping the zero-pages bit of both HELLOs makes them agree on each side; the proofs
-        // then fail.
+        // The primary codes zero pages, the secondary does not; a man in the middle flips the
+        // zero-pages bit of both HELLOs, so each side sees its own coding; the proofs, each
+        // bound to its own side's coding, then fail.
+        let zero = Offer {
+            coding: PageCoding {
+                zero_pages: true,
+                ..PageCoding::PLAIN
+            },
+            ..flags(false, false)
+        };
         assert_eq!(
-            flag_flipped_in_transit((false, false), (false, false), 1 << 3),
+            flag_flipped_in_transit(zero, flags(false, false), zero.coding.flags()),
             (Err(LinkError::BadProof), Err(LinkError::BadProof))
         );
     }
@@ -703,7 +721,7 @@ mod tests {
         // A man in the middle that flips the secondary's verify bit in both HELLOs makes the
         // flags agree on each side; the proofs, each bound to its own side's flag, then fail.
         assert_eq!(
-            flag_flipped_in_transit((true, false), (false, false), HELLO_VERIFY),
+            flag_flipped_in_transit(flags(true, false), flags(false, false), HELLO_VERIFY),
             (Err(LinkError::BadProof), Err(LinkError::BadProof))
         );
     }
@@ -806,7 +824,7 @@ mod tests {
         // each bound to its own side's flag, fail.
         let plaintext = crate::engine::messages::HELLO_PLAINTEXT;
         assert_eq!(
-            flag_flipped_in_transit((false, true), (false, false), plaintext),
+            flag_flipped_in_transit(flags(false, true), flags(false, false), plaintext),
             (Err(LinkError::BadProof), Err(LinkError::BadProof))
         );
     }
