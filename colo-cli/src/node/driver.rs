@@ -124,6 +124,8 @@ pub trait Role: Sized {
     fn state_name(&self) -> &'static str;
     /// The machine talks to a peer: the handshake is over and the peer not lost.
     fn talking(&self) -> bool;
+    /// The handshake with the peer just completed (once per connection).
+    fn handshake_done(&mut self) {}
     /// What the machine has for the link.
     fn outbox(&mut self) -> &mut Vec<u8>;
     /// Tells the machine the peer is gone.
@@ -380,6 +382,9 @@ impl<G: Guest, R: Role> Node<G, R> {
 /// handshake completed earlier is always seen.
 pub(super) fn flush<G, R: Role>(role: &mut R, io: &mut Io<G>) {
     let talking = role.talking();
+    if talking && !io.handshaken {
+        role.handshake_done();
+    }
     io.handshaken |= talking;
     let keepalive = talking.then_some(io.opts.liveness.interval);
     if let Err(e) = flush_outbox(io.link.as_mut(), role.outbox(), keepalive) {

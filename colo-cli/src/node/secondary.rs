@@ -209,6 +209,23 @@ impl Role for SecondaryRole {
         )
     }
 
+    /// The primary's handshake completed: refusals not yet reported (the last second of a
+    /// flood) are reported now, so every refused connection reaches the log's count.
+    fn handshake_done(&mut self) {
+        let r = &mut self.refusals;
+        if r.unlogged > 0 {
+            tracing::warn!(
+                "a primary completed the handshake ({} more connection(s) refused since the last \
+                 report; {} in all, the last one {})",
+                r.unlogged,
+                r.total,
+                r.reason
+            );
+            r.unlogged = 0;
+            r.logged = Some(Instant::now());
+        }
+    }
+
     fn outbox(&mut self) -> &mut Vec<u8> {
         self.engine.outbox_mut()
     }
@@ -551,7 +568,7 @@ impl SecondaryRole {
         {
             let others = std::mem::take(&mut r.unlogged);
             let more = if others > 0 {
-                format!(" ({others} more refused since the last report)")
+                format!(" ({others} more connection(s) refused since the last report)")
             } else {
                 String::new()
             };
@@ -572,9 +589,11 @@ impl SecondaryRole {
         }
         io.note_loss(format!("refused {peer}: {why}"));
         let pages = io.guest.page_count();
-        let last = self.refusals.reason.clone();
+        let (total, last) = (self.refusals.total, self.refusals.reason.clone());
         let link = accept_primary(listener, self.waiting_until, pages, io.opts.key.as_deref())
-            .with_context(|| format!("the last connection was refused ({last})"))?;
+            .with_context(|| {
+                format!("{total} connection(s) were refused, the last one ({last})")
+            })?;
         let disk_blocks = disk::blocks(&mut io.guest);
         self.engine = Secondary::new(
             secondary_config(&io.opts, pages, disk_blocks),
