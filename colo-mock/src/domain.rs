@@ -528,8 +528,11 @@ impl Domain for MockDomain {
         Ok(())
     }
 
-    /// Copies the pages in; they count as clean in the dirty log afterwards (as Xen does not log
-    /// foreign-mapping writes), so a checkpoint's apply does not reappear in the next harvest.
+    /// Copies the pages in, one `pwrite` to the RAM file per run of consecutive pfns (writing
+    /// through the mapping took a write-protect fault per page: 10,000 scattered pages cost
+    /// 60–90 ms of faults on a loaded machine); they count as clean in the dirty log afterwards
+    /// (as Xen does not log foreign-mapping writes), so a checkpoint's apply does not reappear
+    /// in the next harvest.
     fn write_pages(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), BackendError> {
         if !self.paused {
             return Err(bad_state("write_pages", "the domain is running"));
@@ -543,16 +546,26 @@ impl Domain for MockDomain {
             });
         }
         self.check_pfns(pfns)?;
-        for (&p, page) in pfns.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+        let mut runs = 0;
+        let mut i = 0;
+        while i < pfns.len() {
+            let mut j = i + 1;
+            while j < pfns.len() && pfns[j] == pfns[j - 1] + 1 {
+                j += 1;
+            }
             self.shared
                 .mem
-                .write(p as usize * PAGE_SIZE, page)
+                .write_through_file(
+                    pfns[i] as usize * PAGE_SIZE,
+                    &data[i * PAGE_SIZE..j * PAGE_SIZE],
+                )
                 .map_err(|e| bad_state("write_pages", &e.to_string()))?;
+            runs += 1;
+            i = j;
         }
         for &p in pfns {
             let _ = self.known_data.set(p);
         }
-        let runs = 1 + pfns.windows(2).filter(|w| w[1] != w[0] + 1).count();
         self.tracker.mark_clean_pfns(pfns, runs)
     }
 
@@ -718,3 +731,4 @@ mod tests {
         }
     }
 }
+

@@ -608,11 +608,38 @@ mod tests {
 
     #[test]
     fn the_proof_covers_the_page_coding() {
-        // Flipping the zero-pages bit of both HELLOs makes them agree on each side; the proofs
+        // The primary sends zero pages as markers, the secondary does not; a man in the middle
+        // flips the zero-pages bit of both HELLOs so each side sees its own coding. The proofs
         // then fail.
+        let (mut po, mut so) = (Vec::new(), Vec::new());
+        let key = Some(b"k".to_vec());
+        let zero = LinkFlags {
+            coding: PageCoding {
+                zero_pages: true,
+                ..PageCoding::PLAIN
+            },
+            ..LinkFlags::default()
+        };
+        let mut ph = Handshake::start_with(Role::Primary, 5, zero, key.clone(), [1; 32], &mut po);
+        let mut sh =
+            Handshake::start_with(Role::Secondary, 5, LinkFlags::default(), key, [2; 32], &mut so);
+        let flip = |bytes: &[u8]| -> Vec<u8> {
+            let mut b = bytes.to_vec();
+            b[8 + 28] ^= 1 << 3;
+            b
+        };
+        let (p_hello, s_hello) = (flip(&po), flip(&so));
+        po.clear();
+        so.clear();
+        assert_eq!(ph.on_message(&parse(&s_hello), &mut po), Ok(false));
+        assert_eq!(sh.on_message(&parse(&p_hello), &mut so), Ok(false));
         assert_eq!(
-            flag_flipped_in_transit((false, false), (false, false), 1 << 3),
-            (Err(LinkError::BadProof), Err(LinkError::BadProof))
+            ph.on_message(&parse(&so), &mut Vec::new()),
+            Err(LinkError::BadProof)
+        );
+        assert_eq!(
+            sh.on_message(&parse(&po), &mut Vec::new()),
+            Err(LinkError::BadProof)
         );
     }
 
