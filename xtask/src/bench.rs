@@ -63,9 +63,14 @@ pub fn run(args: &[String]) -> Result<()> {
                 json_path = Some(PathBuf::from(v));
             }
             "--only" => {
-                let v = it.next().context("--only needs sections: floor,idle,shaped")?;
+                let v = it
+                    .next()
+                    .context("--only needs sections: floor,idle,shaped")?;
                 if let Some(bad) = v.split(',').find(|s| !SECTIONS.contains(s)) {
-                    bail!("bench: unknown section `{bad}` (expected {})", SECTIONS.join(", "));
+                    bail!(
+                        "bench: unknown section `{bad}` (expected {})",
+                        SECTIONS.join(", ")
+                    );
                 }
                 only = Some(v.clone());
             }
@@ -120,7 +125,15 @@ pub fn run(args: &[String]) -> Result<()> {
     println!("xtask bench: building and running the optimized bench (cargo run --release)");
     // The idle-pair figure runs real `colo` processes, built beside the bench.
     let status = Command::new(&cargo)
-        .args(["build", "--release", "--quiet", "-p", "colo-cli", "--bin", "colo"])
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "colo-cli",
+            "--bin",
+            "colo",
+        ])
         .current_dir(crate::root())
         .status()
         .with_context(|| format!("running {cargo} build --release -p colo-cli"))?;
@@ -149,8 +162,12 @@ fn run_sections(quick: bool, sections: &str, json_path: Option<&Path>) -> Result
     let started = Instant::now();
     let mut j = json!({ "quick": quick });
     let has = |s: &str| sections.split(',').any(|x| x == s);
-    let floor = has("floor").then(|| floor::pause_floor_alone(quick)).transpose()?;
-    let idle = has("idle").then(|| floor::idle_cpu(idle_secs(quick))).transpose()?;
+    let floor = has("floor")
+        .then(|| floor::pause_floor_alone(quick))
+        .transpose()?;
+    let idle = has("idle")
+        .then(|| floor::idle_cpu(idle_secs(quick)))
+        .transpose()?;
     let shaped = has("shaped").then(|| shaped::run(quick)).transpose()?;
     if let Some(f) = &floor {
         f.print();

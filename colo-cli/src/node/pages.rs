@@ -130,7 +130,9 @@ impl PageWriter {
             .zip(present.chunks(MAX_PAGES_PER_RECORD))
         {
             let n = ok.iter().filter(|x| **x).count() * PAGE_SIZE;
-            let chunk = data.get(off..off + n).ok_or_else(|| invalid("page data shorter than its pfns"))?;
+            let chunk = data
+                .get(off..off + n)
+                .ok_or_else(|| invalid("page data shorter than its pfns"))?;
             off += n;
             bytes += self.write_batch(w, ps, ok, chunk)?;
         }

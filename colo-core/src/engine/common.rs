@@ -79,8 +79,14 @@ impl Peer {
             plaintext: cfg.plaintext,
             coding: cfg.coding,
         };
-        let handshake =
-            Handshake::start_with(role, cfg.page_count, flags, cfg.key.clone(), cfg.nonce, &mut outbox);
+        let handshake = Handshake::start_with(
+            role,
+            cfg.page_count,
+            flags,
+            cfg.key.clone(),
+            cfg.nonce,
+            &mut outbox,
+        );
         let mut heartbeat = Heartbeat::new(cfg.liveness, now);
         heartbeat.awaiting_progress(Some(now));
         Self {

@@ -621,8 +621,14 @@ mod tests {
             ..LinkFlags::default()
         };
         let mut ph = Handshake::start_with(Role::Primary, 5, zero, key.clone(), [1; 32], &mut po);
-        let mut sh =
-            Handshake::start_with(Role::Secondary, 5, LinkFlags::default(), key, [2; 32], &mut so);
+        let mut sh = Handshake::start_with(
+            Role::Secondary,
+            5,
+            LinkFlags::default(),
+            key,
+            [2; 32],
+            &mut so,
+        );
         let flip = |bytes: &[u8]| -> Vec<u8> {
             let mut b = bytes.to_vec();
             b[8 + 28] ^= 1 << 3;

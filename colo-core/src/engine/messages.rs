@@ -295,8 +295,7 @@ impl<'a> Message<'a> {
                 let mut nonce = [0u8; 32];
                 nonce.copy_from_slice(&body[32..64]);
                 let flags = u32_at(body, 28);
-                let coding =
-                    PageCoding::from_flags(flags).ok_or(MessageError::BadCoding(flags))?;
+                let coding = PageCoding::from_flags(flags).ok_or(MessageError::BadCoding(flags))?;
                 Message::Hello(Hello {
                     version: u32_at(body, 8),
                     role,

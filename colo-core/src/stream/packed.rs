@@ -99,7 +99,8 @@ impl PageCoding {
 
     /// The HELLO flag bits (3: zero pages, 4–5: codec).
     pub fn flags(&self) -> u32 {
-        (if self.zero_pages { FLAG_ZERO } else { 0 }) | (u32::from(self.codec.wire()) << CODEC_SHIFT)
+        (if self.zero_pages { FLAG_ZERO } else { 0 })
+            | (u32::from(self.codec.wire()) << CODEC_SHIFT)
     }
 
     /// The coding in HELLO `flags`; an unknown codec reads as None (and the handshake refuses
@@ -153,9 +154,8 @@ const fn lz4_bound(n: usize) -> usize {
 
 /// The longest PACKED_PAGES body a reader accepts: 1024 entries and the lz4 bound of their
 /// pages. Longer bodies are refused before anything is allocated.
-pub const MAX_PACKED_BODY: usize = PACKED_HEADER_LEN
-    + 8 * MAX_PAGES_PER_RECORD
-    + lz4_bound(MAX_PAGES_PER_RECORD * PAGE_SIZE);
+pub const MAX_PACKED_BODY: usize =
+    PACKED_HEADER_LEN + 8 * MAX_PAGES_PER_RECORD + lz4_bound(MAX_PAGES_PER_RECORD * PAGE_SIZE);
 
 /// A page of zeros: what a zero-page entry decodes to.
 pub(super) static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
@@ -240,7 +240,10 @@ pub(super) fn unpack(
         reason,
     };
     if body.len() < PACKED_HEADER_LEN {
-        return Err(bad(0, format!("body of {} bytes, at least 16 needed", body.len())));
+        return Err(bad(
+            0,
+            format!("body of {} bytes, at least 16 needed", body.len()),
+        ));
     }
     let count = le_u32(body, 0) as usize;
     if count == 0 || count > MAX_PAGES_PER_RECORD {
@@ -267,10 +270,17 @@ pub(super) fn unpack(
     for i in 0..count {
         let at = PACKED_HEADER_LEN + 8 * i;
         let e = le_u64(body, at);
-        let kind = PackedKind::from_wire(e >> PAGE_TYPE_SHIFT)
-            .ok_or_else(|| bad(at as u64, format!("entry {i}: kind {:#x}", e >> PAGE_TYPE_SHIFT)))?;
+        let kind = PackedKind::from_wire(e >> PAGE_TYPE_SHIFT).ok_or_else(|| {
+            bad(
+                at as u64,
+                format!("entry {i}: kind {:#x}", e >> PAGE_TYPE_SHIFT),
+            )
+        })?;
         if e & PFN_RESERVED_MASK != 0 {
-            return Err(bad(at as u64, format!("entry {i}: reserved bits in {e:#x}")));
+            return Err(bad(
+                at as u64,
+                format!("entry {i}: reserved bits in {e:#x}"),
+            ));
         }
         let pfn = e & PFN_MASK;
         if let Some(pages) = page_count {
@@ -310,7 +320,10 @@ pub(super) fn unpack(
             let n = lz4_flex::block::decompress_into(packed, &mut raw[..raw_len])
                 .map_err(|e| bad(at, format!("lz4 block: {e}")))?;
             if n != raw_len {
-                return Err(bad(at, format!("lz4 block of {n} bytes, {raw_len} expected")));
+                return Err(bad(
+                    at,
+                    format!("lz4 block of {n} bytes, {raw_len} expected"),
+                ));
             }
         }
     }
@@ -342,7 +355,11 @@ mod tests {
     use crate::stream::{Decoder, DecoderConfig, Event, PageType};
 
     /// Decodes `bytes` fed `step` bytes at a time: (pfn, type, data) of every page.
-    fn decode(bytes: &[u8], step: usize, pages: u64) -> Result<Vec<(u64, PageType, Option<Vec<u8>>)>, StreamError> {
+    fn decode(
+        bytes: &[u8],
+        step: usize,
+        pages: u64,
+    ) -> Result<Vec<(u64, PageType, Option<Vec<u8>>)>, StreamError> {
         let mut d = Decoder::new(DecoderConfig {
             expect_headers: false,
             page_count: Some(pages),
@@ -375,7 +392,9 @@ mod tests {
                 if compressible {
                     (i / 64) as u8 ^ seed
                 } else {
-                    (i as u32).wrapping_mul(2_654_435_761).rotate_left(u32::from(seed)) as u8
+                    (i as u32)
+                        .wrapping_mul(2_654_435_761)
+                        .rotate_left(u32::from(seed)) as u8
                 }
             })
             .collect()
@@ -407,7 +426,9 @@ mod tests {
                             data.extend_from_slice(&p);
                             want.push((pfn, PageType::Notab, Some(p)));
                         }
-                        PackedKind::Zero => want.push((pfn, PageType::Notab, Some(vec![0; PAGE_SIZE]))),
+                        PackedKind::Zero => {
+                            want.push((pfn, PageType::Notab, Some(vec![0; PAGE_SIZE])))
+                        }
                         PackedKind::Absent => want.push((pfn, PageType::Xtab, None)),
                     }
                 }
@@ -462,35 +483,83 @@ mod tests {
     fn malformed_packed_pages_are_refused_with_their_offset() {
         let zero = 1u64 << 60;
         // Counts, codec, reserved bytes.
-        assert!(matches!(refused(&body(0, 0, 0, &[], &[])), StreamError::BadPackedPages { .. }));
-        assert!(matches!(refused(&body(1, 9, 0, &[zero], &[])), StreamError::BadPackedPages { .. }));
+        assert!(matches!(
+            refused(&body(0, 0, 0, &[], &[])),
+            StreamError::BadPackedPages { .. }
+        ));
+        assert!(matches!(
+            refused(&body(1, 9, 0, &[zero], &[])),
+            StreamError::BadPackedPages { .. }
+        ));
         let mut b = body(1, 0, 0, &[zero], &[]);
         b[6] = 1;
-        assert!(matches!(refused(&b), StreamError::BadPackedPages { offset: 13, .. }));
+        assert!(matches!(
+            refused(&b),
+            StreamError::BadPackedPages { offset: 13, .. }
+        ));
         // Lengths that disagree: raw length vs data entries, body vs packed length.
-        assert!(matches!(refused(&body(1, 0, 4096, &[zero], &[])), StreamError::BadPackedPages { .. }));
-        assert!(matches!(refused(&body(2, 0, 0, &[zero], &[])), StreamError::BadPackedPages { .. }));
-        assert!(matches!(refused(&body(1, 0, 4096, &[5], &[1; 100])), StreamError::BadPackedPages { .. }));
+        assert!(matches!(
+            refused(&body(1, 0, 4096, &[zero], &[])),
+            StreamError::BadPackedPages { .. }
+        ));
+        assert!(matches!(
+            refused(&body(2, 0, 0, &[zero], &[])),
+            StreamError::BadPackedPages { .. }
+        ));
+        assert!(matches!(
+            refused(&body(1, 0, 4096, &[5], &[1; 100])),
+            StreamError::BadPackedPages { .. }
+        ));
         // Unknown kind, reserved pfn bits, pfn beyond the guest.
-        assert!(matches!(refused(&body(1, 0, 0, &[2 << 60], &[])), StreamError::BadPackedPages { .. }));
-        assert!(matches!(refused(&body(1, 0, 0, &[zero | 1 << 55], &[])), StreamError::BadPackedPages { .. }));
-        assert!(matches!(refused(&body(1, 0, 0, &[zero | 1000], &[])), StreamError::PfnOutOfRange { pfn: 1000, .. }));
+        assert!(matches!(
+            refused(&body(1, 0, 0, &[2 << 60], &[])),
+            StreamError::BadPackedPages { .. }
+        ));
+        assert!(matches!(
+            refused(&body(1, 0, 0, &[zero | 1 << 55], &[])),
+            StreamError::BadPackedPages { .. }
+        ));
+        assert!(matches!(
+            refused(&body(1, 0, 0, &[zero | 1000], &[])),
+            StreamError::PfnOutOfRange { pfn: 1000, .. }
+        ));
         // An lz4 block that yields less or more than the pages it names, or is garbage.
         let one = lz4_flex::block::compress(&page(1, true));
         let two = lz4_flex::block::compress(&[page(1, true), page(2, true)].concat());
-        assert!(matches!(refused(&body(2, 1, 8192, &[1, 2], &one)), StreamError::BadPackedPages { .. }));
-        assert!(matches!(refused(&body(1, 1, 4096, &[1], &two)), StreamError::BadPackedPages { .. }));
-        assert!(matches!(refused(&body(1, 1, 4096, &[1], &[0xff; 40])), StreamError::BadPackedPages { .. }));
+        assert!(matches!(
+            refused(&body(2, 1, 8192, &[1, 2], &one)),
+            StreamError::BadPackedPages { .. }
+        ));
+        assert!(matches!(
+            refused(&body(1, 1, 4096, &[1], &two)),
+            StreamError::BadPackedPages { .. }
+        ));
+        assert!(matches!(
+            refused(&body(1, 1, 4096, &[1], &[0xff; 40])),
+            StreamError::BadPackedPages { .. }
+        ));
         // A body beyond the limit is refused from its header, before anything is read.
         let mut hdr = rec_type::PACKED_PAGES.to_le_bytes().to_vec();
         hdr.extend_from_slice(&(MAX_PACKED_BODY as u32 + 8).to_le_bytes());
         let e = decode(&hdr, hdr.len(), 1000);
-        assert!(matches!(e, Err(StreamError::BadPackedPages { offset: 4, .. })), "{e:?}");
+        assert!(
+            matches!(e, Err(StreamError::BadPackedPages { offset: 4, .. })),
+            "{e:?}"
+        );
         // A record cut short is a truncation at the end of input.
         let mut rec = Vec::new();
-        encode_packed_pages(&mut rec, &[(1, PackedKind::Data)], &page(3, true), Codec::Lz4).unwrap();
+        encode_packed_pages(
+            &mut rec,
+            &[(1, PackedKind::Data)],
+            &page(3, true),
+            Codec::Lz4,
+        )
+        .unwrap();
         rec.truncate(rec.len() - 8);
-        assert!(matches!(decode(&rec, 3, 1000), Err(StreamError::Truncated { .. })));
+        assert!(matches!(
+            decode(&rec, 3, 1000),
+            Err(StreamError::Truncated { .. })
+        ));
     }
 
     #[test]

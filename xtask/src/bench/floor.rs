@@ -104,7 +104,10 @@ impl Floor {
         );
         self.tenk.print("10,000 pages", 1.25);
         self.full.print("whole guest", 1.5);
-        println!("{:>18} targets: ratio ≤ 1.25 (10,000 pages), ≤ 1.5 (whole guest)", "");
+        println!(
+            "{:>18} targets: ratio ≤ 1.25 (10,000 pages), ≤ 1.5 (whole guest)",
+            ""
+        );
     }
 }
 
@@ -144,7 +147,10 @@ impl FloorGuest {
         let mut o = 0;
         for r in self.bm.runs() {
             let (start, end) = (r.start, r.end);
-            let (s, n) = (start as usize * PAGE_SIZE, (end - start) as usize * PAGE_SIZE);
+            let (s, n) = (
+                start as usize * PAGE_SIZE,
+                (end - start) as usize * PAGE_SIZE,
+            );
             self.buf[o..o + n].copy_from_slice(&ram[s..s + n]);
             o += n;
         }
@@ -281,7 +287,9 @@ pub(super) fn idle_cpu(secs: f64) -> Result<[f64; 2]> {
     let colo = colo_binary()?;
     let dir = std::env::temp_dir().join(format!("colo-bench-idle-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let repl = format!("127.0.0.1:{port}");
     let tag = std::process::id();
     let spawn = |args: Vec<String>| -> Result<Reaped> {
@@ -314,7 +322,12 @@ pub(super) fn idle_cpu(secs: f64) -> Result<[f64; 2]> {
     sargs.extend(["--listen".into(), repl.clone()]);
     let sec = spawn(sargs)?;
     let mut pargs = common("primary");
-    pargs.extend(["--peer".into(), repl, "--max-interval-ms".into(), "1000".into()]);
+    pargs.extend([
+        "--peer".into(),
+        repl,
+        "--max-interval-ms".into(),
+        "1000".into(),
+    ]);
     let pri = spawn(pargs)?;
     // Protected, and one periodic checkpoint behind it.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -236,7 +236,10 @@ fn raw_through(gbit: f64) -> Result<f64> {
             .join()
             .map_err(|_| anyhow::anyhow!("the sink thread panicked"))??;
         runs.push(t.elapsed().as_secs_f64() * 1e3);
-        anyhow::ensure!(got == RAW_BYTES, "the shaper delivered {got} of {RAW_BYTES} bytes");
+        anyhow::ensure!(
+            got == RAW_BYTES,
+            "the shaper delivered {got} of {RAW_BYTES} bytes"
+        );
     }
     Ok(percentile(runs, 50.0).unwrap_or(0.0))
 }
@@ -362,16 +365,16 @@ pub(super) fn run(quick: bool) -> Result<Shaped> {
                 Ok(a)
             }),
         )?;
-        let shaper = shaper
-            .into_inner()
-            .context("the shaper was not started")?;
+        let shaper = shaper.into_inner().context("the shaper was not started")?;
         pairs.push((name, pair, shaper));
     }
     let mut out = Shaped::default();
     let mut seed = 0x5ba9_ed00_u64;
     for gbit in [1.0, 10.0] {
         let raw = raw_through(gbit)?;
-        println!("  {gbit} Gbit/s: raw TCP moves {RAW_BYTES} bytes through the proxy in {raw:.1} ms");
+        println!(
+            "  {gbit} Gbit/s: raw TCP moves {RAW_BYTES} bytes through the proxy in {raw:.1} ms"
+        );
         out.raw.push((gbit, raw));
         for (_, _, s) in &pairs {
             s.set_gbit(gbit);
