@@ -17,15 +17,16 @@ use parking_lot::Mutex;
 
 type Snapshots = Arc<Mutex<HashMap<u64, Vec<u8>>>>;
 
+mod common;
+
+/// An 8 MiB `dirty` guest writing 20 pages/ms: most pages stay zero, the written ones hold a
+/// few random words (compressible).
 fn dirty_guest(seed: u64) -> MockSpec {
     MockSpec {
-        ram: 8 << 20,
-        ram_file: None,
         workload: WorkloadKind::Dirty,
-        vm_seed: seed,
         memory_divergence: false,
-        output_divergence: 0.0,
         dirty_rate: 20,
+        ..common::spec(seed, 8 << 20, 0.0)
     }
 }
 
@@ -66,7 +67,10 @@ fn replicate(coding: PageCoding, key: Option<&[u8]>, checkpoints: u64) -> usize 
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while status.lock().checkpoints < checkpoints {
-        assert!(Instant::now() < deadline, "{checkpoints} checkpoints took over 120 s");
+        assert!(
+            Instant::now() < deadline,
+            "{checkpoints} checkpoints took over 120 s"
+        );
         primary.step(Duration::from_millis(1)).unwrap();
         assert_ne!(
             primary.engine().state(),
@@ -75,7 +79,9 @@ fn replicate(coding: PageCoding, key: Option<&[u8]>, checkpoints: u64) -> usize 
             status.lock().failover_reason
         );
     }
-    primary.stop_flag().store(true, std::sync::atomic::Ordering::Relaxed);
+    primary
+        .stop_flag()
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     primary.run().unwrap();
     drop(primary);
     secondary.join().unwrap();
@@ -119,17 +125,20 @@ fn different_page_codings_are_refused_at_the_handshake() {
     let none: Snapshots = Arc::default();
     let sguest = build(&dirty_guest(2)).unwrap();
     let sopts = opts(PageCoding::PLAIN, None, &none);
-    let secondary =
-        spawn_secondary(sguest, sopts, new_status(), |n| n.run().map(|_| ())).unwrap();
+    let secondary = spawn_secondary(sguest, sopts, new_status(), |n| n.run().map(|_| ())).unwrap();
     let guest = build(&dirty_guest(1)).unwrap();
     let status = new_status();
     let lz4 = PageCoding {
         zero_pages: false,
         codec: Codec::Lz4,
     };
-    let mut primary =
-        PrimaryNode::connect(guest, &secondary.addr, opts(lz4, None, &none), status.clone())
-            .unwrap();
+    let mut primary = PrimaryNode::connect(
+        guest,
+        &secondary.addr,
+        opts(lz4, None, &none),
+        status.clone(),
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while primary.engine().state() != PrimaryState::Unprotected {
         assert!(Instant::now() < deadline, "the mismatch was not refused");
