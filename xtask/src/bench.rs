@@ -867,6 +867,9 @@ fn bench_opts(silence: Option<Duration>) -> NodeOptions {
     }
 }
 
+/// Gives the address the primary connects to, for the secondary's (a proxy in between).
+type Via<'a> = dyn Fn(&str) -> Result<String> + 'a;
+
 /// A replicated pair in this process: the secondary in a thread, the primary driven here.
 struct Pair {
     primary: Option<PrimaryNode<MockDomain>>,
@@ -905,7 +908,7 @@ impl Pair {
         what: &str,
         plaintext: Option<bool>,
         tweak: &dyn Fn(&mut NodeOptions),
-        via: Option<&dyn Fn(&str) -> Result<String>>,
+        via: Option<&Via<'_>>,
     ) -> Result<Self> {
         let silence = (ram > 256 * MIB).then_some(Duration::from_secs(60));
         let mut opts = NodeOptions {

@@ -45,12 +45,9 @@ pub(super) fn write_typed_pages(
     scratch: &mut Vec<u8>,
     entries: &mut Vec<(u64, PageType)>,
 ) -> std::io::Result<u64> {
-    let mut off = 0;
     let mut bytes = 0u64;
-    for (ps, ok) in pfns
-        .chunks(MAX_PAGES_PER_RECORD)
-        .zip(present.chunks(MAX_PAGES_PER_RECORD))
-    {
+    for batch in batches(pfns, present, data) {
+        let (ps, ok, chunk) = batch?;
         entries.clear();
         entries.extend(
             ps.iter()
@@ -58,21 +55,32 @@ pub(super) fn write_typed_pages(
                 .map(|(&p, &ok)| (p, if ok { PageType::Notab } else { PageType::Xtab })),
         );
         scratch.clear();
-        encode_page_data_header(scratch, entries)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-        let n = ok.iter().filter(|x| **x).count() * PAGE_SIZE;
-        let chunk = data.get(off..off + n).ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "page data shorter than its pfns",
-            )
-        })?;
+        encode_page_data_header(scratch, entries).map_err(|e| invalid(&e.to_string()))?;
         w.write_all(scratch)?;
         w.write_all(chunk)?;
-        off += n;
-        bytes += (scratch.len() + n) as u64;
+        bytes += (scratch.len() + chunk.len()) as u64;
     }
     Ok(bytes)
+}
+
+/// `pfns` in batches of at most 1024, each with its `present` flags and its pages of `data`
+/// (laid out as [`copy_pages`] does).
+fn batches<'a>(
+    pfns: &'a [u64],
+    present: &'a [bool],
+    data: &'a [u8],
+) -> impl Iterator<Item = std::io::Result<(&'a [u64], &'a [bool], &'a [u8])>> {
+    let mut off = 0;
+    pfns.chunks(MAX_PAGES_PER_RECORD)
+        .zip(present.chunks(MAX_PAGES_PER_RECORD))
+        .map(move |(ps, ok)| {
+            let n = ok.iter().filter(|x| **x).count() * PAGE_SIZE;
+            let chunk = data
+                .get(off..off + n)
+                .ok_or_else(|| invalid("page data shorter than its pfns"))?;
+            off += n;
+            Ok((ps, ok, chunk))
+        })
 }
 
 /// Pages of a batch lz4 compresses first, as a sample: the batch is compressed only if they
@@ -123,17 +131,9 @@ impl PageWriter {
         if self.coding.is_plain() {
             return write_typed_pages(w, pfns, present, data, &mut self.scratch, &mut self.entries);
         }
-        let mut off = 0;
         let mut bytes = 0;
-        for (ps, ok) in pfns
-            .chunks(MAX_PAGES_PER_RECORD)
-            .zip(present.chunks(MAX_PAGES_PER_RECORD))
-        {
-            let n = ok.iter().filter(|x| **x).count() * PAGE_SIZE;
-            let chunk = data
-                .get(off..off + n)
-                .ok_or_else(|| invalid("page data shorter than its pfns"))?;
-            off += n;
+        for batch in batches(pfns, present, data) {
+            let (ps, ok, chunk) = batch?;
             bytes += self.write_batch(w, ps, ok, chunk)?;
         }
         Ok(bytes)

@@ -354,12 +354,11 @@ mod tests {
     use super::*;
     use crate::stream::{Decoder, DecoderConfig, Event, PageType};
 
-    /// Decodes `bytes` fed `step` bytes at a time: (pfn, type, data) of every page.
-    fn decode(
-        bytes: &[u8],
-        step: usize,
-        pages: u64,
-    ) -> Result<Vec<(u64, PageType, Option<Vec<u8>>)>, StreamError> {
+    /// A decoded page: pfn, type, data.
+    type Page = (u64, PageType, Option<Vec<u8>>);
+
+    /// Decodes `bytes` fed `step` bytes at a time: every page.
+    fn decode(bytes: &[u8], step: usize, pages: u64) -> Result<Vec<Page>, StreamError> {
         let mut d = Decoder::new(DecoderConfig {
             expect_headers: false,
             page_count: Some(pages),

@@ -186,7 +186,7 @@ pub(super) fn pause_floor(pair: &mut Pair, quick: bool, first_full: Option<f64>)
     let mut fg = FloorGuest::new(ram)?;
     let mut floor = Floor::default();
     let (reps, full_reps) = if quick { (12, 2) } else { (40, 4) };
-    let mut seed = 0x0f10_0e5e_edu64;
+    let mut seed = 0x000f_100e_5eed_u64;
     for _ in 0..reps {
         seed = splitmix(seed);
         dirty_pfns(&fg.dom, scattered_pfns(pair.pages, 10_000, seed)?, seed)?;

@@ -143,7 +143,7 @@ impl Content {
                 page[0] = 1;
                 for slot in (1..32).step_by(2) {
                     let e = &mut page[slot * 128..(slot + 1) * 128];
-                    let key = format!("user:{:08}:{slot:02}", pfn ^ seed % 977);
+                    let key = format!("user:{:08}:{slot:02}", pfn ^ (seed % 977));
                     let value = format!("{{\"n\":{},\"seen\":{seed},\"ok\":true}}", pfn * 31);
                     e[0] = 1;
                     e[1] = key.len() as u8;
