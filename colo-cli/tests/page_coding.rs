@@ -42,7 +42,7 @@ fn opts(coding: PageCoding, key: Option<&[u8]>, snaps: &Snapshots) -> NodeOption
         snapshot: Some(Arc::new(move |epoch, ram, _state| {
             s.lock().insert(epoch, ram);
         })),
-        ..NodeOptions::default()
+        ..common::node_options()
     }
 }
 
@@ -65,11 +65,12 @@ fn replicate(coding: PageCoding, key: Option<&[u8]>, checkpoints: u64) -> usize 
         status.clone(),
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let budget = common::scaled(Duration::from_secs(120));
+    let deadline = Instant::now() + budget;
     while status.lock().checkpoints < checkpoints {
         assert!(
             Instant::now() < deadline,
-            "{checkpoints} checkpoints took over 120 s"
+            "{checkpoints} checkpoints took over {budget:?}"
         );
         primary.step(Duration::from_millis(1)).unwrap();
         assert_ne!(
@@ -139,7 +140,7 @@ fn different_page_codings_are_refused_at_the_handshake() {
         status.clone(),
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + common::scaled(Duration::from_secs(60));
     while primary.engine().state() != PrimaryState::Unprotected {
         assert!(Instant::now() < deadline, "the mismatch was not refused");
         primary.step(Duration::from_millis(5)).unwrap();
