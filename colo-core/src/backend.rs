@@ -88,6 +88,7 @@ pub type PageVisitor<'a> = dyn FnMut(usize, Option<&[u8]>) -> Result<(), Backend
 /// | [`harvest_dirty`](Domain::harvest_dirty) | `xc_logdirty_control(CLEAN)` | `PAGEMAP_SCAN` with WP matching |
 /// | [`peek_dirty`](Domain::peek_dirty) | `xc_logdirty_control(PEEK)` | `PAGEMAP_SCAN` without WP |
 /// | [`read_pages`](Domain::read_pages) | `xenforeignmemory_map(PROT_READ)`, ≤ 1024 pfns a batch | borrowed slices of the mmap |
+/// | [`copy_pages`](Domain::copy_pages) | `read_pages` (the default) | one memcpy per run of consecutive pfns |
 /// | [`write_pages`](Domain::write_pages) | `xenforeignmemory_map(PROT_WRITE)` + copy | copy into the mmap |
 /// | [`get_state`](Domain::get_state) | `xc_domain_hvm_getcontext` + HVM params | vCPU registers, clock, RNG |
 /// | [`set_state`](Domain::set_state) | `xc_domain_hvm_setcontext` + HVM params | same |
@@ -127,6 +128,55 @@ pub trait Domain {
     /// are only stable while the domain is paused.
     fn read_pages(&mut self, pfns: &[u64], visit: &mut PageVisitor<'_>)
         -> Result<(), BackendError>;
+
+    /// Appends the pages `pfns` to `out` in order: each page's 4096 bytes; a page the
+    /// hypervisor cannot map is zero-filled when `present` is None, else left out of `out` and
+    /// marked `false` in `present` (which gets one entry per pfn). The copy is stable only
+    /// while the domain is paused: it is the primary's capture, the hot path of the pause.
+    ///
+    /// The default goes through [`Domain::read_pages`], a callback per page; a backend that
+    /// maps guest memory copies each run of consecutive pfns with one memcpy instead.
+    fn copy_pages(
+        &mut self,
+        pfns: &[u64],
+        out: &mut Vec<u8>,
+        mut present: Option<&mut Vec<bool>>,
+    ) -> Result<(), BackendError> {
+        out.reserve(pfns.len() * crate::PAGE_SIZE);
+        let mut next = 0;
+        self.read_pages(pfns, &mut |i, page| {
+            if i != next {
+                return Err(BackendError::BadState {
+                    op: "read_pages",
+                    reason: format!("page {i} delivered out of order"),
+                });
+            }
+            next += 1;
+            match page {
+                Some(p) if p.len() == crate::PAGE_SIZE => out.extend_from_slice(p),
+                Some(p) => {
+                    return Err(BackendError::DataLength {
+                        got: p.len(),
+                        want: crate::PAGE_SIZE,
+                        pages: 1,
+                    })
+                }
+                None if present.is_none() => out.resize(out.len() + crate::PAGE_SIZE, 0),
+                None => {}
+            }
+            if let Some(v) = present.as_deref_mut() {
+                v.push(page.is_some());
+            }
+            Ok(())
+        })?;
+        if next != pfns.len() {
+            return Err(BackendError::BadState {
+                op: "read_pages",
+                reason: format!("{next} of {} pages delivered", pfns.len()),
+            });
+        }
+        Ok(())
+    }
 
     /// Writes `data` (exactly `pfns.len()` × 4096 bytes, the pages in `pfns` order) into guest
     /// memory. Only called while the domain is paused.

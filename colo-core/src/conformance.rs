@@ -291,6 +291,41 @@ pub fn read_after_write<G: ConformanceGuest>(g: &mut G) -> Check {
     Ok(())
 }
 
+/// `copy_pages` yields what `read_pages` does, in order, for runs and scattered pfns alike.
+pub fn copy_agrees_with_read<G: ConformanceGuest>(g: &mut G) -> Check {
+    const C: &str = "copy_agrees_with_read";
+    let gr = groups(g, 2);
+    let mut pfns: Vec<u64> = gr[0].iter().chain(&gr[1]).copied().collect();
+    pfns.sort_unstable();
+    // A run, a gap, the rest; plus the same pfns in reverse.
+    let mut rev = pfns.clone();
+    rev.reverse();
+    for list in [&pfns, &rev] {
+        let mut want = Vec::new();
+        let mut want_present = Vec::new();
+        g.domain()
+            .read_pages(list, &mut |_, page| {
+                want_present.push(page.is_some());
+                if let Some(p) = page {
+                    want.extend_from_slice(p);
+                }
+                Ok(())
+            })
+            .map_err(be(C))?;
+        let (mut got, mut present) = (vec![7u8; 3], Vec::new());
+        g.domain()
+            .copy_pages(list, &mut got, Some(&mut present))
+            .map_err(be(C))?;
+        if got[..3] != [7, 7, 7] || got[3..] != want[..] || present != want_present {
+            return Err(violated(
+                C,
+                format!("copy_pages of {} pfns differs from read_pages", list.len()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `peek_dirty` does not clear and agrees with the harvest that follows it.
 pub fn harvest_peek_agree<G: ConformanceGuest>(g: &mut G) -> Check {
     const C: &str = "harvest_peek_agree";
@@ -400,6 +435,7 @@ pub fn run_all<G: ConformanceGuest>(g: &mut G) -> Check {
     every_write_reported(g)?;
     nothing_twice_after_clear(g)?;
     read_after_write(g)?;
+    copy_agrees_with_read(g)?;
     harvest_peek_agree(g)?;
     state_round_trip(g)?;
     rejects_bad_arguments(g)?;

@@ -535,8 +535,58 @@ impl Domain for MockDomain {
         Ok(())
     }
 
-    /// Copies the pages in; they count as clean in the dirty log afterwards (as Xen does not log
-    /// foreign-mapping writes), so a checkpoint's apply does not reappear in the next harvest.
+    /// One memcpy per run of consecutive pfns that hold data (straight from the mapping while
+    /// paused; while running, a raw copy that may be torn, as `read_pages`'s bounce copy);
+    /// holes are served as zero pages without touching them. Every page is present.
+    fn copy_pages(
+        &mut self,
+        pfns: &[u64],
+        out: &mut Vec<u8>,
+        present: Option<&mut Vec<bool>>,
+    ) -> Result<(), BackendError> {
+        self.check_pfns(pfns)?;
+        self.holes.reset();
+        out.reserve(pfns.len() * PAGE_SIZE);
+        let mem = &self.shared.mem;
+        let mut i = 0;
+        while i < pfns.len() {
+            let start = pfns[i];
+            if probe_hole(&mut self.known_data, &mut self.holes, mem, start) {
+                out.extend_from_slice(&ZERO_PAGE);
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < pfns.len()
+                && pfns[j] == start + (j - i) as u64
+                && !probe_hole(&mut self.known_data, &mut self.holes, mem, pfns[j])
+            {
+                j += 1;
+            }
+            let (off, n) = (start as usize * PAGE_SIZE, (j - i) * PAGE_SIZE);
+            if self.paused {
+                // SAFETY: paused — see `ram()`; `&mut self` is held for the whole call.
+                let ram = unsafe { mem.slice_unchecked() };
+                out.extend_from_slice(&ram[off..off + n]);
+            } else {
+                let at = out.len();
+                out.resize(at + n, 0);
+                mem.read(off, &mut out[at..])
+                    .map_err(|e| bad_state("copy_pages", &e.to_string()))?;
+            }
+            i = j;
+        }
+        if let Some(p) = present {
+            p.resize(p.len() + pfns.len(), true);
+        }
+        Ok(())
+    }
+
+    /// Copies the pages in, one copy per run of consecutive pfns: while the dirty log is on, a
+    /// `pwrite` to the RAM file (through the mapping, every write-protected page took a fault),
+    /// else a memcpy into the mapping. They count as clean in the dirty log afterwards
+    /// (as Xen does not log foreign-mapping writes), so a checkpoint's apply does not reappear
+    /// in the next harvest.
     fn write_pages(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), BackendError> {
         if !self.paused {
             return Err(bad_state("write_pages", "the domain is running"));
@@ -550,16 +600,31 @@ impl Domain for MockDomain {
             });
         }
         self.check_pfns(pfns)?;
-        for (&p, page) in pfns.iter().zip(data.chunks_exact(PAGE_SIZE)) {
-            self.shared
-                .mem
-                .write(p as usize * PAGE_SIZE, page)
-                .map_err(|e| bad_state("write_pages", &e.to_string()))?;
+        let mut runs = 0;
+        let mut i = 0;
+        while i < pfns.len() {
+            let mut j = i + 1;
+            while j < pfns.len() && pfns[j] == pfns[j - 1] + 1 {
+                j += 1;
+            }
+            let (off, run) = (
+                pfns[i] as usize * PAGE_SIZE,
+                &data[i * PAGE_SIZE..j * PAGE_SIZE],
+            );
+            let mem = &self.shared.mem;
+            if self.tracker.logging() {
+                mem.write_through_file(off, run)
+            } else {
+                // No write protection to fault on: a memcpy beats the file's per-page work.
+                mem.write(off, run)
+            }
+            .map_err(|e| bad_state("write_pages", &e.to_string()))?;
+            runs += 1;
+            i = j;
         }
         for &p in pfns {
             let _ = self.known_data.set(p);
         }
-        let runs = 1 + pfns.windows(2).filter(|w| w[1] != w[0] + 1).count();
         self.tracker.mark_clean_pfns(pfns, runs)
     }
 

@@ -150,6 +150,21 @@ impl GuestMem {
         Ok(())
     }
 
+    /// Copies `data` into guest RAM at `off` through the RAM file (`pwrite`), not the mapping:
+    /// no page fault is taken, and a page the dirty tracker write-protected stays protected,
+    /// so the write is not logged (the host writing a paused guest, as Xen's foreign mappings
+    /// are not logged). One call per contiguous range.
+    pub(crate) fn write_through_file(&self, off: usize, data: &[u8]) -> Result<(), MockError> {
+        use std::os::unix::fs::FileExt;
+        self.check(off, data.len())?;
+        self.file
+            .write_all_at(data, off as u64)
+            .map_err(|e| MockError::Os {
+                op: "pwrite guest RAM",
+                source: e,
+            })
+    }
+
     /// Reads a little-endian u64 at `off` (guest data layout is little-endian).
     pub fn read_u64(&self, off: usize) -> Result<u64, MockError> {
         let mut b = [0u8; 8];

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick] [--link-only] [--json FILE]`: colo's end-to-end speed figures
+//! `cargo xtask bench [--quick] [--link-only] [--only SECTIONS] [--json FILE]`: colo's end-to-end speed figures
 //! on the mock backend over loopback, each beside a raw loopback TCP baseline measured in the
 //! same run.
 //!
@@ -10,8 +10,14 @@
 //! against RAM size and dirty fraction, comparator throughput, failover time, and what the
 //! sealed link costs: the initial-sync rate, the 10,000-page pause and checkpoint throughput of
 //! a pair with encrypted records beside one with `--insecure-plaintext` (`--link-only` runs
-//! just that, after the TCP baseline), and the disk figures (`bench/disk.rs`). It prints a table,
-//! optionally writes a JSON object, and always writes `target/colo-bench/pause.svg`.
+//! just that, after the TCP baseline), the pause beside its memory-bound floor (`floor.rs`),
+//! the CPU time of an idle pair, checkpoints over links slower than memory (`shaped.rs`), and
+//! the disk figures (`bench/disk.rs`). `--only floor,idle,shaped` runs just those sections. It
+//! prints a table, optionally writes a JSON object, and always writes
+//! `target/colo-bench/pause.svg`.
+
+mod floor;
+mod shaped;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -46,6 +52,7 @@ const PACED_RATE: u64 = 100;
 pub fn run(args: &[String]) -> Result<()> {
     let mut quick = false;
     let mut link_only = false;
+    let mut only: Option<String> = None;
     let mut json_path: Option<PathBuf> = None;
     let mut inner = false;
     let mut it = args.iter();
@@ -58,10 +65,26 @@ pub fn run(args: &[String]) -> Result<()> {
                 let v = it.next().context("--json needs a file name")?;
                 json_path = Some(PathBuf::from(v));
             }
+            "--only" => {
+                let v = it
+                    .next()
+                    .context("--only needs sections: floor,idle,shaped")?;
+                if let Some(bad) = v.split(',').find(|s| !SECTIONS.contains(s)) {
+                    bail!(
+                        "bench: unknown section `{bad}` (expected {})",
+                        SECTIONS.join(", ")
+                    );
+                }
+                only = Some(v.clone());
+            }
             other => bail!(
-                "bench: unknown argument `{other}` (expected --quick, --link-only, --json FILE)"
+                "bench: unknown argument `{other}` (expected --quick, --link-only, --only \
+                 SECTIONS, --json FILE)"
             ),
         }
+    }
+    if let (true, Some(sections)) = (inner, only.as_deref()) {
+        return run_sections(quick, sections, json_path.as_deref());
     }
     if inner && link_only {
         return run_link_only(quick, json_path.as_deref());
@@ -86,6 +109,10 @@ pub fn run(args: &[String]) -> Result<()> {
     if link_only {
         inner_args.push("--link-only".into());
     }
+    if let Some(o) = only {
+        inner_args.push("--only".into());
+        inner_args.push(o);
+    }
     if let Some(p) = json_path {
         let abs = if p.is_absolute() {
             p
@@ -99,6 +126,23 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     println!("xtask bench: building and running the optimized bench (cargo run --release)");
+    // The idle-pair figure runs real `colo` processes, built beside the bench.
+    let status = Command::new(&cargo)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "colo-cli",
+            "--bin",
+            "colo",
+        ])
+        .current_dir(crate::root())
+        .status()
+        .with_context(|| format!("running {cargo} build --release -p colo-cli"))?;
+    if !status.success() {
+        bail!("building the optimized colo binary failed ({status})");
+    }
     let status = Command::new(&cargo)
         .args(&inner_args)
         .current_dir(crate::root())
@@ -108,6 +152,86 @@ pub fn run(args: &[String]) -> Result<()> {
         bail!("the optimized bench failed ({status})");
     }
     Ok(())
+}
+
+/// The sections `--only` may name.
+const SECTIONS: &[&str] = &["floor", "idle", "shaped"];
+
+/// `--only`: the named sections alone, each beside its own baselines.
+fn run_sections(quick: bool, sections: &str, json_path: Option<&Path>) -> Result<()> {
+    if !optimized() {
+        eprintln!("xtask bench: warning: not an optimized build; figures are not representative");
+    }
+    let started = Instant::now();
+    let mut j = json!({ "quick": quick });
+    let has = |s: &str| sections.split(',').any(|x| x == s);
+    let floor = has("floor")
+        .then(|| floor::pause_floor_alone(quick))
+        .transpose()?;
+    let idle = has("idle")
+        .then(|| floor::idle_cpu(idle_secs(quick)))
+        .transpose()?;
+    let shaped = has("shaped").then(|| shaped::run(quick)).transpose()?;
+    if let Some(f) = &floor {
+        f.print();
+        extend(&mut j, floor_json(f));
+    }
+    if let Some(i) = idle {
+        print_idle(i);
+        extend(&mut j, idle_json(i));
+    }
+    if let Some(s) = &shaped {
+        s.print();
+        extend(&mut j, s.json());
+    }
+    println!("bench finished in {:.1} s", started.elapsed().as_secs_f64());
+    if let Some(p) = json_path {
+        std::fs::write(p, serde_json::to_string_pretty(&j)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+        println!("json: {}", p.display());
+    }
+    Ok(())
+}
+
+/// How long the idle pair is watched, s.
+fn idle_secs(quick: bool) -> f64 {
+    if quick {
+        10.0
+    } else {
+        30.0
+    }
+}
+
+fn print_idle(i: [f64; 2]) {
+    println!(
+        "
+idle protected pair (64 MiB kv guests, checkpoint every 1 s, no clients), CPU per \
+         node: primary {:.2} %, secondary {:.2} % of one core (target ≤ 1 %)",
+        i[0], i[1]
+    );
+}
+
+fn idle_json(i: [f64; 2]) -> Value {
+    json!({
+        "idle_cpu_pct_per_node": i[0].max(i[1]),
+        "idle_cpu_pct_primary": i[0],
+        "idle_cpu_pct_secondary": i[1],
+    })
+}
+
+fn floor_json(f: &floor::Floor) -> Value {
+    json!({
+        "pause_floor_ratio_10k": f.tenk.ratio(),
+        "pause_floor_ratio_full": f.full.ratio(),
+        "pause_floor": { "10k": f.tenk.json(), "full": f.full.json() },
+    })
+}
+
+/// Adds `more`'s keys to the object `j`.
+fn extend(j: &mut Value, more: Value) {
+    if let (Value::Object(m), Value::Object(p)) = (j, more) {
+        m.extend(p);
+    }
 }
 
 /// Guards against a debug build producing figures.
@@ -134,6 +258,12 @@ struct Report {
     failover_ms: Vec<f64>,
     /// Plaintext beside sealed records.
     link: LinkCost,
+    /// The pause beside its memory-bound floor.
+    floor: floor::Floor,
+    /// CPU of an idle protected pair, % of a core: [primary, secondary].
+    idle: [f64; 2],
+    /// Checkpoints over rate-limited links.
+    shaped: shaped::Shaped,
     total_s: f64,
 }
 
@@ -239,8 +369,9 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
     // One pair: sparse first, then every page of the primary's RAM is made to exist.
     let mut pair = Pair::start(GIB, "pause sweeps")?;
     let sparse = sweep_pair(&mut pair, quick, tcp_baseline(tcp_mib)? * 1e9)?;
-    pair.populate()?;
+    let first_full = pair.populate()?;
     let populated = sweep_pair(&mut pair, quick, tcp_baseline(tcp_mib)? * 1e9)?;
+    let floor = floor::pause_floor(&mut pair, quick, Some(first_full))?;
     // 4. Guest slowdown: the dirty workload flat out, alone vs tracked and replicated.
     let slow_secs = if quick { 1.0 } else { 8.0 };
     let period = Duration::from_millis(50);
@@ -293,8 +424,10 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
     // 8. The sealed link's cost.
     let link = link_cost(quick)?;
 
-    // 9. Disk replication (bench/disk.rs).
+    // 9. Disk replication (bench/disk.rs); 10. an idle pair's CPU; 11. links slower than memory.
     let disk = disk::figures(quick, tcp_gbps)?;
+    let idle = floor::idle_cpu(idle_secs(quick))?;
+    let shaped = shaped::run(quick)?;
 
     let report = Report {
         quick,
@@ -308,6 +441,9 @@ fn run_inner(quick: bool, json_path: Option<&Path>) -> Result<()> {
         latency,
         failover_ms,
         link,
+        floor,
+        idle,
+        shaped,
         total_s: started.elapsed().as_secs_f64(),
     };
     print_table(&report);
@@ -716,7 +852,9 @@ fn prefault(dom: &mut MockDomain) -> Result<()> {
 fn bench_opts(silence: Option<Duration>) -> NodeOptions {
     let mut liveness = Liveness::default();
     if let Some(s) = silence {
+        // A whole-guest checkpoint of 1 GiB takes seconds on a loaded machine.
         liveness.timeout = s;
+        liveness.progress_timeout = liveness.progress_timeout.max(s);
     }
     NodeOptions {
         liveness,
@@ -728,6 +866,9 @@ fn bench_opts(silence: Option<Duration>) -> NodeOptions {
         ..NodeOptions::default()
     }
 }
+
+/// Gives the address the primary connects to, for the secondary's (a proxy in between).
+type Via<'a> = dyn Fn(&str) -> Result<String> + 'a;
 
 /// A replicated pair in this process: the secondary in a thread, the primary driven here.
 struct Pair {
@@ -757,12 +898,25 @@ impl Pair {
     /// sealed unless it is `Some(true)`, `--insecure-plaintext`) and both guests' RAM is made
     /// to exist first, so the initial synchronisation carries every page.
     fn start_with(ram: u64, what: &str, plaintext: Option<bool>) -> Result<Self> {
+        Self::start_setup(ram, what, plaintext, &|_| {}, None)
+    }
+
+    /// [`Pair::start_with`]; `tweak` changes both nodes' options, and with `via` the primary
+    /// connects to the address it returns for the secondary's (a proxy in between).
+    fn start_setup(
+        ram: u64,
+        what: &str,
+        plaintext: Option<bool>,
+        tweak: &dyn Fn(&mut NodeOptions),
+        via: Option<&Via<'_>>,
+    ) -> Result<Self> {
         let silence = (ram > 256 * MIB).then_some(Duration::from_secs(60));
-        let opts = NodeOptions {
+        let mut opts = NodeOptions {
             key: plaintext.map(|_| BENCH_KEY.to_vec()),
             insecure_plaintext: plaintext.unwrap_or(false),
             ..bench_opts(silence)
         };
+        tweak(&mut opts);
         let t = Instant::now();
         let (tx, rx) = std::sync::mpsc::channel();
         let mut sguest = build(&dirty_spec(ram, 0, 2))?;
@@ -787,7 +941,10 @@ impl Pair {
                 }
             },
         )?;
-        let addr = secondary.addr.clone();
+        let addr = match via {
+            Some(f) => f(&secondary.addr)?,
+            None => secondary.addr.clone(),
+        };
         let secondary = secondary.handle;
         guest.resume()?;
         let status = new_status();
@@ -827,11 +984,11 @@ impl Pair {
         Ok(pair)
     }
 
-    /// Makes every page of the primary's RAM exist (as in a real guest) and checkpoints it.
-    /// Done after the initial synchronisation: the mock's hole probe makes pre-copy reads of a
-    /// populated file slow (see the report), while one checkpoint of every page reads it in a
-    /// single call.
-    fn populate(&mut self) -> Result<()> {
+    /// Makes every page of the primary's RAM exist (as in a real guest) and checkpoints it;
+    /// returns that checkpoint's pause, ms. Done after the initial synchronisation: the mock's
+    /// hole probe makes pre-copy reads of a populated file slow (see the report), while one
+    /// checkpoint of every page reads it in a single call.
+    fn populate(&mut self) -> Result<f64> {
         let pages = self.pages;
         let t = Instant::now();
         // Zeros into zero pages: every page (NIC pages included) comes to exist, and no content
@@ -846,7 +1003,7 @@ impl Pair {
              {:.0} ms, NEW → SVM_READY {:.0} ms",
             f.pause_ms, f.total_ms
         );
-        Ok(())
+        Ok(f.pause_ms)
     }
 
     /// Drives the primary until the initial synchronisation has committed.
@@ -1357,6 +1514,9 @@ fn print_table(r: &Report) {
             .collect::<Vec<_>>()
     );
     print_link(&r.link);
+    r.floor.print();
+    print_idle(r.idle);
+    r.shaped.print();
     println!("{line}");
     println!("bench finished in {:.1} s", r.total_s);
 }
@@ -1448,9 +1608,10 @@ fn to_json(r: &Report) -> Value {
         "sparse": sweep_json(&r.sparse),
         "total_s": r.total_s,
     });
-    if let (Value::Object(m), Value::Object(p)) = (&mut j, sweep_json(&r.populated)) {
-        m.extend(p);
-    }
+    extend(&mut j, sweep_json(&r.populated));
+    extend(&mut j, floor_json(&r.floor));
+    extend(&mut j, idle_json(r.idle));
+    extend(&mut j, r.shaped.json());
     j
 }
 

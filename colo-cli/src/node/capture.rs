@@ -44,6 +44,8 @@ pub(super) struct Capture {
     verify: bool,
     /// Dirty-log scratch for the digest's settledness.
     late: Option<DirtyBitmap>,
+    /// Dirty-log scratch for sizing the copy buffer before a pause.
+    peek: Option<DirtyBitmap>,
     /// What the secondary holds of each page, while sweeps run (verification, or the first
     /// captures).
     sent: Option<SentPages>,
@@ -62,9 +64,36 @@ impl Capture {
             state: Vec::new(),
             verify,
             late: None,
+            peek: None,
             sent,
             unlogged,
         }
+    }
+
+    /// Before a checkpoint's pause, while the PVM runs: makes the copy buffer hold the pages
+    /// the dirty log shows so far and a margin, every byte of it written once, so that the
+    /// pause neither allocates nor takes page faults for a checkpoint larger than any before
+    /// (a 1 GiB checkpoint into a fresh buffer spent ~90 % of its pause faulting the buffer in).
+    /// The peek runs while the secondary suspends its SVM, so it costs the checkpoint little;
+    /// it stops once the buffer holds the whole guest.
+    pub(super) fn prepare(&mut self, guest: &mut dyn Domain) -> Result<(), BackendError> {
+        let pages = guest.page_count();
+        let have = (self.copy.capacity() / PAGE_SIZE) as u64;
+        if have >= pages {
+            return Ok(());
+        }
+        let peek = self.peek.get_or_insert_with(|| DirtyBitmap::new(pages));
+        peek.clear_all();
+        guest.peek_dirty(peek)?;
+        let dirty = peek.count();
+        let want = (dirty + dirty / 4 + 1024).min(pages);
+        if want > have {
+            self.copy.clear();
+            self.copy.resize(want as usize * PAGE_SIZE, 0);
+            self.copy.clear();
+            self.present.reserve(want as usize);
+        }
+        Ok(())
     }
 
     /// Reads `pfns` of the running guest for a pre-copy round (into `copy` and `present`).

@@ -29,6 +29,7 @@ use std::time::Duration;
 use colo_core::compare::CompareConfig;
 use colo_core::engine::{Liveness, SyncMode};
 use colo_core::policy::CheckpointPolicy;
+use colo_core::stream::PageCoding;
 use colo_core::{BackendError, Domain};
 use parking_lot::Mutex;
 
@@ -74,6 +75,8 @@ pub struct NodeOptions {
     /// Leave the link's records unsealed although there is a key (`--insecure-plaintext`; both
     /// nodes must agree).
     pub insecure_plaintext: bool,
+    /// How page data travels on the link (`--zero-pages`, `--compress`; both nodes must agree).
+    pub page_coding: PageCoding,
     /// Checkpoint policy (primary).
     pub policy: CheckpointPolicy,
     /// Comparator settings (primary).
@@ -110,6 +113,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("verify", &self.verify)
             .field("has_key", &self.key.is_some())
             .field("insecure_plaintext", &self.insecure_plaintext)
+            .field("page_coding", &self.page_coding)
             .field("policy", &self.policy)
             .field("sync_mode", &self.sync_mode)
             .field("client_addr", &self.client_addr)
@@ -127,6 +131,7 @@ impl Default for NodeOptions {
             key: None,
             key_file: None,
             insecure_plaintext: false,
+            page_coding: PageCoding::PLAIN,
             policy: CheckpointPolicy::default(),
             compare: CompareConfig::default(),
             sync_mode: SyncMode::Backchannel,

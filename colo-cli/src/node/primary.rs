@@ -19,7 +19,7 @@ use crossbeam_channel::Receiver;
 
 use super::capture::Capture;
 use super::disk::{self, PrimaryDisk};
-use super::driver::{run_fence, Io, Next, Node, Role};
+use super::driver::{flush, run_fence, Io, Next, Node, Role};
 use super::pages::PageWriter;
 use super::protect::{goodbye, goodbye_in_background, Protecting};
 use super::NodeOptions;
@@ -48,6 +48,7 @@ pub(super) fn primary_config(opts: &NodeOptions, pages: u64, disk_blocks: u64) -
     cfg.link.verify = opts.verify;
     cfg.link.key = opts.key.clone();
     cfg.link.plaintext = opts.insecure_plaintext;
+    cfg.link.coding = opts.page_coding;
     cfg.link.nonce = super::driver::nonce();
     cfg
 }
@@ -144,7 +145,7 @@ impl<G: Guest> Node<G, PrimaryRole> {
             queued: VecDeque::new(),
             capture: Capture::new(pages, opts.verify, opts.unlogged_sweeps),
             disk: PrimaryDisk::default(),
-            writer: PageWriter::new(),
+            writer: PageWriter::new(opts.page_coding),
             released: Vec::new(),
             last_cp_end: now,
             manual: false,
@@ -322,7 +323,7 @@ impl Role for PrimaryRole {
         self.check_arbiter(io)?;
         self.pump_clients(io)?;
         self.pump_output(io);
-        self.maybe_checkpoint(&io.opts)
+        self.maybe_checkpoint(io)
     }
 
     fn backlog(&self) -> bool {
@@ -694,13 +695,15 @@ impl PrimaryRole {
             .and_then(|c| c.checkpoint_wanted(now))
     }
 
-    /// Starts a checkpoint when the policy says so.
-    fn maybe_checkpoint(&mut self, opts: &NodeOptions) -> Result<()> {
+    /// Starts a checkpoint when the policy says so; while NEW travels, sizes the copy buffer
+    /// for it (see `Capture::prepare`).
+    fn maybe_checkpoint<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
         if self.engine.state() != PrimaryState::Running {
             return Ok(());
         }
         let now = Instant::now();
-        let Some(reason) = opts.policy.decide(now, self.last_cp_end, self.wanted(now)) else {
+        let wanted = self.wanted(now);
+        let Some(reason) = io.opts.policy.decide(now, self.last_cp_end, wanted) else {
             return Ok(());
         };
         let trigger = match reason {
@@ -710,6 +713,11 @@ impl PrimaryRole {
         };
         self.manual = false;
         self.engine.start_checkpoint(now, trigger)?;
+        // NEW goes out first: the secondary suspends its SVM meanwhile.
+        flush(self, io);
+        if let Err(e) = self.capture.prepare(&mut io.guest) {
+            tracing::debug!("sizing the copy buffer before the pause: {e}");
+        }
         Ok(())
     }
 }

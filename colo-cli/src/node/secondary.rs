@@ -101,6 +101,7 @@ fn secondary_config(opts: &NodeOptions, pages: u64, disk_blocks: u64) -> Seconda
     cfg.verify = opts.verify;
     cfg.key = opts.key.clone();
     cfg.plaintext = opts.insecure_plaintext;
+    cfg.coding = opts.page_coding;
     cfg.nonce = nonce();
     cfg
 }

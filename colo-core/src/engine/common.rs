@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::link::{message_name, Handshake, Offer};
 use super::messages::{Message, Role};
 use super::{EngineError, Liveness};
-use crate::stream::Record;
+use crate::stream::{PageCoding, Record};
 
 /// Settings both roles share: what the link handshake checks and how the peer is watched.
 #[derive(Debug, Clone)]
@@ -27,6 +27,10 @@ pub struct LinkConfig {
     /// Leave the records after the handshake unsealed (`--insecure-plaintext`; both sides must
     /// agree, the handshake checks).
     pub plaintext: bool,
+    /// How page data travels (`--zero-pages`, `--compress`; both sides must agree, the
+    /// handshake checks). The primary's driver codes the pages; the secondary's decoder reads
+    /// any coding.
+    pub coding: PageCoding,
     /// A fresh random nonce for the handshake.
     pub nonce: [u8; 32],
 }
@@ -41,6 +45,7 @@ impl LinkConfig {
             verify: false,
             key: None,
             plaintext: false,
+            coding: PageCoding::PLAIN,
             nonce: [0; 32],
         }
     }
@@ -78,6 +83,7 @@ impl Peer {
             disk_blocks: cfg.disk_blocks,
             verify: cfg.verify,
             plaintext: cfg.plaintext,
+            coding: cfg.coding,
         };
         let handshake = Handshake::offer(role, offer, cfg.key.clone(), cfg.nonce, &mut outbox);
         let mut heartbeat = Heartbeat::new(cfg.liveness, now);

@@ -6,8 +6,8 @@
 //!   primary                                        secondary
 //!      | -- HELLO(v, role, pages, 4096, flags, nonce_p, disk_p) -->|
 //!      |<-- HELLO(v, role, pages, 4096, flags, nonce_s, disk_s) -- |     (both send at once)
-//!      | -- AUTH(HMAC(k, P, nonce_s, nonce_p, pages, disk_p, disk_s, verify, plaintext)) -->|
-//!      |<-- AUTH(HMAC(k, S, nonce_p, nonce_s, pages, disk_p, disk_s, verify, plaintext)) -- |
+//!      | -- AUTH(HMAC(k, P, nonce_s, nonce_p, pages, disk_p, disk_s, verify, plaintext, coding)) -->|
+//!      |<-- AUTH(HMAC(k, S, nonce_p, nonce_s, pages, disk_p, disk_s, verify, plaintext, coding)) -- |
 //!                                                                      (AUTH only with a key)
 //!   Done: the link is trusted; only now is a guest page read or written. With a key and
 //!   without --insecure-plaintext, every byte after each side's AUTH is sealed (crate::seal).
@@ -18,19 +18,23 @@
 //! (flags bit 1): a primary that verifies beside a secondary that sends no digests, or the
 //! reverse, would otherwise pass silently; and, with keys, `--insecure-plaintext` on both sides
 //! or on neither (flags bit 2): one side would otherwise read the other's sealed frames as
-//! records. A mismatch is refused by both, each naming what differs and which side has it.
+//! records; and the same page coding (flags bits 3–5, `--zero-pages`, `--compress`): a
+//! secondary must expect the primary's PACKED_PAGES. A mismatch is refused by both, each naming
+//! what differs and which side has it.
 //! The disk (`--disk`, in 4 KiB blocks): a secondary whose disk is missing or smaller than the
 //! primary's could not hold the primary's blocks, and a secondary with a disk beside a primary
 //! without one would serve a disk nobody replicates; both are refused. A larger secondary disk
 //! is accepted: only the primary's size is replicated ([`Handshake::disk_blocks`]).
 //!
 //! Each proof binds the prover's role, the verifier's fresh nonce (so it cannot be replayed), the
-//! prover's nonce (so it cannot be reflected back), the geometry (both disk sizes included,
-//! as the two sides may differ) and the verify and plaintext flags (so a man in the middle cannot hide a mismatch, nor strip the encryption by setting
-//! both plaintext flags). The machine is sans-IO: the caller supplies the nonce (from the OS's
+//! prover's nonce (so it cannot be reflected back), the geometry (both disk sizes included, as
+//! the two sides may differ) and the verify, plaintext and page coding flags (so a man in the
+//! middle cannot hide a mismatch, nor strip the encryption by setting both plaintext flags).
+//! The machine is sans-IO: the caller supplies the nonce (from the OS's
 //! RNG) and moves the encoded bytes.
 
 use super::messages::{Hello, Message, Role, MAC_LEN, PROTOCOL_VERSION};
+use crate::stream::PageCoding;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use thiserror::Error;
@@ -121,6 +125,21 @@ pub enum LinkError {
         /// The secondary's disk, in 4 KiB blocks.
         secondary: u64,
     },
+    /// The two sides code page data differently (`--zero-pages`, `--compress`).
+    #[error(
+        "page coding differs: the {ours_role} has {ours}, the {peer_role} has {peer}; give both \
+         nodes the same --compress and --zero-pages"
+    )]
+    Coding {
+        /// This side.
+        ours_role: Role,
+        /// This side's coding.
+        ours: PageCoding,
+        /// The peer.
+        peer_role: Role,
+        /// The peer's coding.
+        peer: PageCoding,
+    },
     /// The peer's proof is wrong: it does not hold the same key.
     #[error("peer failed authentication: its HMAC proof does not match this node's key")]
     BadProof,
@@ -166,6 +185,8 @@ pub struct Offer {
     pub verify: bool,
     /// This side asks for an unsealed link (`--insecure-plaintext`).
     pub plaintext: bool,
+    /// How this side codes page data (`--zero-pages`, `--compress`).
+    pub coding: PageCoding,
 }
 
 /// One side's handshake.
@@ -178,6 +199,7 @@ pub struct Handshake {
     peer_disk_blocks: u64,
     verify: bool,
     plaintext: bool,
+    coding: PageCoding,
     key: Option<Vec<u8>>,
     nonce: [u8; 32],
     peer_nonce: [u8; 32],
@@ -192,6 +214,7 @@ impl std::fmt::Debug for Handshake {
             .field("disk_blocks", &self.disk_blocks)
             .field("verify", &self.verify)
             .field("plaintext", &self.plaintext)
+            .field("coding", &self.coding)
             .field("has_key", &self.key.is_some())
             .field("state", &self.state)
             .finish()
@@ -234,6 +257,7 @@ impl Handshake {
             disk_blocks: 0,
             verify,
             plaintext,
+            coding: PageCoding::PLAIN,
         };
         Self::offer(role, offer, key, nonce, out)
     }
@@ -254,6 +278,7 @@ impl Handshake {
             peer_disk_blocks: 0,
             verify: offer.verify,
             plaintext: offer.plaintext,
+            coding: offer.coding,
             key,
             nonce,
             peer_nonce: [0; 32],
@@ -267,6 +292,7 @@ impl Handshake {
             wants_auth: hs.key.is_some(),
             verify: offer.verify,
             plaintext: offer.plaintext,
+            coding: offer.coding,
             nonce,
             disk_blocks: offer.disk_blocks,
         })
@@ -319,7 +345,7 @@ impl Handshake {
             Ok(m) => m,
             Err(_) => unreachable_hmac(),
         };
-        mac.update(b"colo-link-auth-v4");
+        mac.update(b"colo-link-auth-v5");
         mac.update(&[match prover {
             Role::Primary => 1,
             Role::Secondary => 2,
@@ -331,6 +357,7 @@ impl Handshake {
         mac.update(&primary_disk.to_le_bytes());
         mac.update(&secondary_disk.to_le_bytes());
         mac.update(&[u8::from(self.verify), u8::from(self.plaintext)]);
+        mac.update(&self.coding.flags().to_le_bytes());
         mac
     }
 
@@ -366,6 +393,14 @@ impl Handshake {
                     return Err(LinkError::Verify { with, without });
                 }
                 self.check_disks(h.disk_blocks)?;
+                if h.coding != self.coding {
+                    return Err(LinkError::Coding {
+                        ours_role: self.role,
+                        ours: self.coding,
+                        peer_role: h.role,
+                        peer: h.coding,
+                    });
+                }
                 match (self.key.is_some(), h.wants_auth) {
                     (true, false) => {
                         return Err(LinkError::KeyPresence(
@@ -565,18 +600,18 @@ mod tests {
         );
     }
 
-    /// Both sides with a key, (verify, plaintext) settings `p` and `s`; a man in the middle
-    /// flips HELLO flag `bit` on the way both ways. Returns what each side said to the other's
-    /// AUTH (both HELLOs must have passed).
+    /// Both sides with a key, offering `p` and `s` (5 pages); a man in the middle flips HELLO
+    /// flag `bit` on the way both ways. Returns what each side said to the other's AUTH (both
+    /// HELLOs must have passed).
     fn flag_flipped_in_transit(
-        p: (bool, bool),
-        s: (bool, bool),
+        p: Offer,
+        s: Offer,
         bit: u32,
     ) -> (Result<bool, LinkError>, Result<bool, LinkError>) {
         let (mut po, mut so) = (Vec::new(), Vec::new());
         let key = Some(b"k".to_vec());
-        let mut ph = Handshake::start(Role::Primary, 5, p.0, p.1, key.clone(), [1; 32], &mut po);
-        let mut sh = Handshake::start(Role::Secondary, 5, s.0, s.1, key, [2; 32], &mut so);
+        let mut ph = Handshake::offer(Role::Primary, p, key.clone(), [1; 32], &mut po);
+        let mut sh = Handshake::offer(Role::Secondary, s, key, [2; 32], &mut so);
         let flip = |bytes: &[u8]| -> Vec<u8> {
             let mut b = bytes.to_vec();
             b[8 + 28] ^= bit as u8;
@@ -593,12 +628,100 @@ mod tests {
         )
     }
 
+    /// An offer of 5 pages with `--verify` and `--insecure-plaintext` as given, pages plain.
+    fn flags(verify: bool, plaintext: bool) -> Offer {
+        Offer {
+            page_count: 5,
+            verify,
+            plaintext,
+            ..Offer::default()
+        }
+    }
+
+    /// A handshake between sides coding pages as `p` and `s`, with or without a key.
+    fn run_coding(
+        key: Option<&[u8]>,
+        p: PageCoding,
+        s: PageCoding,
+    ) -> (Result<bool, LinkError>, Result<bool, LinkError>) {
+        let (mut po, mut so) = (Vec::new(), Vec::new());
+        let offer = |coding| Offer {
+            page_count: 5,
+            coding,
+            ..Offer::default()
+        };
+        let k = key.map(<[u8]>::to_vec);
+        let mut ph = Handshake::offer(Role::Primary, offer(p), k.clone(), [1; 32], &mut po);
+        let mut sh = Handshake::offer(Role::Secondary, offer(s), k, [2; 32], &mut so);
+        let (p_hello, s_hello) = (po.clone(), so.clone());
+        po.clear();
+        so.clear();
+        let a = ph.on_message(&parse(&s_hello), &mut po);
+        let b = sh.on_message(&parse(&p_hello), &mut so);
+        match (a, b) {
+            (Ok(false), Ok(false)) => (
+                ph.on_message(&parse(&so), &mut Vec::new()),
+                sh.on_message(&parse(&po), &mut Vec::new()),
+            ),
+            other => other,
+        }
+    }
+
+    #[test]
+    fn the_same_page_coding_on_both_sides() {
+        use crate::stream::Codec;
+        let lz4 = PageCoding {
+            zero_pages: false,
+            codec: Codec::Lz4,
+        };
+        let zero = PageCoding {
+            zero_pages: true,
+            codec: Codec::None,
+        };
+        for key in [None, Some(&b"k"[..])] {
+            for c in [PageCoding::PLAIN, lz4, zero] {
+                assert_eq!(run_coding(key, c, c), (Ok(true), Ok(true)));
+            }
+            let (a, b) = run_coding(key, lz4, PageCoding::PLAIN);
+            assert!(matches!(a, Err(LinkError::Coding { .. })), "{a:?}");
+            assert!(matches!(b, Err(LinkError::Coding { .. })), "{b:?}");
+            assert!(matches!(
+                run_coding(key, zero, lz4).0,
+                Err(LinkError::Coding { .. })
+            ));
+        }
+        let msg = run_coding(None, lz4, PageCoding::PLAIN).0.unwrap_err();
+        assert_eq!(
+            msg.to_string(),
+            "page coding differs: the primary has --compress lz4, the secondary has --compress \
+             none; give both nodes the same --compress and --zero-pages"
+        );
+    }
+
+    #[test]
+    fn the_proof_covers_the_page_coding() {
+        // The primary codes zero pages, the secondary does not; a man in the middle flips the
+        // zero-pages bit of both HELLOs, so each side sees its own coding; the proofs, each
+        // bound to its own side's coding, then fail.
+        let zero = Offer {
+            coding: PageCoding {
+                zero_pages: true,
+                ..PageCoding::PLAIN
+            },
+            ..flags(false, false)
+        };
+        assert_eq!(
+            flag_flipped_in_transit(zero, flags(false, false), zero.coding.flags()),
+            (Err(LinkError::BadProof), Err(LinkError::BadProof))
+        );
+    }
+
     #[test]
     fn the_proof_covers_the_verify_flag() {
         // A man in the middle that flips the secondary's verify bit in both HELLOs makes the
         // flags agree on each side; the proofs, each bound to its own side's flag, then fail.
         assert_eq!(
-            flag_flipped_in_transit((true, false), (false, false), HELLO_VERIFY),
+            flag_flipped_in_transit(flags(true, false), flags(false, false), HELLO_VERIFY),
             (Err(LinkError::BadProof), Err(LinkError::BadProof))
         );
     }
@@ -652,6 +775,7 @@ mod tests {
             wants_auth: true,
             verify: false,
             plaintext: false,
+            coding: PageCoding::PLAIN,
             nonce: [1; 32],
             disk_blocks: 0,
         })
@@ -700,7 +824,7 @@ mod tests {
         // each bound to its own side's flag, fail.
         let plaintext = crate::engine::messages::HELLO_PLAINTEXT;
         assert_eq!(
-            flag_flipped_in_transit((false, true), (false, false), plaintext),
+            flag_flipped_in_transit(flags(false, true), flags(false, false), plaintext),
             (Err(LinkError::BadProof), Err(LinkError::BadProof))
         );
     }
@@ -715,8 +839,7 @@ mod tests {
         let offer = |disk_blocks| Offer {
             page_count: 8,
             disk_blocks,
-            verify: false,
-            plaintext: false,
+            ..Offer::default()
         };
         let k = key.map(<[u8]>::to_vec);
         let mut ph = Handshake::offer(Role::Primary, offer(p), k.clone(), [1; 32], &mut po);
@@ -789,8 +912,7 @@ mod tests {
         let offer = |disk_blocks| Offer {
             page_count: 8,
             disk_blocks,
-            verify: false,
-            plaintext: false,
+            ..Offer::default()
         };
         let mut ph = Handshake::offer(Role::Primary, offer(1024), key.clone(), [1; 32], &mut po);
         let mut sh = Handshake::offer(Role::Secondary, offer(512), key, [2; 32], &mut so);

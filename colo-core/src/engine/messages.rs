@@ -7,7 +7,7 @@
 //!
 //! | type | name | direction | body (little-endian) |
 //! |---|---|---|---|
-//! | `0x8000_C001` | HELLO | both | magic `b"COLOLINK"`, u32 version, u32 role (1 primary, 2 secondary), u64 page_count, u32 page_size, u32 flags (bit 0: wants auth; bit 1: verifies every checkpoint, `--verify`; bit 2: will not seal the records after the handshake, `--insecure-plaintext`; both sides must agree on bits 1 and 2), 32-byte nonce, u64 disk_blocks (the guest's disk in 4 KiB blocks, 0: none) |
+//! | `0x8000_C001` | HELLO | both | magic `b"COLOLINK"`, u32 version, u32 role (1 primary, 2 secondary), u64 page_count, u32 page_size, u32 flags (bit 0: wants auth; bit 1: verifies every checkpoint, `--verify`; bit 2: will not seal the records after the handshake, `--insecure-plaintext`; bit 3: zero pages as markers, `--zero-pages`; bits 4–5: page compression, 0 none, 1 lz4, `--compress`; both sides must agree on bits 1 to 5), 32-byte nonce, u64 disk_blocks (the guest's disk in 4 KiB blocks, 0: none) |
 //! | `0x8000_C002` | AUTH | both | 32-byte HMAC-SHA256 proof (see [`super::link`]) |
 //! | `0x8000_C003` | CONTROL | both | u32 id (libxl's CHECKPOINT_STATE ids: NEW 0, SVM_SUSPENDED 1, SVM_READY 2, SVM_RESUMED 3), u32 reserved, u64 epoch |
 //! | `0x8000_C004` | INPUT | primary → secondary | u64 seq, then one Ethernet frame (a client request mirrored to the SVM) |
@@ -18,10 +18,12 @@
 //! | `0x8000_C009` | GOODBYE | both | u32 reason: an orderly shutdown, not a failure (0: the primary stops; 1: the primary dropped its secondary, which must never take over) |
 //! | `0x8000_C00A` | DISK_BLOCKS | primary → secondary | u32 count (≤ 256), u32 reserved, count × u64 block, count × 4096 bytes (see [`crate::disk`]) |
 //! | `0x8000_C00B` | DISK_DIGEST | secondary → primary | u64 epoch, 16-byte digest of the disk (verification, see [`crate::disk`]) |
+//! | `0x8000_C00C` | PACKED_PAGES | primary → secondary | pages with zero markers and compressed data, only with an agreed page coding (decoded by the stream decoder: [`crate::stream::PageCoding`]) |
 //!
 //! Every parser checks the body length before reading and returns [`MessageError`] naming the
 //! record and what was wrong; nothing a peer sent is unwrapped.
 
+use crate::stream::PageCoding;
 use thiserror::Error;
 
 use crate::disk::{DiskBlocks, DISK_DIGEST_LEN};
@@ -50,6 +52,8 @@ pub mod colo_type {
     pub const DISK_BLOCKS: u32 = 0x8000_C00A;
     /// A digest of the disk after a checkpoint.
     pub const DISK_DIGEST: u32 = 0x8000_C00B;
+    /// Pages with zero markers and compressed data (decoded by the stream decoder).
+    pub const PACKED_PAGES: u32 = crate::stream::rec_type::PACKED_PAGES;
 }
 
 /// Magic at the start of a HELLO body.
@@ -61,8 +65,9 @@ pub const HELLO_MAGIC: [u8; 8] = *b"COLOLINK";
 /// (bit 2), agreed and proven like the verify flag. Version 4 added the disk's size to HELLO
 /// (a secondary whose disk is missing or smaller than the primary's is refused; the proof
 /// covers both sizes) and the DISK_BLOCKS and DISK_DIGEST records: a version 3 peer would
-/// neither send nor apply the disk.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// neither send nor apply the disk. Version 5 added the page coding (bits 3–5: zero-page
+/// markers and compression in PACKED_PAGES records), agreed and proven the same way.
+pub const PROTOCOL_VERSION: u32 = 5;
 /// HELLO flag: the sender has a pre-shared key and will authenticate.
 pub const HELLO_WANTS_AUTH: u32 = 1 << 0;
 /// HELLO flag: the sender digests memory at every checkpoint (`--verify`).
@@ -165,6 +170,8 @@ pub struct Hello {
     /// The sender will not seal the records after the handshake (`--insecure-plaintext`); both
     /// sides must agree. Without a key nothing is sealed, whatever this says.
     pub plaintext: bool,
+    /// How the sender sends page data (`--zero-pages`, `--compress`); both sides must agree.
+    pub coding: PageCoding,
     /// The sender's challenge.
     pub nonce: [u8; 32],
     /// The sender's disk in 4 KiB blocks (0: the guest has none that colo replicates).
@@ -264,6 +271,9 @@ pub enum MessageError {
         /// The field's value.
         value: u32,
     },
+    /// HELLO names a page compression this build does not know.
+    #[error("HELLO record has flags {0:#x}: an unknown page compression (bits 4–5)")]
+    BadCoding(u32),
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -322,6 +332,8 @@ impl<'a> Message<'a> {
                 };
                 let mut nonce = [0u8; 32];
                 nonce.copy_from_slice(&body[32..64]);
+                let flags = u32_at(body, 28);
+                let coding = PageCoding::from_flags(flags).ok_or(MessageError::BadCoding(flags))?;
                 Message::Hello(Hello {
                     version: u32_at(body, 8),
                     role,
@@ -330,6 +342,7 @@ impl<'a> Message<'a> {
                     wants_auth: u32_at(body, 28) & HELLO_WANTS_AUTH != 0,
                     verify: u32_at(body, 28) & HELLO_VERIFY != 0,
                     plaintext: u32_at(body, 28) & HELLO_PLAINTEXT != 0,
+                    coding,
                     nonce,
                     disk_blocks: u64_at(body, 64),
                 })
@@ -442,6 +455,7 @@ impl<'a> Message<'a> {
                 if h.plaintext {
                     flags |= HELLO_PLAINTEXT;
                 }
+                flags |= h.coding.flags();
                 out.extend_from_slice(&flags.to_le_bytes());
                 out.extend_from_slice(&h.nonce);
                 out.extend_from_slice(&h.disk_blocks.to_le_bytes());
@@ -495,17 +509,30 @@ mod tests {
     fn every_message_round_trips() {
         for (wants_auth, verify) in [(false, false), (true, false), (false, true), (true, true)] {
             for plaintext in [false, true] {
-                round_trip(Message::Hello(Hello {
-                    version: PROTOCOL_VERSION,
-                    role: Role::Secondary,
-                    page_count: 262_144,
-                    page_size: 4096,
-                    wants_auth,
-                    verify,
-                    plaintext,
-                    nonce: [7; 32],
-                    disk_blocks: u64::from(verify) << 40 | 16_384,
-                }));
+                for coding in [
+                    PageCoding::PLAIN,
+                    PageCoding {
+                        zero_pages: true,
+                        codec: crate::stream::Codec::None,
+                    },
+                    PageCoding {
+                        zero_pages: plaintext,
+                        codec: crate::stream::Codec::Lz4,
+                    },
+                ] {
+                    round_trip(Message::Hello(Hello {
+                        version: PROTOCOL_VERSION,
+                        role: Role::Secondary,
+                        page_count: 262_144,
+                        page_size: 4096,
+                        wants_auth,
+                        verify,
+                        plaintext,
+                        coding,
+                        nonce: [7; 32],
+                        disk_blocks: u64::from(verify) << 40 | 16_384,
+                    }));
+                }
             }
         }
         round_trip(Message::Auth([9; 32]));
@@ -571,6 +598,7 @@ mod tests {
             wants_auth: true,
             verify: true,
             plaintext: false,
+            coding: PageCoding::PLAIN,
             nonce: [0; 32],
             disk_blocks: 0x0102,
         })
@@ -590,6 +618,24 @@ mod tests {
         };
         assert!(h.wants_auth && h.verify);
         assert_eq!(h.disk_blocks, 0x0102);
+        // Bits 3–5: the page coding; an unknown codec is refused, not read as another.
+        let mut b = body.to_vec();
+        b[28] = 3 | 1 << 3 | 1 << 4;
+        let Ok(Some(Message::Hello(h))) = Message::parse(colo_type::HELLO, &b) else {
+            panic!("HELLO with a page coding does not parse");
+        };
+        assert_eq!(
+            h.coding,
+            PageCoding {
+                zero_pages: true,
+                codec: crate::stream::Codec::Lz4
+            }
+        );
+        b[28] = 3 | 2 << 4;
+        assert!(matches!(
+            Message::parse(colo_type::HELLO, &b),
+            Err(MessageError::BadCoding(_))
+        ));
         // A HELLO one byte short (or long) is a length error, not a panic.
         for len in [HELLO_LEN - 1, HELLO_LEN + 1] {
             let mut b = body.to_vec();

@@ -1,6 +1,7 @@
 //! The incremental, sans-IO stream decoder: fed byte slices of any size, yields [`Event`]s.
 
 use super::error::StreamError;
+use super::packed::{self, PackedKind, MAX_PACKED_BODY, ZERO_PAGE};
 use super::types::{
     le_u32, le_u64, rec_type, DomainHeader, DomainType, Event, HvmParams, ImageHeader, PageType,
     PfnList, Record, TscInfo,
@@ -37,6 +38,11 @@ enum State {
     PagePfns { count: u32, len: u32 },
     /// PAGE_DATA's entries; `idx` is the next one to yield. At `idx == count`, PageDataEnd.
     Pages { count: u32, idx: u32 },
+    /// A PACKED_PAGES body and its padding (colo's zero markers and compressed data).
+    Packed { len: u32 },
+    /// A PACKED_PAGES record's entries, unpacked; `idx` is the next one to yield, `data` the
+    /// next data page in the unpacked buffer. At `idx == count`, PageDataEnd.
+    PackedPages { count: u32, idx: u32, data: u32 },
     /// END was read; nothing may follow.
     Done,
     /// A malformation was found; the error repeats.
@@ -52,6 +58,10 @@ enum At {
     Buf(usize),
     /// `self.page`.
     PageBuf,
+    /// Page `n` of `self.unpacked`.
+    Unpacked(usize),
+    /// A page of zeros.
+    Zero,
 }
 
 /// An event described without borrows, so `step` can mutate freely before `feed` lends.
@@ -82,6 +92,9 @@ pub struct Decoder {
     /// One page, for page data split across fed slices.
     page: Box<[u8]>,
     page_got: usize,
+    /// A PACKED_PAGES record's entries and its data pages, unpacked (at most 4 MiB; kept).
+    packed_entries: Vec<u64>,
+    unpacked: Vec<u8>,
     failed: Option<StreamError>,
 }
 
@@ -102,6 +115,8 @@ impl Decoder {
             buf: Vec::new(),
             page: vec![0u8; PAGE_SIZE].into_boxed_slice(),
             page_got: 0,
+            packed_entries: Vec::new(),
+            unpacked: Vec::new(),
             failed: None,
         }
     }
@@ -173,6 +188,12 @@ impl Decoder {
                 (padded_len(len as usize) - self.buf.len()) as u64,
             ),
             State::PageHeader { len } => truncated("PAGE_DATA record", u64::from(len) - got),
+            State::Packed { len } => truncated(
+                "PACKED_PAGES record",
+                (padded_len(len as usize) - self.buf.len()) as u64,
+            ),
+            // Every byte of the record was read; only its events are left to yield.
+            State::PackedPages { .. } => Ok(()),
             State::PagePfns { len, .. } => truncated(
                 "PAGE_DATA record",
                 u64::from(len).saturating_sub(8 + self.buf.len() as u64),
@@ -218,6 +239,11 @@ impl Decoder {
                 .unwrap_or_default(),
             At::Buf(len) => self.buf.get(..len).unwrap_or_default(),
             At::PageBuf => &self.page,
+            At::Unpacked(n) => self
+                .unpacked
+                .get(n * PAGE_SIZE..(n + 1) * PAGE_SIZE)
+                .unwrap_or_default(),
+            At::Zero => &ZERO_PAGE,
         }
     }
 
@@ -318,6 +344,54 @@ impl Decoder {
                         State::RecordHeader
                     };
                     return Ok((pos, Some(Pending::Record(rtype, at))));
+                }
+                State::Packed { len } => {
+                    let padded = padded_len(len as usize);
+                    let pad_off = self.rec_off + 8 + u64::from(len);
+                    let body_off = self.rec_off + 8;
+                    let (entries, raw) = (&mut self.packed_entries, &mut self.unpacked);
+                    let pages = self.cfg.page_count;
+                    if self.buf.is_empty() && input.len() - pos >= padded {
+                        let whole = &input[pos..pos + padded];
+                        check_padding(&whole[len as usize..], pad_off)?;
+                        packed::unpack(&whole[..len as usize], body_off, pages, entries, raw)?;
+                        pos += padded;
+                        self.off += padded as u64;
+                    } else {
+                        if !self.fill_buf(padded, input, &mut pos) {
+                            return Ok((pos, None));
+                        }
+                        let (entries, raw) = (&mut self.packed_entries, &mut self.unpacked);
+                        check_padding(&self.buf[len as usize..], pad_off)?;
+                        packed::unpack(&self.buf[..len as usize], body_off, pages, entries, raw)?;
+                    }
+                    let count = self.packed_entries.len() as u32;
+                    self.state = State::PackedPages {
+                        count,
+                        idx: 0,
+                        data: 0,
+                    };
+                    return Ok((pos, Some(Pending::PageStart(count))));
+                }
+                State::PackedPages { count, idx, data } => {
+                    let Some(&e) = self.packed_entries.get(idx as usize) else {
+                        self.state = State::RecordHeader;
+                        return Ok((pos, Some(Pending::PageEnd)));
+                    };
+                    let (pfn, kind) = packed::entry(e);
+                    let (ty, at, next) = match kind {
+                        PackedKind::Data => {
+                            (PageType::Notab, Some(At::Unpacked(data as usize)), data + 1)
+                        }
+                        PackedKind::Zero => (PageType::Notab, Some(At::Zero), data),
+                        PackedKind::Absent => (PageType::Xtab, None, data),
+                    };
+                    self.state = State::PackedPages {
+                        count,
+                        idx: idx + 1,
+                        data: next,
+                    };
+                    return Ok((pos, Some(Pending::Page(pfn, ty, at))));
                 }
                 State::PageHeader { len } => {
                     if !self.fill_hdr(8, input, &mut pos) {
@@ -542,6 +616,16 @@ fn check_record_header(rtype: u32, len: u32, rec_off: u64) -> Result<State, Stre
                 })
             } else {
                 Ok(State::Body { rtype, len })
+            }
+        }
+        rec_type::PACKED_PAGES => {
+            if len as usize > MAX_PACKED_BODY {
+                Err(StreamError::BadPackedPages {
+                    offset: len_off,
+                    reason: format!("body of {len} bytes, at most {MAX_PACKED_BODY} allowed"),
+                })
+            } else {
+                Ok(State::Packed { len })
             }
         }
         rec_type::CHECKPOINT_DIRTY_PFN_LIST => {

@@ -210,6 +210,16 @@ pub enum StreamError {
         /// Bytes still missing from that item.
         missing: u64,
     },
+    /// A PACKED_PAGES record (colo's zero-page markers and compressed page data) that is
+    /// malformed: its lengths disagree, a field is out of range, or its data does not
+    /// decompress to exactly the pages it names.
+    #[error("at byte {offset}: bad PACKED_PAGES record: {reason}")]
+    BadPackedPages {
+        /// Offset of the field at fault.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
     /// Encoding: a PAGE_DATA record with 0 or more than 1024 entries.
     #[error("cannot encode a PAGE_DATA record of {count} entries (1 to 1024 allowed)")]
     EncodeEntryCount {
@@ -251,6 +261,7 @@ impl StreamError {
             | StreamError::DirtyPfnListLength { offset, .. }
             | StreamError::UnknownMandatory { offset, .. }
             | StreamError::TrailingData { offset }
+            | StreamError::BadPackedPages { offset, .. }
             | StreamError::Truncated { offset, .. } => Some(*offset),
             StreamError::EncodeEntryCount { .. } | StreamError::EncodePfnTooLarge { .. } => None,
         }

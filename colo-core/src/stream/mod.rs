@@ -14,7 +14,8 @@
 //!
 //! ```text
 //! ImageHeader -> DomainHeader -> RecordHeader --(PAGE_DATA)--> PageHeader -> PagePfns -> Pages --+
-//!      (expect_headers = false starts here) ^  \--(other)--> Body ----------------------------+   |
+//!      (expect_headers = false starts here) ^  |--(PACKED_PAGES)--> Packed -> PackedPages -----+
+//!                                           |  \--(other)--> Body ----------------------------+   |
 //!                                           +-----------------------------------------------+---+
 //! RecordHeader --(END)--> Done      any malformation --> Failed (sticky)
 //! ```
@@ -27,12 +28,15 @@
 //!
 //! colo adds no mandatory record. Any colo-specific record lives in the optional range (bit 31
 //! of the type set, [`rec_type::OPTIONAL`]) and is surfaced as [`Record::Optional`]; the engine
-//! documents and parses those bodies itself. Xen's own verifier rejects every record type it does
+//! documents and parses those bodies itself. The one exception is PACKED_PAGES (`packed.rs`:
+//! zero-page markers and compressed page data, sent only when both nodes agreed on a
+//! [`PageCoding`]), which the decoder unpacks and yields as PAGE_DATA's events. Xen's own verifier rejects every record type it does
 //! not know, so streams meant for Xen tools must not contain them.
 
 mod decode;
 mod encode;
 mod error;
+mod packed;
 mod types;
 
 pub use decode::{Decoder, DecoderConfig};
@@ -41,6 +45,10 @@ pub use encode::{
     encode_tsc_info, write_page_data,
 };
 pub use error::StreamError;
+pub use packed::{
+    encode_packed_pages, is_zero_page, Codec, PackedKind, PageCoding, MAX_PACKED_BODY,
+    PACKED_HEADER_LEN,
+};
 pub use types::{
     rec_type, rec_type_name, DomainHeader, DomainType, Event, HvmParams, ImageHeader, PageType,
     PfnList, Record, TscInfo,

@@ -124,6 +124,10 @@ pub mod rec_type {
     pub const LAST_KNOWN: u32 = X86_MSR_POLICY;
     /// Bit 31: the record is optional and a reader that does not know it skips it.
     pub const OPTIONAL: u32 = 0x8000_0000;
+    /// colo's PACKED_PAGES (optional range): pages with zero-page markers and compressed data,
+    /// sent only when both nodes agreed on a page coding at the handshake (see
+    /// [`crate::stream::PageCoding`]); the decoder yields its pages as PAGE_DATA's.
+    pub const PACKED_PAGES: u32 = 0x8000_C00C;
 }
 
 /// Xen's name for a record type, e.g. `"PAGE_DATA"`; optional types are `"OPTIONAL"`, others
