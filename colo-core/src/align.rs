@@ -337,6 +337,8 @@ struct Patch<'a> {
     at: usize,
     /// One's-complement sum of (~old word + new word) over every changed word.
     sum: u32,
+    /// A field changed.
+    changed: bool,
 }
 
 impl Patch<'_> {
@@ -371,6 +373,7 @@ impl Patch<'_> {
         let v = be32(self.frame, pos).wrapping_add(delta);
         self.frame[pos..pos + 4].copy_from_slice(&v.to_be_bytes());
         let new = self.sum_words(first, last);
+        self.changed = true;
         // ~old as a one's-complement sum of the same number of words: (0xffff * n) - old.
         let n = u32::try_from((last - first) / 2).unwrap_or(0);
         self.sum += 0xffff * n - old + new;
@@ -383,10 +386,14 @@ impl Patch<'_> {
         }
     }
 
-    /// Writes the checksum: HC' = ~(~HC + Σ(~m + m')) (RFC 1624, eqn. 3).
-    fn finish(mut self) {
+    /// Writes the checksum: HC' = ~(~HC + Σ(~m + m')) (RFC 1624, eqn. 3). Returns whether
+    /// the frame changed.
+    fn finish(mut self) -> bool {
+        if !self.changed {
+            return false;
+        }
         let Some(ck) = self.frame.get_mut(self.at + 16..self.at + 18) else {
-            return;
+            return true;
         };
         let hc = u16::from_be_bytes([ck[0], ck[1]]);
         self.sum += u32::from(!hc);
@@ -395,6 +402,7 @@ impl Patch<'_> {
         }
         let v = !(u16::try_from(self.sum).unwrap_or(0xffff));
         ck.copy_from_slice(&v.to_be_bytes());
+        true
     }
 }
 
@@ -405,7 +413,12 @@ fn rewrite_input(frame: &mut [u8], seg: &Seg, off: Offsets) -> bool {
         return false;
     }
     let at = seg.at;
-    let mut p = Patch { frame, at, sum: 0 };
+    let mut p = Patch {
+        frame,
+        at,
+        sum: 0,
+        changed: false,
+    };
     p.add(at + 8, off.seq);
     let opts = at + 20;
     let end = at + seg.hlen;
@@ -437,14 +450,18 @@ fn rewrite_input(frame: &mut [u8], seg: &Seg, off: Offsets) -> bool {
             p.add(pos, d);
         }
     }
-    p.finish();
-    true
+    p.finish()
 }
 
 /// Rewrites `seg` in `frame` as output (guest → client) with `off`.
 fn rewrite_output(frame: &mut [u8], seg: &Seg, off: Offsets) -> bool {
     let at = seg.at;
-    let mut p = Patch { frame, at, sum: 0 };
+    let mut p = Patch {
+        frame,
+        at,
+        sum: 0,
+        changed: false,
+    };
     p.add(at + 4, off.seq.wrapping_neg());
     if let Some(d) = off.ts {
         let opts = at + 20;
@@ -461,8 +478,7 @@ fn rewrite_output(frame: &mut [u8], seg: &Seg, off: Offsets) -> bool {
             p.add(pos, d.wrapping_neg());
         }
     }
-    p.finish();
-    true
+    p.finish()
 }
 
 /// The per-connection TCP offsets of the secondary (see the module docs).
