@@ -49,8 +49,11 @@
 //!                        forgotten
 //! ```
 //!
-//! An RST (either way) before the offset is known forgets the entry; a client's retransmitted
-//! SYN leaves an awaiting entry alone; a guest's retransmitted SYN or SYN-ACK updates its ISN.
+//! Before the offset is known, the guest's RST or the peer's RST without ACK forgets the entry;
+//! the peer's RST+ACK teaches the offset (so that the SVM, whose SYN it refuses, accepts it)
+//! and closes. A peer's retransmitted SYN leaves an awaiting entry alone; a guest's
+//! retransmitted SYN or SYN-ACK updates its ISN. A peer's SYN on an open connection (a stray
+//! duplicate) passes unchanged and changes nothing; on a closed one it starts a new connection.
 //! Sequence arithmetic is mod 2^32 throughout, so wraparound needs no case of its own.
 //!
 //! # Checkpoints and takeover
