@@ -511,6 +511,23 @@ pub fn format_status(r: &StatusReport) -> String {
     if v.refused_connections > 0 {
         line("refused:", format!("{} connections", v.refused_connections));
     }
+    if v.tcp_aligned > 0 || v.tcp_tracked > 0 {
+        line(
+            "tcp align:",
+            format!(
+                "{} connections aligned, {} tracked; frames rewritten {} in, {} out{}",
+                v.tcp_aligned,
+                v.tcp_tracked,
+                v.tcp_rewritten_in,
+                v.tcp_rewritten_out,
+                if v.tcp_align_evicted > 0 {
+                    format!("; {} evicted", v.tcp_align_evicted)
+                } else {
+                    String::new()
+                }
+            ),
+        );
+    }
     line("epoch:", v.epoch.to_string());
     line(
         "checkpoints:",

@@ -352,6 +352,39 @@ pub fn render(s: &NodeStatus) -> String {
         &one(s.refused_connections),
     );
     family(
+        "colo_tcp_connections_aligned_total",
+        "counter",
+        "TCP connections whose SVM sequence offset the secondary learned and rewrote.",
+        &one(s.tcp_aligned),
+    );
+    family(
+        "colo_tcp_frames_rewritten_total",
+        "counter",
+        "Frames the TCP aligner rewrote: input into the guest's sequence space, output (after a takeover) into the clients'.",
+        &[
+            (
+                r#"{direction="in"}"#.to_string(),
+                s.tcp_rewritten_in.to_string(),
+            ),
+            (
+                r#"{direction="out"}"#.to_string(),
+                s.tcp_rewritten_out.to_string(),
+            ),
+        ],
+    );
+    family(
+        "colo_tcp_aligned_tracked",
+        "gauge",
+        "Connections the TCP aligner tracks now.",
+        &one(s.tcp_tracked),
+    );
+    family(
+        "colo_tcp_align_evicted_total",
+        "counter",
+        "TCP aligner entries evicted because their class was full.",
+        &one(s.tcp_align_evicted),
+    );
+    family(
         "colo_output_withheld_total",
         "counter",
         "Output frames a lone primary held back while unsure of its arbiter lease.",

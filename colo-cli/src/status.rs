@@ -168,6 +168,18 @@ pub struct NodeStatus {
     /// Output frames held back because a primary running alone could not be sure of its
     /// arbiter lease (they go out once it is renewed).
     pub output_withheld: u64,
+    /// TCP alignment (a secondary, and the primary it becomes): connections whose sequence
+    /// offset was learned.
+    pub tcp_aligned: u64,
+    /// Frames the aligner rewrote: mirrored or client input into the guest's space.
+    pub tcp_rewritten_in: u64,
+    /// Frames the aligner rewrote: the guest's output into the clients' space (after a
+    /// takeover).
+    pub tcp_rewritten_out: u64,
+    /// Connections the aligner tracks now (awaiting a handshake, open or closed).
+    pub tcp_tracked: u64,
+    /// Aligner entries evicted because their class was full.
+    pub tcp_align_evicted: u64,
     /// Why the peer was declared lost.
     pub failover_reason: Option<String>,
     /// When.
@@ -181,6 +193,16 @@ pub struct NodeStatus {
 }
 
 impl NodeStatus {
+    /// The TCP aligner's figures.
+    pub fn record_align(&mut self, a: &colo_core::Aligner) {
+        let s = a.stats();
+        self.tcp_aligned = s.aligned;
+        self.tcp_rewritten_in = s.rewritten_in;
+        self.tcp_rewritten_out = s.rewritten_out;
+        self.tcp_align_evicted = s.evicted;
+        self.tcp_tracked = a.tracked() as u64;
+    }
+
     /// Adds a committed checkpoint.
     pub fn record_checkpoint(&mut self, s: CheckpointStats) {
         let f = CheckpointFigures::from(s);

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod align;
 pub mod backend;
 pub mod bitmap;
 pub mod compare;
@@ -19,6 +20,7 @@ pub mod policy;
 pub mod seal;
 pub mod stream;
 
+pub use align::{AlignConfig, AlignStats, Aligner};
 pub use backend::{
     BackendError, Domain, Guest, GuestDisk, GuestNic, OutputSignal, PageVisitor, PlatformRecords,
     Snapshot,

@@ -133,11 +133,12 @@ fn architecture_names_every_source_file() {
     );
 }
 
-/// The variants of `pub enum NAME` in `text`, each with the names of the fields it carries.
+/// The variants of `enum NAME` (public or not) in `text`, each with the names of the fields it
+/// carries.
 fn variants(text: &str, name: &str) -> Vec<(String, Vec<String>)> {
     let start = text
-        .find(&format!("pub enum {name} {{"))
-        .unwrap_or_else(|| panic!("no `pub enum {name}`"));
+        .find(&format!("enum {name} {{"))
+        .unwrap_or_else(|| panic!("no `enum {name}`"));
     let body = &text[start..];
     let body = &body[body.find('{').unwrap_or(0) + 1..];
     let mut out: Vec<(String, Vec<String>)> = Vec::new();
@@ -250,5 +251,47 @@ fn the_state_diagrams_name_every_state() {
     assert!(
         wrong.is_empty(),
         "the state diagrams in colo-core/src/engine/mod.rs do not match the code: {wrong:#?}"
+    );
+}
+
+/// The TCP aligner's lifecycle diagram (colo-core/src/align.rs, `# Lifecycle of a connection`)
+/// names every `ConnState` with the fields it carries on the same line, and no other state.
+#[test]
+fn the_alignment_diagram_names_every_connection_state() {
+    let text = read("colo-core/src/align.rs");
+    let docs: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .map(|l| l.strip_prefix(' ').unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let section = &docs[docs
+        .find("# Lifecycle of a connection")
+        .expect("a `# Lifecycle of a connection` section")..];
+    let block = section.split("```").nth(1).expect("a diagram block");
+    let states = variants(&text, "ConnState");
+    assert!(states.len() >= 4, "ConnState: only {states:?} found");
+    let mut wrong = Vec::new();
+    for (v, fields) in &states {
+        let Some(line) = block.lines().find(|l| camel_words(l).contains(&v.as_str())) else {
+            wrong.push(format!("ConnState::{v} is missing from the diagram"));
+            continue;
+        };
+        for f in fields {
+            if !line.contains(f.as_str()) {
+                wrong.push(format!(
+                    "ConnState::{v} carries `{f}`, which its diagram line lacks"
+                ));
+            }
+        }
+    }
+    for w in block.lines().flat_map(camel_words) {
+        if !states.iter().any(|(v, _)| v == w) {
+            wrong.push(format!("the diagram names `{w}`, which is no ConnState"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "the alignment diagram in colo-core/src/align.rs does not match the code: {wrong:#?}"
     );
 }

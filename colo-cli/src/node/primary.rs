@@ -14,7 +14,7 @@ use colo_core::engine::{
 };
 use colo_core::policy::CheckpointReason;
 use colo_core::stream::{DecoderConfig, Event};
-use colo_core::Guest;
+use colo_core::{Aligner, Guest};
 use crossbeam_channel::Receiver;
 
 use super::capture::Capture;
@@ -83,6 +83,11 @@ pub struct PrimaryRole {
     /// Output held back while this primary, alone, is not sure of its arbiter lease; it goes
     /// out, in order, before anything newer once the lease is certain again.
     withheld: Withheld,
+    /// After a takeover: the TCP offsets of the connections the old secondary's SVM aligned
+    /// (colo-core's `align.rs`). Clients' frames are rewritten into the guest's space as they
+    /// arrive (before injection and mirroring), the guest's frames into the clients' space
+    /// as they are released (after comparison).
+    aligner: Option<Aligner>,
 }
 
 /// Frames a lone primary may not release yet (see [`crate::arbiter`]).
@@ -151,6 +156,7 @@ impl<G: Guest> Node<G, PrimaryRole> {
             manual: false,
             protecting: None,
             withheld: Withheld::default(),
+            aligner: None,
         };
         Ok(Node::start(Io::new(guest, link, opts, status), role))
     }
@@ -159,6 +165,7 @@ impl<G: Guest> Node<G, PrimaryRole> {
     /// control socket's `commands`, queues the mirrored `inputs` the SVM has not consumed yet,
     /// and releases the outputs the SVM produced since the last checkpoint (`pending`: the
     /// client may not have seen their PVM twins; duplicates are harmless, requests carry ids).
+    /// `aligner` holds the SVM's TCP offsets (serving): both go through it.
     pub(super) fn took_over(
         guest: G,
         opts: NodeOptions,
@@ -166,6 +173,7 @@ impl<G: Guest> Node<G, PrimaryRole> {
         commands: Option<Receiver<ControlCommand>>,
         inputs: VecDeque<(u64, Vec<u8>)>,
         pending: &[Vec<u8>],
+        mut aligner: Aligner,
     ) -> Result<Self> {
         let mut node = Self::with_link(guest, None, opts, status)?;
         node.io.commands = commands;
@@ -176,13 +184,21 @@ impl<G: Guest> Node<G, PrimaryRole> {
             inputs
                 .into_iter()
                 .filter(|(seq, _)| *seq >= next)
-                .map(|(_, f)| f),
+                .map(|(_, mut f)| {
+                    aligner.input(&mut f);
+                    f
+                }),
         );
         if let Some(c) = role.clients.as_mut() {
+            let mut out = Vec::new();
             for f in pending {
-                c.deliver(f);
+                out.clear();
+                out.extend_from_slice(f);
+                aligner.output(&mut out);
+                c.deliver(&out);
             }
         }
+        role.aligner = Some(aligner);
         Ok(node)
     }
 
@@ -368,6 +384,9 @@ impl Role for PrimaryRole {
         }
         st.requests = self.next_seq;
         st.output_withheld = self.withheld.count;
+        if let Some(a) = &self.aligner {
+            st.record_align(a);
+        }
     }
 }
 
@@ -554,7 +573,10 @@ impl PrimaryRole {
         let Some(clients) = self.clients.as_mut() else {
             return Ok(());
         };
-        while let Some(frame) = clients.try_recv() {
+        while let Some(mut frame) = clients.try_recv() {
+            if let Some(a) = self.aligner.as_mut() {
+                a.input(&mut frame);
+            }
             self.queued.push_back(frame);
         }
         let now = Instant::now();
@@ -586,7 +608,10 @@ impl PrimaryRole {
             self.released.clear();
             c.drain_released(&mut self.released);
             let may = self.may_release(io);
-            for f in self.released.drain(..) {
+            for mut f in self.released.drain(..) {
+                if let Some(a) = self.aligner.as_mut() {
+                    a.output(&mut f);
+                }
                 deliver(&mut self.clients, &mut self.withheld, may, f);
             }
         }
@@ -599,11 +624,17 @@ impl PrimaryRole {
         let comparator = &mut self.comparator;
         let clients = &mut self.clients;
         let withheld = &mut self.withheld;
+        let aligner = &mut self.aligner;
         let opts = &io.opts;
         io.guest.drain_tx(&mut |f| {
             opts.tap(f);
-            match comparator.as_mut() {
-                Some(c) if compare => c.push_primary(now, f.to_vec()),
+            match (comparator.as_mut(), aligner.as_mut()) {
+                (Some(c), _) if compare => c.push_primary(now, f.to_vec()),
+                (_, Some(a)) => {
+                    let mut f = f.to_vec();
+                    a.output(&mut f);
+                    deliver(clients, withheld, may, f);
+                }
                 _ if may && withheld.frames.is_empty() => {
                     if let Some(cl) = clients.as_mut() {
                         cl.deliver(f);

@@ -12,7 +12,7 @@ use colo_core::engine::{
     Delivery, Secondary, SecondaryAction, SecondaryConfig, SecondaryState, DIGEST_LEN,
 };
 use colo_core::stream::{DecoderConfig, Event};
-use colo_core::Guest;
+use colo_core::{AlignConfig, Aligner, Guest};
 
 use super::capture::{settled_digest, Watch};
 use super::disk;
@@ -66,6 +66,12 @@ pub struct SecondaryRole {
     awaiting_key: Option<AwaitingKey>,
     /// Connections refused before the handshake completed.
     refusals: Refusals,
+    /// TCP alignment (colo-core's `align.rs`): mirrored input is rewritten into the SVM's
+    /// sequence space as it is injected, the SVM's output observed as it is pumped; dropped
+    /// when a checkpoint is applied, handed to the new primary at a takeover.
+    aligner: Aligner,
+    /// The mirrored input being injected, as rewritten (reused: no allocation per frame).
+    scratch: Vec<u8>,
 }
 
 /// The shortest gap between two refused connections looked at.
@@ -158,6 +164,8 @@ impl<G: Guest> Node<G, SecondaryRole> {
             taken_over: false,
             awaiting_key: None,
             refusals: Refusals::default(),
+            aligner: Aligner::new(AlignConfig::default()),
+            scratch: Vec::new(),
         };
         Ok(Node::start(Io::new(guest, Some(link), opts, status), role))
     }
@@ -172,7 +180,8 @@ impl<G: Guest> Node<G, SecondaryRole> {
         if self.run_loop()? {
             return Ok(SecondaryOutcome::Stopped);
         }
-        let Self { io, role } = self;
+        let Self { io, mut role } = self;
+        role.aligner.take_over();
         let node = PrimaryNode::took_over(
             io.guest,
             io.opts,
@@ -180,6 +189,7 @@ impl<G: Guest> Node<G, SecondaryRole> {
             io.commands,
             role.inputs,
             &role.out_frames,
+            role.aligner,
         )?;
         Ok(SecondaryOutcome::TookOver(Box::new(node)))
     }
@@ -320,6 +330,7 @@ impl Role for SecondaryRole {
         st.ever_protected |= st.protected;
         st.refused_connections = self.refusals.total;
         st.epoch = self.engine.running_epoch().unwrap_or(0);
+        st.record_align(&self.aligner);
     }
 }
 
@@ -360,6 +371,10 @@ impl SecondaryRole {
         // Frames the SVM emitted in the old epoch are superseded.
         self.out_frames.clear();
         io.guest.drain_tx(&mut |_| {});
+        // The SVM is now a copy of the PVM: its TCP sequence space is the PVM's. No frame of
+        // the new epoch has crossed either way yet (the SVM resumes later, and inputs are
+        // rewritten as they are injected).
+        self.aligner.checkpoint();
         if io.opts.snapshots() {
             // Read back through the backend: tests check the state round trip too.
             let mut st = Vec::new();
@@ -606,7 +621,10 @@ impl SecondaryRole {
     }
 
     /// Mirrored requests into the SVM, in order, as its RX ring has room (while an epoch
-    /// runs); requests the checkpoint already carried are dropped.
+    /// runs); requests the checkpoint already carried are dropped. Each is aligned into the
+    /// SVM's TCP sequence space on a copy as it is injected (a request that waits for room is
+    /// aligned again at its next try, with the table of that moment: a checkpoint in between
+    /// may have emptied it).
     fn pump_inputs<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
         if self.engine.running_epoch().is_none() {
             return Ok(());
@@ -620,7 +638,10 @@ impl SecondaryRole {
             if *seq != want {
                 bail!("mirrored request {seq} arrived but the SVM expects {want}: input lost");
             }
-            if !io.guest.inject(*seq, frame)? {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(frame);
+            self.aligner.input(&mut self.scratch);
+            if !io.guest.inject(*seq, &self.scratch)? {
                 break;
             }
             self.inputs.pop_front();
@@ -628,15 +649,20 @@ impl SecondaryRole {
         Ok(())
     }
 
-    /// The SVM's output to the primary for comparison, kept until the next checkpoint.
+    /// The SVM's output to the primary for comparison, kept until the next checkpoint. The
+    /// aligner observes it (the guest's SYNs, SYN-ACKs, FINs and RSTs) and leaves it as it
+    /// is: the comparator follows each VM's stream from its own SYN.
     fn pump_output<G: Guest>(&mut self, io: &mut Io<G>) {
         io.take_output_signal();
         let now = Instant::now();
         let engine = &mut self.engine;
         let frames = &mut self.out_frames;
+        let aligner = &mut self.aligner;
         io.guest.drain_tx(&mut |f| {
-            engine.send_output(now, f);
-            frames.push(f.to_vec());
+            let mut f = f.to_vec();
+            aligner.output(&mut f);
+            engine.send_output(now, &f);
+            frames.push(f);
         });
         if frames.len() > MAX_HELD_FRAMES {
             let cut = frames.len() - MAX_HELD_FRAMES;
