@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod announce;
 pub mod bitmap;
 pub mod compare;
 #[cfg(feature = "conformance")]
