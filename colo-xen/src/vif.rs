@@ -17,7 +17,14 @@
 //! the rates a checkpointed guest reaches (every released frame waits for a checkpoint or the
 //! SVM's twin anyway).
 //!
-//! Offloads: a guest with TSO/GSO hands dom0 frames larger than the MTU; colo forwards frames as
+//! Checksum offload: a guest (netfront, or a veth peer) hands dom0 frames whose TCP/UDP checksum
+//! is left for the NIC to fill (CHECKSUM_PARTIAL); read raw, they would leave colo with a wrong
+//! checksum and be dropped by the receiver. The port therefore reads with `PACKET_VNET_HDR`:
+//! each frame comes with a virtio-net header, and a frame marked NEEDS_CSUM gets its checksum
+//! completed by [`PacketPort::recv`] (the field holds the pseudo-header sum; the one's-complement
+//! sum from `csum_start` to the end finishes it). Sends carry an empty header.
+//!
+//! Segmentation offloads: a guest with TSO/GSO hands dom0 frames larger than the MTU; colo forwards frames as
 //! they are, and a port's `send` of a frame above the other side's MTU fails (EMSGSIZE, reported
 //! as [`VifError::TooBig`]). Operators turn segmentation offloads off on the vif and the service
 //! port (`ethtool -K vif7.0 tso off gso off gro off`; see docs/operations.md).
@@ -115,7 +122,6 @@ impl Drop for PortSignal {
 pub struct PacketPort {
     fd: Arc<OwnedFd>,
     name: String,
-    ifindex: i32,
 }
 
 fn os(op: &'static str, name: &str) -> VifError {
@@ -167,8 +173,8 @@ impl PacketPort {
         let port = Self {
             fd: Arc::new(fd),
             name: name.to_string(),
-            ifindex,
         };
+        port.setsockopt(libc::PACKET_VNET_HDR, &1i32, "PACKET_VNET_HDR")?;
         port.setsockopt(libc::PACKET_IGNORE_OUTGOING, &1i32, "PACKET_IGNORE_OUTGOING")
             .or_else(|e| match &e {
                 // Before Linux 4.20: recv skips PACKET_OUTGOING frames itself.
@@ -253,16 +259,24 @@ impl PacketPort {
     /// Sends one Ethernet frame out of the interface. `Ok(false)`: the interface's queue is
     /// full (try again later); nothing was sent.
     pub fn send(&self, frame: &[u8]) -> Result<bool, VifError> {
-        // SAFETY: frame is a live slice of frame.len() bytes; the socket is bound, so no
-        // address is needed.
-        let n = unsafe {
-            libc::send(
-                self.raw(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
+        let mut hdr = [0u8; VNET_HDR];
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_mut_ptr().cast(),
+                iov_len: VNET_HDR,
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr().cast_mut().cast(),
+                iov_len: frame.len(),
+            },
+        ];
+        // SAFETY: msghdr is plain old data; all-zero is a valid value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr().cast_mut();
+        msg.msg_iovlen = iov.len();
+        // SAFETY: msg points to two live iovecs (an empty virtio-net header and the frame),
+        // which sendmsg only reads; the socket is bound, so no address is needed.
+        let n = unsafe { libc::sendmsg(self.raw(), &msg, libc::MSG_DONTWAIT) };
         if n >= 0 {
             return Ok(true);
         }
@@ -291,18 +305,28 @@ impl PacketPort {
         loop {
             // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
             let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut len = socklen::<libc::sockaddr_ll>();
-            // SAFETY: buf is a live, writable slice of buf.len() bytes; from/len describe a
-            // writable sockaddr_ll. MSG_TRUNC makes the call return the frame's real length.
+            let mut hdr = [0u8; VNET_HDR];
+            let iov = [
+                libc::iovec {
+                    iov_base: hdr.as_mut_ptr().cast(),
+                    iov_len: VNET_HDR,
+                },
+                libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                },
+            ];
+            // SAFETY: msghdr is plain old data; all-zero is a valid value.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_ptr().cast_mut();
+            msg.msg_iovlen = iov.len();
+            msg.msg_name = (&mut from as *mut libc::sockaddr_ll).cast();
+            msg.msg_namelen = socklen::<libc::sockaddr_ll>();
+            // SAFETY: msg points to two live, writable buffers (the header and buf) and to a
+            // writable sockaddr_ll, all of the lengths given. MSG_TRUNC makes the call return
+            // the packet's real length.
             let n = unsafe {
-                libc::recvfrom(
-                    self.raw(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-                    (&mut from as *mut libc::sockaddr_ll).cast(),
-                    &mut len,
-                )
+                libc::recvmsg(self.raw(), &mut msg, libc::MSG_DONTWAIT | libc::MSG_TRUNC)
             };
             if n < 0 {
                 let err = io::Error::last_os_error();
@@ -319,13 +343,14 @@ impl PacketPort {
             if from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
-            let n = n as usize;
+            let n = (n as usize).saturating_sub(VNET_HDR);
             if n > buf.len() {
                 return Err(VifError::TooBig {
                     name: self.name.clone(),
                     len: n,
                 });
             }
+            complete_checksum(&hdr, &mut buf[..n]);
             return Ok(Some(n));
         }
     }
@@ -354,6 +379,38 @@ impl PacketPort {
             })?;
         Ok(PortSignal { rx, stop })
     }
+}
+
+/// The virtio-net header's size (`struct virtio_net_hdr`, without the mergeable-buffers count).
+const VNET_HDR: usize = 10;
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`.
+const NEEDS_CSUM: u8 = 1;
+
+/// Finishes the transport checksum of `frame` if its virtio-net header `hdr` says the sender
+/// left it to the NIC (flags NEEDS_CSUM; csum_start and csum_offset little-endian, as the host
+/// is). Offsets outside the frame leave it as it is.
+pub fn complete_checksum(hdr: &[u8; VNET_HDR], frame: &mut [u8]) {
+    if hdr[0] & NEEDS_CSUM == 0 {
+        return;
+    }
+    let start = usize::from(u16::from_le_bytes([hdr[6], hdr[7]]));
+    let field = start + usize::from(u16::from_le_bytes([hdr[8], hdr[9]]));
+    if field + 2 > frame.len() || start >= frame.len() {
+        return;
+    }
+    let mut sum: u32 = 0;
+    for c in frame[start..].chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let mut c = !(sum as u16);
+    // A UDP checksum of 0 means "none"; its one's-complement twin is sent instead (RFC 768).
+    if c == 0 {
+        c = 0xffff;
+    }
+    frame[field..field + 2].copy_from_slice(&c.to_be_bytes());
 }
 
 /// How often the signal thread looks at its stop flag.

@@ -24,7 +24,7 @@ use super::pages::PageWriter;
 use super::protect::{goodbye, goodbye_in_background, Protecting};
 use super::NodeOptions;
 use crate::arbiter::Unreachable;
-use crate::clients::ClientHub;
+use crate::service::Service;
 use crate::control::ControlCommand;
 use crate::link::Link;
 use crate::status::{NodeStatus, Shared};
@@ -64,7 +64,8 @@ pub(super) fn link_config(pages: u64) -> DecoderConfig {
 #[derive(Debug)]
 pub struct PrimaryRole {
     pub(super) engine: Primary,
-    clients: Option<ClientHub>,
+    /// The service side: the mock's clients or a port on the service network.
+    clients: Option<Box<dyn Service>>,
     pub(super) comparator: Option<Comparator>,
     /// The number of the next client request into the PVM.
     next_seq: u64,
@@ -120,11 +121,7 @@ impl<G: Guest> Node<G, PrimaryRole> {
             engine.peer_lost(now, "started without a secondary".into());
             while engine.poll_action().is_some() {}
         }
-        let clients = opts
-            .client_addr
-            .as_deref()
-            .map(ClientHub::bind)
-            .transpose()?;
+        let clients = crate::service::open(&opts)?;
         {
             let mut st = status.lock();
             st.role = "primary".into();
@@ -133,7 +130,7 @@ impl<G: Guest> Node<G, PrimaryRole> {
             st.state = engine.state().name().into();
             st.protected = engine.is_protected();
             st.peer = link.as_ref().map(|l| l.peer().to_string());
-            st.client_addr = clients.as_ref().map(|c| c.addr().to_string());
+            st.client_addr = clients.as_ref().map(|c| c.describe());
             st.disk_blocks = disk_blocks;
         }
         let role = PrimaryRole {
@@ -157,7 +154,9 @@ impl<G: Guest> Node<G, PrimaryRole> {
     /// The primary a secondary becomes when it takes over: it serves `guest` alone, answers the
     /// control socket's `commands`, queues the mirrored `inputs` the SVM has not consumed yet,
     /// and releases the outputs the SVM produced since the last checkpoint (`pending`: the
-    /// client may not have seen their PVM twins; duplicates are harmless, requests carry ids).
+    /// client may not have seen their PVM twins; duplicates are harmless, requests carry ids),
+    /// then announces the guest's addresses learnt from its frames (`announce`: gratuitous
+    /// ARPs and unsolicited NAs) on a service side with a link layer.
     pub(super) fn took_over(
         guest: G,
         opts: NodeOptions,
@@ -165,6 +164,7 @@ impl<G: Guest> Node<G, PrimaryRole> {
         commands: Option<Receiver<ControlCommand>>,
         inputs: VecDeque<(u64, Vec<u8>)>,
         pending: &[Vec<u8>],
+        announce: &[Vec<u8>],
     ) -> Result<Self> {
         let mut node = Self::with_link(guest, None, opts, status)?;
         node.io.commands = commands;
@@ -180,6 +180,14 @@ impl<G: Guest> Node<G, PrimaryRole> {
         if let Some(c) = role.clients.as_mut() {
             for f in pending {
                 c.deliver(f);
+            }
+            let sent = c.announce(announce);
+            if sent > 0 {
+                tracing::warn!(
+                    "announced the guest's {sent} address(es) on {} (gratuitous ARP / \
+                     unsolicited NA)",
+                    c.describe()
+                );
             }
         }
         Ok(node)
@@ -295,7 +303,7 @@ impl Role for PrimaryRole {
     }
 
     fn clients(&self) -> Option<&Receiver<(u64, Vec<u8>)>> {
-        self.clients.as_ref().map(ClientHub::receiver)
+        self.clients.as_ref().map(|c| c.receiver())
     }
 
     fn on_event<G: Guest>(&mut self, _guest: &mut G, now: Instant, ev: &Event<'_>) -> Result<Next> {
@@ -360,7 +368,7 @@ impl Role for PrimaryRole {
             st.epoch = self.engine.epoch();
         }
         if let Some(c) = &self.clients {
-            st.frames_delivered = c.delivered;
+            st.frames_delivered = c.delivered();
         }
         if let Some(c) = &self.comparator {
             st.mismatches = c.stats().mismatches;
@@ -715,7 +723,7 @@ impl PrimaryRole {
 }
 
 /// Hands `f` to the clients, or holds it back (behind any frame already held) unless `may`.
-fn deliver(clients: &mut Option<ClientHub>, withheld: &mut Withheld, may: bool, f: Vec<u8>) {
+fn deliver(clients: &mut Option<Box<dyn Service>>, withheld: &mut Withheld, may: bool, f: Vec<u8>) {
     if may && withheld.frames.is_empty() {
         if let Some(cl) = clients.as_mut() {
             cl.deliver(&f);

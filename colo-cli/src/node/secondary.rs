@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
+use colo_core::announce::Neighbours;
 use colo_core::bitmap::DirtyBitmap;
 use colo_core::engine::{
     Delivery, Secondary, SecondaryAction, SecondaryConfig, SecondaryState, DIGEST_LEN,
@@ -48,6 +49,8 @@ pub struct SecondaryRole {
     inputs: VecDeque<(u64, Vec<u8>)>,
     /// The SVM's output in the running epoch (released by a takeover).
     out_frames: Vec<Vec<u8>>,
+    /// The guest's addresses, learnt from the SVM's output (announced by a takeover).
+    learnt: Neighbours,
     sync: SyncPages,
     /// Dirty-log scratch for the verification option.
     late: Option<DirtyBitmap>,
@@ -148,6 +151,7 @@ impl<G: Guest> Node<G, SecondaryRole> {
             engine: Secondary::new(secondary_config(&opts, pages, disk_blocks), Instant::now()),
             inputs: VecDeque::new(),
             out_frames: Vec::new(),
+            learnt: Neighbours::default(),
             sync: SyncPages::new(),
             late: None,
             logging: false,
@@ -179,6 +183,7 @@ impl<G: Guest> Node<G, SecondaryRole> {
             io.commands,
             role.inputs,
             &role.out_frames,
+            &role.learnt.announcements(),
         )?;
         Ok(SecondaryOutcome::TookOver(Box::new(node)))
     }
@@ -633,7 +638,9 @@ impl SecondaryRole {
         let now = Instant::now();
         let engine = &mut self.engine;
         let frames = &mut self.out_frames;
+        let learnt = &mut self.learnt;
         io.guest.drain_tx(&mut |f| {
+            learnt.learn(f);
             engine.send_output(now, f);
             frames.push(f.to_vec());
         });
