@@ -1084,6 +1084,17 @@ fn check_backend(a: &NodeArgs) -> Result<()> {
         (None, Some(s)) => bail!("--service-if {s} needs --vif (the guest's vif in dom0)"),
         _ => {}
     }
+    for (flag, name) in [("--vif", &a.vif), ("--service-if", &a.service_if)] {
+        if let Some(n) = name {
+            let valid = !n.is_empty() && !n.contains('/') && n != "." && n != "..";
+            if !valid || !Path::new("/sys/class/net").join(n).exists() {
+                bail!(
+                    "{flag} {n}: no network interface `{n}` on this host (see `ip link`; a Xen \
+                     guest's vif is vifDOMID.N in dom0, created when the guest starts)"
+                );
+            }
+        }
+    }
     if a.backend == Backend::Xen && (a.disk.is_some() || a.disk_file.is_some()) {
         bail!(
             "--disk is not available with --backend xen: the Xen guest's disk does not pass \
