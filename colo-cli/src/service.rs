@@ -116,9 +116,8 @@ mod port {
     impl PortService {
         /// Opens the port on interface `name` and starts its reader thread.
         pub fn open(name: &str) -> Result<Self> {
-            let port = Arc::new(
-                PacketPort::open(name).with_context(|| format!("--service-if {name}"))?,
-            );
+            let port =
+                Arc::new(PacketPort::open(name).with_context(|| format!("--service-if {name}"))?);
             let (tx, rx) = crossbeam_channel::unbounded();
             let stop = Arc::new(AtomicBool::new(false));
             let (p2, s2) = (port.clone(), stop.clone());

@@ -833,7 +833,10 @@ fn network_path_flags_are_checked_and_a_missing_interface_is_named() {
     );
     assert_usage_error(
         &run(&[&xen[..], &["--vif", "lo", "--service-if", "nosuch-svc"]].concat()),
-        &["--service-if nosuch-svc", "no network interface `nosuch-svc`"],
+        &[
+            "--service-if nosuch-svc",
+            "no network interface `nosuch-svc`",
+        ],
     );
     assert_usage_error(
         &run(&[&xen[..], &["--client", "127.0.0.1:0"]].concat()),

@@ -117,7 +117,8 @@ fn ask(ns: &str, requests: Vec<String>, budget: Duration) -> Result<Vec<String>>
                 match sock.recv(&mut buf) {
                     Ok(n) => {
                         let a = String::from_utf8_lossy(&buf[..n]).into_owned();
-                        if a == format!("echo:{r}") || (r.starts_with("who") && a.starts_with("who:"))
+                        if a == format!("echo:{r}")
+                            || (r.starts_with("who") && a.starts_with("who:"))
                         {
                             break a;
                         }
@@ -226,12 +227,7 @@ fn run(net: &Net) -> Result<()> {
     let mut g = guest(1, &net.vif_p)?;
     g.resume()?;
     let popts = options(&net.svc_p);
-    let mut primary = PrimaryNode::connect(
-        g,
-        &proxy.addr().to_string(),
-        popts,
-        status_p.clone(),
-    )?;
+    let mut primary = PrimaryNode::connect(g, &proxy.addr().to_string(), popts, status_p.clone())?;
     let pstop = primary.stop_flag();
     let prim = std::thread::spawn(move || primary.run());
 
@@ -242,7 +238,13 @@ fn run(net: &Net) -> Result<()> {
 
     // Through the primary: echoes, and `who` answered by the PVM only.
     let reqs: Vec<String> = (0..30)
-        .map(|i| if i % 6 == 5 { format!("who {i}") } else { format!("req {i}") })
+        .map(|i| {
+            if i % 6 == 5 {
+                format!("who {i}")
+            } else {
+                format!("req {i}")
+            }
+        })
         .collect();
     let answers = ask(&net.client, reqs.clone(), budget)?;
     for (r, a) in reqs.iter().zip(&answers) {
@@ -259,7 +261,11 @@ fn run(net: &Net) -> Result<()> {
             st.checkpoints, st.mismatches, st.frames_delivered
         );
         assert!(st.mismatches >= 1, "the `who` answers differ: a mismatch");
-        assert!(st.frames_delivered >= 30, "{} delivered", st.frames_delivered);
+        assert!(
+            st.frames_delivered >= 30,
+            "{} delivered",
+            st.frames_delivered
+        );
     }
 
     // The primary dies: its host leaves the service network, the link breaks, the node stops.
@@ -280,7 +286,10 @@ fn run(net: &Net) -> Result<()> {
     let announced = garp
         .join()
         .map_err(|_| anyhow::anyhow!("the ARP watcher panicked"))??;
-    assert!(announced, "no gratuitous ARP for the guest on the service bridge");
+    assert!(
+        announced,
+        "no gratuitous ARP for the guest on the service bridge"
+    );
 
     // The same service, now from the SVM.
     let reqs: Vec<String> = vec!["after 1".into(), "who after".into(), "after 2".into()];

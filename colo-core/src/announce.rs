@@ -204,7 +204,9 @@ mod tests {
 
     #[test]
     fn unsolicited_na_has_a_valid_checksum_and_the_override_flag() {
-        let ip = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 2, 0x16, 0x3e, 0xff, 0xfe, 0x12, 0x34, 0x56];
+        let ip = [
+            0xfe, 0x80, 0, 0, 0, 0, 0, 0, 2, 0x16, 0x3e, 0xff, 0xfe, 0x12, 0x34, 0x56,
+        ];
         let f = unsolicited_na(MAC, ip);
         let p = etherparse::SlicedPacket::from_ethernet(&f).unwrap();
         let Some(etherparse::NetSlice::Ipv6(v6)) = &p.net else {
@@ -233,7 +235,10 @@ mod tests {
             .unwrap();
         assert_eq!(icmp.checksum(), want);
         assert_eq!(&icmp.payload()[..16], &ip);
-        assert_eq!(&icmp.payload()[16..], &[2, 1, 0x00, 0x16, 0x3e, 0x12, 0x34, 0x56]);
+        assert_eq!(
+            &icmp.payload()[16..],
+            &[2, 1, 0x00, 0x16, 0x3e, 0x12, 0x34, 0x56]
+        );
     }
 
     #[test]

@@ -7,8 +7,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod backend;
 pub mod announce;
+pub mod backend;
 pub mod bitmap;
 pub mod compare;
 #[cfg(feature = "conformance")]

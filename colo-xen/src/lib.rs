@@ -91,9 +91,9 @@ mod error;
 mod guest;
 mod nic;
 pub mod state;
-pub mod vif;
 #[cfg(feature = "xen")]
 mod sys;
+pub mod vif;
 
 #[cfg(test)]
 mod fake;
@@ -106,5 +106,5 @@ pub use api::{dominf, DomInfo, MAX_BATCH};
 pub use domain::XenDomain;
 pub use error::XenError;
 pub use nic::{split_state, VifGuest, STATE_TAG};
-pub use vif::{enter_netns, PacketPort, PortSignal, VifError, MAX_PORT_FRAME};
 pub use state::{StateError, TscInfo, XenState};
+pub use vif::{enter_netns, PacketPort, PortSignal, VifError, MAX_PORT_FRAME};

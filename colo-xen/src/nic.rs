@@ -169,7 +169,9 @@ impl<D: Domain> GuestNic for VifGuest<D> {
             Err(VifError::TooBig { name, len }) => {
                 // Counted as delivered and lost, as a switch drops a frame above its MTU.
                 self.tx_dropped += 1;
-                tracing_free_warn(&format!("dropped a {len}-byte frame for `{name}`: above MTU"));
+                tracing_free_warn(&format!(
+                    "dropped a {len}-byte frame for `{name}`: above MTU"
+                ));
             }
             Err(e) => return Err(e.into()),
         }

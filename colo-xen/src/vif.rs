@@ -175,14 +175,18 @@ impl PacketPort {
             name: name.to_string(),
         };
         port.setsockopt(libc::PACKET_VNET_HDR, &1i32, "PACKET_VNET_HDR")?;
-        port.setsockopt(libc::PACKET_IGNORE_OUTGOING, &1i32, "PACKET_IGNORE_OUTGOING")
-            .or_else(|e| match &e {
-                // Before Linux 4.20: recv skips PACKET_OUTGOING frames itself.
-                VifError::Os { source, .. } if source.raw_os_error() == Some(libc::ENOPROTOOPT) => {
-                    Ok(())
-                }
-                _ => Err(e),
-            })?;
+        port.setsockopt(
+            libc::PACKET_IGNORE_OUTGOING,
+            &1i32,
+            "PACKET_IGNORE_OUTGOING",
+        )
+        .or_else(|e| match &e {
+            // Before Linux 4.20: recv skips PACKET_OUTGOING frames itself.
+            VifError::Os { source, .. } if source.raw_os_error() == Some(libc::ENOPROTOOPT) => {
+                Ok(())
+            }
+            _ => Err(e),
+        })?;
         // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;

@@ -96,7 +96,10 @@ fn a_missing_interface_and_a_bad_name_are_named() {
 #[test]
 fn frames_cross_a_veth_pair_and_a_port_does_not_read_back_its_own() {
     let Some(v) = Veth::new() else { return };
-    let (a, b) = (PacketPort::open(&v.a).unwrap(), PacketPort::open(&v.b).unwrap());
+    let (a, b) = (
+        PacketPort::open(&v.a).unwrap(),
+        PacketPort::open(&v.b).unwrap(),
+    );
     let mut buf = vec![0u8; MAX_PORT_FRAME];
     for id in 0..20u64 {
         assert!(a.send(&frame(id, 100 + id as usize)).unwrap());
@@ -124,7 +127,10 @@ fn a_down_interface_is_refused_by_name() {
 #[test]
 fn the_signal_fires_when_a_frame_waits() {
     let Some(v) = Veth::new() else { return };
-    let (a, b) = (PacketPort::open(&v.a).unwrap(), PacketPort::open(&v.b).unwrap());
+    let (a, b) = (
+        PacketPort::open(&v.a).unwrap(),
+        PacketPort::open(&v.b).unwrap(),
+    );
     let sig = b.signal().unwrap();
     assert!(sig
         .receiver()
@@ -265,7 +271,8 @@ fn a_checksum_left_to_the_nic_is_completed() {
     let udp_len = 8 + payload.len() as u32;
     let mut sum = 0u32;
     for w in [&src[..], &dst[..]] {
-        sum += u32::from(u16::from_be_bytes([w[0], w[1]])) + u32::from(u16::from_be_bytes([w[2], w[3]]));
+        sum += u32::from(u16::from_be_bytes([w[0], w[1]]))
+            + u32::from(u16::from_be_bytes([w[2], w[3]]));
     }
     sum += 17 + udp_len;
     while sum > 0xffff {

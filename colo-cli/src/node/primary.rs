@@ -24,9 +24,9 @@ use super::pages::PageWriter;
 use super::protect::{goodbye, goodbye_in_background, Protecting};
 use super::NodeOptions;
 use crate::arbiter::Unreachable;
-use crate::service::Service;
 use crate::control::ControlCommand;
 use crate::link::Link;
+use crate::service::Service;
 use crate::status::{NodeStatus, Shared};
 
 /// A running primary.
