@@ -61,18 +61,14 @@ impl Neighbours {
                     self.add_v4(src, ip);
                 }
             }
-            Some(ETHERTYPE_IPV4) => {
-                if frame.get(ETH_HDR).is_some_and(|v| v >> 4 == 4) {
-                    if let Some(ip) = take::<4>(frame, ETH_HDR + 12) {
-                        self.add_v4(src, ip);
-                    }
+            Some(ETHERTYPE_IPV4) if frame.get(ETH_HDR).is_some_and(|v| v >> 4 == 4) => {
+                if let Some(ip) = take::<4>(frame, ETH_HDR + 12) {
+                    self.add_v4(src, ip);
                 }
             }
-            Some(ETHERTYPE_IPV6) => {
-                if frame.get(ETH_HDR).is_some_and(|v| v >> 4 == 6) {
-                    if let Some(ip) = take::<16>(frame, ETH_HDR + 8) {
-                        self.add_v6(src, ip);
-                    }
+            Some(ETHERTYPE_IPV6) if frame.get(ETH_HDR).is_some_and(|v| v >> 4 == 6) => {
+                if let Some(ip) = take::<16>(frame, ETH_HDR + 8) {
+                    self.add_v6(src, ip);
                 }
             }
             _ => {}
