@@ -34,6 +34,10 @@ pub struct Config {
     pub listen: Option<String>,
     /// The client-facing address of the mock network path.
     pub client: Option<String>,
+    /// Xen: the guest's vif in dom0 (`vif7.0`).
+    pub vif: Option<String>,
+    /// Xen: the service network's interface (`colo0`).
+    pub service_if: Option<String>,
     /// `backchannel` or `primary-only`.
     pub sync_mode: Option<String>,
     /// The link's pre-shared key file.

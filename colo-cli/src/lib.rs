@@ -1,5 +1,6 @@
 //! colo-cli's library: the node runtime (the IO around colo-core's state machines), the TCP
-//! replication link, the client-facing hub of the mock network path, node status and the
+//! replication link, the service side (the client-facing hub of the mock network path, or an
+//! AF_PACKET port on the service network with `--features xen`), node status and the
 //! verifying kv client. The backends' glue lives beside them (colo-mock, colo-xen); this crate
 //! only wires them. The `test-support` feature (never in the shipped binary) adds the fault
 //! proxy (with its tampering stage for sealed links), the in-process pair builder, the nodes'
@@ -19,7 +20,10 @@ pub mod kvclient;
 pub mod link;
 pub mod metrics;
 pub mod mock;
+#[cfg(all(feature = "test-support", feature = "xen"))]
+pub mod netlab;
 pub mod node;
+pub mod service;
 pub mod status;
 #[cfg(feature = "test-support")]
 pub mod tamper;

@@ -56,6 +56,10 @@ Examples:
   colo primary --peer 10.0.0.2:7000 --ram 1G --client 0.0.0.0:7100 --key-file /etc/colo/key
   colo primary --config /etc/colo/node.toml --verify      flags win over the file
   colo primary --backend xen --domid 7 --peer 10.0.0.2:7000    (built with --features xen)
+  colo primary --backend xen --domid 7 --vif vif7.0 --service-if colo0 --peer 10.0.0.2:7000
+                  the guest's service through colo: requests from colo0 (a port on the service
+                  bridge) go to vif7.0 and are mirrored; its answers leave on colo0 once
+                  released (see docs/operations.md, \"Xen: the network path\")
   colo primary --peer 10.0.0.2:7000 --key-file /etc/colo/key --insecure-plaintext ...
                   benchmarks only: the records go unencrypted (give it to both nodes)
 
@@ -72,6 +76,9 @@ Examples:
   colo secondary --listen 0.0.0.0:7000 --ram 1G --client 0.0.0.0:7100 --key-file /etc/colo/key
   colo secondary --config /etc/colo/node.toml --heartbeat-timeout-ms 1000
   colo secondary --listen 0.0.0.0:7000 --fence-cmd 'ssh pvm-bmc power off'
+  colo secondary --backend xen --domid 9 --vif vif9.0 --service-if colo0 --listen 0.0.0.0:7000
+                  the SVM's vif; after a takeover the guest serves on colo0 and its addresses
+                  are announced there (gratuitous ARP, unsolicited NA)
 
 Config file (TOML): every key is the flag's name with '-' written as '_', e.g.
   listen = \"0.0.0.0:7000\"
@@ -281,6 +288,15 @@ pub struct NodeArgs {
     /// Client-facing address of the mock network path.
     #[arg(long)]
     pub client: Option<String>,
+    /// Xen: the guest's vif in dom0 (e.g. vif7.0, created by netback; not on a bridge): colo
+    /// injects requests into it and reads the guest's frames from it. Needs --service-if.
+    #[arg(long, value_name = "IFACE")]
+    pub vif: Option<String>,
+    /// Xen: the service network's interface (e.g. colo0, a tap or veth port on the service
+    /// bridge, or a NIC): frames arriving there are requests for the guest, released output
+    /// leaves there, and a secondary that took over serves and announces the guest there.
+    #[arg(long, value_name = "IFACE")]
+    pub service_if: Option<String>,
     /// Digest all memory after every checkpoint and compare both sides.
     #[arg(long)]
     pub verify: bool,
@@ -463,6 +479,8 @@ fn config_args(cfg: &Config, role: &str, matches: &ArgMatches) -> Vec<OsString> 
         ("peer", cfg.peer.clone().map(Into::into)),
         ("listen", cfg.listen.clone().map(Into::into)),
         ("client", cfg.client.clone().map(Into::into)),
+        ("vif", cfg.vif.clone().map(Into::into)),
+        ("service_if", cfg.service_if.clone().map(Into::into)),
         ("sync_mode", cfg.sync_mode.clone().map(Into::into)),
         ("key_file", cfg.key_file.as_deref().map(os)),
         // A boolean flag: present or absent, no value.
@@ -999,6 +1017,7 @@ fn node_options(a: &NodeArgs) -> Result<NodeOptions> {
             },
         },
         client_addr: a.client.clone(),
+        service_if: a.service_if.clone(),
         fence_cmd: a.fence_cmd.clone(),
         connect_timeout: Duration::from_secs(a.connect_timeout),
         ..NodeOptions::default()
@@ -1077,9 +1096,28 @@ fn save_on_exit<G: Snapshot>(a: &NodeArgs, guest: &mut G) -> Result<()> {
 fn check_backend(a: &NodeArgs) -> Result<()> {
     if a.backend == Backend::Xen && a.client.is_some() {
         bail!(
-            "--client is not available with --backend xen: the Xen guest's network path is not \
-             part of this release"
+            "--client is the mock's network path; with --backend xen give the guest's vif and \
+             the service interface: --vif vifD.0 --service-if IFACE"
         );
+    }
+    if a.backend == Backend::Mock && (a.vif.is_some() || a.service_if.is_some()) {
+        bail!("--vif and --service-if need --backend xen (the mock's clients use --client)");
+    }
+    match (&a.vif, &a.service_if) {
+        (Some(v), None) => bail!("--vif {v} needs --service-if (where the guest's service is)"),
+        (None, Some(s)) => bail!("--service-if {s} needs --vif (the guest's vif in dom0)"),
+        _ => {}
+    }
+    for (flag, name) in [("--vif", &a.vif), ("--service-if", &a.service_if)] {
+        if let Some(n) = name {
+            let valid = !n.is_empty() && !n.contains('/') && n != "." && n != "..";
+            if !valid || !Path::new("/sys/class/net").join(n).exists() {
+                bail!(
+                    "{flag} {n}: no network interface `{n}` on this host (see `ip link`; a Xen \
+                     guest's vif is vifDOMID.N in dom0, created when the guest starts)"
+                );
+            }
+        }
     }
     if a.backend == Backend::Xen && (a.disk.is_some() || a.disk_file.is_some()) {
         bail!(
@@ -1103,12 +1141,24 @@ fn run_primary(a: PrimaryArgs) -> Result<i32> {
     }
 }
 
+/// The Xen guest with its NIC: an AF_PACKET port on its vif (`--vif`).
+#[cfg(feature = "xen")]
+fn with_vif(
+    dom: colo_xen::XenDomain,
+    vif: &str,
+) -> Result<colo_xen::VifGuest<colo_xen::XenDomain>> {
+    colo_xen::VifGuest::new(dom, vif).with_context(|| format!("--vif {vif}"))
+}
+
 #[cfg(feature = "xen")]
 fn primary_xen(a: PrimaryArgs) -> Result<i32> {
     let domid = a.node.domid.context("--backend xen needs --domid")?;
     let mut guest = open_xen(domid, a.node.upcall_vector)?;
     colo_core::Domain::resume(&mut guest)?;
-    primary_with(a, guest)
+    match a.node.vif.clone() {
+        Some(vif) => primary_with(a, with_vif(guest, &vif)?),
+        None => primary_with(a, guest),
+    }
 }
 
 #[cfg(not(feature = "xen"))]
@@ -1167,7 +1217,10 @@ fn run_secondary(a: SecondaryArgs) -> Result<i32> {
 fn secondary_xen(a: SecondaryArgs) -> Result<i32> {
     let domid = a.node.domid.context("--backend xen needs --domid")?;
     let guest = open_xen(domid, a.node.upcall_vector)?;
-    secondary_with(a, guest)
+    match a.node.vif.clone() {
+        Some(vif) => secondary_with(a, with_vif(guest, &vif)?),
+        None => secondary_with(a, guest),
+    }
 }
 
 #[cfg(not(feature = "xen"))]

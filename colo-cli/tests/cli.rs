@@ -806,6 +806,44 @@ fn xen_backend_without_the_feature_is_a_clear_error() {
     );
 }
 
+#[test]
+fn network_path_flags_are_checked_and_a_missing_interface_is_named() {
+    let s = Scratch::new("vif");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["primary", "--peer", "127.0.0.1:1"];
+        args.extend_from_slice(extra);
+        s.run(&args)
+    };
+    assert_usage_error(
+        &run(&["--vif", "lo", "--service-if", "lo"]),
+        &["--vif and --service-if need --backend xen"],
+    );
+    let xen = ["--backend", "xen", "--domid", "1"];
+    assert_usage_error(
+        &run(&[&xen[..], &["--vif", "lo"]].concat()),
+        &["--vif lo needs --service-if"],
+    );
+    assert_usage_error(
+        &run(&[&xen[..], &["--service-if", "lo"]].concat()),
+        &["--service-if lo needs --vif"],
+    );
+    assert_usage_error(
+        &run(&[&xen[..], &["--vif", "colo-nosuch9", "--service-if", "lo"]].concat()),
+        &["--vif colo-nosuch9", "no network interface `colo-nosuch9`"],
+    );
+    assert_usage_error(
+        &run(&[&xen[..], &["--vif", "lo", "--service-if", "nosuch-svc"]].concat()),
+        &[
+            "--service-if nosuch-svc",
+            "no network interface `nosuch-svc`",
+        ],
+    );
+    assert_usage_error(
+        &run(&[&xen[..], &["--client", "127.0.0.1:0"]].concat()),
+        &["--client is the mock's network path", "--service-if"],
+    );
+}
+
 /// Every key of the config file, from its own "unknown field" message.
 fn config_keys() -> Vec<String> {
     let s = Scratch::new("keys");

@@ -7,7 +7,8 @@
 //!   libxenctrl call that colo-xen makes for it, so a Xen engineer can map the trait to the
 //!   hypervisor at a glance.
 //! - [`GuestNic`]: the guest's network interface, where mirrored client requests go in and the
-//!   guest's output comes out; [`Guest`] is both, what a node runs. A backend without a network
+//!   guest's output comes out (the mock's rings, or an AF_PACKET port on a Xen vif); [`Guest`]
+//!   is both, what a node runs. A backend without a network
 //!   path implements it as an empty NIC that refuses [`GuestNic::inject`].
 //! - [`GuestDisk`]: the guest's disk, when it has one colo replicates: its write log, block
 //!   reads and writes, and the SVM's overlay (see [`crate::disk`] for the rule). A domain hands
@@ -257,18 +258,30 @@ pub trait GuestDisk {
 /// (a bounded channel of one: many frames, one wake-up). See [`GuestNic::output_ready`].
 pub type OutputSignal = crossbeam_channel::Receiver<()>;
 
-/// A guest's network interface as the node sees it: the mock's vif rings; a Xen guest's vif
-/// would come through the same calls (Xen has no network path in this release, and its NIC is
-/// an empty one that refuses [`GuestNic::inject`]).
+/// A guest's network interface as the node sees it. Two implementations: colo-mock's vif
+/// rings (`MockDomain`), and an AF_PACKET port on a Xen guest's vif in dom0 (colo-xen's
+/// `VifGuest`, which puts the port in front of any [`Domain`]); a backend without a network path
+/// implements it as an empty NIC that refuses [`GuestNic::inject`]. The node, the comparator path
+/// and the tests do not know which one runs.
 ///
 /// Contract (`crate::conformance` checks it): requests are numbered; the next number the
-/// guest expects is guest state (kept in guest memory, so a checkpoint carries it and a restore
-/// of memory and state restores it); [`GuestNic::inject`] takes exactly that number and moves
-/// it on by one, or answers `Ok(false)` (ring full) and changes nothing; every frame the guest
+/// guest expects is guest state, carried by a checkpoint: a restore of memory and state
+/// ([`Domain::write_pages`] + [`Domain::set_state`]) restores it. Where it lives is the
+/// backend's business: the mock keeps it in guest memory (its ring's index); a vif keeps no
+/// counter the guest could hold, so `VifGuest` counts the frames injected and appends the
+/// count to the state blob ([`Domain::get_state`]), taking it off again in
+/// [`Domain::set_state`]. [`GuestNic::inject`] takes exactly that number and moves it on by
+/// one, or answers `Ok(false)` (ring or queue full) and changes nothing; every frame the guest
 /// emits is handed out once, in order.
+///
+/// Frames injected into the PVM just before a capture: a ring in guest memory holds them in
+/// the checkpoint; a vif's netback may still hold them when the PVM pauses, so the checkpoint
+/// counts them as delivered while only the PVM processes them (after it resumes). The SVM
+/// misses them; the comparison of outputs catches what that changes (one early checkpoint at
+/// most), and a failover in that window loses them as a network may (TCP retransmits).
 pub trait GuestNic {
-    /// Sequence number of the next request the guest expects (kept in guest memory, so a
-    /// checkpoint carries it).
+    /// Sequence number of the next request the guest expects (guest state: a checkpoint
+    /// carries it, in guest memory or in the state blob).
     fn rx_next_seq(&self) -> u64;
     /// Gives request `seq` to the guest; `Ok(false)` when its ring is full. A `seq` other than
     /// [`GuestNic::rx_next_seq`] is an error; a NIC without a network path answers

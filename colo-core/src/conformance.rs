@@ -22,7 +22,7 @@
 //!
 //! | check | what it proves |
 //! |---|---|
-//! | [`nic_seq_is_guest_state`] | the next request number lives in guest memory or state: restoring both restores it |
+//! | [`nic_seq_is_guest_state`] | the next request number lives in guest memory or in the state blob (a vif's counter): restoring both restores it |
 //! | [`nic_requests_answered`] | `inject` takes exactly the next number and moves it on by one (a full ring: `Ok(false)`, nothing changes); the guest's answers come out of `drain_tx` once each, in order; the output signal, if any, fired |
 //!
 //! A backend without a network path (colo-xen in this release) passes [`nic_absent`]: its
@@ -459,6 +459,14 @@ pub trait NicConformanceGuest {
 
     /// Lets some time pass (e.g. 20–50 ms) so a running guest makes progress.
     fn let_time_pass(&mut self);
+
+    /// The most requests injected at once into the paused guest. A ring in guest memory says
+    /// "full" itself (the default, 4096, finds its end); a port on a vif never does (the
+    /// host's queues decide, and drop beyond their size), so its guest names a number its
+    /// queues hold.
+    fn most_requests(&self) -> u64 {
+        4096
+    }
 }
 
 /// Every page of `d` in pfn order (an unmappable page left out: it cannot be written back).
@@ -573,7 +581,8 @@ pub fn nic_requests_answered<G: NicConformanceGuest>(g: &mut G) -> Check {
     if let Some(rx) = &signal {
         while rx.try_recv().is_ok() {}
     }
-    let accepted = fill_ring(g, 4096, C)?;
+    let most = g.most_requests();
+    let accepted = fill_ring(g, most, C)?;
     g.domain().resume().map_err(be(C))?;
     let mut answers = Vec::new();
     let mut signalled = false;

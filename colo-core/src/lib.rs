@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod align;
+pub mod announce;
 pub mod backend;
 pub mod bitmap;
 pub mod compare;

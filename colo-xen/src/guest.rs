@@ -1,17 +1,18 @@
-//! The rest of colo-core's backend contract on a [`XenDomain`]: its guest NIC (none in this
-//! release) and the platform records `colo save` writes ([`colo_core::Snapshot`]).
+//! The rest of colo-core's backend contract on a [`XenDomain`]: its guest NIC when colo is not
+//! given the guest's vif (an empty one) and the platform records `colo save` writes
+//! ([`colo_core::Snapshot`]).
 //!
-//! The NIC is empty on purpose: the Xen guest's network path (mirroring client packets to the
-//! SVM and comparing the vifs' output, COLO-proxy's job) is not part of this release. So on
-//! Xen, checkpoints are periodic or manual, never triggered by an output mismatch, and a node
-//! refuses `--client`; [`GuestNic::inject`] says why if it is called anyway.
+//! A bare `XenDomain` has no network path: a node run without `--vif` replicates memory and
+//! state only, its checkpoints are periodic or manual, never triggered by an output mismatch;
+//! [`GuestNic::inject`] says why if it is called anyway. With `--vif vifD.0` the node runs a
+//! [`crate::VifGuest`] instead, whose NIC is an AF_PACKET port on the vif (`nic.rs`).
 
 use colo_core::stream::TscInfo;
 use colo_core::{BackendError, Domain, GuestNic, PlatformRecords, Snapshot};
 
 use crate::{XenDomain, XenState};
 
-/// No network path on Xen in this release: the guest never receives mirrored requests, emits
+/// No network path without a vif port: the guest never receives mirrored requests, emits
 /// nothing to compare, and offers no output signal.
 impl GuestNic for XenDomain {
     fn rx_next_seq(&self) -> u64 {
@@ -20,7 +21,7 @@ impl GuestNic for XenDomain {
 
     fn inject(&mut self, _seq: u64, _frame: &[u8]) -> Result<bool, BackendError> {
         Err(BackendError::Unsupported(
-            "the Xen backend has no client network path in this release (omit --client)".into(),
+            "this Xen guest has no network path in colo (give its vif: --vif vifD.0)".into(),
         ))
     }
 

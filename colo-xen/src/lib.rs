@@ -2,8 +2,9 @@
 //!
 //! [`XenDomain`] implements colo-core's backend contract for one HVM or PVH domain, from dom0:
 //! [`colo_core::Domain`] (below), [`colo_core::Snapshot`] (the state blob split into the
-//! stream's platform records) and [`colo_core::GuestNic`] (empty: no network path in this
-//! release; see `guest.rs`).
+//! stream's platform records) and [`colo_core::GuestNic`] (empty on a bare `XenDomain`, see
+//! `guest.rs`; [`VifGuest`] puts an AF_PACKET port on the guest's vif in front of it, see
+//! `nic.rs` and `vif.rs`, which need no Xen and are tested on veth pairs).
 //!
 //! | `Domain` method | Xen call |
 //! |---|---|
@@ -88,16 +89,22 @@ mod api;
 mod domain;
 mod error;
 mod guest;
+mod nic;
 pub mod state;
 #[cfg(feature = "xen")]
 mod sys;
+pub mod vif;
 
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vif_tests;
 
 pub use api::{dominf, DomInfo, MAX_BATCH};
 pub use domain::XenDomain;
 pub use error::XenError;
+pub use nic::{split_state, VifGuest, STATE_TAG};
 pub use state::{StateError, TscInfo, XenState};
+pub use vif::{enter_netns, PacketPort, PortSignal, VifError, MAX_PORT_FRAME};

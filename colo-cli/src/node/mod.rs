@@ -86,6 +86,9 @@ pub struct NodeOptions {
     /// Client-facing address for the mock network path (primary; a secondary binds it when it
     /// takes over).
     pub client_addr: Option<String>,
+    /// The service network's interface (`--service-if`, Xen): an AF_PACKET port that takes the
+    /// place of `client_addr` (primary; a secondary opens it when it takes over).
+    pub service_if: Option<String>,
     /// Command run before this node goes on alone (takeover, or a primary running
     /// unprotected); the node stops instead if it fails (split-brain fencing).
     pub fence_cmd: Option<String>,
@@ -117,6 +120,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("policy", &self.policy)
             .field("sync_mode", &self.sync_mode)
             .field("client_addr", &self.client_addr)
+            .field("service_if", &self.service_if)
             .field("arbiter", &self.arbiter.is_some())
             .finish()
     }
@@ -136,6 +140,7 @@ impl Default for NodeOptions {
             compare: CompareConfig::default(),
             sync_mode: SyncMode::Backchannel,
             client_addr: None,
+            service_if: None,
             fence_cmd: None,
             connect_timeout: Duration::from_secs(30),
             arbiter: None,

@@ -24,9 +24,9 @@ use super::pages::PageWriter;
 use super::protect::{goodbye, goodbye_in_background, Protecting};
 use super::NodeOptions;
 use crate::arbiter::Unreachable;
-use crate::clients::ClientHub;
 use crate::control::ControlCommand;
 use crate::link::Link;
+use crate::service::Service;
 use crate::status::{NodeStatus, Shared};
 
 /// A running primary.
@@ -65,7 +65,8 @@ pub(super) fn link_config(pages: u64) -> DecoderConfig {
 #[derive(Debug)]
 pub struct PrimaryRole {
     pub(super) engine: Primary,
-    clients: Option<ClientHub>,
+    /// The service side: the mock's clients or a port on the service network.
+    clients: Option<Box<dyn Service>>,
     pub(super) comparator: Option<Comparator>,
     /// The number of the next client request into the PVM.
     next_seq: u64,
@@ -100,6 +101,20 @@ struct Withheld {
     holding: bool,
 }
 
+/// What a secondary hands to the primary it becomes at a takeover.
+pub(super) struct Handover<'a> {
+    /// The mirrored inputs the SVM has not consumed yet: queued for the guest.
+    pub inputs: VecDeque<(u64, Vec<u8>)>,
+    /// The outputs the SVM produced since the last checkpoint: released at once (the client
+    /// may not have seen their PVM twins; duplicates are harmless, requests carry ids).
+    pub pending: &'a [Vec<u8>],
+    /// The SVM's TCP offsets, now serving: clients' frames and the guest's go through it.
+    pub aligner: Aligner,
+    /// The guest's addresses learnt from its frames, as gratuitous ARPs and unsolicited NAs,
+    /// sent on a service side with a link layer.
+    pub announce: &'a [Vec<u8>],
+}
+
 impl<G: Guest> Node<G, PrimaryRole> {
     /// A primary for `guest` that will connect to the secondary at `peer`.
     pub fn connect(guest: G, peer: &str, opts: NodeOptions, status: Shared) -> Result<Self> {
@@ -126,11 +141,7 @@ impl<G: Guest> Node<G, PrimaryRole> {
             engine.peer_lost(now, "started without a secondary".into());
             while engine.poll_action().is_some() {}
         }
-        let clients = opts
-            .client_addr
-            .as_deref()
-            .map(ClientHub::bind)
-            .transpose()?;
+        let clients = crate::service::open(&opts)?;
         {
             let mut st = status.lock();
             st.role = "primary".into();
@@ -139,7 +150,7 @@ impl<G: Guest> Node<G, PrimaryRole> {
             st.state = engine.state().name().into();
             st.protected = engine.is_protected();
             st.peer = link.as_ref().map(|l| l.peer().to_string());
-            st.client_addr = clients.as_ref().map(|c| c.addr().to_string());
+            st.client_addr = clients.as_ref().map(|c| c.describe());
             st.disk_blocks = disk_blocks;
         }
         let role = PrimaryRole {
@@ -162,19 +173,20 @@ impl<G: Guest> Node<G, PrimaryRole> {
     }
 
     /// The primary a secondary becomes when it takes over: it serves `guest` alone, answers the
-    /// control socket's `commands`, queues the mirrored `inputs` the SVM has not consumed yet,
-    /// and releases the outputs the SVM produced since the last checkpoint (`pending`: the
-    /// client may not have seen their PVM twins; duplicates are harmless, requests carry ids).
-    /// `aligner` holds the SVM's TCP offsets (serving): both go through it.
+    /// control socket's `commands`, and takes over what the secondary held (see [`Handover`]).
     pub(super) fn took_over(
         guest: G,
         opts: NodeOptions,
         status: Shared,
         commands: Option<Receiver<ControlCommand>>,
-        inputs: VecDeque<(u64, Vec<u8>)>,
-        pending: &[Vec<u8>],
-        mut aligner: Aligner,
+        handover: Handover<'_>,
     ) -> Result<Self> {
+        let Handover {
+            inputs,
+            pending,
+            mut aligner,
+            announce,
+        } = handover;
         let mut node = Self::with_link(guest, None, opts, status)?;
         node.io.commands = commands;
         let next = node.io.guest.rx_next_seq();
@@ -196,6 +208,14 @@ impl<G: Guest> Node<G, PrimaryRole> {
                 out.extend_from_slice(f);
                 aligner.output(&mut out);
                 c.deliver(&out);
+            }
+            let sent = c.announce(announce);
+            if sent > 0 {
+                tracing::warn!(
+                    "announced the guest's {sent} address(es) on {} (gratuitous ARP / \
+                     unsolicited NA)",
+                    c.describe()
+                );
             }
         }
         role.aligner = Some(aligner);
@@ -312,7 +332,7 @@ impl Role for PrimaryRole {
     }
 
     fn clients(&self) -> Option<&Receiver<(u64, Vec<u8>)>> {
-        self.clients.as_ref().map(ClientHub::receiver)
+        self.clients.as_ref().map(|c| c.receiver())
     }
 
     fn on_event<G: Guest>(&mut self, _guest: &mut G, now: Instant, ev: &Event<'_>) -> Result<Next> {
@@ -377,7 +397,7 @@ impl Role for PrimaryRole {
             st.epoch = self.engine.epoch();
         }
         if let Some(c) = &self.clients {
-            st.frames_delivered = c.delivered;
+            st.frames_delivered = c.delivered();
         }
         if let Some(c) = &self.comparator {
             st.mismatches = c.stats().mismatches;
@@ -754,7 +774,7 @@ impl PrimaryRole {
 }
 
 /// Hands `f` to the clients, or holds it back (behind any frame already held) unless `may`.
-fn deliver(clients: &mut Option<ClientHub>, withheld: &mut Withheld, may: bool, f: Vec<u8>) {
+fn deliver(clients: &mut Option<Box<dyn Service>>, withheld: &mut Withheld, may: bool, f: Vec<u8>) {
     if may && withheld.frames.is_empty() {
         if let Some(cl) = clients.as_mut() {
             cl.deliver(&f);

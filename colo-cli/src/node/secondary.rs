@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
+use colo_core::announce::Neighbours;
 use colo_core::bitmap::DirtyBitmap;
 use colo_core::engine::{
     Delivery, Secondary, SecondaryAction, SecondaryConfig, SecondaryState, DIGEST_LEN,
@@ -18,7 +19,7 @@ use super::capture::{settled_digest, Watch};
 use super::disk;
 use super::driver::{flush, nonce, run_fence, Io, Next, Node, Role};
 use super::pages::SyncPages;
-use super::primary::{PrimaryNode, ARBITER_POLL};
+use super::primary::{Handover, PrimaryNode, ARBITER_POLL};
 use super::NodeOptions;
 use crate::arbiter::Unreachable;
 use crate::control::ControlCommand;
@@ -48,6 +49,8 @@ pub struct SecondaryRole {
     inputs: VecDeque<(u64, Vec<u8>)>,
     /// The SVM's output in the running epoch (released by a takeover).
     out_frames: Vec<Vec<u8>>,
+    /// The guest's addresses, learnt from the SVM's output (announced by a takeover).
+    learnt: Neighbours,
     sync: SyncPages,
     /// Dirty-log scratch for the verification option.
     late: Option<DirtyBitmap>,
@@ -155,6 +158,7 @@ impl<G: Guest> Node<G, SecondaryRole> {
             engine: Secondary::new(secondary_config(&opts, pages, disk_blocks), Instant::now()),
             inputs: VecDeque::new(),
             out_frames: Vec::new(),
+            learnt: Neighbours::default(),
             sync: SyncPages::new(),
             late: None,
             logging: false,
@@ -187,9 +191,12 @@ impl<G: Guest> Node<G, SecondaryRole> {
             io.opts,
             io.status,
             io.commands,
-            role.inputs,
-            &role.out_frames,
-            role.aligner,
+            Handover {
+                inputs: role.inputs,
+                pending: &role.out_frames,
+                aligner: role.aligner,
+                announce: &role.learnt.announcements(),
+            },
         )?;
         Ok(SecondaryOutcome::TookOver(Box::new(node)))
     }
@@ -658,7 +665,9 @@ impl SecondaryRole {
         let engine = &mut self.engine;
         let frames = &mut self.out_frames;
         let aligner = &mut self.aligner;
+        let learnt = &mut self.learnt;
         io.guest.drain_tx(&mut |f| {
+            learnt.learn(f);
             let mut f = f.to_vec();
             aligner.output(&mut f);
             engine.send_output(now, &f);
