@@ -289,7 +289,7 @@ SURV_PID=""
 if [ "$cp" -ge "$CHECKPOINTS" ] && kill -0 $PP 2>/dev/null; then
   takeover $PP colo-c colo-b /tmp/sec.json; prc=killed
   record_takeover
-  [ "$TK_OK" = 1 ] && SURV_PID=$SP SURV_NAME=secondary SURV_DOM=colo-b SURV_STATUS=/tmp/sec.json
+  [ "$TK_OK" = 1 ] && SURV_PID=$SP SURV_NAME=secondary SURV_DOM=colo-b SURV_STATUS=/tmp/sec.json SURV_LOG=/tmp/sec.log
   # Further rounds (TAKEOVERS > 1): the survivor re-protects onto a freshly booted domain of
   # the same shape (`colo protect`), the pair checkpoints, and the survivor's host dies in turn.
   round=2
@@ -303,8 +303,15 @@ if [ "$cp" -ge "$CHECKPOINTS" ] && kill -0 $PP 2>/dev/null; then
       --name sec$round --status-file /tmp/sec$round.json > /tmp/sec$round.log 2>&1 &
     NP=$!
     n0=$(jnum $SURV_STATUS checkpoints); n0=${n0:-0}
-    colo protect --name $SURV_NAME --peer 127.0.0.1:$port > /tmp/protect$round.out 2>&1 || {
-      TK_OK=0; TK_DESC="colo protect onto $name failed: $(tail -1 /tmp/protect$round.out)"; record_takeover; break; }
+    # The survivor answers once the handshake passed; on a slow machine that includes turning
+    # on the dirty log of a guest under nested emulation, so the wait scales too.
+    colo protect --name $SURV_NAME --peer 127.0.0.1:$port --connect-timeout "$(budget 30)" \
+      > /tmp/protect$round.out 2>&1 || {
+      TK_OK=0; TK_DESC="colo protect onto $name failed: $(tail -1 /tmp/protect$round.out)"
+      for f in $SURV_LOG /tmp/sec$round.log; do
+        echo "--- tail of $f"; tail -n 15 "$f" 2>/dev/null | sed 's/^/    /'
+      done
+      record_takeover; break; }
     # The next spare domain boots while this pair synchronises and checkpoints.
     [ "$round" -lt "$TAKEOVERS" ] && mkguest colo-t$((round + 1))
     i=0; stall=$(budget 240)
@@ -321,7 +328,7 @@ if [ "$cp" -ge "$CHECKPOINTS" ] && kill -0 $PP 2>/dev/null; then
     takeover $SURV_PID $SURV_DOM $name /tmp/sec$round.json
     record_takeover
     [ "$TK_OK" = 1 ] || break
-    SURV_PID=$NP SURV_NAME=sec$round SURV_DOM=$name SURV_STATUS=/tmp/sec$round.json
+    SURV_PID=$NP SURV_NAME=sec$round SURV_DOM=$name SURV_STATUS=/tmp/sec$round.json SURV_LOG=/tmp/sec$round.log
     round=$((round + 1))
   done
   [ -n "$SURV_PID" ] && { kill -TERM $SURV_PID 2>/dev/null; wait $SURV_PID; }
