@@ -12,7 +12,7 @@
 //! a pair with encrypted records beside one with `--insecure-plaintext` (`--link-only` runs
 //! just that, after the TCP baseline), the pause beside its memory-bound floor (`floor.rs`),
 //! the CPU time of an idle pair, checkpoints over links slower than memory (`shaped.rs`), and
-//! the disk figures (`bench/disk.rs`). `--only floor,idle,shaped` runs just those sections. It
+//! the disk figures (`bench/disk.rs`). `--only floor,idle,shaped,throughput` runs just those sections. It
 //! prints a table, optionally writes a JSON object, and always writes
 //! `target/colo-bench/pause.svg`.
 
@@ -68,7 +68,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "--only" => {
                 let v = it
                     .next()
-                    .context("--only needs sections: floor,idle,shaped")?;
+                    .context("--only needs sections: floor,idle,shaped,throughput")?;
                 if let Some(bad) = v.split(',').find(|s| !SECTIONS.contains(s)) {
                     bail!(
                         "bench: unknown section `{bad}` (expected {})",
@@ -155,7 +155,7 @@ pub fn run(args: &[String]) -> Result<()> {
 }
 
 /// The sections `--only` may name.
-const SECTIONS: &[&str] = &["floor", "idle", "shaped"];
+const SECTIONS: &[&str] = &["floor", "idle", "shaped", "throughput"];
 
 /// `--only`: the named sections alone, each beside its own baselines.
 fn run_sections(quick: bool, sections: &str, json_path: Option<&Path>) -> Result<()> {
@@ -172,6 +172,9 @@ fn run_sections(quick: bool, sections: &str, json_path: Option<&Path>) -> Result
         .then(|| floor::idle_cpu(idle_secs(quick)))
         .transpose()?;
     let shaped = has("shaped").then(|| shaped::run(quick)).transpose()?;
+    if has("throughput") {
+        extend(&mut j, throughput_alone(quick)?);
+    }
     if let Some(f) = &floor {
         f.print();
         extend(&mut j, floor_json(f));
@@ -191,6 +194,61 @@ fn run_sections(quick: bool, sections: &str, json_path: Option<&Path>) -> Result
         println!("json: {}", p.display());
     }
     Ok(())
+}
+
+/// `--only throughput`: the initial synchronisation of a 1 GiB pair whose RAM exists, then
+/// checkpoints of 10,000 scattered pages on it: their throughput (NEW → SVM_READY) and phases,
+/// each beside raw loopback TCP measured right before.
+fn throughput_alone(quick: bool) -> Result<Value> {
+    let tcp_mib = if quick { 256 } else { 2048 };
+    let sync_tcp = tcp_baseline(tcp_mib)?;
+    // Plaintext records (the headline pair holds no key), every page of both guests existing.
+    let mut pair = Pair::start_with(GIB, "throughput", Some(true))?;
+    let sync_gbps = GIB as f64 / pair.synced_in.as_secs_f64() / 1e9;
+    let tcp = tcp_baseline(tcp_mib)?;
+    let reps = if quick { 12 } else { 50 };
+    let mut figs = Vec::with_capacity(reps);
+    let mut seed = 0x7470_7574_u64;
+    for _ in 0..reps {
+        seed = splitmix(seed);
+        pair.dirty(10_000, seed)?;
+        figs.push(pair.checkpoint()?);
+    }
+    pair.stop();
+    let p = |g: fn(&CheckpointFigures) -> f64| {
+        percentile(figs.iter().map(g).collect(), 50.0).unwrap_or(0.0)
+    };
+    let gbps = p(|f| f.bytes_sent as f64 / (f.total_ms / 1e3) / 1e9);
+    let phases = [
+        p(|f| f.harvest_ms),
+        p(|f| f.capture_ms),
+        p(|f| f.backchannel_ms),
+        p(|f| f.send_ms),
+        p(|f| f.commit_ms),
+        p(|f| f.total_ms),
+    ];
+    let tcp_ms = p(|f| f.bytes_sent as f64) / (tcp * 1e9) * 1e3;
+    println!(
+        "\ncheckpoints of 10,000 pages ({reps}), p50 ms: harvest {:.1} + capture {:.1} + back \
+         channel {:.1} + send {:.1} + commit {:.1}; NEW → SVM_READY {:.1} (raw TCP {tcp_ms:.1})",
+        phases[0], phases[1], phases[2], phases[3], phases[4], phases[5]
+    );
+    println!(
+        "checkpoint throughput {gbps:.2} GB/s = {:.2} × raw TCP ({tcp:.2} GB/s); initial sync \
+         (1 GiB) {sync_gbps:.2} GB/s = {:.2} × raw TCP ({sync_tcp:.2} GB/s)",
+        gbps / tcp,
+        sync_gbps / sync_tcp
+    );
+    Ok(json!({
+        "throughput_ratio_vs_tcp": gbps / tcp,
+        "checkpoint_throughput_gbps": gbps,
+        "initial_sync_ratio_vs_tcp": sync_gbps / sync_tcp,
+        "initial_sync_gbps": sync_gbps,
+        "checkpoint_10k_phases_ms_p50": {
+            "harvest": phases[0], "capture": phases[1], "backchannel": phases[2],
+            "send": phases[3], "commit": phases[4], "total": phases[5],
+        },
+    }))
 }
 
 /// How long the idle pair is watched, s.

@@ -23,8 +23,9 @@ commands:
   bench [--quick] [--link-only] [--only SECTIONS] [--json FILE]
                    end-to-end speed figures (release build) beside raw loopback TCP;
                    --link-only: just the sealed link's cost (encrypted vs plaintext);
-                   --only floor,idle,shaped: the pause beside its floor, an idle pair's
-                   CPU, checkpoints over 1 and 10 Gbit/s links
+                   --only floor,idle,shaped,throughput: the pause beside its floor, an
+                   idle pair's CPU, checkpoints over 1 and 10 Gbit/s links, 10,000-page
+                   checkpoint throughput (with phases) and the initial sync vs raw TCP
   xen-test [--deadline SECS] [--checkpoints N] [--interval-ms MS] [--verbose] [--verify]
            [--takeovers N] [--advisory-takeover] [--advisory-colo]
                    colo-xen on a real Xen 4.17 booted under QEMU (root; 3 to 30 min, as
