@@ -31,6 +31,19 @@ pub struct TcpKvClient {
 impl TcpKvClient {
     /// Connects to the hub at `addr`.
     pub fn connect(addr: &str, timeout: Duration) -> Result<Self> {
+        let (stream, frames) = Self::hub(addr)?;
+        Ok(Self {
+            stream,
+            frames,
+            rto: (timeout / 10).max(Duration::from_millis(50)),
+            timeout,
+            retransmits: 0,
+            buf: Vec::new(),
+        })
+    }
+
+    /// A hub connection and the channel its reader thread puts the guest's frames on.
+    fn hub(addr: &str) -> Result<(TcpStream, Receiver<Vec<u8>>)> {
         let stream =
             TcpStream::connect(addr).with_context(|| format!("connecting to the hub {addr}"))?;
         stream.set_nodelay(true).context("TCP_NODELAY")?;
@@ -47,14 +60,24 @@ impl TcpKvClient {
                 }
             })
             .context("spawning the client's reader")?;
-        Ok(Self {
-            stream,
-            frames,
-            rto: (timeout / 10).max(Duration::from_millis(50)),
-            timeout,
-            retransmits: 0,
-            buf: Vec::new(),
-        })
+        Ok((stream, frames))
+    }
+
+    /// Moves to the hub at `addr` (a survivor's, after a failover), trying until `limit`
+    /// passed; the TCP connections the client holds carry on through it.
+    pub fn switch_hub(&mut self, addr: &str, limit: Duration) -> Result<()> {
+        let until = Instant::now() + limit;
+        let (stream, frames) = loop {
+            match Self::hub(addr) {
+                Ok(h) => break h,
+                Err(e) if Instant::now() >= until => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.stream = stream;
+        self.frames = frames;
+        Ok(())
     }
 
     fn send(&mut self, frame: &[u8]) -> Result<()> {

@@ -233,3 +233,98 @@ fn new_tcp_connections_cost_no_mismatch_checkpoint_with_alignment() {
         on.mismatch_checkpoints
     );
 }
+
+#[test]
+fn a_connection_opened_in_the_last_epoch_continues_on_the_survivor() {
+    use common::{Pair, PairConfig, Victim};
+    // Periodic checkpoints far apart: the connection is opened, used, and the primary killed
+    // all within one epoch, so the survivor's guest (the SVM) holds the connection in its own
+    // sequence space and only the inherited offsets make it the client's.
+    let mut cfg = PairConfig::new(11, Victim::Primary);
+    cfg.output_divergence = 0.0;
+    cfg.policy = CheckpointPolicy {
+        min_interval: Duration::from_millis(1),
+        max_interval: scaled(Duration::from_secs(30)),
+    };
+    let pair = Pair::start(&cfg).unwrap();
+    let until = Instant::now() + scaled(Duration::from_secs(30));
+    while !pair.pstatus.lock().protected {
+        assert!(Instant::now() < until, "the pair never got protected");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let timeout = scaled(Duration::from_secs(10));
+    let mut c = TcpKvClient::connect(&pair.client_addrs[0], timeout).unwrap();
+    let me = |i: u16| ClientAddr {
+        mac: [2, 0, 0, 0, 0, 0x78],
+        ip: [10, 0, 0, 78],
+        port: 46000 + i,
+    };
+    let put = KvRequest {
+        id: 1,
+        op: KvOp::Put,
+        key: b"kept",
+        value: b"across the failover",
+    };
+    // The premise: no checkpoint between the handshake and the kill. A frame held past the
+    // comparator's timeout on a loaded machine forces one; then the connection is closed and
+    // another one tried.
+    let mut tries = 0;
+    let mut conn = loop {
+        tries += 1;
+        let before = pair.pstatus.lock().checkpoints;
+        let mut conn = c.open(me(tries), 0xffff_ff00).unwrap();
+        assert_eq!(c.call(&mut conn, &put).unwrap().status, KvStatus::Ok);
+        if pair.pstatus.lock().checkpoints == before {
+            break conn;
+        }
+        assert!(
+            tries < 10,
+            "a checkpoint came within each of {tries} connections"
+        );
+        c.close(conn).unwrap();
+    };
+    let aligned = pair.sstatus.lock().tcp_aligned;
+    assert_eq!(
+        aligned, 1,
+        "the secondary did not learn the connection's offset"
+    );
+    assert!(pair.switch.kill());
+    c.switch_hub(&pair.client_addrs[1], scaled(Duration::from_secs(30)))
+        .unwrap();
+    let get = KvRequest {
+        id: 2,
+        op: KvOp::Get,
+        key: b"kept",
+        value: b"",
+    };
+    let r = c.call(&mut conn, &get).unwrap();
+    assert_eq!(
+        (r.status, r.value.as_slice()),
+        (KvStatus::Ok, &b"across the failover"[..])
+    );
+    let put2 = KvRequest {
+        id: 3,
+        op: KvOp::Put,
+        key: b"after",
+        value: b"on the survivor",
+    };
+    assert_eq!(c.call(&mut conn, &put2).unwrap().status, KvStatus::Ok);
+    c.close(conn).unwrap();
+    let (rin, rout) = {
+        let s = pair.sstatus.lock();
+        (s.tcp_rewritten_in, s.tcp_rewritten_out)
+    };
+    println!(
+        "failover: the connection carried on through the survivor ({rin} client segments and \
+         {rout} guest segments rewritten with the inherited offset, {} client retransmits)",
+        c.retransmits
+    );
+    assert!(
+        rin >= 3 && rout >= 3,
+        "the survivor rewrote {rin} in, {rout} out"
+    );
+    pair.check_snapshots().unwrap();
+    drop(c);
+    let (_, s) = pair.stop();
+    assert!(matches!(s.unwrap(), common::SecondaryEnd::TookOver));
+}
