@@ -1,6 +1,7 @@
 //! The client-facing side of a node on the mock network path: clients connect over TCP and
 //! exchange Ethernet frames, each preceded by its length as a big-endian u32 (the framing of
-//! QEMU's mirror/redirector sockets). Responses go back to the client whose UDP port they name.
+//! QEMU's mirror/redirector sockets). Responses go back to the client whose UDP or TCP port
+//! they name.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -44,11 +45,12 @@ pub fn write_frame(w: &mut impl Write, frame: &[u8]) -> io::Result<()> {
     w.write_all(&out)
 }
 
-/// UDP source and destination ports of an Ethernet/IPv4/UDP frame, if it is one.
+/// Source and destination ports of a UDP or TCP frame, if it is one.
 fn udp_ports(frame: &[u8]) -> Option<(u16, u16)> {
     let p = etherparse::SlicedPacket::from_ethernet(frame).ok()?;
     match p.transport? {
         etherparse::TransportSlice::Udp(u) => Some((u.source_port(), u.destination_port())),
+        etherparse::TransportSlice::Tcp(t) => Some((t.source_port(), t.destination_port())),
         _ => None,
     }
 }
@@ -108,7 +110,7 @@ impl ClientHub {
         Some(frame)
     }
 
-    /// Sends a released frame to the client it is addressed to (by UDP destination port), or to
+    /// Sends a released frame to the client it is addressed to (by UDP or TCP destination port), or to
     /// every client when that is unknown.
     pub fn deliver(&mut self, frame: &[u8]) {
         let target = udp_ports(frame).and_then(|(_, dst)| self.ports.get(&dst).copied());

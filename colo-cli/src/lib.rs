@@ -1,7 +1,7 @@
 //! colo-cli's library: the node runtime (the IO around colo-core's state machines), the TCP
 //! replication link, the service side (the client-facing hub of the mock network path, or an
-//! AF_PACKET port on the service network with `--features xen`), node status and the
-//! verifying kv client. The backends' glue lives beside them (colo-mock, colo-xen); this crate
+//! AF_PACKET port on the service network with `--features xen`), node status, the
+//! verifying kv client and a TCP client of the kv guest. The backends' glue lives beside them (colo-mock, colo-xen); this crate
 //! only wires them. The `test-support` feature (never in the shipped binary) adds the fault
 //! proxy (with its tampering stage for sealed links), the in-process pair builder, the nodes'
 //! test hooks and a throwaway etcd that the tests and the bench share.
@@ -27,5 +27,6 @@ pub mod service;
 pub mod status;
 #[cfg(feature = "test-support")]
 pub mod tamper;
+pub mod tcpclient;
 #[cfg(feature = "test-support")]
 pub mod testing;

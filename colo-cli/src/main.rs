@@ -300,6 +300,11 @@ pub struct NodeArgs {
     /// Digest all memory after every checkpoint and compare both sides.
     #[arg(long)]
     pub verify: bool,
+    /// Secondary, diagnostic: do not align TCP sequence numbers between the PVM and the SVM.
+    /// Every TCP connection opened since the last checkpoint then costs a mismatch checkpoint
+    /// (the figure `mismatch_checkpoints` shows the cost of going without).
+    #[arg(long)]
+    pub no_tcp_align: bool,
     /// Primary: sweep all memory at this many first captures (checkpoint 0 included) for pages
     /// the hypervisor writes behind the dirty log; they are re-read at every later capture.
     /// Default: 3 with --backend xen (Xen writes vcpu_info and shared_info unlogged), 0 with
@@ -1002,6 +1007,7 @@ fn node_options(a: &NodeArgs) -> Result<NodeOptions> {
             progress_timeout: Duration::from_millis(a.progress_timeout_ms),
         },
         verify: a.verify,
+        tcp_align: !a.no_tcp_align,
         unlogged_sweeps: a.unlogged_sweeps.unwrap_or(match a.backend {
             Backend::Xen => 3,
             Backend::Mock => 0,

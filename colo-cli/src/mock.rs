@@ -11,7 +11,7 @@ use colo_mock::{DirtyConfig, DiskConfig, KvConfig, MockConfig, MockDomain, Workl
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkloadKind {
-    /// A key-value store serving client requests.
+    /// A key-value store serving client requests over UDP and TCP.
     Kv,
     /// Dirties random pages at a fixed rate (benchmarks).
     Dirty,

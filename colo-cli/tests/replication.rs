@@ -186,7 +186,8 @@ fn identical_outputs_with_divergent_memory_need_no_mismatch_checkpoint() {
     // timeout and force a checkpoint; what must never happen is a mismatch.
     let o = run_pair(SyncMode::Backchannel, 0.0, 40);
     assert_eq!(o.mismatches, 0, "identical answers were seen to differ");
-    // The kv service is UDP: the secondary's TCP aligner sees its frames and leaves them be.
+    // This client speaks UDP to the kv service: the secondary's TCP aligner sees its frames and
+    // leaves them be.
     assert_eq!(o.svm_align, (0, 0, 0), "the aligner touched UDP frames");
     assert!(
         o.mismatch_checkpoints * 4 <= o.checkpoints,

@@ -22,7 +22,7 @@
 //!   rewriting the segments after it would split the SVM's stream across two spaces. Output is
 //!   still observed then: it is where SYNs, SYN-ACKs, FINs and RSTs of the guest are learned.
 //!
-//! Everything else — non-TCP frames (the mock's kv service is UDP), IP fragments, frames that
+//! Everything else — non-TCP frames (the mock's kv service over UDP), IP fragments, frames that
 //! do not parse (truncated, bad lengths, unknown extension headers) and TCP segments of
 //! connections without an offset — passes unchanged. Nothing panics on any input.
 //!

@@ -312,6 +312,15 @@ impl MockDomain {
             .unwrap_or(0)
     }
 
+    /// Frames the guest has consumed from its RX ring (`rx_cons`, in guest RAM).
+    pub fn rx_consumed(&self) -> u64 {
+        self.shared
+            .mem
+            .atomic_u64(guest::RX_CONS)
+            .map(|a| a.load(Ordering::Acquire))
+            .unwrap_or(0)
+    }
+
     /// Posts request `frame` with sequence number `seq` into the guest's RX ring, like DMA.
     /// Returns `Ok(false)` if the ring is full (retry later). `seq` must equal
     /// [`MockDomain::rx_next_seq`].

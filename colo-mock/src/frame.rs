@@ -9,6 +9,10 @@
 //! ```
 //! `flags` bit 0 says an `extra` u64 follows (the per-VM value of output divergence).
 //! Parsers reject short, long (trailing bytes) and over-limit messages.
+//!
+//! Over TCP (the same port, [`KV_PORT`]) the same messages travel on the byte stream, each
+//! preceded by its length as a big-endian u16 ([`frame_stream_message`]); [`parse_tcp`] and
+//! [`build_tcp`] slice and build the segments.
 
 use etherparse::{LinkSlice, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
@@ -33,6 +37,12 @@ pub enum FrameError {
     /// Not an Ethernet II / IPv4 / UDP frame.
     #[error("not an Ethernet/IPv4/UDP frame: {0}")]
     NotUdp(String),
+    /// Not an Ethernet II / IPv4 / TCP frame.
+    #[error("not an Ethernet/IPv4/TCP frame: {0}")]
+    NotTcp(String),
+    /// A stream message's length prefix is outside what a kv message can be.
+    #[error("kv stream message length {0} is outside {HEADER_LEN}..={max}", max = MAX_STREAM_MESSAGE + 8)]
+    StreamLength(usize),
     /// The UDP payload is shorter than the header or than its declared lengths.
     #[error("kv message of {got} bytes is too short, {need} needed")]
     Short {
@@ -333,6 +343,132 @@ pub fn build_udp(
         .map_err(|e| FrameError::Build(e.to_string()))
 }
 
+/// The addresses, numbers, flags and payload of a TCP segment.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpView<'a> {
+    /// Source MAC.
+    pub src_mac: [u8; 6],
+    /// Source IPv4.
+    pub src_ip: [u8; 4],
+    /// Destination IPv4.
+    pub dst_ip: [u8; 4],
+    /// Source port.
+    pub src_port: u16,
+    /// Destination port.
+    pub dst_port: u16,
+    /// Sequence number.
+    pub seq: u32,
+    /// Acknowledgement number (meaningful when `flags.ack`).
+    pub ack: u32,
+    /// Control flags.
+    pub flags: TcpFlags,
+    /// Payload.
+    pub payload: &'a [u8],
+}
+
+/// The TCP control flags the kv service uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpFlags {
+    /// SYN.
+    pub syn: bool,
+    /// ACK.
+    pub ack: bool,
+    /// FIN.
+    pub fin: bool,
+    /// RST.
+    pub rst: bool,
+}
+
+/// Slices an Ethernet II / IPv4 / TCP frame.
+pub fn parse_tcp(frame: &[u8]) -> Result<TcpView<'_>, FrameError> {
+    let s = SlicedPacket::from_ethernet(frame).map_err(|e| FrameError::NotTcp(e.to_string()))?;
+    let Some(LinkSlice::Ethernet2(eth)) = &s.link else {
+        return Err(FrameError::NotTcp("no Ethernet II header".into()));
+    };
+    let Some(NetSlice::Ipv4(ip)) = &s.net else {
+        return Err(FrameError::NotTcp("not IPv4".into()));
+    };
+    let Some(TransportSlice::Tcp(tcp)) = &s.transport else {
+        return Err(FrameError::NotTcp("not TCP".into()));
+    };
+    Ok(TcpView {
+        src_mac: eth.source(),
+        src_ip: ip.header().source(),
+        dst_ip: ip.header().destination(),
+        src_port: tcp.source_port(),
+        dst_port: tcp.destination_port(),
+        seq: tcp.sequence_number(),
+        ack: tcp.acknowledgment_number(),
+        flags: TcpFlags {
+            syn: tcp.syn(),
+            ack: tcp.ack(),
+            fin: tcp.fin(),
+            rst: tcp.rst(),
+        },
+        payload: tcp.payload(),
+    })
+}
+
+/// The window every segment of the kv service and its test client advertises.
+pub const TCP_WINDOW: u16 = 8192;
+
+/// Builds an Ethernet/IPv4/TCP segment (checksums computed) into `out` (cleared first).
+/// `ack` is sent (with the ACK flag) when it is `Some`.
+pub fn build_tcp(
+    src: (&[u8; 6], &[u8; 4], u16),
+    dst: (&[u8; 6], &[u8; 4], u16),
+    seq: u32,
+    ack: Option<u32>,
+    flags: TcpFlags,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    out.clear();
+    let mut b = PacketBuilder::ethernet2(*src.0, *dst.0)
+        .ipv4(*src.1, *dst.1, TTL)
+        .tcp(src.2, dst.2, seq, TCP_WINDOW);
+    if flags.syn {
+        b = b.syn();
+    }
+    if flags.fin {
+        b = b.fin();
+    }
+    if flags.rst {
+        b = b.rst();
+    }
+    if !payload.is_empty() {
+        b = b.psh();
+    }
+    if let Some(a) = ack {
+        b = b.ack(a);
+    }
+    b.write(out, payload)
+        .map_err(|e| FrameError::Build(e.to_string()))
+}
+
+/// Longest kv message on a TCP stream (a request with the longest key and value).
+pub const MAX_STREAM_MESSAGE: usize = HEADER_LEN + MAX_KEY + MAX_VALUE;
+
+/// Appends `msg` to `out` as one stream message: its length (big-endian u16), then the bytes.
+pub fn frame_stream_message(msg: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    out.extend_from_slice(msg);
+}
+
+/// The first complete stream message in `buf`: `Ok(Some((message, bytes used)))`,
+/// `Ok(None)` when more bytes are needed, or an error when the length prefix is outside
+/// `HEADER_LEN..=MAX_STREAM_MESSAGE + 8` (a response may carry an extra u64).
+pub fn next_stream_message(buf: &[u8]) -> Result<Option<(&[u8], usize)>, FrameError> {
+    let Some(l) = buf.get(..2) else {
+        return Ok(None);
+    };
+    let len = usize::from(u16::from_be_bytes([l[0], l[1]]));
+    if !(HEADER_LEN..=MAX_STREAM_MESSAGE + 8).contains(&len) {
+        return Err(FrameError::StreamLength(len));
+    }
+    Ok(buf.get(2..2 + len).map(|m| (m, 2 + len)))
+}
+
 /// Builds a kv request frame from `client` to the guest into `out`. `scratch` holds the payload.
 pub fn build_request_frame(
     client: &ClientAddr,
@@ -391,6 +527,54 @@ mod tests {
         let big = [0u8; MAX_KEY + 1];
         let bad = KvRequest { key: &big, ..req };
         assert!(build_request_frame(&C, &bad, &mut f).is_err());
+    }
+
+    #[test]
+    fn tcp_round_trip_and_stream_messages() {
+        let mut f = Vec::new();
+        let flags = TcpFlags {
+            syn: true,
+            ack: true,
+            ..TcpFlags::default()
+        };
+        build_tcp(
+            (&C.mac, &C.ip, C.port),
+            (&GUEST_MAC, &GUEST_IP, KV_PORT),
+            0xffff_fff0,
+            Some(7),
+            flags,
+            b"xy",
+            &mut f,
+        )
+        .unwrap();
+        let v = parse_tcp(&f).unwrap();
+        assert_eq!(
+            (v.src_port, v.dst_port, v.seq, v.ack, v.flags, v.payload),
+            (C.port, KV_PORT, 0xffff_fff0, 7, flags, &b"xy"[..])
+        );
+        assert!(matches!(parse_udp(&f), Err(FrameError::NotUdp(_))));
+        let mut u = Vec::new();
+        build_udp((&C.mac, &C.ip, 1), (&GUEST_MAC, &GUEST_IP, 2), b"", &mut u).unwrap();
+        assert!(matches!(parse_tcp(&u), Err(FrameError::NotTcp(_))));
+        assert!(parse_tcp(&f[..20]).is_err());
+
+        let mut msg = Vec::new();
+        encode_response(3, KvStatus::Ok, b"v", None, &mut msg).unwrap();
+        let mut stream = Vec::new();
+        frame_stream_message(&msg, &mut stream);
+        frame_stream_message(&msg, &mut stream);
+        let (m, used) = next_stream_message(&stream).unwrap().unwrap();
+        assert_eq!((m, used), (&msg[..], msg.len() + 2));
+        assert_eq!(next_stream_message(&stream[..used - 1]).unwrap(), None);
+        assert_eq!(next_stream_message(&stream[..1]).unwrap(), None);
+        assert_eq!(
+            next_stream_message(&[0, 3, 0, 0, 0]),
+            Err(FrameError::StreamLength(3))
+        );
+        assert_eq!(
+            next_stream_message(&[0xff, 0xff]),
+            Err(FrameError::StreamLength(0xffff))
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Guest code: the RAM layout, the vCPU registers (the state blob) and the deterministic
-//! workloads (`kv`, `dirty`, `idle`) executed one step at a time by the vCPU threads.
+//! workloads (`kv`, `dirty`, `idle`) executed one step at a time by the vCPU threads. The kv
+//! service answers on UDP and on TCP (the TCP responder is `tcp.rs`), port [`KV_PORT`].
 //!
 //! Guest RAM layout (4 KiB pages):
 //!
@@ -8,7 +9,7 @@
 //! | 0 | NIC control: `rx_prod` @64 (host), `rx_cons` @128 (guest), `tx_prod` @192 (guest), `tx_cons` @256 (host); free-running u64 counters |
 //! | 1..33 | RX ring: 64 slots × 2048 bytes (`len: u16 LE`, frame) |
 //! | 33..65 | TX ring: 64 slots × 2048 bytes |
-//! | 65.. | workload data: the kv hash table (`table_pages` buckets) or the dirty workload's pages |
+//! | 65.. | workload data: the kv hash table (`table_pages` buckets), then [`KV_HEAP_PAGES`], then the TCP service's connection table (one page, see `tcp.rs`); or the dirty workload's pages |
 //!
 //! Determinism: a step reads only guest RAM, the vCPU registers and host devices. Host devices
 //! ([`HostDevices`]: an entropy source seeded by `vm_seed` and the wall clock) are per-VM and are
@@ -98,7 +99,7 @@ impl Workload {
     pub fn min_pages(&self) -> u64 {
         match self {
             Workload::Idle => DATA_PFN,
-            Workload::Kv(k) => DATA_PFN + k.table_pages.max(1) + KV_HEAP_PAGES,
+            Workload::Kv(k) => crate::tcp::tcb_pfn(k) + 1,
             Workload::Dirty(_) => DATA_PFN + 1,
         }
     }
@@ -359,7 +360,7 @@ fn kv_answer(
         ..
     } = s;
     let Ok(v) = frame::parse_udp(&rx[..len]) else {
-        return Ok(false);
+        return crate::tcp::answer(cfg, mem, dev, &rx[..len], tx, payload, page, touched);
     };
     if v.dst_port != KV_PORT || v.dst_ip != GUEST_IP {
         return Ok(false);
@@ -368,28 +369,7 @@ fn kv_answer(
     let (id, status, vlen) = match frame::decode_request(v.payload) {
         Err((id, _)) => (id.unwrap_or(0), KvStatus::BadRequest, 0),
         Ok(req) => {
-            let t = Table {
-                mem,
-                pages: cfg.table_pages.max(1),
-            };
-            touched.clear();
-            let (st, n) = match req.op {
-                KvOp::Get => t.get(req.key, page, &mut value)?,
-                KvOp::Put => (
-                    t.put(
-                        req.key,
-                        req.value,
-                        page,
-                        touched,
-                        cfg.memory_divergence.then_some(&mut *dev),
-                    )?,
-                    0,
-                ),
-                KvOp::Delete => (t.delete(req.key, page, touched)?, 0),
-            };
-            if let Some(disk) = dev.disk() {
-                t.persist(disk, touched, page)?;
-            }
+            let (st, n) = kv_execute(cfg, mem, dev, &req, page, touched, &mut value)?;
             (req.id, st, n)
         }
     };
@@ -411,6 +391,42 @@ fn kv_answer(
         })
         .map_err(|e| MockError::Guest(e.to_string()))?;
     Ok(true)
+}
+
+/// Executes one kv request on the table in guest RAM (and its disk, write-through): the
+/// status and the length of the value a GET put in `value`. Shared by the UDP and TCP services.
+pub(crate) fn kv_execute(
+    cfg: &KvConfig,
+    mem: &GuestMem,
+    dev: &mut HostDevices,
+    req: &frame::KvRequest<'_>,
+    page: &mut [u8],
+    touched: &mut Vec<u64>,
+    value: &mut [u8; MAX_VALUE],
+) -> Result<(KvStatus, usize), MockError> {
+    let t = Table {
+        mem,
+        pages: cfg.table_pages.max(1),
+    };
+    touched.clear();
+    let (st, n) = match req.op {
+        KvOp::Get => t.get(req.key, page, value)?,
+        KvOp::Put => (
+            t.put(
+                req.key,
+                req.value,
+                page,
+                touched,
+                cfg.memory_divergence.then_some(&mut *dev),
+            )?,
+            0,
+        ),
+        KvOp::Delete => (t.delete(req.key, page, touched)?, 0),
+    };
+    if let Some(disk) = dev.disk() {
+        t.persist(disk, touched, page)?;
+    }
+    Ok((st, n))
 }
 
 /// The kv hash table: bucket = page; slot 0 of a page is its header (byte 0: overflow flag),

@@ -19,14 +19,16 @@ pub mod frame;
 pub mod guest;
 mod ram;
 mod sys;
+pub mod tcp;
 pub mod tracker;
 mod vcpu;
 
 pub use disk::{DiskConfig, MockDisk};
 pub use domain::{MockConfig, MockDomain};
 pub use frame::{
-    build_request_frame, parse_response_frame, ClientAddr, KvOp, KvRequest, KvResponse, KvStatus,
-    GUEST_IP, GUEST_MAC, KV_PORT,
+    build_request_frame, build_tcp, frame_stream_message, next_stream_message,
+    parse_response_frame, parse_tcp, ClientAddr, KvOp, KvRequest, KvResponse, KvStatus, TcpFlags,
+    TcpView, GUEST_IP, GUEST_MAC, KV_PORT,
 };
 pub use guest::{DirtyConfig, KvConfig, VcpuRegs, Workload};
 pub use ram::GuestMem;

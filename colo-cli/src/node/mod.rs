@@ -98,6 +98,10 @@ pub struct NodeOptions {
     /// a secondary takes over only once it holds the serving key. Shared by the node a
     /// secondary becomes when it takes over.
     pub arbiter: Option<Arc<crate::arbiter::Arbiter>>,
+    /// TCP alignment on the secondary (colo-core's `align.rs`; on by default). Off
+    /// (`--no-tcp-align`, a diagnostic): mirrored input reaches the SVM as the client sent it,
+    /// so every TCP connection opened since the last checkpoint costs a mismatch checkpoint.
+    pub tcp_align: bool,
     /// Memory snapshots at each checkpoint, for tests (feature `test-support`).
     #[cfg(feature = "test-support")]
     pub snapshot: Option<SnapshotHook>,
@@ -144,6 +148,7 @@ impl Default for NodeOptions {
             fence_cmd: None,
             connect_timeout: Duration::from_secs(30),
             arbiter: None,
+            tcp_align: true,
             #[cfg(feature = "test-support")]
             snapshot: None,
             #[cfg(feature = "test-support")]

@@ -73,6 +73,9 @@ pub struct SecondaryRole {
     /// sequence space as it is injected, the SVM's output observed as it is pumped; dropped
     /// when a checkpoint is applied, handed to the new primary at a takeover.
     aligner: Aligner,
+    /// `NodeOptions::tcp_align`: false leaves mirrored input and the SVM's output unaligned
+    /// (a diagnostic; after a takeover the survivor still gets the, empty, table).
+    align: bool,
     /// The mirrored input being injected, as rewritten (reused: no allocation per frame).
     scratch: Vec<u8>,
 }
@@ -169,6 +172,7 @@ impl<G: Guest> Node<G, SecondaryRole> {
             awaiting_key: None,
             refusals: Refusals::default(),
             aligner: Aligner::new(AlignConfig::default()),
+            align: opts.tcp_align,
             scratch: Vec::new(),
         };
         Ok(Node::start(Io::new(guest, Some(link), opts, status), role))
@@ -647,7 +651,9 @@ impl SecondaryRole {
             }
             self.scratch.clear();
             self.scratch.extend_from_slice(frame);
-            self.aligner.input(&mut self.scratch);
+            if self.align {
+                self.aligner.input(&mut self.scratch);
+            }
             if !io.guest.inject(*seq, &self.scratch)? {
                 break;
             }
@@ -665,11 +671,14 @@ impl SecondaryRole {
         let engine = &mut self.engine;
         let frames = &mut self.out_frames;
         let aligner = &mut self.aligner;
+        let align = self.align;
         let learnt = &mut self.learnt;
         io.guest.drain_tx(&mut |f| {
             learnt.learn(f);
             let mut f = f.to_vec();
-            aligner.output(&mut f);
+            if align {
+                aligner.output(&mut f);
+            }
             engine.send_output(now, &f);
             frames.push(f);
         });
