@@ -32,7 +32,17 @@ fn dirty_guest(seed: u64) -> MockSpec {
 
 fn opts(coding: PageCoding, key: Option<&[u8]>, snaps: &Snapshots) -> NodeOptions {
     let s = snaps.clone();
+    let base = common::node_options();
     NodeOptions {
+        // Failure detection is not under test here and both nodes end with GOODBYE: a silence
+        // timeout of seconds, not the default half second, so that a test thread starved by a
+        // busy machine is not taken for a dead peer (seen once at load 10: "sending the
+        // checkpoint failed: Broken pipe").
+        liveness: colo_core::engine::Liveness {
+            timeout: common::scaled(Duration::from_secs(10)),
+            progress_timeout: common::scaled(Duration::from_secs(60)),
+            ..base.liveness
+        },
         page_coding: coding,
         key: key.map(<[u8]>::to_vec),
         policy: CheckpointPolicy {
@@ -42,7 +52,7 @@ fn opts(coding: PageCoding, key: Option<&[u8]>, snaps: &Snapshots) -> NodeOption
         snapshot: Some(Arc::new(move |epoch, ram, _state| {
             s.lock().insert(epoch, ram);
         })),
-        ..common::node_options()
+        ..base
     }
 }
 
