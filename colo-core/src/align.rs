@@ -171,6 +171,20 @@ enum Class {
 }
 
 impl ConnState {
+    /// A connection closing, one segment on: both FINs seen (`fin_in` from the peer, `fin_out`
+    /// from the guest), or a RST, end it; its offsets wait for the key's reuse.
+    fn close_step(off: Offsets, fin_in: bool, fin_out: bool, rst: bool) -> Self {
+        if rst || (fin_in && fin_out) {
+            Self::AwaitingReuse { off }
+        } else {
+            Self::AwaitingClose {
+                off,
+                fin_in,
+                fin_out,
+            }
+        }
+    }
+
     fn class(&self) -> Class {
         match self {
             ConnState::AwaitingAck { .. } | ConnState::AwaitingSynAck { .. } => Class::Awaiting,
@@ -633,18 +647,7 @@ impl Aligner {
                 off,
                 fin_in,
                 fin_out,
-            } => {
-                let fin_in = fin_in || seg.has(FIN);
-                if seg.has(RST) || (fin_in && fin_out) {
-                    ConnState::AwaitingReuse { off }
-                } else {
-                    ConnState::AwaitingClose {
-                        off,
-                        fin_in,
-                        fin_out,
-                    }
-                }
-            }
+            } => ConnState::close_step(off, fin_in || seg.has(FIN), fin_out, seg.has(RST)),
             s @ ConnState::AwaitingReuse { .. } => s,
         };
         slot.state = state;
@@ -708,18 +711,7 @@ impl Aligner {
                 off,
                 fin_in,
                 fin_out,
-            } => {
-                let fin_out = fin_out || seg.has(FIN);
-                if seg.has(RST) || (fin_in && fin_out) {
-                    ConnState::AwaitingReuse { off }
-                } else {
-                    ConnState::AwaitingClose {
-                        off,
-                        fin_in,
-                        fin_out,
-                    }
-                }
-            }
+            } => ConnState::close_step(off, fin_in, fin_out || seg.has(FIN), seg.has(RST)),
             s @ ConnState::AwaitingReuse { .. } => s,
         };
         slot.state = state;
