@@ -489,6 +489,36 @@ mod tests {
         run_flags(pk, sk, (ppages, spages), verify, (false, false))
     }
 
+    /// What each side's handshake answered to the other's messages.
+    type Outcome = (Result<bool, LinkError>, Result<bool, LinkError>);
+
+    /// A whole handshake between a primary offering `p` with key `pk` and a secondary offering
+    /// `s` with `sk`: HELLOs exchanged, then the AUTHs when both sides went on. Returns both
+    /// handshakes (to read what they agreed) and the outcome.
+    fn run_offers(
+        pk: Option<&[u8]>,
+        sk: Option<&[u8]>,
+        p: Offer,
+        s: Offer,
+    ) -> (Handshake, Handshake, Outcome) {
+        let (mut po, mut so) = (Vec::new(), Vec::new());
+        let mut ph = Handshake::offer(Role::Primary, p, pk.map(<[u8]>::to_vec), [1; 32], &mut po);
+        let mut sh = Handshake::offer(Role::Secondary, s, sk.map(<[u8]>::to_vec), [2; 32], &mut so);
+        let (p_hello, s_hello) = (po.clone(), so.clone());
+        po.clear();
+        so.clear();
+        let pr = ph.on_message(&parse(&s_hello), &mut po);
+        let sr = sh.on_message(&parse(&p_hello), &mut so);
+        let out = match (pr, sr) {
+            (Ok(false), Ok(false)) => (
+                ph.on_message(&parse(&so), &mut Vec::new()),
+                sh.on_message(&parse(&po), &mut Vec::new()),
+            ),
+            other => other,
+        };
+        (ph, sh, out)
+    }
+
     /// `pages`, `verify`, `plaintext`: (primary's, secondary's).
     fn run_flags(
         pk: Option<&[u8]>,
@@ -496,39 +526,16 @@ mod tests {
         pages: (u64, u64),
         verify: (bool, bool),
         plaintext: (bool, bool),
-    ) -> (Result<bool, LinkError>, Result<bool, LinkError>) {
-        let (mut po, mut so) = (Vec::new(), Vec::new());
-        let mut p = Handshake::start(
-            Role::Primary,
-            pages.0,
-            verify.0,
-            plaintext.0,
-            pk.map(<[u8]>::to_vec),
-            [1; 32],
-            &mut po,
-        );
-        let mut s = Handshake::start(
-            Role::Secondary,
-            pages.1,
-            verify.1,
-            plaintext.1,
-            sk.map(<[u8]>::to_vec),
-            [2; 32],
-            &mut so,
-        );
-        let (ph, sh) = (po.clone(), so.clone());
-        po.clear();
-        so.clear();
-        let pr = p.on_message(&parse(&sh), &mut po);
-        let sr = s.on_message(&parse(&ph), &mut so);
-        match (pr, sr) {
-            (Ok(false), Ok(false)) => {
-                let pr = p.on_message(&parse(&so), &mut Vec::new());
-                let sr = s.on_message(&parse(&po), &mut Vec::new());
-                (pr, sr)
-            }
-            other => other,
-        }
+    ) -> Outcome {
+        let offer = |page_count, verify, plaintext| Offer {
+            page_count,
+            verify,
+            plaintext,
+            ..Offer::default()
+        };
+        let p = offer(pages.0, verify.0, plaintext.0);
+        let s = offer(pages.1, verify.1, plaintext.1);
+        run_offers(pk, sk, p, s).2
     }
 
     #[test]
@@ -639,32 +646,13 @@ mod tests {
     }
 
     /// A handshake between sides coding pages as `p` and `s`, with or without a key.
-    fn run_coding(
-        key: Option<&[u8]>,
-        p: PageCoding,
-        s: PageCoding,
-    ) -> (Result<bool, LinkError>, Result<bool, LinkError>) {
-        let (mut po, mut so) = (Vec::new(), Vec::new());
+    fn run_coding(key: Option<&[u8]>, p: PageCoding, s: PageCoding) -> Outcome {
         let offer = |coding| Offer {
             page_count: 5,
             coding,
             ..Offer::default()
         };
-        let k = key.map(<[u8]>::to_vec);
-        let mut ph = Handshake::offer(Role::Primary, offer(p), k.clone(), [1; 32], &mut po);
-        let mut sh = Handshake::offer(Role::Secondary, offer(s), k, [2; 32], &mut so);
-        let (p_hello, s_hello) = (po.clone(), so.clone());
-        po.clear();
-        so.clear();
-        let a = ph.on_message(&parse(&s_hello), &mut po);
-        let b = sh.on_message(&parse(&p_hello), &mut so);
-        match (a, b) {
-            (Ok(false), Ok(false)) => (
-                ph.on_message(&parse(&so), &mut Vec::new()),
-                sh.on_message(&parse(&po), &mut Vec::new()),
-            ),
-            other => other,
-        }
+        run_offers(key, key, offer(p), offer(s)).2
     }
 
     #[test]
@@ -830,32 +818,13 @@ mod tests {
     }
 
     /// Both sides with `key`, the primary's disk and the secondary's (in blocks).
-    fn run_disks(
-        key: Option<&[u8]>,
-        p: u64,
-        s: u64,
-    ) -> (Result<bool, LinkError>, Result<bool, LinkError>) {
-        let (mut po, mut so) = (Vec::new(), Vec::new());
+    fn run_disks(key: Option<&[u8]>, p: u64, s: u64) -> Outcome {
         let offer = |disk_blocks| Offer {
             page_count: 8,
             disk_blocks,
             ..Offer::default()
         };
-        let k = key.map(<[u8]>::to_vec);
-        let mut ph = Handshake::offer(Role::Primary, offer(p), k.clone(), [1; 32], &mut po);
-        let mut sh = Handshake::offer(Role::Secondary, offer(s), k, [2; 32], &mut so);
-        let (p_hello, s_hello) = (po.clone(), so.clone());
-        po.clear();
-        so.clear();
-        let pr = ph.on_message(&parse(&s_hello), &mut po);
-        let sr = sh.on_message(&parse(&p_hello), &mut so);
-        let out = match (pr, sr) {
-            (Ok(false), Ok(false)) => (
-                ph.on_message(&parse(&so), &mut Vec::new()),
-                sh.on_message(&parse(&po), &mut Vec::new()),
-            ),
-            other => other,
-        };
+        let (ph, sh, out) = run_offers(key, key, offer(p), offer(s));
         if out == (Ok(true), Ok(true)) {
             assert_eq!(
                 (ph.disk_blocks(), sh.disk_blocks()),
