@@ -118,16 +118,7 @@ fn run_pair(mode: SyncMode, output_divergence: f64, checkpoints: u64) -> Outcome
     }
 
     let (p, s) = (psnap.lock(), ssnap.lock());
-    let mut compared = 0;
-    let mut differing = Vec::new();
-    for (epoch, (pram, pstate)) in p.iter() {
-        if let Some((sram, sstate)) = s.get(epoch) {
-            compared += 1;
-            if pram != sram || pstate != sstate {
-                differing.push(*epoch);
-            }
-        }
-    }
+    let (compared, differing) = common::compare_epochs(&p, &s);
     let st = pstatus.lock();
     let pvm = std::mem::take(&mut *pvm_frames.lock());
     let sst = sstatus.lock();

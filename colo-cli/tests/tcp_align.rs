@@ -155,16 +155,7 @@ fn run(tcp_align: bool, conns: u64) -> Outcome {
         SecondaryOutcome::TookOver(_) => panic!("the secondary took over after an orderly stop"),
     }
     let (p, s) = (psnap.lock(), ssnap.lock());
-    let mut compared = 0;
-    let mut differing = Vec::new();
-    for (epoch, (pram, pstate)) in p.iter() {
-        if let Some((sram, sstate)) = s.get(epoch) {
-            compared += 1;
-            if pram != sram || pstate != sstate {
-                differing.push(*epoch);
-            }
-        }
-    }
+    let (compared, differing) = common::compare_epochs(&p, &s);
     let st = pstatus.lock();
     let sst = sstatus.lock();
     Outcome {

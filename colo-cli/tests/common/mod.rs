@@ -750,3 +750,22 @@ pub fn histogram(labels: &[String]) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// The checkpoints both nodes recorded (`p`: the PVM at each capture, `s`: the SVM right after
+/// applying it), compared: how many epochs both sides hold, and those whose records differ.
+pub fn compare_epochs<V: PartialEq>(
+    p: &std::collections::HashMap<u64, V>,
+    s: &std::collections::HashMap<u64, V>,
+) -> (usize, Vec<u64>) {
+    let mut compared = 0;
+    let mut differing = Vec::new();
+    for (epoch, pv) in p {
+        if let Some(sv) = s.get(epoch) {
+            compared += 1;
+            if pv != sv {
+                differing.push(*epoch);
+            }
+        }
+    }
+    (compared, differing)
+}
