@@ -52,6 +52,13 @@ pub enum LinkError {
         /// Theirs.
         peer: u32,
     },
+    /// The peer's HELLO sets flag bits this build does not know (it speaks our version, so it
+    /// is not a build of colo as released).
+    #[error(
+        "peer's HELLO sets flag bits {0:#x} that link protocol version {v} does not define",
+        v = PROTOCOL_VERSION
+    )]
+    UnknownFlags(u32),
     /// Both sides claim the same role.
     #[error("peer is also a {0}: one node must be primary and the other secondary")]
     SameRole(Role),
@@ -295,6 +302,7 @@ impl Handshake {
             coding: offer.coding,
             nonce,
             disk_blocks: offer.disk_blocks,
+            other_flags: 0,
         })
         .encode(out);
         hs
@@ -371,6 +379,9 @@ impl Handshake {
                         ours: PROTOCOL_VERSION,
                         peer: h.version,
                     });
+                }
+                if h.other_flags != 0 {
+                    return Err(LinkError::UnknownFlags(h.other_flags));
                 }
                 if h.role == self.role {
                     return Err(LinkError::SameRole(h.role));
@@ -742,6 +753,25 @@ mod tests {
     }
 
     #[test]
+    fn hello_flag_bits_this_version_does_not_define_are_refused_by_name() {
+        let mut out = Vec::new();
+        Handshake::start(Role::Primary, 1, false, false, None, [0; 32], &mut out);
+        out[8 + 31] |= 0x4e;
+        let mut s = Handshake::start(
+            Role::Secondary,
+            1,
+            false,
+            false,
+            None,
+            [0; 32],
+            &mut Vec::new(),
+        );
+        let err = s.on_message(&parse(&out), &mut Vec::new());
+        assert_eq!(err, Err(LinkError::UnknownFlags(0x4e00_0000)));
+        assert!(err.unwrap_err().to_string().contains("0x4e000000"));
+    }
+
+    #[test]
     fn a_reflected_proof_is_refused() {
         // A peer without the key that echoes our own AUTH back must fail.
         let mut po = Vec::new();
@@ -766,6 +796,7 @@ mod tests {
             coding: PageCoding::PLAIN,
             nonce: [1; 32],
             disk_blocks: 0,
+            other_flags: 0,
         })
         .encode(&mut fake);
         let mut auth = Vec::new();

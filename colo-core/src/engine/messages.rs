@@ -75,6 +75,9 @@ pub const HELLO_VERIFY: u32 = 1 << 1;
 /// HELLO flag: the sender will not seal the records after the handshake
 /// (`--insecure-plaintext`).
 pub const HELLO_PLAINTEXT: u32 = 1 << 2;
+/// Every HELLO flag bit this build knows: auth, verify, plaintext and the page coding (bits
+/// 3–5). Other bits are kept in [`Hello::other_flags`] and refused by the handshake.
+pub const HELLO_KNOWN_FLAGS: u32 = 0b11_1111;
 /// Length of a HELLO body.
 pub const HELLO_LEN: usize = 8 + 4 + 4 + 8 + 4 + 4 + 32 + 8;
 /// Length of an HMAC-SHA256 proof.
@@ -176,6 +179,9 @@ pub struct Hello {
     pub nonce: [u8; 32],
     /// The sender's disk in 4 KiB blocks (0: the guest has none that colo replicates).
     pub disk_blocks: u64,
+    /// Flag bits outside [`HELLO_KNOWN_FLAGS`], kept as sent (so a parsed HELLO encodes back
+    /// to the same bytes) for the handshake to refuse by name. 0 from this build.
+    pub other_flags: u32,
 }
 
 /// One of colo's records, parsed. Frames and blobs are borrowed from the record body.
@@ -345,6 +351,7 @@ impl<'a> Message<'a> {
                     coding,
                     nonce,
                     disk_blocks: u64_at(body, 64),
+                    other_flags: flags & !HELLO_KNOWN_FLAGS,
                 })
             }
             t::AUTH => {
@@ -456,6 +463,7 @@ impl<'a> Message<'a> {
                     flags |= HELLO_PLAINTEXT;
                 }
                 flags |= h.coding.flags();
+                flags |= h.other_flags & !HELLO_KNOWN_FLAGS;
                 out.extend_from_slice(&flags.to_le_bytes());
                 out.extend_from_slice(&h.nonce);
                 out.extend_from_slice(&h.disk_blocks.to_le_bytes());
@@ -531,6 +539,7 @@ mod tests {
                         coding,
                         nonce: [7; 32],
                         disk_blocks: u64::from(verify) << 40 | 16_384,
+                        other_flags: u32::from(verify) << 31,
                     }));
                 }
             }
@@ -601,6 +610,7 @@ mod tests {
             coding: PageCoding::PLAIN,
             nonce: [0; 32],
             disk_blocks: 0x0102,
+            other_flags: 0,
         })
         .encode(&mut out);
         assert_eq!(out.len(), 8 + HELLO_LEN);
@@ -636,6 +646,17 @@ mod tests {
             Message::parse(colo_type::HELLO, &b),
             Err(MessageError::BadCoding(_))
         ));
+        // Bits this version does not define are kept, not dropped: the body encodes back to
+        // itself (found by the disk_records fuzz target) and the handshake refuses them.
+        let mut b = body.to_vec();
+        b[31] = 0x4e;
+        let Ok(Some(m @ Message::Hello(h))) = Message::parse(colo_type::HELLO, &b) else {
+            panic!("HELLO with unknown flag bits does not parse");
+        };
+        assert_eq!(h.other_flags, 0x4e00_0000);
+        let mut again = Vec::new();
+        m.encode(&mut again);
+        assert_eq!(&again[8..], &b[..]);
         // A HELLO one byte short (or long) is a length error, not a panic.
         for len in [HELLO_LEN - 1, HELLO_LEN + 1] {
             let mut b = body.to_vec();
