@@ -152,6 +152,138 @@ pub fn clear_pending_vector(ctx: &mut [u8], vector: u8) -> usize {
     cleared
 }
 
+/// Byte ranges of HVM save records that a running clock moves, by record type code: the
+/// vCPU's `tsc` (`struct hvm_hw_cpu`, type 2: the guest's rdtsc at the save), the local APIC
+/// timer's current count (type 6, APIC register 0x390), the HPET main counter (type 12,
+/// `mc64`) and the ACPI PM timer (type 13, `tmr_val`).
+const CLOCK_FIELDS: [(u16, usize, usize); 4] = [
+    (2, 1008, 1016),
+    (6, 0x390, 0x394),
+    (12, 240, 248),
+    (13, 0, 4),
+];
+
+/// Names of the HVM save record types, for messages.
+fn record_name(code: u16) -> &'static str {
+    match code {
+        0 => "END",
+        1 => "HEADER",
+        2 => "CPU",
+        3 => "PIC",
+        4 => "IOAPIC",
+        5 => "LAPIC",
+        6 => "LAPIC_REGS",
+        7 => "PCI_IRQ",
+        8 => "ISA_IRQ",
+        9 => "PCI_LINK",
+        10 => "PIT",
+        11 => "RTC",
+        12 => "HPET",
+        13 => "PMTIMER",
+        14 => "MTRR",
+        15 => "VIRIDIAN_DOMAIN",
+        16 => "CPU_XSAVE",
+        17 => "VIRIDIAN_VCPU",
+        18 => "VMCE_VCPU",
+        19 => "TSC_ADJUST",
+        20 => "CPU_MSR",
+        _ => "record",
+    }
+}
+
+/// One record of an HVM context: type code, instance, body.
+fn records(ctx: &[u8]) -> impl Iterator<Item = Result<(u16, u16, &[u8]), String>> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at >= ctx.len() {
+            return None;
+        }
+        if at + 8 > ctx.len() {
+            at = ctx.len();
+            return Some(Err(format!("a record header cut short at byte {at}")));
+        }
+        let (code, inst) = (u16_at(ctx, at), u16_at(ctx, at + 2));
+        let len = u32_at(ctx, at + 4) as usize;
+        let body = at + 8;
+        let Some(end) = body.checked_add(len).filter(|&e| e <= ctx.len()) else {
+            at = ctx.len();
+            return Some(Err(format!(
+                "record {} #{inst} of {len} bytes runs past the context",
+                record_name(code)
+            )));
+        };
+        at = end;
+        Some(Ok((code, inst, &ctx[body..end])))
+    })
+}
+
+/// Compares two state blobs as vCPU and platform state, leaving out what a running clock moves
+/// even while the domain is paused (Xen computes it at every save): the TSC info's elapsed
+/// nanoseconds and incarnation (a restore bumps it) and the record fields in
+/// [`CLOCK_FIELDS`]. Every other byte must be equal: the same records in the same order, the
+/// same parameters. Returns `None` when they are the same, otherwise what differs first.
+pub fn clock_free_difference(a: &[u8], b: &[u8]) -> Option<String> {
+    let sa = match XenState::decode(a) {
+        Ok(s) => s,
+        Err(e) => return Some(format!("the first blob does not decode: {e}")),
+    };
+    let sb = match XenState::decode(b) {
+        Ok(s) => s,
+        Err(e) => return Some(format!("the second blob does not decode: {e}")),
+    };
+    if (sa.tsc.mode, sa.tsc.khz) != (sb.tsc.mode, sb.tsc.khz) {
+        return Some(format!(
+            "TSC mode/kHz {}/{} against {}/{}",
+            sa.tsc.mode, sa.tsc.khz, sb.tsc.mode, sb.tsc.khz
+        ));
+    }
+    if sa.params != sb.params {
+        return Some("the HVM parameters differ".into());
+    }
+    let mut ra = records(sa.hvm_context);
+    let mut rb = records(sb.hvm_context);
+    loop {
+        let (x, y) = match (ra.next(), rb.next()) {
+            (None, None) => return None,
+            (Some(Err(e)), _) | (_, Some(Err(e))) => return Some(e),
+            (Some(Ok(x)), Some(Ok(y))) => (x, y),
+            (Some(Ok((c, i, _))), None) | (None, Some(Ok((c, i, _)))) => {
+                return Some(format!(
+                    "record {} #{i} is in one context only",
+                    record_name(c)
+                ))
+            }
+        };
+        let ((ca, ia, ba), (cb, ib, bb)) = (x, y);
+        if (ca, ia, ba.len()) != (cb, ib, bb.len()) {
+            return Some(format!(
+                "record {} #{ia} ({} bytes) against {} #{ib} ({} bytes)",
+                record_name(ca),
+                ba.len(),
+                record_name(cb),
+                bb.len()
+            ));
+        }
+        let differing = (0..ba.len()).filter(|&k| {
+            ba[k] != bb[k]
+                && !CLOCK_FIELDS
+                    .iter()
+                    .any(|&(code, from, to)| code == ca && (from..to).contains(&k))
+        });
+        let (mut first, mut count) = (None, 0);
+        for k in differing {
+            first.get_or_insert(k);
+            count += 1;
+        }
+        if let Some(first) = first {
+            return Some(format!(
+                "record {} #{ia}: {count} bytes differ outside the clock, the first at offset {first:#x}",
+                record_name(ca)
+            ));
+        }
+    }
+}
+
 /// A decoded state blob, borrowing from the bytes it was decoded from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XenState<'a> {
@@ -368,6 +500,58 @@ mod tests {
 
     use super::*;
     use proptest::prelude::*;
+
+    fn blob(tsc: TscInfo, ctx: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode_state(&mut v, &tsc, ctx, &[(1, 0xfeffc)])
+            .map(|()| v)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_clock_is_left_out_of_a_state_comparison_and_nothing_else() {
+        let tsc = TscInfo {
+            mode: 2,
+            khz: 2_000_000,
+            elapsed_nsec: 5,
+            incarnation: 1,
+        };
+        let base = context(0, 0);
+        let a = blob(tsc, &base);
+        assert_eq!(clock_free_difference(&a, &a), None);
+        // The TSC's elapsed time and incarnation, the vCPU's tsc, the APIC timer's count.
+        let later = TscInfo {
+            elapsed_nsec: 9_000,
+            incarnation: 2,
+            ..tsc
+        };
+        let mut moved = base.clone();
+        moved[8 + 1008..8 + 1016].copy_from_slice(&[7; 8]);
+        let lapic0 = 8 + 1024 + 8;
+        moved[lapic0 + 0x390] = 0x55;
+        assert_eq!(clock_free_difference(&a, &blob(later, &moved)), None);
+        // Anything else is named: a register beside the tsc, an IRR bit, the TSC frequency.
+        let mut rip = base.clone();
+        rip[8 + 512 + 16 * 8] ^= 1;
+        let d = clock_free_difference(&a, &blob(tsc, &rip)).unwrap_or_default();
+        assert!(d.contains("CPU #0") && d.contains("0x280"), "{d}");
+        let irr = blob(tsc, &context(APIC_IRR + 0x10, 1));
+        let d = clock_free_difference(&a, &irr).unwrap_or_default();
+        assert!(d.contains("LAPIC_REGS #0: 1 bytes"), "{d}");
+        let khz = TscInfo { khz: 1, ..tsc };
+        assert!(clock_free_difference(&a, &blob(khz, &base)).is_some());
+        // Records missing, reordered or cut short, and blobs that do not decode.
+        let short = blob(tsc, &base[..base.len() - 8]);
+        assert!(clock_free_difference(&a, &short)
+            .unwrap_or_default()
+            .contains("in one context only"));
+        let mut cut = base.clone();
+        cut[4..8].copy_from_slice(&100_000u32.to_le_bytes());
+        assert!(clock_free_difference(&a, &blob(tsc, &cut))
+            .unwrap_or_default()
+            .contains("runs past"));
+        assert!(clock_free_difference(&a, b"garbage").is_some());
+    }
 
     fn sample() -> Vec<u8> {
         let mut v = Vec::new();

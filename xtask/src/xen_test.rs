@@ -15,8 +15,9 @@
 //! What runs in dom0 is `xtask/xen/dom0-test.sh`, in stages (timed, `XEN-TEST-STAGE`):
 //! three PVH guests of the same shape boot (colo-a, colo-b, colo-c); `colo-xen-check selftest`
 //! exercises every `Domain` method on colo-c and `colo-xen-conformance` runs colo-core's
-//! conformance suite there with `colo-xen-guest-agent` inside the guest (`state_round_trip` is
-//! a known failure on Xen: a paused guest's clock runs); `colo-xen-check replicate` replicates
+//! conformance suite there with `colo-xen-guest-agent` inside the guest (all seven checks;
+//! `state_round_trip` compares state blobs without the clock fields a paused Xen guest's
+//! clock still moves); `colo-xen-check replicate` replicates
 //! colo-a onto colo-b and verifies every checkpoint page by page and vCPU register by register;
 //! last, `colo primary` (colo-c) / `colo secondary` (colo-b) `--backend xen` over loopback in
 //! production mode (no `--verify`): the checkpoint count, then a final checkpoint taken with
