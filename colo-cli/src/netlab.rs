@@ -29,6 +29,31 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Waits until `dev` (in namespace `ns`, or the root one) carries frames: its carrier is up and
+/// the kernel's link watcher has replaced the `noop` qdisc, which drops every frame, as it
+/// does some time after `ip link set up` (up to a second or more on a busy machine).
+pub fn link_ready(ns: Option<&str>, dev: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let mut c = Command::new("ip");
+        if let Some(ns) = ns {
+            c.args(["-n", ns]);
+        }
+        let o = c
+            .args(["link", "show", "dev", dev])
+            .output()
+            .context("running `ip` (iproute2)")?;
+        let text = String::from_utf8_lossy(&o.stdout);
+        if o.status.success() && text.contains("state UP") && !text.contains("qdisc noop") {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("{dev} did not come up in 60 s: {}", text.trim());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Runs `ip ARGS`, failing with its stderr.
 pub fn ip(args: &[&str]) -> Result<()> {
     let o = Command::new("ip")
@@ -97,7 +122,8 @@ impl Lab {
             ip(&["-n", ns, "link", "set", b, "name", b_name])?;
         }
         ip(&["-n", ns, "link", "set", b_name, "up"])?;
-        Ok(())
+        link_ready(None, a)?;
+        link_ready(Some(ns), b_name)
     }
 
     /// The path `ip netns` keeps namespace `ns` under.

@@ -50,7 +50,32 @@ impl Veth {
             let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{end}/disable_ipv6"), "1");
             ip(&["link", "set", end, "up"]);
         }
+        for end in [&v.a, &v.b] {
+            link_ready(end);
+        }
         Some(v)
+    }
+}
+
+/// Waits until `dev` carries frames: carrier up and the `noop` qdisc (which drops every frame)
+/// replaced by the kernel's link watcher, which happens some time after `ip link set up` (up to
+/// a second or more on a busy machine; a frame sent before is lost).
+fn link_ready(dev: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = Command::new("ip")
+            .args(["link", "show", "dev", dev])
+            .output()
+            .expect("running ip");
+        let text = String::from_utf8_lossy(&o.stdout);
+        if o.status.success() && text.contains("state UP") && !text.contains("qdisc noop") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{dev} did not come up: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
