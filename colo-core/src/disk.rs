@@ -290,45 +290,89 @@ impl Overlay {
     }
 }
 
-/// The disk blocks of the checkpoint being received, staged until its CHECKPOINT. At most the
-/// disk's block count in all (a checkpoint carries each block once); the buffers are kept across
-/// checkpoints.
+/// How the primary sends the PVM's disk writes (`--disk-mirror`; both sides must agree, the
+/// handshake checks: HELLO flag bit 6). See the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DiskMirror {
+    /// Blocks written since the last capture are copied within the pause and sent after the
+    /// pages.
+    #[default]
+    Checkpoint,
+    /// Blocks written are sent while the PVM runs (every few ms); the pause copies only the
+    /// blocks written since the last mirror harvest (the unsent tail).
+    Continuous,
+}
+
+impl DiskMirror {
+    /// The flag's name (`checkpoint`, `continuous`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskMirror::Checkpoint => "checkpoint",
+            DiskMirror::Continuous => "continuous",
+        }
+    }
+}
+
+impl std::fmt::Display for DiskMirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The disk blocks of the next checkpoint, staged until its CHECKPOINT, keyed by block number:
+/// a block staged again (mirrored, rewritten by the PVM, mirrored again) replaces its earlier
+/// copy in place. Every block number is checked against the disk first, so the staging holds
+/// at most the disk's block count whatever the primary sends and however fast the PVM writes.
+/// The buffers keep their capacity across checkpoints.
 #[derive(Debug, Default)]
 pub(crate) struct DiskStaging {
+    slot: HashMap<u64, usize>,
     blocks: Vec<u64>,
     data: Vec<u8>,
 }
 
 impl DiskStaging {
-    /// Stages the blocks of `rec` for checkpoint `epoch` of a disk of `disk_blocks` blocks.
-    /// Nothing is staged from a record that fails.
+    /// Stages the blocks of `rec` of a disk of `disk_blocks` blocks; a block already staged is
+    /// replaced. Nothing is staged from a record that fails.
     pub(crate) fn stage(
         &mut self,
-        epoch: u64,
         disk_blocks: u64,
         rec: &DiskBlocks<'_>,
     ) -> Result<(), EngineError> {
         rec.check(disk_blocks)?;
-        if (self.blocks.len() + rec.len()) as u64 > disk_blocks {
-            return Err(EngineError::DiskCheckpointTooLarge {
-                epoch,
-                blocks: disk_blocks,
-            });
+        for (b, d) in rec.iter() {
+            let at = match self.slot.get(&b) {
+                Some(&i) => i,
+                None => {
+                    let i = self.blocks.len();
+                    self.slot.insert(b, i);
+                    self.blocks.push(b);
+                    self.data.resize((i + 1) * BLOCK_SIZE, 0);
+                    i
+                }
+            };
+            self.data[at * BLOCK_SIZE..(at + 1) * BLOCK_SIZE].copy_from_slice(d);
         }
-        self.blocks.extend(rec.numbers());
-        self.data.extend_from_slice(rec.data());
         Ok(())
     }
 
+    /// The staged blocks, each once, in the order first staged.
     pub(crate) fn blocks(&self) -> &[u64] {
         &self.blocks
     }
 
+    /// Their data, [`BLOCK_SIZE`] bytes per block of [`DiskStaging::blocks`].
     pub(crate) fn data(&self) -> &[u8] {
         &self.data
     }
 
+    /// Blocks staged.
+    pub(crate) fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
     pub(crate) fn clear(&mut self) {
+        self.slot.clear();
         self.blocks.clear();
         self.data.clear();
     }
@@ -499,25 +543,51 @@ mod tests {
     }
 
     #[test]
-    fn staging_is_bounded_by_the_disk_and_all_or_nothing_per_record() {
+    fn staging_is_keyed_by_block_bounded_by_the_disk_and_all_or_nothing_per_record() {
         let mut s = DiskStaging::default();
-        let wire = record(&[0, 1, 2], |_| 1);
+        let wire = record(&[0, 1, 2], |b| b as u8 + 1);
         let rec = DiskBlocks::parse(&wire[8..]).unwrap();
-        s.stage(4, 4, &rec).unwrap();
+        s.stage(4, &rec).unwrap();
         assert_eq!(s.blocks(), &[0, 1, 2]);
-        assert_eq!(
-            s.stage(4, 4, &rec),
-            Err(EngineError::DiskCheckpointTooLarge {
-                epoch: 4,
-                blocks: 4
-            })
-        );
-        assert_eq!(s.blocks().len(), 3, "a refused record stages nothing");
+        // The PVM rewrote blocks 2 and 1 and wrote 3; mirrored again, then a capture's tail
+        // rewrites 2 once more: each block is held once, the newest copy wins.
+        let again = record(&[2, 3, 1], |b| b as u8 + 10);
+        s.stage(4, &DiskBlocks::parse(&again[8..]).unwrap())
+            .unwrap();
+        let tail = record(&[2], |_| 99);
+        s.stage(4, &DiskBlocks::parse(&tail[8..]).unwrap()).unwrap();
+        assert_eq!(s.blocks(), &[0, 1, 2, 3]);
+        let firsts: Vec<u8> = s.data().chunks(BLOCK_SIZE).map(|c| c[0]).collect();
+        assert_eq!(firsts, vec![1, 11, 99, 13]);
+        // However often the whole disk is staged again, the staging holds the disk once.
+        let all = record(&[3, 2, 1, 0], |_| 7);
+        for _ in 0..100 {
+            s.stage(4, &DiskBlocks::parse(&all[8..]).unwrap()).unwrap();
+        }
+        assert_eq!(s.len(), 4);
+        assert_eq!(s.data().len(), 4 * BLOCK_SIZE);
         let far = record(&[1, 99], |_| 1);
         let far = DiskBlocks::parse(&far[8..]).unwrap();
         let mut t = DiskStaging::default();
-        assert!(t.stage(1, 10, &far).is_err());
-        assert!(t.blocks().is_empty() && t.data().is_empty());
+        assert_eq!(
+            t.stage(10, &far),
+            Err(EngineError::BlockOutOfRange {
+                block: 99,
+                blocks: 10
+            })
+        );
+        assert!(
+            t.blocks().is_empty() && t.data().is_empty(),
+            "a refused record stages nothing"
+        );
+        s.clear();
+        assert_eq!(s.len(), 0);
+        s.stage(4, &rec).unwrap();
+        assert_eq!(
+            s.blocks(),
+            &[0, 1, 2],
+            "cleared, the keys are forgotten too"
+        );
     }
 
     #[test]
