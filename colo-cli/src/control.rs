@@ -632,6 +632,7 @@ mod tests {
             watched: 0,
             pages_sent: 12,
             disk_blocks: 0,
+            disk_mirrored: 0,
             bytes_sent: 12 * 4096,
             backchannel: Duration::ZERO,
             pause: Duration::from_millis(pause_ms),

@@ -471,6 +471,7 @@ mod tests {
                 secondary_only: 2,
                 pages_sent: 13,
                 disk_blocks: 0,
+                disk_mirrored: 0,
                 unlogged: 0,
                 watched: 0,
                 bytes_sent: 13 * 4096,

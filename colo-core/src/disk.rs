@@ -313,6 +313,19 @@ impl DiskMirror {
     }
 }
 
+impl std::str::FromStr for DiskMirror {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "checkpoint" => Ok(DiskMirror::Checkpoint),
+            "continuous" => Ok(DiskMirror::Continuous),
+            other => Err(format!(
+                "unknown disk mirror mode `{other}` (expected continuous or checkpoint)"
+            )),
+        }
+    }
+}
+
 impl std::fmt::Display for DiskMirror {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())

@@ -2,7 +2,9 @@
 //! the write log started with the dirty log, every block holding data sent with the first
 //! pre-copy round and the blocks written since with each later one, the blocks written since
 //! the last capture copied within the pause and written as DISK_BLOCKS after the pages — and the
-//! secondary's — the initial blocks straight into its image, the apply (the checkpoint's blocks
+//! continuous mirroring's rounds while the PVM runs (`--disk-mirror continuous`: the blocks
+//! written since the last round, sent for the coming checkpoint; the capture then copies only
+//! the unsent tail) — and the secondary's — the initial blocks straight into its image, the apply (the checkpoint's blocks
 //! into the image, the SVM's overlay dropped) and the takeover (the overlay kept) — with the
 //! disk digests of `--verify` and the disk verdicts. A guest without a disk makes every call
 //! here a no-op.
@@ -162,6 +164,36 @@ impl PrimaryDisk {
         engine.disk_blocks_sent(self.blocks.len() as u64);
         self.blocks.clear();
         Ok(bytes)
+    }
+
+    /// A continuous mirror round (PVM running): the write log is harvested, then the blocks
+    /// written since the last round or capture are read and sent as DISK_BLOCKS. The harvest
+    /// clears the log before the read, and the backend marks a block only after its data is
+    /// in the image: a guest write that races with the read is marked again and sent again
+    /// (next round or the capture). Returns (blocks, bytes) sent, or the link's error (the
+    /// backend's fail the node).
+    pub(super) fn mirror<G: Domain>(
+        &mut self,
+        io: &mut Io<G>,
+    ) -> Result<std::io::Result<(u64, u64)>> {
+        let (Some(disk), Some(link)) = (io.guest.disk(), io.link.as_mut()) else {
+            return Ok(Ok((0, 0)));
+        };
+        disk.harvest_written(&mut self.written)?;
+        self.blocks.clear();
+        self.written.extend_pfns(&mut self.blocks);
+        self.written.clear_all();
+        let mut bytes = 0;
+        for batch in self.blocks.chunks(MAX_BLOCKS_PER_RECORD) {
+            let data = read_into(disk, batch, &mut self.copy)?;
+            match write_blocks(link, &mut self.header, batch, data) {
+                Ok(b) => bytes += b,
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        let n = self.blocks.len() as u64;
+        self.blocks.clear();
+        Ok(Ok((n, bytes)))
     }
 
     /// `Capture`'s disk part (PVM paused): E, the blocks written since the last capture, and
