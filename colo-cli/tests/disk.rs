@@ -345,7 +345,10 @@ fn cut_trial(seed: u64, cut: u64, mode: DiskMirror) -> Result<(usize, String)> {
         timeout: Duration::from_secs(2),
         progress_timeout: Duration::from_secs(10),
     };
-    let dir = std::env::temp_dir().join(format!("colo-disk-cut-{mode}-{}-{seed}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "colo-disk-cut-{mode}-{}-{seed}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir)?;
     let simage = dir.join("s.disk");
     let mut sopts = NodeOptions {

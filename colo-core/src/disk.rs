@@ -13,9 +13,12 @@
 //!   (`fdatasync` of the image) before its completion is reported to the guest.
 //! - At capture n (PVM paused) the primary harvests E, copies E's blocks beside D's pages and
 //!   resumes the PVM; the blocks travel after the pages, before VCPU_STATE and CHECKPOINT.
-//! - The secondary stages them like pages (at most the disk's block count: a lying primary
-//!   cannot make it allocate more) and applies them only when CHECKPOINT arrives, together
-//!   with the memory, all or nothing.
+//!   With continuous mirroring (below) E holds only the blocks written since the last mirror
+//!   round: the unsent tail.
+//! - The secondary stages them keyed by block number (a block staged again replaces its copy;
+//!   every block number is checked against the disk, so the staging never holds more than the
+//!   disk's block count, whatever the primary sends) and applies them only when CHECKPOINT
+//!   arrives, together with the memory, all or nothing.
 //! - The SVM's own writes between checkpoints go to an [`Overlay`]: reads see the overlay, then
 //!   the image. Applying a checkpoint drops the overlay: the image then holds exactly the PVM's
 //!   disk at capture n, and no back channel is needed for the disk (the SVM's writes never
@@ -28,6 +31,9 @@
 //! ```text
 //!  PRIMARY (PVM writes the image;                        SECONDARY (SVM writes the overlay;
 //!  the write log marks blocks: E)                         reads: overlay, then the image)
+//!  (continuous: every few ms while the PVM runs,
+//!   from CHECKPOINT(n-1) on, up to the pause)
+//!  ── DISK_BLOCKS(E so far)… ─────────────────────────▶  staged for checkpoint n, by block
 //!  ── CONTROL NEW(n) ─────────────────────────────────▶  pause SVM, harvest B (pages only)
 //!  ┌ pause PVM, harvest A and E
 //!  │ copy D's pages and E's blocks into the send buffers
@@ -38,6 +44,35 @@
 //!                                                       ◀── [DIGEST(n), DISK_DIGEST(n)] SVM_READY(n)
 //!  release output held for checkpoint n                 resume SVM (a fresh, empty overlay)
 //! ```
+//!
+//! # Continuous mirroring (`--disk-mirror continuous`)
+//!
+//! While the PVM runs, the primary's node loop harvests E every few milliseconds
+//! (`--disk-mirror-interval-ms`, 2 by default), reads the blocks written since the last round
+//! and sends them as DISK_BLOCKS; the capture then copies only the blocks written since the
+//! last round. Both sides agree on the mode at the handshake (HELLO flag bit 6, covered by the
+//! proof).
+//!
+//! - Which checkpoint a block belongs to is given by the stream's order: every DISK_BLOCKS
+//!   record after CHECKPOINT(n) (after the handshake's initial synchronisation) belongs to
+//!   checkpoint n + 1, whatever state the secondary is in when it decodes it (applying n,
+//!   running, pausing for n + 1, receiving n + 1's pages). The primary mirrors only from the
+//!   end of checkpoint n's send until its pause for n + 1
+//!   ([`crate::engine::Primary::mirror_epoch`]); the secondary stages those blocks for the next
+//!   CHECKPOINT and moves them to the apply only when it arrives.
+//! - A primary lost before CHECKPOINT(n + 1) arrives leaves checkpoint n + 1 partial: its
+//!   staged blocks, mirrored ones included, are dropped with its pages (the failover rules
+//!   above), and the survivor serves from checkpoint n.
+//! - The race: the mirror reads a block while the guest may be writing it. The write log is
+//!   harvested (bits cleared, atomically) *before* the blocks are read, and a backend marks a
+//!   block only *after* the guest's data is in the image (colo-mock: `pwrite`, then the
+//!   bit set with Release; the harvest swaps with Acquire). A write whose data the mirror read
+//!   may have missed or torn therefore completes after the read began, so its mark lands after
+//!   the harvest: the block is in E again and is sent again by the next round or, at the
+//!   latest, by the capture, with the PVM paused and no write in flight. Later copies of a
+//!   block replace earlier ones in the secondary's staging, so the newest data wins. Marking
+//!   before writing would lose such a write (the harvest takes the mark, the read sees the old
+//!   data); `tests/disk_sim.rs` shows both orders.
 //!
 //! The initial synchronisation sends every block of the primary's image that holds data
 //! (holes are skipped: the secondary's image starts empty) while the PVM runs, with the pages of

@@ -436,7 +436,7 @@ fn blocks_beyond_the_primarys_disk_are_refused_even_within_the_secondarys() {
 /// writing between mirrors. Returns the mirror rounds that ran.
 fn checkpoint_with_mirrors(pair: &mut Pair, n: u64) -> usize {
     let mut rounds = 0;
-    let mut write = |pair: &mut Pair, k: u64| {
+    let write = |pair: &mut Pair, k: u64| {
         // Rewrites of hot blocks 0..4 and a spread of others.
         pair.pd.guest_write(k % 4, (n * 31 + k) as u8);
         pair.pd.guest_write((n * 7 + k * 13) % 64, (n + k) as u8);
