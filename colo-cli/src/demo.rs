@@ -70,7 +70,7 @@ pub struct DemoArgs {
     disk: Option<String>,
     /// How the disk's blocks travel (passed to both nodes): `continuous` while the guests run,
     /// `checkpoint` within each checkpoint's pause.
-    #[arg(long, value_name = "MODE", default_value = "checkpoint")]
+    #[arg(long, value_name = "MODE", default_value = "continuous")]
     disk_mirror: colo_core::disk::DiskMirror,
     /// Kill the primary after this many seconds (the secondary takes over).
     #[arg(long)]

@@ -334,7 +334,7 @@ pub struct NodeArgs {
     /// only those written since the last round; `checkpoint` copies every block written since
     /// the last checkpoint within the pause. Both nodes need the same; the handshake refuses a
     /// mismatch.
-    #[arg(long, value_name = "MODE", default_value = "checkpoint")]
+    #[arg(long, value_name = "MODE", default_value = "continuous")]
     pub disk_mirror: colo_core::disk::DiskMirror,
     /// Primary, --disk-mirror continuous: how often the blocks written since the last round
     /// are sent, ms.

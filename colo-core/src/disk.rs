@@ -331,10 +331,11 @@ impl Overlay {
 pub enum DiskMirror {
     /// Blocks written since the last capture are copied within the pause and sent after the
     /// pages.
-    #[default]
     Checkpoint,
     /// Blocks written are sent while the PVM runs (every few ms); the pause copies only the
-    /// blocks written since the last mirror harvest (the unsent tail).
+    /// blocks written since the last mirror harvest (the unsent tail). The default: see the
+    /// module docs, "Why continuous mirroring is the default".
+    #[default]
     Continuous,
 }
 

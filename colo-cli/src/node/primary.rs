@@ -764,9 +764,16 @@ impl PrimaryRole {
         if now < self.next_mirror {
             return Ok(());
         }
-        self.next_mirror = now + io.opts.disk_mirror_interval;
         match self.disk.mirror(io)? {
-            Ok((blocks, bytes)) => self.engine.disk_mirrored(blocks, bytes)?,
+            Ok((blocks, bytes, left)) => {
+                // Blocks left over: the next round as soon as the loop has looked at the link.
+                self.next_mirror = if left {
+                    Instant::now()
+                } else {
+                    now + io.opts.disk_mirror_interval
+                };
+                self.engine.disk_mirrored(blocks, bytes)?;
+            }
             Err(e) => self
                 .engine
                 .peer_lost(Instant::now(), format!("mirroring disk blocks failed: {e}")),
