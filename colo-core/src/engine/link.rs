@@ -866,7 +866,7 @@ mod tests {
             verify: false,
             plaintext: false,
             coding: PageCoding::PLAIN,
-            disk_mirror: DiskMirror::Checkpoint,
+            disk_mirror: DiskMirror::default(),
             nonce: [1; 32],
             disk_blocks: 0,
             other_flags: 0,

@@ -341,7 +341,8 @@ pub(super) fn figures(quick: bool, tcp_gbps: f64) -> Result<Value> {
                 if tail && n == 0 {
                     continue;
                 }
-                let (p50, p99, copied, mirrored) = pauses(&mut pair, n, reps, tail, &mut round, tcp_gbps)?;
+                let (p50, p99, copied, mirrored) =
+                    pauses(&mut pair, n, reps, tail, &mut round, tcp_gbps)?;
                 if n == 0 {
                     base = p50;
                 }
