@@ -72,7 +72,8 @@
 //!   latest, by the capture, with the PVM paused and no write in flight. Later copies of a
 //!   block replace earlier ones in the secondary's staging, so the newest data wins. Marking
 //!   before writing would lose such a write (the harvest takes the mark, the read sees the old
-//!   data); `tests/disk_sim.rs` shows both orders.
+//!   data); `tests/disk_sim.rs` shows both orders, and colo-mock's disk tests race a writer
+//!   thread with mirror rounds on a real image.
 //!
 //! The initial synchronisation sends every block of the primary's image that holds data
 //! (holes are skipped: the secondary's image starts empty) while the PVM runs, with the pages of

@@ -4,6 +4,11 @@
 //! the guest's writes go to it and its reads see it first), and colo-core's
 //! [`GuestDisk`] on top, for the node.
 //!
+//! A guest write marks its block in the write log only after its data is in the image (the
+//! bit set with Release after the `pwrite`; a harvest swaps the bits out with Acquire): a
+//! continuous mirror round that harvested before reading can never miss a write its read did
+//! not see, as the write's mark then lands after the harvest (colo-core's `disk.rs`).
+//!
 //! A guest FLUSH ([`MockDisk::guest_flush`]) is an `fdatasync` of the image, done before the
 //! guest goes on (the kv workload flushes before it answers a write); with the overlay on it
 //! has nothing to sync (the overlay reaches the image, synced, only when a takeover keeps it).
