@@ -34,7 +34,6 @@ pub struct CheckpointFigures {
     /// continuous mirroring since the last mirror round: the unsent tail).
     pub disk_blocks: u64,
     /// Disk blocks sent for this checkpoint while the PVM ran (continuous mirroring).
-    #[serde(default)]
     pub disk_mirrored: u64,
     /// Of which found changed behind the dirty log by a sweep of all memory.
     pub unlogged: u64,
@@ -127,7 +126,6 @@ pub struct NodeStatus {
     /// excluded).
     pub disk_blocks_sent: u64,
     /// Of which mirrored while the PVM ran (continuous mirroring).
-    #[serde(default)]
     pub disk_blocks_mirrored: u64,
     /// Checkpoints whose disk digests matched.
     pub disk_verified_identical: u64,
