@@ -550,9 +550,11 @@ pub fn format_status(r: &StatusReport) -> String {
         line(
             "disk:",
             format!(
-                "{} MiB; {} blocks sent in checkpoints; verified {} identical, {} failures",
+                "{} MiB; {} blocks sent in checkpoints ({} mirrored); verified {} identical, {} \
+                 failures",
                 v.disk_blocks >> 8,
                 v.disk_blocks_sent,
+                v.disk_blocks_mirrored,
                 v.disk_verified_identical,
                 v.disk_verify_failures
             ),
@@ -632,6 +634,7 @@ mod tests {
             watched: 0,
             pages_sent: 12,
             disk_blocks: 0,
+            disk_mirrored: 0,
             bytes_sent: 12 * 4096,
             backchannel: Duration::ZERO,
             pause: Duration::from_millis(pause_ms),
@@ -881,11 +884,13 @@ mod tests {
         assert!(!format_status(&StatusReport::of(&node)).contains("disk:"));
         node.disk_blocks = 16_384;
         node.disk_blocks_sent = 42;
+        node.disk_blocks_mirrored = 40;
         node.disk_verified_identical = 3;
         let text = format_status(&StatusReport::of(&node));
         assert!(
             text.contains(
-                "disk:            64 MiB; 42 blocks sent in checkpoints; verified 3 identical, 0 failures"
+                "disk:            64 MiB; 42 blocks sent in checkpoints (40 mirrored); verified 3 \
+                 identical, 0 failures"
             ),
             "{text}"
         );

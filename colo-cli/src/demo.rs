@@ -68,6 +68,10 @@ pub struct DemoArgs {
     /// directory (primary.disk, secondary.disk).
     #[arg(long, value_name = "SIZE")]
     disk: Option<String>,
+    /// How the disk's blocks travel (passed to both nodes): `continuous` while the guests run,
+    /// `checkpoint` within each checkpoint's pause.
+    #[arg(long, value_name = "MODE", default_value = "continuous")]
+    disk_mirror: colo_core::disk::DiskMirror,
     /// Kill the primary after this many seconds (the secondary takes over).
     #[arg(long)]
     kill_primary_after: Option<f64>,
@@ -247,6 +251,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     if let Some(size) = &a.disk {
         colo_cli::config::parse_size(size).map_err(|e| anyhow::anyhow!("--disk: {e}"))?;
         common.extend(["--disk".into(), size.clone()]);
+        common.extend(["--disk-mirror".into(), a.disk_mirror.to_string()]);
     }
     // Each node's own disk image, kept for inspection.
     let disk_file = |role: &str| -> Vec<String> {
@@ -504,6 +509,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
         "duration_s": run_start.elapsed().as_secs_f64(),
         "initial_sync_s": sync_s,
         "sync_mode": a.sync_mode.to_string(),
+        "disk_mirror": a.disk_mirror.to_string(),
         "checkpoints": pn.checkpoints,
         "mismatch_checkpoints": pn.mismatch_checkpoints,
         "periodic_checkpoints": pn.periodic_checkpoints,

@@ -329,6 +329,17 @@ pub struct NodeArgs {
     /// Send zero pages as a marker without their 4096 bytes. Both nodes need it, or neither.
     #[arg(long)]
     pub zero_pages: bool,
+    /// How the disk's blocks travel (with --disk): `continuous` sends the blocks the guest
+    /// writes while it runs (every --disk-mirror-interval-ms), so a checkpoint's pause copies
+    /// only those written since the last round; `checkpoint` copies every block written since
+    /// the last checkpoint within the pause. Both nodes need the same; the handshake refuses a
+    /// mismatch.
+    #[arg(long, value_name = "MODE", default_value = "continuous")]
+    pub disk_mirror: colo_core::disk::DiskMirror,
+    /// Primary, --disk-mirror continuous: how often the blocks written since the last round
+    /// are sent, ms.
+    #[arg(long, value_name = "MS", default_value_t = 2)]
+    pub disk_mirror_interval_ms: u64,
     /// Heartbeat interval, ms.
     #[arg(long, default_value_t = 50)]
     pub heartbeat_interval_ms: u64,
@@ -1022,6 +1033,8 @@ fn node_options(a: &NodeArgs) -> Result<NodeOptions> {
                 Compress::Lz4 => Codec::Lz4,
             },
         },
+        disk_mirror: a.disk_mirror,
+        disk_mirror_interval: Duration::from_millis(a.disk_mirror_interval_ms.max(1)),
         client_addr: a.client.clone(),
         service_if: a.service_if.clone(),
         fence_cmd: a.fence_cmd.clone(),

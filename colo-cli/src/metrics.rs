@@ -282,8 +282,15 @@ pub fn render(s: &NodeStatus) -> String {
     family(
         "colo_disk_blocks_sent_total",
         "counter",
-        "Disk blocks sent in checkpoints (written by the PVM since the last capture).",
+        "Disk blocks sent for checkpoints, mirrored ones included (written by the PVM since the \
+         last capture).",
         &one(s.disk_blocks_sent),
+    );
+    family(
+        "colo_disk_blocks_mirrored_total",
+        "counter",
+        "Of which sent while the PVM ran (--disk-mirror continuous).",
+        &one(s.disk_blocks_mirrored),
     );
     family(
         "colo_disk_verified_identical_total",
@@ -471,6 +478,7 @@ mod tests {
                 secondary_only: 2,
                 pages_sent: 13,
                 disk_blocks: 0,
+                disk_mirrored: 0,
                 unlogged: 0,
                 watched: 0,
                 bytes_sent: 13 * 4096,
@@ -588,6 +596,7 @@ mod tests {
         let s = NodeStatus {
             disk_blocks: 16_384,
             disk_blocks_sent: 120,
+            disk_blocks_mirrored: 100,
             disk_verified_identical: 7,
             disk_verify_failures: 1,
             ..NodeStatus::default()
@@ -596,6 +605,7 @@ mod tests {
         for want in [
             "colo_disk_blocks 16384\n",
             "colo_disk_blocks_sent_total 120\n",
+            "colo_disk_blocks_mirrored_total 100\n",
             "colo_disk_verified_identical_total 7\n",
             "colo_disk_verify_failures_total 1\n",
         ] {

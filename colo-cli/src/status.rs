@@ -30,8 +30,11 @@ pub struct CheckpointFigures {
     pub secondary_only: u64,
     /// |D|.
     pub pages_sent: u64,
-    /// Disk blocks sent (written by the PVM since the last capture).
+    /// Disk blocks copied within the pause (written by the PVM since the last capture, or with
+    /// continuous mirroring since the last mirror round: the unsent tail).
     pub disk_blocks: u64,
+    /// Disk blocks sent for this checkpoint while the PVM ran (continuous mirroring).
+    pub disk_mirrored: u64,
     /// Of which found changed behind the dirty log by a sweep of all memory.
     pub unlogged: u64,
     /// Of which carried because the hypervisor is known to write them (the watch set).
@@ -71,6 +74,7 @@ impl From<CheckpointStats> for CheckpointFigures {
             secondary_only: s.secondary_only,
             pages_sent: s.pages_sent,
             disk_blocks: s.disk_blocks,
+            disk_mirrored: s.disk_mirrored,
             unlogged: s.unlogged,
             watched: s.watched,
             bytes_sent: s.bytes_sent,
@@ -118,8 +122,11 @@ pub struct NodeStatus {
     pub verify_unsettled: u64,
     /// The guest's disk in 4 KiB blocks (0: none replicated).
     pub disk_blocks: u64,
-    /// Disk blocks sent in checkpoints (initial synchronisation excluded).
+    /// Disk blocks sent in checkpoints, mirrored ones included (initial synchronisation
+    /// excluded).
     pub disk_blocks_sent: u64,
+    /// Of which mirrored while the PVM ran (continuous mirroring).
+    pub disk_blocks_mirrored: u64,
     /// Checkpoints whose disk digests matched.
     pub disk_verified_identical: u64,
     /// Checkpoints whose disk digests differed.
@@ -217,7 +224,8 @@ impl NodeStatus {
                 Trigger::InitialSync => {}
             }
             self.pages_sent += s.pages_sent;
-            self.disk_blocks_sent += s.disk_blocks;
+            self.disk_blocks_sent += s.disk_blocks + s.disk_mirrored;
+            self.disk_blocks_mirrored += s.disk_mirrored;
             self.backchannel_pages += s.dirty_secondary;
             self.bytes_sent += s.bytes_sent;
             if self.pauses.len() == HISTORY {

@@ -4,10 +4,15 @@
 //! drops; a primary lost in the middle of a checkpoint's disk blocks leaves the secondary with
 //! the last checkpoint's disk plus its overlay (nothing of the partial checkpoint); a block
 //! beyond the primary's disk is refused; with verification both disk digests are compared.
+//! With continuous mirroring (blocks sent while the PVM runs, between checkpoints): the same
+//! rule at every checkpoint with mirror rounds at every state that allows them, the staging
+//! bounded by the disk however often a block is rewritten, mirrored blocks dropped with a lost
+//! primary, and the write log's ordering (mark after the data) that re-sends a block a mirror
+//! read raced with, shown against the wrong order, which loses the write.
 
 use std::time::{Duration, Instant};
 
-use colo_core::disk::{encode_disk_blocks_header, DiskDigester, Overlay, BLOCK_SIZE};
+use colo_core::disk::{encode_disk_blocks_header, DiskDigester, DiskMirror, Overlay, BLOCK_SIZE};
 use colo_core::engine::messages::Message;
 use colo_core::engine::{
     Delivery, EngineError, Primary, PrimaryAction, PrimaryConfig, PrimaryState, Secondary,
@@ -82,14 +87,20 @@ struct Pair {
 
 impl Pair {
     fn new(pdisk: u64, sdisk: u64, verify: bool) -> Self {
+        Self::with_mirror(pdisk, sdisk, verify, DiskMirror::Checkpoint)
+    }
+
+    fn with_mirror(pdisk: u64, sdisk: u64, verify: bool, mirror: DiskMirror) -> Self {
         let now = Instant::now();
         let mut pc = PrimaryConfig::new(PAGES);
         pc.link.disk_blocks = pdisk;
         pc.link.verify = verify;
+        pc.link.disk_mirror = mirror;
         pc.link.nonce = [1; 32];
         let mut sc = SecondaryConfig::new(PAGES);
         sc.disk_blocks = sdisk;
         sc.verify = verify;
+        sc.disk_mirror = mirror;
         sc.nonce = [2; 32];
         let config = |expect_headers| DecoderConfig {
             expect_headers,
@@ -128,6 +139,18 @@ impl Pair {
                 out.extend_from_slice(&self.pd.block(b));
             }
         }
+    }
+
+    /// A mirror round while the PVM runs, if the primary allows one now: the write log is
+    /// harvested (cleared), then the blocks are read and sent. Returns the blocks sent.
+    fn mirror(&mut self) -> Option<usize> {
+        self.p.mirror_epoch()?;
+        let blocks = self.pd.written.to_pfns();
+        self.pd.written.clear_all();
+        self.send_blocks(&blocks);
+        self.p.disk_mirrored(blocks.len() as u64, 0).unwrap();
+        self.to_s.append(self.p.outbox_mut());
+        Some(blocks.len())
     }
 
     fn primary_actions(&mut self) {
@@ -354,12 +377,12 @@ fn a_primary_lost_amid_a_checkpoints_blocks_leaves_the_last_checkpoint_and_the_o
         pair.s.state(),
         SecondaryState::ReceivingCheckpoint { epoch: 2, .. }
     ));
-    assert_eq!(pair.s.staged_disk_blocks().len(), 6, "two records staged");
+    assert_eq!(pair.s.staged_next_disk_blocks(), 6, "two records staged");
     assert_eq!(pair.sd.image, held, "nothing applied before CHECKPOINT");
     pair.s.peer_lost(pair.now, "killed".into());
     assert!(pair.secondary_actions().is_some(), "it takes over");
     assert!(
-        pair.s.staged_disk_blocks().is_empty(),
+        pair.s.staged_disk_blocks().is_empty() && pair.s.staged_next_disk_blocks() == 0,
         "the partial checkpoint is dropped"
     );
     assert_eq!(pair.sd.image, held);
@@ -406,4 +429,188 @@ fn blocks_beyond_the_primarys_disk_are_refused_even_within_the_secondarys() {
         matches!(&err, EngineError::Unexpected { state: "AwaitingNew", event } if event == "DISK_BLOCKS"),
         "{err}"
     );
+}
+
+/// Steps the pair through checkpoint `n`'s exchange one message at a time, mirroring at every
+/// step the primary allows (running, awaiting B, awaiting SVM_READY/SVM_RESUMED) with the PVM
+/// writing between mirrors. Returns the mirror rounds that ran.
+fn checkpoint_with_mirrors(pair: &mut Pair, n: u64) -> usize {
+    let mut rounds = 0;
+    let write = |pair: &mut Pair, k: u64| {
+        // Rewrites of hot blocks 0..4 and a spread of others.
+        pair.pd.guest_write(k % 4, (n * 31 + k) as u8);
+        pair.pd.guest_write((n * 7 + k * 13) % 64, (n + k) as u8);
+    };
+    for k in 0..3 {
+        write(pair, k);
+        rounds += usize::from(pair.mirror().is_some());
+    }
+    pair.now += Duration::from_millis(1);
+    pair.p
+        .start_checkpoint(pair.now, Trigger::Periodic)
+        .unwrap();
+    for k in 3..40 {
+        pair.primary_actions();
+        write(pair, k);
+        rounds += usize::from(pair.mirror().is_some());
+        pair.feed_secondary(None).unwrap();
+        pair.feed_primary();
+        if pair.p.state() == PrimaryState::Running && pair.to_s.is_empty() && pair.to_p.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(pair.p.state(), PrimaryState::Running);
+    rounds
+}
+
+#[test]
+fn continuous_mirroring_keeps_the_svm_disk_equal_to_the_pvm_disk_at_every_capture() {
+    let mut pair = Pair::with_mirror(64, 64, true, DiskMirror::Continuous);
+    pair.pd.guest_write(9, 9);
+    pair.settle();
+    assert_eq!(pair.p.mirror_epoch(), Some(1));
+    pair.assert_svm_holds_last_capture();
+    let mut rounds = 0;
+    let mut mirrored = 0;
+    for n in 1..=25u64 {
+        pair.sd.guest_write(n % 64, 0xEE);
+        rounds += checkpoint_with_mirrors(&mut pair, n);
+        pair.assert_svm_holds_last_capture();
+        // Blocks mirrored after CHECKPOINT(n) are staged for n + 1, never applied yet.
+        mirrored = mirrored.max(pair.s.staged_next_disk_blocks());
+        assert!(pair.s.staged_next_disk_blocks() <= 64);
+    }
+    assert!(rounds > 25 * 3, "{rounds} mirror rounds");
+    assert!(
+        mirrored > 0,
+        "no blocks were staged ahead of their checkpoint"
+    );
+    assert!(pair
+        .disk_verdicts
+        .iter()
+        .all(|v| *v == Some(Verdict::Identical)));
+    assert_eq!(pair.disk_verdicts.len(), 26);
+}
+
+#[test]
+fn mirrored_rewrites_stage_each_block_once_and_a_lost_primary_drops_them() {
+    let mut pair = Pair::with_mirror(64, 64, false, DiskMirror::Continuous);
+    pair.settle();
+    pair.pd.guest_write(1, 1);
+    pair.checkpoint();
+    pair.assert_svm_holds_last_capture();
+    let held = pair.sd.image.clone();
+    // The PVM rewrites 8 blocks 500 times, each time mirrored: 4000 blocks on the wire, 8
+    // staged.
+    let mut sent = 0;
+    for i in 0..500u64 {
+        for b in 20..28 {
+            pair.pd.guest_write(b, (i % 250) as u8 + 1);
+        }
+        sent += pair.mirror().unwrap();
+        pair.feed_secondary(None).unwrap();
+    }
+    assert_eq!(sent, 4000);
+    assert_eq!(pair.s.staged_next_disk_blocks(), 8);
+    assert!(matches!(
+        pair.s.state(),
+        SecondaryState::AwaitingNew { epoch: 1 }
+    ));
+    assert_eq!(
+        pair.sd.image, held,
+        "nothing mirrored is applied before its CHECKPOINT"
+    );
+    pair.sd.guest_write(40, 0x40);
+    // The primary dies with the blocks staged: they are dropped, the overlay is kept.
+    pair.s.peer_lost(pair.now, "killed".into());
+    assert!(pair.secondary_actions().is_some(), "it takes over");
+    assert_eq!(pair.s.staged_next_disk_blocks(), 0);
+    assert_eq!(pair.sd.image, held);
+    assert_eq!(pair.sd.block(40), vec![0x40; BLOCK_SIZE]);
+
+    // The same rewrites, then the checkpoint: they are applied once, with their memory.
+    let mut pair = Pair::with_mirror(64, 64, false, DiskMirror::Continuous);
+    pair.settle();
+    for i in 0..50u64 {
+        for b in 20..28 {
+            pair.pd.guest_write(b, i as u8 + 1);
+        }
+        pair.mirror().unwrap();
+        pair.feed_secondary(None).unwrap();
+    }
+    pair.pd.guest_write(21, 0xFF);
+    pair.checkpoint();
+    pair.assert_svm_holds_last_capture();
+    assert_eq!(pair.sd.block(21), vec![0xFF; BLOCK_SIZE]);
+}
+
+#[test]
+fn a_checkpoint_mode_secondary_refuses_mirrored_blocks() {
+    let mut pair = Pair::with_mirror(8, 8, false, DiskMirror::Checkpoint);
+    pair.settle();
+    assert_eq!(
+        pair.p.mirror_epoch(),
+        None,
+        "no mirroring at the checkpoint mode"
+    );
+    // A continuous secondary accepts the same bytes.
+    let mut ok = Pair::with_mirror(8, 8, false, DiskMirror::Continuous);
+    ok.settle();
+    for pair in [&mut pair, &mut ok] {
+        let mut rec = Vec::new();
+        encode_disk_blocks_header(&mut rec, &[1]);
+        rec.extend_from_slice(&[9; BLOCK_SIZE]);
+        pair.to_s.extend_from_slice(&rec);
+    }
+    assert!(pair.feed_secondary(None).is_err());
+    assert_eq!(ok.feed_secondary(None), Ok(()));
+    assert_eq!(ok.s.staged_next_disk_blocks(), 1);
+}
+
+/// A guest write in two steps, as a backend does it: the data into the image, and the mark in
+/// the write log; `mark_first` is the wrong order. Between them a mirror round harvests the log
+/// and reads the block (it sees the data of whichever steps came before it). Returns whether
+/// the SVM's disk equals the PVM's after the next checkpoint.
+fn race(mark_first: bool, mirror_between: bool) -> bool {
+    let mut pair = Pair::with_mirror(16, 16, false, DiskMirror::Continuous);
+    pair.settle();
+    pair.pd.guest_write(3, 1);
+    pair.mirror().unwrap();
+    let (mark, data) = (
+        |pair: &mut Pair| pair.pd.written.set(3).unwrap(),
+        |pair: &mut Pair| {
+            pair.pd.write(3, &[2; BLOCK_SIZE]);
+        },
+    );
+    if mark_first {
+        mark(&mut pair);
+    } else {
+        data(&mut pair);
+    }
+    if mirror_between {
+        pair.mirror().unwrap();
+    }
+    if mark_first {
+        data(&mut pair);
+    } else {
+        mark(&mut pair);
+    }
+    pair.checkpoint();
+    let (_, want) = pair.captured.last().unwrap();
+    pair.sd.image[..16 * BLOCK_SIZE] == want[..]
+}
+
+#[test]
+fn a_write_that_races_a_mirror_read_is_marked_again_and_sent_with_the_capture() {
+    // Marked after the data: a mirror between the two steps read the old data, but the mark
+    // comes after its harvest, so the block is sent again (here with the capture's tail).
+    assert!(race(false, true));
+    assert!(race(false, false));
+    // The wrong order loses the write: the harvest took the mark, the read saw the old data,
+    // and nothing marks the block again.
+    assert!(
+        !race(true, true),
+        "marking before the data must lose the write here"
+    );
+    assert!(race(true, false));
 }

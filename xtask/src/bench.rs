@@ -12,7 +12,7 @@
 //! a pair with encrypted records beside one with `--insecure-plaintext` (`--link-only` runs
 //! just that, after the TCP baseline), the pause beside its memory-bound floor (`floor.rs`),
 //! the CPU time of an idle pair, checkpoints over links slower than memory (`shaped.rs`), and
-//! the disk figures (`bench/disk.rs`). `--only floor,idle,shaped,throughput` runs just those sections. It
+//! the disk figures (`bench/disk.rs`). `--only disk,floor,idle,shaped,throughput` runs just those sections. It
 //! prints a table, optionally writes a JSON object, and always writes
 //! `target/colo-bench/pause.svg`.
 
@@ -68,7 +68,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "--only" => {
                 let v = it
                     .next()
-                    .context("--only needs sections: floor,idle,shaped,throughput")?;
+                    .context("--only needs sections: disk,floor,idle,shaped,throughput")?;
                 if let Some(bad) = v.split(',').find(|s| !SECTIONS.contains(s)) {
                     bail!(
                         "bench: unknown section `{bad}` (expected {})",
@@ -155,7 +155,7 @@ pub fn run(args: &[String]) -> Result<()> {
 }
 
 /// The sections `--only` may name.
-const SECTIONS: &[&str] = &["floor", "idle", "shaped", "throughput"];
+const SECTIONS: &[&str] = &["disk", "floor", "idle", "shaped", "throughput"];
 
 /// `--only`: the named sections alone, each beside its own baselines.
 fn run_sections(quick: bool, sections: &str, json_path: Option<&Path>) -> Result<()> {
@@ -174,6 +174,11 @@ fn run_sections(quick: bool, sections: &str, json_path: Option<&Path>) -> Result
     let shaped = has("shaped").then(|| shaped::run(quick)).transpose()?;
     if has("throughput") {
         extend(&mut j, throughput_alone(quick)?);
+    }
+    if has("disk") {
+        let tcp_gbps = tcp_baseline(if quick { 256 } else { 1024 })?;
+        j["tcp_gbps"] = json!(tcp_gbps);
+        j["disk"] = disk::figures(quick, tcp_gbps)?;
     }
     if let Some(f) = &floor {
         f.print();

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use colo_core::compare::CompareConfig;
+use colo_core::disk::DiskMirror;
 use colo_core::engine::{Liveness, SyncMode};
 use colo_core::policy::CheckpointPolicy;
 use colo_core::stream::PageCoding;
@@ -38,6 +39,10 @@ use crate::status::{NodeStatus, Shared};
 /// The longest a node loop sleeps when no deadline and no event is due: the latency of a stop
 /// request and of output from a guest without an output signal.
 pub const MAX_SLEEP: Duration = Duration::from_millis(100);
+
+/// How often a primary mirroring its disk continuously sends the blocks written since the last
+/// mirror round, by default.
+pub const DEFAULT_DISK_MIRROR_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Called with (epoch, every page of guest memory, the state blob) at each checkpoint: on the
 /// primary at the capture (PVM paused), on the secondary right after applying (SVM paused).
@@ -77,6 +82,12 @@ pub struct NodeOptions {
     pub insecure_plaintext: bool,
     /// How page data travels on the link (`--zero-pages`, `--compress`; both nodes must agree).
     pub page_coding: PageCoding,
+    /// How disk blocks travel (`--disk-mirror`; both nodes must agree): at the checkpoint, or
+    /// mirrored while the PVM runs (see colo-core's `disk.rs`).
+    pub disk_mirror: DiskMirror,
+    /// With continuous mirroring, how often the primary harvests the disk's write log and
+    /// sends the blocks written since (`--disk-mirror-interval-ms`).
+    pub disk_mirror_interval: Duration,
     /// Checkpoint policy (primary).
     pub policy: CheckpointPolicy,
     /// Comparator settings (primary).
@@ -121,6 +132,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("has_key", &self.key.is_some())
             .field("insecure_plaintext", &self.insecure_plaintext)
             .field("page_coding", &self.page_coding)
+            .field("disk_mirror", &self.disk_mirror)
             .field("policy", &self.policy)
             .field("sync_mode", &self.sync_mode)
             .field("client_addr", &self.client_addr)
@@ -140,6 +152,8 @@ impl Default for NodeOptions {
             key_file: None,
             insecure_plaintext: false,
             page_coding: PageCoding::PLAIN,
+            disk_mirror: DiskMirror::default(),
+            disk_mirror_interval: DEFAULT_DISK_MIRROR_INTERVAL,
             policy: CheckpointPolicy::default(),
             compare: CompareConfig::default(),
             sync_mode: SyncMode::Backchannel,

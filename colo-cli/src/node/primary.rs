@@ -49,6 +49,7 @@ pub(super) fn primary_config(opts: &NodeOptions, pages: u64, disk_blocks: u64) -
     cfg.link.key = opts.key.clone();
     cfg.link.plaintext = opts.insecure_plaintext;
     cfg.link.coding = opts.page_coding;
+    cfg.link.disk_mirror = opts.disk_mirror;
     cfg.link.nonce = super::driver::nonce();
     cfg
 }
@@ -78,6 +79,8 @@ pub struct PrimaryRole {
     writer: PageWriter,
     released: Vec<Vec<u8>>,
     last_cp_end: Instant,
+    /// The next continuous mirror round of the disk (when the engine allows one).
+    next_mirror: Instant,
     manual: bool,
     /// A re-protection asked for over the control socket, until its outcome is known.
     pub(super) protecting: Option<Protecting>,
@@ -164,6 +167,7 @@ impl<G: Guest> Node<G, PrimaryRole> {
             writer: PageWriter::new(opts.page_coding),
             released: Vec::new(),
             last_cp_end: now,
+            next_mirror: now,
             manual: false,
             protecting: None,
             withheld: Withheld::default(),
@@ -359,6 +363,7 @@ impl Role for PrimaryRole {
         self.check_arbiter(io)?;
         self.pump_clients(io)?;
         self.pump_output(io);
+        self.maybe_mirror(io)?;
         self.maybe_checkpoint(io)
     }
 
@@ -378,11 +383,13 @@ impl Role for PrimaryRole {
         // Frames held back for the lease: look again soon (a renewal frees them).
         let withheld =
             (!self.withheld.frames.is_empty() || self.withheld.holding).then(|| now + ARBITER_POLL);
+        let mirror = self.engine.mirror_epoch().map(|_| self.next_mirror);
         [
             self.engine.next_timeout(),
             policy,
             hold.filter(|_| running),
             withheld,
+            mirror,
         ]
         .into_iter()
         .flatten()
@@ -744,6 +751,34 @@ impl PrimaryRole {
         self.comparator
             .as_ref()
             .and_then(|c| c.checkpoint_wanted(now))
+    }
+
+    /// Continuous mirroring: when the engine allows it and the interval has passed, the blocks
+    /// the PVM wrote since the last mirror round (or capture) go to the secondary now, for the
+    /// coming checkpoint (see `disk.rs`). A link that fails loses the secondary.
+    fn maybe_mirror<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
+        if self.engine.mirror_epoch().is_none() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now < self.next_mirror {
+            return Ok(());
+        }
+        match self.disk.mirror(io)? {
+            Ok((blocks, bytes, left)) => {
+                // Blocks left over: the next round as soon as the loop has looked at the link.
+                self.next_mirror = if left {
+                    Instant::now()
+                } else {
+                    now + io.opts.disk_mirror_interval
+                };
+                self.engine.disk_mirrored(blocks, bytes)?;
+            }
+            Err(e) => self
+                .engine
+                .peer_lost(Instant::now(), format!("mirroring disk blocks failed: {e}")),
+        }
+        Ok(())
     }
 
     /// Starts a checkpoint when the policy says so; while NEW travels, sizes the copy buffer

@@ -114,6 +114,7 @@ fn secondary_config(opts: &NodeOptions, pages: u64, disk_blocks: u64) -> Seconda
     cfg.key = opts.key.clone();
     cfg.plaintext = opts.insecure_plaintext;
     cfg.coding = opts.page_coding;
+    cfg.disk_mirror = opts.disk_mirror;
     cfg.nonce = nonce();
     cfg
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 use super::link::{message_name, Handshake, Offer};
 use super::messages::{Message, Role};
 use super::{EngineError, Liveness};
+use crate::disk::DiskMirror;
 use crate::stream::{PageCoding, Record};
 
 /// Settings both roles share: what the link handshake checks and how the peer is watched.
@@ -31,6 +32,9 @@ pub struct LinkConfig {
     /// handshake checks). The primary's driver codes the pages; the secondary's decoder reads
     /// any coding.
     pub coding: PageCoding,
+    /// How disk blocks travel: at the checkpoint or mirrored while the PVM runs
+    /// (`--disk-mirror`; both sides must agree, the handshake checks; see [`crate::disk`]).
+    pub disk_mirror: DiskMirror,
     /// A fresh random nonce for the handshake.
     pub nonce: [u8; 32],
 }
@@ -46,6 +50,7 @@ impl LinkConfig {
             key: None,
             plaintext: false,
             coding: PageCoding::PLAIN,
+            disk_mirror: DiskMirror::default(),
             nonce: [0; 32],
         }
     }
@@ -84,6 +89,7 @@ impl Peer {
             verify: cfg.verify,
             plaintext: cfg.plaintext,
             coding: cfg.coding,
+            disk_mirror: cfg.disk_mirror,
         };
         let handshake = Handshake::offer(role, offer, cfg.key.clone(), cfg.nonce, &mut outbox);
         let mut heartbeat = Heartbeat::new(cfg.liveness, now);

@@ -6,8 +6,8 @@
 //!   primary                                        secondary
 //!      | -- HELLO(v, role, pages, 4096, flags, nonce_p, disk_p) -->|
 //!      |<-- HELLO(v, role, pages, 4096, flags, nonce_s, disk_s) -- |     (both send at once)
-//!      | -- AUTH(HMAC(k, P, nonce_s, nonce_p, pages, disk_p, disk_s, verify, plaintext, coding)) -->|
-//!      |<-- AUTH(HMAC(k, S, nonce_p, nonce_s, pages, disk_p, disk_s, verify, plaintext, coding)) -- |
+//!      | -- AUTH(HMAC(k, P, nonce_s, nonce_p, pages, disk_p, disk_s, verify, plaintext, coding, mirror)) -->|
+//!      |<-- AUTH(HMAC(k, S, nonce_p, nonce_s, pages, disk_p, disk_s, verify, plaintext, coding, mirror)) -- |
 //!                                                                      (AUTH only with a key)
 //!   Done: the link is trusted; only now is a guest page read or written. With a key and
 //!   without --insecure-plaintext, every byte after each side's AUTH is sealed (crate::seal).
@@ -19,7 +19,9 @@
 //! reverse, would otherwise pass silently; and, with keys, `--insecure-plaintext` on both sides
 //! or on neither (flags bit 2): one side would otherwise read the other's sealed frames as
 //! records; and the same page coding (flags bits 3–5, `--zero-pages`, `--compress`): a
-//! secondary must expect the primary's PACKED_PAGES. A mismatch is refused by both, each naming
+//! secondary must expect the primary's PACKED_PAGES; and the same disk mirror mode (flags bit
+//! 6, `--disk-mirror`): a checkpoint-mode secondary refuses DISK_BLOCKS between checkpoints.
+//! A mismatch is refused by both, each naming
 //! what differs and which side has it.
 //! The disk (`--disk`, in 4 KiB blocks): a secondary whose disk is missing or smaller than the
 //! primary's could not hold the primary's blocks, and a secondary with a disk beside a primary
@@ -28,12 +30,13 @@
 //!
 //! Each proof binds the prover's role, the verifier's fresh nonce (so it cannot be replayed), the
 //! prover's nonce (so it cannot be reflected back), the geometry (both disk sizes included, as
-//! the two sides may differ) and the verify, plaintext and page coding flags (so a man in the
+//! the two sides may differ) and the verify, plaintext, page coding and disk mirror flags (so a man in the
 //! middle cannot hide a mismatch, nor strip the encryption by setting both plaintext flags).
 //! The machine is sans-IO: the caller supplies the nonce (from the OS's
 //! RNG) and moves the encoded bytes.
 
 use super::messages::{Hello, Message, Role, MAC_LEN, PROTOCOL_VERSION};
+use crate::disk::DiskMirror;
 use crate::stream::PageCoding;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -147,6 +150,21 @@ pub enum LinkError {
         /// The peer's coding.
         peer: PageCoding,
     },
+    /// The two sides send disk blocks differently (`--disk-mirror`).
+    #[error(
+        "disk mirror mode differs: the {ours_role} has --disk-mirror {ours}, the {peer_role} has \
+         --disk-mirror {peer}; give both nodes the same --disk-mirror"
+    )]
+    DiskMirror {
+        /// This side.
+        ours_role: Role,
+        /// This side's mode.
+        ours: DiskMirror,
+        /// The peer.
+        peer_role: Role,
+        /// The peer's mode.
+        peer: DiskMirror,
+    },
     /// The peer's proof is wrong: it does not hold the same key.
     #[error("peer failed authentication: its HMAC proof does not match this node's key")]
     BadProof,
@@ -194,6 +212,8 @@ pub struct Offer {
     pub plaintext: bool,
     /// How this side codes page data (`--zero-pages`, `--compress`).
     pub coding: PageCoding,
+    /// How disk blocks travel (`--disk-mirror`).
+    pub disk_mirror: DiskMirror,
 }
 
 /// One side's handshake.
@@ -207,6 +227,7 @@ pub struct Handshake {
     verify: bool,
     plaintext: bool,
     coding: PageCoding,
+    disk_mirror: DiskMirror,
     key: Option<Vec<u8>>,
     nonce: [u8; 32],
     peer_nonce: [u8; 32],
@@ -222,6 +243,7 @@ impl std::fmt::Debug for Handshake {
             .field("verify", &self.verify)
             .field("plaintext", &self.plaintext)
             .field("coding", &self.coding)
+            .field("disk_mirror", &self.disk_mirror)
             .field("has_key", &self.key.is_some())
             .field("state", &self.state)
             .finish()
@@ -265,6 +287,7 @@ impl Handshake {
             verify,
             plaintext,
             coding: PageCoding::PLAIN,
+            disk_mirror: DiskMirror::default(),
         };
         Self::offer(role, offer, key, nonce, out)
     }
@@ -286,6 +309,7 @@ impl Handshake {
             verify: offer.verify,
             plaintext: offer.plaintext,
             coding: offer.coding,
+            disk_mirror: offer.disk_mirror,
             key,
             nonce,
             peer_nonce: [0; 32],
@@ -300,6 +324,7 @@ impl Handshake {
             verify: offer.verify,
             plaintext: offer.plaintext,
             coding: offer.coding,
+            disk_mirror: offer.disk_mirror,
             nonce,
             disk_blocks: offer.disk_blocks,
             other_flags: 0,
@@ -353,7 +378,7 @@ impl Handshake {
             Ok(m) => m,
             Err(_) => unreachable_hmac(),
         };
-        mac.update(b"colo-link-auth-v5");
+        mac.update(b"colo-link-auth-v6");
         mac.update(&[match prover {
             Role::Primary => 1,
             Role::Secondary => 2,
@@ -366,6 +391,7 @@ impl Handshake {
         mac.update(&secondary_disk.to_le_bytes());
         mac.update(&[u8::from(self.verify), u8::from(self.plaintext)]);
         mac.update(&self.coding.flags().to_le_bytes());
+        mac.update(&[u8::from(self.disk_mirror == DiskMirror::Continuous)]);
         mac
     }
 
@@ -410,6 +436,14 @@ impl Handshake {
                         ours: self.coding,
                         peer_role: h.role,
                         peer: h.coding,
+                    });
+                }
+                if h.disk_mirror != self.disk_mirror {
+                    return Err(LinkError::DiskMirror {
+                        ours_role: self.role,
+                        ours: self.disk_mirror,
+                        peer_role: h.role,
+                        peer: h.disk_mirror,
                     });
                 }
                 match (self.key.is_some(), h.wants_auth) {
@@ -716,6 +750,44 @@ mod tests {
     }
 
     #[test]
+    fn the_same_disk_mirror_mode_on_both_sides_and_the_proof_covers_it() {
+        let offer = |disk_mirror| Offer {
+            page_count: 5,
+            disk_blocks: 8,
+            disk_mirror,
+            ..Offer::default()
+        };
+        let (c, k) = (DiskMirror::Continuous, DiskMirror::Checkpoint);
+        for key in [None, Some(&b"k"[..])] {
+            for m in [c, k] {
+                assert_eq!(
+                    run_offers(key, key, offer(m), offer(m)).2,
+                    (Ok(true), Ok(true))
+                );
+            }
+            let (a, b) = run_offers(key, key, offer(c), offer(k)).2;
+            assert!(matches!(a, Err(LinkError::DiskMirror { .. })), "{a:?}");
+            assert!(matches!(b, Err(LinkError::DiskMirror { .. })), "{b:?}");
+        }
+        let (a, _) = run_offers(None, None, offer(k), offer(c)).2;
+        assert_eq!(
+            a.unwrap_err().to_string(),
+            "disk mirror mode differs: the primary has --disk-mirror checkpoint, the secondary \
+             has --disk-mirror continuous; give both nodes the same --disk-mirror"
+        );
+        // A man in the middle flipping bit 6 of both HELLOs makes the modes agree on each
+        // side; the proofs, each bound to its own side's mode, then fail.
+        assert_eq!(
+            flag_flipped_in_transit(
+                offer(c),
+                offer(k),
+                crate::engine::messages::HELLO_DISK_MIRROR
+            ),
+            (Err(LinkError::BadProof), Err(LinkError::BadProof))
+        );
+    }
+
+    #[test]
     fn the_proof_covers_the_verify_flag() {
         // A man in the middle that flips the secondary's verify bit in both HELLOs makes the
         // flags agree on each side; the proofs, each bound to its own side's flag, then fail.
@@ -794,6 +866,7 @@ mod tests {
             verify: false,
             plaintext: false,
             coding: PageCoding::PLAIN,
+            disk_mirror: DiskMirror::default(),
             nonce: [1; 32],
             disk_blocks: 0,
             other_flags: 0,

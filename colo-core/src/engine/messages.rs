@@ -7,7 +7,7 @@
 //!
 //! | type | name | direction | body (little-endian) |
 //! |---|---|---|---|
-//! | `0x8000_C001` | HELLO | both | magic `b"COLOLINK"`, u32 version, u32 role (1 primary, 2 secondary), u64 page_count, u32 page_size, u32 flags (bit 0: wants auth; bit 1: verifies every checkpoint, `--verify`; bit 2: will not seal the records after the handshake, `--insecure-plaintext`; bit 3: zero pages as markers, `--zero-pages`; bits 4–5: page compression, 0 none, 1 lz4, `--compress`; both sides must agree on bits 1 to 5), 32-byte nonce, u64 disk_blocks (the guest's disk in 4 KiB blocks, 0: none) |
+//! | `0x8000_C001` | HELLO | both | magic `b"COLOLINK"`, u32 version, u32 role (1 primary, 2 secondary), u64 page_count, u32 page_size, u32 flags (bit 0: wants auth; bit 1: verifies every checkpoint, `--verify`; bit 2: will not seal the records after the handshake, `--insecure-plaintext`; bit 3: zero pages as markers, `--zero-pages`; bits 4–5: page compression, 0 none, 1 lz4, `--compress`; bit 6: disk blocks mirrored while the PVM runs, `--disk-mirror continuous`; both sides must agree on bits 1 to 6), 32-byte nonce, u64 disk_blocks (the guest's disk in 4 KiB blocks, 0: none) |
 //! | `0x8000_C002` | AUTH | both | 32-byte HMAC-SHA256 proof (see [`super::link`]) |
 //! | `0x8000_C003` | CONTROL | both | u32 id (libxl's CHECKPOINT_STATE ids: NEW 0, SVM_SUSPENDED 1, SVM_READY 2, SVM_RESUMED 3), u32 reserved, u64 epoch |
 //! | `0x8000_C004` | INPUT | primary → secondary | u64 seq, then one Ethernet frame (a client request mirrored to the SVM) |
@@ -26,7 +26,7 @@
 use crate::stream::PageCoding;
 use thiserror::Error;
 
-use crate::disk::{DiskBlocks, DISK_DIGEST_LEN};
+use crate::disk::{DiskBlocks, DiskMirror, DISK_DIGEST_LEN};
 
 /// Record type numbers of colo's own records.
 pub mod colo_type {
@@ -66,8 +66,10 @@ pub const HELLO_MAGIC: [u8; 8] = *b"COLOLINK";
 /// (a secondary whose disk is missing or smaller than the primary's is refused; the proof
 /// covers both sizes) and the DISK_BLOCKS and DISK_DIGEST records: a version 3 peer would
 /// neither send nor apply the disk. Version 5 added the page coding (bits 3–5: zero-page
-/// markers and compression in PACKED_PAGES records), agreed and proven the same way.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// markers and compression in PACKED_PAGES records), agreed and proven the same way. Version 6
+/// added the disk mirror mode (bit 6, `--disk-mirror`): with continuous mirroring DISK_BLOCKS
+/// also travel between checkpoints, which a version 5 secondary would refuse mid-run.
+pub const PROTOCOL_VERSION: u32 = 6;
 /// HELLO flag: the sender has a pre-shared key and will authenticate.
 pub const HELLO_WANTS_AUTH: u32 = 1 << 0;
 /// HELLO flag: the sender digests memory at every checkpoint (`--verify`).
@@ -75,9 +77,13 @@ pub const HELLO_VERIFY: u32 = 1 << 1;
 /// HELLO flag: the sender will not seal the records after the handshake
 /// (`--insecure-plaintext`).
 pub const HELLO_PLAINTEXT: u32 = 1 << 2;
-/// Every HELLO flag bit this build knows: auth, verify, plaintext and the page coding (bits
-/// 3–5). Other bits are kept in [`Hello::other_flags`] and refused by the handshake.
-pub const HELLO_KNOWN_FLAGS: u32 = 0b11_1111;
+/// HELLO flag: the sender mirrors disk blocks while the PVM runs (`--disk-mirror
+/// continuous`); clear: at the checkpoint (see [`crate::disk`]).
+pub const HELLO_DISK_MIRROR: u32 = 1 << 6;
+/// Every HELLO flag bit this build knows: auth, verify, plaintext, the page coding (bits 3–5)
+/// and the disk mirror mode (bit 6). Other bits are kept in [`Hello::other_flags`] and refused
+/// by the handshake.
+pub const HELLO_KNOWN_FLAGS: u32 = 0b111_1111;
 /// Length of a HELLO body.
 pub const HELLO_LEN: usize = 8 + 4 + 4 + 8 + 4 + 4 + 32 + 8;
 /// Length of an HMAC-SHA256 proof.
@@ -175,6 +181,8 @@ pub struct Hello {
     pub plaintext: bool,
     /// How the sender sends page data (`--zero-pages`, `--compress`); both sides must agree.
     pub coding: PageCoding,
+    /// How the sender sends disk blocks (`--disk-mirror`); both sides must agree.
+    pub disk_mirror: DiskMirror,
     /// The sender's challenge.
     pub nonce: [u8; 32],
     /// The sender's disk in 4 KiB blocks (0: the guest has none that colo replicates).
@@ -349,6 +357,11 @@ impl<'a> Message<'a> {
                     verify: u32_at(body, 28) & HELLO_VERIFY != 0,
                     plaintext: u32_at(body, 28) & HELLO_PLAINTEXT != 0,
                     coding,
+                    disk_mirror: if flags & HELLO_DISK_MIRROR != 0 {
+                        DiskMirror::Continuous
+                    } else {
+                        DiskMirror::Checkpoint
+                    },
                     nonce,
                     disk_blocks: u64_at(body, 64),
                     other_flags: flags & !HELLO_KNOWN_FLAGS,
@@ -463,6 +476,9 @@ impl<'a> Message<'a> {
                     flags |= HELLO_PLAINTEXT;
                 }
                 flags |= h.coding.flags();
+                if h.disk_mirror == DiskMirror::Continuous {
+                    flags |= HELLO_DISK_MIRROR;
+                }
                 flags |= h.other_flags & !HELLO_KNOWN_FLAGS;
                 out.extend_from_slice(&flags.to_le_bytes());
                 out.extend_from_slice(&h.nonce);
@@ -537,6 +553,11 @@ mod tests {
                         verify,
                         plaintext,
                         coding,
+                        disk_mirror: if plaintext {
+                            DiskMirror::Continuous
+                        } else {
+                            DiskMirror::Checkpoint
+                        },
                         nonce: [7; 32],
                         disk_blocks: u64::from(verify) << 40 | 16_384,
                         other_flags: u32::from(verify) << 31,
@@ -608,6 +629,7 @@ mod tests {
             verify: true,
             plaintext: false,
             coding: PageCoding::PLAIN,
+            disk_mirror: DiskMirror::Checkpoint,
             nonce: [0; 32],
             disk_blocks: 0x0102,
             other_flags: 0,
@@ -641,6 +663,12 @@ mod tests {
                 codec: crate::stream::Codec::Lz4
             }
         );
+        // Bit 6: the disk mirror mode.
+        b[28] = 3 | 1 << 6;
+        let Ok(Some(Message::Hello(h))) = Message::parse(colo_type::HELLO, &b) else {
+            panic!("HELLO with the disk mirror bit does not parse");
+        };
+        assert_eq!((h.disk_mirror, h.other_flags), (DiskMirror::Continuous, 0));
         b[28] = 3 | 2 << 4;
         assert!(matches!(
             Message::parse(colo_type::HELLO, &b),

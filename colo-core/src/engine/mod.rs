@@ -210,8 +210,13 @@ pub struct CheckpointStats {
     /// Pages outside A ∪ B carried because earlier sweeps found the hypervisor writing them
     /// behind the dirty log (the watch set; counted in `pages_sent`).
     pub watched: u64,
-    /// Disk blocks sent (the blocks the PVM wrote since the last capture; see [`crate::disk`]).
+    /// Disk blocks copied within the pause and sent after it (the blocks the PVM wrote since
+    /// the last capture, or with continuous mirroring since the last mirror harvest: the unsent
+    /// tail; see [`crate::disk`]).
     pub disk_blocks: u64,
+    /// Disk blocks sent for this checkpoint while the PVM ran (continuous mirroring; 0 at the
+    /// checkpoint mode).
+    pub disk_mirrored: u64,
     /// Bytes sent for this checkpoint (records included).
     pub bytes_sent: u64,
     /// From NEW to the arrival of B (0 for the initial synchronisation).
@@ -281,14 +286,6 @@ pub enum EngineError {
     BlockOutOfRange {
         /// The block.
         block: u64,
-        /// The disk's size in blocks.
-        blocks: u64,
-    },
-    /// The primary sent more disk blocks in one checkpoint than the disk has.
-    #[error("checkpoint {epoch} carries more than the disk's {blocks} blocks")]
-    DiskCheckpointTooLarge {
-        /// The checkpoint.
-        epoch: u64,
         /// The disk's size in blocks.
         blocks: u64,
     },

@@ -9,7 +9,7 @@ use super::common::{check_epoch, message_event, record_name, EngineState, LinkCo
 use super::messages::{Control, Message, Role, DIGEST_LEN};
 use super::{CheckpointStats, EngineError, SyncMode, Trigger};
 use crate::bitmap::DirtyBitmap;
-use crate::disk::{DiskCheck, DISK_DIGEST_LEN};
+use crate::disk::{DiskCheck, DiskMirror, DISK_DIGEST_LEN};
 use crate::stream::{encode_record, rec_type, DomainHeader, DomainType, ImageHeader, Record};
 
 /// Settings of the primary.
@@ -58,6 +58,7 @@ impl InFlight {
             watched: 0,
             pages_sent: 0,
             disk_blocks: 0,
+            disk_mirrored: 0,
             bytes_sent: 0,
             backchannel: zero,
             pause: zero,
@@ -284,7 +285,8 @@ pub enum PrimaryAction {
     /// Copy the pages of [`Primary::capture_pfns`] and the vCPU state into the send buffer (and,
     /// when verifying, digest all of memory and the state), then call [`Primary::captured`].
     /// With a disk ([`Primary::disk_blocks`] > 0), also harvest the disk's write log and copy
-    /// the blocks written since the last capture (count them with
+    /// the blocks written since the last capture, or since the last mirror harvest with
+    /// continuous mirroring (count them with
     /// [`Primary::disk_blocks_sent`]; when verifying, digest the disk:
     /// [`Primary::disk_digest`]). See [`crate::disk`].
     Capture,
@@ -330,6 +332,9 @@ pub struct Primary {
     merge_scratch: Vec<u64>,
     /// Both sides' disk digests, by checkpoint (verification with a disk).
     disk_check: DiskCheck,
+    /// Disk blocks and bytes mirrored for the next checkpoint before it paused the PVM
+    /// (figures, counted into its stats at the pause).
+    mirrored: (u64, u64),
     /// The last checkpoint started.
     epoch: u64,
 }
@@ -362,6 +367,7 @@ impl Primary {
             capture: Vec::new(),
             merge_scratch: Vec::new(),
             disk_check: DiskCheck::default(),
+            mirrored: (0, 0),
             epoch: 0,
         }
     }
@@ -432,6 +438,44 @@ impl Primary {
         if let Some(flight) = self.state.flight_mut() {
             flight.stats.disk_blocks += blocks;
         }
+    }
+
+    /// How disk blocks travel (`--disk-mirror`, agreed at the handshake).
+    pub fn disk_mirror(&self) -> DiskMirror {
+        self.cfg.link.disk_mirror
+    }
+
+    /// With continuous mirroring, the checkpoint that DISK_BLOCKS written now belong to, if
+    /// the driver may mirror now: the pair is protected, the PVM runs and no checkpoint's
+    /// records are being written. On the wire, blocks between CHECKPOINT(n) and CHECKPOINT(n + 1)
+    /// belong to checkpoint n + 1 (see [`crate::disk`]): after checkpoint n's capture was sent
+    /// (`AwaitingSvmReady`, `AwaitingSvmResumed`, `Running`) that is n + 1; between NEW(n + 1)
+    /// and the pause (`AwaitingBackChannel`) it is n + 1 as well. Never during the initial
+    /// synchronisation (its rounds send the blocks) nor from `Pausing` to `Sending` (the PVM is
+    /// paused, or its capture is being written).
+    pub fn mirror_epoch(&self) -> Option<u64> {
+        if self.cfg.link.disk_mirror != DiskMirror::Continuous || self.disk_blocks() == 0 {
+            return None;
+        }
+        match self.state {
+            PrimaryState::Running => Some(self.epoch + 1),
+            PrimaryState::AwaitingSvmReady { epoch, .. }
+            | PrimaryState::AwaitingSvmResumed { epoch } => Some(epoch + 1),
+            PrimaryState::AwaitingBackChannel { epoch, .. } => Some(epoch),
+            _ => None,
+        }
+    }
+
+    /// The driver mirrored `blocks` disk blocks (`bytes` bytes of DISK_BLOCKS) while the PVM
+    /// ran; only when [`Primary::mirror_epoch`] allows. They count into that checkpoint's
+    /// figures (`disk_mirrored`, `bytes_sent`).
+    pub fn disk_mirrored(&mut self, blocks: u64, bytes: u64) -> Result<(), EngineError> {
+        if self.mirror_epoch().is_none() {
+            return Err(self.state.unexpected("disk_mirrored"));
+        }
+        self.mirrored.0 += blocks;
+        self.mirrored.1 += bytes;
+        Ok(())
     }
 
     /// Our digest of the disk at this capture (verification with a disk); only while
@@ -673,9 +717,12 @@ impl Primary {
 
     /// The driver paused the PVM.
     pub fn paused(&mut self, now: Instant) -> Result<(), EngineError> {
-        let PrimaryState::Pausing { epoch, flight } = self.state else {
+        let PrimaryState::Pausing { epoch, mut flight } = self.state else {
             return Err(self.state.unexpected("paused"));
         };
+        let (blocks, bytes) = std::mem::take(&mut self.mirrored);
+        flight.stats.disk_mirrored += blocks;
+        flight.stats.bytes_sent += bytes;
         self.state = PrimaryState::Harvesting {
             epoch,
             flight,
@@ -870,6 +917,7 @@ impl Primary {
         if self.state.is_over() {
             return;
         }
+        self.mirrored = (0, 0);
         self.actions.clear();
         if self.state.pvm_paused() {
             self.actions.push_back(PrimaryAction::Resume);

@@ -9,7 +9,7 @@ use super::common::{check_epoch, message_event, record_name, EngineState, LinkCo
 use super::messages::{Control, Message, Role, DIGEST_LEN};
 use super::EngineError;
 use crate::bitmap::DirtyBitmap;
-use crate::disk::{DiskBlocks, DiskStaging, DISK_DIGEST_LEN};
+use crate::disk::{DiskBlocks, DiskMirror, DiskStaging, DISK_DIGEST_LEN};
 use crate::stream::{encode_dirty_pfn_list, DomainType, Event, Record};
 use crate::PAGE_SIZE;
 
@@ -233,14 +233,16 @@ enum StreamHeaders {
     Read,
 }
 
-/// The checkpoint being received, staged until its CHECKPOINT. The buffers are kept across
-/// checkpoints; they hold at most the checkpoint's |D| pages, never more than the guest has.
+/// The checkpoint being received, staged until its CHECKPOINT, and applied after it. The
+/// buffers are kept across checkpoints; they hold at most the checkpoint's |D| pages, never
+/// more than the guest has.
 #[derive(Debug, Default)]
 struct Staging {
     pfns: Vec<u64>,
     data: Vec<u8>,
     state: Vec<u8>,
-    /// The disk's blocks of the checkpoint (bounded by the disk's block count).
+    /// The disk's blocks of the checkpoint being applied (bounded by the disk's block count):
+    /// what [`Secondary::next_disk`] held when its CHECKPOINT arrived.
     disk: DiskStaging,
 }
 
@@ -286,6 +288,10 @@ pub struct Secondary {
     actions: VecDeque<SecondaryAction>,
     headers: StreamHeaders,
     staged: Staging,
+    /// The disk blocks of the next CHECKPOINT, keyed by block (bounded by the disk's block
+    /// count): every DISK_BLOCKS record after CHECKPOINT(n) belongs to checkpoint n + 1, sent
+    /// at its capture or, with continuous mirroring, from CHECKPOINT(n) on while the PVM ran.
+    next_disk: DiskStaging,
     b: DirtyBitmap,
     b_list: Vec<u64>,
 }
@@ -301,6 +307,7 @@ impl Secondary {
             actions: VecDeque::new(),
             headers: StreamHeaders::AwaitingImage,
             staged: Staging::default(),
+            next_disk: DiskStaging::default(),
             b_list: Vec::new(),
         }
     }
@@ -360,6 +367,11 @@ impl Secondary {
     /// Staged disk data, 4096 bytes per staged block.
     pub fn staged_disk_data(&self) -> &[u8] {
         self.staged.disk.data()
+    }
+
+    /// Disk blocks staged for the next checkpoint so far (mirrored ones included).
+    pub fn staged_next_disk_blocks(&self) -> usize {
+        self.next_disk.len()
     }
 
     /// The digest of the disk after applying the checkpoint (verification with a disk): sent
@@ -467,6 +479,9 @@ impl Secondary {
                         .state
                         .unexpected("CHECKPOINT without the vCPU state (VCPU_STATE record)"));
                 }
+                // The blocks staged since the last CHECKPOINT are this checkpoint's.
+                self.staged.disk.clear();
+                std::mem::swap(&mut self.staged.disk, &mut self.next_disk);
                 self.state = SecondaryState::Applying {
                     epoch,
                     primary_lost: None,
@@ -518,9 +533,20 @@ impl Secondary {
                 d.check(self.peer.disk_blocks())?;
                 return Ok(Some(Delivery::WriteBlocks(d)));
             }
-            (SecondaryState::ReceivingCheckpoint { epoch, .. }, Message::DiskBlocks(d)) => {
-                let blocks = self.peer.disk_blocks();
-                self.staged.disk.stage(*epoch, blocks, &d)?;
+            (SecondaryState::ReceivingCheckpoint { .. }, Message::DiskBlocks(d)) => {
+                self.next_disk.stage(self.peer.disk_blocks(), &d)?;
+            }
+            // Continuous mirroring: blocks the PVM wrote since CHECKPOINT(n), sent while it ran,
+            // for checkpoint n + 1; staged, never applied before its CHECKPOINT.
+            (
+                SecondaryState::Applying { .. }
+                | SecondaryState::Resuming { .. }
+                | SecondaryState::AwaitingNew { .. }
+                | SecondaryState::Pausing { .. }
+                | SecondaryState::Harvesting { .. },
+                Message::DiskBlocks(d),
+            ) if self.cfg.disk_mirror == DiskMirror::Continuous => {
+                self.next_disk.stage(self.peer.disk_blocks(), &d)?;
             }
             (
                 SecondaryState::InitialSync { state_staged }
@@ -551,6 +577,7 @@ impl Secondary {
     /// GOODBYE: the primary ends replication on purpose.
     fn close(&mut self, reason: u32) {
         self.staged.clear();
+        self.next_disk.clear();
         self.actions.clear();
         self.state = SecondaryState::Closed;
         self.actions.push_back(SecondaryAction::Close {
@@ -710,8 +737,10 @@ impl Secondary {
             }
             _ => {}
         }
-        // A torn checkpoint is never applied: whatever was staged is dropped.
+        // A torn checkpoint is never applied: whatever was staged is dropped, the blocks
+        // mirrored for the next checkpoint with it.
         self.staged.clear();
+        self.next_disk.clear();
         self.actions.clear();
         self.peer.hang_up(&self.state);
         if !self.state.holds_checkpoint() {
