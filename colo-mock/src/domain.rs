@@ -592,8 +592,8 @@ impl Domain for MockDomain {
     }
 
     /// Copies the pages in, one copy per run of consecutive pfns: while the dirty log is on, a
-    /// `pwrite` to the RAM file (through the mapping, every write-protected page took a fault),
-    /// else a memcpy into the mapping. They count as clean in the dirty log afterwards
+    /// memcpy through the host's own mapping of the RAM file (through the guest's mapping every
+    /// write-protected page would take a fault), else a memcpy into the guest's mapping. They count as clean in the dirty log afterwards
     /// (as Xen does not log foreign-mapping writes), so a checkpoint's apply does not reappear
     /// in the next harvest.
     fn write_pages(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), BackendError> {
@@ -622,9 +622,9 @@ impl Domain for MockDomain {
             );
             let mem = &self.shared.mem;
             if self.tracker.logging() {
-                mem.write_through_file(off, run)
+                mem.write_host(off, run)
             } else {
-                // No write protection to fault on: a memcpy beats the file's per-page work.
+                // No write protection to fault on: the guest's own mapping will do.
                 mem.write(off, run)
             }
             .map_err(|e| bad_state("write_pages", &e.to_string()))?;
