@@ -183,6 +183,30 @@ pub trait Domain {
     /// memory. Only called while the domain is paused.
     fn write_pages(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), BackendError>;
 
+    /// [`Domain::write_pages`] with the pages wherever they lie: page `i` of `pfns` is
+    /// `page(i)` (4096 bytes). The secondary applies a checkpoint's pages this way, straight
+    /// from the buffers they were received in. Only called while the domain is paused.
+    ///
+    /// The default gathers batches of up to 1024 pages into one buffer (allocated once per
+    /// call) and calls [`Domain::write_pages`] for each; a backend that maps guest memory
+    /// copies each page in directly instead.
+    fn write_pages_from<'d>(
+        &mut self,
+        pfns: &[u64],
+        page: &mut dyn FnMut(usize) -> &'d [u8],
+    ) -> Result<(), BackendError> {
+        const BATCH: usize = 1024;
+        let mut buf = Vec::with_capacity(pfns.len().min(BATCH) * crate::PAGE_SIZE);
+        for (n, batch) in pfns.chunks(BATCH).enumerate() {
+            buf.clear();
+            for i in n * BATCH..n * BATCH + batch.len() {
+                buf.extend_from_slice(page(i));
+            }
+            self.write_pages(batch, &buf)?;
+        }
+        Ok(())
+    }
+
     /// Appends the vCPU/platform state, an opaque blob, to `out`.
     fn get_state(&mut self, out: &mut Vec<u8>) -> Result<(), BackendError>;
 

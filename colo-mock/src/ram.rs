@@ -185,6 +185,36 @@ impl GuestMem {
         Ok(())
     }
 
+    /// Maps every page of the RAM file that holds data into the host's mapping now
+    /// (`MADV_POPULATE_WRITE` over each data extent; holes stay holes), so later
+    /// [`GuestMem::write_host`] calls take no page fault: a checkpoint's apply then costs a
+    /// memcpy per page. Best effort: a kernel without it leaves the faults to the first
+    /// writes.
+    pub(crate) fn populate_host(&self) {
+        let mut holes = Holes::default();
+        let mut pfn = 0;
+        while pfn < self.pages() {
+            let hole = holes.is_hole(self, pfn);
+            let (start, end) = (holes.start as usize, (holes.end as usize).min(self.len));
+            if !hole && end > start {
+                // SAFETY: `start..end` lies inside the host mapping (the extent is clamped to
+                // the RAM's length); MADV_POPULATE_WRITE only faults those pages in, it reads
+                // and writes no data.
+                let r = unsafe {
+                    libc::madvise(
+                        self.host_base.add(start).cast(),
+                        end - start,
+                        libc::MADV_POPULATE_WRITE,
+                    )
+                };
+                if r != 0 {
+                    return;
+                }
+            }
+            pfn = (end / PAGE_SIZE).max(pfn as usize + 1) as u64;
+        }
+    }
+
     /// Reads a little-endian u64 at `off` (guest data layout is little-endian).
     pub fn read_u64(&self, off: usize) -> Result<u64, MockError> {
         let mut b = [0u8; 8];

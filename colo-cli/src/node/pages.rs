@@ -7,6 +7,8 @@ use colo_core::stream::{
 };
 use colo_core::{BackendError, Domain, PAGE_SIZE};
 
+use crate::link::{Link, Span};
+
 /// Checks that a backend's `read_pages` visitor got page `i` when page `next` was due, and
 /// moves `next` on: the page buffers are laid out in request order.
 pub(super) fn in_order(next: &mut usize, i: usize) -> Result<(), BackendError> {
@@ -279,6 +281,86 @@ impl SyncPages {
         }
         self.pfns.clear();
         self.data.clear();
+        Ok(())
+    }
+}
+
+/// Where a staged page lies.
+#[derive(Debug, Clone, Copy)]
+enum PageAt {
+    /// In the link's receive buffer `seq`, at `off`.
+    Buffer { seq: u64, off: usize },
+    /// In [`StagedPages::copied`], at this offset.
+    Copied(usize),
+}
+
+/// A checkpoint's pages on the secondary until its CHECKPOINT: each where it was received, in
+/// the link's receive buffer (which the link keeps until the apply), or copied when the
+/// decoder handed it out of its own buffer (a page that straddled two receive buffers, or one
+/// unpacked from PACKED_PAGES). The apply copies each page once, from there into the SVM.
+#[derive(Debug, Default)]
+pub(super) struct StagedPages {
+    at: Vec<PageAt>,
+    copied: Vec<u8>,
+    /// The first receive buffer a page lies in.
+    first: Option<u64>,
+}
+
+impl StagedPages {
+    /// Stages the next page, `data` (4096 bytes), decoded from the bytes of `span`.
+    pub(super) fn push(&mut self, data: &[u8], span: Span) {
+        match span.offset_of(data) {
+            Some(off) => {
+                self.first.get_or_insert(span.seq);
+                self.at.push(PageAt::Buffer { seq: span.seq, off });
+            }
+            None => {
+                self.at.push(PageAt::Copied(self.copied.len()));
+                self.copied.extend_from_slice(data);
+            }
+        }
+    }
+
+    /// The first receive buffer the staged pages need (see [`Link::keep_from`]).
+    pub(super) fn first_buffer(&self) -> Option<u64> {
+        self.first
+    }
+
+    /// Drops the staged pages (the buffers keep their capacity).
+    pub(super) fn clear(&mut self) {
+        self.at.clear();
+        self.copied.clear();
+        self.first = None;
+    }
+
+    /// Writes the staged pages into `guest` as the pages of `pfns` (one staged page per pfn,
+    /// in order), from `link`'s kept receive buffers and the copies.
+    pub(super) fn write(
+        &self,
+        guest: &mut dyn Domain,
+        pfns: &[u64],
+        link: Option<&Link>,
+    ) -> anyhow::Result<()> {
+        if pfns.len() != self.at.len() {
+            anyhow::bail!(
+                "{} pfns staged but {} pages (the secondary's staging is out of step)",
+                pfns.len(),
+                self.at.len()
+            );
+        }
+        // Every page's bytes are looked up first, so the copy below cannot miss one.
+        let page = |at: &PageAt| -> Option<&[u8]> {
+            match *at {
+                PageAt::Buffer { seq, off } => link?.buffer(seq)?.get(off..off + PAGE_SIZE),
+                PageAt::Copied(off) => self.copied.get(off..off + PAGE_SIZE),
+            }
+        };
+        if let Some(i) = self.at.iter().position(|a| page(a).is_none()) {
+            anyhow::bail!("staged page {i} (pfn {}) is no longer received", pfns[i]);
+        }
+        guest.write_pages_from(pfns, &mut |i| {
+            self.at.get(i).and_then(page).unwrap_or_default()
+        })?;
         Ok(())
     }
 }

@@ -18,12 +18,12 @@ use colo_core::{AlignConfig, Aligner, Guest};
 use super::capture::{settled_digest, Watch};
 use super::disk;
 use super::driver::{flush, nonce, run_fence, Io, Next, Node, Role};
-use super::pages::SyncPages;
+use super::pages::{StagedPages, SyncPages};
 use super::primary::{Handover, PrimaryNode, ARBITER_POLL};
 use super::NodeOptions;
 use crate::arbiter::Unreachable;
 use crate::control::ControlCommand;
-use crate::link::Link;
+use crate::link::{Link, Span};
 use crate::status::{NodeStatus, Shared};
 
 /// A running secondary.
@@ -52,6 +52,8 @@ pub struct SecondaryRole {
     /// The guest's addresses, learnt from the SVM's output (announced by a takeover).
     learnt: Neighbours,
     sync: SyncPages,
+    /// The pages of the checkpoint being received (`Delivery::StagePage`), until its apply.
+    staged: StagedPages,
     /// Dirty-log scratch for the verification option.
     late: Option<DirtyBitmap>,
     /// The SVM's dirty log is on.
@@ -163,6 +165,7 @@ impl<G: Guest> Node<G, SecondaryRole> {
             out_frames: Vec::new(),
             learnt: Neighbours::default(),
             sync: SyncPages::new(),
+            staged: StagedPages::default(),
             late: None,
             logging: false,
             listener: listener.try_clone().ok(),
@@ -292,10 +295,17 @@ impl Role for SecondaryRole {
         }
     }
 
-    fn on_event<G: Guest>(&mut self, guest: &mut G, now: Instant, ev: &Event<'_>) -> Result<Next> {
+    fn on_event<G: Guest>(
+        &mut self,
+        guest: &mut G,
+        now: Instant,
+        ev: &Event<'_>,
+        span: Span,
+    ) -> Result<Next> {
         self.events_seen += 1;
         match self.engine.on_event(now, ev) {
             Ok(Some(Delivery::WritePage { pfn, data })) => self.sync.push(guest, pfn, data)?,
+            Ok(Some(Delivery::StagePage { data, .. })) => self.staged.push(data, span),
             Ok(Some(Delivery::Input { seq, frame })) => {
                 self.inputs.push_back((seq, frame.to_vec()));
             }
@@ -311,6 +321,10 @@ impl Role for SecondaryRole {
             return Ok(Next::StopReading);
         }
         Ok(Next::ReadOn)
+    }
+
+    fn keep_buffers_from(&self) -> Option<u64> {
+        self.staged.first_buffer()
     }
 
     fn serve<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
@@ -366,6 +380,8 @@ impl SecondaryRole {
     /// `HarvestDirty`: the SVM's dirty log (B) into the machine's bitmap.
     fn harvest<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
         io.guest.harvest_dirty(self.engine.harvest_target())?;
+        // A new checkpoint begins: pages of a torn one (never applied) are dropped.
+        self.staged.clear();
         self.engine.harvested(Instant::now())?;
         Ok(())
     }
@@ -375,8 +391,13 @@ impl SecondaryRole {
     fn apply<G: Guest>(&mut self, io: &mut Io<G>, epoch: u64) -> Result<()> {
         let t = Instant::now();
         self.sync.flush(&mut io.guest)?;
-        io.guest
-            .write_pages(self.engine.staged_pfns(), self.engine.staged_data())?;
+        let kept = io.link.as_ref().map_or(0, Link::kept_buffers);
+        self.staged
+            .write(&mut io.guest, self.engine.staged_pfns(), io.link.as_ref())?;
+        self.staged.clear();
+        if let Some(link) = io.link.as_mut() {
+            link.keep_from(None);
+        }
         io.guest.set_state(self.engine.staged_state())?;
         disk::apply(io, &mut self.engine, epoch)?;
         // Frames the SVM emitted in the old epoch are superseded.
@@ -394,7 +415,7 @@ impl SecondaryRole {
         }
         let digest = self.digest_applied(io)?;
         tracing::debug!(
-            "checkpoint {epoch}: {} pages applied{} in {:.1} ms",
+            "checkpoint {epoch}: {} pages applied (from {kept} kept receive buffers){} in {:.1} ms",
             self.engine.staged_pfns().len(),
             if digest.is_some() {
                 " and digested"
