@@ -155,6 +155,11 @@ pub trait Role: Sized {
         ev: &Event<'_>,
         span: Span,
     ) -> Result<Next>;
+    /// Right after [`Role::on_event`], with the link reachable again (the initial
+    /// synchronisation's pages are written from its buffers).
+    fn after_event<G: Guest>(&mut self, _io: &mut Io<G>) -> Result<()> {
+        Ok(())
+    }
     /// The first receive buffer whose bytes the role still refers to (the link keeps it and
     /// every later one when used up; see [`Link::keep_from`]).
     fn keep_buffers_from(&self) -> Option<u64> {
@@ -342,6 +347,7 @@ impl<G: Guest, R: Role> Node<G, R> {
             };
             let now = slice.stamp(&ev);
             let next = self.role.on_event(&mut self.io.guest, now, &ev, span)?;
+            self.role.after_event(&mut self.io)?;
             if let Some(link) = self.io.link.as_mut() {
                 link.keep_from(self.role.keep_buffers_from());
             }

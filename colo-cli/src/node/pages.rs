@@ -7,6 +7,8 @@ use colo_core::stream::{
 };
 use colo_core::{BackendError, Domain, PAGE_SIZE};
 
+use anyhow::{bail, Result};
+
 use crate::link::{Link, Span};
 
 /// Checks that a backend's `read_pages` visitor got page `i` when page `next` was due, and
@@ -243,44 +245,38 @@ fn invalid(what: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string())
 }
 
-/// The initial synchronisation's pages on their way into the secondary's guest: written a
-/// record (≤ 1024 pages) at a time, so a hypervisor maps them in one call, not one per page.
-#[derive(Debug)]
+/// The initial synchronisation's pages on the secondary, written into the guest a record's
+/// worth at a time ([`SyncPages::due`]) from where they were received (see [`StagedPages`]).
+#[derive(Debug, Default)]
 pub(super) struct SyncPages {
     pfns: Vec<u64>,
-    data: Vec<u8>,
+    pages: StagedPages,
 }
 
 impl SyncPages {
-    pub(super) fn new() -> Self {
-        Self {
-            pfns: Vec::with_capacity(MAX_PAGES_PER_RECORD),
-            data: Vec::with_capacity(MAX_PAGES_PER_RECORD * PAGE_SIZE),
-        }
-    }
-
-    /// Buffers page `pfn`; writes the buffer out once it holds a record's worth.
-    pub(super) fn push(
-        &mut self,
-        guest: &mut dyn Domain,
-        pfn: u64,
-        data: &[u8],
-    ) -> Result<(), BackendError> {
+    /// Buffers page `pfn`, `data` decoded from the bytes of `span`.
+    pub(super) fn push(&mut self, pfn: u64, data: &[u8], span: Span) {
         self.pfns.push(pfn);
-        self.data.extend_from_slice(data);
-        if self.pfns.len() >= MAX_PAGES_PER_RECORD {
-            self.flush(guest)?;
-        }
-        Ok(())
+        self.pages.push(data, span);
     }
 
-    /// Writes the buffered pages to the guest.
-    pub(super) fn flush(&mut self, guest: &mut dyn Domain) -> Result<(), BackendError> {
+    /// A record's worth is buffered: time to [`SyncPages::flush`].
+    pub(super) fn due(&self) -> bool {
+        self.pfns.len() >= MAX_PAGES_PER_RECORD
+    }
+
+    /// The first receive buffer the buffered pages need.
+    pub(super) fn first_buffer(&self) -> Option<u64> {
+        self.pages.first_buffer()
+    }
+
+    /// Writes the buffered pages to the guest, from `link`'s receive buffers.
+    pub(super) fn flush(&mut self, guest: &mut dyn Domain, link: Option<&Link>) -> Result<()> {
         if !self.pfns.is_empty() {
-            guest.write_pages(&self.pfns, &self.data)?;
+            self.pages.write(guest, &self.pfns, link)?;
         }
         self.pfns.clear();
-        self.data.clear();
+        self.pages.clear();
         Ok(())
     }
 }
@@ -340,9 +336,9 @@ impl StagedPages {
         guest: &mut dyn Domain,
         pfns: &[u64],
         link: Option<&Link>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         if pfns.len() != self.at.len() {
-            anyhow::bail!(
+            bail!(
                 "{} pfns staged but {} pages (the secondary's staging is out of step)",
                 pfns.len(),
                 self.at.len()
@@ -356,7 +352,7 @@ impl StagedPages {
             }
         };
         if let Some(i) = self.at.iter().position(|a| page(a).is_none()) {
-            anyhow::bail!("staged page {i} (pfn {}) is no longer received", pfns[i]);
+            bail!("staged page {i} (pfn {}) is no longer received", pfns[i]);
         }
         guest.write_pages_from(pfns, &mut |i| {
             self.at.get(i).and_then(page).unwrap_or_default()

@@ -52,6 +52,9 @@ pub struct SecondaryRole {
     /// The guest's addresses, learnt from the SVM's output (announced by a takeover).
     learnt: Neighbours,
     sync: SyncPages,
+    /// The initial synchronisation's buffered pages are to be written (a record's worth, or
+    /// its PAGE_DATA ended).
+    sync_due: bool,
     /// The pages of the checkpoint being received (`Delivery::StagePage`), until its apply.
     staged: StagedPages,
     /// Dirty-log scratch for the verification option.
@@ -164,7 +167,8 @@ impl<G: Guest> Node<G, SecondaryRole> {
             inputs: VecDeque::new(),
             out_frames: Vec::new(),
             learnt: Neighbours::default(),
-            sync: SyncPages::new(),
+            sync: SyncPages::default(),
+            sync_due: false,
             staged: StagedPages::default(),
             late: None,
             logging: false,
@@ -304,7 +308,7 @@ impl Role for SecondaryRole {
     ) -> Result<Next> {
         self.events_seen += 1;
         match self.engine.on_event(now, ev) {
-            Ok(Some(Delivery::WritePage { pfn, data })) => self.sync.push(guest, pfn, data)?,
+            Ok(Some(Delivery::WritePage { pfn, data })) => self.sync.push(pfn, data, span),
             Ok(Some(Delivery::StagePage { data, .. })) => self.staged.push(data, span),
             Ok(Some(Delivery::Input { seq, frame })) => {
                 self.inputs.push_back((seq, frame.to_vec()));
@@ -313,9 +317,8 @@ impl Role for SecondaryRole {
             Ok(None) => {}
             Err(e) => return Ok(Next::Refused(e)),
         }
-        if matches!(ev, Event::PageDataEnd) {
-            self.sync.flush(guest)?;
-        }
+        // Written after this event (`after_event`), when the link's buffers can be reached.
+        self.sync_due |= matches!(ev, Event::PageDataEnd) || self.sync.due();
         // Apply a complete checkpoint before reading further.
         if matches!(self.engine.state(), SecondaryState::Applying { .. }) {
             return Ok(Next::StopReading);
@@ -323,8 +326,18 @@ impl Role for SecondaryRole {
         Ok(Next::ReadOn)
     }
 
+    fn after_event<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
+        if std::mem::take(&mut self.sync_due) {
+            self.sync.flush(&mut io.guest, io.link.as_ref())?;
+        }
+        Ok(())
+    }
+
     fn keep_buffers_from(&self) -> Option<u64> {
-        self.staged.first_buffer()
+        match (self.staged.first_buffer(), self.sync.first_buffer()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn serve<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
@@ -390,7 +403,7 @@ impl SecondaryRole {
     /// digested when verifying; then the machine is told.
     fn apply<G: Guest>(&mut self, io: &mut Io<G>, epoch: u64) -> Result<()> {
         let t = Instant::now();
-        self.sync.flush(&mut io.guest)?;
+        self.sync.flush(&mut io.guest, io.link.as_ref())?;
         let kept = io.link.as_ref().map_or(0, Link::kept_buffers);
         self.staged
             .write(&mut io.guest, self.engine.staged_pfns(), io.link.as_ref())?;
