@@ -670,11 +670,22 @@ pub struct Span {
 
 impl Span {
     /// No buffer.
-    const NONE: Span = Span {
+    pub(crate) const NONE: Span = Span {
         seq: 0,
         base: 0,
         end: 0,
     };
+
+    /// Buffer number `seq` holding `bytes` (for tests of what refers to buffers).
+    #[cfg(test)]
+    pub(crate) fn over(seq: u64, bytes: &[u8]) -> Span {
+        let base = bytes.as_ptr() as usize;
+        Span {
+            seq,
+            base,
+            end: base + bytes.len(),
+        }
+    }
 
     /// The offset of `data` in the buffer, if all of it lies there (the decoder hands out
     /// pages from its own buffer when they straddle two receive buffers or were unpacked).

@@ -456,4 +456,32 @@ mod tests {
             .unwrap();
         assert_eq!(out, plain, "random pages are sent as PAGE_DATA");
     }
+
+    /// Staged pages decoded out of the decoder's own buffer are copied and written back in
+    /// order; a page that lies in a receive buffer needs the link that keeps it.
+    #[test]
+    fn staged_pages_copies_and_references() {
+        use colo_mock::{MockConfig, MockDomain, Workload};
+        let mut dom = MockDomain::create(MockConfig::new(512, Workload::Idle, 1)).unwrap();
+        let pages: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; PAGE_SIZE]).collect();
+        let mut staged = StagedPages::default();
+        for p in &pages {
+            staged.push(p, Span::NONE);
+        }
+        assert_eq!(staged.first_buffer(), None, "copies need no receive buffer");
+        assert!(
+            staged.write(&mut dom, &[9, 3], None).is_err(),
+            "one pfn per page"
+        );
+        staged.write(&mut dom, &[9, 3, 9], None).unwrap();
+        let ram = dom.ram().unwrap();
+        assert!(ram[9 * PAGE_SIZE..10 * PAGE_SIZE].iter().all(|&x| x == 3));
+        assert!(ram[3 * PAGE_SIZE..4 * PAGE_SIZE].iter().all(|&x| x == 2));
+        staged.clear();
+        let received = vec![7u8; 2 * PAGE_SIZE];
+        staged.push(&received[PAGE_SIZE..], Span::over(5, &received));
+        assert_eq!(staged.first_buffer(), Some(5));
+        let err = staged.write(&mut dom, &[1], None).unwrap_err();
+        assert!(err.to_string().contains("no longer received"), "{err}");
+    }
 }
