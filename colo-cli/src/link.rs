@@ -984,9 +984,10 @@ impl Link {
 
     /// Receive buffer number `seq` (the current one or a kept one), whole.
     pub fn buffer(&self, seq: u64) -> Option<&[u8]> {
-        if seq == self.cur_seq {
-            return self.cur.as_ref().map(|(b, _)| &b[..]);
+        if let Some((b, _)) = self.cur.as_ref().filter(|_| seq == self.cur_seq) {
+            return Some(b);
         }
+        // Not current: kept (the current one too, once it is used up and none follows yet).
         let i = self.kept.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
         Some(&self.kept[i].1)
     }

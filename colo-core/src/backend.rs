@@ -90,7 +90,8 @@ pub type PageVisitor<'a> = dyn FnMut(usize, Option<&[u8]>) -> Result<(), Backend
 /// | [`peek_dirty`](Domain::peek_dirty) | `xc_logdirty_control(PEEK)` | `PAGEMAP_SCAN` without WP |
 /// | [`read_pages`](Domain::read_pages) | `xenforeignmemory_map(PROT_READ)`, ≤ 1024 pfns a batch | borrowed slices of the mmap |
 /// | [`copy_pages`](Domain::copy_pages) | `read_pages` (the default) | one memcpy per run of consecutive pfns |
-/// | [`write_pages`](Domain::write_pages) | `xenforeignmemory_map(PROT_WRITE)` + copy | copy into the mmap |
+/// | [`write_pages`](Domain::write_pages) | `xenforeignmemory_map(PROT_WRITE)` + copy | a memcpy per run, through the host's mapping while the dirty log is on |
+/// | [`write_pages_from`](Domain::write_pages_from) | `write_pages` on gathered batches (the default) | a memcpy per page, from where it lies |
 /// | [`get_state`](Domain::get_state) | `xc_domain_hvm_getcontext` + HVM params | vCPU registers, clock, RNG |
 /// | [`set_state`](Domain::set_state) | `xc_domain_hvm_setcontext` + HVM params | same |
 pub trait Domain {

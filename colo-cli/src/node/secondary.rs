@@ -660,6 +660,9 @@ impl SecondaryRole {
             Instant::now(),
         );
         self.events_seen = 0;
+        // Nothing staged refers to the new link's buffers.
+        self.staged.clear();
+        self.sync = SyncPages::default();
         io.attach(link);
         flush(self, io);
         Ok(())
