@@ -611,8 +611,12 @@ fn a_checkpoint_cut_anywhere_leaves_the_svm_old_or_entirely_new() {
         while !chunk.is_empty() {
             let (n, ev) = pair.dec_s.feed(chunk).unwrap();
             if let Some(ev) = ev {
-                if let Some(Delivery::WritePage { .. }) = pair.s.on_event(pair.now, &ev).unwrap() {
-                    panic!("a checkpoint's page must be staged, not written");
+                match pair.s.on_event(pair.now, &ev).unwrap() {
+                    Some(Delivery::WritePage { .. }) => {
+                        panic!("a checkpoint's page must be staged, not written")
+                    }
+                    Some(Delivery::StagePage { data, .. }) => pair.s_staged.extend_from_slice(data),
+                    _ => {}
                 }
             }
             chunk = &chunk[n..];
