@@ -943,16 +943,23 @@ impl Link {
     /// Makes `buf[range]` the bytes to decode next, recycling the previous buffer.
     fn install(&mut self, buf: Vec<u8>, range: Range<usize>) {
         self.bytes_in += range.len() as u64;
-        if let Some((old, _)) = self.cur.replace((buf, range.end)) {
-            self.retire(self.cur_seq, old);
+        if let Some((old, end)) = self.cur.replace((buf, range.end)) {
+            self.retire(self.cur_seq, old, end);
         }
         self.cur_seq += 1;
         self.pos = range.start;
     }
 
-    /// A used-up buffer: kept if it may hold staged pages, else back to the reader's pool.
-    fn retire(&mut self, seq: u64, buf: Vec<u8>) {
+    /// A used-up buffer whose stream bytes end at `end`: kept if it may hold staged pages,
+    /// else back to the reader's pool. A kept buffer less than half full (a slow link's short
+    /// reads) is shrunk to its bytes, so what a checkpoint keeps stays within twice its size
+    /// (staged pages are found by offset, so the move does not matter).
+    fn retire(&mut self, seq: u64, mut buf: Vec<u8>, end: usize) {
         if self.keep_from.is_some_and(|k| seq >= k) {
+            if end < buf.capacity() / 2 {
+                buf.truncate(end);
+                buf.shrink_to_fit();
+            }
             self.kept.push((seq, buf));
         } else {
             let _ = self.pool.try_send(buf);
@@ -961,8 +968,8 @@ impl Link {
 
     /// The current buffer goes (used up, or the link failed).
     fn drop_current(&mut self) {
-        if let Some((old, _)) = self.cur.take() {
-            self.retire(self.cur_seq, old);
+        if let Some((old, end)) = self.cur.take() {
+            self.retire(self.cur_seq, old, end);
         }
     }
 
@@ -1179,6 +1186,82 @@ mod tests {
         link.shutdown_write();
         let got = reader.join().unwrap();
         assert_eq!(got, link.bytes_out());
+    }
+
+    /// Pages referred to where they were received stay readable in the buffers the link keeps,
+    /// however the stream was split into reads (a page across two reads is not referable);
+    /// released buffers go back.
+    #[test]
+    fn kept_buffers_hold_the_pages_referred_to() {
+        use colo_core::stream::{encode_page_data_header, PageType};
+        use colo_core::PAGE_SIZE;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pages = 3000u64;
+        let fill = |p: u64| (p % 251) as u8;
+        let writer = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let mut buf = Vec::new();
+            for batch in 0..3 {
+                let entries: Vec<(u64, PageType)> = (batch * 1000..(batch + 1) * 1000)
+                    .map(|p| (p, PageType::Notab))
+                    .collect();
+                buf.clear();
+                encode_page_data_header(&mut buf, &entries).unwrap();
+                for (p, _) in &entries {
+                    buf.resize(buf.len() + PAGE_SIZE, fill(*p));
+                }
+                for part in buf.chunks(70_001) {
+                    s.write_all(part).unwrap();
+                }
+            }
+            s
+        });
+        let cfg = DecoderConfig {
+            expect_headers: false,
+            page_count: Some(pages),
+        };
+        let mut link = Link::accept(&listener, Some(Duration::from_secs(10)), cfg).unwrap();
+        link.keep_from(Some(1));
+        let (mut refs, mut copied, mut seen) = (Vec::new(), 0, 0);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while seen < pages {
+            assert!(Instant::now() < deadline, "only {seen} pages within 20 s");
+            match link.next_event_spanned().unwrap() {
+                Some((
+                    Event::Page {
+                        pfn, data: Some(d), ..
+                    },
+                    span,
+                )) => {
+                    seen += 1;
+                    assert!(d.iter().all(|&x| x == fill(pfn)));
+                    match span.offset_of(d) {
+                        Some(off) => refs.push((pfn, span.seq, off)),
+                        None => copied += 1,
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    link.fill::<()>(Duration::from_millis(50), None).unwrap();
+                }
+            }
+        }
+        let _stream = writer.join().unwrap();
+        assert!(
+            refs.len() as u64 + copied == pages && refs.len() > 2000,
+            "{copied} copied"
+        );
+        for &(pfn, seq, off) in &refs {
+            let b = link.buffer(seq).expect("a kept buffer");
+            assert!(
+                b[off..off + PAGE_SIZE].iter().all(|&x| x == fill(pfn)),
+                "pfn {pfn}"
+            );
+        }
+        assert!(link.kept_buffers() > 0);
+        link.keep_from(None);
+        assert_eq!(link.kept_buffers(), 0);
     }
 
     /// The next colo record from `link` (headers skipped) as (type, body), waiting up to 10 s.
