@@ -31,6 +31,9 @@ const READ_BUFFER: usize = 1 << 20;
 /// Plaintext per sealed frame: whole batches of records share one AEAD call per MiB, and a
 /// whole frame fits one standard read buffer.
 const SEAL_FRAME: usize = READ_BUFFER - seal::OVERHEAD;
+/// Receive buffers kept for reuse: a checkpoint's kept buffers (tens for 10,000 pages) come
+/// back here after its apply, so the next one does not allocate them again.
+const POOL: usize = 128;
 /// Most bytes read at once beyond a sealed frame's end (they are copied to the next frame's
 /// buffer); a frame's own body is read straight into its buffer.
 const READ_AHEAD: usize = 16 << 10;
@@ -404,6 +407,13 @@ pub struct Link {
     /// The buffer being decoded and where its stream bytes end; `pos` is the next one.
     cur: Option<(Vec<u8>, usize)>,
     pos: usize,
+    /// The number of the buffer in `cur` (counted from 1 per link).
+    cur_seq: u64,
+    /// Buffers numbered from this on are kept when used up, not recycled (the secondary's
+    /// staged pages point into them; see [`Link::keep_from`]).
+    keep_from: Option<u64>,
+    /// The buffers kept, by ascending number.
+    kept: Vec<(u64, Vec<u8>)>,
     failed: Option<io::Error>,
     peer: SocketAddr,
     /// Bytes written so far.
@@ -648,13 +658,50 @@ fn next_frame(
     Ok(Some((buf, plain)))
 }
 
+/// Where an event's bytes were decoded from: receive buffer number `seq`, at addresses
+/// `base..end` (its stream bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// The buffer's number on this link (see [`Link::buffer`]).
+    pub seq: u64,
+    base: usize,
+    end: usize,
+}
+
+impl Span {
+    /// No buffer.
+    pub(crate) const NONE: Span = Span {
+        seq: 0,
+        base: 0,
+        end: 0,
+    };
+
+    /// Buffer number `seq` holding `bytes` (for tests of what refers to buffers).
+    #[cfg(test)]
+    pub(crate) fn over(seq: u64, bytes: &[u8]) -> Span {
+        let base = bytes.as_ptr() as usize;
+        Span {
+            seq,
+            base,
+            end: base + bytes.len(),
+        }
+    }
+
+    /// The offset of `data` in the buffer, if all of it lies there (the decoder hands out
+    /// pages from its own buffer when they straddle two receive buffers or were unpacked).
+    pub fn offset_of(&self, data: &[u8]) -> Option<usize> {
+        let at = data.as_ptr() as usize;
+        (self.seq != 0 && at >= self.base && at + data.len() <= self.end).then(|| at - self.base)
+    }
+}
+
 impl Link {
     fn new(stream: TcpStream, cfg: DecoderConfig) -> Result<Self> {
         configure(&stream)?;
         let peer = stream.peer_addr().context("peer address of the link")?;
         let read_half = stream.try_clone().context("cloning the link socket")?;
         let (tx, rx) = crossbeam_channel::bounded(16);
-        let (pool_tx, pool_rx) = crossbeam_channel::bounded(16);
+        let (pool_tx, pool_rx) = crossbeam_channel::bounded(POOL);
         let arrival = Arc::new(Arrival {
             epoch: Instant::now(),
             last: AtomicU64::new(0),
@@ -692,6 +739,9 @@ impl Link {
             pool: pool_tx,
             cur: None,
             pos: 0,
+            cur_seq: 0,
+            keep_from: None,
+            kept: Vec::new(),
             failed: None,
             peer,
             bytes_out: 0,
@@ -893,10 +943,65 @@ impl Link {
     /// Makes `buf[range]` the bytes to decode next, recycling the previous buffer.
     fn install(&mut self, buf: Vec<u8>, range: Range<usize>) {
         self.bytes_in += range.len() as u64;
-        if let Some((old, _)) = self.cur.replace((buf, range.end)) {
-            let _ = self.pool.try_send(old);
+        if let Some((old, end)) = self.cur.replace((buf, range.end)) {
+            self.retire(self.cur_seq, old, end);
         }
+        self.cur_seq += 1;
         self.pos = range.start;
+    }
+
+    /// A used-up buffer whose stream bytes end at `end`: kept if it may hold staged pages,
+    /// else back to the reader's pool. A kept buffer less than half full (a slow link's short
+    /// reads) is shrunk to its bytes, so what a checkpoint keeps stays within twice its size
+    /// (staged pages are found by offset, so the move does not matter).
+    fn retire(&mut self, seq: u64, mut buf: Vec<u8>, end: usize) {
+        if self.keep_from.is_some_and(|k| seq >= k) {
+            if end < buf.capacity() / 2 {
+                buf.truncate(end);
+                buf.shrink_to_fit();
+            }
+            self.kept.push((seq, buf));
+        } else {
+            let _ = self.pool.try_send(buf);
+        }
+    }
+
+    /// The current buffer goes (used up, or the link failed).
+    fn drop_current(&mut self) {
+        if let Some((old, end)) = self.cur.take() {
+            self.retire(self.cur_seq, old, end);
+        }
+    }
+
+    /// Keeps every receive buffer numbered `from` on (see [`Span`]) once it is used up, until
+    /// a later call moves `from` past it (or None: keeps nothing); those buffers go back to
+    /// the pool then. Cheap when `from` did not change.
+    pub fn keep_from(&mut self, from: Option<u64>) {
+        if from == self.keep_from {
+            return;
+        }
+        self.keep_from = from;
+        let cut = self
+            .kept
+            .partition_point(|(seq, _)| from.is_none_or(|k| *seq < k));
+        for (_, buf) in self.kept.drain(..cut) {
+            let _ = self.pool.try_send(buf);
+        }
+    }
+
+    /// Receive buffer number `seq` (the current one or a kept one), whole.
+    pub fn buffer(&self, seq: u64) -> Option<&[u8]> {
+        if let Some((b, _)) = self.cur.as_ref().filter(|_| seq == self.cur_seq) {
+            return Some(b);
+        }
+        // Not current: kept (the current one too, once it is used up and none follows yet).
+        let i = self.kept.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
+        Some(&self.kept[i].1)
+    }
+
+    /// Buffers kept now (for the log).
+    pub fn kept_buffers(&self) -> usize {
+        self.kept.len()
     }
 
     /// Waits up to `timeout` until bytes from the peer are buffered, or until `also` has a
@@ -938,36 +1043,44 @@ impl Link {
         }
     }
 
-    /// Decodes the next event from the bytes received so far; `Ok(None)` when more bytes are
-    /// needed. A broken link shows up in the next [`Link::fill`].
-    pub fn next_event(&mut self) -> Result<Option<Event<'_>>, StreamError> {
+    /// [`Link::next_event`], with the receive buffer the event's bytes were decoded from (a
+    /// page whose data lies in it may be referenced there instead of copied; see
+    /// [`Link::keep_from`]).
+    pub fn next_event_spanned(&mut self) -> Result<Option<(Event<'_>, Span)>, StreamError> {
         while self.cur.as_ref().is_some_and(|(_, n)| self.pos >= *n) {
             // The current chunk is used up: recycle it and move to the next one, if any.
             match self.rx.try_recv() {
                 Ok(Ok((buf, range))) => self.install(buf, range),
                 Ok(Err(e)) => {
                     // The next fill() reports it.
-                    if let Some((old, _)) = self.cur.take() {
-                        let _ = self.pool.try_send(old);
-                    }
+                    self.drop_current();
                     self.failed = Some(e);
                 }
-                Err(_) => {
-                    if let Some((old, _)) = self.cur.take() {
-                        let _ = self.pool.try_send(old);
-                    }
-                }
+                Err(_) => self.drop_current(),
             }
         }
-        let input: &[u8] = match &self.cur {
-            Some((buf, n)) => &buf[self.pos..*n],
-            None => &[],
+        let (input, span): (&[u8], Span) = match &self.cur {
+            Some((buf, n)) => (
+                &buf[self.pos..*n],
+                Span {
+                    seq: self.cur_seq,
+                    base: buf.as_ptr() as usize,
+                    end: buf.as_ptr() as usize + *n,
+                },
+            ),
+            None => (&[], Span::NONE),
         };
         // The decoder either yields an event or consumes everything it was given; some events
         // consume no bytes, so it is also called on an empty slice.
         let (used, ev) = self.decoder.feed(input)?;
         self.pos += used;
-        Ok(ev)
+        Ok(ev.map(|ev| (ev, span)))
+    }
+
+    /// Decodes the next event from the bytes received so far; `Ok(None)` when more bytes are
+    /// needed. A broken link shows up in the next [`Link::fill`].
+    pub fn next_event(&mut self) -> Result<Option<Event<'_>>, StreamError> {
+        Ok(self.next_event_spanned()?.map(|(ev, _)| ev))
     }
 
     /// [`Link::next_event`], or `Ok(None)` once the caller's time slice is over (what is left
@@ -975,11 +1088,11 @@ impl Link {
     pub fn next_event_until(
         &mut self,
         slice: &mut ReadSlice,
-    ) -> Result<Option<Event<'_>>, StreamError> {
+    ) -> Result<Option<(Event<'_>, Span)>, StreamError> {
         if !slice.tick() {
             return Ok(None);
         }
-        self.next_event()
+        self.next_event_spanned()
     }
 
     /// The channel to sleep on (with a node's other sources) until bytes arrive; None when the
@@ -996,9 +1109,7 @@ impl Link {
 
     /// Forgets bytes received but not decoded.
     pub fn discard_buffered(&mut self) {
-        if let Some((old, _)) = self.cur.take() {
-            let _ = self.pool.try_send(old);
-        }
+        self.drop_current();
         self.pos = 0;
     }
 
@@ -1075,6 +1186,82 @@ mod tests {
         link.shutdown_write();
         let got = reader.join().unwrap();
         assert_eq!(got, link.bytes_out());
+    }
+
+    /// Pages referred to where they were received stay readable in the buffers the link keeps,
+    /// however the stream was split into reads (a page across two reads is not referable);
+    /// released buffers go back.
+    #[test]
+    fn kept_buffers_hold_the_pages_referred_to() {
+        use colo_core::stream::{encode_page_data_header, PageType};
+        use colo_core::PAGE_SIZE;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pages = 3000u64;
+        let fill = |p: u64| (p % 251) as u8;
+        let writer = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let mut buf = Vec::new();
+            for batch in 0..3 {
+                let entries: Vec<(u64, PageType)> = (batch * 1000..(batch + 1) * 1000)
+                    .map(|p| (p, PageType::Notab))
+                    .collect();
+                buf.clear();
+                encode_page_data_header(&mut buf, &entries).unwrap();
+                for (p, _) in &entries {
+                    buf.resize(buf.len() + PAGE_SIZE, fill(*p));
+                }
+                for part in buf.chunks(70_001) {
+                    s.write_all(part).unwrap();
+                }
+            }
+            s
+        });
+        let cfg = DecoderConfig {
+            expect_headers: false,
+            page_count: Some(pages),
+        };
+        let mut link = Link::accept(&listener, Some(Duration::from_secs(10)), cfg).unwrap();
+        link.keep_from(Some(1));
+        let (mut refs, mut copied, mut seen) = (Vec::new(), 0, 0);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while seen < pages {
+            assert!(Instant::now() < deadline, "only {seen} pages within 20 s");
+            match link.next_event_spanned().unwrap() {
+                Some((
+                    Event::Page {
+                        pfn, data: Some(d), ..
+                    },
+                    span,
+                )) => {
+                    seen += 1;
+                    assert!(d.iter().all(|&x| x == fill(pfn)));
+                    match span.offset_of(d) {
+                        Some(off) => refs.push((pfn, span.seq, off)),
+                        None => copied += 1,
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    link.fill::<()>(Duration::from_millis(50), None).unwrap();
+                }
+            }
+        }
+        let _stream = writer.join().unwrap();
+        assert!(
+            refs.len() as u64 + copied == pages && refs.len() > 2000,
+            "{copied} copied"
+        );
+        for &(pfn, seq, off) in &refs {
+            let b = link.buffer(seq).expect("a kept buffer");
+            assert!(
+                b[off..off + PAGE_SIZE].iter().all(|&x| x == fill(pfn)),
+                "pfn {pfn}"
+            );
+        }
+        assert!(link.kept_buffers() > 0);
+        link.keep_from(None);
+        assert_eq!(link.kept_buffers(), 0);
     }
 
     /// The next colo record from `link` (headers skipped) as (type, body), waiting up to 10 s.

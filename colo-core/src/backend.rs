@@ -90,7 +90,8 @@ pub type PageVisitor<'a> = dyn FnMut(usize, Option<&[u8]>) -> Result<(), Backend
 /// | [`peek_dirty`](Domain::peek_dirty) | `xc_logdirty_control(PEEK)` | `PAGEMAP_SCAN` without WP |
 /// | [`read_pages`](Domain::read_pages) | `xenforeignmemory_map(PROT_READ)`, ≤ 1024 pfns a batch | borrowed slices of the mmap |
 /// | [`copy_pages`](Domain::copy_pages) | `read_pages` (the default) | one memcpy per run of consecutive pfns |
-/// | [`write_pages`](Domain::write_pages) | `xenforeignmemory_map(PROT_WRITE)` + copy | copy into the mmap |
+/// | [`write_pages`](Domain::write_pages) | `xenforeignmemory_map(PROT_WRITE)` + copy | a memcpy per run, through the host's mapping while the dirty log is on |
+/// | [`write_pages_from`](Domain::write_pages_from) | `write_pages` on gathered batches (the default) | a memcpy per page, from where it lies |
 /// | [`get_state`](Domain::get_state) | `xc_domain_hvm_getcontext` + HVM params | vCPU registers, clock, RNG |
 /// | [`set_state`](Domain::set_state) | `xc_domain_hvm_setcontext` + HVM params | same |
 pub trait Domain {
@@ -182,6 +183,30 @@ pub trait Domain {
     /// Writes `data` (exactly `pfns.len()` × 4096 bytes, the pages in `pfns` order) into guest
     /// memory. Only called while the domain is paused.
     fn write_pages(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), BackendError>;
+
+    /// [`Domain::write_pages`] with the pages wherever they lie: page `i` of `pfns` is
+    /// `page(i)` (4096 bytes). The secondary applies a checkpoint's pages this way, straight
+    /// from the buffers they were received in. Only called while the domain is paused.
+    ///
+    /// The default gathers batches of up to 1024 pages into one buffer (allocated once per
+    /// call) and calls [`Domain::write_pages`] for each; a backend that maps guest memory
+    /// copies each page in directly instead.
+    fn write_pages_from<'d>(
+        &mut self,
+        pfns: &[u64],
+        page: &mut dyn FnMut(usize) -> &'d [u8],
+    ) -> Result<(), BackendError> {
+        const BATCH: usize = 1024;
+        let mut buf = Vec::with_capacity(pfns.len().min(BATCH) * crate::PAGE_SIZE);
+        for (n, batch) in pfns.chunks(BATCH).enumerate() {
+            buf.clear();
+            for i in n * BATCH..n * BATCH + batch.len() {
+                buf.extend_from_slice(page(i));
+            }
+            self.write_pages(batch, &buf)?;
+        }
+        Ok(())
+    }
 
     /// Appends the vCPU/platform state, an opaque blob, to `out`.
     fn get_state(&mut self, out: &mut Vec<u8>) -> Result<(), BackendError>;

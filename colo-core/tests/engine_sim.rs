@@ -86,6 +86,8 @@ struct Pair {
     /// The digests each side reports at its capture / apply (with verification).
     p_digest: Option<[u8; 32]>,
     s_digest: Option<[u8; 32]>,
+    /// The secondary driver's copy of the staged pages (`Delivery::StagePage`), in order.
+    s_staged: Vec<u8>,
     now: Instant,
 }
 
@@ -131,6 +133,7 @@ impl Pair {
             verdicts: Vec::new(),
             p_digest: None,
             s_digest: None,
+            s_staged: Vec::new(),
             now,
         }
     }
@@ -223,6 +226,8 @@ impl Pair {
                 SecondaryAction::HarvestDirty => {
                     self.s.harvest_target().union_with(&self.sg.dirty).unwrap();
                     self.sg.dirty.clear_all();
+                    // A new checkpoint: a torn one's pages are dropped.
+                    self.s_staged.clear();
                     self.s.harvested(self.now).unwrap();
                 }
                 SecondaryAction::Apply { .. } => self.apply(),
@@ -243,7 +248,12 @@ impl Pair {
     /// Writes the staged checkpoint into the SVM and tells the secondary.
     fn apply(&mut self) {
         let pfns = self.s.staged_pfns().to_vec();
-        let data = self.s.staged_data().to_vec();
+        let data = std::mem::take(&mut self.s_staged);
+        assert_eq!(
+            data.len(),
+            pfns.len() * PAGE_SIZE,
+            "one staged page per pfn"
+        );
         for (i, pfn) in pfns.iter().enumerate() {
             let o = *pfn as usize * PAGE_SIZE;
             self.sg.mem[o..o + PAGE_SIZE]
@@ -259,7 +269,11 @@ impl Pair {
         while !chunk.is_empty() {
             let (n, ev) = self.dec_s.feed(chunk).unwrap();
             if let Some(ev) = ev {
-                self.s.on_event(self.now, &ev).unwrap();
+                if let Some(Delivery::StagePage { data, .. }) =
+                    self.s.on_event(self.now, &ev).unwrap()
+                {
+                    self.s_staged.extend_from_slice(data);
+                }
             }
             chunk = &chunk[n..];
         }
@@ -292,6 +306,9 @@ impl Pair {
                         Some(Delivery::WritePage { pfn, data }) => {
                             let o = pfn as usize * PAGE_SIZE;
                             self.sg.mem[o..o + PAGE_SIZE].copy_from_slice(data);
+                        }
+                        Some(Delivery::StagePage { data, .. }) => {
+                            self.s_staged.extend_from_slice(data);
                         }
                         Some(Delivery::Input { .. } | Delivery::WriteBlocks(_)) | None => {}
                     }
@@ -594,8 +611,12 @@ fn a_checkpoint_cut_anywhere_leaves_the_svm_old_or_entirely_new() {
         while !chunk.is_empty() {
             let (n, ev) = pair.dec_s.feed(chunk).unwrap();
             if let Some(ev) = ev {
-                if let Some(Delivery::WritePage { .. }) = pair.s.on_event(pair.now, &ev).unwrap() {
-                    panic!("a checkpoint's page must be staged, not written");
+                match pair.s.on_event(pair.now, &ev).unwrap() {
+                    Some(Delivery::WritePage { .. }) => {
+                        panic!("a checkpoint's page must be staged, not written")
+                    }
+                    Some(Delivery::StagePage { data, .. }) => pair.s_staged.extend_from_slice(data),
+                    _ => {}
                 }
             }
             chunk = &chunk[n..];

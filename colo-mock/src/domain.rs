@@ -70,6 +70,8 @@ pub struct MockDomain {
     /// Pages known to hold data (reported dirty, written by the host, or probed): data never
     /// turns back into a hole, so these need no `lseek` probe when read.
     known_data: DirtyBitmap,
+    /// The RAM's data pages are mapped into the host's mapping ([`GuestMem::populate_host`]).
+    host_populated: bool,
     /// The disk, shared with the vCPUs' host devices.
     disk: Option<DiskHandle>,
 }
@@ -152,6 +154,7 @@ impl MockDomain {
             tx_buf: vec![0; MAX_FRAME],
             holes: Holes::default(),
             known_data: DirtyBitmap::new(cfg.pages),
+            host_populated: false,
             disk: disk.map(DiskHandle),
         })
     }
@@ -410,6 +413,59 @@ impl MockDomain {
         }
     }
 
+    /// Writes `pfns` (checked, the domain paused) from `run(i, n)`: the bytes of pages
+    /// `i..i + n` of a run of consecutive pfns (`by_page`: of page `i` alone, then the next
+    /// page is asked for); then marks them clean in the dirty log.
+    fn write_checked<'d>(
+        &mut self,
+        pfns: &[u64],
+        by_page: bool,
+        run: &mut dyn FnMut(usize, usize) -> &'d [u8],
+    ) -> Result<(), BackendError> {
+        let mut runs = 0;
+        let mut i = 0;
+        let mut j = 0;
+        while i < pfns.len() {
+            if j <= i {
+                // A new run of consecutive pfns: `i..j`.
+                j = i + 1;
+                while j < pfns.len() && pfns[j] == pfns[j - 1] + 1 {
+                    j += 1;
+                }
+                runs += 1;
+            }
+            let n = if by_page { 1 } else { j - i };
+            let data = run(i, n);
+            if data.len() != n * PAGE_SIZE {
+                return Err(BackendError::DataLength {
+                    got: data.len(),
+                    want: n * PAGE_SIZE,
+                    pages: n,
+                });
+            }
+            let (off, mem) = (pfns[i] as usize * PAGE_SIZE, &self.shared.mem);
+            if self.tracker.logging() {
+                if !self.host_populated {
+                    // The first write through the host's mapping maps all RAM that holds
+                    // data into it at once (a secondary's first checkpoint after the initial
+                    // synchronisation), rather than a page fault per page in every apply.
+                    mem.populate_host();
+                    self.host_populated = true;
+                }
+                mem.write_host(off, data)
+            } else {
+                // No write protection to fault on: the guest's own mapping will do.
+                mem.write(off, data)
+            }
+            .map_err(|e| bad_state("write_pages", &e.to_string()))?;
+            i += n;
+        }
+        for &p in pfns {
+            let _ = self.known_data.set(p);
+        }
+        self.tracker.mark_clean_pfns(pfns, runs)
+    }
+
     /// Test hook: the tracker, for failure injection.
     #[cfg(test)]
     pub(crate) fn tracker_mut(&mut self) -> &mut Tracker {
@@ -592,10 +648,10 @@ impl Domain for MockDomain {
     }
 
     /// Copies the pages in, one copy per run of consecutive pfns: while the dirty log is on, a
-    /// `pwrite` to the RAM file (through the mapping, every write-protected page took a fault),
-    /// else a memcpy into the mapping. They count as clean in the dirty log afterwards
-    /// (as Xen does not log foreign-mapping writes), so a checkpoint's apply does not reappear
-    /// in the next harvest.
+    /// memcpy through the host's own mapping of the RAM file (through the guest's mapping every
+    /// write-protected page would take a fault), else a memcpy into the guest's mapping. They
+    /// count as clean in the dirty log afterwards (as Xen does not log foreign-mapping writes),
+    /// so a checkpoint's apply does not reappear in the next harvest.
     fn write_pages(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), BackendError> {
         if !self.paused {
             return Err(bad_state("write_pages", "the domain is running"));
@@ -609,32 +665,22 @@ impl Domain for MockDomain {
             });
         }
         self.check_pfns(pfns)?;
-        let mut runs = 0;
-        let mut i = 0;
-        while i < pfns.len() {
-            let mut j = i + 1;
-            while j < pfns.len() && pfns[j] == pfns[j - 1] + 1 {
-                j += 1;
-            }
-            let (off, run) = (
-                pfns[i] as usize * PAGE_SIZE,
-                &data[i * PAGE_SIZE..j * PAGE_SIZE],
-            );
-            let mem = &self.shared.mem;
-            if self.tracker.logging() {
-                mem.write_through_file(off, run)
-            } else {
-                // No write protection to fault on: a memcpy beats the file's per-page work.
-                mem.write(off, run)
-            }
-            .map_err(|e| bad_state("write_pages", &e.to_string()))?;
-            runs += 1;
-            i = j;
+        self.write_checked(pfns, false, &mut |i, n| {
+            &data[i * PAGE_SIZE..(i + n) * PAGE_SIZE]
+        })
+    }
+
+    /// Each page straight from where it lies (one memcpy per page, no gathering).
+    fn write_pages_from<'d>(
+        &mut self,
+        pfns: &[u64],
+        page: &mut dyn FnMut(usize) -> &'d [u8],
+    ) -> Result<(), BackendError> {
+        if !self.paused {
+            return Err(bad_state("write_pages_from", "the domain is running"));
         }
-        for &p in pfns {
-            let _ = self.known_data.set(p);
-        }
-        self.tracker.mark_clean_pfns(pfns, runs)
+        self.check_pfns(pfns)?;
+        self.write_checked(pfns, true, &mut |i, _| page(i))
     }
 
     fn get_state(&mut self, out: &mut Vec<u8>) -> Result<(), BackendError> {
@@ -800,6 +846,40 @@ mod tests {
             let mut b = DirtyBitmap::new(512);
             d.harvest_dirty(&mut b).unwrap();
             assert_eq!(b.to_pfns(), vec![1, 511], "{:?}", d.tracker_kind());
+        }
+    }
+
+    /// Pages written from wherever they lie land where `write_pages` puts them, count as
+    /// clean, leave the guest's own writes dirty, and a page of the wrong length is refused.
+    #[test]
+    fn write_pages_from_scattered_buffers() {
+        for t in [TrackerChoice::Auto, TrackerChoice::Fallback] {
+            let mut d = dom(t);
+            d.start_dirty_log().unwrap();
+            d.poke(1, 0, &[1]).unwrap();
+            let pfns = [40u64, 41, 42, 7, 300, 301, 5];
+            let bufs: Vec<Vec<u8>> = (0..pfns.len())
+                .map(|i| vec![0x30 + i as u8; PAGE_SIZE])
+                .collect();
+            d.pause().unwrap();
+            d.write_pages_from(&pfns, &mut |i| &bufs[i]).unwrap();
+            let ram = d.ram().unwrap();
+            for (i, &p) in pfns.iter().enumerate() {
+                let page = &ram[p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE];
+                assert!(page.iter().all(|&x| x == 0x30 + i as u8), "pfn {p}");
+            }
+            let short = [0u8; 100];
+            assert!(matches!(
+                d.write_pages_from(&[9], &mut |_| &short),
+                Err(BackendError::DataLength { .. })
+            ));
+            assert!(matches!(
+                d.write_pages_from(&[512], &mut |i| &bufs[i]),
+                Err(BackendError::PfnOutOfRange { .. })
+            ));
+            let mut b = DirtyBitmap::new(512);
+            d.harvest_dirty(&mut b).unwrap();
+            assert_eq!(b.to_pfns(), vec![1], "{:?}", d.tracker_kind());
         }
     }
 }

@@ -20,6 +20,11 @@ use std::sync::Arc;
 /// not `Clone` outside this crate: code handed a `&GuestMem` (a vCPU job) cannot keep it.
 pub struct GuestMem {
     _map: Arc<MmapRaw>,
+    /// A second shared mapping of the same file, for the host's writes into a paused guest
+    /// ([`GuestMem::write_host`]): the dirty tracker registers only the guest's mapping, so
+    /// writes through this one take no write-protect fault and are not logged.
+    _host_map: Arc<MmapRaw>,
+    host_base: *mut u8,
     file: Arc<File>,
     base: *mut u8,
     len: usize,
@@ -76,13 +81,25 @@ impl GuestMem {
                 op: "mmap guest RAM",
                 source: e,
             })?;
+        let host_map = MmapOptions::new()
+            .len(bytes)
+            .map_raw(&file)
+            .map_err(|e| MockError::Os {
+                op: "mmap guest RAM (host view)",
+                source: e,
+            })?;
         let base = map.as_mut_ptr();
-        crate::sys::no_huge_pages(base, bytes).map_err(|e| MockError::Os {
-            op: "madvise(MADV_NOHUGEPAGE)",
-            source: e,
-        })?;
+        let host_base = host_map.as_mut_ptr();
+        for b in [base, host_base] {
+            crate::sys::no_huge_pages(b, bytes).map_err(|e| MockError::Os {
+                op: "madvise(MADV_NOHUGEPAGE)",
+                source: e,
+            })?;
+        }
         Ok(Self {
             _map: Arc::new(map),
+            _host_map: Arc::new(host_map),
+            host_base,
             file: Arc::new(file),
             base,
             len: bytes,
@@ -93,6 +110,8 @@ impl GuestMem {
     pub(crate) fn share(&self) -> Self {
         Self {
             _map: Arc::clone(&self._map),
+            _host_map: Arc::clone(&self._host_map),
+            host_base: self.host_base,
             file: Arc::clone(&self.file),
             base: self.base,
             len: self.len,
@@ -150,19 +169,50 @@ impl GuestMem {
         Ok(())
     }
 
-    /// Copies `data` into guest RAM at `off` through the RAM file (`pwrite`), not the mapping:
-    /// no page fault is taken, and a page the dirty tracker write-protected stays protected,
-    /// so the write is not logged (the host writing a paused guest, as Xen's foreign mappings
-    /// are not logged). One call per contiguous range.
-    pub(crate) fn write_through_file(&self, off: usize, data: &[u8]) -> Result<(), MockError> {
-        use std::os::unix::fs::FileExt;
+    /// Copies `data` into guest RAM at `off` through the host's own mapping of the RAM file,
+    /// not the guest's: no write-protect fault is taken, and a page the dirty tracker
+    /// write-protected stays protected, so the write is not logged (the host writing a paused
+    /// guest, as Xen's foreign mappings are not logged). A memcpy, no syscall; the first write
+    /// to a page through this mapping takes one minor fault (its PTE), later ones none.
+    pub(crate) fn write_host(&self, off: usize, data: &[u8]) -> Result<(), MockError> {
         self.check(off, data.len())?;
-        self.file
-            .write_all_at(data, off as u64)
-            .map_err(|e| MockError::Os {
-                op: "pwrite guest RAM",
-                source: e,
-            })
+        // SAFETY: in bounds (checked; the host mapping has the guest mapping's length), the host
+        // mapping is alive while `self._host_map` lives, and `data` is a Rust buffer that cannot
+        // alias guest RAM (no reference to guest RAM escapes while writers may run).
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.host_base.add(off), data.len())
+        };
+        Ok(())
+    }
+
+    /// Maps every page of the RAM file that holds data into the host's mapping now
+    /// (`MADV_POPULATE_WRITE` over each data extent; holes stay holes), so later
+    /// [`GuestMem::write_host`] calls take no page fault: a checkpoint's apply then costs a
+    /// memcpy per page. Best effort: a kernel without it leaves the faults to the first
+    /// writes.
+    pub(crate) fn populate_host(&self) {
+        let mut holes = Holes::default();
+        let mut pfn = 0;
+        while pfn < self.pages() {
+            let hole = holes.is_hole(self, pfn);
+            let (start, end) = (holes.start as usize, (holes.end as usize).min(self.len));
+            if !hole && end > start {
+                // SAFETY: `start..end` lies inside the host mapping (the extent is clamped to
+                // the RAM's length); MADV_POPULATE_WRITE only faults those pages in, it reads
+                // and writes no data.
+                let r = unsafe {
+                    libc::madvise(
+                        self.host_base.add(start).cast(),
+                        end - start,
+                        libc::MADV_POPULATE_WRITE,
+                    )
+                };
+                if r != 0 {
+                    return;
+                }
+            }
+            pfn = (end / PAGE_SIZE).max(pfn as usize + 1) as u64;
+        }
     }
 
     /// Reads a little-endian u64 at `off` (guest data layout is little-endian).

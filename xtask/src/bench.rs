@@ -203,12 +203,27 @@ fn run_sections(quick: bool, sections: &str, json_path: Option<&Path>) -> Result
 
 /// `--only throughput`: the initial synchronisation of a 1 GiB pair whose RAM exists, then
 /// checkpoints of 10,000 scattered pages on it: their throughput (NEW → SVM_READY) and phases,
-/// each beside raw loopback TCP measured right before.
+/// each beside raw loopback TCP measured right before; for plaintext records
+/// (`--insecure-plaintext`, the headline) and then for a sealed link (AES-256-GCM).
 fn throughput_alone(quick: bool) -> Result<Value> {
+    let plain = throughput_pair(quick, true)?;
+    let sealed = throughput_pair(quick, false)?;
+    let mut j = plain;
+    extend(&mut j, json!({ "sealed": sealed }));
+    Ok(j)
+}
+
+/// [`throughput_alone`] for one pair: plaintext records or a sealed link.
+fn throughput_pair(quick: bool, plaintext: bool) -> Result<Value> {
+    let link = if plaintext {
+        "plaintext records"
+    } else {
+        "sealed link"
+    };
     let tcp_mib = if quick { 256 } else { 2048 };
     let sync_tcp = tcp_baseline(tcp_mib)?;
-    // Plaintext records (the headline pair holds no key), every page of both guests existing.
-    let mut pair = Pair::start_with(GIB, "throughput", Some(true))?;
+    // Every page of both guests existing.
+    let mut pair = Pair::start_with(GIB, "throughput", Some(plaintext))?;
     let sync_gbps = GIB as f64 / pair.synced_in.as_secs_f64() / 1e9;
     let tcp = tcp_baseline(tcp_mib)?;
     let reps = if quick { 12 } else { 50 };
@@ -234,13 +249,14 @@ fn throughput_alone(quick: bool) -> Result<Value> {
     ];
     let tcp_ms = p(|f| f.bytes_sent as f64) / (tcp * 1e9) * 1e3;
     println!(
-        "\ncheckpoints of 10,000 pages ({reps}), p50 ms: harvest {:.1} + capture {:.1} + back \
-         channel {:.1} + send {:.1} + commit {:.1}; NEW → SVM_READY {:.1} (raw TCP {tcp_ms:.1})",
+        "\n{link}: checkpoints of 10,000 pages ({reps}), p50 ms: harvest {:.1} + capture {:.1} + \
+         back channel {:.1} + send {:.1} + commit {:.1}; NEW → SVM_READY {:.1} (raw TCP \
+         {tcp_ms:.1})",
         phases[0], phases[1], phases[2], phases[3], phases[4], phases[5]
     );
     println!(
-        "checkpoint throughput {gbps:.2} GB/s = {:.2} × raw TCP ({tcp:.2} GB/s); initial sync \
-         (1 GiB) {sync_gbps:.2} GB/s = {:.2} × raw TCP ({sync_tcp:.2} GB/s)",
+        "{link}: checkpoint throughput {gbps:.2} GB/s = {:.2} × raw TCP ({tcp:.2} GB/s); initial \
+         sync (1 GiB) {sync_gbps:.2} GB/s = {:.2} × raw TCP ({sync_tcp:.2} GB/s)",
         gbps / tcp,
         sync_gbps / sync_tcp
     );

@@ -14,7 +14,7 @@ use colo_core::{Guest, OutputSignal};
 use crossbeam_channel::Receiver;
 
 use crate::control::ControlCommand;
-use crate::link::{Link, ReadSlice};
+use crate::link::{Link, ReadSlice, Span};
 use crate::status::{NodeStatus, Shared};
 
 use super::{NodeOptions, MAX_SLEEP};
@@ -146,8 +146,25 @@ pub trait Role: Sized {
     fn clients(&self) -> Option<&Receiver<(u64, Vec<u8>)>> {
         None
     }
-    /// One event from the link, stamped with its arrival.
-    fn on_event<G: Guest>(&mut self, guest: &mut G, now: Instant, ev: &Event<'_>) -> Result<Next>;
+    /// One event from the link, stamped with its arrival, and the receive buffer it was
+    /// decoded from.
+    fn on_event<G: Guest>(
+        &mut self,
+        guest: &mut G,
+        now: Instant,
+        ev: &Event<'_>,
+        span: Span,
+    ) -> Result<Next>;
+    /// Right after [`Role::on_event`], with the link reachable again (the initial
+    /// synchronisation's pages are written from its buffers).
+    fn after_event<G: Guest>(&mut self, _io: &mut Io<G>) -> Result<()> {
+        Ok(())
+    }
+    /// The first receive buffer whose bytes the role still refers to (the link keeps it and
+    /// every later one when used up; see [`Link::keep_from`]).
+    fn keep_buffers_from(&self) -> Option<u64> {
+        None
+    }
     /// Between the two rounds of actions: requests into the guest, its output out, and (the
     /// primary) the checkpoint policy.
     fn serve<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()>;
@@ -319,7 +336,7 @@ impl<G: Guest, R: Role> Node<G, R> {
         // initial synchronisation onto a slow hypervisor) is being consumed.
         let mut slice = ReadSlice::new(MAX_READ_SLICE);
         while let Some(link) = self.io.link.as_mut() {
-            let ev = match link.next_event_until(&mut slice) {
+            let (ev, span) = match link.next_event_until(&mut slice) {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
                 Err(e) => {
@@ -329,7 +346,12 @@ impl<G: Guest, R: Role> Node<G, R> {
                 }
             };
             let now = slice.stamp(&ev);
-            match self.role.on_event(&mut self.io.guest, now, &ev)? {
+            let next = self.role.on_event(&mut self.io.guest, now, &ev, span)?;
+            self.role.after_event(&mut self.io)?;
+            if let Some(link) = self.io.link.as_mut() {
+                link.keep_from(self.role.keep_buffers_from());
+            }
+            match next {
                 Next::ReadOn => {}
                 Next::StopReading => break,
                 Next::Refused(e) => {

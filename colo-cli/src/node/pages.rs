@@ -7,6 +7,10 @@ use colo_core::stream::{
 };
 use colo_core::{BackendError, Domain, PAGE_SIZE};
 
+use anyhow::{bail, Result};
+
+use crate::link::{Link, Span};
+
 /// Checks that a backend's `read_pages` visitor got page `i` when page `next` was due, and
 /// moves `next` on: the page buffers are laid out in request order.
 pub(super) fn in_order(next: &mut usize, i: usize) -> Result<(), BackendError> {
@@ -241,44 +245,118 @@ fn invalid(what: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string())
 }
 
-/// The initial synchronisation's pages on their way into the secondary's guest: written a
-/// record (≤ 1024 pages) at a time, so a hypervisor maps them in one call, not one per page.
-#[derive(Debug)]
+/// The initial synchronisation's pages on the secondary, written into the guest a record's
+/// worth at a time ([`SyncPages::due`]) from where they were received (see [`StagedPages`]).
+#[derive(Debug, Default)]
 pub(super) struct SyncPages {
     pfns: Vec<u64>,
-    data: Vec<u8>,
+    pages: StagedPages,
 }
 
 impl SyncPages {
-    pub(super) fn new() -> Self {
-        Self {
-            pfns: Vec::with_capacity(MAX_PAGES_PER_RECORD),
-            data: Vec::with_capacity(MAX_PAGES_PER_RECORD * PAGE_SIZE),
-        }
-    }
-
-    /// Buffers page `pfn`; writes the buffer out once it holds a record's worth.
-    pub(super) fn push(
-        &mut self,
-        guest: &mut dyn Domain,
-        pfn: u64,
-        data: &[u8],
-    ) -> Result<(), BackendError> {
+    /// Buffers page `pfn`, `data` decoded from the bytes of `span`.
+    pub(super) fn push(&mut self, pfn: u64, data: &[u8], span: Span) {
         self.pfns.push(pfn);
-        self.data.extend_from_slice(data);
-        if self.pfns.len() >= MAX_PAGES_PER_RECORD {
-            self.flush(guest)?;
-        }
-        Ok(())
+        self.pages.push(data, span);
     }
 
-    /// Writes the buffered pages to the guest.
-    pub(super) fn flush(&mut self, guest: &mut dyn Domain) -> Result<(), BackendError> {
+    /// A record's worth is buffered: time to [`SyncPages::flush`].
+    pub(super) fn due(&self) -> bool {
+        self.pfns.len() >= MAX_PAGES_PER_RECORD
+    }
+
+    /// The first receive buffer the buffered pages need.
+    pub(super) fn first_buffer(&self) -> Option<u64> {
+        self.pages.first_buffer()
+    }
+
+    /// Writes the buffered pages to the guest, from `link`'s receive buffers.
+    pub(super) fn flush(&mut self, guest: &mut dyn Domain, link: Option<&Link>) -> Result<()> {
         if !self.pfns.is_empty() {
-            guest.write_pages(&self.pfns, &self.data)?;
+            self.pages.write(guest, &self.pfns, link)?;
         }
         self.pfns.clear();
-        self.data.clear();
+        self.pages.clear();
+        Ok(())
+    }
+}
+
+/// Where a staged page lies.
+#[derive(Debug, Clone, Copy)]
+enum PageAt {
+    /// In the link's receive buffer `seq`, at `off`.
+    Buffer { seq: u64, off: usize },
+    /// In [`StagedPages::copied`], at this offset.
+    Copied(usize),
+}
+
+/// A checkpoint's pages on the secondary until its CHECKPOINT: each where it was received, in
+/// the link's receive buffer (which the link keeps until the apply), or copied when the
+/// decoder handed it out of its own buffer (a page that straddled two receive buffers, or one
+/// unpacked from PACKED_PAGES). The apply copies each page once, from there into the SVM.
+#[derive(Debug, Default)]
+pub(super) struct StagedPages {
+    at: Vec<PageAt>,
+    copied: Vec<u8>,
+    /// The first receive buffer a page lies in.
+    first: Option<u64>,
+}
+
+impl StagedPages {
+    /// Stages the next page, `data` (4096 bytes), decoded from the bytes of `span`.
+    pub(super) fn push(&mut self, data: &[u8], span: Span) {
+        match span.offset_of(data) {
+            Some(off) => {
+                self.first.get_or_insert(span.seq);
+                self.at.push(PageAt::Buffer { seq: span.seq, off });
+            }
+            None => {
+                self.at.push(PageAt::Copied(self.copied.len()));
+                self.copied.extend_from_slice(data);
+            }
+        }
+    }
+
+    /// The first receive buffer the staged pages need (see [`Link::keep_from`]).
+    pub(super) fn first_buffer(&self) -> Option<u64> {
+        self.first
+    }
+
+    /// Drops the staged pages (the buffers keep their capacity).
+    pub(super) fn clear(&mut self) {
+        self.at.clear();
+        self.copied.clear();
+        self.first = None;
+    }
+
+    /// Writes the staged pages into `guest` as the pages of `pfns` (one staged page per pfn,
+    /// in order), from `link`'s kept receive buffers and the copies.
+    pub(super) fn write(
+        &self,
+        guest: &mut dyn Domain,
+        pfns: &[u64],
+        link: Option<&Link>,
+    ) -> Result<()> {
+        if pfns.len() != self.at.len() {
+            bail!(
+                "{} pfns staged but {} pages (the secondary's staging is out of step)",
+                pfns.len(),
+                self.at.len()
+            );
+        }
+        // Every page's bytes are looked up first, so the copy below cannot miss one.
+        let page = |at: &PageAt| -> Option<&[u8]> {
+            match *at {
+                PageAt::Buffer { seq, off } => link?.buffer(seq)?.get(off..off + PAGE_SIZE),
+                PageAt::Copied(off) => self.copied.get(off..off + PAGE_SIZE),
+            }
+        };
+        if let Some(i) = self.at.iter().position(|a| page(a).is_none()) {
+            bail!("staged page {i} (pfn {}) is no longer received", pfns[i]);
+        }
+        guest.write_pages_from(pfns, &mut |i| {
+            self.at.get(i).and_then(page).unwrap_or_default()
+        })?;
         Ok(())
     }
 }
@@ -377,5 +455,33 @@ mod tests {
             .write(&mut plain, &pfns, &present, &data)
             .unwrap();
         assert_eq!(out, plain, "random pages are sent as PAGE_DATA");
+    }
+
+    /// Staged pages decoded out of the decoder's own buffer are copied and written back in
+    /// order; a page that lies in a receive buffer needs the link that keeps it.
+    #[test]
+    fn staged_pages_copies_and_references() {
+        use colo_mock::{MockConfig, MockDomain, Workload};
+        let mut dom = MockDomain::create(MockConfig::new(512, Workload::Idle, 1)).unwrap();
+        let pages: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; PAGE_SIZE]).collect();
+        let mut staged = StagedPages::default();
+        for p in &pages {
+            staged.push(p, Span::NONE);
+        }
+        assert_eq!(staged.first_buffer(), None, "copies need no receive buffer");
+        assert!(
+            staged.write(&mut dom, &[9, 3], None).is_err(),
+            "one pfn per page"
+        );
+        staged.write(&mut dom, &[9, 3, 9], None).unwrap();
+        let ram = dom.ram().unwrap();
+        assert!(ram[9 * PAGE_SIZE..10 * PAGE_SIZE].iter().all(|&x| x == 3));
+        assert!(ram[3 * PAGE_SIZE..4 * PAGE_SIZE].iter().all(|&x| x == 2));
+        staged.clear();
+        let received = vec![7u8; 2 * PAGE_SIZE];
+        staged.push(&received[PAGE_SIZE..], Span::over(5, &received));
+        assert_eq!(staged.first_buffer(), Some(5));
+        let err = staged.write(&mut dom, &[1], None).unwrap_err();
+        assert!(err.to_string().contains("no longer received"), "{err}");
     }
 }

@@ -25,7 +25,7 @@ use super::protect::{goodbye, goodbye_in_background, Protecting};
 use super::NodeOptions;
 use crate::arbiter::Unreachable;
 use crate::control::ControlCommand;
-use crate::link::Link;
+use crate::link::{Link, Span};
 use crate::service::Service;
 use crate::status::{NodeStatus, Shared};
 
@@ -339,7 +339,13 @@ impl Role for PrimaryRole {
         self.clients.as_ref().map(|c| c.receiver())
     }
 
-    fn on_event<G: Guest>(&mut self, _guest: &mut G, now: Instant, ev: &Event<'_>) -> Result<Next> {
+    fn on_event<G: Guest>(
+        &mut self,
+        _guest: &mut G,
+        now: Instant,
+        ev: &Event<'_>,
+        _span: Span,
+    ) -> Result<Next> {
         let res = match ev {
             Event::Record(rec) => self.engine.on_record(now, rec),
             other => Err(EngineError::Unexpected {

@@ -18,12 +18,12 @@ use colo_core::{AlignConfig, Aligner, Guest};
 use super::capture::{settled_digest, Watch};
 use super::disk;
 use super::driver::{flush, nonce, run_fence, Io, Next, Node, Role};
-use super::pages::SyncPages;
+use super::pages::{StagedPages, SyncPages};
 use super::primary::{Handover, PrimaryNode, ARBITER_POLL};
 use super::NodeOptions;
 use crate::arbiter::Unreachable;
 use crate::control::ControlCommand;
-use crate::link::Link;
+use crate::link::{Link, Span};
 use crate::status::{NodeStatus, Shared};
 
 /// A running secondary.
@@ -52,6 +52,11 @@ pub struct SecondaryRole {
     /// The guest's addresses, learnt from the SVM's output (announced by a takeover).
     learnt: Neighbours,
     sync: SyncPages,
+    /// The initial synchronisation's buffered pages are to be written (a record's worth, or
+    /// its PAGE_DATA ended).
+    sync_due: bool,
+    /// The pages of the checkpoint being received (`Delivery::StagePage`), until its apply.
+    staged: StagedPages,
     /// Dirty-log scratch for the verification option.
     late: Option<DirtyBitmap>,
     /// The SVM's dirty log is on.
@@ -163,7 +168,9 @@ impl<G: Guest> Node<G, SecondaryRole> {
             inputs: VecDeque::new(),
             out_frames: Vec::new(),
             learnt: Neighbours::default(),
-            sync: SyncPages::new(),
+            sync: SyncPages::default(),
+            sync_due: false,
+            staged: StagedPages::default(),
             late: None,
             logging: false,
             listener: listener.try_clone().ok(),
@@ -293,10 +300,17 @@ impl Role for SecondaryRole {
         }
     }
 
-    fn on_event<G: Guest>(&mut self, guest: &mut G, now: Instant, ev: &Event<'_>) -> Result<Next> {
+    fn on_event<G: Guest>(
+        &mut self,
+        guest: &mut G,
+        now: Instant,
+        ev: &Event<'_>,
+        span: Span,
+    ) -> Result<Next> {
         self.events_seen += 1;
         match self.engine.on_event(now, ev) {
-            Ok(Some(Delivery::WritePage { pfn, data })) => self.sync.push(guest, pfn, data)?,
+            Ok(Some(Delivery::WritePage { pfn, data })) => self.sync.push(pfn, data, span),
+            Ok(Some(Delivery::StagePage { data, .. })) => self.staged.push(data, span),
             Ok(Some(Delivery::Input { seq, frame })) => {
                 self.inputs.push_back((seq, frame.to_vec()));
             }
@@ -304,14 +318,27 @@ impl Role for SecondaryRole {
             Ok(None) => {}
             Err(e) => return Ok(Next::Refused(e)),
         }
-        if matches!(ev, Event::PageDataEnd) {
-            self.sync.flush(guest)?;
-        }
+        // Written after this event (`after_event`), when the link's buffers can be reached.
+        self.sync_due |= matches!(ev, Event::PageDataEnd) || self.sync.due();
         // Apply a complete checkpoint before reading further.
         if matches!(self.engine.state(), SecondaryState::Applying { .. }) {
             return Ok(Next::StopReading);
         }
         Ok(Next::ReadOn)
+    }
+
+    fn after_event<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
+        if std::mem::take(&mut self.sync_due) {
+            self.sync.flush(&mut io.guest, io.link.as_ref())?;
+        }
+        Ok(())
+    }
+
+    fn keep_buffers_from(&self) -> Option<u64> {
+        match (self.staged.first_buffer(), self.sync.first_buffer()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn serve<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
@@ -367,6 +394,8 @@ impl SecondaryRole {
     /// `HarvestDirty`: the SVM's dirty log (B) into the machine's bitmap.
     fn harvest<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
         io.guest.harvest_dirty(self.engine.harvest_target())?;
+        // A new checkpoint begins: pages of a torn one (never applied) are dropped.
+        self.staged.clear();
         self.engine.harvested(Instant::now())?;
         Ok(())
     }
@@ -375,9 +404,14 @@ impl SecondaryRole {
     /// digested when verifying; then the machine is told.
     fn apply<G: Guest>(&mut self, io: &mut Io<G>, epoch: u64) -> Result<()> {
         let t = Instant::now();
-        self.sync.flush(&mut io.guest)?;
-        io.guest
-            .write_pages(self.engine.staged_pfns(), self.engine.staged_data())?;
+        self.sync.flush(&mut io.guest, io.link.as_ref())?;
+        let kept = io.link.as_ref().map_or(0, Link::kept_buffers);
+        self.staged
+            .write(&mut io.guest, self.engine.staged_pfns(), io.link.as_ref())?;
+        self.staged.clear();
+        if let Some(link) = io.link.as_mut() {
+            link.keep_from(None);
+        }
         io.guest.set_state(self.engine.staged_state())?;
         disk::apply(io, &mut self.engine, epoch)?;
         // Frames the SVM emitted in the old epoch are superseded.
@@ -395,7 +429,7 @@ impl SecondaryRole {
         }
         let digest = self.digest_applied(io)?;
         tracing::debug!(
-            "checkpoint {epoch}: {} pages applied{} in {:.1} ms",
+            "checkpoint {epoch}: {} pages applied (from {kept} kept receive buffers){} in {:.1} ms",
             self.engine.staged_pfns().len(),
             if digest.is_some() {
                 " and digested"
@@ -627,6 +661,9 @@ impl SecondaryRole {
             Instant::now(),
         );
         self.events_seen = 0;
+        // Nothing staged refers to the new link's buffers.
+        self.staged.clear();
+        self.sync = SyncPages::default();
         io.attach(link);
         flush(self, io);
         Ok(())

@@ -162,7 +162,8 @@ pub enum SecondaryAction {
     Pause,
     /// Harvest the dirty log into [`Secondary::harvest_target`], then call [`Secondary::harvested`].
     HarvestDirty,
-    /// Write [`Secondary::staged_pfns`] / [`Secondary::staged_data`] into the SVM and set its state
+    /// Write the pages of [`Secondary::staged_pfns`] (page `i` is the data of the `i`-th
+    /// [`Delivery::StagePage`] of this checkpoint, kept by the driver) into the SVM and set its state
     /// to [`Secondary::staged_state`] (when verifying, then digest all memory and the state), then
     /// call [`Secondary::applied`]. The SVM is paused. With a disk: drop the SVM's overlay and
     /// write [`Secondary::staged_disk_blocks`] / [`Secondary::staged_disk_data`] into the disk
@@ -217,6 +218,16 @@ pub enum Delivery<'a> {
         /// 4096 bytes.
         data: &'a [u8],
     },
+    /// A checkpoint's page (its pfn checked and counted): the driver keeps `data` (or a
+    /// reference to the buffer it was received in) for the [`SecondaryAction::Apply`] of this
+    /// checkpoint, as the `i`-th page of [`Secondary::staged_pfns`]. Nothing is written into the
+    /// SVM before that; a torn checkpoint's pages are simply dropped.
+    StagePage {
+        /// The pfn.
+        pfn: u64,
+        /// 4096 bytes.
+        data: &'a [u8],
+    },
     /// Initial synchronisation: write these disk blocks into the disk image now (every block
     /// number was checked against the disk).
     WriteBlocks(DiskBlocks<'a>),
@@ -234,12 +245,12 @@ enum StreamHeaders {
 }
 
 /// The checkpoint being received, staged until its CHECKPOINT, and applied after it. The
-/// buffers are kept across checkpoints; they hold at most the checkpoint's |D| pages, never
-/// more than the guest has.
+/// buffers are kept across checkpoints; they hold at most the checkpoint's |D| pfns, never more
+/// than the guest has. The pages' data stays with the driver ([`Delivery::StagePage`]), which
+/// receives it.
 #[derive(Debug, Default)]
 struct Staging {
     pfns: Vec<u64>,
-    data: Vec<u8>,
     state: Vec<u8>,
     /// The disk's blocks of the checkpoint being applied (bounded by the disk's block count):
     /// what [`Secondary::next_disk`] held when its CHECKPOINT arrived.
@@ -247,7 +258,8 @@ struct Staging {
 }
 
 impl Staging {
-    /// Stages page `pfn` of checkpoint `epoch` of a guest of `pages` pages.
+    /// Stages page `pfn` of checkpoint `epoch` of a guest of `pages` pages (its data, whole
+    /// pages only, goes to the driver).
     fn page(&mut self, epoch: u64, pages: u64, pfn: u64, data: &[u8]) -> Result<(), EngineError> {
         if pfn >= pages {
             return Err(EngineError::PfnOutOfRange { pfn, pages });
@@ -255,13 +267,14 @@ impl Staging {
         if self.pfns.len() as u64 >= pages {
             return Err(EngineError::CheckpointTooLarge { epoch, pages });
         }
-        self.pfns.push(pfn);
-        self.data
-            .extend_from_slice(&data[..PAGE_SIZE.min(data.len())]);
-        if data.len() < PAGE_SIZE {
-            // The decoder always yields whole pages; keep the invariant regardless.
-            self.data.resize(self.pfns.len() * PAGE_SIZE, 0);
+        if data.len() != PAGE_SIZE {
+            // The decoder always yields whole pages.
+            return Err(EngineError::unexpected(
+                "ReceivingCheckpoint",
+                format!("a page of {} bytes", data.len()),
+            ));
         }
+        self.pfns.push(pfn);
         Ok(())
     }
 
@@ -273,7 +286,6 @@ impl Staging {
 
     fn clear(&mut self) {
         self.pfns.clear();
-        self.data.clear();
         self.state.clear();
         self.disk.clear();
     }
@@ -335,11 +347,6 @@ impl Secondary {
     /// Staged pfns of the checkpoint to apply, in arrival order (a later copy of a pfn wins).
     pub fn staged_pfns(&self) -> &[u64] {
         &self.staged.pfns
-    }
-
-    /// Staged page data, 4096 bytes per staged pfn.
-    pub fn staged_data(&self) -> &[u8] {
-        &self.staged.data
     }
 
     /// The staged vCPU/platform state.
@@ -453,7 +460,7 @@ impl Secondary {
             SecondaryState::InitialSync { .. } => Ok(Some(Delivery::WritePage { pfn, data })),
             SecondaryState::ReceivingCheckpoint { epoch, .. } => {
                 self.staged.page(epoch, pages, pfn, data)?;
-                Ok(None)
+                Ok(Some(Delivery::StagePage { pfn, data }))
             }
             _ => Err(self.state.unexpected("PAGE_DATA")),
         }
