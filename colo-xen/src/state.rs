@@ -20,6 +20,8 @@
 //! Nothing may follow. Decoding checks every length against the bytes present before slicing
 //! and never allocates.
 
+use std::ops::Range;
+
 use thiserror::Error;
 
 /// The blob's magic bytes.
@@ -130,24 +132,18 @@ pub fn clear_pending_vector(ctx: &mut [u8], vector: u8) -> usize {
     let mask = 1u8 << (vector % 8);
     let mut cleared = 0;
     let mut at = 0;
-    while at + 8 <= ctx.len() {
-        let code = u16_at(ctx, at);
-        let len = u32_at(ctx, at + 4) as usize;
-        let body = at + 8;
-        let Some(end) = body.checked_add(len).filter(|&e| e <= ctx.len()) else {
-            break;
-        };
+    while let Some(Ok((code, _, body))) = record_at(ctx, at) {
         if code == 0 {
             break;
         }
-        if code == HVM_SAVE_LAPIC_REGS && len > byte {
-            let b = &mut ctx[body + byte];
+        at = body.end;
+        if code == HVM_SAVE_LAPIC_REGS && body.len() > byte {
+            let b = &mut ctx[body.start + byte];
             if *b & mask != 0 {
                 *b &= !mask;
                 cleared += 1;
             }
         }
-        at = end;
     }
     cleared
 }
@@ -191,29 +187,39 @@ fn record_name(code: u16) -> &'static str {
     }
 }
 
-/// One record of an HVM context: type code, instance, body.
-fn records(ctx: &[u8]) -> impl Iterator<Item = Result<(u16, u16, &[u8]), String>> + '_ {
+/// A record's type code, instance and the byte range of its body in the context.
+type RecordSpan = (u16, u16, Range<usize>);
+
+/// The record of an HVM context (as `xc_domain_hvm_getcontext` returns it: a u16 type code, a
+/// u16 instance, a u32 length, then the body) that starts at byte `at`: `(type code,
+/// instance, the body's byte range)`; `None` at the end, an error naming a record cut short.
+fn record_at(ctx: &[u8], at: usize) -> Option<Result<RecordSpan, String>> {
+    if at >= ctx.len() {
+        return None;
+    }
+    if at + 8 > ctx.len() {
+        return Some(Err(format!("a record header cut short at byte {at}")));
+    }
+    let (code, inst) = (u16_at(ctx, at), u16_at(ctx, at + 2));
+    let len = u32_at(ctx, at + 4) as usize;
+    let body = at + 8;
+    Some(match body.checked_add(len).filter(|&e| e <= ctx.len()) {
+        Some(end) => Ok((code, inst, body..end)),
+        None => Err(format!(
+            "record {} #{inst} of {len} bytes runs past the context",
+            record_name(code)
+        )),
+    })
+}
+
+/// Every record of an HVM context: type code, instance, body (see [`record_at`]); a record
+/// cut short is the last item, an error.
+pub fn records(ctx: &[u8]) -> impl Iterator<Item = Result<(u16, u16, &[u8]), String>> + '_ {
     let mut at = 0;
     std::iter::from_fn(move || {
-        if at >= ctx.len() {
-            return None;
-        }
-        if at + 8 > ctx.len() {
-            at = ctx.len();
-            return Some(Err(format!("a record header cut short at byte {at}")));
-        }
-        let (code, inst) = (u16_at(ctx, at), u16_at(ctx, at + 2));
-        let len = u32_at(ctx, at + 4) as usize;
-        let body = at + 8;
-        let Some(end) = body.checked_add(len).filter(|&e| e <= ctx.len()) else {
-            at = ctx.len();
-            return Some(Err(format!(
-                "record {} #{inst} of {len} bytes runs past the context",
-                record_name(code)
-            )));
-        };
-        at = end;
-        Some(Ok((code, inst, &ctx[body..end])))
+        let r = record_at(ctx, at)?;
+        at = r.as_ref().map_or(ctx.len(), |(_, _, body)| body.end);
+        Some(r.map(|(code, inst, body)| (code, inst, &ctx[body])))
     })
 }
 

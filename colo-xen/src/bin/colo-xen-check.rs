@@ -130,22 +130,12 @@ fn page_hashes(dom: &mut XenDomain, pfns: &[u64], out: &mut Vec<u64>) -> Result<
 fn cpu_registers(ctx: &[u8]) -> Vec<(u16, &[u8])> {
     const CPU: u16 = 2;
     const REGS: usize = 512 + 22 * 8;
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at + 8 <= ctx.len() {
-        let code = u16::from_le_bytes([ctx[at], ctx[at + 1]]);
-        let inst = u16::from_le_bytes([ctx[at + 2], ctx[at + 3]]);
-        let len = u32::from_le_bytes([ctx[at + 4], ctx[at + 5], ctx[at + 6], ctx[at + 7]]) as usize;
-        let body = at + 8;
-        if code == 0 || body + len > ctx.len() {
-            break;
-        }
-        if code == CPU && len >= REGS {
-            out.push((inst, &ctx[body..body + REGS]));
-        }
-        at = body + len;
-    }
-    out
+    colo_xen::state::records(ctx)
+        .map_while(std::result::Result::ok)
+        .take_while(|&(code, _, _)| code != 0)
+        .filter(|&(code, _, body)| code == CPU && body.len() >= REGS)
+        .map(|(_, inst, body)| (inst, &body[..REGS]))
+        .collect()
 }
 
 const REG_NAMES: [&str; 22] = [
