@@ -390,7 +390,16 @@ impl XenDomain {
     /// After `set_state`, a vCPU may still be blocked inside Xen (it was idle when paused)
     /// while the restored memory holds pending events: Xen wakes a blocked vCPU only when an
     /// event *becomes* pending. [`XenDomain::wake`] unblocks them.
+    ///
+    /// The timer VIRQs are raised only when an upcall follows. A pending bit that no upcall
+    /// delivers is worse than none: Xen sets a port's bit and raises the upcall only if the bit
+    /// was clear (`evtchn_2l_set_pending`), so every later timer event of that port would be
+    /// dropped, and an idle guest would never run again (seen on Xen 4.17: the selftest, which
+    /// loaded a domain's own state without a wake vector, left the guest silent after tick 6).
     fn wake_restored(&mut self) -> Result<(), XenError> {
+        if self.upcall_vector()?.is_none() {
+            return Ok(());
+        }
         self.raise_timer_virqs()?;
         self.wake().map(|_| ())
     }

@@ -421,12 +421,30 @@ fn resume_after_set_state_delivers_the_upcall_vector_to_every_vcpu() {
 
     let (fake, mut dom) = open(64);
     fake.lock().max_vcpu_id = 1;
-    // No callback registered and no wake vector: nothing is injected.
+    // No callback registered and no wake vector: nothing is injected, and no timer port is
+    // raised either (a pending bit that no upcall delivers makes Xen drop later timer events).
+    fake.lock().ports = vec![
+        EvtchnStatus {
+            status: 0,
+            vcpu: 0,
+            virq: 0,
+        },
+        EvtchnStatus {
+            status: 4,
+            vcpu: 0,
+            virq: 0,
+        },
+    ];
+    fake.lock().shared_info_frame = 9;
+    let page = |f: &FakeHandle| f.lock().memory[9 * 4096..10 * 4096].to_vec();
+    let before = page(&fake);
     dom.set_wake_vector(None);
     dom.pause().expect("pause");
     dom.set_state(&blob).expect("set");
     dom.resume().expect("resume");
     assert!(fake.lock().msis.is_empty());
+    assert_eq!(dom.timers_raised(), 0);
+    assert_eq!(page(&fake), before, "shared info written without a wake");
 
     // Vector callback 0xf3 registered (type 2 in bits 63..56).
     fake.lock().params.insert(0, (2 << 56) | 0xf3);

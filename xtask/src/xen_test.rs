@@ -77,6 +77,7 @@ const MODULES: [&str; 5] = [
 const USAGE: &str = "\
 usage: cargo xtask xen-test [--deadline SECS] [--checkpoints N] [--interval-ms MS] [--verbose]
                             [--verify] [--takeovers N] [--advisory-takeover] [--advisory-colo]
+                            [--xen-debug]
   --deadline SECS   give up after this long in all, both boots included (default 3600; a
                     boot whose console stays silent for 300 s times the measured slowdown is
                     stopped sooner)
@@ -87,7 +88,9 @@ usage: cargo xtask xen-test [--deadline SECS] [--checkpoints N] [--interval-ms M
   --takeovers N     takeovers in a chain (default 1): after each, the survivor re-protects onto
                     a freshly booted domain with `colo protect` and its own host dies in turn
   --advisory-takeover  report, without failing, when colo-b does not go on after colo's failover
-  --advisory-colo   report the colo stage without failing on it (debugging)";
+  --advisory-colo   report the colo stage without failing on it (debugging)
+  --xen-debug       boot Xen with loglvl=all guest_loglvl=all, so that Xen names why it crashed
+                    a guest (on by default with --takeovers above 1)";
 
 struct Opts {
     deadline: Duration,
@@ -98,6 +101,7 @@ struct Opts {
     takeovers: u32,
     require_takeover: bool,
     require_colo: bool,
+    xen_debug: bool,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
@@ -110,6 +114,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         takeovers: 1,
         require_takeover: true,
         require_colo: true,
+        xen_debug: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -133,6 +138,7 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--require-takeover" => o.require_takeover = true,
             "--advisory-takeover" => o.require_takeover = false,
             "--advisory-colo" => o.require_colo = false,
+            "--xen-debug" => o.xen_debug = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -140,6 +146,9 @@ fn parse(args: &[String]) -> Result<Opts> {
             other => bail!("xen-test: unknown argument `{other}`\n{USAGE}"),
         }
     }
+    // A chain is the run that diagnoses takeovers: Xen says why it crashed a guest only at
+    // its verbose log levels.
+    o.xen_debug |= o.takeovers > 1;
     Ok(o)
 }
 
@@ -560,6 +569,9 @@ fn build_dom0(
             .with_context(|| format!("copying {}", src.display()))?;
     }
     std::fs::copy(vmlinuz, root.join("root/vmlinuz"))?;
+    // The guests' kernel symbols: a guest that does not go on is shown with `xenctx -S`.
+    let map = find_one(&x.join("boot"), "System.map-")?;
+    std::fs::copy(&map, root.join("root/System.map"))?;
     std::fs::copy(domu, root.join("root/domU.cpio"))?;
     std::fs::copy(scripts.join("guest.cfg"), root.join("root/guest.cfg"))?;
     copy_exec(&scripts.join("dom0-init"), &root.join("init"))?;
@@ -662,13 +674,35 @@ fn boot_and_watch(
 ) -> Result<Outcome> {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
-        "-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm,+npt", "-m", "3G",
-        "-smp", "2", "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "qemu64,+svm,+npt",
+        "-m",
+        "3G",
+        "-smp",
+        "2",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
     ])
     .arg("-kernel")
     .arg(xen)
     .arg("-append")
-    .arg("console=com1 com1=115200,8n1 dom0_mem=1G,max:1G loglvl=warning guest_loglvl=info noreboot console_timestamps=boot")
+    .arg(format!(
+        "console=com1 com1=115200,8n1 dom0_mem=1G,max:1G {} noreboot console_timestamps=boot",
+        if o.xen_debug {
+            "loglvl=all guest_loglvl=all"
+        } else {
+            "loglvl=warning guest_loglvl=info"
+        }
+    ))
     .arg("-initrd")
     .arg(format!(
         "{} console=hvc0 earlyprintk=xen loglevel=4,{}",

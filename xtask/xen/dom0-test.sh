@@ -48,12 +48,23 @@ fail() {
   xl list 2>&1
   exit 1
 }
-# Xen's view of a domain that did not go on: its vCPU and event-channel state (debug keys).
+# Xen's view of a domain that did not go on: what Xen logged last (why it crashed a guest,
+# at xen-test --xen-debug's log levels), its vCPU and event-channel state (debug keys q, e),
+# and where its vCPU runs, sampled three times a second apart with the guest kernel's
+# symbols (xenctx): a vCPU spinning in one place is told from one that runs on but prints
+# nothing, and both from a crash.
 xen_state() {
+  echo "--- Xen's last log lines before the dump"
+  xl dmesg 2>/dev/null | grep -v "HVM.*restore\|HVM.*save" | tail -25
   xl dmesg -c >/dev/null 2>&1
   xl debug-keys q >/dev/null 2>&1; xl debug-keys e >/dev/null 2>&1
   echo "--- Xen state (debug keys q, e), domain $1"
   xl dmesg 2>/dev/null | awk -v d="$1" '/for domain / {on = ($0 ~ ("domain " d ":"))} on' | head -60
+  for i in 1 2 3; do
+    echo "--- xenctx domain $1, sample $i"
+    /usr/lib/xen-4.17/bin/xenctx -s /root/System.map -a -S "$1" 2>&1 | head -45
+    sleep 1
+  done
 }
 # wait_for FILE PATTERN SECONDS
 wait_for() {
@@ -127,7 +138,15 @@ C=$(xl domid colo-c)
 echo "DOM0: colo-a is domain $A, colo-b is domain $B, colo-c is domain $C"
 stage guests-boot
 
+colo_c_tick() { grep "GUEST TICK" $LOG/guest-colo-c.log | tail -1 | awk '{print $4}'; }
 colo-xen-check selftest --domid "$C" || fail "colo-xen-check selftest on domain $C"
+# The selftest loaded colo-c's own state back into it: the guest must tick on afterwards.
+t_sel=$(colo_c_tick)
+i=0
+while [ "$(colo_c_tick)" -lt $((t_sel + 2)) ]; do
+  sleep 1; i=$((i + 1))
+  [ $i -ge "$(budget 30)" ] && { xen_state "$C"; fail "colo-c stopped at tick $(colo_c_tick) after the selftest's set_state"; }
+done
 stage selftest
 
 wait_for $LOG/guest-colo-c.log "AGENT MAILBOX" "$(budget 30)" || fail "no guest agent in colo-c"
@@ -138,7 +157,7 @@ cat /tmp/conformance.out
 CONF_SUMMARY=$(tail -1 /tmp/conformance.out)
 # Every check must pass, state_round_trip included: it compares the state blobs without the
 # fields a paused Xen guest's clock still moves (colo_xen::state::clock_free_difference).
-[ $rc -eq 0 ] || fail "conformance suite on domain $C: $CONF_SUMMARY"
+[ $rc -eq 0 ] || { xen_state "$C"; fail "conformance suite on domain $C: $CONF_SUMMARY"; }
 # Paused until the colo stage, which replicates it: its emulated CPU time goes to the pair.
 xl pause colo-c >/dev/null 2>&1
 stage conformance

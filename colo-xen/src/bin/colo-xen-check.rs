@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! colo-xen-check info      --domid N
-//! colo-xen-check selftest  --domid N            every Domain method on a running guest
+//! colo-xen-check selftest  --domid N [--vector 243]  every Domain method on a running guest
 //! colo-xen-check digest    --domid N            xxh3 of every mappable page
 //! colo-xen-check replicate --primary A --secondary B [--checkpoints 20] [--interval-ms 1000]
 //!                          [--leave-paused] [--vector 243]  COLO checkpoints A → B in-process,
@@ -232,6 +232,8 @@ fn selftest(args: &Args) -> Result<()> {
     let domid = args.domid("--domid")?;
     let t = Instant::now();
     let mut dom = XenDomain::open(domid)?;
+    // Loaded state is resumed as colo's nodes resume it: with the upcall vector delivered.
+    dom.set_wake_vector(Some(upcall_vector(args)?));
     let pages = dom.page_count();
     println!(
         "check: open domain {domid}: {pages} pfns in {:.2} ms; HVM_PARAM_CALLBACK_IRQ {:#x}",
