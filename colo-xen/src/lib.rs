@@ -67,6 +67,9 @@
 //!   pending and no timer armed: its kernel believed the timer armed in the primary's Xen and,
 //!   idle, never reprogrammed it); (3) injects the upcall vector ([`XenDomain::wake`],
 //!   `--upcall-vector`, Linux uses 0xf3) to every vCPU while still paused; then unpauses.
+//!   (2) is done only with (3): a timer port left pending without an upcall makes Xen drop
+//!   every later event of that port (it raises the upcall only when the bit turns from clear
+//!   to set), which left a guest whose own state was loaded back silent for good;
 //!   Before (1)–(2), with the wake alone, the replica went on after a takeover in 17 of 19 runs;
 //!   without any of it, in 1 of 4;
 //! * Xen writes a domain's `vcpu_info` (pending bits, and the time info when a vCPU is
