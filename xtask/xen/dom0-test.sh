@@ -41,12 +41,36 @@ T0=$(now)
 stage_t=$T0
 stage() { t=$(now); echo "XEN-TEST-STAGE $1 $(awk -v a="$stage_t" -v b="$t" 'BEGIN{printf "%.1f", b-a}')"; stage_t=$t; }
 fail() {
+  triple_faults
   echo "XEN-TEST-RESULT: FAIL $*"
   for n in colo-a colo-b colo-c; do
     [ -f $LOG/guest-$n.log ] && { echo "--- tail of $n console"; tail -5 $LOG/guest-$n.log; }
   done
   xl list 2>&1
   exit 1
+}
+# The guests' kernel symbols, for xenctx and sym: dom0 runs the same kernel image, and neither
+# it (PV) nor the guests (nokaslr) move the kernel, so dom0's core kernel symbols are theirs
+# (Debian ships only a placeholder System.map).
+grep -v '\[' /proc/kallsyms 2>/dev/null | sort > /root/System.map
+# sym ADDR: the kernel symbol and offset of a hex address, or the address when unknown.
+sym() {
+  awk -v w="$(echo "$1" | tr 'A-F' 'a-f')" '
+    function hex(s,  i, v) { v = 0; for (i = 1; i <= length(s); i++) v = v * 16 + index("0123456789abcdef", substr(s, i, 1)) - 1; return v }
+    ($1 "") <= (w "") { best = $1; name = $3 }
+    END {
+      if (name != "" && length(best) == 16 && length(w) == 16 && substr(best, 1, 8) == substr(w, 1, 8)) {
+        off = hex(substr(w, 9)) - hex(substr(best, 9))
+        if (off < 1048576) { printf "%s+0x%x\n", name, off; exit }
+      }
+      print w
+    }' /root/System.map
+}
+# Xen's triple faults still in its log, each with the faulting RIP's kernel symbol.
+triple_faults() {
+  xl dmesg 2>/dev/null | awk '/Triple fault/ { d = $0; sub(/.*\] /, "", d); sub(/ Triple.*/, "", d) }
+    /RIP: / && d != "" { r = $0; sub(/.*RIP: *[0-9a-f]*:\[</, "", r); sub(/>.*/, "", r); print d, r; d = "" }' |
+    while read -r d rip; do echo "DOM0: Xen triple fault of $d at $rip ($(sym "$rip"))"; done
 }
 # Xen's view of a domain that did not go on: what Xen logged last (why it crashed a guest,
 # at xen-test --xen-debug's log levels), its vCPU and event-channel state (debug keys q, e),
@@ -114,6 +138,7 @@ waitguest() {
     fi
     [ -n "$(xl domid $1 2>/dev/null)" ] && fail "$1 did not boot and tick within $up + $tick s (slowdown $SLOW)"
     echo "DOM0: $1 crashed while booting (Xen: $(xl dmesg 2>/dev/null | grep -i 'triple fault' | tail -1 | cut -c1-80)); creating it once more"
+    triple_faults | tail -1
     [ $try -eq 1 ] && mkguest $1
   done
   fail "$1 crashed twice while booting"
@@ -260,9 +285,14 @@ takeover() {
   kill -KILL $1 2>/dev/null; t_kill=$(now); wait $1 2>/dev/null
   xl destroy $2
   give=$(($(budget 60) + HB_MS / 1000))
-  got=0; TK_FIRST=""
+  got=0; TK_FIRST=""; TK_NOTICED=""; TK_ANY=""
   while [ "$(awk -v a="$t_kill" -v b="$(now)" -v s="$give" 'BEGIN { print (b - a > s) }')" = 0 ]; do
     usleep 100000
+    # When the survivor's node published the failover, and when the guest printed anything
+    # at all (a re-printed tick of the checkpoint's past included): tells a slow takeover
+    # from a guest slow to run.
+    [ -z "$TK_NOTICED" ] && grep -q '"failover_reason": *"' $4 2>/dev/null && TK_NOTICED=$(elapsed "$t_kill")
+    [ -z "$TK_ANY" ] && [ "$(wc -l < $LOG/guest-$3.log)" -gt "$before" ] && TK_ANY=$(elapsed "$t_kill")
     got=$(tail -n +$((before + 1)) $LOG/guest-$3.log | grep "GUEST TICK $CID" | awk -v n="$last" '$4 > n' | wc -l)
     [ "$got" -ge 1 ] && [ -z "$TK_FIRST" ] && TK_FIRST=$(elapsed "$t_kill")
     [ "$got" -ge 3 ] && break
@@ -274,7 +304,7 @@ takeover() {
   other=$(tail -n +$((before + 1)) $LOG/guest-$3.log | grep "GUEST TICK" | grep -vc "GUEST TICK $CID")
   if [ "$got" -ge 3 ] && [ "$other" -eq 0 ]; then
     TK_OK=1
-    TK_DESC="first tick ${TK_FIRST} s after the kill; survivor $state: $reason; $got ticks past $last"
+    TK_DESC="first tick ${TK_FIRST} s after the kill (failover published at ${TK_NOTICED:-?} s, first console line at ${TK_ANY:-?} s); survivor $state: $reason; $got ticks past $last"
   else
     TK_OK=0
     TK_DESC="$3 did NOT go on: survivor $state ($reason), $got ticks of the boot after $last and $other of another boot in $give s"
@@ -325,15 +355,20 @@ if [ "$cp" -ge "$CHECKPOINTS" ] && kill -0 $PP 2>/dev/null; then
       record_takeover; break; }
     # The next spare domain boots while this pair synchronises and checkpoints.
     [ "$round" -lt "$TAKEOVERS" ] && mkguest colo-t$((round + 1))
-    i=0; stall=$(budget 240)
+    i=0; stall=$(budget 240); gone=""
     while :; do
       sleep 1; i=$((i + 1))
       n=$(jnum $SURV_STATUS checkpoints); n=${n:-0}
       grep -q '"protected": *true' $SURV_STATUS && [ "$n" -ge $((n0 + 3)) ] && break
       [ $i -ge "$stall" ] && break
+      # The new secondary's domain or process is gone: the survivor serves alone (as it
+      # must); the round cannot go on.
+      [ -z "$(xl domid $name 2>/dev/null)" ] && { gone="its domain $name is gone"; break; }
+      kill -0 $NP 2>/dev/null || { gone="its colo secondary exited: $(grep -E ' (ERROR|WARN) ' /tmp/sec$round.log | tail -1 | cut -c1-160)"; break; }
     done
-    if [ $i -ge "$stall" ]; then
-      TK_OK=0; TK_DESC="round $round: the pair on $name was not protected with 3 checkpoints within $stall s"
+    if [ -n "$gone" ] || [ $i -ge "$stall" ]; then
+      TK_OK=0; TK_DESC="round $round: the pair on $name was not protected with 3 checkpoints within $i s${gone:+: $gone}"
+      [ -n "$gone" ] && TK_DESC="$TK_DESC; $(triple_faults | tail -1)"
       record_takeover; break
     fi
     takeover $SURV_PID $SURV_DOM $name /tmp/sec$round.json
@@ -396,5 +431,6 @@ if [ -n "$why" ]; then
   [ -n "$COLO_REQUIRED" ] && fail "colo primary/secondary: $why"
 fi
 stage colo-cli
+triple_faults
 summary=$(grep "check: OK replicate" /tmp/replicate.out | sed 's/check: OK replicate //')
 echo "XEN-TEST-RESULT: PASS $MEMORY; $COLO_TAKEOVER; slowdown $SLOW; $CONF_SUMMARY; $COLO_SUMMARY; colo-xen-check: $summary; total $(awk -v a="$T0" -v b="$(now)" 'BEGIN{printf "%.0f", b-a}') s in dom0"
