@@ -147,11 +147,11 @@ fn ci(args: &[String]) -> Result<()> {
     )?;
     step(
         "xen-test (colo-xen on a real Xen 4.17 under QEMU)",
-        // The takeover is reported here, not required: after the fixes it went on in all but
-        // one of the runs, where Xen crashed the replica under a CPU hog (xl state `sc`, an
-        // emulation failure of the nested SVM is the likely cause; not proven), and a gate
-        // that fails at random blocks every landing. `cargo xtask xen-test` requires it.
-        &mut || xen_test::check(&["--advisory-takeover".to_string()]),
+        // The takeover is required, as by `cargo xtask xen-test` alone: a survivor that runs
+        // but does not go on fails CI. A fault Xen reports (a guest triple fault, a survivor
+        // Xen crashed: emulation faults of QEMU's nested SVM, seen in guests colo never
+        // touched) gets one more boot, named in the verdict.
+        &mut || xen_test::check(&[]),
     )?;
     println!("\n==> xtask ci: summary");
     for s in &steps {

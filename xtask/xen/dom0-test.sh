@@ -283,7 +283,9 @@ takeover() {
   last=$(grep "GUEST TICK $CID" $LOG/guest-$2.log | tail -1 | awk '{print $4}')
   before=$(wc -l < $LOG/guest-$3.log)
   kill -KILL $1 2>/dev/null; t_kill=$(now); wait $1 2>/dev/null
-  xl destroy $2
+  # The domain goes while the survivor takes over (a dead host's guest is gone at once; its
+  # teardown takes seconds of dom0's emulated CPU, and is waited for after the watch).
+  xl destroy $2 & XLD=$!
   give=$(($(budget 60) + HB_MS / 1000))
   got=0; TK_FIRST=""; TK_NOTICED=""; TK_ANY=""
   while [ "$(awk -v a="$t_kill" -v b="$(now)" -v s="$give" 'BEGIN { print (b - a > s) }')" = 0 ]; do
@@ -297,6 +299,7 @@ takeover() {
     [ "$got" -ge 1 ] && [ -z "$TK_FIRST" ] && TK_FIRST=$(elapsed "$t_kill")
     [ "$got" -ge 3 ] && break
   done
+  wait $XLD
   reason=$(grep -o '"failover_reason": *"[^"]*' $4 | sed 's/.*"failover_reason": *"//' | cut -c1-80)
   state=$(grep -o '"state": *"[A-Za-z]*' $4 | sed 's/.*"//')
   echo "--- $3 console after the failover ($2's last tick: $CID $last)"
