@@ -27,7 +27,8 @@ commands:
                    idle pair's CPU, checkpoints over 1 and 10 Gbit/s links, 10,000-page
                    checkpoint throughput (with phases) and the initial sync vs raw TCP
   xen-test [--deadline SECS] [--checkpoints N] [--interval-ms MS] [--verbose] [--verify]
-           [--takeovers N] [--advisory-takeover] [--advisory-colo]
+           [--takeovers N] [--advisory-takeover] [--advisory-colo] [--xen-debug]
+           [--logdirty-stress SECS]
                    colo-xen on a real Xen 4.17 booted under QEMU (root; 3 to 30 min, as
                    fast as the emulation runs; `cargo xtask xen-test --help` for each flag)
   deps             install the system packages colo's build and tests need (root)

@@ -79,7 +79,7 @@ const MODULES: [&str; 5] = [
 const USAGE: &str = "\
 usage: cargo xtask xen-test [--deadline SECS] [--checkpoints N] [--interval-ms MS] [--verbose]
                             [--verify] [--takeovers N] [--advisory-takeover] [--advisory-colo]
-                            [--xen-debug]
+                            [--xen-debug] [--logdirty-stress SECS]
   --deadline SECS   give up after this long in all, both boots included (default 3600; a
                     boot whose console stays silent for 300 s times the measured slowdown is
                     stopped sooner)
@@ -92,7 +92,9 @@ usage: cargo xtask xen-test [--deadline SECS] [--checkpoints N] [--interval-ms M
   --advisory-takeover  report, without failing, when colo-b does not go on after colo's failover
   --advisory-colo   report the colo stage without failing on it (debugging)
   --xen-debug       boot Xen with loglvl=all guest_loglvl=all, so that Xen names why it crashed
-                    a guest (on by default with --takeovers above 1)";
+                    a guest (on by default with --takeovers above 1)
+  --logdirty-stress SECS  diagnostic instead of the test: log-dirty alone (no colo, nothing
+                    written) on three running guests for SECS; fails if Xen loses one";
 
 struct Opts {
     deadline: Duration,
@@ -104,6 +106,7 @@ struct Opts {
     require_takeover: bool,
     require_colo: bool,
     xen_debug: bool,
+    logdirty_stress: u32,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
@@ -117,6 +120,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         require_takeover: true,
         require_colo: true,
         xen_debug: false,
+        logdirty_stress: 0,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -141,6 +145,10 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--advisory-takeover" => o.require_takeover = false,
             "--advisory-colo" => o.require_colo = false,
             "--xen-debug" => o.xen_debug = true,
+            "--logdirty-stress" => {
+                o.logdirty_stress = u32::try_from(num("--logdirty-stress")?)?;
+                o.xen_debug = true;
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -586,7 +594,7 @@ fn build_dom0(
         })
         .unwrap_or_else(|| "info".into());
     let test = format!(
-        "#!/bin/sh\nexport CHECKPOINTS={} TAKEOVERS={} INTERVAL_MS={} COLO_VERIFY={} REQUIRE_TAKEOVER={} COLO_REQUIRED={} RUST_LOG={}\n{}",
+        "#!/bin/sh\nexport CHECKPOINTS={} TAKEOVERS={} INTERVAL_MS={} COLO_VERIFY={} REQUIRE_TAKEOVER={} COLO_REQUIRED={} RUST_LOG={} LOGDIRTY_STRESS={}\n{}",
         o.checkpoints,
         o.takeovers,
         o.interval_ms,
@@ -594,6 +602,11 @@ fn build_dom0(
         if o.require_takeover { "1" } else { "" },
         if o.require_colo { "1" } else { "" },
         log,
+        if o.logdirty_stress > 0 {
+            o.logdirty_stress.to_string()
+        } else {
+            String::new()
+        },
         test.strip_prefix("#!/bin/sh\n").unwrap_or(&test)
     );
     std::fs::write(root.join("root/test.sh"), test)?;
