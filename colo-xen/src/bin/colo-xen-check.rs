@@ -12,8 +12,9 @@
 //! colo-xen-check same      --primary A --secondary B    two paused domains: every pfn's
 //!                                               contents and the vCPU registers identical
 //! colo-xen-check logdirty  --domid N [--seconds 120] [--interval-ms 20] [--cycle 25]
-//!                                               log-dirty alone on a running guest (no
-//!                                               page or state written): does it survive?
+//!                          [--pause]            log-dirty alone on a running guest (no
+//!                                               page or state written; --pause: each
+//!                                               harvest in a pause): does it survive?
 //! ```
 //! Output lines start with `check:`; the last is `check: OK …` or the error (exit status 1).
 
@@ -242,6 +243,7 @@ fn logdirty(args: &Args) -> Result<()> {
     let seconds = args.num("--seconds", Some(120))?;
     let interval = Duration::from_millis(args.num("--interval-ms", Some(20))?.max(1));
     let cycle = args.num("--cycle", Some(25))?.max(1);
+    let pause = args.flag("--pause");
     let mut dom = XenDomain::open(domid)?;
     if dom.is_paused() {
         dom.resume()?;
@@ -272,7 +274,15 @@ fn logdirty(args: &Args) -> Result<()> {
         for _ in 0..cycle {
             std::thread::sleep(interval);
             bits.clear_all();
-            if let Err(e) = dom.harvest_dirty(&mut bits) {
+            // --pause: each harvest in a pause, as a replica's checkpoint does.
+            if pause {
+                dom.pause()?;
+            }
+            let res = dom.harvest_dirty(&mut bits);
+            if pause {
+                dom.resume()?;
+            }
+            if let Err(e) = res {
                 alive(&mut dom, harvests)?;
                 return Err(e.into());
             }
@@ -283,8 +293,9 @@ fn logdirty(args: &Args) -> Result<()> {
         dom.stop_dirty_log()?;
     }
     println!(
-        "check: OK logdirty on domain {domid}: {:.1} s, {harvests} harvests, {toggles} times turned on, {pages} pages dirtied",
-        t0.elapsed().as_secs_f64()
+        "check: OK logdirty on domain {domid}: {:.1} s, {harvests} harvests{}, {toggles} times turned on, {pages} pages dirtied",
+        t0.elapsed().as_secs_f64(),
+        if pause { " each in a pause" } else { "" }
     );
     Ok(())
 }
