@@ -39,6 +39,11 @@
 //! port I/O that Xen decoded from memory), and so, in every run so far, was a survivor Xen
 //! crashed; the harness then boots once more and names the fault in the verdict. A survivor
 //! that runs but does not go on fails the test (dom0 dumps its vCPU with `xenctx`).
+//! `--logdirty-stress SECS` showed where replicas lost to Xen come from: with log-dirty alone
+//! (harvested every 20 ms, nothing written, no colo node) one of three running guests
+//! triple-faulted after 47 s, Xen's own RIP in its state, as fresh guests do while booting;
+//! the two replicas lost this way in takeover chains died at the first write of a `rep stos`
+//! to a page (`clear_page_rep+0x7`), the write that takes a nested page fault under log-dirty.
 //! Guests use 2-level event channels (`xen.fifo_events=0`): the FIFO ABI keeps queue state in
 //! Xen that a replica's Xen does not share, so a taken-over replica would never see an event.
 //! Guests run with `tsc_mode="native"`: with emulated rdtsc the colo primary triple-faulted in about a third of the runs, right after an
