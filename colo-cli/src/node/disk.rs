@@ -186,13 +186,15 @@ impl PrimaryDisk {
         };
         disk.harvest_written(&mut self.written)?;
         self.blocks.clear();
+        // One pass over the bitmap: the round's blocks, then whether any is left.
+        let mut pending = self.written.iter();
         self.blocks
-            .extend(self.written.iter().take(MIRROR_ROUND_BLOCKS));
+            .extend(pending.by_ref().take(MIRROR_ROUND_BLOCKS));
+        let left = pending.next().is_some();
         for &b in &self.blocks {
             // In range: the bitmap named it.
             let _ = self.written.clear(b);
         }
-        let left = self.blocks.len() == MIRROR_ROUND_BLOCKS && self.written.count() > 0;
         let mut bytes = 0;
         for batch in self.blocks.chunks(MAX_BLOCKS_PER_RECORD) {
             let data = read_into(disk, batch, &mut self.copy)?;
