@@ -200,7 +200,10 @@ impl Pair {
         while let Some(a) = self.s.poll_action() {
             let now = self.now;
             match a {
-                SecondaryAction::StartDirtyLog | SecondaryAction::Running { .. } => {}
+                // Pages are not simulated here: a torn checkpoint has nothing to restore.
+                SecondaryAction::StartDirtyLog
+                | SecondaryAction::Running { .. }
+                | SecondaryAction::RollBack { .. } => {}
                 SecondaryAction::Pause => self.s.paused(now).unwrap(),
                 SecondaryAction::HarvestDirty => self.s.harvested(now).unwrap(),
                 SecondaryAction::Apply { .. } => {
