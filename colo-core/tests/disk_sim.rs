@@ -200,10 +200,7 @@ impl Pair {
         while let Some(a) = self.s.poll_action() {
             let now = self.now;
             match a {
-                // Pages are not simulated here: a torn checkpoint has nothing to restore.
-                SecondaryAction::StartDirtyLog
-                | SecondaryAction::Running { .. }
-                | SecondaryAction::RollBack { .. } => {}
+                SecondaryAction::StartDirtyLog | SecondaryAction::Running { .. } => {}
                 SecondaryAction::Pause => self.s.paused(now).unwrap(),
                 SecondaryAction::HarvestDirty => self.s.harvested(now).unwrap(),
                 SecondaryAction::Apply { .. } => {

@@ -86,9 +86,8 @@ struct Pair {
     /// The digests each side reports at its capture / apply (with verification).
     p_digest: Option<[u8; 32]>,
     s_digest: Option<[u8; 32]>,
-    /// The secondary driver's undo copies: each page of a checkpoint is written into the SVM as
-    /// it arrives (`Delivery::StagePage`), after its old contents are kept here, in order.
-    s_undo: Vec<(u64, Vec<u8>)>,
+    /// The secondary driver's copy of the staged pages (`Delivery::StagePage`), in order.
+    s_staged: Vec<u8>,
     now: Instant,
 }
 
@@ -134,7 +133,7 @@ impl Pair {
             verdicts: Vec::new(),
             p_digest: None,
             s_digest: None,
-            s_undo: Vec::new(),
+            s_staged: Vec::new(),
             now,
         }
     }
@@ -227,11 +226,11 @@ impl Pair {
                 SecondaryAction::HarvestDirty => {
                     self.s.harvest_target().union_with(&self.sg.dirty).unwrap();
                     self.sg.dirty.clear_all();
-                    assert!(self.s_undo.is_empty(), "a torn checkpoint was not rolled back");
+                    // A new checkpoint: a torn one's pages are dropped.
+                    self.s_staged.clear();
                     self.s.harvested(self.now).unwrap();
                 }
                 SecondaryAction::Apply { .. } => self.apply(),
-                SecondaryAction::RollBack { .. } => roll_back(&mut self.sg.mem, &mut self.s_undo),
                 SecondaryAction::Resume => {
                     self.sg.paused = false;
                     self.s.resumed(self.now).unwrap();
@@ -248,9 +247,18 @@ impl Pair {
 
     /// Writes the staged checkpoint into the SVM and tells the secondary.
     fn apply(&mut self) {
-        // The pages were written as they arrived; the undo copies are no longer needed.
-        let pfns: Vec<u64> = self.s_undo.drain(..).map(|(pfn, _)| pfn).collect();
-        assert_eq!(pfns, self.s.staged_pfns(), "one staged page per pfn");
+        let pfns = self.s.staged_pfns().to_vec();
+        let data = std::mem::take(&mut self.s_staged);
+        assert_eq!(
+            data.len(),
+            pfns.len() * PAGE_SIZE,
+            "one staged page per pfn"
+        );
+        for (i, pfn) in pfns.iter().enumerate() {
+            let o = *pfn as usize * PAGE_SIZE;
+            self.sg.mem[o..o + PAGE_SIZE]
+                .copy_from_slice(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+        }
         self.sg.state = self.s.staged_state().to_vec();
         self.s.applied(self.now, self.s_digest).unwrap();
     }
@@ -261,10 +269,10 @@ impl Pair {
         while !chunk.is_empty() {
             let (n, ev) = self.dec_s.feed(chunk).unwrap();
             if let Some(ev) = ev {
-                if let Some(Delivery::StagePage { pfn, data }) =
+                if let Some(Delivery::StagePage { data, .. }) =
                     self.s.on_event(self.now, &ev).unwrap()
                 {
-                    write_with_undo(&mut self.sg.mem, &mut self.s_undo, pfn, data);
+                    self.s_staged.extend_from_slice(data);
                 }
             }
             chunk = &chunk[n..];
@@ -299,8 +307,8 @@ impl Pair {
                             let o = pfn as usize * PAGE_SIZE;
                             self.sg.mem[o..o + PAGE_SIZE].copy_from_slice(data);
                         }
-                        Some(Delivery::StagePage { pfn, data }) => {
-                            write_with_undo(&mut self.sg.mem, &mut self.s_undo, pfn, data);
+                        Some(Delivery::StagePage { data, .. }) => {
+                            self.s_staged.extend_from_slice(data);
                         }
                         Some(Delivery::Input { .. } | Delivery::WriteBlocks(_)) | None => {}
                     }
@@ -539,14 +547,11 @@ fn torn_checkpoint_is_dropped_and_the_secondary_takes_over_from_its_own_state() 
     ));
     pair.s.peer_lost(pair.now, "cut".into());
     let actions: Vec<_> = std::iter::from_fn(|| pair.s.poll_action()).collect();
-    assert!(matches!(actions[0], SecondaryAction::RollBack { epoch: 1 }));
-    assert!(matches!(actions[1], SecondaryAction::Resume));
-    assert!(matches!(actions[2], SecondaryAction::TakeOver { .. }));
-    assert_ne!(pair.sg.mem, before, "the torn checkpoint's pages were written");
-    roll_back(&mut pair.sg.mem, &mut pair.s_undo);
+    assert!(matches!(actions[0], SecondaryAction::Resume));
+    assert!(matches!(actions[1], SecondaryAction::TakeOver { .. }));
     assert_eq!(
         pair.sg.mem, before,
-        "the rollback restores the SVM to what it was before the torn checkpoint"
+        "a torn checkpoint must not touch the SVM"
     );
     assert_eq!(pair.s.staged_pages(), 0);
 }
@@ -610,9 +615,7 @@ fn a_checkpoint_cut_anywhere_leaves_the_svm_old_or_entirely_new() {
                     Some(Delivery::WritePage { .. }) => {
                         panic!("a checkpoint's page must be staged, not written")
                     }
-                    Some(Delivery::StagePage { pfn, data }) => {
-                        write_with_undo(&mut pair.sg.mem, &mut pair.s_undo, pfn, data)
-                    }
+                    Some(Delivery::StagePage { data, .. }) => pair.s_staged.extend_from_slice(data),
                     _ => {}
                 }
             }
@@ -623,7 +626,6 @@ fn a_checkpoint_cut_anywhere_leaves_the_svm_old_or_entirely_new() {
         while let Some(a) = pair.s.poll_action() {
             match a {
                 SecondaryAction::Apply { .. } => unreachable!("apply is queued before the cut"),
-                SecondaryAction::RollBack { .. } => roll_back(&mut pair.sg.mem, &mut pair.s_undo),
                 SecondaryAction::Resume | SecondaryAction::TakeOver { .. } => {}
                 other => panic!("unexpected action after the cut: {other:?}"),
             }
@@ -807,20 +809,4 @@ fn a_committed_checkpoint_reports_its_own_figures() {
     );
     assert_eq!(st.pages_sent, d.count());
     assert!(st.bytes_sent > st.pages_sent * PAGE_SIZE as u64);
-}
-
-/// The apply-as-received driver: page `pfn` of a checkpoint is written into the SVM's memory
-/// `mem` at once, its old contents kept in `undo`.
-fn write_with_undo(mem: &mut [u8], undo: &mut Vec<(u64, Vec<u8>)>, pfn: u64, data: &[u8]) {
-    let o = pfn as usize * PAGE_SIZE;
-    undo.push((pfn, mem[o..o + PAGE_SIZE].to_vec()));
-    mem[o..o + PAGE_SIZE].copy_from_slice(data);
-}
-
-/// `SecondaryAction::RollBack`: the undo copies restored, the last written first.
-fn roll_back(mem: &mut [u8], undo: &mut Vec<(u64, Vec<u8>)>) {
-    while let Some((pfn, old)) = undo.pop() {
-        let o = pfn as usize * PAGE_SIZE;
-        mem[o..o + PAGE_SIZE].copy_from_slice(&old);
-    }
 }

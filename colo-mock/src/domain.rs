@@ -72,10 +72,6 @@ pub struct MockDomain {
     known_data: DirtyBitmap,
     /// The RAM's data pages are mapped into the host's mapping ([`GuestMem::populate_host`]).
     host_populated: bool,
-    /// Pages the host wrote while the dirty log was on, still to be marked clean in it: the
-    /// marking is deferred until the log is read or the guest runs (it is paused while the host
-    /// writes), so a checkpoint written in many batches is marked once.
-    unmarked: Vec<u64>,
     /// The disk, shared with the vCPUs' host devices.
     disk: Option<DiskHandle>,
 }
@@ -159,7 +155,6 @@ impl MockDomain {
             holes: Holes::default(),
             known_data: DirtyBitmap::new(cfg.pages),
             host_populated: false,
-            unmarked: Vec::new(),
             disk: disk.map(DiskHandle),
         })
     }
@@ -420,14 +415,14 @@ impl MockDomain {
 
     /// Writes `pfns` (checked, the domain paused) from `run(i, n)`: the bytes of pages
     /// `i..i + n` of a run of consecutive pfns (`by_page`: of page `i` alone, then the next
-    /// page is asked for); they are marked clean in the dirty log before it is read or the guest
-    /// runs (`mark_written_clean`).
+    /// page is asked for); then marks them clean in the dirty log.
     fn write_checked<'d>(
         &mut self,
         pfns: &[u64],
         by_page: bool,
         run: &mut dyn FnMut(usize, usize) -> &'d [u8],
     ) -> Result<(), BackendError> {
+        let mut runs = 0;
         let mut i = 0;
         let mut j = 0;
         while i < pfns.len() {
@@ -437,6 +432,7 @@ impl MockDomain {
                 while j < pfns.len() && pfns[j] == pfns[j - 1] + 1 {
                     j += 1;
                 }
+                runs += 1;
             }
             let n = if by_page { 1 } else { j - i };
             let data = run(i, n);
@@ -467,27 +463,7 @@ impl MockDomain {
         for &p in pfns {
             let _ = self.known_data.set(p);
         }
-        if self.tracker.logging() {
-            self.unmarked.extend_from_slice(pfns);
-        }
-        Ok(())
-    }
-
-    /// Marks the pages the host wrote since the last call clean in the dirty log (see
-    /// [`Domain::write_pages`]); before the log is read or the guest runs again. A failure
-    /// leaves them dirty: they would be sent again, never missed.
-    fn mark_written_clean(&mut self) -> Result<(), BackendError> {
-        if self.unmarked.is_empty() {
-            return Ok(());
-        }
-        let runs = 1 + self
-            .unmarked
-            .windows(2)
-            .filter(|w| w[1] != w[0] + 1)
-            .count();
-        let r = self.tracker.mark_clean_pfns(&self.unmarked, runs);
-        self.unmarked.clear();
-        r
+        self.tracker.mark_clean_pfns(pfns, runs)
     }
 
     /// Test hook: the tracker, for failure injection.
@@ -555,7 +531,6 @@ impl Domain for MockDomain {
     }
 
     fn resume(&mut self) -> Result<(), BackendError> {
-        self.mark_written_clean()?;
         let mut c = self.shared.ctl.lock();
         c.run = true;
         self.shared.cv.notify_all();
@@ -568,17 +543,14 @@ impl Domain for MockDomain {
     }
 
     fn start_dirty_log(&mut self) -> Result<(), BackendError> {
-        self.unmarked.clear();
         self.tracker.start()
     }
 
     fn stop_dirty_log(&mut self) -> Result<(), BackendError> {
-        self.mark_written_clean()?;
         self.tracker.stop()
     }
 
     fn harvest_dirty(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
-        self.mark_written_clean()?;
         self.tracker.collect(into, true)?;
         // Lengths are equal (collect checked them).
         let _ = self.known_data.union_with(into);
@@ -586,7 +558,6 @@ impl Domain for MockDomain {
     }
 
     fn peek_dirty(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
-        self.mark_written_clean()?;
         self.tracker.collect(into, false)
     }
 

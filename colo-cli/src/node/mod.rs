@@ -50,24 +50,6 @@ pub const DEFAULT_DISK_MIRROR_INTERVAL: Duration = Duration::from_millis(2);
 #[cfg(feature = "test-support")]
 pub type SnapshotHook = Arc<dyn Fn(u64, Vec<u8>, Vec<u8>) + Send + Sync>;
 
-/// When the secondary hands its SVM's memory to the [`SvmHook`].
-#[cfg(feature = "test-support")]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SvmMoment {
-    /// Checkpoint `epoch`'s B was harvested: its first page is still to be written.
-    BeforeCheckpoint,
-    /// Checkpoint `epoch` is torn: some of its pages were written, none restored yet.
-    Torn,
-    /// Checkpoint `epoch`'s pages were restored from their undo copies.
-    RolledBack,
-}
-
-/// Called with (epoch, moment, every page of the SVM's memory) on the secondary before each
-/// checkpoint's first page is written and around the rollback of a torn one: for tests that
-/// check that a rollback restores the SVM byte for byte; costs a copy of all RAM each time.
-#[cfg(feature = "test-support")]
-pub type SvmHook = Arc<dyn Fn(u64, SvmMoment, Vec<u8>) + Send + Sync>;
-
 /// Called with (epoch, the whole disk image) at each checkpoint of a guest with a disk: on the
 /// primary at the capture (PVM paused), on the secondary right after applying (SVM paused).
 /// For tests that compare both disks byte for byte; costs a read of the whole disk.
@@ -140,9 +122,6 @@ pub struct NodeOptions {
     /// Disk snapshots at each checkpoint, for tests (feature `test-support`).
     #[cfg(feature = "test-support")]
     pub disk_snapshot: Option<DiskSnapshotHook>,
-    /// The SVM's memory around each checkpoint's writes, for tests (feature `test-support`).
-    #[cfg(feature = "test-support")]
-    pub svm_hook: Option<SvmHook>,
 }
 
 impl std::fmt::Debug for NodeOptions {
@@ -190,8 +169,6 @@ impl Default for NodeOptions {
             output_tap: None,
             #[cfg(feature = "test-support")]
             disk_snapshot: None,
-            #[cfg(feature = "test-support")]
-            svm_hook: None,
         }
     }
 }
@@ -220,23 +197,6 @@ impl NodeOptions {
             let mut ram = Vec::new();
             pages::copy_pages(dom, &pfns, &mut ram, None)?;
             hook(epoch, ram, state.to_vec());
-        }
-        Ok(())
-    }
-
-    /// Hands (epoch, `moment`, all of the SVM's memory) to the SVM hook, if there is one.
-    #[cfg(feature = "test-support")]
-    fn svm_moment(
-        &self,
-        dom: &mut dyn Domain,
-        epoch: u64,
-        moment: SvmMoment,
-    ) -> Result<(), BackendError> {
-        if let Some(hook) = &self.svm_hook {
-            let pfns: Vec<u64> = (0..dom.page_count()).collect();
-            let mut ram = Vec::new();
-            pages::copy_pages(dom, &pfns, &mut ram, None)?;
-            hook(epoch, moment, ram);
         }
         Ok(())
     }

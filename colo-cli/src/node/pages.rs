@@ -1,6 +1,5 @@
 //! Page copies out of a guest and PAGE_DATA records onto the link (the primary), and the
-//! received pages into a guest (the secondary): the initial synchronisation's, and each
-//! checkpoint's as it arrives, with an undo copy of what it overwrites (`UndoLog`).
+//! initial synchronisation's pages into a guest (the secondary).
 
 use colo_core::stream::{
     encode_packed_pages, encode_page_data_header, is_zero_page, Codec, PackedKind, PageCoding,
@@ -323,11 +322,6 @@ impl StagedPages {
         self.first
     }
 
-    /// How many pages are staged.
-    pub(super) fn len(&self) -> usize {
-        self.at.len()
-    }
-
     /// Drops the staged pages (the buffers keep their capacity).
     pub(super) fn clear(&mut self) {
         self.at.clear();
@@ -364,66 +358,6 @@ impl StagedPages {
             self.at.get(i).and_then(page).unwrap_or_default()
         })?;
         Ok(())
-    }
-}
-
-/// The SVM pages a checkpoint being received has overwritten so far (it is applied as it
-/// arrives): their pfns and old bytes, in write order, until the checkpoint is applied (then
-/// dropped) or torn (then restored, the last written first, so a pfn written twice gets its
-/// oldest bytes back). The buffers keep their capacity across checkpoints.
-#[derive(Debug, Default)]
-pub(super) struct UndoLog {
-    pfns: Vec<u64>,
-    data: Vec<u8>,
-    /// Scratch: the pfns in restore order.
-    reversed: Vec<u64>,
-}
-
-impl UndoLog {
-    /// Copies the pages of `pfns` out of the (paused) `guest`, before they are overwritten.
-    pub(super) fn save(&mut self, guest: &mut dyn Domain, pfns: &[u64]) -> Result<()> {
-        if std::env::var_os("XXX_NO_UNDO").is_some() { return Ok(()); }
-        let had = self.data.len();
-        if let Err(e) = guest.copy_pages(pfns, &mut self.data, None) {
-            self.data.truncate(had);
-            return Err(e.into());
-        }
-        if self.data.len() != had + pfns.len() * PAGE_SIZE {
-            self.data.truncate(had);
-            bail!("the undo copy of {} pages came back short", pfns.len());
-        }
-        self.pfns.extend_from_slice(pfns);
-        Ok(())
-    }
-
-    /// Pages saved.
-    pub(super) fn len(&self) -> usize {
-        self.pfns.len()
-    }
-
-    /// Writes every saved page back into the (paused) `guest`, the last saved first, and
-    /// forgets them; returns how many were restored.
-    pub(super) fn restore(&mut self, guest: &mut dyn Domain) -> Result<usize> {
-        let n = self.pfns.len();
-        if n == 0 {
-            return Ok(0);
-        }
-        self.reversed.clear();
-        self.reversed.extend(self.pfns.iter().rev());
-        let data = &self.data;
-        guest.write_pages_from(&self.reversed, &mut |i| {
-            let j = n - 1 - i;
-            data.get(j * PAGE_SIZE..(j + 1) * PAGE_SIZE)
-                .unwrap_or_default()
-        })?;
-        self.clear();
-        Ok(n)
-    }
-
-    /// Forgets the saved pages (the checkpoint was applied whole).
-    pub(super) fn clear(&mut self) {
-        self.pfns.clear();
-        self.data.clear();
     }
 }
 

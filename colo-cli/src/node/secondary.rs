@@ -18,7 +18,7 @@ use colo_core::{AlignConfig, Aligner, Guest};
 use super::capture::{settled_digest, Watch};
 use super::disk;
 use super::driver::{flush, nonce, run_fence, Io, Next, Node, Role};
-use super::pages::{StagedPages, SyncPages, UndoLog};
+use super::pages::{StagedPages, SyncPages};
 use super::primary::{Handover, PrimaryNode, ARBITER_POLL};
 use super::NodeOptions;
 use crate::arbiter::Unreachable;
@@ -38,10 +38,6 @@ pub enum SecondaryOutcome<G: Guest> {
     TookOver(Box<PrimaryNode<G>>),
 }
 
-/// Pages of a checkpoint written into the SVM at a time as they arrive (1 MiB: one receive
-/// buffer's worth, still in cache).
-const WRITE_BATCH: usize = 256;
-
 /// Only the current epoch's output matters for a takeover; this bounds its memory.
 const MAX_HELD_FRAMES: usize = 4096;
 
@@ -59,15 +55,8 @@ pub struct SecondaryRole {
     /// The initial synchronisation's buffered pages are to be written (a record's worth, or
     /// its PAGE_DATA ended).
     sync_due: bool,
-    /// The pages of the checkpoint being received (`Delivery::StagePage`) not yet written into
-    /// the SVM: written a batch at a time as they arrive (see `write_received`).
+    /// The pages of the checkpoint being received (`Delivery::StagePage`), until its apply.
     staged: StagedPages,
-    /// Of the checkpoint's staged pfns, how many are written into the SVM.
-    written: usize,
-    /// A batch of received pages is to be written into the SVM.
-    write_due: bool,
-    /// What the checkpoint's writes overwrote, until it is applied or rolled back.
-    undo: UndoLog,
     /// Dirty-log scratch for the verification option.
     late: Option<DirtyBitmap>,
     /// The SVM's dirty log is on.
@@ -182,9 +171,6 @@ impl<G: Guest> Node<G, SecondaryRole> {
             sync: SyncPages::default(),
             sync_due: false,
             staged: StagedPages::default(),
-            written: 0,
-            write_due: false,
-            undo: UndoLog::default(),
             late: None,
             logging: false,
             listener: listener.try_clone().ok(),
@@ -295,7 +281,6 @@ impl Role for SecondaryRole {
             SecondaryAction::Pause => self.pause(io)?,
             SecondaryAction::HarvestDirty => self.harvest(io)?,
             SecondaryAction::Apply { epoch } => self.apply(io, epoch)?,
-            SecondaryAction::RollBack { epoch } => self.roll_back(io, epoch)?,
             SecondaryAction::Resume => self.resume(io)?,
             SecondaryAction::Running { epoch: _ } => self.pump_inputs(io)?,
             SecondaryAction::TakeOver { reason } => self.take_over(io, reason)?,
@@ -334,9 +319,7 @@ impl Role for SecondaryRole {
             Err(e) => return Ok(Next::Refused(e)),
         }
         // Written after this event (`after_event`), when the link's buffers can be reached.
-        let record_end = matches!(ev, Event::PageDataEnd);
-        self.sync_due |= record_end || self.sync.due();
-        self.write_due |= record_end || self.staged.len() >= WRITE_BATCH;
+        self.sync_due |= matches!(ev, Event::PageDataEnd) || self.sync.due();
         // Apply a complete checkpoint before reading further.
         if matches!(self.engine.state(), SecondaryState::Applying { .. }) {
             return Ok(Next::StopReading);
@@ -347,9 +330,6 @@ impl Role for SecondaryRole {
     fn after_event<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
         if std::mem::take(&mut self.sync_due) {
             self.sync.flush(&mut io.guest, io.link.as_ref())?;
-        }
-        if std::mem::take(&mut self.write_due) {
-            self.write_received(io)?;
         }
         Ok(())
     }
@@ -414,58 +394,9 @@ impl SecondaryRole {
     /// `HarvestDirty`: the SVM's dirty log (B) into the machine's bitmap.
     fn harvest<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
         io.guest.harvest_dirty(self.engine.harvest_target())?;
-        // A new checkpoint begins: pages of a torn one (never applied) are dropped, and
-        // restored if any was written (the machine asks for that first: `RollBack`).
+        // A new checkpoint begins: pages of a torn one (never applied) are dropped.
         self.staged.clear();
-        self.written = 0;
-        self.undo.restore(&mut io.guest)?;
-        #[cfg(feature = "test-support")]
-        if let SecondaryState::Harvesting { epoch } = self.engine.state() {
-            io.opts
-                .svm_moment(&mut io.guest, epoch, super::SvmMoment::BeforeCheckpoint)?;
-        }
         self.engine.harvested(Instant::now())?;
-        Ok(())
-    }
-
-    /// The pages received since the last batch into the paused SVM, each after an undo copy of
-    /// the page it overwrites: the checkpoint is applied as it arrives, and `RollBack` restores
-    /// the SVM if it is torn. A batch is at most [`WRITE_BATCH`] pages or a PAGE_DATA record,
-    /// so its bytes are written while still in cache and the link recycles its buffers.
-    fn write_received<G: Guest>(&mut self, io: &mut Io<G>) -> Result<()> {
-        if self.staged.len() == 0 {
-            return Ok(());
-        }
-        let Some(pfns) = self.engine.staged_pfns().get(self.written..) else {
-            bail!(
-                "{} pages written but only {} staged (the secondary's staging is out of step)",
-                self.written,
-                self.engine.staged_pfns().len()
-            );
-        };
-        self.undo.save(&mut io.guest, pfns)?;
-        self.staged.write(&mut io.guest, pfns, io.link.as_ref())?;
-        self.written += pfns.len();
-        self.staged.clear();
-        Ok(())
-    }
-
-    /// `RollBack`: checkpoint `epoch` is torn: what was written of it is restored, what was
-    /// staged dropped, so the SVM is what it was before the checkpoint's first page.
-    fn roll_back<G: Guest>(&mut self, io: &mut Io<G>, epoch: u64) -> Result<()> {
-        #[cfg(feature = "test-support")]
-        io.opts
-            .svm_moment(&mut io.guest, epoch, super::SvmMoment::Torn)?;
-        self.staged.clear();
-        self.written = 0;
-        let restored = self.undo.restore(&mut io.guest)?;
-        if let Some(link) = io.link.as_mut() {
-            link.keep_from(None);
-        }
-        tracing::info!("checkpoint {epoch} is torn: {restored} SVM pages restored");
-        #[cfg(feature = "test-support")]
-        io.opts
-            .svm_moment(&mut io.guest, epoch, super::SvmMoment::RolledBack)?;
         Ok(())
     }
 
@@ -475,18 +406,9 @@ impl SecondaryRole {
         let t = Instant::now();
         self.sync.flush(&mut io.guest, io.link.as_ref())?;
         let kept = io.link.as_ref().map_or(0, Link::kept_buffers);
-        self.write_received(io)?;
-        if self.written != self.engine.staged_pfns().len() {
-            bail!(
-                "{} of checkpoint {epoch}'s {} pages written (the secondary's staging is out of \
-                 step)",
-                self.written,
-                self.engine.staged_pfns().len()
-            );
-        }
-        let early = self.undo.len();
-        self.undo.clear();
-        self.written = 0;
+        self.staged
+            .write(&mut io.guest, self.engine.staged_pfns(), io.link.as_ref())?;
+        self.staged.clear();
         if let Some(link) = io.link.as_mut() {
             link.keep_from(None);
         }
@@ -507,8 +429,7 @@ impl SecondaryRole {
         }
         let digest = self.digest_applied(io)?;
         tracing::debug!(
-            "checkpoint {epoch}: {} pages applied ({early} as they arrived, the rest from {kept} \
-             kept receive buffers){} in {:.1} ms",
+            "checkpoint {epoch}: {} pages applied (from {kept} kept receive buffers){} in {:.1} ms",
             self.engine.staged_pfns().len(),
             if digest.is_some() {
                 " and digested"

@@ -1,8 +1,6 @@
-//! The secondary's state machine: applies the initial synchronisation, then receives each
-//! checkpoint and commits it only when its CHECKPOINT record arrives (all or nothing: the driver
-//! may write pages into the paused SVM as they arrive, keeping an undo copy, and a torn
-//! checkpoint is rolled back), and answers NEW with its own dirty set B on the back channel.
-//! See [`super`] for the diagram.
+//! The secondary's state machine: applies the initial synchronisation, then stages each
+//! checkpoint and applies it only when its CHECKPOINT record arrives (all or nothing), and
+//! answers NEW with its own dirty set B on the back channel. See [`super`] for the diagram.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -175,15 +173,6 @@ pub enum SecondaryAction {
         /// The checkpoint.
         epoch: u64,
     },
-    /// Checkpoint `epoch` is torn (the primary was lost, or said GOODBYE, before its
-    /// CHECKPOINT): restore every SVM page the driver wrote for it from its undo copies, the
-    /// last written first, so that the SVM is again exactly what it was when the checkpoint's
-    /// first page arrived (the last complete checkpoint plus the SVM's own epoch). Comes before
-    /// any `Resume`, `TakeOver` or `Close`. Nothing needs restoring if the driver wrote nothing.
-    RollBack {
-        /// The torn checkpoint.
-        epoch: u64,
-    },
     /// Resume the SVM, then call [`Secondary::resumed`].
     Resume,
     /// The SVM now runs in `epoch`: tag its output with it and inject the mirrored requests the
@@ -229,11 +218,10 @@ pub enum Delivery<'a> {
         /// 4096 bytes.
         data: &'a [u8],
     },
-    /// A checkpoint's page (its pfn checked and counted), the `i`-th page of
-    /// [`Secondary::staged_pfns`]. The SVM is paused; the driver either keeps `data` (or a
+    /// A checkpoint's page (its pfn checked and counted): the driver keeps `data` (or a
     /// reference to the buffer it was received in) for the [`SecondaryAction::Apply`] of this
-    /// checkpoint, or writes it into the SVM now after copying the page it overwrites (the undo
-    /// copy), which [`SecondaryAction::RollBack`] restores if the checkpoint is torn.
+    /// checkpoint, as the `i`-th page of [`Secondary::staged_pfns`]. Nothing is written into the
+    /// SVM before that; a torn checkpoint's pages are simply dropped.
     StagePage {
         /// The pfn.
         pfn: u64,
@@ -598,7 +586,6 @@ impl Secondary {
         self.staged.clear();
         self.next_disk.clear();
         self.actions.clear();
-        self.roll_back_torn();
         self.state = SecondaryState::Closed;
         self.actions.push_back(SecondaryAction::Close {
             dropped: reason == GOODBYE_DROPPED,
@@ -757,12 +744,11 @@ impl Secondary {
             }
             _ => {}
         }
-        // A torn checkpoint is never applied: whatever was staged is dropped (and what the
-        // driver wrote of it restored), the blocks mirrored for the next checkpoint with it.
+        // A torn checkpoint is never applied: whatever was staged is dropped, the blocks
+        // mirrored for the next checkpoint with it.
         self.staged.clear();
         self.next_disk.clear();
         self.actions.clear();
-        self.roll_back_torn();
         self.peer.hang_up(&self.state);
         if !self.state.holds_checkpoint() {
             self.state = SecondaryState::Failed;
@@ -776,12 +762,5 @@ impl Secondary {
         }
         self.state = SecondaryState::TakenOver;
         self.actions.push_back(SecondaryAction::TakeOver { reason });
-    }
-
-    /// A checkpoint being received ends torn: the driver restores what it wrote of it.
-    fn roll_back_torn(&mut self) {
-        if let SecondaryState::ReceivingCheckpoint { epoch, .. } = self.state {
-            self.actions.push_back(SecondaryAction::RollBack { epoch });
-        }
     }
 }
