@@ -444,7 +444,7 @@ impl MockDomain {
                 });
             }
             let (off, mem) = (pfns[i] as usize * PAGE_SIZE, &self.shared.mem);
-            if self.tracker.logging() {
+            let r = if self.tracker.logging() {
                 if !self.host_populated {
                     // The first write through the host's mapping maps all RAM that holds
                     // data into it at once (a secondary's first checkpoint after the initial
@@ -457,9 +457,14 @@ impl MockDomain {
                 // No write protection to fault on: the guest's own mapping will do.
                 mem.write(off, data)
             }
-            .map_err(|e| bad_state("write_pages", &e.to_string()))?;
+            .map_err(|e| bad_state("write_pages", &e.to_string()));
+            if let Err(e) = r {
+                self.shared.mem.host_writes_done();
+                return Err(e);
+            }
             i += n;
         }
+        self.shared.mem.host_writes_done();
         for &p in pfns {
             let _ = self.known_data.set(p);
         }
