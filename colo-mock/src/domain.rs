@@ -653,10 +653,10 @@ impl Domain for MockDomain {
     }
 
     /// Copies the pages in, one copy per run of consecutive pfns: while the dirty log is on, a
-    /// memcpy through the host's own mapping of the RAM file (through the guest's mapping every
-    /// write-protected page would take a fault), else a memcpy into the guest's mapping. They
-    /// count as clean in the dirty log afterwards (as Xen does not log foreign-mapping writes),
-    /// so a checkpoint's apply does not reappear in the next harvest.
+    /// copy through the host's own mapping of the RAM file with non-temporal stores (through the
+    /// guest's mapping every write-protected page would take a fault), else a memcpy into the
+    /// guest's mapping. They count as clean in the dirty log afterwards (as Xen does not log
+    /// foreign-mapping writes), so a checkpoint's apply does not reappear in the next harvest.
     fn write_pages(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), BackendError> {
         if !self.paused {
             return Err(bad_state("write_pages", "the domain is running"));
@@ -675,7 +675,7 @@ impl Domain for MockDomain {
         })
     }
 
-    /// Each page straight from where it lies (one memcpy per page, no gathering).
+    /// Each page straight from where it lies (one copy per page, no gathering).
     fn write_pages_from<'d>(
         &mut self,
         pfns: &[u64],

@@ -172,12 +172,12 @@ impl GuestMem {
     /// Copies `data` into guest RAM at `off` through the host's own mapping of the RAM file,
     /// not the guest's: no write-protect fault is taken, and a page the dirty tracker
     /// write-protected stays protected, so the write is not logged (the host writing a paused
-    /// guest, as Xen's foreign mappings are not logged). A memcpy, no syscall; the first write
+    /// guest, as Xen's foreign mappings are not logged). A copy, no syscall; the first write
     /// to a page through this mapping takes one minor fault (its PTE), later ones none.
     ///
     /// The copy uses non-temporal stores where it can (x86-64, whole 64-byte lines): the
     /// paused guest does not read the page back soon, so the destination is not read into the
-    /// cache first (a 10,000-page apply of scattered pages took about 35 % less time). Call
+    /// cache first (a 10,000-page apply of scattered pages took about a quarter less time). Call
     /// [`GuestMem::host_writes_done`] after a batch of these writes, before the guest runs.
     pub(crate) fn write_host(&self, off: usize, data: &[u8]) -> Result<(), MockError> {
         self.check(off, data.len())?;
