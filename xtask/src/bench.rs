@@ -228,13 +228,17 @@ fn throughput_pair(quick: bool, plaintext: bool) -> Result<Value> {
     let tcp = tcp_baseline(tcp_mib)?;
     let reps = if quick { 12 } else { 50 };
     let mut figs = Vec::with_capacity(reps);
+    let mut applies = Vec::with_capacity(reps);
     let mut seed = 0x7470_7574_u64;
     for _ in 0..reps {
         seed = splitmix(seed);
         pair.dirty(10_000, seed)?;
         figs.push(pair.checkpoint()?);
+        // Set before the secondary sent SVM_READY, so it is this checkpoint's.
+        applies.extend(pair.sstatus.lock().last_apply_ms);
     }
     pair.stop();
+    let apply = percentile(applies, 50.0).unwrap_or(0.0);
     let p = |g: fn(&CheckpointFigures) -> f64| {
         percentile(figs.iter().map(g).collect(), 50.0).unwrap_or(0.0)
     };
@@ -251,8 +255,8 @@ fn throughput_pair(quick: bool, plaintext: bool) -> Result<Value> {
     let kept = kept_buffers_baseline(p(|f| f.bytes_sent as f64) as u64)?;
     println!(
         "\n{link}: checkpoints of 10,000 pages ({reps}), p50 ms: harvest {:.1} + capture {:.1} + \
-         back channel {:.1} + send {:.1} + commit {:.1}; NEW → SVM_READY {:.1} (raw TCP \
-         {tcp_ms:.1}; the same bytes into one 1 MiB buffer {:.1}, into {} buffers in turn as the \
+         back channel {:.1} + send {:.1} + commit {:.1} (of which the secondary's apply \
+         {apply:.1}); NEW → SVM_READY {:.1} (raw TCP {tcp_ms:.1}; the same bytes into one 1 MiB buffer {:.1}, into {} buffers in turn as the \
          secondary keeps them {:.1})",
         phases[0],
         phases[1],
@@ -277,7 +281,7 @@ fn throughput_pair(quick: bool, plaintext: bool) -> Result<Value> {
         "initial_sync_gbps": sync_gbps,
         "checkpoint_10k_phases_ms_p50": {
             "harvest": phases[0], "capture": phases[1], "backchannel": phases[2],
-            "send": phases[3], "commit": phases[4], "total": phases[5],
+            "send": phases[3], "commit": phases[4], "total": phases[5], "apply": apply,
         },
         "raw_tcp_ms": tcp_ms,
         "raw_tcp_one_buffer_ms": kept.one_ms,
@@ -1003,6 +1007,8 @@ type Via<'a> = dyn Fn(&str) -> Result<String> + 'a;
 struct Pair {
     primary: Option<PrimaryNode<MockDomain>>,
     status: Shared,
+    /// The secondary's status (its last apply's duration).
+    sstatus: Shared,
     secondary: Option<JoinHandle<Result<Option<Instant>>>>,
     sec_stop: Arc<AtomicBool>,
     pages: u64,
@@ -1054,10 +1060,11 @@ impl Pair {
             prefault(&mut sguest)?;
             prefault(&mut guest)?;
         }
+        let sstatus = new_status();
         let secondary = spawn_secondary(
             sguest,
             opts.clone(),
-            new_status(),
+            sstatus.clone(),
             move |node| -> Result<Option<Instant>> {
                 let _ = tx.send(node.stop_flag());
                 match node.run()? {
@@ -1086,6 +1093,7 @@ impl Pair {
             pages: ram / PAGE_SIZE as u64,
             primary: Some(primary),
             status,
+            sstatus,
             secondary: Some(secondary),
             sec_stop,
             value: 1,
