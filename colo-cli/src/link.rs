@@ -951,14 +951,17 @@ impl Link {
     }
 
     /// A used-up buffer whose stream bytes end at `end`: kept if it may hold staged pages,
-    /// else back to the reader's pool. A kept buffer less than half full (a slow link's short
-    /// reads) is shrunk to its bytes, so what a checkpoint keeps stays within twice its size
-    /// (staged pages are found by offset, so the move does not matter).
+    /// else back to the reader's pool. Of a kept buffer less than half full (a short read:
+    /// the reader caught up with the sender, or a slow link) only its bytes are kept, copied
+    /// out, so what a checkpoint keeps stays within twice its size (staged pages are found by
+    /// offset, so the move does not matter); the buffer itself goes back to the pool whole, so
+    /// the reader reuses it as it is instead of growing a shrunk one again (a 1 MiB zero-fill
+    /// and its page faults, tens of times per 10,000-page checkpoint).
     fn retire(&mut self, seq: u64, mut buf: Vec<u8>, end: usize) {
         if self.keep_from.is_some_and(|k| seq >= k) {
             if end < buf.capacity() / 2 {
-                buf.truncate(end);
-                buf.shrink_to_fit();
+                let bytes = buf.get(..end).unwrap_or_default().to_vec();
+                let _ = self.pool.try_send(std::mem::replace(&mut buf, bytes));
             }
             self.kept.push((seq, buf));
         } else {
@@ -984,8 +987,12 @@ impl Link {
         let cut = self
             .kept
             .partition_point(|(seq, _)| from.is_none_or(|k| *seq < k));
+        // The bytes copied out of short reads are not worth pooling (the reader would grow
+        // them again); whole buffers are.
         for (_, buf) in self.kept.drain(..cut) {
-            let _ = self.pool.try_send(buf);
+            if buf.capacity() >= READ_BUFFER / 2 {
+                let _ = self.pool.try_send(buf);
+            }
         }
     }
 

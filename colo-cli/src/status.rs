@@ -194,6 +194,9 @@ pub struct NodeStatus {
     pub failover_at: Option<SystemTime>,
     /// Takeover duration on a secondary, ms.
     pub takeover_ms: Option<f64>,
+    /// On a secondary, how long its last checkpoint's apply took (pages, state, disk, digest
+    /// when verifying), ms.
+    pub last_apply_ms: Option<f64>,
     /// Recent pause times, ms.
     #[serde(skip)]
     pub pauses: VecDeque<f64>,

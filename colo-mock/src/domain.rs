@@ -444,7 +444,7 @@ impl MockDomain {
                 });
             }
             let (off, mem) = (pfns[i] as usize * PAGE_SIZE, &self.shared.mem);
-            if self.tracker.logging() {
+            let r = if self.tracker.logging() {
                 if !self.host_populated {
                     // The first write through the host's mapping maps all RAM that holds
                     // data into it at once (a secondary's first checkpoint after the initial
@@ -457,9 +457,14 @@ impl MockDomain {
                 // No write protection to fault on: the guest's own mapping will do.
                 mem.write(off, data)
             }
-            .map_err(|e| bad_state("write_pages", &e.to_string()))?;
+            .map_err(|e| bad_state("write_pages", &e.to_string()));
+            if let Err(e) = r {
+                self.shared.mem.host_writes_done();
+                return Err(e);
+            }
             i += n;
         }
+        self.shared.mem.host_writes_done();
         for &p in pfns {
             let _ = self.known_data.set(p);
         }
@@ -648,10 +653,10 @@ impl Domain for MockDomain {
     }
 
     /// Copies the pages in, one copy per run of consecutive pfns: while the dirty log is on, a
-    /// memcpy through the host's own mapping of the RAM file (through the guest's mapping every
-    /// write-protected page would take a fault), else a memcpy into the guest's mapping. They
-    /// count as clean in the dirty log afterwards (as Xen does not log foreign-mapping writes),
-    /// so a checkpoint's apply does not reappear in the next harvest.
+    /// copy through the host's own mapping of the RAM file with non-temporal stores (through the
+    /// guest's mapping every write-protected page would take a fault), else a memcpy into the
+    /// guest's mapping. They count as clean in the dirty log afterwards (as Xen does not log
+    /// foreign-mapping writes), so a checkpoint's apply does not reappear in the next harvest.
     fn write_pages(&mut self, pfns: &[u64], data: &[u8]) -> Result<(), BackendError> {
         if !self.paused {
             return Err(bad_state("write_pages", "the domain is running"));
@@ -670,7 +675,7 @@ impl Domain for MockDomain {
         })
     }
 
-    /// Each page straight from where it lies (one memcpy per page, no gathering).
+    /// Each page straight from where it lies (one copy per page, no gathering).
     fn write_pages_from<'d>(
         &mut self,
         pfns: &[u64],

@@ -228,13 +228,17 @@ fn throughput_pair(quick: bool, plaintext: bool) -> Result<Value> {
     let tcp = tcp_baseline(tcp_mib)?;
     let reps = if quick { 12 } else { 50 };
     let mut figs = Vec::with_capacity(reps);
+    let mut applies = Vec::with_capacity(reps);
     let mut seed = 0x7470_7574_u64;
     for _ in 0..reps {
         seed = splitmix(seed);
         pair.dirty(10_000, seed)?;
         figs.push(pair.checkpoint()?);
+        // Set before the secondary sent SVM_READY, so it is this checkpoint's.
+        applies.extend(pair.sstatus.lock().last_apply_ms);
     }
     pair.stop();
+    let apply = percentile(applies, 50.0).unwrap_or(0.0);
     let p = |g: fn(&CheckpointFigures) -> f64| {
         percentile(figs.iter().map(g).collect(), 50.0).unwrap_or(0.0)
     };
@@ -248,11 +252,21 @@ fn throughput_pair(quick: bool, plaintext: bool) -> Result<Value> {
         p(|f| f.total_ms),
     ];
     let tcp_ms = p(|f| f.bytes_sent as f64) / (tcp * 1e9) * 1e3;
+    let kept = kept_buffers_baseline(p(|f| f.bytes_sent as f64) as u64)?;
     println!(
         "\n{link}: checkpoints of 10,000 pages ({reps}), p50 ms: harvest {:.1} + capture {:.1} + \
-         back channel {:.1} + send {:.1} + commit {:.1}; NEW → SVM_READY {:.1} (raw TCP \
-         {tcp_ms:.1})",
-        phases[0], phases[1], phases[2], phases[3], phases[4], phases[5]
+         back channel {:.1} + send {:.1} + commit {:.1} (of which the secondary's apply \
+         {apply:.1}); NEW → SVM_READY {:.1} (raw TCP {tcp_ms:.1}; the same bytes into one 1 MiB buffer {:.1}, into {} buffers in turn as the \
+         secondary keeps them {:.1})",
+        phases[0],
+        phases[1],
+        phases[2],
+        phases[3],
+        phases[4],
+        phases[5],
+        kept.one_ms,
+        kept.bufs,
+        kept.kept_ms
     );
     println!(
         "{link}: checkpoint throughput {gbps:.2} GB/s = {:.2} × raw TCP ({tcp:.2} GB/s); initial \
@@ -267,9 +281,35 @@ fn throughput_pair(quick: bool, plaintext: bool) -> Result<Value> {
         "initial_sync_gbps": sync_gbps,
         "checkpoint_10k_phases_ms_p50": {
             "harvest": phases[0], "capture": phases[1], "backchannel": phases[2],
-            "send": phases[3], "commit": phases[4], "total": phases[5],
+            "send": phases[3], "commit": phases[4], "total": phases[5], "apply": apply,
         },
+        "raw_tcp_ms": tcp_ms,
+        "raw_tcp_one_buffer_ms": kept.one_ms,
+        "raw_tcp_kept_buffers_ms": kept.kept_ms,
     }))
+}
+
+/// Raw TCP of a checkpoint's bytes read into one 1 MiB buffer, and into as many buffers as the
+/// secondary keeps for it, ms (median of 5 each, alternating): how much of the send phase is
+/// receiving into memory that is not in the cache.
+struct KeptBaseline {
+    bufs: usize,
+    one_ms: f64,
+    kept_ms: f64,
+}
+
+fn kept_buffers_baseline(bytes: u64) -> Result<KeptBaseline> {
+    let bufs = bytes.div_ceil(MIB).max(1) as usize;
+    let (mut one, mut kept) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        one.push(bytes as f64 / raw_tcp_into(bytes, 1)? / 1e6);
+        kept.push(bytes as f64 / raw_tcp_into(bytes, bufs)? / 1e6);
+    }
+    Ok(KeptBaseline {
+        bufs,
+        one_ms: percentile(one, 50.0).unwrap_or(0.0),
+        kept_ms: percentile(kept, 50.0).unwrap_or(0.0),
+    })
 }
 
 /// How long the idle pair is watched, s.
@@ -854,19 +894,33 @@ fn dirty_pfns(dom: &MockDomain, pfns: Vec<u64>, value: u64) -> Result<()> {
 /// Raw loopback TCP: one thread writes `bytes` in 1 MiB writes, another reads them; both
 /// sockets with TCP_NODELAY and 4 MiB buffers. GB/s (10^9 bytes/s).
 fn raw_tcp_gbps(bytes: u64) -> Result<f64> {
+    raw_tcp_into(bytes, 1)
+}
+
+/// Raw loopback TCP, GB/s, of `bytes` read into `bufs` 1 MiB buffers in turn (each one filled
+/// before the next; all written once before the clock starts, so no page faults): 1 is the
+/// usual baseline, one hot buffer; a checkpoint's size in MiB is what the secondary does,
+/// which keeps every receive buffer of a checkpoint until its apply.
+fn raw_tcp_into(bytes: u64, bufs: usize) -> Result<f64> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
     let addr = listener.local_addr()?;
+    let mut ring: Vec<Vec<u8>> = (0..bufs.max(1)).map(|_| vec![1u8; MIB as usize]).collect();
     let reader = std::thread::spawn(move || -> Result<u64> {
         let (mut s, _) = listener.accept()?;
         tune(&s)?;
-        let mut buf = vec![0u8; MIB as usize];
-        let mut got = 0u64;
+        let (mut got, mut k, mut fill) = (0u64, 0, 0);
         loop {
-            let n = s.read(&mut buf)?;
+            let buf = &mut ring[k];
+            let n = s.read(&mut buf[fill..])?;
             if n == 0 {
                 return Ok(got);
             }
             got += n as u64;
+            fill += n;
+            if fill == buf.len() {
+                fill = 0;
+                k = (k + 1) % ring.len();
+            }
         }
     });
     let mut s = TcpStream::connect(addr)?;
@@ -953,6 +1007,8 @@ type Via<'a> = dyn Fn(&str) -> Result<String> + 'a;
 struct Pair {
     primary: Option<PrimaryNode<MockDomain>>,
     status: Shared,
+    /// The secondary's status (its last apply's duration).
+    sstatus: Shared,
     secondary: Option<JoinHandle<Result<Option<Instant>>>>,
     sec_stop: Arc<AtomicBool>,
     pages: u64,
@@ -1004,10 +1060,11 @@ impl Pair {
             prefault(&mut sguest)?;
             prefault(&mut guest)?;
         }
+        let sstatus = new_status();
         let secondary = spawn_secondary(
             sguest,
             opts.clone(),
-            new_status(),
+            sstatus.clone(),
             move |node| -> Result<Option<Instant>> {
                 let _ = tx.send(node.stop_flag());
                 match node.run()? {
@@ -1036,6 +1093,7 @@ impl Pair {
             pages: ram / PAGE_SIZE as u64,
             primary: Some(primary),
             status,
+            sstatus,
             secondary: Some(secondary),
             sec_stop,
             value: 1,

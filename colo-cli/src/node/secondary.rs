@@ -428,6 +428,7 @@ impl SecondaryRole {
             io.opts.take_snapshot(&mut io.guest, epoch, &st)?;
         }
         let digest = self.digest_applied(io)?;
+        let took = t.elapsed().as_secs_f64() * 1e3;
         tracing::debug!(
             "checkpoint {epoch}: {} pages applied (from {kept} kept receive buffers){} in {:.1} ms",
             self.engine.staged_pfns().len(),
@@ -436,10 +437,12 @@ impl SecondaryRole {
             } else {
                 ""
             },
-            t.elapsed().as_secs_f64() * 1e3
+            took
         );
         self.engine.applied(Instant::now(), digest)?;
-        io.status.lock().checkpoints += 1;
+        let mut st = io.status.lock();
+        st.checkpoints += 1;
+        st.last_apply_ms = Some(took);
         Ok(())
     }
 
