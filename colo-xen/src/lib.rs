@@ -91,7 +91,9 @@
 mod api;
 mod domain;
 mod error;
+pub mod grant;
 mod guest;
+pub mod netif;
 mod nic;
 pub mod state;
 #[cfg(feature = "xen")]

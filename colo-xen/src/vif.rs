@@ -399,6 +399,13 @@ pub fn complete_checksum(hdr: &[u8; VNET_HDR], frame: &mut [u8]) {
     }
     let start = usize::from(u16::from_le_bytes([hdr[6], hdr[7]]));
     let field = start + usize::from(u16::from_le_bytes([hdr[8], hdr[9]]));
+    finish_l4_checksum(frame, start, field);
+}
+
+/// Completes a transport checksum left to the NIC: the field at `field` holds the
+/// pseudo-header sum, and the one's-complement sum from `start` to the frame's end finishes it
+/// (both offsets from the frame's start). Offsets outside the frame leave it as it is.
+pub(crate) fn finish_l4_checksum(frame: &mut [u8], start: usize, field: usize) {
     if field + 2 > frame.len() || start >= frame.len() {
         return;
     }
