@@ -95,6 +95,10 @@ pub mod grant;
 mod guest;
 pub mod netif;
 mod nic;
+#[cfg(feature = "xen")]
+pub mod pvnet;
+#[cfg(feature = "xen")]
+pub mod pvsys;
 pub mod state;
 #[cfg(feature = "xen")]
 mod sys;

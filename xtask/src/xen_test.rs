@@ -258,7 +258,7 @@ fn run_inner(o: &Opts, started: Instant) -> Result<String> {
     let vmlinuz = find_one(&x.join("boot"), "vmlinuz-")?;
     let scripts = root.join("xtask/xen");
     let domu = boot.join("domU.cpio");
-    build_domu(&work.join("domUroot"), &scripts, &agent, &domu)?;
+    build_domu(&work.join("domUroot"), &x, &scripts, &agent, &domu)?;
     let dom0 = boot.join("dom0.cpio");
     build_dom0(
         &work.join("dom0root"),
@@ -467,13 +467,18 @@ fn pack(root: &Path, out: &Path) -> Result<()> {
     ))
 }
 
-fn build_domu(root: &Path, scripts: &Path, agent: &Path, out: &Path) -> Result<()> {
+fn build_domu(root: &Path, x: &Path, scripts: &Path, agent: &Path, out: &Path) -> Result<()> {
     fresh_dir(root)?;
     install_busybox(root)?;
-    for d in ["dev", "proc", "sys", "tmp", "usr/local/bin"] {
+    for d in ["dev", "proc", "sys", "tmp", "usr/local/bin", "lib"] {
         std::fs::create_dir_all(root.join(d))?;
     }
     copy_exec(&scripts.join("domU-init"), &root.join("init"))?;
+    // netfront, for the PV vif colo serves in the netif stage.
+    let kver_dir = find_one(&x.join("lib/modules"), "")?;
+    let netfront = kver_dir.join("kernel/drivers/net/xen-netfront.ko");
+    std::fs::copy(&netfront, root.join("lib/xen-netfront.ko"))
+        .with_context(|| format!("copying {}", netfront.display()))?;
     install_stripped(agent, &root.join("usr/local/bin/colo-xen-guest-agent"))?;
     copy_libs(root, &[root.join("usr/local/bin")])?;
     pack(root, out)

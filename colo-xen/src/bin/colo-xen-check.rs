@@ -16,6 +16,10 @@
 //!                                               page or state written; --pause: each
 //!                                               harvest in a pause): does it survive?
 //! ```
+//! colo-xen-check netif     --domid N [--seconds 60] [--pings 10]  plug a PV vif served by
+//!                                               colo (`colo_xen::pvnet`) into a running
+//!                                               guest whose init configures 10.99.0.2 on it;
+//!                                               ARP and ICMP echo through the rings
 //! Output lines start with `check:`; the last is `check: OK …` or the error (exit status 1).
 
 use std::process::ExitCode;
@@ -32,6 +36,8 @@ enum CheckError {
     Xen(#[from] XenError),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error(transparent)]
+    Vif(#[from] colo_xen::pvnet::PvVifError),
     #[error("check failed: {0}")]
     Failed(String),
 }
@@ -834,8 +840,9 @@ fn main() -> ExitCode {
         "wake" => wake(&args),
         "same" => same(&args),
         "logdirty" => logdirty(&args),
+        "netif" => netif(&args),
         other => Err(CheckError::Usage(format!(
-            "unknown command `{other}` (info, digest, selftest, replicate, wake, same, logdirty)"
+            "unknown command `{other}` (info, digest, selftest, replicate, wake, same, logdirty, netif)"
         ))),
     });
     match res {
@@ -851,4 +858,172 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// dom0's side of the netif check: a MAC and an address on the guest's link.
+const DOM0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x99, 0x01];
+const DOM0_IP: [u8; 4] = [10, 99, 0, 1];
+const GUEST_IP: [u8; 4] = [10, 99, 0, 2];
+const PING_ID: u16 = 0x4242;
+
+fn inet_sum(b: &[u8]) -> u16 {
+    let mut s: u32 = b
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+fn arp_request() -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&DOM0_MAC);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&DOM0_MAC);
+    f.extend_from_slice(&DOM0_IP);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&GUEST_IP);
+    f.resize(60, 0);
+    f
+}
+
+fn echo_request(guest_mac: [u8; 6], seq: u16) -> Vec<u8> {
+    let mut icmp = vec![8, 0, 0, 0];
+    icmp.extend_from_slice(&PING_ID.to_be_bytes());
+    icmp.extend_from_slice(&seq.to_be_bytes());
+    icmp.extend((0..56u8).map(|i| i ^ seq as u8));
+    let c = inet_sum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&DOM0_IP);
+    ip.extend_from_slice(&GUEST_IP);
+    let c = inet_sum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = guest_mac.to_vec();
+    f.extend_from_slice(&DOM0_MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// What a frame from the guest is, for the check.
+enum FromGuest {
+    ArpReply([u8; 6]),
+    EchoReply(u16, bool),
+    Other,
+}
+
+fn classify(f: &[u8]) -> FromGuest {
+    if f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == GUEST_IP {
+        let mut mac = [0; 6];
+        mac.copy_from_slice(&f[22..28]);
+        return FromGuest::ArpReply(mac);
+    }
+    if f.len() >= 42 && f[12..14] == [0x08, 0x00] && f[23] == 1 && f[26..30] == GUEST_IP {
+        let l4 = 14 + usize::from(f[14] & 0x0f) * 4;
+        if f.len() >= l4 + 8 && f[l4] == 0 && f[l4 + 4..l4 + 6] == PING_ID.to_be_bytes() {
+            let seq = u16::from_be_bytes([f[l4 + 6], f[l4 + 7]]);
+            let ok = inet_sum(&f[l4..]) == 0
+                && f[l4 + 8..]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == (i as u8) ^ seq as u8);
+            return FromGuest::EchoReply(seq, ok);
+        }
+    }
+    FromGuest::Other
+}
+
+/// Plugs a colo-served PV vif into a running guest and pings it through the rings.
+fn netif(args: &Args) -> Result<()> {
+    let domid = args.domid("--domid")?;
+    let seconds = args.num("--seconds", Some(60))?;
+    let pings = args.num("--pings", Some(10))?.clamp(1, 1000) as u16;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let t0 = Instant::now();
+    let mut vif = colo_xen::pvnet::PvVif::create(
+        domid,
+        0,
+        [0x00, 0x16, 0x3e, 0xc0, 0x10, 0x01],
+        Duration::from_secs(seconds),
+    )?;
+    let connected = t0.elapsed();
+    println!(
+        "check: netif: domain {domid}'s netfront connected to colo's backend in {:.1} s",
+        connected.as_secs_f64()
+    );
+    let (mut guest_mac, mut other, mut bad, mut faults) = (None, 0u64, 0u64, 0usize);
+    let mut sent: Vec<Option<Instant>> = vec![None; usize::from(pings)];
+    let mut rtts: Vec<f64> = Vec::new();
+    let (mut next_seq, mut last_send, mut arp_t) = (0u16, None::<Instant>, None::<Instant>);
+    while Instant::now() < deadline && rtts.len() < usize::from(pings) {
+        let now = Instant::now();
+        if last_send.is_none_or(|t| now.duration_since(t) > Duration::from_millis(500)) {
+            let frame = match guest_mac {
+                None => {
+                    arp_t.get_or_insert(now);
+                    arp_request()
+                }
+                Some(mac) if next_seq < pings => {
+                    sent[usize::from(next_seq)] = Some(now);
+                    next_seq += 1;
+                    echo_request(mac, next_seq - 1)
+                }
+                // Every request out; resend the oldest unanswered one.
+                Some(mac) => match sent.iter().position(|s| s.is_some()) {
+                    Some(i) => echo_request(mac, i as u16),
+                    None => break,
+                },
+            };
+            let (n, f) = vif.deliver(&[&frame])?;
+            faults += f.len();
+            if n == 1 {
+                last_send = Some(now);
+            }
+        }
+        vif.poll_tx(|f| match classify(f) {
+            FromGuest::ArpReply(mac) => {
+                if guest_mac.is_none() {
+                    println!(
+                        "check: netif: ARP answered in {:.1} s by {}",
+                        arp_t.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+                        mac.iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect::<Vec<_>>()
+                            .join(":")
+                    );
+                }
+                guest_mac = Some(mac);
+                last_send = None;
+            }
+            FromGuest::EchoReply(seq, ok) => {
+                match sent.get_mut(usize::from(seq)).and_then(Option::take) {
+                    Some(t) if ok => rtts.push(ms(t.elapsed())),
+                    _ => bad += u64::from(!ok),
+                }
+            }
+            FromGuest::Other => other += 1,
+        })?;
+        vif.wait(Duration::from_millis(50))?;
+    }
+    if rtts.len() < usize::from(pings) {
+        return fail(format!(
+            "netif on domain {domid}: {} of {pings} echo replies in {seconds} s (ARP {}, {bad} corrupt replies, {other} other frames, {faults} receive faults)",
+            rtts.len(),
+            if guest_mac.is_some() { "answered" } else { "unanswered" }
+        ));
+    }
+    rtts.sort_by(f64::total_cmp);
+    println!(
+        "check: OK netif on domain {domid}: connected in {:.1} s; {pings} of {pings} echo replies through colo's rings (round trip p50 {:.1} ms, max {:.1} ms); {other} other frames from the guest; {bad} corrupt",
+        connected.as_secs_f64(),
+        rtts[rtts.len() / 2],
+        rtts[rtts.len() - 1]
+    );
+    Ok(())
 }
