@@ -36,6 +36,8 @@ pub struct Config {
     pub client: Option<String>,
     /// Xen: the guest's vif in dom0 (`vif7.0`).
     pub vif: Option<String>,
+    /// Xen: colo serves the guest's vif itself, with this MAC (`00:16:3e:…`).
+    pub pv_vif: Option<String>,
     /// Xen: the service network's interface (`colo0`).
     pub service_if: Option<String>,
     /// `backchannel` or `primary-only`.

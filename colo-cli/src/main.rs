@@ -292,6 +292,16 @@ pub struct NodeArgs {
     /// injects requests into it and reads the guest's frames from it. Needs --service-if.
     #[arg(long, value_name = "IFACE")]
     pub vif: Option<String>,
+    /// Xen: colo serves the guest's network device itself: a PV vif with this MAC (e.g.
+    /// 00:16:3e:12:34:56) is plugged into the domain, its xenstore nodes under
+    /// backend/colo-vif, and the guest's netfront connects to colo (no netback, no vifD.0).
+    /// Both nodes plug it at start, so the guest must have booted with xen-netfront. Needs
+    /// --service-if; instead of --vif.
+    #[arg(long, value_name = "MAC")]
+    pub pv_vif: Option<String>,
+    /// Seconds to wait for the guest's netfront to connect to --pv-vif.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub pv_vif_timeout: u64,
     /// Xen: the service network's interface (e.g. colo0, a tap or veth port on the service
     /// bridge, or a NIC): frames arriving there are requests for the guest, released output
     /// leaves there, and a secondary that took over serves and announces the guest there.
@@ -496,6 +506,7 @@ fn config_args(cfg: &Config, role: &str, matches: &ArgMatches) -> Vec<OsString> 
         ("listen", cfg.listen.clone().map(Into::into)),
         ("client", cfg.client.clone().map(Into::into)),
         ("vif", cfg.vif.clone().map(Into::into)),
+        ("pv_vif", cfg.pv_vif.clone().map(Into::into)),
         ("service_if", cfg.service_if.clone().map(Into::into)),
         ("sync_mode", cfg.sync_mode.clone().map(Into::into)),
         ("key_file", cfg.key_file.as_deref().map(os)),
@@ -1122,9 +1133,23 @@ fn check_backend(a: &NodeArgs) -> Result<()> {
     if a.backend == Backend::Mock && (a.vif.is_some() || a.service_if.is_some()) {
         bail!("--vif and --service-if need --backend xen (the mock's clients use --client)");
     }
-    match (&a.vif, &a.service_if) {
-        (Some(v), None) => bail!("--vif {v} needs --service-if (where the guest's service is)"),
-        (None, Some(s)) => bail!("--service-if {s} needs --vif (the guest's vif in dom0)"),
+    if let (Some(v), Some(m)) = (&a.vif, &a.pv_vif) {
+        bail!("--vif {v} and --pv-vif {m} exclude each other: the guest's NIC is a netback vif or one colo serves");
+    }
+    if a.backend == Backend::Mock && a.pv_vif.is_some() {
+        bail!("--pv-vif needs --backend xen");
+    }
+    if let Some(m) = &a.pv_vif {
+        parse_mac(m)?;
+    }
+    let nic = a
+        .vif
+        .as_ref()
+        .map(|v| format!("--vif {v}"))
+        .or(a.pv_vif.as_ref().map(|m| format!("--pv-vif {m}")));
+    match (nic, &a.service_if) {
+        (Some(v), None) => bail!("{v} needs --service-if (where the guest's service is)"),
+        (None, Some(s)) => bail!("--service-if {s} needs --vif or --pv-vif (the guest's NIC)"),
         _ => {}
     }
     for (flag, name) in [("--vif", &a.vif), ("--service-if", &a.service_if)] {
@@ -1160,6 +1185,41 @@ fn run_primary(a: PrimaryArgs) -> Result<i32> {
     }
 }
 
+/// A MAC address as `--pv-vif` takes it: six hex bytes separated by colons.
+fn parse_mac(m: &str) -> Result<[u8; 6]> {
+    let bytes: Vec<u8> = m
+        .split(':')
+        .map(|b| if b.len() == 2 { u8::from_str_radix(b, 16).ok() } else { None })
+        .collect::<Option<_>>()
+        .filter(|v: &Vec<u8>| v.len() == 6)
+        .with_context(|| format!("--pv-vif {m}: not a MAC address (six hex bytes with colons, e.g. 00:16:3e:12:34:56)"))?;
+    if bytes[0] & 1 != 0 {
+        bail!("--pv-vif {m}: a multicast address cannot be a NIC's");
+    }
+    let mut mac = [0; 6];
+    mac.copy_from_slice(&bytes);
+    Ok(mac)
+}
+
+/// The Xen guest with a vif colo serves itself (`--pv-vif`): plugged now, connected once the
+/// guest's netfront answers.
+#[cfg(feature = "xen")]
+fn with_pv_vif(
+    dom: colo_xen::XenDomain,
+    a: &NodeArgs,
+    mac: &str,
+) -> Result<colo_xen::PvVifGuest<colo_xen::XenDomain>> {
+    let domid = a.domid.context("--backend xen needs --domid")?;
+    let vif = colo_xen::pvnet::PvVif::create(
+        domid,
+        0,
+        parse_mac(mac)?,
+        Duration::from_secs(a.pv_vif_timeout),
+    )
+    .with_context(|| format!("--pv-vif {mac}"))?;
+    colo_xen::PvVifGuest::new(dom, vif).with_context(|| format!("--pv-vif {mac}"))
+}
+
 /// The Xen guest with its NIC: an AF_PACKET port on its vif (`--vif`).
 #[cfg(feature = "xen")]
 fn with_vif(
@@ -1174,6 +1234,10 @@ fn primary_xen(a: PrimaryArgs) -> Result<i32> {
     let domid = a.node.domid.context("--backend xen needs --domid")?;
     let mut guest = open_xen(domid, a.node.upcall_vector)?;
     colo_core::Domain::resume(&mut guest)?;
+    if let Some(mac) = a.node.pv_vif.clone() {
+        let g = with_pv_vif(guest, &a.node, &mac)?;
+        return primary_with(a, g);
+    }
     match a.node.vif.clone() {
         Some(vif) => primary_with(a, with_vif(guest, &vif)?),
         None => primary_with(a, guest),
@@ -1236,6 +1300,10 @@ fn run_secondary(a: SecondaryArgs) -> Result<i32> {
 fn secondary_xen(a: SecondaryArgs) -> Result<i32> {
     let domid = a.node.domid.context("--backend xen needs --domid")?;
     let guest = open_xen(domid, a.node.upcall_vector)?;
+    if let Some(mac) = a.node.pv_vif.clone() {
+        let g = with_pv_vif(guest, &a.node, &mac)?;
+        return secondary_with(a, g);
+    }
     match a.node.vif.clone() {
         Some(vif) => secondary_with(a, with_vif(guest, &vif)?),
         None => secondary_with(a, guest),

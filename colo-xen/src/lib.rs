@@ -96,7 +96,10 @@ mod guest;
 pub mod netif;
 mod nic;
 #[cfg(feature = "xen")]
+mod pvguest;
+#[cfg(feature = "xen")]
 pub mod pvnet;
+pub mod pvstate;
 #[cfg(feature = "xen")]
 pub mod pvsys;
 pub mod state;
@@ -115,5 +118,7 @@ pub use api::{dominf, DomInfo, MAX_BATCH};
 pub use domain::XenDomain;
 pub use error::XenError;
 pub use nic::{split_state, VifGuest, STATE_TAG};
+#[cfg(feature = "xen")]
+pub use pvguest::PvVifGuest;
 pub use state::{StateError, TscInfo, XenState};
 pub use vif::{enter_netns, PacketPort, PortSignal, VifError, MAX_PORT_FRAME};

@@ -11,12 +11,19 @@
 //! publishes `tx-ring-ref`, `rx-ring-ref`, `event-channel`, `request-rx-copy` and turns
 //! `Connected` (4); colo maps and binds, then turns `Connected` itself.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::XenError;
 use crate::grant::{Access, GrantTable};
-use crate::netif::{Delivery, NetifBackend, NetifError, SharedRing, TxPoll};
+use crate::netif::{
+    Delivery, FrameError, GuestFrames, NetifBackend, NetifError, SharedRing, TxPoll,
+};
+use crate::pvstate::{frames_in_use, VifTrailer};
 use crate::pvsys::{home, read_num, EventChannel, ForeignFrames, Mapped, NodePerms, XenStore};
+
+const PAGE: usize = 4096;
 
 /// Grant frames colo maps (Xen's default `max_grant_frames` for a domU is 64).
 const GRANT_FRAMES: usize = 64;
@@ -61,8 +68,56 @@ pub struct PvVif {
     frames: ForeignFrames,
     grants: Mapped,
     rings: Mapped,
-    evt: EventChannel,
+    evt: Arc<EventChannel>,
     backend: NetifBackend,
+    /// The frontend's ring refs and event channel (after an import: the PVM's).
+    tx_ref: u32,
+    rx_ref: u32,
+    port: u32,
+    /// The rings' frames.
+    ring_gfns: [u64; 2],
+    /// Frames colo wrote since [`PvVif::take_written`] (receive buffers; the ring frames are
+    /// added there).
+    written: Vec<u64>,
+}
+
+/// The guest's frames, recording each one written.
+struct Tracked<'a> {
+    inner: &'a mut ForeignFrames,
+    written: &'a mut Vec<u64>,
+}
+
+impl GuestFrames for Tracked<'_> {
+    fn read(&mut self, gfn: u64, offset: usize, out: &mut [u8]) -> Result<(), FrameError> {
+        self.inner.read(gfn, offset, out)
+    }
+    fn write(&mut self, gfn: u64, offset: usize, data: &[u8]) -> Result<(), FrameError> {
+        self.written.push(gfn);
+        self.inner.write(gfn, offset, data)
+    }
+}
+
+fn table(grants: &Mapped) -> GrantTable<'_> {
+    let words = (0..grants.pages()).map(|i| grants.words(i)).collect();
+    // Every mapped page is 1024 words, so `new` cannot refuse.
+    GrantTable::new(words).unwrap_or_else(|| unreachable!("mapped grant frames are whole pages"))
+}
+
+fn ring_gfns(
+    domid: u32,
+    grants: &Mapped,
+    tx_ref: u32,
+    rx_ref: u32,
+) -> Result<[u64; 2], PvVifError> {
+    let t = table(grants);
+    let gfn = |r: u32| {
+        t.resolve(r, 0, Access::Write)
+            .map_err(|e| PvVifError::Frontend {
+                domid,
+                what: format!("ring: {e}"),
+            })
+    };
+    Ok([gfn(tx_ref)?, gfn(rx_ref)?])
 }
 
 impl PvVif {
@@ -175,29 +230,20 @@ impl PvVif {
         }
         let frames = ForeignFrames::open(domid)?;
         let grants = frames.map_grant_table(GRANT_FRAMES)?;
-        let gfn = |r: u64| -> Result<u64, PvVifError> {
-            let words: Vec<_> = (0..grants.pages()).map(|i| grants.words(i)).collect();
-            let table = GrantTable::new(words).ok_or_else(|| PvVifError::Frontend {
+        let num = |v: u64, what: &str| {
+            u32::try_from(v).map_err(|_| PvVifError::Frontend {
                 domid,
-                what: "short grant frame".into(),
-            })?;
-            let r = u32::try_from(r).map_err(|_| PvVifError::Frontend {
-                domid,
-                what: format!("ring ref {r} out of range"),
-            })?;
-            table
-                .resolve(r, 0, Access::Write)
-                .map_err(|e| PvVifError::Frontend {
-                    domid,
-                    what: format!("ring: {e}"),
-                })
+                what: format!("{what} {v} out of range"),
+            })
         };
-        let rings = frames.map(&[gfn(tx_ref)?, gfn(rx_ref)?])?;
-        let port = u32::try_from(port).map_err(|_| PvVifError::Frontend {
-            domid,
-            what: format!("event channel {port}"),
-        })?;
-        let evt = EventChannel::bind(domid, port)?;
+        let (tx_ref, rx_ref, port) = (
+            num(tx_ref, "tx-ring-ref")?,
+            num(rx_ref, "rx-ring-ref")?,
+            num(port, "event channel")?,
+        );
+        let ring_gfns = ring_gfns(domid, &grants, tx_ref, rx_ref)?;
+        let rings = frames.map(&ring_gfns)?;
+        let evt = Arc::new(EventChannel::bind(domid, port)?);
         let backend = NetifBackend::attach(
             &SharedRing::tx(rings.words(0))?,
             &SharedRing::rx(rings.words(1))?,
@@ -219,18 +265,23 @@ impl PvVif {
             rings,
             evt,
             backend,
+            tx_ref,
+            rx_ref,
+            port,
+            ring_gfns,
+            written: Vec::new(),
         })
     }
 
     /// Takes every frame the guest sent, hands each to `out`, kicks the guest if it asked.
     pub fn poll_tx(&mut self, out: impl FnMut(&[u8])) -> Result<TxPoll, PvVifError> {
-        let words: Vec<_> = (0..self.grants.pages())
-            .map(|i| self.grants.words(i))
-            .collect();
-        let table = GrantTable::new(words)
-            .unwrap_or_else(|| unreachable!("mapped grant frames are whole pages"));
+        let table = table(&self.grants);
         let tx = SharedRing::tx(self.rings.words(0))?;
-        let p = self.backend.poll_tx(&tx, &table, &mut self.frames, out)?;
+        let mut mem = Tracked {
+            inner: &mut self.frames,
+            written: &mut self.written,
+        };
+        let p = self.backend.poll_tx(&tx, &table, &mut mem, out)?;
         if p.notify {
             self.evt.notify()?;
         }
@@ -238,25 +289,27 @@ impl PvVif {
     }
 
     /// Delivers `frames` into the guest's receive buffers (as many as it posted), publishes
-    /// them once and kicks the guest if it asked. Returns how many were taken.
+    /// them once and kicks the guest if it asked. Returns how many were taken (a frame the
+    /// guest's buffer refused counts as taken and lost; its reason is returned).
     pub fn deliver(&mut self, frames: &[&[u8]]) -> Result<(usize, Vec<String>), PvVifError> {
-        let words: Vec<_> = (0..self.grants.pages())
-            .map(|i| self.grants.words(i))
-            .collect();
-        let table = GrantTable::new(words)
-            .unwrap_or_else(|| unreachable!("mapped grant frames are whole pages"));
+        let table = table(&self.grants);
         let rx = SharedRing::rx(self.rings.words(1))?;
+        let mut mem = Tracked {
+            inner: &mut self.frames,
+            written: &mut self.written,
+        };
         let (mut n, mut faults) = (0, Vec::new());
         for f in frames {
-            match self.backend.deliver(&rx, &table, &mut self.frames, f)? {
+            match self.backend.deliver(&rx, &table, &mut mem, f)? {
                 Delivery::Delivered => n += 1,
                 Delivery::NoBuffer => break,
-                Delivery::GuestFault(w) => faults.push(w),
+                Delivery::GuestFault(w) => {
+                    n += 1;
+                    faults.push(w);
+                }
             }
         }
-        let notify = self.backend.push_rx(&rx);
-        drop(table);
-        if notify {
+        if self.backend.push_rx(&rx) {
             self.evt.notify()?;
         }
         Ok((n, faults))
@@ -265,6 +318,123 @@ impl PvVif {
     /// Waits up to `timeout` for the guest's kick.
     pub fn wait(&self, timeout: Duration) -> Result<bool, PvVifError> {
         Ok(self.evt.wait(timeout)?)
+    }
+
+    /// A channel holding a message whenever the guest kicked its event channel (it queued
+    /// frames or posted receive buffers); a thread waits for the kicks until the vif is dropped.
+    pub fn signal(&self) -> Result<(crossbeam_channel::Receiver<()>, Arc<AtomicBool>), PvVifError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (evt, st) = (self.evt.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name(format!("pv-vif-{}", self.domid))
+            .spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    match evt.wait(Duration::from_millis(100)) {
+                        Ok(true) => {
+                            let _ = tx.try_send(());
+                        }
+                        Ok(false) => {}
+                        Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                    }
+                }
+            })
+            .map_err(|e| PvVifError::Frontend {
+                domid: self.domid,
+                what: format!("starting its signal thread: {e}"),
+            })?;
+        Ok((rx, stop))
+    }
+
+    /// Every frame colo wrote since the last call — the receive buffers it filled and both
+    /// ring frames (answers and event indices) — so the caller adds them to the dirty set a
+    /// checkpoint sends (Xen's log does not see dom0's writes through a foreign mapping).
+    pub fn take_written(&mut self, mut each: impl FnMut(u64)) {
+        self.written.sort_unstable();
+        self.written.dedup();
+        for &g in self.written.iter().chain(self.ring_gfns.iter()) {
+            each(g);
+        }
+        self.written.clear();
+    }
+
+    /// This vif's part of a checkpoint's state (see [`crate::pvstate`]), appended to `out`.
+    pub fn export(&self, rx_seq: u64, out: &mut Vec<u8>) {
+        let pages: Vec<Vec<u8>> = (0..self.grants.pages())
+            .map(|i| {
+                self.grants
+                    .words(i)
+                    .iter()
+                    .flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes())
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[u8]> = pages.iter().map(Vec::as_slice).collect();
+        let n = frames_in_use(&refs);
+        let frames = pages[..n].concat();
+        VifTrailer {
+            rx_seq,
+            tx_ref: self.tx_ref,
+            rx_ref: self.rx_ref,
+            port: self.port,
+            grant_frames: &frames,
+        }
+        .encode(out);
+    }
+
+    /// Makes this (paused) domain's vif what the PVM's was at the capture its memory was just
+    /// loaded from: the PVM's grant entries copied into this domain's grant table, the rings
+    /// at the PVM's refs served, the backend's indices taken from them.
+    pub fn import(&mut self, t: &VifTrailer<'_>) -> Result<(), PvVifError> {
+        let domid = self.domid;
+        if t.port != self.port {
+            return Err(PvVifError::Frontend {
+                domid,
+                what: format!(
+                    "the primary's netfront uses event channel {}, this domain's uses {}: both domains must boot \
+                     the same way and get their vif plugged at the same point (before any other device)",
+                    t.port, self.port
+                ),
+            });
+        }
+        let n = t.grant_frames.len() / PAGE;
+        if n > self.grants.pages() {
+            return Err(PvVifError::Frontend {
+                domid,
+                what: format!("{n} grant frames to load, {} mapped", self.grants.pages()),
+            });
+        }
+        for i in 0..self.grants.pages() {
+            let words = self.grants.words(i);
+            match t.grant_frames.get(i * PAGE..(i + 1) * PAGE) {
+                Some(src) => {
+                    for (w, b) in words.iter().zip(src.chunks_exact(4)) {
+                        w.store(
+                            u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                            Ordering::Relaxed,
+                        );
+                    }
+                }
+                None => {
+                    if words.iter().any(|w| w.load(Ordering::Relaxed) != 0) {
+                        words.iter().for_each(|w| w.store(0, Ordering::Relaxed));
+                    }
+                }
+            }
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let gfns = ring_gfns(domid, &self.grants, t.tx_ref, t.rx_ref)?;
+        if gfns != self.ring_gfns {
+            self.rings = self.frames.map(&gfns)?;
+            self.ring_gfns = gfns;
+        }
+        (self.tx_ref, self.rx_ref) = (t.tx_ref, t.rx_ref);
+        self.backend = NetifBackend::attach(
+            &SharedRing::tx(self.rings.words(0))?,
+            &SharedRing::rx(self.rings.words(1))?,
+            0,
+        )?;
+        Ok(())
     }
 }
 

@@ -275,6 +275,10 @@ pub struct EventChannel {
 // SAFETY: the handle is used through `&self` only for notify/pending/unmask, which the library
 // allows from any thread (they are ioctls/reads on one fd); EventChannel owns it.
 unsafe impl Send for EventChannel {}
+// SAFETY: as above: notify (an ioctl), pending (a read) and unmask (a write) on the handle's fd
+// keep no state in the handle, so two threads may call them at once (the node kicks the guest
+// while the signal thread waits for the guest's kicks).
+unsafe impl Sync for EventChannel {}
 
 impl EventChannel {
     /// Binds a local port to `remote` of domain `domid`.

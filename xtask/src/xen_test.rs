@@ -73,12 +73,18 @@ const XEN_DEBS: [&str; 4] = [
     "xenstore-utils",
 ];
 /// Xen's kernel modules dom0 loads, in order (xen-privcmd before xenfs).
-const MODULES: [&str; 5] = [
+/// The last four (llc, stp, bridge, veth: the network stage's service bridge) are loaded by
+/// that stage, not at boot.
+const MODULES: [&str; 9] = [
     "drivers/xen/xen-privcmd.ko",
     "drivers/xen/xen-evtchn.ko",
     "drivers/xen/xenfs/xenfs.ko",
     "drivers/xen/xen-gntdev.ko",
     "drivers/xen/xen-gntalloc.ko",
+    "net/llc/llc.ko",
+    "net/802/stp.ko",
+    "net/bridge/bridge.ko",
+    "drivers/net/veth.ko",
 ];
 
 const USAGE: &str = "\

@@ -469,6 +469,70 @@ if [ "$TAKEOVERS" -eq 1 ] && [ "$TAKEOVERS_OK" -ge 1 ] && [ -n "$(xl domid colo-
   grep -q "^check: OK" /tmp/netif.out || NETIF="netif (advisory): $NETIF"
   stage netif
 fi
+# The guest's network through a colo pair (issue #17; advisory while it is new): two fresh
+# guests, each with a vif colo serves (--pv-vif, the same MAC; the guests' init brings eth0 up
+# as 10.99.0.2); the service network is a bridge in dom0 (10.99.0.1) with one veth port to each
+# node's --service-if. dom0 pings the guest through the pair while it checkpoints, then the
+# primary dies (process killed, domain destroyed) and the pings must go on to the survivor.
+NET="network not run"
+net_stage() {
+  xl destroy colo-b >/dev/null 2>&1
+  for m in llc stp bridge veth; do insmod /lib/modules/$m.ko 2>/dev/null; done
+  ip link add colobr type bridge && ip addr add 10.99.0.1/24 dev colobr && ip link set colobr up \
+    || { NET="network (advisory): no service bridge"; return; }
+  for s in p s; do
+    ip link add svc$s type veth && ip link set veth0 name svc${s}b && brctl addif colobr svc${s}b \
+      && ip link set svc${s}b up && ip link set svc$s up \
+      || { NET="network (advisory): no veth pair for the service network"; return; }
+  done
+  mkguest colo-n1; mkguest colo-n2
+  for g in colo-n1 colo-n2; do
+    wait_boot $g "GUEST TICK" "$(budget 200)" || { NET="network (advisory): $g did not boot"; return; }
+  done
+  N1=$(xl domid colo-n1); N2=$(xl domid colo-n2)
+  echo "DOM0: network pair: colo-n1 is domain $N1, colo-n2 is domain $N2"
+  MAC=00:16:3e:c0:10:02
+  RUST_LOG=${RUST_LOG:-info} colo secondary $NODE_FLAGS --domid "$N2" --pv-vif $MAC --service-if svcs \
+    --listen 127.0.0.1:7100 --name nsec --status-file /tmp/nsec.json > /tmp/nsec.log 2>&1 &
+  NSP=$!
+  sleep 1
+  RUST_LOG=${RUST_LOG:-info} colo primary $NODE_FLAGS --domid "$N1" --pv-vif $MAC --service-if svcp \
+    --peer 127.0.0.1:7100 --connect-timeout "$(budget 120)" --name npri --status-file /tmp/npri.json > /tmp/npri.log 2>&1 &
+  NPP=$!
+  i=0
+  while :; do
+    sleep 1; i=$((i + 1))
+    n=$(jnum /tmp/npri.json checkpoints); n=${n:-0}
+    grep -q '"protected": *true' /tmp/npri.json 2>/dev/null && [ "$n" -ge 3 ] && break
+    if [ $i -ge "$(budget 240)" ] || ! kill -0 $NPP 2>/dev/null || ! kill -0 $NSP 2>/dev/null; then
+      for f in /tmp/npri.log /tmp/nsec.log; do echo "--- tail of $f"; tail -n 12 $f | sed 's/^/    /'; done
+      NET="network (advisory): the pair was not protected with 3 checkpoints within $i s: $(grep -hE ' (ERROR|WARN) |error' /tmp/npri.log /tmp/nsec.log | tail -1 | cut -c1-200)"
+      kill -9 $NPP $NSP 2>/dev/null; return
+    fi
+  done
+  ping -c 20 -W 3 10.99.0.2 > /tmp/ping1.out 2>&1
+  p1=$(grep -o "[0-9]* packets received" /tmp/ping1.out | awk '{print $1}')
+  tail -2 /tmp/ping1.out
+  for k in checkpoints mismatch_checkpoints periodic_checkpoints mismatches requests frames_delivered; do
+    eval "n_$k=\$(jnum /tmp/npri.json $k)"
+  done
+  echo "DOM0: network: ${p1:-0} of 20 pings answered through the pair; checkpoints $n_checkpoints ($n_mismatch_checkpoints on mismatch, $n_periodic_checkpoints periodic), $n_requests requests mirrored, $n_frames_delivered frames released, $n_mismatches mismatches"
+  t0=$(now)
+  kill -9 $NPP; xl destroy colo-n1 >/dev/null 2>&1 &
+  ping -c 20 -W 3 10.99.0.2 > /tmp/ping2.out 2>&1
+  p2=$(grep -o "[0-9]* packets received" /tmp/ping2.out | awk '{print $1}')
+  tail -2 /tmp/ping2.out
+  grep -E "took over|TakenOver|serving" /tmp/nsec.log | head -3
+  kill -TERM $NSP 2>/dev/null; wait $NSP 2>/dev/null
+  NET="network: ${p1:-0} of 20 pings answered through the pair ($n_requests frames mirrored, $n_frames_delivered released, $n_mismatches mismatches; checkpoints: $n_mismatch_checkpoints on mismatch, $n_periodic_checkpoints periodic), ${p2:-0} of 20 after the primary died"
+  if [ "${p1:-0}" -lt 15 ] || [ "${p2:-0}" -lt 10 ]; then NET="network (advisory): $NET"; fi
+  xl destroy colo-n2 >/dev/null 2>&1
+}
+if [ "$TAKEOVERS" -eq 1 ]; then
+  net_stage
+  echo "DOM0: $NET"
+  stage network
+fi
 triple_faults
 summary=$(grep "check: OK replicate" /tmp/replicate.out | sed 's/check: OK replicate //')
-echo "XEN-TEST-RESULT: PASS $MEMORY; $COLO_TAKEOVER; slowdown $SLOW; $CONF_SUMMARY; $COLO_SUMMARY; colo-xen-check: $summary; $NETIF; total $(awk -v a="$T0" -v b="$(now)" 'BEGIN{printf "%.0f", b-a}') s in dom0"
+echo "XEN-TEST-RESULT: PASS $MEMORY; $COLO_TAKEOVER; slowdown $SLOW; $CONF_SUMMARY; $COLO_SUMMARY; colo-xen-check: $summary; $NETIF; $NET; total $(awk -v a="$T0" -v b="$(now)" 'BEGIN{printf "%.0f", b-a}') s in dom0"

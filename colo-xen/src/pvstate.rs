@@ -1,0 +1,161 @@
+//! What a colo-served PV vif adds to a checkpoint's state blob ([`VifTrailer`]): the request
+//! number of the next mirrored frame, the frontend's ring refs and event channel as the PVM's
+//! netfront published them, and the PVM's grant frames in use. The SVM's colo copies the grant
+//! frames into the SVM's own grant table (Xen pages, never part of guest RAM), so the grant refs
+//! in the copied memory name the same frames there, then serves the copied rings.
+//!
+//! Layout, appended after the domain's own blob (little-endian), so that a reader finds it
+//! from the end: `grant frames (n × 4096 bytes) | rx_seq u64 | tx_ref u32 | rx_ref u32 |
+//! port u32 | n u32 | "COLOPVF1"`. `n` is checked (at most [`MAX_GRANT_FRAMES`]) before any
+//! slicing; a blob without the tag is refused, naming the likely cause.
+
+use colo_core::BackendError;
+
+/// The tag that ends a blob carrying a PV vif's trailer.
+pub const PV_TAG: &[u8; 8] = b"COLOPVF1";
+/// The most grant frames a trailer may carry (Xen's default `max_grant_frames`).
+pub const MAX_GRANT_FRAMES: usize = 64;
+const PAGE: usize = 4096;
+const FIXED: usize = 8 + 4 + 4 + 4 + 4 + 8;
+
+/// A PV vif's part of the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VifTrailer<'a> {
+    /// The request number the next mirrored frame gets.
+    pub rx_seq: u64,
+    /// The frontend's `tx-ring-ref`.
+    pub tx_ref: u32,
+    /// The frontend's `rx-ring-ref`.
+    pub rx_ref: u32,
+    /// The frontend's `event-channel` (its port in its own domain).
+    pub port: u32,
+    /// The grant frames in use, whole pages.
+    pub grant_frames: &'a [u8],
+}
+
+impl VifTrailer<'_> {
+    /// Appends the trailer to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.grant_frames);
+        out.extend_from_slice(&self.rx_seq.to_le_bytes());
+        out.extend_from_slice(&self.tx_ref.to_le_bytes());
+        out.extend_from_slice(&self.rx_ref.to_le_bytes());
+        out.extend_from_slice(&self.port.to_le_bytes());
+        out.extend_from_slice(&((self.grant_frames.len() / PAGE) as u32).to_le_bytes());
+        out.extend_from_slice(PV_TAG);
+    }
+
+    /// Splits `blob` into the domain's own blob and the trailer.
+    pub fn decode(blob: &[u8]) -> Result<(&[u8], VifTrailer<'_>), BackendError> {
+        let bad = |why: String| BackendError::InvalidState(format!("the PV vif's state: {why}"));
+        let Some(head) = blob.len().checked_sub(FIXED) else {
+            return Err(bad(format!(
+                "a {}-byte state is too short for it (does the peer run with --pv-vif?)",
+                blob.len()
+            )));
+        };
+        let fixed = &blob[head..];
+        if &fixed[FIXED - 8..] != PV_TAG {
+            return Err(bad(
+                "the state carries none (does the peer run with --pv-vif?)".into(),
+            ));
+        }
+        let u32_at =
+            |i: usize| u32::from_le_bytes([fixed[i], fixed[i + 1], fixed[i + 2], fixed[i + 3]]);
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&fixed[..8]);
+        let n = u32_at(20) as usize;
+        if n > MAX_GRANT_FRAMES {
+            return Err(bad(format!("{n} grant frames, at most {MAX_GRANT_FRAMES}")));
+        }
+        let Some(start) = head.checked_sub(n * PAGE) else {
+            return Err(bad(format!(
+                "{n} grant frames announced, {head} bytes before the trailer"
+            )));
+        };
+        Ok((
+            &blob[..start],
+            VifTrailer {
+                rx_seq: u64::from_le_bytes(seq),
+                tx_ref: u32_at(8),
+                rx_ref: u32_at(12),
+                port: u32_at(16),
+                grant_frames: &blob[start..head],
+            },
+        ))
+    }
+}
+
+/// How many leading frames of a grant table hold any entry: the frames a trailer carries.
+pub fn frames_in_use(frames: &[&[u8]]) -> usize {
+    frames
+        .iter()
+        .rposition(|f| f.iter().any(|&b| b != 0))
+        .map_or(0, |i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_trailer_round_trips_after_the_domains_blob() {
+        let frames: Vec<u8> = (0..2 * PAGE).map(|i| i as u8).collect();
+        let t = VifTrailer {
+            rx_seq: 77,
+            tx_ref: 8,
+            rx_ref: 9,
+            port: 5,
+            grant_frames: &frames,
+        };
+        let mut blob = b"domain state".to_vec();
+        t.encode(&mut blob);
+        let (inner, back) = VifTrailer::decode(&blob).unwrap();
+        assert_eq!(inner, b"domain state");
+        assert_eq!(back, t);
+    }
+
+    #[test]
+    fn a_blob_without_or_with_a_lying_trailer_is_refused_by_name() {
+        let e = VifTrailer::decode(b"short").unwrap_err().to_string();
+        assert!(e.contains("--pv-vif"), "{e}");
+        let e = VifTrailer::decode(&[0; 64]).unwrap_err().to_string();
+        assert!(e.contains("carries none"), "{e}");
+        let mut blob = Vec::new();
+        VifTrailer {
+            rx_seq: 0,
+            tx_ref: 0,
+            rx_ref: 0,
+            port: 0,
+            grant_frames: &[],
+        }
+        .encode(&mut blob);
+        // Claims 3 frames that are not there.
+        let at = blob.len() - 12;
+        blob[at..at + 4].copy_from_slice(&3u32.to_le_bytes());
+        let e = VifTrailer::decode(&blob).unwrap_err().to_string();
+        assert!(e.contains("3 grant frames announced"), "{e}");
+        blob[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let e = VifTrailer::decode(&blob).unwrap_err().to_string();
+        assert!(e.contains("at most 64"), "{e}");
+    }
+
+    #[test]
+    fn frames_in_use_stop_at_the_last_frame_with_an_entry() {
+        let (z, x) = (vec![0u8; PAGE], {
+            let mut v = vec![0u8; PAGE];
+            v[100] = 1;
+            v
+        });
+        assert_eq!(frames_in_use(&[&z, &z]), 0);
+        assert_eq!(frames_in_use(&[&x, &z, &x, &z]), 3);
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(blob in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = VifTrailer::decode(&blob);
+        }
+    }
+}
