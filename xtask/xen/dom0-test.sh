@@ -513,19 +513,47 @@ net_stage() {
   ping -c 20 -W 3 10.99.0.2 > /tmp/ping1.out 2>&1
   p1=$(grep -o "[0-9]* packets received" /tmp/ping1.out | awk '{print $1}')
   tail -2 /tmp/ping1.out
+  # With no traffic: a checkpoint taken with both domains paused leaves them identical (colo's
+  # own writes into the guests, receive buffers and ring answers, travel with the pages).
+  ncp() { n=$(jnum /tmp/npri.json checkpoints); echo "${n:-0}"; }
+  nwait() { i=0; while [ "$(ncp)" -lt "$1" ]; do sleep 1; i=$((i + 1)); [ $i -ge "$(budget 120)" ] && return 1; done; return 0; }
+  xl pause colo-n1; xl pause colo-n2
+  sleep "$(budget 3)"
+  if nwait $(($(ncp) + 2)); then
+    colo-xen-check same --primary "$N1" --secondary "$N2" > /tmp/nsame.out 2>&1
+    NSAME="$(tail -1 /tmp/nsame.out | sed 's/^check: //')"
+  else
+    NSAME="FAIL no final checkpoint while paused"
+  fi
+  xl unpause colo-n1; xl unpause colo-n2
+  echo "DOM0: network pair after a checkpoint with both paused: $NSAME"
+  # A TCP client of the guest's key-value store: one long-lived connection and a new one every
+  # five requests, through the primary, then on through the survivor after the primary dies.
+  rm -f /tmp/kv.stop /tmp/kv.progress
+  colo-xen-check kv --addr 10.99.0.2:7777 --stop-file /tmp/kv.stop --progress /tmp/kv.progress \
+    --timeout "$(budget 60)" > /tmp/kv.out 2>&1 &
+  KVP=$!
+  kvn() { n=$(cat /tmp/kv.progress 2>/dev/null); echo "${n:-0}"; }
+  kvwait() { i=0; while [ "$(kvn)" -lt "$1" ]; do sleep 1; i=$((i + 1)); kill -0 $KVP 2>/dev/null || return 1; [ $i -ge "$(budget 180)" ] && return 1; done; return 0; }
+  kvwait 20 || echo "DOM0: network: the kv client stalled at $(kvn) before the failover: $(tail -1 /tmp/kv.out)"
+  k1=$(kvn)
   for k in checkpoints mismatch_checkpoints periodic_checkpoints mismatches requests frames_delivered; do
     eval "n_$k=\$(jnum /tmp/npri.json $k)"
   done
-  echo "DOM0: network: ${p1:-0} of 20 pings answered through the pair; checkpoints $n_checkpoints ($n_mismatch_checkpoints on mismatch, $n_periodic_checkpoints periodic), $n_requests requests mirrored, $n_frames_delivered frames released, $n_mismatches mismatches"
-  t0=$(now)
+  echo "DOM0: network: ${p1:-0} of 20 pings and $k1 kv rounds through the pair; checkpoints $n_checkpoints ($n_mismatch_checkpoints on mismatch, $n_periodic_checkpoints periodic), $n_requests frames mirrored, $n_frames_delivered released, $n_mismatches mismatches"
   kill -9 $NPP; xl destroy colo-n1 >/dev/null 2>&1 &
   ping -c 20 -W 3 10.99.0.2 > /tmp/ping2.out 2>&1
   p2=$(grep -o "[0-9]* packets received" /tmp/ping2.out | awk '{print $1}')
   tail -2 /tmp/ping2.out
-  grep -E "took over|TakenOver|serving" /tmp/nsec.log | head -3
+  kvwait $((k1 + 20)) || echo "DOM0: network: the kv client stalled at $(kvn) after the failover"
+  touch /tmp/kv.stop; wait $KVP; KVRC=$?
+  cat /tmp/kv.out | tail -3
+  KV="$(tail -1 /tmp/kv.out | sed 's/^check: //')"
+  grep -E "took over|TakenOver|aligned" /tmp/nsec.log | head -3
+  ta=$(jnum /tmp/nsec.json tcp_aligned)
   kill -TERM $NSP 2>/dev/null; wait $NSP 2>/dev/null
-  NET="network: ${p1:-0} of 20 pings answered through the pair ($n_requests frames mirrored, $n_frames_delivered released, $n_mismatches mismatches; checkpoints: $n_mismatch_checkpoints on mismatch, $n_periodic_checkpoints periodic), ${p2:-0} of 20 after the primary died"
-  if [ "${p1:-0}" -lt 15 ] || [ "${p2:-0}" -lt 10 ]; then NET="network (advisory): $NET"; fi
+  NET="network: ${p1:-0} of 20 pings and $k1 kv rounds through the pair ($n_requests frames mirrored, $n_frames_delivered released, $n_mismatches mismatches; checkpoints: $n_mismatch_checkpoints on mismatch, $n_periodic_checkpoints periodic); paused pair $NSAME; primary killed: ${p2:-0} of 20 pings after, TCP connections aligned ${ta:-0}; $KV"
+  if [ "${p1:-0}" -lt 15 ] || [ "${p2:-0}" -lt 10 ] || [ "$KVRC" != 0 ] || ! echo "$NSAME" | grep -q "^OK"; then NET="network (advisory): $NET"; fi
   xl destroy colo-n2 >/dev/null 2>&1
 }
 if [ "$TAKEOVERS" -eq 1 ]; then

@@ -20,6 +20,11 @@
 //!                                               colo (`colo_xen::pvnet`) into a running
 //!                                               guest whose init configures 10.99.0.2 on it;
 //!                                               ARP and ICMP echo through the rings
+//! colo-xen-check kv        --addr IP:PORT --stop-file F [--progress F] [--timeout 60]
+//!                          [--new-every 5]      a client of the guest agent's key-value
+//!                                               store: one long-lived TCP connection plus a
+//!                                               new one every few requests, until F exists;
+//!                                               then every acknowledged write must read back
 //! Output lines start with `check:`; the last is `check: OK …` or the error (exit status 1).
 
 use std::process::ExitCode;
@@ -841,8 +846,9 @@ fn main() -> ExitCode {
         "same" => same(&args),
         "logdirty" => logdirty(&args),
         "netif" => netif(&args),
+        "kv" => kv(&args),
         other => Err(CheckError::Usage(format!(
-            "unknown command `{other}` (info, digest, selftest, replicate, wake, same, logdirty, netif)"
+            "unknown command `{other}` (info, digest, selftest, replicate, wake, same, logdirty, netif, kv)"
         ))),
     });
     match res {
@@ -1024,6 +1030,158 @@ fn netif(args: &Args) -> Result<()> {
         connected.as_secs_f64(),
         rtts[rtts.len() / 2],
         rtts[rtts.len() - 1]
+    );
+    Ok(())
+}
+
+fn opt_str<'a>(args: &'a Args, key: &str) -> Result<&'a str> {
+    match args.opts.iter().find(|(k, _)| k == key) {
+        Some((_, Some(v))) => Ok(v),
+        Some((_, None)) => Err(CheckError::Usage(format!("{key} needs a value"))),
+        None => Err(CheckError::Usage(format!("{key} is required"))),
+    }
+}
+
+/// One line-oriented connection to the guest's key-value store.
+struct KvConn {
+    r: std::io::BufReader<std::net::TcpStream>,
+    w: std::net::TcpStream,
+}
+
+impl KvConn {
+    fn open(addr: &str, timeout: Duration) -> std::io::Result<Self> {
+        let sa: std::net::SocketAddr = addr.parse().map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("`{addr}` is not IP:PORT"),
+            )
+        })?;
+        let s = std::net::TcpStream::connect_timeout(&sa, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_nodelay(true)?;
+        Ok(Self {
+            w: s.try_clone()?,
+            r: std::io::BufReader::new(s),
+        })
+    }
+
+    fn ask(&mut self, req: &str) -> std::io::Result<String> {
+        use std::io::{BufRead, Write};
+        self.w.write_all(format!("{req}\n").as_bytes())?;
+        let mut line = String::new();
+        if self.r.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed by the server",
+            ));
+        }
+        Ok(line.trim_end().to_string())
+    }
+}
+
+/// A client of the guest agent's key-value store that keeps one connection for its whole run
+/// (across a failover, if one happens meanwhile) and opens new ones as it goes.
+fn kv(args: &Args) -> Result<()> {
+    let addr = opt_str(args, "--addr")?.to_string();
+    let stop = std::path::PathBuf::from(opt_str(args, "--stop-file")?);
+    let progress = opt_str(args, "--progress")
+        .ok()
+        .map(std::path::PathBuf::from);
+    let timeout = Duration::from_secs(args.num("--timeout", Some(60))?.max(1));
+    let every = args.num("--new-every", Some(5))?.max(1);
+    let t0 = Instant::now();
+    let mut long = loop {
+        match KvConn::open(&addr, timeout) {
+            Ok(c) => break c,
+            Err(e) if t0.elapsed() < timeout => {
+                println!("check: kv: connecting to {addr}: {e}; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => {
+                return fail(format!(
+                    "kv: cannot connect to {addr} within {} s: {e}",
+                    timeout.as_secs()
+                ))
+            }
+        }
+    };
+    let mut acked: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    let (mut ops, mut fresh, mut slowest) = (0u64, 0u64, Duration::ZERO);
+    let mut timed = |conn: &mut KvConn, req: &str, what: &str, ops: u64| -> Result<String> {
+        let t = Instant::now();
+        let a = conn
+            .ask(req)
+            .map_err(|e| CheckError::Failed(format!("kv: {what}, request {ops} ({req}): {e}")))?;
+        slowest = slowest.max(t.elapsed());
+        Ok(a)
+    };
+    while !stop.exists() {
+        ops += 1;
+        let (k, v) = (
+            format!("k{ops}"),
+            format!("v{ops}-{:x}", ops.wrapping_mul(0x9e37_79b9)),
+        );
+        let a = timed(
+            &mut long,
+            &format!("PUT {k} {v}"),
+            "the long-lived connection",
+            ops,
+        )?;
+        if a != format!("OK {k}") {
+            return fail(format!("kv: PUT {k} answered `{a}`"));
+        }
+        acked.insert(k, v);
+        // Read back an earlier write: an answer must never contradict one acknowledged.
+        let old = format!("k{}", 1 + ops.wrapping_mul(7919) % ops);
+        let a = timed(
+            &mut long,
+            &format!("GET {old}"),
+            "the long-lived connection",
+            ops,
+        )?;
+        if a != format!("VAL {old} {}", acked[&old]) {
+            return fail(format!(
+                "kv: GET {old} answered `{a}`, acknowledged `{}`",
+                acked[&old]
+            ));
+        }
+        if ops % every == 0 {
+            let mut c = KvConn::open(&addr, timeout).map_err(|e| {
+                CheckError::Failed(format!("kv: new connection {} to {addr}: {e}", fresh + 1))
+            })?;
+            let (k, v) = (format!("n{ops}"), format!("new{ops}"));
+            let a = timed(&mut c, &format!("PUT {k} {v}"), "a new connection", ops)?;
+            if a != format!("OK {k}") {
+                return fail(format!("kv: PUT {k} on a new connection answered `{a}`"));
+            }
+            acked.insert(k, v);
+            fresh += 1;
+        }
+        if let Some(p) = &progress {
+            let _ = std::fs::write(p, format!("{ops}\n"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut lost = Vec::new();
+    for (k, v) in &acked {
+        let a = timed(&mut long, &format!("GET {k}"), "the final read-back", ops)?;
+        if a != format!("VAL {k} {v}") {
+            lost.push(format!("{k}: `{a}`"));
+        }
+    }
+    if !lost.is_empty() {
+        return fail(format!(
+            "kv: {} of {} acknowledged writes did not read back: {}",
+            lost.len(),
+            acked.len(),
+            lost.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    println!(
+        "check: OK kv: {ops} rounds on one TCP connection kept for {:.0} s, {fresh} new connections, {} acknowledged writes all read back; slowest answer {:.0} ms",
+        t0.elapsed().as_secs_f64(),
+        acked.len(),
+        ms(slowest)
     );
     Ok(())
 }

@@ -11,6 +11,13 @@
 //! count, `[3..67]` scratch pfns; `[256]` command sequence, `[257]` command (1 fill, 2
 //! background on, 3 background off), `[258]` fill byte, `[259]` scratch-index mask (bit i =
 //! scratch page i); `[384]` sequence of the last command done.
+//!
+//! It also serves a small key-value store over TCP on port 7777 (the network stage of
+//! `cargo xtask xen-test` reaches it through colo's PV vif): one line per request, `PUT <key>
+//! <value>` answered `OK <key>`, `GET <key>` answered `VAL <key> <value>` or `NONE <key>`,
+//! anything else `ERR`. The store lives in this process's memory, so a checkpoint carries it
+//! and a replica that took over answers what the primary acknowledged. Answers depend only on
+//! the requests, so the primary's and the secondary's compare equal.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
@@ -56,7 +63,61 @@ fn pfn_of(pagemap: &mut std::fs::File, addr: usize) -> std::io::Result<u64> {
     Ok(v & ((1 << 55) - 1))
 }
 
+/// The key-value service's port.
+const KV_PORT: u16 = 7777;
+
+/// Serves one connection of the key-value store until it closes.
+fn kv_session(
+    stream: std::net::TcpStream,
+    store: &std::sync::Mutex<std::collections::HashMap<String, String>>,
+) -> std::io::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut out = stream.try_clone()?;
+    for line in BufReader::new(stream).lines() {
+        let line = line?;
+        let mut w = line.splitn(3, ' ');
+        let answer = match (w.next(), w.next(), w.next()) {
+            (Some("PUT"), Some(k), Some(v)) => {
+                store
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(k.into(), v.into());
+                format!("OK {k}\n")
+            }
+            (Some("GET"), Some(k), None) => {
+                match store.lock().unwrap_or_else(|e| e.into_inner()).get(k) {
+                    Some(v) => format!("VAL {k} {v}\n"),
+                    None => format!("NONE {k}\n"),
+                }
+            }
+            _ => "ERR\n".to_string(),
+        };
+        out.write_all(answer.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The key-value store on [`KV_PORT`], a thread per connection.
+fn kv_server() {
+    let store = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let listener = match std::net::TcpListener::bind(("0.0.0.0", KV_PORT)) {
+        Ok(l) => l,
+        Err(e) => {
+            println!("AGENT KV not serving: {e}");
+            return;
+        }
+    };
+    println!("AGENT KV serving on port {KV_PORT}");
+    for stream in listener.incoming().flatten() {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let _ = kv_session(stream, &store);
+        });
+    }
+}
+
 fn main() -> std::io::Result<()> {
+    std::thread::spawn(kv_server);
     let pages = 1 + SCRATCH + BACKGROUND;
     // SAFETY: a fresh private anonymous mapping; the result is checked against MAP_FAILED.
     let region = unsafe {
