@@ -4,7 +4,9 @@
 //! [`colo_core::Domain`] (below), [`colo_core::Snapshot`] (the state blob split into the
 //! stream's platform records) and [`colo_core::GuestNic`] (empty on a bare `XenDomain`, see
 //! `guest.rs`; [`VifGuest`] puts an AF_PACKET port on the guest's vif in front of it, see
-//! `nic.rs` and `vif.rs`, which need no Xen and are tested on veth pairs).
+//! `nic.rs` and `vif.rs`, which need no Xen and are tested on veth pairs; with the `xen`
+//! feature, `PvVifGuest` gives the guest a vif colo serves itself — `netif.rs` (the ring
+//! protocol), `grant.rs`, `pvstate.rs`, `pvnet.rs`, `pvguest.rs`).
 //!
 //! | `Domain` method | Xen call |
 //! |---|---|

@@ -517,6 +517,9 @@ net_stage() {
   # own writes into the guests, receive buffers and ring answers, travel with the pages).
   ncp() { n=$(jnum /tmp/npri.json checkpoints); echo "${n:-0}"; }
   nwait() { i=0; while [ "$(ncp)" -lt "$1" ]; do sleep 1; i=$((i + 1)); [ $i -ge "$(budget 120)" ] && return 1; done; return 0; }
+  # The service bridge's ports down meanwhile: dom0's own multicast (MLD, router
+  # solicitations) mirrored into the paused pair would land in one before the other.
+  ip link set svcpb down; ip link set svcsb down
   xl pause colo-n1; xl pause colo-n2
   sleep "$(budget 3)"
   if nwait $(($(ncp) + 2)); then
@@ -526,6 +529,7 @@ net_stage() {
     NSAME="FAIL no final checkpoint while paused"
   fi
   xl unpause colo-n1; xl unpause colo-n2
+  ip link set svcpb up; ip link set svcsb up
   echo "DOM0: network pair after a checkpoint with both paused: $NSAME"
   # A TCP client of the guest's key-value store: one long-lived connection and a new one every
   # five requests, through the primary, then on through the survivor after the primary dies.
@@ -545,7 +549,14 @@ net_stage() {
   ping -c 20 -W 3 10.99.0.2 > /tmp/ping2.out 2>&1
   p2=$(grep -o "[0-9]* packets received" /tmp/ping2.out | awk '{print $1}')
   tail -2 /tmp/ping2.out
-  kvwait $((k1 + 20)) || echo "DOM0: network: the kv client stalled at $(kvn) after the failover"
+  kvwait $((k1 + 20)) || {
+    echo "DOM0: network: the kv client stalled at $(kvn) after the failover"
+    echo "--- tail of /tmp/nsec.log"; grep -v " DEBUG " /tmp/nsec.log | tail -n 25 | cut -c1-220 | sed 's/^/    /'
+    echo "--- colo-n2's console"; since colo-n2 | grep -v "GUEST TICK" | tail -n 8 | sed 's/^/    /'
+    echo "--- colo-n2's last tick: $(since colo-n2 | grep "GUEST TICK" | tail -1)"
+    echo "--- nsec: $(tr -d '\n' < /tmp/nsec.json 2>/dev/null | grep -o '"\(state\|role\|failover_reason\|requests\|frames_delivered\|tcp_aligned\|tcp_rewritten_in\|tcp_rewritten_out\)": *"*[A-Za-z0-9_ ]*' | tr '\n' ' ')"
+    xen_state "$N2"
+  }
   touch /tmp/kv.stop; wait $KVP; KVRC=$?
   cat /tmp/kv.out | tail -3
   KV="$(tail -1 /tmp/kv.out | sed 's/^check: //')"

@@ -667,7 +667,16 @@ fn same(args: &Args) -> Result<()> {
         let mut what = Vec::new();
         for &pfn in differing.iter().take(8) {
             let n = differing_bytes(&mut p, pfn)?;
-            what.push(format!("{pfn:#x} ({n} bytes)"));
+            let (a, b) = (read_one(&mut p.a, pfn)?, read_one(&mut p.b, pfn)?);
+            let first: Vec<String> = a
+                .iter()
+                .zip(&b)
+                .enumerate()
+                .filter(|(_, (x, y))| x != y)
+                .take(4)
+                .map(|(i, (x, y))| format!("+{i:#x}: {x:#04x}/{y:#04x}"))
+                .collect();
+            what.push(format!("{pfn:#x} ({n} bytes; {})", first.join(" ")));
         }
         return fail(format!(
             "{} of {pages} pfns differ: {}",
