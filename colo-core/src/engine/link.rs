@@ -20,7 +20,11 @@
 //! or on neither (flags bit 2): one side would otherwise read the other's sealed frames as
 //! records; and the same page coding (flags bits 3–5, `--zero-pages`, `--compress`): a
 //! secondary must expect the primary's PACKED_PAGES; and the same disk mirror mode (flags bit
-//! 6, `--disk-mirror`): a checkpoint-mode secondary refuses DISK_BLOCKS between checkpoints.
+//! 6, `--disk-mirror`): a checkpoint-mode secondary refuses DISK_BLOCKS between checkpoints;
+//! and the same number of connections (flags bits 7–10, `--streams`, see [`crate::stripe`]):
+//! the transport would otherwise wait for connections that never come. A single connection
+//! sets no bit and is left out of the proof, so it speaks exactly what a build without the
+//! option speaks (which refuses a count above 1 as unknown flag bits).
 //! A mismatch is refused by both, each naming
 //! what differs and which side has it.
 //! The disk (`--disk`, in 4 KiB blocks): a secondary whose disk is missing or smaller than the
