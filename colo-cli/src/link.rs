@@ -372,6 +372,8 @@ struct Fanout {
     ctl: Mutex<Vec<TcpStream>>,
     /// The link was shut down: a set-up under way gives up.
     closed: AtomicBool,
+    /// Connections in use once the extra ones joined (0 before).
+    in_use: AtomicU64,
 }
 
 impl Fanout {
@@ -382,11 +384,15 @@ impl Fanout {
             origin,
             ctl: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
+            in_use: AtomicU64::new(0),
         }
     }
 
     fn set(&self, fan: Fan) {
         let mut st = self.state.lock();
+        if let Fan::Ready(v) = &fan {
+            self.in_use.store(v.len() as u64 + 1, Ordering::Relaxed);
+        }
         if matches!(*st, Fan::Awaiting) {
             *st = fan;
         }
@@ -1492,12 +1498,9 @@ impl Link {
     }
 
     /// Connections the link's records travel on (1 until a striped link's extra connections
-    /// joined and its first frame went out).
+    /// joined). Takes no lock: a node may ask at every turn of its loop.
     pub fn streams(&self) -> usize {
-        match &self.tx.stream.lock().out {
-            Outgoing::Striped(st) if st.ready => st.streams.len() + 1,
-            _ => 1,
-        }
+        (self.fan.in_use.load(Ordering::Relaxed) as usize).max(1)
     }
 
     /// Writes all of `bytes` (whole records: nothing else is written in between).

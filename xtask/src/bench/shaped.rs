@@ -235,41 +235,78 @@ impl ShapedRow {
 pub(super) struct Shaped {
     rows: Vec<ShapedRow>,
     raw: Vec<(f64, f64)>,
+    /// The same on four connections at once (the shaper holds them to the one rate).
+    raw4: Vec<(f64, f64)>,
 }
 
 /// Bytes of a plain 10,000-page checkpoint, for the raw baseline.
 const RAW_BYTES: usize = 41_000_000;
 
-/// Milliseconds raw TCP takes for [`RAW_BYTES`] through a shaper at `gbit` (median of 3).
-fn raw_through(gbit: f64) -> Result<f64> {
+/// Milliseconds raw TCP takes for [`RAW_BYTES`] through a shaper at `gbit` on `conns`
+/// connections at once, each carrying its share (median of 3).
+fn raw_through(gbit: f64, conns: usize) -> Result<f64> {
     let mut runs = Vec::new();
     for _ in 0..3 {
         let sink = TcpListener::bind("127.0.0.1:0")?;
         let target = sink.local_addr()?.to_string();
         let reader = std::thread::spawn(move || -> std::io::Result<usize> {
-            let (mut s, _) = sink.accept()?;
-            let mut buf = vec![0u8; CHUNK];
-            let mut got = 0;
-            loop {
-                match s.read(&mut buf)? {
-                    0 => return Ok(got),
-                    n => got += n,
-                }
+            let mut readers = Vec::new();
+            for _ in 0..conns {
+                let (mut s, _) = sink.accept()?;
+                readers.push(std::thread::spawn(move || -> std::io::Result<usize> {
+                    let mut buf = vec![0u8; CHUNK];
+                    let mut got = 0;
+                    loop {
+                        match s.read(&mut buf)? {
+                            0 => return Ok(got),
+                            n => got += n,
+                        }
+                    }
+                }));
             }
+            let mut got = 0;
+            for r in readers {
+                got += r
+                    .join()
+                    .map_err(|_| std::io::Error::other("a sink thread panicked"))??;
+            }
+            Ok(got)
         });
         let shaper = Shaper::start(&target)?;
         shaper.set_gbit(gbit);
-        let mut s = TcpStream::connect(&shaper.addr)?;
-        s.set_nodelay(true)?;
-        let buf = vec![0x5au8; MIB as usize];
-        let t = Instant::now();
-        let mut sent = 0;
-        while sent < RAW_BYTES {
-            let n = (RAW_BYTES - sent).min(buf.len());
-            s.write_all(&buf[..n])?;
-            sent += n;
+        let mut socks = Vec::new();
+        for _ in 0..conns {
+            let s = TcpStream::connect(&shaper.addr)?;
+            s.set_nodelay(true)?;
+            socks.push(s);
         }
-        s.shutdown(Shutdown::Write)?;
+        let t = Instant::now();
+        let share = RAW_BYTES / conns;
+        let writers: Vec<_> = socks
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut s)| {
+                let mine = if i == 0 {
+                    RAW_BYTES - share * (conns - 1)
+                } else {
+                    share
+                };
+                std::thread::spawn(move || -> std::io::Result<()> {
+                    let buf = vec![0x5au8; MIB as usize];
+                    let mut sent = 0;
+                    while sent < mine {
+                        let n = (mine - sent).min(buf.len());
+                        s.write_all(&buf[..n])?;
+                        sent += n;
+                    }
+                    s.shutdown(Shutdown::Write)
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a writer thread panicked"))??;
+        }
         let got = reader
             .join()
             .map_err(|_| anyhow::anyhow!("the sink thread panicked"))??;
@@ -309,6 +346,16 @@ impl Shaped {
                 RAW_BYTES as f64 / 1e6
             );
         }
+        for &(g, ms) in &self.raw4 {
+            println!(
+                "{g:>8} {:>8} {:>8} {ms:>10.1} {:>13} {:>12.2}   (baseline: the same bytes on four \
+                 connections at once, same run)",
+                "raw ×4",
+                "",
+                "",
+                RAW_BYTES as f64 / 1e6
+            );
+        }
         for r in &self.rows {
             let (lo, hi) = (
                 r.total_ms.iter().copied().fold(f64::INFINITY, f64::min),
@@ -341,6 +388,8 @@ impl Shaped {
         json!({
             "raw_tcp_ms_41mb_1gbit": self.raw.iter().find(|r| r.0 == 1.0).map(|r| r.1),
             "raw_tcp_ms_41mb_10gbit": self.raw.iter().find(|r| r.0 == 10.0).map(|r| r.1),
+            "raw_tcp_ms_41mb_1gbit_4conns": self.raw4.iter().find(|r| r.0 == 1.0).map(|r| r.1),
+            "raw_tcp_ms_41mb_10gbit_4conns": self.raw4.iter().find(|r| r.0 == 10.0).map(|r| r.1),
             "completion_ms_10k_1gbit_plain": get(1.0, Content::Kv, "plain"),
             "completion_ms_10k_1gbit_lz4": get(1.0, Content::Kv, "lz4"),
             "completion_ms_10k_1gbit_zero": get(1.0, Content::Kv, "zero"),
@@ -419,9 +468,12 @@ pub(super) fn run(quick: bool) -> Result<Shaped> {
     let mut out = Shaped::default();
     let mut seed = 0x5ba9_ed00_u64;
     for gbit in [1.0, 10.0] {
-        let raw = raw_through(gbit)?;
+        let raw = raw_through(gbit, 1)?;
+        let raw4 = raw_through(gbit, 4)?;
+        out.raw4.push((gbit, raw4));
         println!(
-            "  {gbit} Gbit/s: raw TCP moves {RAW_BYTES} bytes through the proxy in {raw:.1} ms"
+            "  {gbit} Gbit/s: raw TCP moves {RAW_BYTES} bytes through the proxy in {raw:.1} ms \
+             ({raw4:.1} ms on four connections)"
         );
         out.raw.push((gbit, raw));
         for (_, _, s) in &pairs {
