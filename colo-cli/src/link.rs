@@ -986,6 +986,11 @@ fn striped(
             return;
         }
     };
+    // A failing connection shuts all of them down, the first one included, so the merge never
+    // waits on a connection of a broken link.
+    if let Ok(main) = io.s.try_clone() {
+        fan.ctl.lock().push(main);
+    }
     tracing::info!(
         "replication link: {n} connections, frames round-robin{}",
         if key.is_some() { ", sealed" } else { "" }
@@ -2207,7 +2212,7 @@ mod tests {
                 Ok(Some(Message::Hello(h))) => h,
                 other => panic!("{other:?}"),
             };
-        for lie in ["index", "length"] {
+        for lie in ["index", "length", "length on connection 1"] {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
             let (ph, sh) = (hello_of(Role::Primary, 1), hello_of(Role::Secondary, 2));
@@ -2221,9 +2226,15 @@ mod tests {
                 let mut extra = TcpStream::connect(addr).unwrap();
                 match lie {
                     "index" => extra.write_all(&session.join(5)).unwrap(),
-                    _ => {
+                    "length" => {
                         extra.write_all(&session.join(1)).unwrap();
                         main.write_all(&[0xff; 4]).unwrap();
+                    }
+                    _ => {
+                        // Frame 0 never comes: the merge waits on connection 0 while
+                        // connection 1 fails.
+                        extra.write_all(&session.join(1)).unwrap();
+                        extra.write_all(&[0xff; 4]).unwrap();
                     }
                 }
                 (main, extra)
@@ -2246,7 +2257,8 @@ mod tests {
             };
             let want = match lie {
                 "index" => "joined connection 5, but this link's extra connections are 1..2",
-                _ => "announced a frame of 4294967295 bytes",
+                "length" => "connection 0: the peer announced a frame of 4294967295 bytes",
+                _ => "connection 1: the peer announced a frame of 4294967295 bytes",
             };
             assert!(err.contains(want), "{lie}: {err}");
             let _ = peer.join().unwrap();
