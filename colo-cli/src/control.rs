@@ -591,8 +591,14 @@ pub fn format_status(r: &StatusReport) -> String {
     line(
         "link:",
         format!(
-            "{} bytes out, {} bytes in",
-            v.link_bytes_out, v.link_bytes_in
+            "{} bytes out, {} bytes in{}",
+            v.link_bytes_out,
+            v.link_bytes_in,
+            if v.link_streams > 1 {
+                format!(", {} connections (--streams)", v.link_streams)
+            } else {
+                String::new()
+            }
         ),
     );
     if let Some(reason) = &v.failover_reason {

@@ -5,6 +5,13 @@
 //! AUTH travels in colo-core's sealed frames ([`colo_core::seal`]): the writer seals whole
 //! batches of records (one AEAD call per MiB), the reader thread reads each frame into a
 //! pooled buffer, opens it in place and hands over only authenticated plaintext.
+//!
+//! With `--streams N` (N > 1, agreed in HELLO) each direction's bytes after its handshake are cut
+//! into frames (sealed, or plaintext behind a length field) sent round-robin over N TCP
+//! connections: the one the handshake ran on and N-1 more that the connecting side opens, each
+//! beginning with a JOIN bound to both HELLO nonces ([`colo_core::stripe`]). One reader thread
+//! per connection opens its frames; a merging thread hands them on in frame order, so the
+//! decoder sees the bytes exactly as written. A connection that fails fails the link.
 
 use std::io::{self, Read, Write};
 use std::ops::Range;
@@ -13,7 +20,8 @@ use std::sync::Arc;
 
 use colo_core::engine::messages::{Hello, Message, Role};
 use colo_core::seal::{self, HandshakeTap, Opener, SealError, Sealer, TapOutcome};
-use parking_lot::{Mutex, MutexGuard};
+use colo_core::stripe::{self, EndOutcome, Joined, Session, StripeError, StripeTap};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Select, Sender, TryRecvError};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -38,6 +46,12 @@ const POOL: usize = 128;
 /// buffer); a frame's own body is read straight into its buffer.
 const READ_AHEAD: usize = 16 << 10;
 
+/// How long the extra connections of a striped link may take to join once the handshake is
+/// over (a peer that never opens them fails the link, it does not hang it).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames each connection's reader may hold before the merging thread takes them.
+const STREAM_QUEUE: usize = 4;
+
 /// A chunk from the reader thread: a buffer and the range of it that holds stream bytes
 /// (received as they are, or the plaintext of one authenticated frame).
 pub(crate) type Chunk = io::Result<(Vec<u8>, Range<usize>)>;
@@ -49,6 +63,10 @@ struct Keying {
     psk: Option<Vec<u8>>,
     ours: Option<Hello>,
     theirs: Option<Hello>,
+    /// The connections this node asks for (`--streams`; 0 or 1: one).
+    streams: u8,
+    /// [`Link::set_key`] was called: `streams` and `psk` are final.
+    configured: bool,
 }
 
 impl std::fmt::Debug for Keying {
@@ -57,6 +75,7 @@ impl std::fmt::Debug for Keying {
             .field("has_key", &self.psk.is_some())
             .field("ours", &self.ours.is_some())
             .field("theirs", &self.theirs.is_some())
+            .field("streams", &self.streams)
             .finish()
     }
 }
@@ -80,6 +99,10 @@ impl Keying {
     }
 }
 
+fn stripe_error(e: StripeError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
 fn sealing_error(e: SealError) -> io::Error {
     let kind = match e {
         SealError::Truncated { .. } => io::ErrorKind::UnexpectedEof,
@@ -97,6 +120,25 @@ enum Outgoing {
     Tapping(Box<HandshakeTap>),
     /// In sealed frames.
     Sealed(Box<Sealer>),
+    /// Several connections (`--streams`): the handshake is still going out, watched to find
+    /// where the frames begin.
+    StripeTapping(Box<StripeTap>),
+    /// Several connections: in frames, round-robin.
+    Striped(Box<StripedOut>),
+}
+
+/// The sending side of a striped link.
+#[derive(Debug)]
+struct StripedOut {
+    /// The direction key when the frames are sealed.
+    key: Option<seal::DirectionKey>,
+    /// The extra connections (1..N) once they joined.
+    streams: Vec<TcpStream>,
+    /// One sealer per connection (0..N) once they joined, when sealed.
+    sealers: Vec<Sealer>,
+    /// The next frame's number.
+    next: u64,
+    ready: bool,
 }
 
 /// The socket's sending side and what goes with it, under the link's write lock.
@@ -108,6 +150,8 @@ struct TxInner {
     frame: Vec<u8>,
     /// A failed write that no caller saw yet (a frame sealed when a writer was dropped).
     failed: Option<io::Error>,
+    /// The link's extra connections (shared with the reader thread that sets them up).
+    fan: Arc<Fanout>,
 }
 
 impl TxInner {
@@ -118,8 +162,35 @@ impl TxInner {
         }
         match &mut self.out {
             Outgoing::Plain => self.stream.write(buf),
-            Outgoing::Sealed(_) => {
+            Outgoing::Sealed(_) | Outgoing::Striped(_) => {
                 self.append(buf)?;
+                Ok(buf.len())
+            }
+            Outgoing::StripeTapping(tap) => {
+                let step = tap.feed(buf);
+                if let Some(h) = tap.hello() {
+                    keying.lock().ours.get_or_insert(*h);
+                }
+                match step {
+                    EndOutcome::More => self.stream.write_all(buf)?,
+                    EndOutcome::Other => {
+                        self.out = Outgoing::Plain;
+                        self.stream.write_all(buf)?;
+                    }
+                    EndOutcome::End { used } => {
+                        self.stream.write_all(&buf[..used])?;
+                        let key = keying.lock().key(true).map_err(sealing_error)?;
+                        self.out = Outgoing::Striped(Box::new(StripedOut {
+                            key,
+                            streams: Vec::new(),
+                            sealers: Vec::new(),
+                            next: 0,
+                            ready: false,
+                        }));
+                        Sealer::begin(&mut self.frame);
+                        self.write_all_records(&buf[used..], keying)?;
+                    }
+                }
                 Ok(buf.len())
             }
             Outgoing::Tapping(tap) => {
@@ -184,6 +255,9 @@ impl TxInner {
 
     /// Seals and sends the frame being filled, if it holds anything.
     fn finish_frame(&mut self) -> io::Result<()> {
+        if matches!(self.out, Outgoing::Striped(_)) {
+            return self.finish_striped();
+        }
         let Outgoing::Sealed(sealer) = &mut self.out else {
             return Ok(());
         };
@@ -196,6 +270,156 @@ impl TxInner {
             .and_then(|()| self.stream.write_all(&self.frame));
         Sealer::begin(&mut self.frame);
         res
+    }
+}
+
+impl TxInner {
+    /// Sends the frame being filled on its connection (striped links), sealed with that
+    /// connection's key or behind a length field. The first frame waits until the extra
+    /// connections joined.
+    fn finish_striped(&mut self) -> io::Result<()> {
+        let Outgoing::Striped(st) = &mut self.out else {
+            return Ok(());
+        };
+        if self.frame.len() <= seal::HEADER_LEN {
+            return Ok(());
+        }
+        if !st.ready {
+            match self
+                .fan
+                .wait(Instant::now() + JOIN_TIMEOUT + Duration::from_secs(5))
+            {
+                Fan::Ready(streams) => {
+                    if let Some(k) = &st.key {
+                        let n = u8::try_from(streams.len() + 1).unwrap_or(u8::MAX);
+                        for i in 0..n {
+                            let key = seal::stream_key(k, i).map_err(sealing_error)?;
+                            st.sealers.push(Sealer::new(key).map_err(sealing_error)?);
+                        }
+                    }
+                    st.streams = streams;
+                    st.ready = true;
+                }
+                Fan::Off if st.key.is_none() => {
+                    // The peer asked for another count (the handshake refuses it): as they are.
+                    self.out = Outgoing::Plain;
+                    let res = self.stream.write_all(&self.frame[seal::HEADER_LEN..]);
+                    self.frame.clear();
+                    return res;
+                }
+                Fan::Off => {
+                    return Err(io::Error::other(
+                        "the link's connections were not agreed in the handshake",
+                    ))
+                }
+                Fan::Awaiting => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the link's extra connections did not join in time",
+                    ))
+                }
+                Fan::Failed(why) => return Err(io::Error::other(why)),
+            }
+        }
+        let n = st.streams.len() + 1;
+        let i = stripe::stream_of(st.next, n as u8);
+        let res = match st.sealers.get_mut(i) {
+            Some(sealer) => sealer.seal(&mut self.frame).map_err(sealing_error),
+            None => {
+                let len = self.frame.len() - stripe::FRAME_HEADER;
+                self.frame[..stripe::FRAME_HEADER].copy_from_slice(&stripe::frame_header(len));
+                Ok(())
+            }
+        }
+        .and_then(|()| match i {
+            0 => self.stream.write_all(&self.frame),
+            _ => st.streams[i - 1].write_all(&self.frame),
+        });
+        st.next += 1;
+        Sealer::begin(&mut self.frame);
+        res
+    }
+}
+
+/// Where a link's extra connections come from: the side that connected opens them to the
+/// peer's address, the side that accepted takes them from its listener.
+#[derive(Debug)]
+enum Origin {
+    Connected(SocketAddr),
+    Accepted(Option<TcpListener>),
+}
+
+/// The state of a link's extra connections.
+#[derive(Debug)]
+enum Fan {
+    /// Not known yet: the reader thread has not reached the end of the peer's handshake.
+    Awaiting,
+    /// One connection (not agreed, or one asked for).
+    Off,
+    /// Joined: the sending halves of connections 1..N.
+    Ready(Vec<TcpStream>),
+    /// Setting them up failed.
+    Failed(String),
+}
+
+/// A link's extra connections, set up by the reader thread and awaited by the writer.
+#[derive(Debug)]
+struct Fanout {
+    state: Mutex<Fan>,
+    cond: Condvar,
+    origin: Origin,
+    /// Handles on every extra connection, for shutting them down.
+    ctl: Mutex<Vec<TcpStream>>,
+    /// The link was shut down: a set-up under way gives up.
+    closed: AtomicBool,
+    /// Connections in use once the extra ones joined (0 before).
+    in_use: AtomicU64,
+}
+
+impl Fanout {
+    fn new(origin: Origin) -> Self {
+        Self {
+            state: Mutex::new(Fan::Awaiting),
+            cond: Condvar::new(),
+            origin,
+            ctl: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+            in_use: AtomicU64::new(0),
+        }
+    }
+
+    fn set(&self, fan: Fan) {
+        let mut st = self.state.lock();
+        if let Fan::Ready(v) = &fan {
+            self.in_use.store(v.len() as u64 + 1, Ordering::Relaxed);
+        }
+        if matches!(*st, Fan::Awaiting) {
+            *st = fan;
+        }
+        self.cond.notify_all();
+    }
+
+    /// The outcome (taking the connections), waiting until `deadline`; `Awaiting` if none came.
+    fn wait(&self, deadline: Instant) -> Fan {
+        let mut st = self.state.lock();
+        while matches!(*st, Fan::Awaiting) {
+            if self.cond.wait_until(&mut st, deadline).timed_out() {
+                break;
+            }
+        }
+        match &mut *st {
+            Fan::Ready(v) => Fan::Ready(std::mem::take(v)),
+            Fan::Off => Fan::Off,
+            Fan::Awaiting => Fan::Awaiting,
+            Fan::Failed(why) => Fan::Failed(why.clone()),
+        }
+    }
+
+    /// Shuts every extra connection down (`how`).
+    fn shutdown(&self, how: std::net::Shutdown) {
+        for s in self.ctl.lock().iter() {
+            let _ = s.shutdown(how);
+        }
     }
 }
 
@@ -304,7 +528,7 @@ impl Write for LinkWriter<'_> {
                 Some(e) => return Err(e),
                 None => self.guard.stream.write_vectored(bufs)?,
             },
-            Outgoing::Sealed(_) => {
+            Outgoing::Sealed(_) | Outgoing::Striped(_) => {
                 let mut n = 0;
                 for b in bufs {
                     self.guard.write_all_records(b, &self.tx.keying)?;
@@ -312,10 +536,12 @@ impl Write for LinkWriter<'_> {
                 }
                 n
             }
-            Outgoing::Tapping(_) => match bufs.iter().find(|b| !b.is_empty()) {
-                Some(b) => self.guard.write_records(b, &self.tx.keying)?,
-                None => 0,
-            },
+            Outgoing::Tapping(_) | Outgoing::StripeTapping(_) => {
+                match bufs.iter().find(|b| !b.is_empty()) {
+                    Some(b) => self.guard.write_records(b, &self.tx.keying)?,
+                    None => 0,
+                }
+            }
         };
         *self.bytes_out += n as u64;
         Ok(n)
@@ -399,6 +625,8 @@ impl ReadSlice {
 #[derive(Debug)]
 pub struct Link {
     tx: Arc<Tx>,
+    /// The extra connections of a striped link (`--streams`).
+    fan: Arc<Fanout>,
     keepalive: bool,
     arrival: Arc<Arrival>,
     decoder: Decoder,
@@ -503,9 +731,11 @@ fn closed_by_peer() -> io::Error {
 }
 
 /// The reader thread: the stream as it comes until the peer's AUTH; then, if the handshake
-/// seals, one authenticated frame at a time.
-fn reader(mut io: ReaderIo, keying: Arc<Mutex<Keying>>, headers: bool) {
+/// seals, one authenticated frame at a time. On a link of several connections it sets them up
+/// where the peer's handshake ends and merges their frames from there on.
+fn reader(mut io: ReaderIo, keying: Arc<Mutex<Keying>>, headers: bool, fan: Arc<Fanout>) {
     let mut tap = Some(HandshakeTap::with_headers(headers));
+    let mut end = Some(StripeTap::with_headers(headers));
     loop {
         let mut buf = io.buffer(READ_BUFFER);
         let n = match io.read(&mut buf) {
@@ -519,6 +749,39 @@ fn reader(mut io: ReaderIo, keying: Arc<Mutex<Keying>>, headers: bool) {
                 return;
             }
         };
+        if let Some(e) = end.as_mut() {
+            let step = e.feed(&buf[..n]);
+            let theirs = e.hello().copied();
+            if let Some(h) = theirs {
+                keying.lock().theirs.get_or_insert(h);
+            }
+            match (step, theirs) {
+                (EndOutcome::More, _) => {}
+                (EndOutcome::End { used }, Some(theirs)) => {
+                    end = None;
+                    match striping(&keying, &theirs) {
+                        Ok(None) => fan.set(Fan::Off),
+                        Ok(Some((session, key))) => {
+                            let carry = buf[used..n].to_vec();
+                            if used > 0 && !io.send(Ok((buf, 0..used))) {
+                                return;
+                            }
+                            striped(io, &fan, &session, key, carry);
+                            return;
+                        }
+                        Err(e) => {
+                            fan.set(Fan::Failed(e.to_string()));
+                            io.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+                _ => {
+                    end = None;
+                    fan.set(Fan::Off);
+                }
+            }
+        }
         let Some(t) = tap.as_mut() else {
             if !io.send(Ok((buf, 0..n))) {
                 return;
@@ -559,6 +822,330 @@ fn reader(mut io: ReaderIo, keying: Arc<Mutex<Keying>>, headers: bool) {
             return;
         }
     }
+}
+
+/// Whether the link stripes, decided where the peer's handshake (HELLO `theirs`) ended: the
+/// session the extra connections join and the key the peer seals with (None: plaintext). None
+/// when either side asked for one connection or the counts differ (the handshake refuses that).
+fn striping(
+    keying: &Mutex<Keying>,
+    theirs: &Hello,
+) -> io::Result<Option<(Session, Option<seal::DirectionKey>)>> {
+    if theirs.streams <= 1 {
+        return Ok(None);
+    }
+    // This node's count and HELLO may not be set yet (the peer's HELLO can arrive before the
+    // node configured a link it just accepted).
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    loop {
+        {
+            let k = keying.lock();
+            if k.configured && k.streams.max(1) != theirs.streams {
+                return Ok(None);
+            }
+            if let (true, Some(ours)) = (k.configured, k.ours) {
+                let session = Session::new(k.psk.as_deref(), &ours, theirs, theirs.streams);
+                let key = k.key(false).map_err(sealing_error)?;
+                return Ok(Some((session, key)));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "this node's HELLO did not go out within 10 s of the peer's",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Opens (connecting side) or accepts (accepting side) the extra connections of `session`;
+/// connections 1..N in order.
+fn join_streams(fan: &Fanout, session: &Session) -> io::Result<Vec<TcpStream>> {
+    let n = session.streams();
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    let timeout_err = |what: String| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{what} within {} s", JOIN_TIMEOUT.as_secs()),
+        )
+    };
+    match &fan.origin {
+        Origin::Connected(addr) => {
+            let mut out = Vec::new();
+            for i in 1..n {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let mut s = TcpStream::connect_timeout(addr, left.max(Duration::from_millis(1)))
+                    .map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("opening connection {i} of {n} to {addr}: {e}"),
+                        )
+                    })?;
+                configure(&s).map_err(|e| io::Error::other(format!("{e:#}")))?;
+                s.write_all(&session.join(i))?;
+                fan.ctl.lock().push(s.try_clone()?);
+                out.push(s);
+            }
+            Ok(out)
+        }
+        Origin::Accepted(None) => Err(io::Error::other(
+            "no listener to accept the link's extra connections on",
+        )),
+        Origin::Accepted(Some(listener)) => {
+            let mut slots: Vec<Option<TcpStream>> = (1..n).map(|_| None).collect();
+            let mut joined = Joined::new(n);
+            while !joined.complete() {
+                if fan.closed.load(Ordering::Relaxed) {
+                    return Err(closed_by_peer());
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    let missing = slots.iter().filter(|s| s.is_none()).count();
+                    return Err(timeout_err(format!(
+                        "{missing} of the link's {} extra connection(s) did not join",
+                        n - 1
+                    )));
+                }
+                let (mut s, from) = match listener.accept() {
+                    Ok(x) => x,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(
+                    deadline
+                        .saturating_duration_since(now)
+                        .clamp(Duration::from_millis(1), Duration::from_secs(2)),
+                ))?;
+                let mut msg = [0u8; stripe::JOIN_LEN];
+                if let Err(e) = s.read_exact(&mut msg) {
+                    tracing::warn!("a connection from {from} sent no JOIN ({e}); dropped");
+                    continue;
+                }
+                let index = match session.check_join(&msg) {
+                    Ok(i) => i,
+                    Err(e @ (StripeError::NotAJoin | StripeError::OtherSession)) => {
+                        tracing::warn!("refused a connection from {from}: {e}");
+                        continue;
+                    }
+                    Err(e) => return Err(stripe_error(e)),
+                };
+                joined.admit(index).map_err(stripe_error)?;
+                s.set_read_timeout(None)?;
+                configure(&s).map_err(|e| io::Error::other(format!("{e:#}")))?;
+                fan.ctl.lock().push(s.try_clone()?);
+                if let Some(slot) = slots.get_mut(usize::from(index) - 1) {
+                    *slot = Some(s);
+                }
+            }
+            Ok(slots.into_iter().flatten().collect())
+        }
+    }
+}
+
+/// The first failure of any of a striped link's connections (reported instead of the
+/// closures it causes on the others).
+type FirstError = Arc<Mutex<Option<(io::ErrorKind, String)>>>;
+
+/// The striped phase of the reader thread: sets up the extra connections, starts a reader per
+/// connection and merges their frames in order (frame `k` from connection `k mod N`).
+fn striped(
+    io: ReaderIo,
+    fan: &Arc<Fanout>,
+    session: &Session,
+    key: Option<seal::DirectionKey>,
+    carry: Vec<u8>,
+) {
+    let n = session.streams();
+    let extra = match join_streams(fan, session) {
+        Ok(v) => v,
+        Err(e) => {
+            fan.set(Fan::Failed(format!("the link's extra connections: {e}")));
+            fan.shutdown(std::net::Shutdown::Both);
+            io.send(Err(e));
+            return;
+        }
+    };
+    let mut reads = vec![io.s.try_clone()];
+    let mut writes = Vec::new();
+    for s in extra {
+        reads.push(s.try_clone());
+        writes.push(s);
+    }
+    let reads: io::Result<Vec<TcpStream>> = reads.into_iter().collect();
+    let reads = match reads {
+        Ok(r) => r,
+        Err(e) => {
+            fan.set(Fan::Failed(format!("the link's extra connections: {e}")));
+            fan.shutdown(std::net::Shutdown::Both);
+            io.send(Err(e));
+            return;
+        }
+    };
+    // A failing connection shuts all of them down, the first one included, so the merge never
+    // waits on a connection of a broken link.
+    if let Ok(main) = io.s.try_clone() {
+        fan.ctl.lock().push(main);
+    }
+    tracing::info!(
+        "replication link: {n} connections, frames round-robin{}",
+        if key.is_some() { ", sealed" } else { "" }
+    );
+    fan.set(Fan::Ready(writes));
+    if fan.closed.load(Ordering::Relaxed) {
+        fan.shutdown(std::net::Shutdown::Both);
+    }
+    let first: FirstError = Arc::new(Mutex::new(None));
+    let mut inputs = Vec::new();
+    let mut carry = Some(carry);
+    for (i, s) in reads.into_iter().enumerate() {
+        let (tx, rx) = crossbeam_channel::bounded(STREAM_QUEUE);
+        let sio = ReaderIo {
+            s,
+            tx,
+            pool: io.pool.clone(),
+            arrival: io.arrival.clone(),
+        };
+        let opener = match &key {
+            Some(k) => match seal::stream_key(k, i as u8).and_then(Opener::new) {
+                Ok(o) => Some(o),
+                Err(e) => {
+                    io.send(Err(sealing_error(e)));
+                    fan.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+            },
+            None => None,
+        };
+        let (fan2, first2, c) = (fan.clone(), first.clone(), carry.take().unwrap_or_default());
+        let spawned = std::thread::Builder::new()
+            .name(format!("colo-link-rx{i}"))
+            .spawn(move || stream_reader(sio, i as u8, opener, c, &fan2, &first2));
+        if let Err(e) = spawned {
+            io.send(Err(e));
+            fan.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        inputs.push(rx);
+    }
+    merge(&inputs, &io.tx, &first);
+    // The link is gone or broken: no connection outlives it.
+    fan.shutdown(std::net::Shutdown::Both);
+    let _ = io.s.shutdown(std::net::Shutdown::Both);
+}
+
+/// Hands on the frames of `inputs` (one per connection) in order: frame `k` from input
+/// `k mod N`. Ends at the first failure (reported as the first failure of any connection) or
+/// when the link is gone.
+fn merge(inputs: &[Receiver<Chunk>], out: &Sender<Chunk>, first: &FirstError) {
+    let n = u8::try_from(inputs.len()).unwrap_or(u8::MAX);
+    for k in 0u64.. {
+        let chunk = match inputs[stripe::stream_of(k, n)].recv() {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(closed_by_peer()),
+        };
+        match chunk {
+            Ok(c) => {
+                if out.send(Ok(c)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let e = match first.lock().as_ref() {
+                    Some((kind, why)) => io::Error::new(*kind, why.clone()),
+                    None => e,
+                };
+                let _ = out.send(Err(e));
+                return;
+            }
+        }
+    }
+}
+
+/// One connection of a striped link: reads its frames (opening them when sealed) and queues
+/// them for the merge. A failure is recorded as the link's first (if it is) and shuts every
+/// connection down, so the merge never waits on a connection of a broken link.
+fn stream_reader(
+    mut io: ReaderIo,
+    index: u8,
+    mut opener: Option<Opener>,
+    carried: Vec<u8>,
+    fan: &Fanout,
+    first: &FirstError,
+) {
+    let mut carry = Carry {
+        end: carried.len(),
+        buf: carried,
+        start: 0,
+    };
+    loop {
+        let next = match opener.as_mut() {
+            Some(o) => next_frame(&mut io, o, &mut carry),
+            None => next_plain_frame(&mut io, index, &mut carry),
+        };
+        match next {
+            Ok(Some(chunk)) => {
+                if !io.send(Ok(chunk)) {
+                    return;
+                }
+            }
+            Ok(None) => {
+                // An orderly end between frames: the others end too when the peer closes.
+                io.send(Err(closed_by_peer()));
+                return;
+            }
+            Err(e) => {
+                let why = format!("connection {index} of the link: {e}");
+                first.lock().get_or_insert((e.kind(), why.clone()));
+                io.send(Err(io::Error::new(e.kind(), why)));
+                fan.shutdown(std::net::Shutdown::Both);
+                let _ = io.s.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+        }
+    }
+}
+
+/// Reads the next plaintext frame of connection `index` (length field, then its bytes);
+/// `Ok(None)` when the connection ends between frames.
+fn next_plain_frame(
+    io: &mut ReaderIo,
+    index: u8,
+    carry: &mut Carry,
+) -> io::Result<Option<(Vec<u8>, Range<usize>)>> {
+    while carry.len() < stripe::FRAME_HEADER {
+        if carry.fill(io)? == 0 {
+            if carry.len() == 0 {
+                return Ok(None);
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the connection ended inside a frame's length field",
+            ));
+        }
+    }
+    let h = &carry.buf[carry.start..carry.start + stripe::FRAME_HEADER];
+    let want = stripe::frame_len([h[0], h[1], h[2], h[3]], index).map_err(stripe_error)?;
+    carry.start += stripe::FRAME_HEADER;
+    let mut buf = io.buffer(want.max(READ_BUFFER));
+    let mut got = carry.take_into(&mut buf, want);
+    while got < want {
+        match io.read(&mut buf[got..want])? {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the connection ended after {got} of a frame's {want} bytes"),
+                ))
+            }
+            n => got += n,
+        }
+    }
+    Ok(Some((buf, 0..want)))
 }
 
 /// Bytes read past the end of a frame, kept for the next ones.
@@ -696,7 +1283,7 @@ impl Span {
 }
 
 impl Link {
-    fn new(stream: TcpStream, cfg: DecoderConfig) -> Result<Self> {
+    fn new(stream: TcpStream, cfg: DecoderConfig, origin: Origin) -> Result<Self> {
         configure(&stream)?;
         let peer = stream.peer_addr().context("peer address of the link")?;
         let read_half = stream.try_clone().context("cloning the link socket")?;
@@ -713,12 +1300,14 @@ impl Link {
             pool: pool_rx,
             arrival: arrival.clone(),
         };
-        let (k, headers) = (keying.clone(), cfg.expect_headers);
+        let fan = Arc::new(Fanout::new(origin));
+        let (k, headers, f) = (keying.clone(), cfg.expect_headers, fan.clone());
         std::thread::Builder::new()
             .name("colo-link-rx".into())
-            .spawn(move || reader(io, k, headers))
+            .spawn(move || reader(io, k, headers, f))
             .context("spawning the link reader")?;
         Ok(Self {
+            fan: fan.clone(),
             tx: Arc::new(Tx {
                 ctl: stream.try_clone().context("cloning the link socket")?,
                 stream: Mutex::new(TxInner {
@@ -726,6 +1315,7 @@ impl Link {
                     out: Outgoing::Plain,
                     frame: Vec::new(),
                     failed: None,
+                    fan,
                 }),
                 keying,
                 last_write: AtomicU64::new(0),
@@ -764,7 +1354,7 @@ impl Link {
         let mut said = false;
         loop {
             match TcpStream::connect_timeout(&first, Duration::from_millis(500)) {
-                Ok(s) => return Self::new(s, cfg),
+                Ok(s) => return Self::new(s, cfg, Origin::Connected(first)),
                 Err(e) if Instant::now() >= deadline => {
                     return Err(e).with_context(|| {
                         format!(
@@ -825,7 +1415,10 @@ impl Link {
             match listener.accept() {
                 Ok((s, _)) => {
                     s.set_nonblocking(false).context("link blocking mode")?;
-                    return Self::new(s, cfg);
+                    // Kept for a striped link's extra connections (only the handshake says
+                    // whether there will be any).
+                    let origin = Origin::Accepted(listener.try_clone().ok());
+                    return Self::new(s, cfg, origin);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -867,6 +1460,15 @@ impl Link {
     /// gave `--insecure-plaintext`. This node plays `role`. Call it before this node's HELLO
     /// goes out; without a key (None) the link stays plaintext.
     pub fn set_key(&mut self, role: Role, key: Option<&[u8]>) {
+        let streams = {
+            let mut k = self.tx.keying.lock();
+            k.configured = true;
+            k.streams
+        };
+        if streams > 1 {
+            let tap = StripeTap::with_headers(role == Role::Primary);
+            self.tx.stream.lock().out = Outgoing::StripeTapping(Box::new(tap));
+        }
         let Some(key) = key else {
             // Said once per process: a secondary refusing stray connections would repeat it.
             static SAID: std::sync::Once = std::sync::Once::new();
@@ -880,12 +1482,30 @@ impl Link {
             return;
         };
         self.tx.keying.lock().psk = Some(key.to_vec());
-        self.tx.stream.lock().out = Outgoing::Tapping(Box::new(HandshakeTap::new(role)));
+        if streams <= 1 {
+            self.tx.stream.lock().out = Outgoing::Tapping(Box::new(HandshakeTap::new(role)));
+        }
+    }
+
+    /// Asks for `n` connections (`--streams`; 1: one, as without the option). Call it before
+    /// [`Link::set_key`]; the handshake must agree (see [`colo_core::stripe`]).
+    pub fn set_streams(&mut self, n: u8) {
+        self.tx.keying.lock().streams = n.clamp(1, colo_core::engine::messages::MAX_STREAMS);
     }
 
     /// True once this node's records go out sealed.
     pub fn is_sealed(&self) -> bool {
-        matches!(self.tx.stream.lock().out, Outgoing::Sealed(_))
+        match &self.tx.stream.lock().out {
+            Outgoing::Sealed(_) => true,
+            Outgoing::Striped(st) => st.key.is_some(),
+            _ => false,
+        }
+    }
+
+    /// Connections the link's records travel on (1 until a striped link's extra connections
+    /// joined). Takes no lock: a node may ask at every turn of its loop.
+    pub fn streams(&self) -> usize {
+        (self.fan.in_use.load(Ordering::Relaxed) as usize).max(1)
     }
 
     /// Writes all of `bytes` (whole records: nothing else is written in between).
@@ -1125,12 +1745,15 @@ impl Link {
         // No keepalive may follow the last record.
         self.tx.closed.store(true, Ordering::Relaxed);
         let _ = self.tx.ctl.shutdown(std::net::Shutdown::Write);
+        self.fan.shutdown(std::net::Shutdown::Write);
     }
 
     /// Shuts the connection down (both directions).
     pub fn shutdown(&self) {
         self.tx.closed.store(true, Ordering::Relaxed);
+        self.fan.closed.store(true, Ordering::Relaxed);
         let _ = self.tx.ctl.shutdown(std::net::Shutdown::Both);
+        self.fan.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -1392,5 +2015,253 @@ mod tests {
         Message::Heartbeat(77).encode(&mut back);
         s.send(&back).unwrap();
         assert_eq!(next_record(&mut p), record(Message::Heartbeat(77)));
+    }
+
+    /// A connected pair of links asking for `streams` connections, after colo-core's handshake
+    /// (with `key`, and `--insecure-plaintext` if `plaintext`): (primary, secondary).
+    fn striped_pair(key: Option<&[u8]>, plaintext: bool, streams: u8) -> (Link, Link) {
+        use colo_core::engine::link::{Handshake, Offer};
+        use colo_core::stream::{DomainHeader, DomainType, ImageHeader};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cfg = |headers| DecoderConfig {
+            expect_headers: headers,
+            page_count: Some(16),
+        };
+        let acceptor = std::thread::spawn(move || {
+            let l = Link::accept(&listener, Some(Duration::from_secs(10)), cfg(true)).unwrap();
+            // The listener stays open while the extra connections join.
+            (l, listener)
+        });
+        let mut p = Link::connect(&addr, Duration::from_secs(10), cfg(false)).unwrap();
+        let (mut s, listener) = acceptor.join().unwrap();
+        for (l, role) in [(&mut p, Role::Primary), (&mut s, Role::Secondary)] {
+            l.set_streams(streams);
+            l.set_key(role, key);
+        }
+        let offer = Offer {
+            page_count: 16,
+            plaintext,
+            streams,
+            ..Offer::default()
+        };
+        let (mut po, mut so) = (Vec::new(), Vec::new());
+        // The primary's direction begins with Xen's headers, as a node's does.
+        po.extend_from_slice(&ImageHeader { version: 3 }.encode());
+        po.extend_from_slice(
+            &DomainHeader {
+                domain_type: DomainType::X86Hvm,
+                page_shift: 12,
+                xen_major: 4,
+                xen_minor: 17,
+            }
+            .encode(),
+        );
+        let k = key.map(<[u8]>::to_vec);
+        let mut ph = Handshake::offer(Role::Primary, offer, k.clone(), [1; 32], &mut po);
+        let mut sh = Handshake::offer(Role::Secondary, offer, k, [2; 32], &mut so);
+        p.send(&po).unwrap();
+        s.send(&so).unwrap();
+        // HELLO each way, then AUTH each way (with a key).
+        let rounds = if key.is_some() { 2 } else { 1 };
+        for _ in 0..rounds {
+            let (mut pout, mut sout) = (Vec::new(), Vec::new());
+            ph.on_message(&parse(&next_record(&mut p)), &mut pout)
+                .unwrap();
+            sh.on_message(&parse(&next_record(&mut s)), &mut sout)
+                .unwrap();
+            p.send(&pout).unwrap();
+            s.send(&sout).unwrap();
+        }
+        drop(listener);
+        (p, s)
+    }
+
+    /// Records of many sizes (frames split across reads and connections, a record over several
+    /// frames) from `p` to `s` and back, each read exactly as written.
+    fn carries_records_both_ways(mut p: Link, mut s: Link) -> (Link, Link) {
+        let sizes = [
+            0usize,
+            1,
+            7,
+            4096,
+            (1 << 20) - 30,
+            1 << 20,
+            3 << 20,
+            5,
+            70_000,
+        ];
+        let blob = |n: usize| -> Vec<u8> { (0..n).map(|i| (i % 251) as u8).collect() };
+        let writer = std::thread::spawn(move || {
+            for (i, &n) in sizes.iter().enumerate() {
+                let mut rec = Vec::new();
+                Message::VcpuState(&blob(n)).encode(&mut rec);
+                Message::Heartbeat(i as u64).encode(&mut rec);
+                let (a, b) = rec.split_at(rec.len() / 3);
+                let mut w = p.writer();
+                w.write_all(a).unwrap();
+                w.write_all(b).unwrap();
+                drop(w);
+            }
+            p
+        });
+        for (i, &n) in sizes.iter().enumerate() {
+            let state = record(Message::VcpuState(&blob(n)));
+            assert!(next_record(&mut s) == state, "record {i}");
+            assert_eq!(next_record(&mut s), record(Message::Heartbeat(i as u64)));
+        }
+        let mut p = writer.join().unwrap();
+        for i in 0..7u64 {
+            let mut back = Vec::new();
+            Message::Heartbeat(100 + i).encode(&mut back);
+            s.send(&back).unwrap();
+        }
+        for i in 0..7u64 {
+            assert_eq!(next_record(&mut p), record(Message::Heartbeat(100 + i)));
+        }
+        (p, s)
+    }
+
+    /// Three connections, sealed, plaintext with a key, and without a key: the records arrive
+    /// in order both ways, and the link really uses three connections.
+    #[test]
+    fn a_striped_link_carries_records_in_order_both_ways() {
+        for (key, plaintext, sealed) in [
+            (Some(&b"unit-test key"[..]), false, true),
+            (Some(&b"unit-test key"[..]), true, false),
+            (None, false, false),
+        ] {
+            let (p, s) = striped_pair(key, plaintext, 3);
+            let (p, s) = carries_records_both_ways(p, s);
+            assert_eq!((p.streams(), s.streams()), (3, 3), "key {key:?}");
+            assert_eq!((p.is_sealed(), s.is_sealed()), (sealed, sealed));
+        }
+        // One connection asked for: nothing changes.
+        let (p, s) = striped_pair(None, false, 1);
+        let (p, s) = carries_records_both_ways(p, s);
+        assert_eq!((p.streams(), s.streams()), (1, 1));
+    }
+
+    /// Frames arriving on their connections in any order come out in frame order; the first
+    /// failure of any connection is the one reported.
+    #[test]
+    fn the_merge_takes_frame_k_from_connection_k_mod_n() {
+        let n = 3usize;
+        // Frames 0..19, then frame 19 is connection 1's turn (19 mod 3).
+        let frames = 19u8;
+        let mut txs = Vec::new();
+        let mut rxs = Vec::new();
+        for _ in 0..n {
+            let (tx, rx) = crossbeam_channel::unbounded::<Chunk>();
+            txs.push(tx);
+            rxs.push(rx);
+        }
+        // Connection 2's frames all arrive first, then 1's, then 0's.
+        for i in (0..n).rev() {
+            for k in (0..frames).filter(|k| usize::from(*k) % n == i) {
+                txs[i].send(Ok((vec![9, k, 9], 1..2))).unwrap();
+            }
+        }
+        // Then connection 1 fails: the frames queued before still come out first.
+        txs[1]
+            .send(Err(io::Error::other("connection 1 broke")))
+            .unwrap();
+        let (out, got) = crossbeam_channel::unbounded();
+        let first: FirstError = Arc::new(Mutex::new(None));
+        merge(&rxs, &out, &first);
+        let mut seen = Vec::new();
+        let mut err = None;
+        while let Ok(c) = got.try_recv() {
+            match c {
+                Ok((b, r)) => seen.push(b[r][0]),
+                Err(e) => err = Some(e.to_string()),
+            }
+        }
+        assert_eq!(seen, (0..frames).collect::<Vec<_>>());
+        assert_eq!(err.as_deref(), Some("connection 1 broke"));
+        // A connection's failure recorded first is reported whatever the merge waited on.
+        let (tx0, rx0) = crossbeam_channel::unbounded::<Chunk>();
+        let (_tx1, rx1) = crossbeam_channel::unbounded::<Chunk>();
+        tx0.send(Err(closed_by_peer())).unwrap();
+        *first.lock() = Some((io::ErrorKind::InvalidData, "connection 1: bad tag".into()));
+        let (out, got) = crossbeam_channel::unbounded();
+        merge(&[rx0, rx1], &out, &first);
+        let e = got.try_recv().unwrap().unwrap_err();
+        assert_eq!(e.to_string(), "connection 1: bad tag");
+    }
+
+    /// A peer that lies on a striped link: a JOIN for a connection the link does not have, or a
+    /// frame longer than any frame may be. Each is a clear error on the link, not a hang.
+    #[test]
+    fn a_peer_lying_about_an_index_or_a_length_breaks_the_link_clearly() {
+        use colo_core::engine::link::{Handshake, Offer};
+        use colo_core::stripe::Session;
+        let hello_of = |role, nonce| {
+            let mut out = Vec::new();
+            let offer = Offer {
+                page_count: 16,
+                streams: 2,
+                ..Offer::default()
+            };
+            Handshake::offer(role, offer, None, [nonce; 32], &mut out);
+            out
+        };
+        let hello =
+            |b: &[u8]| match Message::parse(colo_core::engine::messages::colo_type::HELLO, &b[8..])
+            {
+                Ok(Some(Message::Hello(h))) => h,
+                other => panic!("{other:?}"),
+            };
+        for lie in ["index", "length", "length on connection 1"] {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (ph, sh) = (hello_of(Role::Primary, 1), hello_of(Role::Secondary, 2));
+            let (ph2, sh2) = (ph.clone(), sh.clone());
+            let peer = std::thread::spawn(move || {
+                let mut main = TcpStream::connect(addr).unwrap();
+                main.write_all(&ph2).unwrap();
+                let mut theirs = vec![0u8; sh2.len()];
+                main.read_exact(&mut theirs).unwrap();
+                let session = Session::new(None, &hello(&ph2), &hello(&theirs), 2);
+                let mut extra = TcpStream::connect(addr).unwrap();
+                match lie {
+                    "index" => extra.write_all(&session.join(5)).unwrap(),
+                    "length" => {
+                        extra.write_all(&session.join(1)).unwrap();
+                        main.write_all(&[0xff; 4]).unwrap();
+                    }
+                    _ => {
+                        // Frame 0 never comes: the merge waits on connection 0 while
+                        // connection 1 fails.
+                        extra.write_all(&session.join(1)).unwrap();
+                        extra.write_all(&[0xff; 4]).unwrap();
+                    }
+                }
+                (main, extra)
+            });
+            let cfg = DecoderConfig {
+                expect_headers: false,
+                page_count: Some(16),
+            };
+            let mut s = Link::accept(&listener, Some(Duration::from_secs(10)), cfg).unwrap();
+            s.set_streams(2);
+            s.set_key(Role::Secondary, None);
+            s.send(&sh).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let err = loop {
+                assert!(Instant::now() < deadline, "no error within 30 s ({lie})");
+                match s.fill::<()>(Duration::from_millis(50), None) {
+                    Ok(_) => while s.next_event().unwrap().is_some() {},
+                    Err(e) => break e.to_string(),
+                }
+            };
+            let want = match lie {
+                "index" => "joined connection 5, but this link's extra connections are 1..2",
+                "length" => "connection 0: the peer announced a frame of 4294967295 bytes",
+                _ => "connection 1: the peer announced a frame of 4294967295 bytes",
+            };
+            assert!(err.contains(want), "{lie}: {err}");
+            let _ = peer.join().unwrap();
+        }
     }
 }

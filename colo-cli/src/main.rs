@@ -339,6 +339,13 @@ pub struct NodeArgs {
     /// Send zero pages as a marker without their 4096 bytes. Both nodes need it, or neither.
     #[arg(long)]
     pub zero_pages: bool,
+    /// Carry the link on N TCP connections (1–16): after the handshake each side's bytes go
+    /// round-robin in frames over them (the order of the records is kept), for links where one
+    /// connection is slower than the link. The side that connects opens the other N-1. Both
+    /// nodes need the same; the handshake refuses a mismatch.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub streams: u8,
     /// How the disk's blocks travel (with --disk): `continuous` sends the blocks the guest
     /// writes while it runs (every --disk-mirror-interval-ms), so a checkpoint's pause copies
     /// only those written since the last round; `checkpoint` copies every block written since
@@ -1045,6 +1052,7 @@ fn node_options(a: &NodeArgs) -> Result<NodeOptions> {
             },
         },
         disk_mirror: a.disk_mirror,
+        streams: a.streams,
         disk_mirror_interval: Duration::from_millis(a.disk_mirror_interval_ms.max(1)),
         client_addr: a.client.clone(),
         service_if: a.service_if.clone(),

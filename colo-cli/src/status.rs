@@ -154,6 +154,9 @@ pub struct NodeStatus {
     pub link_bytes_out: u64,
     /// Link bytes read.
     pub link_bytes_in: u64,
+    /// TCP connections the link's records travel on (`--streams`; 0: no link).
+    #[serde(default)]
+    pub link_streams: u64,
     /// Output mismatches seen by the comparator.
     pub mismatches: u64,
     /// Client requests injected.

@@ -621,6 +621,103 @@ fn verify_on_one_node_only_is_refused_by_both() {
     );
 }
 
+/// The real binaries on `--streams 3` (with a key): protected, checkpoints taken, the link on
+/// three connections; a count on one node only is refused by both, naming both counts.
+#[test]
+fn streams_carry_a_pair_and_a_mismatch_is_refused_by_both() {
+    let s = Scratch::new("streams");
+    let key = key_file(&s, "streams.key", 7);
+    let id = std::process::id();
+    let (sn, pn) = (format!("ss{id}"), format!("sp{id}"));
+    let repl = format!("127.0.0.1:{}", free_port());
+    let tf = timeout_flags(2000);
+    let tf: Vec<&str> = tf.iter().map(String::as_str).collect();
+    let _sec = keyed_node(
+        &s,
+        &[
+            &[
+                "secondary",
+                "--listen",
+                &repl,
+                "--name",
+                &sn,
+                "--ram",
+                "8M",
+                "--streams",
+                "3",
+            ][..],
+            &tf,
+        ]
+        .concat(),
+        &key,
+    );
+    let _pri = keyed_node(
+        &s,
+        &[
+            &[
+                "primary",
+                "--peer",
+                &repl,
+                "--name",
+                &pn,
+                "--ram",
+                "8M",
+                "--streams",
+                "3",
+            ][..],
+            &tf,
+        ]
+        .concat(),
+        &key,
+    );
+    let v = wait_for(&s, &pn, "protected on three connections", |v| {
+        v["protected"] == true && u(v, "checkpoints") >= 3 && u(v, "link_streams") == 3
+    });
+    assert_eq!(u(&v, "link_streams"), 3, "{v}");
+    wait_for(&s, &sn, "the secondary on three connections", |v| {
+        u(v, "link_streams") == 3
+    });
+
+    let repl = format!("127.0.0.1:{}", free_port());
+    let pn = format!("sm{id}");
+    let mut sec = Node(
+        s.colo()
+            .args(["secondary", "--listen", &repl, "--ram", "8M"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let _pri = Node(
+        s.colo()
+            .args(["primary", "--peer", &repl, "--ram", "8M", "--streams", "4"])
+            .args([
+                "--name",
+                &pn,
+                "--connect-timeout",
+                &scaled_secs(20).to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Each side names both counts, its own first.
+    refused_by_both(&s, &mut sec, &pn, "--streams differs");
+    let v = wait_for(&s, &pn, "refused naming both counts", |v| {
+        v["failover_reason"].is_string()
+    });
+    let why = v["failover_reason"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("the primary has --streams 4, the secondary has --streams 1"),
+        "{why}"
+    );
+    assert_usage_error(
+        &s.run(&["primary", "--peer", "127.0.0.1:1", "--streams", "17"]),
+        &["--streams", "17"],
+    );
+}
+
 /// Lines of a child's stderr, as they come.
 fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     let err = child.stderr.take().expect("stderr is piped");

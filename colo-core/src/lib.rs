@@ -20,6 +20,7 @@ pub mod lease;
 pub mod policy;
 pub mod seal;
 pub mod stream;
+pub mod stripe;
 
 pub use align::{AlignConfig, AlignStats, Aligner};
 pub use backend::{

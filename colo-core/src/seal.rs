@@ -55,6 +55,7 @@ pub const KEY_LEN: usize = 32;
 
 const SEAL_LABEL: &[u8] = b"colo-link-seal-v3";
 const REKEY_LABEL: &[u8] = b"colo-link-rekey-v3";
+const STREAM_LABEL: &[u8] = b"colo-link-stream-v1";
 
 /// Why a frame was refused (or could not be sealed).
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -179,6 +180,18 @@ pub fn direction_key(
     salt[32..].copy_from_slice(secondary_nonce);
     let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &salt).extract(psk);
     expand(&prk, &[SEAL_LABEL, &[role_byte(sender)]])
+}
+
+/// The key a direction seals with on connection `index` of a link of several (`--streams`,
+/// see [`crate::stripe`]): connection 0 uses the direction key itself, each other one a key
+/// expanded from it with its index, so no key and frame-number pair is used on two
+/// connections (each numbers its frames from 0).
+pub fn stream_key(key: &DirectionKey, index: u8) -> Result<DirectionKey, SealError> {
+    if index == 0 {
+        return Ok(key.clone());
+    }
+    let prk = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &key.0);
+    expand(&prk, &[STREAM_LABEL, &[index]])
 }
 
 /// Both direction keys of a node in `role`: (the one it seals with, the one it opens with).

@@ -208,8 +208,48 @@ fn run_sections(quick: bool, sections: &str, json_path: Option<&Path>) -> Result
 fn throughput_alone(quick: bool) -> Result<Value> {
     let plain = throughput_pair(quick, true)?;
     let sealed = throughput_pair(quick, false)?;
+    let streams = throughput_streams(quick)?;
     let mut j = plain;
     extend(&mut j, json!({ "sealed": sealed }));
+    extend(&mut j, streams);
+    Ok(j)
+}
+
+/// 10,000-page checkpoints (plaintext records) on unshaped loopback over one connection and
+/// over two (`--streams 2`): two 256 MiB pairs, checkpoints taken on them in turn.
+fn throughput_streams(quick: bool) -> Result<Value> {
+    let reps = if quick { 8 } else { 30 };
+    let mut pairs = Vec::new();
+    for streams in [1u8, 2] {
+        let pair = Pair::start_setup(
+            256 * MIB,
+            &format!("throughput, --streams {streams}"),
+            Some(true),
+            &|o| o.streams = streams,
+            None,
+        )?;
+        pairs.push((streams, pair, Vec::new()));
+    }
+    let mut seed = 0x7374_7265_616d_u64;
+    for _ in 0..reps {
+        seed = splitmix(seed);
+        for (_, pair, ms) in &mut pairs {
+            pair.dirty(10_000, seed)?;
+            ms.push(pair.checkpoint()?.total_ms);
+        }
+    }
+    let mut j = json!({});
+    let mut line = String::new();
+    for (streams, mut pair, ms) in pairs {
+        pair.stop();
+        let p50 = percentile(ms, 50.0).unwrap_or(0.0);
+        line.push_str(&format!(" --streams {streams}: {p50:.1} ms;"));
+        j[format!("checkpoint_10k_total_ms_256mib_streams{streams}")] = json!(p50);
+    }
+    println!(
+        "\nplaintext records, unshaped loopback, 256 MiB pairs taken in turn ({reps} each): \
+         10,000-page checkpoint NEW → SVM_READY p50{line}"
+    );
     Ok(j)
 }
 

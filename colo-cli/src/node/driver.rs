@@ -394,6 +394,7 @@ impl<G: Guest, R: Role> Node<G, R> {
         if let Some(l) = &self.io.link {
             st.link_bytes_out = l.bytes_out();
             st.link_bytes_in = l.bytes_in();
+            st.link_streams = l.streams() as u64;
         }
         self.role.publish(&mut st);
     }

@@ -85,6 +85,9 @@ pub struct NodeOptions {
     /// How disk blocks travel (`--disk-mirror`; both nodes must agree): at the checkpoint, or
     /// mirrored while the PVM runs (see colo-core's `disk.rs`).
     pub disk_mirror: DiskMirror,
+    /// TCP connections for the link (`--streams`, 1–16; both nodes must agree): the bytes after
+    /// the handshake go round-robin in frames over them (see `link.rs`).
+    pub streams: u8,
     /// With continuous mirroring, how often the primary harvests the disk's write log and
     /// sends the blocks written since (`--disk-mirror-interval-ms`).
     pub disk_mirror_interval: Duration,
@@ -133,6 +136,7 @@ impl std::fmt::Debug for NodeOptions {
             .field("insecure_plaintext", &self.insecure_plaintext)
             .field("page_coding", &self.page_coding)
             .field("disk_mirror", &self.disk_mirror)
+            .field("streams", &self.streams)
             .field("policy", &self.policy)
             .field("sync_mode", &self.sync_mode)
             .field("client_addr", &self.client_addr)
@@ -153,6 +157,7 @@ impl Default for NodeOptions {
             insecure_plaintext: false,
             page_coding: PageCoding::PLAIN,
             disk_mirror: DiskMirror::default(),
+            streams: 1,
             disk_mirror_interval: DEFAULT_DISK_MIRROR_INTERVAL,
             policy: CheckpointPolicy::default(),
             compare: CompareConfig::default(),

@@ -49,6 +49,7 @@ pub(super) fn primary_config(opts: &NodeOptions, pages: u64, disk_blocks: u64) -
     cfg.link.key = opts.key.clone();
     cfg.link.plaintext = opts.insecure_plaintext;
     cfg.link.coding = opts.page_coding;
+    cfg.link.streams = opts.streams;
     cfg.link.disk_mirror = opts.disk_mirror;
     cfg.link.nonce = super::driver::nonce();
     cfg
@@ -134,6 +135,7 @@ impl<G: Guest> Node<G, PrimaryRole> {
         status: Shared,
     ) -> Result<Self> {
         if let Some(l) = link.as_mut() {
+            l.set_streams(opts.streams);
             l.set_key(LinkRole::Primary, opts.key.as_deref());
         }
         let pages = guest.page_count();

@@ -135,6 +135,7 @@ impl PrimaryRole {
 
     /// Starts protecting over `link`, a fresh connection to the secondary at `peer`.
     fn start_link<G: Guest>(&mut self, io: &mut Io<G>, peer: &str, mut link: Link) {
+        link.set_streams(io.opts.streams);
         link.set_key(Role::Primary, io.opts.key.as_deref());
         let pages = io.guest.page_count();
         let disk_blocks = super::disk::blocks(&mut io.guest);

@@ -119,18 +119,19 @@ fn secondary_config(opts: &NodeOptions, pages: u64, disk_blocks: u64) -> Seconda
     cfg.key = opts.key.clone();
     cfg.plaintext = opts.insecure_plaintext;
     cfg.coding = opts.page_coding;
+    cfg.streams = opts.streams;
     cfg.disk_mirror = opts.disk_mirror;
     cfg.nonce = nonce();
     cfg
 }
 
 /// Accepts the primary's connection on `listener`, waiting until `until`; the link seals
-/// with `key` when the handshake says so.
+/// with the node's key and stripes over its `--streams` when the handshake says so.
 fn accept_primary(
     listener: &TcpListener,
     until: Instant,
     pages: u64,
-    key: Option<&[u8]>,
+    opts: &NodeOptions,
 ) -> Result<Link> {
     let mut link = Link::accept(
         listener,
@@ -140,7 +141,11 @@ fn accept_primary(
             page_count: Some(pages),
         },
     )?;
-    link.set_key(colo_core::engine::messages::Role::Secondary, key);
+    link.set_streams(opts.streams);
+    link.set_key(
+        colo_core::engine::messages::Role::Secondary,
+        opts.key.as_deref(),
+    );
     Ok(link)
 }
 
@@ -156,7 +161,7 @@ impl<G: Guest> Node<G, SecondaryRole> {
         let pages = guest.page_count();
         let disk_blocks = disk::blocks(&mut guest);
         let waiting_until = Instant::now() + opts.connect_timeout;
-        let link = accept_primary(listener, waiting_until, pages, opts.key.as_deref())?;
+        let link = accept_primary(listener, waiting_until, pages, &opts)?;
         {
             let mut st = status.lock();
             st.role = "secondary".into();
@@ -654,8 +659,8 @@ impl SecondaryRole {
         io.note_loss(format!("refused {peer}: {why}"));
         let pages = io.guest.page_count();
         let (total, last) = (self.refusals.total, self.refusals.reason.clone());
-        let link = accept_primary(listener, self.waiting_until, pages, io.opts.key.as_deref())
-            .with_context(|| {
+        let link =
+            accept_primary(listener, self.waiting_until, pages, &io.opts).with_context(|| {
                 format!("{total} connection(s) were refused, the last one ({last})")
             })?;
         let disk_blocks = disk::blocks(&mut io.guest);

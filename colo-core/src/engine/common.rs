@@ -35,6 +35,9 @@ pub struct LinkConfig {
     /// How disk blocks travel: at the checkpoint or mirrored while the PVM runs
     /// (`--disk-mirror`; both sides must agree, the handshake checks; see [`crate::disk`]).
     pub disk_mirror: DiskMirror,
+    /// Connections the transport uses for the link (`--streams`; both sides must agree, the
+    /// handshake checks). The engines see one byte stream whatever the count.
+    pub streams: u8,
     /// A fresh random nonce for the handshake.
     pub nonce: [u8; 32],
 }
@@ -51,6 +54,7 @@ impl LinkConfig {
             plaintext: false,
             coding: PageCoding::PLAIN,
             disk_mirror: DiskMirror::default(),
+            streams: 1,
             nonce: [0; 32],
         }
     }
@@ -90,6 +94,7 @@ impl Peer {
             plaintext: cfg.plaintext,
             coding: cfg.coding,
             disk_mirror: cfg.disk_mirror,
+            streams: cfg.streams,
         };
         let handshake = Handshake::offer(role, offer, cfg.key.clone(), cfg.nonce, &mut outbox);
         let mut heartbeat = Heartbeat::new(cfg.liveness, now);

@@ -20,7 +20,11 @@
 //! or on neither (flags bit 2): one side would otherwise read the other's sealed frames as
 //! records; and the same page coding (flags bits 3–5, `--zero-pages`, `--compress`): a
 //! secondary must expect the primary's PACKED_PAGES; and the same disk mirror mode (flags bit
-//! 6, `--disk-mirror`): a checkpoint-mode secondary refuses DISK_BLOCKS between checkpoints.
+//! 6, `--disk-mirror`): a checkpoint-mode secondary refuses DISK_BLOCKS between checkpoints;
+//! and the same number of connections (flags bits 7–10, `--streams`, see [`crate::stripe`]):
+//! the transport would otherwise wait for connections that never come. A single connection
+//! sets no bit and is left out of the proof, so it speaks exactly what a build without the
+//! option speaks (which refuses a count above 1 as unknown flag bits).
 //! A mismatch is refused by both, each naming
 //! what differs and which side has it.
 //! The disk (`--disk`, in 4 KiB blocks): a secondary whose disk is missing or smaller than the
@@ -35,7 +39,7 @@
 //! The machine is sans-IO: the caller supplies the nonce (from the OS's
 //! RNG) and moves the encoded bytes.
 
-use super::messages::{Hello, Message, Role, MAC_LEN, PROTOCOL_VERSION};
+use super::messages::{Hello, Message, Role, MAC_LEN, MAX_STREAMS, PROTOCOL_VERSION};
 use crate::disk::DiskMirror;
 use crate::stream::PageCoding;
 use hmac::{Hmac, Mac};
@@ -165,6 +169,22 @@ pub enum LinkError {
         /// The peer's mode.
         peer: DiskMirror,
     },
+    /// The two sides use different numbers of connections (`--streams`); a peer built
+    /// before the option always says 1.
+    #[error(
+        "--streams differs: the {ours_role} has --streams {ours}, the {peer_role} has --streams \
+         {peer}; give both nodes the same --streams (a build without the option counts as 1)"
+    )]
+    Streams {
+        /// This side.
+        ours_role: Role,
+        /// This side's count.
+        ours: u8,
+        /// The peer.
+        peer_role: Role,
+        /// The peer's count.
+        peer: u8,
+    },
     /// The peer's proof is wrong: it does not hold the same key.
     #[error("peer failed authentication: its HMAC proof does not match this node's key")]
     BadProof,
@@ -214,6 +234,8 @@ pub struct Offer {
     pub coding: PageCoding,
     /// How disk blocks travel (`--disk-mirror`).
     pub disk_mirror: DiskMirror,
+    /// Connections for the link (`--streams`; 0 counts as 1).
+    pub streams: u8,
 }
 
 /// One side's handshake.
@@ -228,6 +250,7 @@ pub struct Handshake {
     plaintext: bool,
     coding: PageCoding,
     disk_mirror: DiskMirror,
+    streams: u8,
     key: Option<Vec<u8>>,
     nonce: [u8; 32],
     peer_nonce: [u8; 32],
@@ -244,6 +267,7 @@ impl std::fmt::Debug for Handshake {
             .field("plaintext", &self.plaintext)
             .field("coding", &self.coding)
             .field("disk_mirror", &self.disk_mirror)
+            .field("streams", &self.streams)
             .field("has_key", &self.key.is_some())
             .field("state", &self.state)
             .finish()
@@ -288,6 +312,7 @@ impl Handshake {
             plaintext,
             coding: PageCoding::PLAIN,
             disk_mirror: DiskMirror::default(),
+            streams: 1,
         };
         Self::offer(role, offer, key, nonce, out)
     }
@@ -310,6 +335,7 @@ impl Handshake {
             plaintext: offer.plaintext,
             coding: offer.coding,
             disk_mirror: offer.disk_mirror,
+            streams: offer.streams.clamp(1, MAX_STREAMS),
             key,
             nonce,
             peer_nonce: [0; 32],
@@ -327,6 +353,7 @@ impl Handshake {
             disk_mirror: offer.disk_mirror,
             nonce,
             disk_blocks: offer.disk_blocks,
+            streams: hs.streams,
             other_flags: 0,
         })
         .encode(out);
@@ -392,6 +419,12 @@ impl Handshake {
         mac.update(&[u8::from(self.verify), u8::from(self.plaintext)]);
         mac.update(&self.coding.flags().to_le_bytes());
         mac.update(&[u8::from(self.disk_mirror == DiskMirror::Continuous)]);
+        // Only a count above one is proven, so a single-stream link proves what it did before
+        // the option existed (the HELLOs are the same too).
+        if self.streams > 1 {
+            mac.update(b"streams");
+            mac.update(&[self.streams]);
+        }
         mac
     }
 
@@ -436,6 +469,14 @@ impl Handshake {
                         ours: self.coding,
                         peer_role: h.role,
                         peer: h.coding,
+                    });
+                }
+                if h.streams != self.streams {
+                    return Err(LinkError::Streams {
+                        ours_role: self.role,
+                        ours: self.streams,
+                        peer_role: h.role,
+                        peer: h.streams,
                     });
                 }
                 if h.disk_mirror != self.disk_mirror {
@@ -666,7 +707,9 @@ mod tests {
         let mut sh = Handshake::offer(Role::Secondary, s, key, [2; 32], &mut so);
         let flip = |bytes: &[u8]| -> Vec<u8> {
             let mut b = bytes.to_vec();
-            b[8 + 28] ^= bit as u8;
+            for (i, x) in bit.to_le_bytes().into_iter().enumerate() {
+                b[8 + 28 + i] ^= x;
+            }
             b
         };
         let (p_hello, s_hello) = (flip(&po), flip(&so));
@@ -788,6 +831,47 @@ mod tests {
     }
 
     #[test]
+    fn the_same_stream_count_on_both_sides_and_the_proof_covers_it() {
+        let offer = |streams| Offer {
+            page_count: 5,
+            streams,
+            ..Offer::default()
+        };
+        for key in [None, Some(&b"k"[..])] {
+            for n in [0, 1, 4, 16] {
+                assert_eq!(
+                    run_offers(key, key, offer(n), offer(n)).2,
+                    (Ok(true), Ok(true)),
+                    "{n} streams"
+                );
+            }
+            let (a, b) = run_offers(key, key, offer(4), offer(1)).2;
+            assert!(matches!(a, Err(LinkError::Streams { .. })), "{a:?}");
+            assert!(matches!(b, Err(LinkError::Streams { .. })), "{b:?}");
+        }
+        let (a, b) = run_offers(None, None, offer(4), offer(1)).2;
+        assert_eq!(
+            a.unwrap_err().to_string(),
+            "--streams differs: the primary has --streams 4, the secondary has --streams 1; give \
+             both nodes the same --streams (a build without the option counts as 1)"
+        );
+        assert!(b
+            .unwrap_err()
+            .to_string()
+            .contains("the secondary has --streams 1, the primary has --streams 4"));
+        // A man in the middle rewriting both counts (4 <-> 1) makes them agree on each side;
+        // the proofs, each bound to its own side's count, then fail.
+        assert_eq!(
+            flag_flipped_in_transit(
+                offer(4),
+                offer(1),
+                crate::engine::messages::HELLO_STREAMS_MASK & (0b11 << 7)
+            ),
+            (Err(LinkError::BadProof), Err(LinkError::BadProof))
+        );
+    }
+
+    #[test]
     fn the_proof_covers_the_verify_flag() {
         // A man in the middle that flips the secondary's verify bit in both HELLOs makes the
         // flags agree on each side; the proofs, each bound to its own side's flag, then fail.
@@ -869,6 +953,7 @@ mod tests {
             disk_mirror: DiskMirror::default(),
             nonce: [1; 32],
             disk_blocks: 0,
+            streams: 1,
             other_flags: 0,
         })
         .encode(&mut fake);

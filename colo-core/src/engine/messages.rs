@@ -80,10 +80,18 @@ pub const HELLO_PLAINTEXT: u32 = 1 << 2;
 /// HELLO flag: the sender mirrors disk blocks while the PVM runs (`--disk-mirror
 /// continuous`); clear: at the checkpoint (see [`crate::disk`]).
 pub const HELLO_DISK_MIRROR: u32 = 1 << 6;
-/// Every HELLO flag bit this build knows: auth, verify, plaintext, the page coding (bits 3–5)
-/// and the disk mirror mode (bit 6). Other bits are kept in [`Hello::other_flags`] and refused
-/// by the handshake.
-pub const HELLO_KNOWN_FLAGS: u32 = 0b111_1111;
+/// HELLO flag bits 7–10: the sender's page-data connections (`--streams N`) less one, so a
+/// single connection sets none and its HELLO is the same as before the option existed (a peer
+/// that does not know the bits refuses them as unknown).
+pub const HELLO_STREAMS_SHIFT: u32 = 7;
+/// The mask of [`HELLO_STREAMS_SHIFT`]'s bits.
+pub const HELLO_STREAMS_MASK: u32 = 0b1111 << HELLO_STREAMS_SHIFT;
+/// The most connections one link may use (`--streams`).
+pub const MAX_STREAMS: u8 = 16;
+/// Every HELLO flag bit this build knows: auth, verify, plaintext, the page coding (bits 3–5),
+/// the disk mirror mode (bit 6) and the stream count (bits 7–10). Other bits are kept in
+/// [`Hello::other_flags`] and refused by the handshake.
+pub const HELLO_KNOWN_FLAGS: u32 = 0b111_1111_1111;
 /// Length of a HELLO body.
 pub const HELLO_LEN: usize = 8 + 4 + 4 + 8 + 4 + 4 + 32 + 8;
 /// Length of an HMAC-SHA256 proof.
@@ -187,6 +195,9 @@ pub struct Hello {
     pub nonce: [u8; 32],
     /// The sender's disk in 4 KiB blocks (0: the guest has none that colo replicates).
     pub disk_blocks: u64,
+    /// The sender's connections for the link (`--streams`, 1..=[`MAX_STREAMS`]; a value out of
+    /// range encodes clamped); both sides must agree.
+    pub streams: u8,
     /// Flag bits outside [`HELLO_KNOWN_FLAGS`], kept as sent (so a parsed HELLO encodes back
     /// to the same bytes) for the handshake to refuse by name. 0 from this build.
     pub other_flags: u32,
@@ -364,6 +375,8 @@ impl<'a> Message<'a> {
                     },
                     nonce,
                     disk_blocks: u64_at(body, 64),
+                    // At most 15 + 1: the mask keeps four bits.
+                    streams: ((flags & HELLO_STREAMS_MASK) >> HELLO_STREAMS_SHIFT) as u8 + 1,
                     other_flags: flags & !HELLO_KNOWN_FLAGS,
                 })
             }
@@ -479,6 +492,8 @@ impl<'a> Message<'a> {
                 if h.disk_mirror == DiskMirror::Continuous {
                     flags |= HELLO_DISK_MIRROR;
                 }
+                let streams = u32::from(h.streams.clamp(1, MAX_STREAMS)) - 1;
+                flags |= streams << HELLO_STREAMS_SHIFT;
                 flags |= h.other_flags & !HELLO_KNOWN_FLAGS;
                 out.extend_from_slice(&flags.to_le_bytes());
                 out.extend_from_slice(&h.nonce);
@@ -560,6 +575,7 @@ mod tests {
                         },
                         nonce: [7; 32],
                         disk_blocks: u64::from(verify) << 40 | 16_384,
+                        streams: if plaintext { 1 } else { 16 },
                         other_flags: u32::from(verify) << 31,
                     }));
                 }
@@ -632,6 +648,7 @@ mod tests {
             disk_mirror: DiskMirror::Checkpoint,
             nonce: [0; 32],
             disk_blocks: 0x0102,
+            streams: 1,
             other_flags: 0,
         })
         .encode(&mut out);
@@ -669,6 +686,25 @@ mod tests {
             panic!("HELLO with the disk mirror bit does not parse");
         };
         assert_eq!((h.disk_mirror, h.other_flags), (DiskMirror::Continuous, 0));
+        // Bits 7–10: the stream count less one (one stream sets none: the HELLO of a build
+        // without `--streams`).
+        assert_eq!(h.streams, 1);
+        b[28] = 3 | 0x80;
+        b[29] = 0b1;
+        let Ok(Some(Message::Hello(h))) = Message::parse(colo_type::HELLO, &b) else {
+            panic!("HELLO with a stream count does not parse");
+        };
+        assert_eq!((h.streams, h.other_flags), (4, 0), "(0b11 << 7) + 1");
+        b[28] = 3 | 0x80;
+        b[29] = 0b111;
+        let Ok(Some(Message::Hello(h))) = Message::parse(colo_type::HELLO, &b) else {
+            panic!("HELLO with 16 streams does not parse");
+        };
+        assert_eq!(h.streams, 16);
+        let mut again = Vec::new();
+        Message::Hello(h).encode(&mut again);
+        assert_eq!(&again[8..], &b[..], "16 streams encode back");
+        b[29] = 0;
         b[28] = 3 | 2 << 4;
         assert!(matches!(
             Message::parse(colo_type::HELLO, &b),

@@ -1,12 +1,15 @@
 //! The bench's links slower than memory: a token-bucket TCP proxy between the two nodes of a
-//! pair (both directions limited to one rate, e.g. 1 or 10 Gbit/s), and the completion time
-//! (NEW → SVM_READY) of 10,000-page checkpoints of compressible and incompressible pages with
-//! each page coding of the link (plain, zero-page markers, lz4).
+//! pair (each direction limited to one rate, e.g. 1 or 10 Gbit/s, shared by every connection
+//! the proxy carries, so `--streams 4` gets the link's rate, not four times it), and the
+//! completion time (NEW → SVM_READY) of 10,000-page checkpoints of compressible and
+//! incompressible pages with each page coding of the link (plain, zero-page markers, lz4),
+//! on one connection and on four (`--streams 4`).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -27,8 +30,42 @@ const BUCKET: f64 = (1 << 20) as f64;
 #[derive(Debug, Default)]
 struct Rate(AtomicU64);
 
+/// One direction of the shaped link: a token bucket every connection's pump in that
+/// direction draws from (tokens in bytes, and when they were last counted).
+#[derive(Debug)]
+struct Bucket(Mutex<(f64, Instant)>);
+
+impl Bucket {
+    fn new() -> Self {
+        Self(Mutex::new((BUCKET, Instant::now())))
+    }
+
+    /// Waits until `n` bytes may pass at `bps` (0: at once) and takes their tokens. Idle
+    /// time earns no burst beyond the bucket.
+    fn take(&self, n: usize, bps: f64) {
+        if bps <= 0.0 {
+            return;
+        }
+        let n = n as f64;
+        loop {
+            let wait = {
+                let mut b = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * bps).min(BUCKET);
+                b.1 = now;
+                if b.0 >= n {
+                    b.0 -= n;
+                    return;
+                }
+                (n - b.0) / bps
+            };
+            std::thread::sleep(Duration::from_secs_f64(wait));
+        }
+    }
+}
+
 /// A proxy in front of one listener: every accepted connection is forwarded to the target,
-/// both directions paced to the current rate by a token bucket of one chunk.
+/// each direction of all of them together paced to the current rate by one token bucket.
 #[derive(Debug)]
 pub(super) struct Shaper {
     addr: String,
@@ -44,20 +81,34 @@ impl Shaper {
         let rate = Arc::new(Rate::default());
         let stop = Arc::new(AtomicBool::new(false));
         let (target, r, st) = (target.to_string(), rate.clone(), stop.clone());
+        listener.set_nonblocking(true)?;
         std::thread::Builder::new()
             .name("shaper".into())
             .spawn(move || {
-                // One connection: the pair's replication link.
-                if let Ok((a, _)) = listener.accept() {
-                    if let Ok(b) = TcpStream::connect(&target) {
-                        for s in [&a, &b] {
-                            let _ = s.set_nodelay(true);
+                // The pair's replication link: one connection, or several (`--streams`), all
+                // drawing on the same two buckets.
+                let (up, down) = (Arc::new(Bucket::new()), Arc::new(Bucket::new()));
+                while !st.load(Ordering::Relaxed) {
+                    let a = match listener.accept() {
+                        Ok((a, _)) => a,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(2));
+                            continue;
                         }
-                        if let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) {
-                            let (r2, st2) = (r.clone(), st.clone());
-                            std::thread::spawn(move || pump(a2, b2, &r2, &st2));
-                            pump(b, a, &r, &st);
-                        }
+                        Err(_) => return,
+                    };
+                    let _ = a.set_nonblocking(false);
+                    let Ok(b) = TcpStream::connect(&target) else {
+                        continue;
+                    };
+                    for s in [&a, &b] {
+                        let _ = s.set_nodelay(true);
+                    }
+                    if let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) {
+                        let (r1, st1, u) = (r.clone(), st.clone(), up.clone());
+                        std::thread::spawn(move || pump(a2, b2, &r1, &st1, &u));
+                        let (r2, st2, d) = (r.clone(), st.clone(), down.clone());
+                        std::thread::spawn(move || pump(b, a, &r2, &st2, &d));
                     }
                 }
             })?;
@@ -78,30 +129,15 @@ impl Drop for Shaper {
     }
 }
 
-/// Forwards `from` to `to` at the shared rate until either side closes.
-fn pump(mut from: TcpStream, mut to: TcpStream, rate: &Rate, stop: &AtomicBool) {
+/// Forwards `from` to `to` at the shared rate, drawing on `bucket`, until either side closes.
+fn pump(mut from: TcpStream, mut to: TcpStream, rate: &Rate, stop: &AtomicBool, bucket: &Bucket) {
     let mut buf = vec![0u8; CHUNK];
-    // Tokens in bytes; idle time earns no burst beyond the bucket.
-    let mut tokens = BUCKET;
-    let mut last = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let bps = rate.0.load(Ordering::Relaxed) as f64;
-        if bps > 0.0 {
-            loop {
-                let now = Instant::now();
-                tokens = (tokens + now.duration_since(last).as_secs_f64() * bps).min(BUCKET);
-                last = now;
-                if tokens >= n as f64 {
-                    break;
-                }
-                std::thread::sleep(Duration::from_secs_f64((n as f64 - tokens) / bps));
-            }
-            tokens -= n as f64;
-        }
+        bucket.take(n, rate.0.load(Ordering::Relaxed) as f64);
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
@@ -156,23 +192,25 @@ impl Content {
     }
 }
 
-/// The page codings compared.
-const MODES: &[(&str, PageCoding)] = &[
-    ("plain", PageCoding::PLAIN),
+const LZ4: PageCoding = PageCoding {
+    zero_pages: false,
+    codec: Codec::Lz4,
+};
+
+/// The page codings and connection counts (`--streams`) compared.
+const MODES: &[(&str, PageCoding, u8)] = &[
+    ("plain", PageCoding::PLAIN, 1),
     (
         "zero",
         PageCoding {
             zero_pages: true,
             codec: Codec::None,
         },
+        1,
     ),
-    (
-        "lz4",
-        PageCoding {
-            zero_pages: false,
-            codec: Codec::Lz4,
-        },
-    ),
+    ("lz4", LZ4, 1),
+    ("plain×4", PageCoding::PLAIN, 4),
+    ("lz4×4", LZ4, 4),
 ];
 
 /// One (rate, content, coding)'s completion times, ms.
@@ -197,41 +235,78 @@ impl ShapedRow {
 pub(super) struct Shaped {
     rows: Vec<ShapedRow>,
     raw: Vec<(f64, f64)>,
+    /// The same on four connections at once (the shaper holds them to the one rate).
+    raw4: Vec<(f64, f64)>,
 }
 
 /// Bytes of a plain 10,000-page checkpoint, for the raw baseline.
 const RAW_BYTES: usize = 41_000_000;
 
-/// Milliseconds raw TCP takes for [`RAW_BYTES`] through a shaper at `gbit` (median of 3).
-fn raw_through(gbit: f64) -> Result<f64> {
+/// Milliseconds raw TCP takes for [`RAW_BYTES`] through a shaper at `gbit` on `conns`
+/// connections at once, each carrying its share (median of 3).
+fn raw_through(gbit: f64, conns: usize) -> Result<f64> {
     let mut runs = Vec::new();
     for _ in 0..3 {
         let sink = TcpListener::bind("127.0.0.1:0")?;
         let target = sink.local_addr()?.to_string();
         let reader = std::thread::spawn(move || -> std::io::Result<usize> {
-            let (mut s, _) = sink.accept()?;
-            let mut buf = vec![0u8; CHUNK];
-            let mut got = 0;
-            loop {
-                match s.read(&mut buf)? {
-                    0 => return Ok(got),
-                    n => got += n,
-                }
+            let mut readers = Vec::new();
+            for _ in 0..conns {
+                let (mut s, _) = sink.accept()?;
+                readers.push(std::thread::spawn(move || -> std::io::Result<usize> {
+                    let mut buf = vec![0u8; CHUNK];
+                    let mut got = 0;
+                    loop {
+                        match s.read(&mut buf)? {
+                            0 => return Ok(got),
+                            n => got += n,
+                        }
+                    }
+                }));
             }
+            let mut got = 0;
+            for r in readers {
+                got += r
+                    .join()
+                    .map_err(|_| std::io::Error::other("a sink thread panicked"))??;
+            }
+            Ok(got)
         });
         let shaper = Shaper::start(&target)?;
         shaper.set_gbit(gbit);
-        let mut s = TcpStream::connect(&shaper.addr)?;
-        s.set_nodelay(true)?;
-        let buf = vec![0x5au8; MIB as usize];
-        let t = Instant::now();
-        let mut sent = 0;
-        while sent < RAW_BYTES {
-            let n = (RAW_BYTES - sent).min(buf.len());
-            s.write_all(&buf[..n])?;
-            sent += n;
+        let mut socks = Vec::new();
+        for _ in 0..conns {
+            let s = TcpStream::connect(&shaper.addr)?;
+            s.set_nodelay(true)?;
+            socks.push(s);
         }
-        s.shutdown(Shutdown::Write)?;
+        let t = Instant::now();
+        let share = RAW_BYTES / conns;
+        let writers: Vec<_> = socks
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut s)| {
+                let mine = if i == 0 {
+                    RAW_BYTES - share * (conns - 1)
+                } else {
+                    share
+                };
+                std::thread::spawn(move || -> std::io::Result<()> {
+                    let buf = vec![0x5au8; MIB as usize];
+                    let mut sent = 0;
+                    while sent < mine {
+                        let n = (mine - sent).min(buf.len());
+                        s.write_all(&buf[..n])?;
+                        sent += n;
+                    }
+                    s.shutdown(Shutdown::Write)
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a writer thread panicked"))??;
+        }
         let got = reader
             .join()
             .map_err(|_| anyhow::anyhow!("the sink thread panicked"))??;
@@ -254,7 +329,8 @@ impl Shaped {
     pub(super) fn print(&self) {
         println!(
             "\n10,000 dirty pages over a rate-limited link (token-bucket proxy, both directions), \
-             completion NEW → SVM_READY, p50 ms (range)"
+             completion NEW → SVM_READY, p50 ms (range); ×4: --streams 4 (the proxy shapes \
+             the four connections together to the one rate)"
         );
         println!(
             "{:>8} {:>8} {:>8} {:>24} {:>12} {:>12}",
@@ -265,6 +341,16 @@ impl Shaped {
                 "{g:>8} {:>8} {:>8} {ms:>10.1} {:>13} {:>12.2}   (baseline: raw TCP through the \
                  proxy, same run)",
                 "raw TCP",
+                "",
+                "",
+                RAW_BYTES as f64 / 1e6
+            );
+        }
+        for &(g, ms) in &self.raw4 {
+            println!(
+                "{g:>8} {:>8} {:>8} {ms:>10.1} {:>13} {:>12.2}   (baseline: the same bytes on four \
+                 connections at once, same run)",
+                "raw ×4",
                 "",
                 "",
                 RAW_BYTES as f64 / 1e6
@@ -302,6 +388,8 @@ impl Shaped {
         json!({
             "raw_tcp_ms_41mb_1gbit": self.raw.iter().find(|r| r.0 == 1.0).map(|r| r.1),
             "raw_tcp_ms_41mb_10gbit": self.raw.iter().find(|r| r.0 == 10.0).map(|r| r.1),
+            "raw_tcp_ms_41mb_1gbit_4conns": self.raw4.iter().find(|r| r.0 == 1.0).map(|r| r.1),
+            "raw_tcp_ms_41mb_10gbit_4conns": self.raw4.iter().find(|r| r.0 == 10.0).map(|r| r.1),
             "completion_ms_10k_1gbit_plain": get(1.0, Content::Kv, "plain"),
             "completion_ms_10k_1gbit_lz4": get(1.0, Content::Kv, "lz4"),
             "completion_ms_10k_1gbit_zero": get(1.0, Content::Kv, "zero"),
@@ -311,6 +399,14 @@ impl Shaped {
             "completion_ms_10k_1gbit_lz4_random": get(1.0, Content::Random, "lz4"),
             "completion_ms_10k_10gbit_plain_random": get(10.0, Content::Random, "plain"),
             "completion_ms_10k_10gbit_lz4_random": get(10.0, Content::Random, "lz4"),
+            "completion_ms_10k_1gbit_streams4": get(1.0, Content::Kv, "plain×4"),
+            "completion_ms_10k_10gbit_streams4": get(10.0, Content::Kv, "plain×4"),
+            "completion_ms_10k_1gbit_lz4_streams4": get(1.0, Content::Kv, "lz4×4"),
+            "completion_ms_10k_10gbit_lz4_streams4": get(10.0, Content::Kv, "lz4×4"),
+            "completion_ms_10k_1gbit_streams4_random": get(1.0, Content::Random, "plain×4"),
+            "completion_ms_10k_10gbit_streams4_random": get(10.0, Content::Random, "plain×4"),
+            "completion_ms_10k_1gbit_lz4_streams4_random": get(1.0, Content::Random, "lz4×4"),
+            "completion_ms_10k_10gbit_lz4_streams4_random": get(10.0, Content::Random, "lz4×4"),
             "shaped": self.rows.iter().map(|r| json!({
                 "gbit": r.gbit,
                 "pages": r.content.name(),
@@ -346,7 +442,7 @@ pub(super) fn run(quick: bool) -> Result<Shaped> {
     let ram = 256 * MIB;
     let reps = if quick { 3 } else { 7 };
     let mut pairs = Vec::new();
-    for &(name, coding) in MODES {
+    for &(name, coding, streams) in MODES {
         let shaper = std::cell::RefCell::new(None);
         let pair = Pair::start_setup(
             ram,
@@ -354,6 +450,7 @@ pub(super) fn run(quick: bool) -> Result<Shaped> {
             Some(true),
             &|o| {
                 o.page_coding = coding;
+                o.streams = streams;
                 // A shared, loaded machine can starve a node's threads for a while.
                 o.liveness.timeout = Duration::from_secs(10);
                 o.liveness.progress_timeout = Duration::from_secs(60);
@@ -371,9 +468,12 @@ pub(super) fn run(quick: bool) -> Result<Shaped> {
     let mut out = Shaped::default();
     let mut seed = 0x5ba9_ed00_u64;
     for gbit in [1.0, 10.0] {
-        let raw = raw_through(gbit)?;
+        let raw = raw_through(gbit, 1)?;
+        let raw4 = raw_through(gbit, 4)?;
+        out.raw4.push((gbit, raw4));
         println!(
-            "  {gbit} Gbit/s: raw TCP moves {RAW_BYTES} bytes through the proxy in {raw:.1} ms"
+            "  {gbit} Gbit/s: raw TCP moves {RAW_BYTES} bytes through the proxy in {raw:.1} ms \
+             ({raw4:.1} ms on four connections)"
         );
         out.raw.push((gbit, raw));
         for (_, _, s) in &pairs {
