@@ -587,7 +587,12 @@ impl PrimaryRole {
             c.stop_comparing();
         }
         io.drop_link();
-        io.note_loss(reason);
+        // The reason and the end of protection in one lock: the status file never shows a
+        // lost secondary's reason beside `protected: true`.
+        let mut st = io.status.lock();
+        st.failover_reason = Some(reason);
+        st.failover_at = Some(std::time::SystemTime::now());
+        st.protected = false;
         Ok(())
     }
 
