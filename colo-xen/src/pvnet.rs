@@ -20,7 +20,7 @@ use crate::grant::{Access, GrantTable};
 use crate::netif::{
     Delivery, FrameError, GuestFrames, NetifBackend, NetifError, SharedRing, TxPoll,
 };
-use crate::pvstate::{frames_in_use, VifTrailer};
+use crate::pvstate::VifTrailer;
 use crate::pvsys::{home, read_num, EventChannel, ForeignFrames, Mapped, NodePerms, XenStore};
 
 const PAGE: usize = 4096;
@@ -358,28 +358,32 @@ impl PvVif {
         self.written.clear();
     }
 
-    /// This vif's part of a checkpoint's state (see [`crate::pvstate`]), appended to `out`.
+    /// This vif's part of a checkpoint's state (see [`crate::pvstate`]), appended to `out`:
+    /// the grant frames in use go from the mapped table straight into `out` (this runs in the
+    /// checkpoint's pause: no intermediate copy, no allocation beyond `out`'s growth).
     pub fn export(&self, rx_seq: u64, out: &mut Vec<u8>) {
-        let pages: Vec<Vec<u8>> = (0..self.grants.pages())
-            .map(|i| {
+        let n = (0..self.grants.pages())
+            .rposition(|i| {
                 self.grants
                     .words(i)
                     .iter()
-                    .flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes())
-                    .collect()
+                    .any(|w| w.load(Ordering::Relaxed) != 0)
             })
-            .collect();
-        let refs: Vec<&[u8]> = pages.iter().map(Vec::as_slice).collect();
-        let n = frames_in_use(&refs);
-        let frames = pages[..n].concat();
+            .map_or(0, |i| i + 1);
+        out.reserve(n * PAGE + 64);
+        for i in 0..n {
+            for w in self.grants.words(i) {
+                out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+            }
+        }
         VifTrailer {
             rx_seq,
             tx_ref: self.tx_ref,
             rx_ref: self.rx_ref,
             port: self.port,
-            grant_frames: &frames,
+            grant_frames: &[],
         }
-        .encode(out);
+        .encode_fields(n, out);
     }
 
     /// Makes this (paused) domain's vif what the PVM's was at the capture its memory was just
