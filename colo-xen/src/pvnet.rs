@@ -244,6 +244,10 @@ impl PvVif {
         let ring_gfns = ring_gfns(domid, &grants, tx_ref, rx_ref)?;
         let rings = frames.map(&ring_gfns)?;
         let evt = Arc::new(EventChannel::bind(domid, port)?);
+        eprintln!(
+            "colo-xen: pv-vif: domain {domid}'s netfront connected: TX ring at gfn {:#x}, RX ring at gfn {:#x}, event channel {port}",
+            ring_gfns[0], ring_gfns[1]
+        );
         let backend = NetifBackend::attach(
             &SharedRing::tx(rings.words(0))?,
             &SharedRing::rx(rings.words(1))?,

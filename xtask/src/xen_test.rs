@@ -105,7 +105,9 @@ usage: cargo xtask xen-test [--deadline SECS] [--checkpoints N] [--interval-ms M
   --xen-debug       boot Xen with loglvl=all guest_loglvl=all, so that Xen names why it crashed
                     a guest (on by default with --takeovers above 1)
   --logdirty-stress SECS  diagnostic instead of the test: log-dirty alone (no colo, nothing
-                    written) on three running guests for SECS; fails if Xen loses one";
+                    written) on three running guests for SECS; fails if Xen loses one
+  --only-network    diagnostic instead of the test: the network stage alone (two fresh guests,
+                    colo's vifs, the service bridge, the failover), required to pass";
 
 struct Opts {
     deadline: Duration,
@@ -118,6 +120,7 @@ struct Opts {
     require_colo: bool,
     xen_debug: bool,
     logdirty_stress: u32,
+    only_network: bool,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
@@ -132,6 +135,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         require_colo: true,
         xen_debug: false,
         logdirty_stress: 0,
+        only_network: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -160,6 +164,7 @@ fn parse(args: &[String]) -> Result<Opts> {
                 o.logdirty_stress = u32::try_from(num("--logdirty-stress")?)?;
                 o.xen_debug = true;
             }
+            "--only-network" => o.only_network = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -610,7 +615,7 @@ fn build_dom0(
         })
         .unwrap_or_else(|| "info".into());
     let test = format!(
-        "#!/bin/sh\nexport CHECKPOINTS={} TAKEOVERS={} INTERVAL_MS={} COLO_VERIFY={} REQUIRE_TAKEOVER={} COLO_REQUIRED={} RUST_LOG={} LOGDIRTY_STRESS={}\n{}",
+        "#!/bin/sh\nexport CHECKPOINTS={} TAKEOVERS={} INTERVAL_MS={} COLO_VERIFY={} REQUIRE_TAKEOVER={} COLO_REQUIRED={} RUST_LOG={} LOGDIRTY_STRESS={} ONLY_NETWORK={}\n{}",
         o.checkpoints,
         o.takeovers,
         o.interval_ms,
@@ -623,6 +628,7 @@ fn build_dom0(
         } else {
             String::new()
         },
+        if o.only_network { "1" } else { "" },
         test.strip_prefix("#!/bin/sh\n").unwrap_or(&test)
     );
     std::fs::write(root.join("root/test.sh"), test)?;

@@ -144,6 +144,133 @@ waitguest() {
   fail "$1 crashed twice while booting"
 }
 
+jnum() { grep -o "\"$2\": *[0-9]*" "$1" 2>/dev/null | head -1 | grep -o "[0-9]*$"; }
+# evtports DOMID...: each domain's event-channel ports bound to dom0 (interdomain), as Xen's
+# debug key e shows them: [pending/masked/selector] and the dom0 port.
+evtports() {
+  xl debug-keys e >/dev/null 2>&1; sleep 1
+  for d in "$@"; do
+    echo "    d$d: $(xl dmesg 2>/dev/null | awk -v d="$d" '/Event channel information for domain/ {on = ($0 ~ ("domain " d ":")); if (on) out = ""; next} on && / s=3 / {sub(/^.*\] +/, ""); out = out " | " $0} END {print out}')"
+  done
+}
+# The guest's network through a colo pair (issue #17; advisory while it is new): two fresh
+# guests, each with a vif colo serves (--pv-vif, the same MAC; the guests' init brings eth0 up
+# as 10.99.0.2); the service network is a bridge in dom0 (10.99.0.1) with one veth port to each
+# node's --service-if. dom0 pings the guest through the pair while it checkpoints, then the
+# primary dies (process killed, domain destroyed) and the pings must go on to the survivor.
+NET="network not run"
+net_stage() {
+  xl destroy colo-b >/dev/null 2>&1
+  for m in llc stp bridge veth; do insmod /lib/modules/$m.ko 2>/dev/null; done
+  ip link add colobr type bridge && ip addr add 10.99.0.1/24 dev colobr && ip link set colobr up \
+    || { NET="network (advisory): no service bridge"; return; }
+  for s in p s; do
+    ip link add svc$s type veth && ip link set veth0 name svc${s}b && brctl addif colobr svc${s}b \
+      && ip link set svc${s}b up && ip link set svc$s up \
+      || { NET="network (advisory): no veth pair for the service network"; return; }
+  done
+  mkguest colo-n1; mkguest colo-n2
+  for g in colo-n1 colo-n2; do
+    wait_boot $g "GUEST TICK" "$(budget 200)" || { NET="network (advisory): $g did not boot"; return; }
+  done
+  N1=$(xl domid colo-n1); N2=$(xl domid colo-n2)
+  echo "DOM0: network pair: colo-n1 is domain $N1, colo-n2 is domain $N2"
+  MAC=00:16:3e:c0:10:02
+  RUST_LOG=${RUST_LOG:-info} colo secondary $NODE_FLAGS --domid "$N2" --pv-vif $MAC --service-if svcs \
+    --listen 127.0.0.1:7100 --name nsec --status-file /tmp/nsec.json > /tmp/nsec.log 2>&1 &
+  NSP=$!
+  sleep 1
+  RUST_LOG=${RUST_LOG:-info} colo primary $NODE_FLAGS --domid "$N1" --pv-vif $MAC --service-if svcp \
+    --peer 127.0.0.1:7100 --connect-timeout "$(budget 120)" --name npri --status-file /tmp/npri.json > /tmp/npri.log 2>&1 &
+  NPP=$!
+  i=0
+  while :; do
+    sleep 1; i=$((i + 1))
+    n=$(jnum /tmp/npri.json checkpoints); n=${n:-0}
+    grep -q '"protected": *true' /tmp/npri.json 2>/dev/null && [ "$n" -ge 3 ] && break
+    if [ $i -ge "$(budget 240)" ] || ! kill -0 $NPP 2>/dev/null || ! kill -0 $NSP 2>/dev/null; then
+      for f in /tmp/npri.log /tmp/nsec.log; do echo "--- tail of $f"; tail -n 12 $f | sed 's/^/    /'; done
+      NET="network (advisory): the pair was not protected with 3 checkpoints within $i s: $(grep -hE ' (ERROR|WARN) |error' /tmp/npri.log /tmp/nsec.log | tail -1 | cut -c1-200)"
+      kill -9 $NPP $NSP 2>/dev/null; return
+    fi
+  done
+  grep -h "netfront connected" /tmp/npri.log /tmp/nsec.log | sed "s/^/    /"
+  echo "DOM0: network: the pair is protected; event channels to dom0:"; evtports "$N1" "$N2"
+  ping -c 20 -W 3 10.99.0.2 > /tmp/ping1.out 2>&1
+  p1=$(grep -o "[0-9]* packets received" /tmp/ping1.out | awk '{print $1}')
+  tail -2 /tmp/ping1.out
+  # With no traffic: a checkpoint taken with both domains paused leaves them identical (colo's
+  # own writes into the guests, receive buffers and ring answers, travel with the pages).
+  ncp() { n=$(jnum /tmp/npri.json checkpoints); echo "${n:-0}"; }
+  nwait() { i=0; while [ "$(ncp)" -lt "$1" ]; do sleep 1; i=$((i + 1)); [ $i -ge "$(budget 120)" ] && return 1; done; return 0; }
+  # The service bridge's ports down meanwhile: dom0's own multicast (MLD, router
+  # solicitations) mirrored into the paused pair would land in one before the other.
+  ip link set svcpb down; ip link set svcsb down
+  xl pause colo-n1; xl pause colo-n2
+  sleep "$(budget 3)"
+  if nwait $(($(ncp) + 2)); then
+    colo-xen-check same --primary "$N1" --secondary "$N2" > /tmp/nsame.out 2>&1
+    NSAME="$(tail -1 /tmp/nsame.out | sed 's/^check: //')"
+  else
+    NSAME="FAIL no final checkpoint while paused"
+  fi
+  xl unpause colo-n1; xl unpause colo-n2
+  ip link set svcpb up; ip link set svcsb up
+  echo "DOM0: network pair after a checkpoint with both paused: $NSAME"
+  evtports "$N1" "$N2"
+  # A TCP client of the guest's key-value store: one long-lived connection and a new one every
+  # five requests, through the primary, then on through the survivor after the primary dies.
+  rm -f /tmp/kv.stop /tmp/kv.progress
+  colo-xen-check kv --addr 10.99.0.2:7777 --stop-file /tmp/kv.stop --progress /tmp/kv.progress \
+    --timeout "$(budget 60)" > /tmp/kv.out 2>&1 &
+  KVP=$!
+  kvn() { n=$(cat /tmp/kv.progress 2>/dev/null); echo "${n:-0}"; }
+  kvwait() { i=0; while [ "$(kvn)" -lt "$1" ]; do sleep 1; i=$((i + 1)); kill -0 $KVP 2>/dev/null || return 1; [ $i -ge "$(budget 180)" ] && return 1; done; return 0; }
+  kvwait 20 || echo "DOM0: network: the kv client stalled at $(kvn) before the failover: $(tail -1 /tmp/kv.out)"
+  k1=$(kvn)
+  for k in checkpoints mismatch_checkpoints periodic_checkpoints mismatches requests frames_delivered; do
+    eval "n_$k=\$(jnum /tmp/npri.json $k)"
+  done
+  echo "DOM0: network: ${p1:-0} of 20 pings and $k1 kv rounds through the pair; checkpoints $n_checkpoints ($n_mismatch_checkpoints on mismatch, $n_periodic_checkpoints periodic), $n_requests frames mirrored, $n_frames_delivered released, $n_mismatches mismatches"
+  echo "DOM0: network: before the kill, event channels to dom0:"; evtports "$N1" "$N2"
+  echo "--- nsec before the kill: $(tr -d '\n ' < /tmp/nsec.json 2>/dev/null | cut -c1-1500)"
+  kill -9 $NPP; xl destroy colo-n1 >/dev/null 2>&1 &
+  ping -c 20 -W 3 10.99.0.2 > /tmp/ping2.out 2>&1
+  p2=$(grep -o "[0-9]* packets received" /tmp/ping2.out | awk '{print $1}')
+  tail -2 /tmp/ping2.out
+  kvwait $((k1 + 20)) || {
+    echo "DOM0: network: the kv client stalled at $(kvn) after the failover"
+    echo "--- tail of /tmp/nsec.log"; grep -v " DEBUG " /tmp/nsec.log | tail -n 25 | cut -c1-220 | sed 's/^/    /'
+    echo "--- colo-n2's console"; since colo-n2 | grep -v "GUEST TICK" | tail -n 8 | sed 's/^/    /'
+    echo "--- colo-n2's last tick: $(since colo-n2 | grep "GUEST TICK" | tail -1)"
+    echo "--- nsec: $(tr -d '\n' < /tmp/nsec.json 2>/dev/null | grep -o '"\(state\|role\|failover_reason\|requests\|frames_delivered\|tcp_aligned\|tcp_rewritten_in\|tcp_rewritten_out\)": *"*[A-Za-z0-9_ ]*' | tr '\n' ' ')"
+    echo "--- event channels to dom0 after the failover:"; evtports "$N2"
+    xen_state "$N2"
+  }
+  touch /tmp/kv.stop; wait $KVP; KVRC=$?
+  cat /tmp/kv.out | tail -3
+  KV="$(tail -1 /tmp/kv.out | sed 's/^check: //')"
+  grep -E "took over|TakenOver|aligned" /tmp/nsec.log | head -3
+  ta=$(jnum /tmp/nsec.json tcp_aligned)
+  kill -TERM $NSP 2>/dev/null; wait $NSP 2>/dev/null
+  NET="network: ${p1:-0} of 20 pings and $k1 kv rounds through the pair ($n_requests frames mirrored, $n_frames_delivered released, $n_mismatches mismatches; checkpoints: $n_mismatch_checkpoints on mismatch, $n_periodic_checkpoints periodic); paused pair $NSAME; primary killed: ${p2:-0} of 20 pings after, TCP connections aligned ${ta:-0}; $KV"
+  if [ "${p1:-0}" -lt 15 ] || [ "${p2:-0}" -lt 10 ] || [ "$KVRC" != 0 ] || ! echo "$NSAME" | grep -q "^OK"; then NET="network (advisory): $NET"; fi
+  xl destroy colo-n2 >/dev/null 2>&1
+}
+# The diagnostic mode (xen-test --only-network): the network stage alone, required to pass.
+if [ -n "$ONLY_NETWORK" ]; then
+  HB_MS=$(budget 3000)
+  PROGRESS_MS=$(budget 60000)
+  NODE_FLAGS="--backend xen --heartbeat-timeout-ms $HB_MS --progress-timeout-ms $PROGRESS_MS $COLO_VERIFY"
+  ip link set lo up
+  TAKEOVERS=1
+  net_stage
+  echo "DOM0: $NET"
+  stage network
+  case "$NET" in "network (advisory)"*) fail "$NET" ;; esac
+  echo "XEN-TEST-RESULT: PASS $NET; slowdown $SLOW; total $(awk -v a="$T0" -v b="$(now)" 'BEGIN{printf "%.0f", b-a}') s in dom0"
+  exit 0
+fi
 colo --help >/dev/null 2>&1 || fail "the xen-enabled colo binary does not run in dom0"
 xl info | grep -E "^(xen_version|virt_caps)"
 # Both guests boot at once: the same kernel, initramfs and configuration, so the secondary's
@@ -241,7 +368,6 @@ HB_MS=$(budget 3000)
 PROGRESS_MS=$(budget 60000)
 xl unpause colo-c >/dev/null 2>&1
 ip link set lo up
-jnum() { grep -o "\"$2\": *[0-9]*" "$1" 2>/dev/null | head -1 | grep -o "[0-9]*$"; }
 checkpoints() { n=$(jnum /tmp/pri.json checkpoints); echo "${n:-0}"; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 NODE_FLAGS="--backend xen --heartbeat-timeout-ms $HB_MS --progress-timeout-ms $PROGRESS_MS $COLO_VERIFY"
@@ -469,104 +595,6 @@ if [ "$TAKEOVERS" -eq 1 ] && [ "$TAKEOVERS_OK" -ge 1 ] && [ -n "$(xl domid colo-
   grep -q "^check: OK" /tmp/netif.out || NETIF="netif (advisory): $NETIF"
   stage netif
 fi
-# The guest's network through a colo pair (issue #17; advisory while it is new): two fresh
-# guests, each with a vif colo serves (--pv-vif, the same MAC; the guests' init brings eth0 up
-# as 10.99.0.2); the service network is a bridge in dom0 (10.99.0.1) with one veth port to each
-# node's --service-if. dom0 pings the guest through the pair while it checkpoints, then the
-# primary dies (process killed, domain destroyed) and the pings must go on to the survivor.
-NET="network not run"
-net_stage() {
-  xl destroy colo-b >/dev/null 2>&1
-  for m in llc stp bridge veth; do insmod /lib/modules/$m.ko 2>/dev/null; done
-  ip link add colobr type bridge && ip addr add 10.99.0.1/24 dev colobr && ip link set colobr up \
-    || { NET="network (advisory): no service bridge"; return; }
-  for s in p s; do
-    ip link add svc$s type veth && ip link set veth0 name svc${s}b && brctl addif colobr svc${s}b \
-      && ip link set svc${s}b up && ip link set svc$s up \
-      || { NET="network (advisory): no veth pair for the service network"; return; }
-  done
-  mkguest colo-n1; mkguest colo-n2
-  for g in colo-n1 colo-n2; do
-    wait_boot $g "GUEST TICK" "$(budget 200)" || { NET="network (advisory): $g did not boot"; return; }
-  done
-  N1=$(xl domid colo-n1); N2=$(xl domid colo-n2)
-  echo "DOM0: network pair: colo-n1 is domain $N1, colo-n2 is domain $N2"
-  MAC=00:16:3e:c0:10:02
-  RUST_LOG=${RUST_LOG:-info} colo secondary $NODE_FLAGS --domid "$N2" --pv-vif $MAC --service-if svcs \
-    --listen 127.0.0.1:7100 --name nsec --status-file /tmp/nsec.json > /tmp/nsec.log 2>&1 &
-  NSP=$!
-  sleep 1
-  RUST_LOG=${RUST_LOG:-info} colo primary $NODE_FLAGS --domid "$N1" --pv-vif $MAC --service-if svcp \
-    --peer 127.0.0.1:7100 --connect-timeout "$(budget 120)" --name npri --status-file /tmp/npri.json > /tmp/npri.log 2>&1 &
-  NPP=$!
-  i=0
-  while :; do
-    sleep 1; i=$((i + 1))
-    n=$(jnum /tmp/npri.json checkpoints); n=${n:-0}
-    grep -q '"protected": *true' /tmp/npri.json 2>/dev/null && [ "$n" -ge 3 ] && break
-    if [ $i -ge "$(budget 240)" ] || ! kill -0 $NPP 2>/dev/null || ! kill -0 $NSP 2>/dev/null; then
-      for f in /tmp/npri.log /tmp/nsec.log; do echo "--- tail of $f"; tail -n 12 $f | sed 's/^/    /'; done
-      NET="network (advisory): the pair was not protected with 3 checkpoints within $i s: $(grep -hE ' (ERROR|WARN) |error' /tmp/npri.log /tmp/nsec.log | tail -1 | cut -c1-200)"
-      kill -9 $NPP $NSP 2>/dev/null; return
-    fi
-  done
-  ping -c 20 -W 3 10.99.0.2 > /tmp/ping1.out 2>&1
-  p1=$(grep -o "[0-9]* packets received" /tmp/ping1.out | awk '{print $1}')
-  tail -2 /tmp/ping1.out
-  # With no traffic: a checkpoint taken with both domains paused leaves them identical (colo's
-  # own writes into the guests, receive buffers and ring answers, travel with the pages).
-  ncp() { n=$(jnum /tmp/npri.json checkpoints); echo "${n:-0}"; }
-  nwait() { i=0; while [ "$(ncp)" -lt "$1" ]; do sleep 1; i=$((i + 1)); [ $i -ge "$(budget 120)" ] && return 1; done; return 0; }
-  # The service bridge's ports down meanwhile: dom0's own multicast (MLD, router
-  # solicitations) mirrored into the paused pair would land in one before the other.
-  ip link set svcpb down; ip link set svcsb down
-  xl pause colo-n1; xl pause colo-n2
-  sleep "$(budget 3)"
-  if nwait $(($(ncp) + 2)); then
-    colo-xen-check same --primary "$N1" --secondary "$N2" > /tmp/nsame.out 2>&1
-    NSAME="$(tail -1 /tmp/nsame.out | sed 's/^check: //')"
-  else
-    NSAME="FAIL no final checkpoint while paused"
-  fi
-  xl unpause colo-n1; xl unpause colo-n2
-  ip link set svcpb up; ip link set svcsb up
-  echo "DOM0: network pair after a checkpoint with both paused: $NSAME"
-  # A TCP client of the guest's key-value store: one long-lived connection and a new one every
-  # five requests, through the primary, then on through the survivor after the primary dies.
-  rm -f /tmp/kv.stop /tmp/kv.progress
-  colo-xen-check kv --addr 10.99.0.2:7777 --stop-file /tmp/kv.stop --progress /tmp/kv.progress \
-    --timeout "$(budget 60)" > /tmp/kv.out 2>&1 &
-  KVP=$!
-  kvn() { n=$(cat /tmp/kv.progress 2>/dev/null); echo "${n:-0}"; }
-  kvwait() { i=0; while [ "$(kvn)" -lt "$1" ]; do sleep 1; i=$((i + 1)); kill -0 $KVP 2>/dev/null || return 1; [ $i -ge "$(budget 180)" ] && return 1; done; return 0; }
-  kvwait 20 || echo "DOM0: network: the kv client stalled at $(kvn) before the failover: $(tail -1 /tmp/kv.out)"
-  k1=$(kvn)
-  for k in checkpoints mismatch_checkpoints periodic_checkpoints mismatches requests frames_delivered; do
-    eval "n_$k=\$(jnum /tmp/npri.json $k)"
-  done
-  echo "DOM0: network: ${p1:-0} of 20 pings and $k1 kv rounds through the pair; checkpoints $n_checkpoints ($n_mismatch_checkpoints on mismatch, $n_periodic_checkpoints periodic), $n_requests frames mirrored, $n_frames_delivered released, $n_mismatches mismatches"
-  kill -9 $NPP; xl destroy colo-n1 >/dev/null 2>&1 &
-  ping -c 20 -W 3 10.99.0.2 > /tmp/ping2.out 2>&1
-  p2=$(grep -o "[0-9]* packets received" /tmp/ping2.out | awk '{print $1}')
-  tail -2 /tmp/ping2.out
-  kvwait $((k1 + 20)) || {
-    echo "DOM0: network: the kv client stalled at $(kvn) after the failover"
-    echo "--- tail of /tmp/nsec.log"; grep -v " DEBUG " /tmp/nsec.log | tail -n 25 | cut -c1-220 | sed 's/^/    /'
-    echo "--- colo-n2's console"; since colo-n2 | grep -v "GUEST TICK" | tail -n 8 | sed 's/^/    /'
-    echo "--- colo-n2's last tick: $(since colo-n2 | grep "GUEST TICK" | tail -1)"
-    echo "--- nsec: $(tr -d '\n' < /tmp/nsec.json 2>/dev/null | grep -o '"\(state\|role\|failover_reason\|requests\|frames_delivered\|tcp_aligned\|tcp_rewritten_in\|tcp_rewritten_out\)": *"*[A-Za-z0-9_ ]*' | tr '\n' ' ')"
-    xen_state "$N2"
-  }
-  touch /tmp/kv.stop; wait $KVP; KVRC=$?
-  cat /tmp/kv.out | tail -3
-  KV="$(tail -1 /tmp/kv.out | sed 's/^check: //')"
-  grep -E "took over|TakenOver|aligned" /tmp/nsec.log | head -3
-  ta=$(jnum /tmp/nsec.json tcp_aligned)
-  kill -TERM $NSP 2>/dev/null; wait $NSP 2>/dev/null
-  NET="network: ${p1:-0} of 20 pings and $k1 kv rounds through the pair ($n_requests frames mirrored, $n_frames_delivered released, $n_mismatches mismatches; checkpoints: $n_mismatch_checkpoints on mismatch, $n_periodic_checkpoints periodic); paused pair $NSAME; primary killed: ${p2:-0} of 20 pings after, TCP connections aligned ${ta:-0}; $KV"
-  if [ "${p1:-0}" -lt 15 ] || [ "${p2:-0}" -lt 10 ] || [ "$KVRC" != 0 ] || ! echo "$NSAME" | grep -q "^OK"; then NET="network (advisory): $NET"; fi
-  xl destroy colo-n2 >/dev/null 2>&1
-}
 if [ "$TAKEOVERS" -eq 1 ]; then
   net_stage
   echo "DOM0: $NET"
