@@ -91,12 +91,16 @@
 #![cfg_attr(not(feature = "xen"), allow(dead_code))]
 
 mod api;
+pub mod blkif;
 mod domain;
 mod error;
 pub mod grant;
 mod guest;
 pub mod netif;
 mod nic;
+#[cfg(feature = "xen")]
+pub mod pvblk;
+pub mod pvblkstate;
 #[cfg(feature = "xen")]
 mod pvguest;
 #[cfg(feature = "xen")]
