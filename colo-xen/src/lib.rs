@@ -102,6 +102,8 @@ mod nic;
 pub mod pvblk;
 pub mod pvblkstate;
 #[cfg(feature = "xen")]
+mod pvdisk;
+#[cfg(feature = "xen")]
 mod pvguest;
 #[cfg(feature = "xen")]
 pub mod pvnet;
@@ -124,6 +126,8 @@ pub use api::{dominf, DomInfo, MAX_BATCH};
 pub use domain::XenDomain;
 pub use error::XenError;
 pub use nic::{split_state, VifGuest, STATE_TAG};
+#[cfg(feature = "xen")]
+pub use pvdisk::PvVbdGuest;
 #[cfg(feature = "xen")]
 pub use pvguest::PvVifGuest;
 pub use state::{StateError, TscInfo, XenState};
