@@ -96,6 +96,7 @@ mod domain;
 mod error;
 pub mod grant;
 mod guest;
+pub mod kvdisk;
 pub mod netif;
 mod nic;
 #[cfg(feature = "xen")]
