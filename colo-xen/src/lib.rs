@@ -6,7 +6,9 @@
 //! `guest.rs`; [`VifGuest`] puts an AF_PACKET port on the guest's vif in front of it, see
 //! `nic.rs` and `vif.rs`, which need no Xen and are tested on veth pairs; with the `xen`
 //! feature, `PvVifGuest` gives the guest a vif colo serves itself — `netif.rs` (the ring
-//! protocol), `grant.rs`, `pvstate.rs`, `pvnet.rs`, `pvguest.rs`).
+//! protocol), `grant.rs`, `pvstate.rs`, `pvnet.rs`, `pvguest.rs`; and `PvVbdGuest` a disk colo
+//! serves itself, whose store the node replicates — `blkif.rs` (the ring protocol),
+//! `pvblkstate.rs`, `pvblk.rs`, `pvdisk.rs`).
 //!
 //! | `Domain` method | Xen call |
 //! |---|---|
