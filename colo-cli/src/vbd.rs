@@ -46,17 +46,25 @@ pub fn check_image(path: &Path) -> Result<u64> {
 
 /// Opens the plain image file `path` for `--pv-vbd`. `keep`: the primary's image keeps its
 /// content; a secondary's is emptied (keeping its size), as the initial synchronisation fills
-/// it. The image must exist and be a positive multiple of 4096 bytes.
+/// it, and its overlay is on from the start: unlike the mock's, a Xen SVM runs before the first
+/// checkpoint, and what it writes then must not reach the image the primary's blocks fill (the
+/// first checkpoint's apply drops it). The image must exist and be a positive multiple of 4096
+/// bytes.
 pub fn open_image(path: &Path, keep: bool) -> Result<Arc<MockDisk>> {
     let bytes = check_image(path)?;
-    let disk = MockDisk::open(&DiskConfig {
-        bytes,
-        path: Some(path.to_path_buf()),
-        keep,
-        blocks_per_ms: 0,
-    })
-    .with_context(|| format!("--pv-vbd {}", path.display()))?;
-    Ok(Arc::new(disk))
+    let disk = Arc::new(
+        MockDisk::open(&DiskConfig {
+            bytes,
+            path: Some(path.to_path_buf()),
+            keep,
+            blocks_per_ms: 0,
+        })
+        .with_context(|| format!("--pv-vbd {}", path.display()))?,
+    );
+    if !keep {
+        colo_core::GuestDisk::reset_overlay(&mut guest_disk(&disk))?;
+    }
+    Ok(disk)
 }
 
 /// The node's view of the image (write log, overlay, block reads and writes).
@@ -173,9 +181,15 @@ mod tests {
         let mut h = guest_disk(&d);
         h.read_blocks(&[2], &mut out).unwrap();
         assert_eq!(out[0], 0);
+        // The SVM's writes before the first checkpoint stay in the overlay, off the image.
+        d.guest_write(1, &block).unwrap();
+        assert_eq!(d.overlay_blocks(), 1);
         let mut all = DirtyBitmap::new(4);
         h.allocated(&mut all).unwrap();
         assert_eq!(all.count(), 0);
+        h.reset_overlay().unwrap();
+        d.guest_read(1, &mut out).unwrap();
+        assert_eq!(out[0], 0, "the first apply drops what the SVM wrote");
     }
 
     #[cfg(feature = "xen")]
