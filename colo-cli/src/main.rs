@@ -1255,7 +1255,7 @@ fn with_pv_vbd<D: colo_core::Domain>(
     a: &NodeArgs,
     image: &Path,
     keep: bool,
-) -> Result<colo_xen::PvVbdGuest<D>> {
+) -> Result<colo_xen::PvVbdGuest<D, colo_xen::pvblk::PvVbd>> {
     let domid = a.domid.context("--backend xen needs --domid")?;
     let disk = colo_cli::vbd::open_image(image, keep)?;
     let vbd = colo_xen::pvblk::PvVbd::create(

@@ -1,4 +1,4 @@
-//! A Xen guest whose disk is served by colo itself: [`PvVbdGuest`] puts a [`PvVbd`] (colo as
+//! A Xen guest whose disk is served by colo itself: [`PvVbdGuest`] puts a `PvVbd` (colo as
 //! the backend of the guest's blkfront, see `pvblk.rs`) in front of any [`Domain`] and hands
 //! the node the disk behind it as colo-core's [`GuestDisk`] ([`Domain::disk`]), so the node
 //! replicates it exactly as the mock's disk: the write log on the primary, the overlay on the
@@ -23,17 +23,50 @@ use colo_core::{
     PlatformRecords, Snapshot,
 };
 
-use crate::pvblk::{PvVbd, PvVbdError};
 use crate::pvblkstate::VbdTrailer;
 
-/// A domain, the disk colo serves for it, and that disk's store as the node replicates it.
-pub struct PvVbdGuest<D> {
+/// What the wrapper needs of the served disk (`PvVbd` on Xen; a recording fake in the tests).
+pub trait ServedDisk {
+    /// Stops answering the guest; returns once a serve in progress has finished.
+    fn quiesce(&self);
+    /// Answers the guest again, what it queued meanwhile first.
+    fn release(&self);
+    /// Hands out every frame written into the guest since the last call (and the ring's).
+    fn take_written(&self, each: &mut dyn FnMut(u64));
+    /// Appends the disk's trailer to `out`.
+    fn export(&self, out: &mut Vec<u8>);
+    /// Serves the ring the PVM's trailer names (the domain is paused and loaded).
+    fn import(&self, t: &VbdTrailer<'_>) -> Result<(), String>;
+}
+
+#[cfg(feature = "xen")]
+impl ServedDisk for crate::pvblk::PvVbd {
+    fn quiesce(&self) {
+        crate::pvblk::PvVbd::quiesce(self)
+    }
+    fn release(&self) {
+        crate::pvblk::PvVbd::release(self)
+    }
+    fn take_written(&self, each: &mut dyn FnMut(u64)) {
+        crate::pvblk::PvVbd::take_written(self, each)
+    }
+    fn export(&self, out: &mut Vec<u8>) {
+        crate::pvblk::PvVbd::export(self, out)
+    }
+    fn import(&self, t: &VbdTrailer<'_>) -> Result<(), String> {
+        crate::pvblk::PvVbd::import(self, t).map_err(|e| e.to_string())
+    }
+}
+
+/// A domain, the disk colo serves for it (`V`: `PvVbd` on Xen), and that disk's store as the
+/// node replicates it.
+pub struct PvVbdGuest<D, V> {
     dom: D,
-    vbd: PvVbd,
+    vbd: V,
     disk: Box<dyn GuestDisk + Send>,
 }
 
-impl<D: std::fmt::Debug> std::fmt::Debug for PvVbdGuest<D> {
+impl<D: std::fmt::Debug, V: std::fmt::Debug> std::fmt::Debug for PvVbdGuest<D, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PvVbdGuest")
             .field("dom", &self.dom)
@@ -42,17 +75,10 @@ impl<D: std::fmt::Debug> std::fmt::Debug for PvVbdGuest<D> {
     }
 }
 
-fn backend_error(e: PvVbdError) -> BackendError {
-    BackendError::BadState {
-        op: "pv-vbd",
-        reason: e.to_string(),
-    }
-}
-
-impl<D: Domain> PvVbdGuest<D> {
+impl<D: Domain, V: ServedDisk> PvVbdGuest<D, V> {
     /// Serves `vbd` (plugged and connected) for `dom`; `disk` is the same store the vbd
     /// serves, as the node's replication sees it.
-    pub fn new(dom: D, vbd: PvVbd, disk: Box<dyn GuestDisk + Send>) -> Self {
+    pub fn new(dom: D, vbd: V, disk: Box<dyn GuestDisk + Send>) -> Self {
         Self { dom, vbd, disk }
     }
 
@@ -62,12 +88,12 @@ impl<D: Domain> PvVbdGuest<D> {
     }
 
     /// The disk device.
-    pub fn vbd(&self) -> &PvVbd {
+    pub fn vbd(&self) -> &V {
         &self.vbd
     }
 }
 
-impl<D: Domain> Domain for PvVbdGuest<D> {
+impl<D: Domain, V: ServedDisk> Domain for PvVbdGuest<D, V> {
     fn page_count(&self) -> u64 {
         self.dom.page_count()
     }
@@ -97,7 +123,7 @@ impl<D: Domain> Domain for PvVbdGuest<D> {
     fn harvest_dirty(&mut self, into: &mut DirtyBitmap) -> Result<(), BackendError> {
         self.dom.harvest_dirty(into)?;
         let mut bad = None;
-        self.vbd.take_written(|g| {
+        self.vbd.take_written(&mut |g| {
             if into.set(g).is_err() {
                 bad = Some(g);
             }
@@ -131,7 +157,12 @@ impl<D: Domain> Domain for PvVbdGuest<D> {
     fn set_state(&mut self, blob: &[u8]) -> Result<(), BackendError> {
         let (inner, t) = VbdTrailer::decode(blob)?;
         self.dom.set_state(inner)?;
-        self.vbd.import(&t).map_err(backend_error)
+        self.vbd
+            .import(&t)
+            .map_err(|reason| BackendError::BadState {
+                op: "pv-vbd",
+                reason,
+            })
     }
     fn disk(&mut self) -> Option<&mut dyn GuestDisk> {
         Some(self.disk.as_mut())
@@ -139,7 +170,7 @@ impl<D: Domain> Domain for PvVbdGuest<D> {
 }
 
 /// The inner domain's NIC (a vif colo serves, a netback vif's port, or none).
-impl<D: Domain + GuestNic> GuestNic for PvVbdGuest<D> {
+impl<D: Domain + GuestNic, V: ServedDisk> GuestNic for PvVbdGuest<D, V> {
     fn rx_next_seq(&self) -> u64 {
         self.dom.rx_next_seq()
     }
@@ -155,8 +186,12 @@ impl<D: Domain + GuestNic> GuestNic for PvVbdGuest<D> {
 }
 
 /// The inner domain's platform records (its own state, without the devices' trailers).
-impl<D: Snapshot> Snapshot for PvVbdGuest<D> {
+impl<D: Snapshot, V: ServedDisk> Snapshot for PvVbdGuest<D, V> {
     fn platform(&mut self) -> Result<PlatformRecords, BackendError> {
         self.dom.platform()
     }
 }
+
+#[cfg(test)]
+#[path = "pvdisk_tests.rs"]
+mod tests;
