@@ -283,7 +283,7 @@ pub struct BlkifBackend {
     /// The domain the guest granted its pages to (dom0: 0).
     backend_domid: u16,
     req_cons: u32,
-    /// A request's blocks, reused (at most 13 blocks: 88 sectors starting mid-block).
+    /// A request's blocks, reused (at most 12: 88 sectors from the last sector of a block).
     buf: Vec<u8>,
     /// The last request answered `ERROR` and why (for the caller's log).
     last_error: Option<String>,
@@ -298,7 +298,7 @@ impl BlkifBackend {
         Ok(Self {
             backend_domid,
             req_cons,
-            buf: Vec::with_capacity(13 * BLOCK),
+            buf: Vec::with_capacity(12 * BLOCK),
             last_error: None,
         })
     }

@@ -250,6 +250,21 @@ impl std::fmt::Debug for PvVbd {
     }
 }
 
+/// Removes a half-plugged device's xenstore directories when dropped armed.
+struct Unplug {
+    dirs: Option<[String; 2]>,
+}
+
+impl Drop for Unplug {
+    fn drop(&mut self) {
+        if let (Some(dirs), Ok(xs)) = (self.dirs.take(), XenStore::open()) {
+            for d in &dirs {
+                let _ = xs.remove(d);
+            }
+        }
+    }
+}
+
 enum Waited {
     Xen(XenError),
     Timeout(Option<u64>),
@@ -315,6 +330,10 @@ impl PvVbd {
         let (front, back) = (Self::front_dir(domid, devid), Self::back_dir(domid, devid));
         xs.remove(&front)?;
         xs.remove(&back)?;
+        // Until the device is built (its Drop unplugs it), a failure unplugs it here.
+        let mut unplug = Unplug {
+            dirs: Some([front.clone(), back.clone()]),
+        };
         let node = |dir: &str, k: &str, v: &str| (format!("{dir}/{k}"), v.to_string());
         let back_perms = NodePerms {
             owner: 0,
@@ -456,6 +475,7 @@ impl PvVbd {
             stop,
             thread: Some(thread),
         };
+        unplug.dirs = None;
         // blkfront reads the disk's size and features, then turns Connected.
         wait_front(&vbd.xs, state::CONNECTED, "Connected")?;
         Ok(vbd)
