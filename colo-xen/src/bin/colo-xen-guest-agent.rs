@@ -77,15 +77,25 @@ const KV_PORT: u16 = 7777;
 const DISK: &str = "/dev/xvda";
 
 /// The store: values, each key's disk slot and PUT count, and the disk once it is there.
-#[derive(Default)]
 struct Kv {
     values: std::collections::HashMap<String, String>,
     slots: std::collections::HashMap<String, (u64, u64)>,
     next_slot: u64,
+    path: &'static str,
     disk: Option<(std::fs::File, u64)>,
 }
 
 impl Kv {
+    fn new(path: &'static str) -> Self {
+        Self {
+            values: Default::default(),
+            slots: Default::default(),
+            next_slot: 0,
+            path,
+            disk: None,
+        }
+    }
+
     /// Opens the disk if it appeared (O_DSYNC); its size in slots beside it.
     fn disk(&mut self) -> Option<&(std::fs::File, u64)> {
         use std::os::unix::fs::OpenOptionsExt;
@@ -94,10 +104,10 @@ impl Kv {
                 .read(true)
                 .write(true)
                 .custom_flags(libc::O_DSYNC)
-                .open(DISK)
+                .open(self.path)
                 .ok()?;
             let bytes = f.seek(SeekFrom::End(0)).ok()?;
-            println!("AGENT KV persisting to {DISK} ({} MiB)", bytes >> 20);
+            println!("AGENT KV persisting to {} ({} MiB)", self.path, bytes >> 20);
             self.disk = Some((f, bytes / colo_xen::kvdisk::SLOT as u64));
         }
         self.disk.as_ref()
@@ -122,7 +132,7 @@ impl Kv {
             })
             .ok_or("key and value too long for a record")?;
             f.write_all_at(&rec, slot * colo_xen::kvdisk::SLOT as u64)
-                .map_err(|e| format!("writing {DISK}: {e}"))?;
+                .map_err(|e| format!("writing the disk: {e}"))?;
         }
         if version == 1 {
             self.next_slot += 1;
@@ -169,7 +179,7 @@ fn kv_session(stream: std::net::TcpStream, store: &std::sync::Mutex<Kv>) -> std:
 
 /// The key-value store on [`KV_PORT`], a thread per connection.
 fn kv_server() {
-    let store = std::sync::Arc::new(std::sync::Mutex::new(Kv::default()));
+    let store = std::sync::Arc::new(std::sync::Mutex::new(Kv::new(DISK)));
     let listener = match std::net::TcpListener::bind(("0.0.0.0", KV_PORT)) {
         Ok(l) => l,
         Err(e) => {
@@ -250,5 +260,52 @@ fn main() -> std::io::Result<()> {
             }
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use colo_xen::kvdisk::{decode, Record, Slot, SLOT};
+
+    #[test]
+    fn puts_reach_the_disk_one_slot_per_key_before_they_are_answered() {
+        let path = std::env::temp_dir().join(format!("colo-agent-kv-{}", std::process::id()));
+        let leaked: &'static str = Box::leak(path.to_str().unwrap().to_string().into_boxed_str());
+        let mut kv = Kv::new(leaked);
+        // No disk yet: the PUT is kept in memory only.
+        kv.put("early", "1").unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(3 * SLOT as u64)
+            .unwrap();
+        kv.put("a", "x").unwrap();
+        kv.put("b", "y").unwrap();
+        kv.put("a", "z").unwrap();
+        let img = std::fs::read(&path).unwrap();
+        let slot = |i: usize| decode(i as u64, &img[i * SLOT..(i + 1) * SLOT]);
+        assert_eq!(
+            slot(0),
+            Slot::Empty,
+            "the key put before the disk came keeps its slot"
+        );
+        let rec = |slot, version, key: &str, value: &str| {
+            Slot::Record(Record {
+                slot,
+                version,
+                key: key.into(),
+                value: value.into(),
+            })
+        };
+        assert_eq!(slot(1), rec(1, 2, "a", "z"));
+        assert_eq!(slot(2), rec(2, 1, "b", "y"));
+        let e = kv.put("c", "w").unwrap_err();
+        assert!(e.contains("disk full"), "{e}");
+        assert_eq!(
+            kv.values.get("c"),
+            None,
+            "a PUT the disk refused is not stored"
+        );
+        let _ = std::fs::remove_file(&path);
     }
 }
