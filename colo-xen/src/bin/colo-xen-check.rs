@@ -27,8 +27,9 @@
 //!                                               then every acknowledged write must read back
 //!                          [--acked F]          and append each acknowledged PUT to F
 //!                                               (`key value` lines, in order)
-//! colo-xen-check disk      --image IMG [--expect F]  the guest agent's kv records on a disk
-//!                                               image (offline): each printed; with F (as
+//! colo-xen-check disk      --image IMG [--expect F] [--all]  the guest agent's kv records
+//!                                               on a disk image (offline): the first 20
+//!                                               printed (--all: each); with F (as
 //!                                               kv --acked writes it) every acknowledged
 //!                                               write must be on the image
 //! Output lines start with `check:`; the last is `check: OK …` or the error (exit status 1).
@@ -1077,10 +1078,13 @@ fn disk(args: &Args) -> Result<()> {
         match decode(slot, &block) {
             Slot::Empty => {}
             Slot::Record(r) => {
-                println!(
-                    "check: disk: slot {} {} = {} (PUT {})",
-                    r.slot, r.key, r.value, r.version
-                );
+                // The first records, as a sample (a long run writes hundreds).
+                if on_disk.len() < 20 || args.flag("--all") {
+                    println!(
+                        "check: disk: slot {} {} = {} (PUT {})",
+                        r.slot, r.key, r.value, r.version
+                    );
+                }
                 on_disk.insert(r.key, (r.value, r.version));
             }
             Slot::Damaged(why) => {
