@@ -38,6 +38,8 @@ pub struct Config {
     pub vif: Option<String>,
     /// Xen: colo serves the guest's vif itself, with this MAC (`00:16:3e:…`).
     pub pv_vif: Option<String>,
+    /// Xen: colo serves the guest's disk itself from this image file (`/var/lib/colo/xvda.img`).
+    pub pv_vbd: Option<PathBuf>,
     /// Xen: the service network's interface (`colo0`).
     pub service_if: Option<String>,
     /// `backchannel` or `primary-only`.

@@ -1,6 +1,7 @@
 //! colo-cli's library: the node runtime (the IO around colo-core's state machines), the TCP
 //! replication link, the service side (the client-facing hub of the mock network path, or an
-//! AF_PACKET port on the service network with `--features xen`), node status, the
+//! AF_PACKET port on the service network with `--features xen`), the `--pv-vbd` disk image
+//! (`vbd.rs`), node status, the
 //! verifying kv client and a TCP client of the kv guest. The backends' glue lives beside them (colo-mock, colo-xen); this crate
 //! only wires them. The `test-support` feature (never in the shipped binary) adds the fault
 //! proxy (with its tampering stage for sealed links), the in-process pair builder, the nodes'
@@ -30,3 +31,4 @@ pub mod tamper;
 pub mod tcpclient;
 #[cfg(feature = "test-support")]
 pub mod testing;
+pub mod vbd;

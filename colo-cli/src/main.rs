@@ -302,6 +302,17 @@ pub struct NodeArgs {
     /// Seconds to wait for the guest's netfront to connect to --pv-vif.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub pv_vif_timeout: u64,
+    /// Xen: colo serves the guest's disk itself from this image (a plain file, a multiple of
+    /// 4096 bytes): a PV disk xvda is plugged into the domain, its xenstore nodes under
+    /// backend/colo-vbd, and the guest's blkfront connects to colo (no blkback, no `disk=` in
+    /// the xl config). The image is replicated like the mock's --disk; the secondary's image
+    /// is emptied at start (keeping its size, at least the primary's) and filled from the
+    /// primary's. Both nodes plug it at start, after --pv-vif.
+    #[arg(long, value_name = "IMAGE")]
+    pub pv_vbd: Option<PathBuf>,
+    /// Seconds to wait for the guest's blkfront to connect to --pv-vbd.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub pv_vbd_timeout: u64,
     /// Xen: the service network's interface (e.g. colo0, a tap or veth port on the service
     /// bridge, or a NIC): frames arriving there are requests for the guest, released output
     /// leaves there, and a secondary that took over serves and announces the guest there.
@@ -514,6 +525,7 @@ fn config_args(cfg: &Config, role: &str, matches: &ArgMatches) -> Vec<OsString> 
         ("client", cfg.client.clone().map(Into::into)),
         ("vif", cfg.vif.clone().map(Into::into)),
         ("pv_vif", cfg.pv_vif.clone().map(Into::into)),
+        ("pv_vbd", cfg.pv_vbd.as_deref().map(os)),
         ("service_if", cfg.service_if.clone().map(Into::into)),
         ("sync_mode", cfg.sync_mode.clone().map(Into::into)),
         ("key_file", cfg.key_file.as_deref().map(os)),
@@ -1147,6 +1159,12 @@ fn check_backend(a: &NodeArgs) -> Result<()> {
     if a.backend == Backend::Mock && a.pv_vif.is_some() {
         bail!("--pv-vif needs --backend xen");
     }
+    if a.backend == Backend::Mock && a.pv_vbd.is_some() {
+        bail!("--pv-vbd needs --backend xen (the mock's disk is --disk)");
+    }
+    if let Some(img) = &a.pv_vbd {
+        colo_cli::vbd::check_image(img)?;
+    }
     if let Some(m) = &a.pv_vif {
         parse_mac(m)?;
     }
@@ -1173,8 +1191,8 @@ fn check_backend(a: &NodeArgs) -> Result<()> {
     }
     if a.backend == Backend::Xen && (a.disk.is_some() || a.disk_file.is_some()) {
         bail!(
-            "--disk is not available with --backend xen: the Xen guest's disk does not pass \
-             through colo in this release"
+            "--disk is the mock's disk; with --backend xen give the guest's disk image: \
+             --pv-vbd IMAGE"
         );
     }
     Ok(())
@@ -1228,6 +1246,37 @@ fn with_pv_vif(
     colo_xen::PvVifGuest::new(dom, vif).with_context(|| format!("--pv-vif {mac}"))
 }
 
+/// The Xen guest `dom` (any wrapper) with the disk colo serves itself (`--pv-vbd`): the image
+/// opened (`keep`: the primary's), the disk plugged now, connected once the guest's blkfront
+/// answers.
+#[cfg(feature = "xen")]
+fn with_pv_vbd<D: colo_core::Domain>(
+    dom: D,
+    a: &NodeArgs,
+    image: &Path,
+    keep: bool,
+) -> Result<colo_xen::PvVbdGuest<D, colo_xen::pvblk::PvVbd>> {
+    let domid = a.domid.context("--backend xen needs --domid")?;
+    let disk = colo_cli::vbd::open_image(image, keep)?;
+    let vbd = colo_xen::pvblk::PvVbd::create(
+        domid,
+        colo_xen::pvblk::XVDA,
+        Box::new(colo_cli::vbd::ImageStore(disk.clone())),
+        Duration::from_secs(a.pv_vbd_timeout),
+    )
+    .with_context(|| format!("--pv-vbd {}", image.display()))?;
+    tracing::info!(
+        "pv-vbd: xvda of domain {domid} served from {} ({} MiB)",
+        image.display(),
+        disk.blocks() >> 8
+    );
+    Ok(colo_xen::PvVbdGuest::new(
+        dom,
+        vbd,
+        Box::new(colo_cli::vbd::guest_disk(&disk)),
+    ))
+}
+
 /// The Xen guest with its NIC: an AF_PACKET port on its vif (`--vif`).
 #[cfg(feature = "xen")]
 fn with_vif(
@@ -1242,13 +1291,28 @@ fn primary_xen(a: PrimaryArgs) -> Result<i32> {
     let domid = a.node.domid.context("--backend xen needs --domid")?;
     let mut guest = open_xen(domid, a.node.upcall_vector)?;
     colo_core::Domain::resume(&mut guest)?;
+    let vbd = a.node.pv_vbd.clone();
     if let Some(mac) = a.node.pv_vif.clone() {
         let g = with_pv_vif(guest, &a.node, &mac)?;
-        return primary_with(a, g);
+        return match vbd {
+            Some(img) => {
+                let g = with_pv_vbd(g, &a.node, &img, true)?;
+                primary_with(a, g)
+            }
+            None => primary_with(a, g),
+        };
     }
-    match a.node.vif.clone() {
-        Some(vif) => primary_with(a, with_vif(guest, &vif)?),
-        None => primary_with(a, guest),
+    match (a.node.vif.clone(), vbd) {
+        (Some(vif), Some(img)) => {
+            let g = with_pv_vbd(with_vif(guest, &vif)?, &a.node, &img, true)?;
+            primary_with(a, g)
+        }
+        (Some(vif), None) => primary_with(a, with_vif(guest, &vif)?),
+        (None, Some(img)) => {
+            let g = with_pv_vbd(guest, &a.node, &img, true)?;
+            primary_with(a, g)
+        }
+        (None, None) => primary_with(a, guest),
     }
 }
 
@@ -1308,13 +1372,28 @@ fn run_secondary(a: SecondaryArgs) -> Result<i32> {
 fn secondary_xen(a: SecondaryArgs) -> Result<i32> {
     let domid = a.node.domid.context("--backend xen needs --domid")?;
     let guest = open_xen(domid, a.node.upcall_vector)?;
+    let vbd = a.node.pv_vbd.clone();
     if let Some(mac) = a.node.pv_vif.clone() {
         let g = with_pv_vif(guest, &a.node, &mac)?;
-        return secondary_with(a, g);
+        return match vbd {
+            Some(img) => {
+                let g = with_pv_vbd(g, &a.node, &img, false)?;
+                secondary_with(a, g)
+            }
+            None => secondary_with(a, g),
+        };
     }
-    match a.node.vif.clone() {
-        Some(vif) => secondary_with(a, with_vif(guest, &vif)?),
-        None => secondary_with(a, guest),
+    match (a.node.vif.clone(), vbd) {
+        (Some(vif), Some(img)) => {
+            let g = with_pv_vbd(with_vif(guest, &vif)?, &a.node, &img, false)?;
+            secondary_with(a, g)
+        }
+        (Some(vif), None) => secondary_with(a, with_vif(guest, &vif)?),
+        (None, Some(img)) => {
+            let g = with_pv_vbd(guest, &a.node, &img, false)?;
+            secondary_with(a, g)
+        }
+        (None, None) => secondary_with(a, guest),
     }
 }
 

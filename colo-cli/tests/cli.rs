@@ -941,6 +941,33 @@ fn network_path_flags_are_checked_and_a_missing_interface_is_named() {
     );
 }
 
+#[test]
+fn pv_vbd_flags_are_checked_and_a_bad_image_is_named() {
+    let s = Scratch::new("pvvbd");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["primary", "--peer", "127.0.0.1:1"];
+        args.extend_from_slice(extra);
+        s.run(&args)
+    };
+    let img = s.path("xvda.img");
+    let img = img.to_str().unwrap();
+    assert_usage_error(&run(&["--pv-vbd", img]), &["--pv-vbd needs --backend xen"]);
+    let xen = ["--backend", "xen", "--domid", "1"];
+    assert_usage_error(
+        &run(&[&xen[..], &["--pv-vbd", img]].concat()),
+        &["--pv-vbd", "no such image"],
+    );
+    std::fs::File::create(img).unwrap().set_len(4097).unwrap();
+    assert_usage_error(
+        &run(&[&xen[..], &["--pv-vbd", img]].concat()),
+        &["is 4097 bytes, not a positive multiple of 4096"],
+    );
+    assert_usage_error(
+        &run(&[&xen[..], &["--disk", "1M"]].concat()),
+        &["--disk is the mock's disk", "--pv-vbd IMAGE"],
+    );
+}
+
 /// Every key of the config file, from its own "unknown field" message.
 fn config_keys() -> Vec<String> {
     let s = Scratch::new("keys");

@@ -234,7 +234,7 @@ pub trait Domain {
 ///
 /// | method | colo-mock | colo-xen |
 /// |---|---|---|
-/// | [`block_count`](GuestDisk::block_count) | `--disk` size / 4096 | no disk ([`Domain::disk`] is None) |
+/// | [`block_count`](GuestDisk::block_count) | `--disk` size / 4096 | `--pv-vbd` image size / 4096 (`PvVbdGuest`: colo-mock's disk behind colo's blkif backend, so as the mock below); a bare `XenDomain` has none |
 /// | [`start_write_log`](GuestDisk::start_write_log) | clear the written-block bitmap | - |
 /// | [`harvest_written`](GuestDisk::harvest_written) | swap the bitmap's words with 0 | - |
 /// | [`allocated`](GuestDisk::allocated) | `lseek(SEEK_DATA/SEEK_HOLE)` on the image | - |

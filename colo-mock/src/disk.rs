@@ -393,9 +393,10 @@ fn want_len(blocks: &[u64], got: usize) -> Result<(), BackendError> {
     }
 }
 
-/// The domain's handle on its disk: colo-core's [`GuestDisk`] for the node.
+/// A handle on a disk as colo-core's [`GuestDisk`] for the node (the mock domain's, or a Xen
+/// guest's disk image that colo serves through its PV block backend).
 #[derive(Debug, Clone)]
-pub(crate) struct DiskHandle(pub(crate) Arc<MockDisk>);
+pub struct DiskHandle(pub Arc<MockDisk>);
 
 impl GuestDisk for DiskHandle {
     fn block_count(&self) -> u64 {

@@ -23,7 +23,7 @@ pub mod tcp;
 pub mod tracker;
 mod vcpu;
 
-pub use disk::{DiskConfig, MockDisk};
+pub use disk::{DiskConfig, DiskHandle, MockDisk};
 pub use domain::{MockConfig, MockDomain};
 pub use frame::{
     build_request_frame, build_tcp, frame_stream_message, next_stream_message,

@@ -6,7 +6,9 @@
 //! `guest.rs`; [`VifGuest`] puts an AF_PACKET port on the guest's vif in front of it, see
 //! `nic.rs` and `vif.rs`, which need no Xen and are tested on veth pairs; with the `xen`
 //! feature, `PvVifGuest` gives the guest a vif colo serves itself — `netif.rs` (the ring
-//! protocol), `grant.rs`, `pvstate.rs`, `pvnet.rs`, `pvguest.rs`).
+//! protocol), `grant.rs`, `pvstate.rs`, `pvnet.rs`, `pvguest.rs`; and `PvVbdGuest` (over a
+//! `pvblk::PvVbd`) a disk colo serves itself, whose store the node replicates — `blkif.rs` (the ring protocol),
+//! `pvblkstate.rs`, `pvblk.rs`, `pvdisk.rs`).
 //!
 //! | `Domain` method | Xen call |
 //! |---|---|
@@ -91,12 +93,18 @@
 #![cfg_attr(not(feature = "xen"), allow(dead_code))]
 
 mod api;
+pub mod blkif;
 mod domain;
 mod error;
 pub mod grant;
 mod guest;
+pub mod kvdisk;
 pub mod netif;
 mod nic;
+#[cfg(feature = "xen")]
+pub mod pvblk;
+pub mod pvblkstate;
+pub mod pvdisk;
 #[cfg(feature = "xen")]
 mod pvguest;
 #[cfg(feature = "xen")]
@@ -120,6 +128,7 @@ pub use api::{dominf, DomInfo, MAX_BATCH};
 pub use domain::XenDomain;
 pub use error::XenError;
 pub use nic::{split_state, VifGuest, STATE_TAG};
+pub use pvdisk::PvVbdGuest;
 #[cfg(feature = "xen")]
 pub use pvguest::PvVifGuest;
 pub use state::{StateError, TscInfo, XenState};

@@ -485,11 +485,22 @@ fn build_domu(root: &Path, x: &Path, scripts: &Path, agent: &Path, out: &Path) -
         std::fs::create_dir_all(root.join(d))?;
     }
     copy_exec(&scripts.join("domU-init"), &root.join("init"))?;
-    // netfront, for the PV vif colo serves in the netif stage.
+    // netfront and blkfront, for the PV vif and disk colo serves (`--pv-vif`, `--pv-vbd`).
     let kver_dir = find_one(&x.join("lib/modules"), "")?;
-    let netfront = kver_dir.join("kernel/drivers/net/xen-netfront.ko");
-    std::fs::copy(&netfront, root.join("lib/xen-netfront.ko"))
-        .with_context(|| format!("copying {}", netfront.display()))?;
+    // (Debian builds both as modules; one missing would be built in, and domU-init skips it.)
+    for m in [
+        "kernel/drivers/net/xen-netfront.ko",
+        "kernel/drivers/block/xen-blkfront.ko",
+    ] {
+        let src = kver_dir.join(m);
+        let name = src.file_name().context("a module path ends in its name")?;
+        if !src.exists() {
+            println!("xen-test: no {} (built into the kernel?)", src.display());
+            continue;
+        }
+        std::fs::copy(&src, root.join("lib").join(name))
+            .with_context(|| format!("copying {}", src.display()))?;
+    }
     install_stripped(agent, &root.join("usr/local/bin/colo-xen-guest-agent"))?;
     copy_libs(root, &[root.join("usr/local/bin")])?;
     pack(root, out)

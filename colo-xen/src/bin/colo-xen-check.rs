@@ -25,6 +25,13 @@
 //!                                               store: one long-lived TCP connection plus a
 //!                                               new one every few requests, until F exists;
 //!                                               then every acknowledged write must read back
+//!                          [--acked F]          and append each acknowledged PUT to F
+//!                                               (`key value` lines, in order)
+//! colo-xen-check disk      --image IMG [--expect F] [--all]  the guest agent's kv records
+//!                                               on a disk image (offline): the first 20
+//!                                               printed (--all: each); with F (as
+//!                                               kv --acked writes it) every acknowledged
+//!                                               write must be on the image
 //! Output lines start with `check:`; the last is `check: OK …` or the error (exit status 1).
 
 use std::process::ExitCode;
@@ -856,8 +863,9 @@ fn main() -> ExitCode {
         "logdirty" => logdirty(&args),
         "netif" => netif(&args),
         "kv" => kv(&args),
+        "disk" => disk(&args),
         other => Err(CheckError::Usage(format!(
-            "unknown command `{other}` (info, digest, selftest, replicate, wake, same, logdirty, netif, kv)"
+            "unknown command `{other}` (info, digest, selftest, replicate, wake, same, logdirty, netif, kv, disk)"
         ))),
     });
     match res {
@@ -1051,6 +1059,88 @@ fn opt_str<'a>(args: &'a Args, key: &str) -> Result<&'a str> {
     }
 }
 
+/// The guest agent's kv records on a disk image, read offline; with `--expect`, every
+/// acknowledged write (the last value acknowledged for each key) must be on it.
+fn disk(args: &Args) -> Result<()> {
+    use colo_xen::kvdisk::{decode, Slot, SLOT};
+    use std::io::Read;
+    let image = opt_str(args, "--image")?;
+    let mut f = std::fs::File::open(image)
+        .map_err(|e| CheckError::Failed(format!("disk: {image}: {e}")))?;
+    let mut on_disk: std::collections::BTreeMap<String, (String, u64)> = Default::default();
+    let (mut block, mut slot, mut damaged) = (vec![0u8; SLOT], 0u64, 0u64);
+    loop {
+        match f.read_exact(&mut block) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return fail(format!("disk: reading {image}: {e}")),
+        }
+        match decode(slot, &block) {
+            Slot::Empty => {}
+            Slot::Record(r) => {
+                // The first records, as a sample (a long run writes hundreds).
+                if on_disk.len() < 20 || args.flag("--all") {
+                    println!(
+                        "check: disk: slot {} {} = {} (PUT {})",
+                        r.slot, r.key, r.value, r.version
+                    );
+                }
+                on_disk.insert(r.key, (r.value, r.version));
+            }
+            Slot::Damaged(why) => {
+                println!("check: disk: slot {slot} damaged: {why}");
+                damaged += 1;
+            }
+        }
+        slot += 1;
+    }
+    let Ok(expect) = opt_str(args, "--expect") else {
+        println!(
+            "check: OK disk: {} records in {image}, {damaged} damaged",
+            on_disk.len()
+        );
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(expect)
+        .map_err(|e| CheckError::Failed(format!("disk: --expect {expect}: {e}")))?;
+    let mut want: std::collections::BTreeMap<&str, &str> = Default::default();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let Some((k, v)) = line.split_once(' ') else {
+            return fail(format!(
+                "disk: --expect {expect}: `{line}` is not `key value`"
+            ));
+        };
+        want.insert(k, v);
+    }
+    let missing: Vec<String> = want
+        .iter()
+        .filter(|(k, v)| on_disk.get(**k).map(|(d, _)| d.as_str()) != Some(**v))
+        .map(|(k, v)| match on_disk.get(*k) {
+            Some((d, _)) => format!("{k} (acknowledged `{v}`, on disk `{d}`)"),
+            None => format!("{k} (acknowledged `{v}`, not on disk)"),
+        })
+        .collect();
+    if !missing.is_empty() || damaged > 0 {
+        return fail(format!(
+            "disk: {} of {} acknowledged writes are not on {image}, {damaged} damaged records: {}",
+            missing.len(),
+            want.len(),
+            missing
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    println!(
+        "check: OK disk: all {} acknowledged writes are on {image} ({} records)",
+        want.len(),
+        on_disk.len()
+    );
+    Ok(())
+}
+
 /// One line-oriented connection to the guest's key-value store.
 struct KvConn {
     r: std::io::BufReader<std::net::TcpStream>,
@@ -1098,6 +1188,24 @@ fn kv(args: &Args) -> Result<()> {
         .map(std::path::PathBuf::from);
     let timeout = Duration::from_secs(args.num("--timeout", Some(60))?.max(1));
     let every = args.num("--new-every", Some(5))?.max(1);
+    let mut acked_file = match opt_str(args, "--acked") {
+        Ok(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| CheckError::Failed(format!("kv: --acked {p}: {e}")))?,
+        ),
+        Err(_) => None,
+    };
+    let mut record = |k: &str, v: &str| -> Result<()> {
+        if let Some(f) = acked_file.as_mut() {
+            use std::io::Write;
+            writeln!(f, "{k} {v}")
+                .map_err(|e| CheckError::Failed(format!("kv: writing --acked: {e}")))?;
+        }
+        Ok(())
+    };
     let t0 = Instant::now();
     let mut long = loop {
         match KvConn::open(&addr, timeout) {
@@ -1139,6 +1247,7 @@ fn kv(args: &Args) -> Result<()> {
         if a != format!("OK {k}") {
             return fail(format!("kv: PUT {k} answered `{a}`"));
         }
+        record(&k, &v)?;
         acked.insert(k, v);
         // Read back an earlier write: an answer must never contradict one acknowledged.
         let old = format!("k{}", 1 + ops.wrapping_mul(7919) % ops);
@@ -1163,6 +1272,7 @@ fn kv(args: &Args) -> Result<()> {
             if a != format!("OK {k}") {
                 return fail(format!("kv: PUT {k} on a new connection answered `{a}`"));
             }
+            record(&k, &v)?;
             acked.insert(k, v);
             fresh += 1;
         }

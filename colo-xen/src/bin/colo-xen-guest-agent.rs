@@ -18,6 +18,13 @@
 //! anything else `ERR`. The store lives in this process's memory, so a checkpoint carries it
 //! and a replica that took over answers what the primary acknowledged. Answers depend only on
 //! the requests, so the primary's and the secondary's compare equal.
+//!
+//! When the guest has a disk ([`DISK`], the xvda colo serves with `--pv-vbd`; it may be plugged
+//! after the agent started), every PUT is also written to it before it is answered: one 4 KiB
+//! record per key (`colo_xen::kvdisk`), at the slot the key got on its first PUT, with
+//! `O_DSYNC` (the write and a cache flush reach the disk before `pwrite` returns). A PUT the
+//! disk refused is answered `ERR disk …`, never `OK`. `colo-xen-check disk` reads the records
+//! back from the image file in dom0.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
@@ -66,11 +73,78 @@ fn pfn_of(pagemap: &mut std::fs::File, addr: usize) -> std::io::Result<u64> {
 /// The key-value service's port.
 const KV_PORT: u16 = 7777;
 
+/// The guest's disk, when colo serves one (`--pv-vbd`).
+const DISK: &str = "/dev/xvda";
+
+/// The store: values, each key's disk slot and PUT count, and the disk once it is there.
+struct Kv {
+    values: std::collections::HashMap<String, String>,
+    slots: std::collections::HashMap<String, (u64, u64)>,
+    next_slot: u64,
+    path: &'static str,
+    disk: Option<(std::fs::File, u64)>,
+}
+
+impl Kv {
+    fn new(path: &'static str) -> Self {
+        Self {
+            values: Default::default(),
+            slots: Default::default(),
+            next_slot: 0,
+            path,
+            disk: None,
+        }
+    }
+
+    /// Opens the disk if it appeared (O_DSYNC); its size in slots beside it.
+    fn disk(&mut self) -> Option<&(std::fs::File, u64)> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if self.disk.is_none() {
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_DSYNC)
+                .open(self.path)
+                .ok()?;
+            let bytes = f.seek(SeekFrom::End(0)).ok()?;
+            println!("AGENT KV persisting to {} ({} MiB)", self.path, bytes >> 20);
+            self.disk = Some((f, bytes / colo_xen::kvdisk::SLOT as u64));
+        }
+        self.disk.as_ref()
+    }
+
+    /// Stores `k` = `v`, on the disk first (durably) when there is one.
+    fn put(&mut self, k: &str, v: &str) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        let (slot, version) = match self.slots.get(k) {
+            Some(&(s, n)) => (s, n + 1),
+            None => (self.next_slot, 1),
+        };
+        if let Some((f, slots)) = self.disk() {
+            if slot >= *slots {
+                return Err(format!("disk full ({slots} slots)"));
+            }
+            let rec = colo_xen::kvdisk::encode(&colo_xen::kvdisk::Record {
+                slot,
+                version,
+                key: k.into(),
+                value: v.into(),
+            })
+            .ok_or("key and value too long for a record")?;
+            f.write_all_at(&rec, slot * colo_xen::kvdisk::SLOT as u64)
+                .map_err(|e| format!("writing the disk: {e}"))?;
+        }
+        if version == 1 {
+            self.next_slot += 1;
+        }
+        self.slots.insert(k.into(), (slot, version));
+        self.values.insert(k.into(), v.into());
+        Ok(())
+    }
+}
+
 /// Serves one connection of the key-value store until it closes.
-fn kv_session(
-    stream: std::net::TcpStream,
-    store: &std::sync::Mutex<std::collections::HashMap<String, String>>,
-) -> std::io::Result<()> {
+fn kv_session(stream: std::net::TcpStream, store: &std::sync::Mutex<Kv>) -> std::io::Result<()> {
     use std::io::{BufRead, BufReader, Write};
     let mut out = stream.try_clone()?;
     for line in BufReader::new(stream).lines() {
@@ -78,14 +152,20 @@ fn kv_session(
         let mut w = line.splitn(3, ' ');
         let answer = match (w.next(), w.next(), w.next()) {
             (Some("PUT"), Some(k), Some(v)) => {
-                store
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(k.into(), v.into());
-                format!("OK {k}\n")
+                // The lock is held across the disk write: PUTs reach the disk in the order
+                // they are answered.
+                match store.lock().unwrap_or_else(|e| e.into_inner()).put(k, v) {
+                    Ok(()) => format!("OK {k}\n"),
+                    Err(e) => format!("ERR disk {e}\n"),
+                }
             }
             (Some("GET"), Some(k), None) => {
-                match store.lock().unwrap_or_else(|e| e.into_inner()).get(k) {
+                match store
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values
+                    .get(k)
+                {
                     Some(v) => format!("VAL {k} {v}\n"),
                     None => format!("NONE {k}\n"),
                 }
@@ -99,7 +179,7 @@ fn kv_session(
 
 /// The key-value store on [`KV_PORT`], a thread per connection.
 fn kv_server() {
-    let store = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let store = std::sync::Arc::new(std::sync::Mutex::new(Kv::new(DISK)));
     let listener = match std::net::TcpListener::bind(("0.0.0.0", KV_PORT)) {
         Ok(l) => l,
         Err(e) => {
@@ -180,5 +260,52 @@ fn main() -> std::io::Result<()> {
             }
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use colo_xen::kvdisk::{decode, Record, Slot, SLOT};
+
+    #[test]
+    fn puts_reach_the_disk_one_slot_per_key_before_they_are_answered() {
+        let path = std::env::temp_dir().join(format!("colo-agent-kv-{}", std::process::id()));
+        let leaked: &'static str = Box::leak(path.to_str().unwrap().to_string().into_boxed_str());
+        let mut kv = Kv::new(leaked);
+        // No disk yet: the PUT is kept in memory only.
+        kv.put("early", "1").unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(3 * SLOT as u64)
+            .unwrap();
+        kv.put("a", "x").unwrap();
+        kv.put("b", "y").unwrap();
+        kv.put("a", "z").unwrap();
+        let img = std::fs::read(&path).unwrap();
+        let slot = |i: usize| decode(i as u64, &img[i * SLOT..(i + 1) * SLOT]);
+        assert_eq!(
+            slot(0),
+            Slot::Empty,
+            "the key put before the disk came keeps its slot"
+        );
+        let rec = |slot, version, key: &str, value: &str| {
+            Slot::Record(Record {
+                slot,
+                version,
+                key: key.into(),
+                value: value.into(),
+            })
+        };
+        assert_eq!(slot(1), rec(1, 2, "a", "z"));
+        assert_eq!(slot(2), rec(2, 1, "b", "y"));
+        let e = kv.put("c", "w").unwrap_err();
+        assert!(e.contains("disk full"), "{e}");
+        assert_eq!(
+            kv.values.get("c"),
+            None,
+            "a PUT the disk refused is not stored"
+        );
+        let _ = std::fs::remove_file(&path);
     }
 }
