@@ -1234,16 +1234,44 @@ fn with_pv_vif(
     dom: colo_xen::XenDomain,
     a: &NodeArgs,
     mac: &str,
+    shinfo: Option<u64>,
 ) -> Result<colo_xen::PvVifGuest<colo_xen::XenDomain>> {
     let domid = a.domid.context("--backend xen needs --domid")?;
-    let vif = colo_xen::pvnet::PvVif::create(
+    let mut vif = colo_xen::pvnet::PvVif::create(
         domid,
         0,
         parse_mac(mac)?,
         Duration::from_secs(a.pv_vif_timeout),
     )
     .with_context(|| format!("--pv-vif {mac}"))?;
+    if let Some(gfn) = shinfo {
+        vif.watch_event_bits(gfn).with_context(|| {
+            format!("--pv-vif {mac}: mapping domain {domid}'s shared-info page")
+        })?;
+    }
     colo_xen::PvVifGuest::new(dom, vif).with_context(|| format!("--pv-vif {mac}"))
+}
+
+/// The guest's shared-info frame, when colo serves one of its devices (`--pv-vif`,
+/// `--pv-vbd`): those ports' pending and mask bits travel with each checkpoint
+/// (`colo_xen::evtbits`). None without such a device, or (with a warning) when the guest has
+/// no shared-info page mapped.
+#[cfg(feature = "xen")]
+fn shared_info_gfn(dom: &mut colo_xen::XenDomain, a: &NodeArgs) -> Result<Option<u64>> {
+    if a.pv_vif.is_none() && a.pv_vbd.is_none() {
+        return Ok(None);
+    }
+    let gfn = dom
+        .info()
+        .context("reading the domain's shared-info frame")?
+        .shared_info_frame;
+    if gfn >= colo_core::Domain::page_count(dom) {
+        tracing::warn!(
+            "the domain has no shared-info page mapped (frame {gfn:#x}): the event bits of the ports colo serves are not carried with checkpoints"
+        );
+        return Ok(None);
+    }
+    Ok(Some(gfn))
 }
 
 /// The Xen guest `dom` (any wrapper) with the disk colo serves itself (`--pv-vbd`): the image
@@ -1255,6 +1283,7 @@ fn with_pv_vbd<D: colo_core::Domain>(
     a: &NodeArgs,
     image: &Path,
     keep: bool,
+    shinfo: Option<u64>,
 ) -> Result<colo_xen::PvVbdGuest<D, colo_xen::pvblk::PvVbd>> {
     let domid = a.domid.context("--backend xen needs --domid")?;
     let disk = colo_cli::vbd::open_image(image, keep)?;
@@ -1265,6 +1294,14 @@ fn with_pv_vbd<D: colo_core::Domain>(
         Duration::from_secs(a.pv_vbd_timeout),
     )
     .with_context(|| format!("--pv-vbd {}", image.display()))?;
+    if let Some(gfn) = shinfo {
+        vbd.watch_event_bits(gfn).with_context(|| {
+            format!(
+                "--pv-vbd {}: mapping domain {domid}'s shared-info page",
+                image.display()
+            )
+        })?;
+    }
     tracing::info!(
         "pv-vbd: xvda of domain {domid} served from {} ({} MiB)",
         image.display(),
@@ -1291,12 +1328,13 @@ fn primary_xen(a: PrimaryArgs) -> Result<i32> {
     let domid = a.node.domid.context("--backend xen needs --domid")?;
     let mut guest = open_xen(domid, a.node.upcall_vector)?;
     colo_core::Domain::resume(&mut guest)?;
+    let shinfo = shared_info_gfn(&mut guest, &a.node)?;
     let vbd = a.node.pv_vbd.clone();
     if let Some(mac) = a.node.pv_vif.clone() {
-        let g = with_pv_vif(guest, &a.node, &mac)?;
+        let g = with_pv_vif(guest, &a.node, &mac, shinfo)?;
         return match vbd {
             Some(img) => {
-                let g = with_pv_vbd(g, &a.node, &img, true)?;
+                let g = with_pv_vbd(g, &a.node, &img, true, shinfo)?;
                 primary_with(a, g)
             }
             None => primary_with(a, g),
@@ -1304,12 +1342,12 @@ fn primary_xen(a: PrimaryArgs) -> Result<i32> {
     }
     match (a.node.vif.clone(), vbd) {
         (Some(vif), Some(img)) => {
-            let g = with_pv_vbd(with_vif(guest, &vif)?, &a.node, &img, true)?;
+            let g = with_pv_vbd(with_vif(guest, &vif)?, &a.node, &img, true, shinfo)?;
             primary_with(a, g)
         }
         (Some(vif), None) => primary_with(a, with_vif(guest, &vif)?),
         (None, Some(img)) => {
-            let g = with_pv_vbd(guest, &a.node, &img, true)?;
+            let g = with_pv_vbd(guest, &a.node, &img, true, shinfo)?;
             primary_with(a, g)
         }
         (None, None) => primary_with(a, guest),
@@ -1371,13 +1409,14 @@ fn run_secondary(a: SecondaryArgs) -> Result<i32> {
 #[cfg(feature = "xen")]
 fn secondary_xen(a: SecondaryArgs) -> Result<i32> {
     let domid = a.node.domid.context("--backend xen needs --domid")?;
-    let guest = open_xen(domid, a.node.upcall_vector)?;
+    let mut guest = open_xen(domid, a.node.upcall_vector)?;
+    let shinfo = shared_info_gfn(&mut guest, &a.node)?;
     let vbd = a.node.pv_vbd.clone();
     if let Some(mac) = a.node.pv_vif.clone() {
-        let g = with_pv_vif(guest, &a.node, &mac)?;
+        let g = with_pv_vif(guest, &a.node, &mac, shinfo)?;
         return match vbd {
             Some(img) => {
-                let g = with_pv_vbd(g, &a.node, &img, false)?;
+                let g = with_pv_vbd(g, &a.node, &img, false, shinfo)?;
                 secondary_with(a, g)
             }
             None => secondary_with(a, g),
@@ -1385,12 +1424,12 @@ fn secondary_xen(a: SecondaryArgs) -> Result<i32> {
     }
     match (a.node.vif.clone(), vbd) {
         (Some(vif), Some(img)) => {
-            let g = with_pv_vbd(with_vif(guest, &vif)?, &a.node, &img, false)?;
+            let g = with_pv_vbd(with_vif(guest, &vif)?, &a.node, &img, false, shinfo)?;
             secondary_with(a, g)
         }
         (Some(vif), None) => secondary_with(a, with_vif(guest, &vif)?),
         (None, Some(img)) => {
-            let g = with_pv_vbd(guest, &a.node, &img, false)?;
+            let g = with_pv_vbd(guest, &a.node, &img, false, shinfo)?;
             secondary_with(a, g)
         }
         (None, None) => secondary_with(a, guest),

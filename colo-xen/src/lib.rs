@@ -96,6 +96,7 @@ mod api;
 pub mod blkif;
 mod domain;
 mod error;
+pub mod evtbits;
 pub mod grant;
 mod guest;
 pub mod kvdisk;

@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use crate::blkif::{BlkRing, BlkifBackend, BlkifError, VbdStore, BLOCK};
 use crate::error::XenError;
+use crate::evtbits::{self, PortBits};
 use crate::grant::{Access, GrantTable};
 use crate::netif::{FrameError, GuestFrames};
 use crate::pvblkstate::VbdTrailer;
@@ -137,6 +138,9 @@ struct Serving {
     broken: Option<String>,
     evt: Arc<EventChannel>,
     stats: Arc<VbdStats>,
+    /// The domain's shared-info page ([`PvVbd::watch_event_bits`]): the port's pending and
+    /// mask bits travel with a checkpoint (see [`crate::evtbits`]).
+    shinfo: Option<Mapped>,
 }
 
 /// The guest's frames, recording each one written.
@@ -448,6 +452,7 @@ impl PvVbd {
             broken: None,
             evt: evt.clone(),
             stats: stats.clone(),
+            shinfo: None,
         }));
         xs.write_all(
             &[node(&back, "state", &state::CONNECTED.to_string())],
@@ -536,9 +541,15 @@ impl PvVbd {
                 out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
             }
         }
+        let port_bits = s
+            .shinfo
+            .as_ref()
+            .and_then(|m| evtbits::read(m.words(0), s.port))
+            .map_or(0, PortBits::to_byte);
         VbdTrailer {
             ring_ref: s.ring_ref,
             port: s.port,
+            port_bits,
             grant_frames: &[],
         }
         .encode_fields(n, out);
@@ -594,6 +605,22 @@ impl PvVbd {
         s.ring_ref = t.ring_ref;
         s.backend = BlkifBackend::attach(&BlkRing::new(s.ring.words(0))?, 0)?;
         s.broken = None;
+        // The port as the PVM's Xen had it (see crate::evtbits).
+        if let (Some(m), Some(bits)) = (&s.shinfo, PortBits::from_byte(t.port_bits)) {
+            if evtbits::restore(m.words(0), s.port, bits) && bits.pending {
+                s.evt.notify()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps the domain's shared-info page (`gfn`: `xc_domain_getinfo`'s `shared_info_frame`)
+    /// so that the port's pending and mask bits travel with every checkpoint (see
+    /// [`crate::evtbits`]). Both nodes call it; without it they are not carried.
+    pub fn watch_event_bits(&self, gfn: u64) -> Result<(), PvVbdError> {
+        let mut s = lock(&self.shared);
+        let m = s.frames.map(&[gfn])?;
+        s.shinfo = Some(m);
         Ok(())
     }
 }

@@ -6,7 +6,9 @@
 //! copied ring. The disk's blocks are not here: they travel as DISK_BLOCKS records.
 //!
 //! Layout, appended after the domain's own blob (little-endian), found from the end:
-//! `grant frames (n × 4096 bytes) | ring_ref u32 | port u32 | n u32 | "COLOVBD1"`. `n` is
+//! `grant frames (n × 4096 bytes) | ring_ref u32 | port u32 | port bits u32 | n u32 |
+//! "COLOVBD2"`; the port bits are the PVM's pending and mask bits of the port at the capture
+//! ([`crate::evtbits::PortBits::to_byte`]; 0: not known). `n` is
 //! checked (at most [`MAX_GRANT_FRAMES`]) before any slicing; a blob without the tag is
 //! refused, naming the likely cause.
 
@@ -14,10 +16,10 @@ use colo_core::BackendError;
 
 pub use crate::pvstate::MAX_GRANT_FRAMES;
 
-/// The tag that ends a blob carrying a PV disk's trailer (distinct from the vif's `COLOPVF1`).
-pub const VBD_TAG: &[u8; 8] = b"COLOVBD1";
+/// The tag that ends a blob carrying a PV disk's trailer (distinct from the vif's `COLOPVF2`).
+pub const VBD_TAG: &[u8; 8] = b"COLOVBD2";
 const PAGE: usize = 4096;
-const FIXED: usize = 4 + 4 + 4 + 8;
+const FIXED: usize = 4 + 4 + 4 + 4 + 8;
 
 /// A PV disk's part of the state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +28,9 @@ pub struct VbdTrailer<'a> {
     pub ring_ref: u32,
     /// The frontend's `event-channel` (its port in its own domain).
     pub port: u32,
+    /// The port's pending and mask bits in the PVM's shared-info page at the capture
+    /// ([`crate::evtbits::PortBits::to_byte`]; 0 when not known).
+    pub port_bits: u8,
     /// The grant frames in use, whole pages.
     pub grant_frames: &'a [u8],
 }
@@ -42,6 +47,7 @@ impl VbdTrailer<'_> {
     pub fn encode_fields(&self, n: usize, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.ring_ref.to_le_bytes());
         out.extend_from_slice(&self.port.to_le_bytes());
+        out.extend_from_slice(&u32::from(self.port_bits).to_le_bytes());
         out.extend_from_slice(&(n as u32).to_le_bytes());
         out.extend_from_slice(VBD_TAG);
     }
@@ -63,7 +69,11 @@ impl VbdTrailer<'_> {
         }
         let u32_at =
             |i: usize| u32::from_le_bytes([fixed[i], fixed[i + 1], fixed[i + 2], fixed[i + 3]]);
-        let n = u32_at(8) as usize;
+        let bits = u32_at(8);
+        let Ok(port_bits) = u8::try_from(bits) else {
+            return Err(bad(format!("port bits {bits:#x} do not fit a byte")));
+        };
+        let n = u32_at(12) as usize;
         if n > MAX_GRANT_FRAMES {
             return Err(bad(format!("{n} grant frames, at most {MAX_GRANT_FRAMES}")));
         }
@@ -77,6 +87,7 @@ impl VbdTrailer<'_> {
             VbdTrailer {
                 ring_ref: u32_at(0),
                 port: u32_at(4),
+                port_bits,
                 grant_frames: &blob[start..head],
             },
         ))
@@ -95,6 +106,7 @@ mod tests {
         let t = VbdTrailer {
             ring_ref: 8,
             port: 6,
+            port_bits: 0x81,
             grant_frames: &frames,
         };
         // A guest with both devices: the vif's trailer first, the disk's last.
@@ -104,6 +116,7 @@ mod tests {
             tx_ref: 9,
             rx_ref: 10,
             port: 5,
+            port_bits: 0,
             grant_frames: &frames[..PAGE],
         };
         vif.encode(&mut blob);
@@ -125,6 +138,7 @@ mod tests {
         VbdTrailer {
             ring_ref: 0,
             port: 0,
+            port_bits: 0,
             grant_frames: &[],
         }
         .encode(&mut blob);

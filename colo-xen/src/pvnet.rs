@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::XenError;
+use crate::evtbits::{self, PortBits};
 use crate::grant::{Access, GrantTable};
 use crate::netif::{
     Delivery, FrameError, GuestFrames, NetifBackend, NetifError, SharedRing, TxPoll,
@@ -76,6 +77,10 @@ pub struct PvVif {
     port: u32,
     /// The rings' frames.
     ring_gfns: [u64; 2],
+    /// The domain's shared-info page, mapped ([`PvVif::watch_event_bits`]): the port's
+    /// pending and mask bits travel with a checkpoint (see [`crate::evtbits`]).
+    shinfo: Option<Mapped>,
+    bits_restored: u64,
     /// Frames colo wrote since [`PvVif::take_written`] (receive buffers; the ring frames are
     /// added there).
     written: Vec<u64>,
@@ -273,6 +278,8 @@ impl PvVif {
             rx_ref,
             port,
             ring_gfns,
+            shinfo: None,
+            bits_restored: 0,
             written: Vec::new(),
         })
     }
@@ -380,11 +387,17 @@ impl PvVif {
                 out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
             }
         }
+        let port_bits = self
+            .shinfo
+            .as_ref()
+            .and_then(|m| evtbits::read(m.words(0), self.port))
+            .map_or(0, PortBits::to_byte);
         VifTrailer {
             rx_seq,
             tx_ref: self.tx_ref,
             rx_ref: self.rx_ref,
             port: self.port,
+            port_bits,
             grant_frames: &[],
         }
         .encode_fields(n, out);
@@ -442,7 +455,29 @@ impl PvVif {
             &SharedRing::rx(self.rings.words(1))?,
             0,
         )?;
+        // The port as the PVM's Xen had it: masked or not, and an event still pending raised
+        // again through this domain's Xen (which sets the selector and upcall as it would).
+        if let (Some(m), Some(bits)) = (&self.shinfo, PortBits::from_byte(t.port_bits)) {
+            if evtbits::restore(m.words(0), self.port, bits) && bits.pending {
+                self.evt.notify()?;
+            }
+            self.bits_restored += 1;
+        }
         Ok(())
+    }
+
+    /// Maps the domain's shared-info page (`gfn`: `xc_domain_getinfo`'s `shared_info_frame`)
+    /// so that the port's pending and mask bits travel with every checkpoint: read in
+    /// [`PvVif::export`] on the primary, restored in [`PvVif::import`] on the secondary (see
+    /// [`crate::evtbits`] for why). Both nodes call it; without it they are not carried.
+    pub fn watch_event_bits(&mut self, gfn: u64) -> Result<(), PvVifError> {
+        self.shinfo = Some(self.frames.map(&[gfn])?);
+        Ok(())
+    }
+
+    /// Loads that restored the port's bits (for the status and the tests).
+    pub fn bits_restored(&self) -> u64 {
+        self.bits_restored
     }
 }
 

@@ -6,17 +6,18 @@
 //!
 //! Layout, appended after the domain's own blob (little-endian), so that a reader finds it
 //! from the end: `grant frames (n × 4096 bytes) | rx_seq u64 | tx_ref u32 | rx_ref u32 |
-//! port u32 | n u32 | "COLOPVF1"`. `n` is checked (at most [`MAX_GRANT_FRAMES`]) before any
+//! port u32 | port bits u32 | n u32 | "COLOPVF2"`. The port bits are the PVM's pending and mask
+//! bits of the port at the capture ([`crate::evtbits::PortBits::to_byte`]; 0: not known). `n` is checked (at most [`MAX_GRANT_FRAMES`]) before any
 //! slicing; a blob without the tag is refused, naming the likely cause.
 
 use colo_core::BackendError;
 
 /// The tag that ends a blob carrying a PV vif's trailer.
-pub const PV_TAG: &[u8; 8] = b"COLOPVF1";
+pub const PV_TAG: &[u8; 8] = b"COLOPVF2";
 /// The most grant frames a trailer may carry (Xen's default `max_grant_frames`).
 pub const MAX_GRANT_FRAMES: usize = 64;
 const PAGE: usize = 4096;
-const FIXED: usize = 8 + 4 + 4 + 4 + 4 + 8;
+const FIXED: usize = 8 + 4 + 4 + 4 + 4 + 4 + 8;
 
 /// A PV vif's part of the state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +30,9 @@ pub struct VifTrailer<'a> {
     pub rx_ref: u32,
     /// The frontend's `event-channel` (its port in its own domain).
     pub port: u32,
+    /// The port's pending and mask bits in the PVM's shared-info page at the capture
+    /// ([`crate::evtbits::PortBits::to_byte`]; 0 when not known).
+    pub port_bits: u8,
     /// The grant frames in use, whole pages.
     pub grant_frames: &'a [u8],
 }
@@ -47,6 +51,7 @@ impl VifTrailer<'_> {
         out.extend_from_slice(&self.tx_ref.to_le_bytes());
         out.extend_from_slice(&self.rx_ref.to_le_bytes());
         out.extend_from_slice(&self.port.to_le_bytes());
+        out.extend_from_slice(&u32::from(self.port_bits).to_le_bytes());
         out.extend_from_slice(&(n as u32).to_le_bytes());
         out.extend_from_slice(PV_TAG);
     }
@@ -70,7 +75,11 @@ impl VifTrailer<'_> {
             |i: usize| u32::from_le_bytes([fixed[i], fixed[i + 1], fixed[i + 2], fixed[i + 3]]);
         let mut seq = [0u8; 8];
         seq.copy_from_slice(&fixed[..8]);
-        let n = u32_at(20) as usize;
+        let bits = u32_at(20);
+        let Ok(port_bits) = u8::try_from(bits) else {
+            return Err(bad(format!("port bits {bits:#x} do not fit a byte")));
+        };
+        let n = u32_at(24) as usize;
         if n > MAX_GRANT_FRAMES {
             return Err(bad(format!("{n} grant frames, at most {MAX_GRANT_FRAMES}")));
         }
@@ -86,6 +95,7 @@ impl VifTrailer<'_> {
                 tx_ref: u32_at(8),
                 rx_ref: u32_at(12),
                 port: u32_at(16),
+                port_bits,
                 grant_frames: &blob[start..head],
             },
         ))
@@ -105,6 +115,7 @@ mod tests {
             tx_ref: 8,
             rx_ref: 9,
             port: 5,
+            port_bits: 0x83,
             grant_frames: &frames,
         };
         let mut blob = b"domain state".to_vec();
@@ -126,6 +137,7 @@ mod tests {
             tx_ref: 0,
             rx_ref: 0,
             port: 0,
+            port_bits: 0,
             grant_frames: &[],
         }
         .encode(&mut blob);
@@ -137,6 +149,10 @@ mod tests {
         blob[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         let e = VifTrailer::decode(&blob).unwrap_err().to_string();
         assert!(e.contains("at most 64"), "{e}");
+        blob[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
+        blob[at - 4..at].copy_from_slice(&0x100u32.to_le_bytes());
+        let e = VifTrailer::decode(&blob).unwrap_err().to_string();
+        assert!(e.contains("port bits 0x100"), "{e}");
     }
 
     proptest! {

@@ -176,11 +176,14 @@ net_stage() {
   N1=$(xl domid colo-n1); N2=$(xl domid colo-n2)
   echo "DOM0: network pair: colo-n1 is domain $N1, colo-n2 is domain $N2"
   MAC=00:16:3e:c0:10:02
-  RUST_LOG=${RUST_LOG:-info} colo secondary $NODE_FLAGS --domid "$N2" --pv-vif $MAC --service-if svcs \
+  # Each guest's disk (xvda) is an image colo serves (--pv-vbd); the guest agent persists every
+  # acknowledged kv write to it.
+  rm -f /tmp/xvda-n1.img /tmp/xvda-n2.img; truncate -s 64M /tmp/xvda-n1.img /tmp/xvda-n2.img
+  RUST_LOG=${RUST_LOG:-info} colo secondary $NODE_FLAGS --domid "$N2" --pv-vif $MAC --pv-vbd /tmp/xvda-n2.img --service-if svcs \
     --listen 127.0.0.1:7100 --name nsec --status-file /tmp/nsec.json > /tmp/nsec.log 2>&1 &
   NSP=$!
   sleep 1
-  RUST_LOG=${RUST_LOG:-info} colo primary $NODE_FLAGS --domid "$N1" --pv-vif $MAC --service-if svcp \
+  RUST_LOG=${RUST_LOG:-info} colo primary $NODE_FLAGS --domid "$N1" --pv-vif $MAC --pv-vbd /tmp/xvda-n1.img --service-if svcp \
     --peer 127.0.0.1:7100 --connect-timeout "$(budget 120)" --name npri --status-file /tmp/npri.json > /tmp/npri.log 2>&1 &
   NPP=$!
   i=0
@@ -211,17 +214,24 @@ net_stage() {
   if nwait $(($(ncp) + 2)); then
     colo-xen-check same --primary "$N1" --secondary "$N2" > /tmp/nsame.out 2>&1
     NSAME="$(tail -1 /tmp/nsame.out | sed 's/^check: //')"
+    # The disks too: the secondary's image holds every block of the checkpoints it applied (its
+    # guest's own writes since stay in its overlay, and a paused guest writes none).
+    if cmp -s /tmp/xvda-n1.img /tmp/xvda-n2.img; then
+      NDISK="disk images identical ($(md5sum < /tmp/xvda-n1.img | cut -c1-16))"
+    else
+      NDISK="FAIL disk images differ: $(cmp /tmp/xvda-n1.img /tmp/xvda-n2.img 2>&1 | head -1)"
+    fi
   else
-    NSAME="FAIL no final checkpoint while paused"
+    NSAME="FAIL no final checkpoint while paused"; NDISK="disks not compared"
   fi
   xl unpause colo-n1; xl unpause colo-n2
   ip link set svcpb up; ip link set svcsb up
-  echo "DOM0: network pair after a checkpoint with both paused: $NSAME"
+  echo "DOM0: network pair after a checkpoint with both paused: $NSAME; $NDISK"
   evtports "$N1" "$N2"
   # A TCP client of the guest's key-value store: one long-lived connection and a new one every
   # five requests, through the primary, then on through the survivor after the primary dies.
-  rm -f /tmp/kv.stop /tmp/kv.progress
-  colo-xen-check kv --addr 10.99.0.2:7777 --stop-file /tmp/kv.stop --progress /tmp/kv.progress \
+  rm -f /tmp/kv.stop /tmp/kv.progress /tmp/kv.acked
+  colo-xen-check kv --addr 10.99.0.2:7777 --stop-file /tmp/kv.stop --progress /tmp/kv.progress --acked /tmp/kv.acked \
     --timeout "$(budget 60)" > /tmp/kv.out 2>&1 &
   KVP=$!
   kvn() { n=$(cat /tmp/kv.progress 2>/dev/null); echo "${n:-0}"; }
@@ -250,11 +260,19 @@ net_stage() {
   touch /tmp/kv.stop; wait $KVP; KVRC=$?
   cat /tmp/kv.out | tail -3
   KV="$(tail -1 /tmp/kv.out | sed 's/^check: //')"
+  # Every write the client saw acknowledged is on the survivor's disk image, read offline while
+  # the survivor still runs (its guest wrote it with O_DSYNC before answering).
+  colo-xen-check disk --image /tmp/xvda-n2.img --expect /tmp/kv.acked > /tmp/disk.out 2>&1
+  DISKRC=$?
+  tail -2 /tmp/disk.out
+  DISK="$(tail -1 /tmp/disk.out | sed 's/^check: //')"
+  grep -h "pv-vbd" /tmp/npri.log /tmp/nsec.log | grep -v DEBUG | tail -4 | cut -c1-220 | sed 's/^/    /'
   grep -E "took over|TakenOver|aligned" /tmp/nsec.log | head -3
   ta=$(jnum /tmp/nsec.json tcp_aligned)
   kill -TERM $NSP 2>/dev/null; wait $NSP 2>/dev/null
-  NET="network: ${p1:-0} of 20 pings and $k1 kv rounds through the pair ($n_requests frames mirrored, $n_frames_delivered released, $n_mismatches mismatches; checkpoints: $n_mismatch_checkpoints on mismatch, $n_periodic_checkpoints periodic); paused pair $NSAME; primary killed: ${p2:-0} of 20 pings after, TCP connections aligned ${ta:-0}; $KV"
-  if [ "${p1:-0}" -lt 15 ] || [ "${p2:-0}" -lt 10 ] || [ "$KVRC" != 0 ] || ! echo "$NSAME" | grep -q "^OK"; then NET="network (advisory): $NET"; fi
+  NET="network: ${p1:-0} of 20 pings and $k1 kv rounds through the pair ($n_requests frames mirrored, $n_frames_delivered released, $n_mismatches mismatches; checkpoints: $n_mismatch_checkpoints on mismatch, $n_periodic_checkpoints periodic); paused pair $NSAME; primary killed: ${p2:-0} of 20 pings after, TCP connections aligned ${ta:-0}; $KV; survivor's disk: $DISK; paused pair: $NDISK"
+  if [ "${p1:-0}" -lt 15 ] || [ "${p2:-0}" -lt 10 ] || [ "$KVRC" != 0 ] || [ "$DISKRC" != 0 ] \
+    || ! echo "$NSAME" | grep -q "^OK" || ! echo "$NDISK" | grep -q "identical"; then NET="network (advisory): $NET"; fi
   xl destroy colo-n2 >/dev/null 2>&1
 }
 # The diagnostic mode (xen-test --only-network): the network stage alone, required to pass.
