@@ -98,6 +98,7 @@ impl ServedDisk for FakeVbd {
         VbdTrailer {
             ring_ref: 8,
             port: self.port,
+            port_bits: 0,
             grant_frames: &[7; 4096],
         }
         .encode(out);
