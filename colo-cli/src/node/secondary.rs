@@ -49,6 +49,13 @@ pub struct SecondaryRole {
     inputs: VecDeque<(u64, Vec<u8>)>,
     /// The SVM's output in the running epoch (released by a takeover).
     out_frames: Vec<Vec<u8>>,
+    /// A checkpoint has been applied: the SVM's device rings are the ones its memory now says
+    /// (the PVM's). Before that, nothing of the guest's NIC is touched: a backend that serves
+    /// rings from guest memory (`--pv-vif`) would still write into the SVM's own ring frames,
+    /// which the initial synchronisation may already have filled with other contents of the
+    /// PVM's memory, and no dirty set would carry that write away (seen on Xen: one byte of
+    /// such a page differed after a paused checkpoint).
+    nic_live: bool,
     /// The guest's addresses, learnt from the SVM's output (announced by a takeover).
     learnt: Neighbours,
     sync: SyncPages,
@@ -172,6 +179,7 @@ impl<G: Guest> Node<G, SecondaryRole> {
             engine: Secondary::new(secondary_config(&opts, pages, disk_blocks), Instant::now()),
             inputs: VecDeque::new(),
             out_frames: Vec::new(),
+            nic_live: false,
             learnt: Neighbours::default(),
             sync: SyncPages::default(),
             sync_due: false,
@@ -421,6 +429,7 @@ impl SecondaryRole {
         disk::apply(io, &mut self.engine, epoch)?;
         // Frames the SVM emitted in the old epoch are superseded.
         self.out_frames.clear();
+        self.nic_live = true;
         io.guest.drain_tx(&mut |_| {});
         // The SVM is now a copy of the PVM: its TCP sequence space is the PVM's. No frame of
         // the new epoch has crossed either way yet (the SVM resumes later, and inputs are
@@ -713,6 +722,9 @@ impl SecondaryRole {
     /// is: the comparator follows each VM's stream from its own SYN.
     fn pump_output<G: Guest>(&mut self, io: &mut Io<G>) {
         io.take_output_signal();
+        if !self.nic_live {
+            return;
+        }
         let now = Instant::now();
         let engine = &mut self.engine;
         let frames = &mut self.out_frames;
