@@ -159,6 +159,12 @@ pub struct NodeStatus {
     pub link_streams: u64,
     /// Output mismatches seen by the comparator.
     pub mismatches: u64,
+    /// The PVM's frames that went to the comparator (the primary, while protected).
+    pub frames_compared: u64,
+    /// Of those, frames cleared by an equal frame of the SVM.
+    pub frames_matched: u64,
+    /// Frames the SVM emitted that reached the comparator.
+    pub svm_frames: u64,
     /// Client requests injected.
     pub requests: u64,
     /// Frames delivered to clients.

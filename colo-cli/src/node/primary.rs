@@ -415,7 +415,11 @@ impl Role for PrimaryRole {
             st.frames_delivered = c.delivered();
         }
         if let Some(c) = &self.comparator {
-            st.mismatches = c.stats().mismatches;
+            let cs = c.stats();
+            st.mismatches = cs.mismatches;
+            st.frames_compared = cs.primary_frames - cs.passed_through.min(cs.primary_frames);
+            st.frames_matched = cs.matched_frames;
+            st.svm_frames = cs.secondary_frames;
         }
         st.requests = self.next_seq;
         st.output_withheld = self.withheld.count;

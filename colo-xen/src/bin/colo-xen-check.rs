@@ -27,6 +27,8 @@
 //!                                               then every acknowledged write must read back
 //!                          [--acked F]          and append each acknowledged PUT to F
 //!                                               (`key value` lines, in order)
+//!                          [--latencies F]      and each answer's time in ms to F (a line
+//!                                               per request)
 //! colo-xen-check disk      --image IMG [--expect F] [--all]  the guest agent's kv records
 //!                                               on a disk image (offline): the first 20
 //!                                               printed (--all: each); with F (as
@@ -1198,6 +1200,18 @@ fn kv(args: &Args) -> Result<()> {
         ),
         Err(_) => None,
     };
+    // --latencies F: each answer's time in ms, a line per request, so the harness can split
+    // them at the failover (the line count at the kill) and report each side's percentiles.
+    let mut lat_file = match opt_str(args, "--latencies") {
+        Ok(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| CheckError::Failed(format!("kv: --latencies {p}: {e}")))?,
+        ),
+        Err(_) => None,
+    };
     let mut record = |k: &str, v: &str| -> Result<()> {
         if let Some(f) = acked_file.as_mut() {
             use std::io::Write;
@@ -1229,7 +1243,12 @@ fn kv(args: &Args) -> Result<()> {
         let a = conn
             .ask(req)
             .map_err(|e| CheckError::Failed(format!("kv: {what}, request {ops} ({req}): {e}")))?;
-        slowest = slowest.max(t.elapsed());
+        let took = t.elapsed();
+        slowest = slowest.max(took);
+        if let Some(f) = lat_file.as_mut() {
+            use std::io::Write;
+            let _ = writeln!(f, "{:.2}", took.as_secs_f64() * 1e3);
+        }
         Ok(a)
     };
     while !stop.exists() {
