@@ -618,10 +618,10 @@ impl Domain for XenDomain {
         Ok(self.set(blob)?)
     }
 
-    /// No disk that colo replicates, in this release: a Xen guest's disk (xen-blkfront in the
-    /// guest, a dom0 block device behind xen-blkback) does not pass through colo yet, so a Xen
-    /// node offers no disk at the handshake (HELLO's disk size 0) and a peer with `--disk` is
-    /// refused there. The guest's own storage, if any, is not replicated.
+    /// A bare domain has no disk colo replicates: a disk behind xen-blkback does not pass
+    /// through colo. The disk colo serves itself (`--pv-vbd`) is `crate::PvVbdGuest`'s, which
+    /// wraps this domain; without it a Xen node offers no disk at the handshake (HELLO's disk
+    /// size 0) and a peer with a disk is refused there.
     fn disk(&mut self) -> Option<&mut dyn colo_core::GuestDisk> {
         None
     }

@@ -59,7 +59,10 @@
 //!   replica's Xen would link new events after a tail the copied arrays do not have, and the
 //!   replica would never see an event again. With 2-level channels the pending bitmap lives in
 //!   each domain's own shared_info page (not guest RAM, never copied) and the per-vCPU
-//!   selector in `vcpu_info`;
+//!   selector in `vcpu_info`. For the ports of the devices colo serves itself (`--pv-vif`,
+//!   `--pv-vbd`) the PVM's pending and mask bits travel in the state blob and are restored
+//!   in the SVM's page at every load ([`evtbits`]): Linux masks a "late EOI" port while its
+//!   handler runs, and a replica whose page kept its own mask bit lost its vif for good;
 //! * a replica resumed from a loaded checkpoint must be woken, and its timer re-armed, by
 //!   colo: the copied memory and vLAPIC say what the *primary's* Xen had raised and armed, not
 //!   this domain's. `resume` after `set_state` therefore (1) clears the upcall vector's bit in
