@@ -275,10 +275,17 @@ net_stage() {
   # Each kv answer's time through the protected pair, and through the survivor alone (colo's
   # own vif, no replication): what replication adds to a request/response.
   pct() { sort -n | awk -v p="$1" '{ v[NR] = $1 } END { if (NR == 0) { print "-"; exit } i = int(NR * p + 0.999); if (i < 1) i = 1; printf "%.1f", v[i] }'; }
-  LAT1="$(head -n "$lat_before" /tmp/kv.lat | pct 0.5)/$(head -n "$lat_before" /tmp/kv.lat | pct 0.9) ms"
   lat_end=$(( $(wc -l < /tmp/kv.lat) - $(wc -l < /tmp/kv.acked) ))
-  LAT2="$(awk -v a="$lat_before" -v b="$lat_end" 'NR > a && NR <= b' /tmp/kv.lat | pct 0.5)/$(awk -v a="$lat_before" -v b="$lat_end" 'NR > a && NR <= b' /tmp/kv.lat | pct 0.9) ms"
-  echo "DOM0: network: kv answer p50/p90 through the protected pair $LAT1 ($lat_before answers), through the survivor alone $LAT2"
+  # lat FROM TO OP: the p50/p90 of OP's answers among lines FROM+1..TO.
+  lat() {
+    echo "$(awk -v a="$1" -v b="$2" -v op="$3" 'NR > a && NR <= b && $1 == op { print $2 }' /tmp/kv.lat | pct 0.5)/$(awk -v a="$1" -v b="$2" -v op="$3" 'NR > a && NR <= b && $1 == op { print $2 }' /tmp/kv.lat | pct 0.9)"
+  }
+  LAT1="PUT $(lat 0 "$lat_before" PUT), GET $(lat 0 "$lat_before" GET) ms"
+  LAT2="PUT $(lat "$lat_before" "$lat_end" PUT), GET $(lat "$lat_before" "$lat_end" GET) ms"
+  # A PUT is answered after the guest's O_DSYNC write to its disk; beside it, the same write in
+  # dom0 on the images' own file system.
+  DSYNC="$(colo-xen-check dsync --file /tmp/dsync.tmp 2>&1 | tail -1 | sed 's/^check: OK dsync: //')"
+  echo "DOM0: network: kv answers p50/p90 through the protected pair: $LAT1 ($lat_before answers); through the survivor alone: $LAT2; dom0's own $DSYNC"
   cat /tmp/kv.out | tail -3
   KV="$(tail -1 /tmp/kv.out | sed 's/^check: //')"
   # Every write the client saw acknowledged is on the survivor's disk image, read offline while
@@ -291,7 +298,7 @@ net_stage() {
   grep -E "took over|TakenOver|aligned" /tmp/nsec.log | head -3
   ta=$(jnum /tmp/nsec.json tcp_aligned)
   kill -TERM $NSP 2>/dev/null; wait $NSP 2>/dev/null
-  NET="network: ${p1:-0} of 20 pings and $k1 kv rounds through the pair ($n_requests frames mirrored, $n_frames_delivered released, $n_mismatches mismatches; checkpoints: $n_mismatch_checkpoints on mismatch, $n_periodic_checkpoints periodic); paused pair $NSAME; primary killed: ${p2:-0} of 20 pings after, TCP connections aligned ${ta:-0}; $KV; kv answer p50/p90: pair $LAT1, survivor alone $LAT2; survivor's disk: $DISK; paused pair: $NDISK; verified disk digests $n_disk_verified_identical identical / $n_disk_verify_failures differing"
+  NET="network: ${p1:-0} of 20 pings and $k1 kv rounds through the pair ($n_requests frames mirrored, $n_frames_delivered released, $n_mismatches mismatches; checkpoints: $n_mismatch_checkpoints on mismatch, $n_periodic_checkpoints periodic); paused pair $NSAME; primary killed: ${p2:-0} of 20 pings after, TCP connections aligned ${ta:-0}; $KV; kv answers p50/p90: pair $LAT1, survivor alone $LAT2, dom0 $DSYNC; survivor's disk: $DISK; paused pair: $NDISK; verified disk digests $n_disk_verified_identical identical / $n_disk_verify_failures differing"
   if [ "${p1:-0}" -lt 15 ] || [ "${p2:-0}" -lt 10 ] || [ "$KVRC" != 0 ] || [ "$DISKRC" != 0 ] \
     || ! echo "$NSAME" | grep -q "^OK" || ! echo "$NDISK" | grep -q "identical" \
     || [ "${n_mismatch_checkpoints:-0}" -eq 0 ] || [ "${n_periodic_checkpoints:-0}" -eq 0 ] \

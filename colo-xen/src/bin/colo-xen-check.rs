@@ -27,8 +27,11 @@
 //!                                               then every acknowledged write must read back
 //!                          [--acked F]          and append each acknowledged PUT to F
 //!                                               (`key value` lines, in order)
-//!                          [--latencies F]      and each answer's time in ms to F (a line
-//!                                               per request)
+//!                          [--latencies F]      and each answer's time to F (`PUT|GET ms`,
+//!                                               a line per request)
+//! colo-xen-check dsync     --file F [--count 200]  4 KiB O_DSYNC writes into F (the disk
+//!                                               speed beside which a guest's writes are
+//!                                               priced): p50 and p90
 //! colo-xen-check disk      --image IMG [--expect F] [--all]  the guest agent's kv records
 //!                                               on a disk image (offline): the first 20
 //!                                               printed (--all: each); with F (as
@@ -866,6 +869,7 @@ fn main() -> ExitCode {
         "netif" => netif(&args),
         "kv" => kv(&args),
         "disk" => disk(&args),
+        "dsync" => dsync(&args),
         other => Err(CheckError::Usage(format!(
             "unknown command `{other}` (info, digest, selftest, replicate, wake, same, logdirty, netif, kv, disk)"
         ))),
@@ -1097,6 +1101,38 @@ fn opt_str<'a>(args: &'a Args, key: &str) -> Result<&'a str> {
     }
 }
 
+/// `count` 4 KiB writes with O_DSYNC into `--file` (created, then removed): the speed of a
+/// durable write on dom0's own storage, the baseline beside which the guest's writes through
+/// colo's disk are priced.
+fn dsync(args: &Args) -> Result<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let path = opt_str(args, "--file")?;
+    let count = args.num("--count", Some(200))?.clamp(1, 100_000);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .custom_flags(libc::O_DSYNC)
+        .open(path)
+        .map_err(|e| CheckError::Failed(format!("dsync: {path}: {e}")))?;
+    let block = [0x5au8; 4096];
+    let mut lat = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let t = Instant::now();
+        f.write_all_at(&block, i * 4096)
+            .map_err(|e| CheckError::Failed(format!("dsync: writing {path}: {e}")))?;
+        lat.push(ms(t.elapsed()));
+    }
+    let _ = std::fs::remove_file(path);
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "check: OK dsync: {count} 4 KiB O_DSYNC writes into {path}: p50 {:.2} ms, p90 {:.2} ms",
+        lat[lat.len() / 2],
+        lat[lat.len() * 9 / 10]
+    );
+    Ok(())
+}
+
 /// The guest agent's kv records on a disk image, read offline; with `--expect`, every
 /// acknowledged write (the last value acknowledged for each key) must be on it.
 fn disk(args: &Args) -> Result<()> {
@@ -1283,7 +1319,8 @@ fn kv(args: &Args) -> Result<()> {
         slowest = slowest.max(took);
         if let Some(f) = lat_file.as_mut() {
             use std::io::Write;
-            let _ = writeln!(f, "{:.2}", took.as_secs_f64() * 1e3);
+            let op = req.split(' ').next().unwrap_or("?");
+            let _ = writeln!(f, "{op} {:.2}", took.as_secs_f64() * 1e3);
         }
         Ok(a)
     };
