@@ -514,6 +514,8 @@ impl PvVbd {
     /// and event index) — so the caller adds them to the dirty set a checkpoint sends.
     pub fn take_written(&self, mut each: impl FnMut(u64)) {
         let mut s = lock(&self.shared);
+        // A harvest begins a checkpoint: no kept mapping lives across one (see ForeignFrames).
+        s.frames.forget_mappings();
         s.written.sort_unstable();
         s.written.dedup();
         for &g in &s.written {

@@ -361,6 +361,8 @@ impl PvVif {
     /// ring frames (answers and event indices) — so the caller adds them to the dirty set a
     /// checkpoint sends (Xen's log does not see dom0's writes through a foreign mapping).
     pub fn take_written(&mut self, mut each: impl FnMut(u64)) {
+        // A harvest begins a checkpoint: no kept mapping lives across one (see ForeignFrames).
+        self.frames.forget_mappings();
         self.written.sort_unstable();
         self.written.dedup();
         for &g in self.written.iter().chain(self.ring_gfns.iter()) {

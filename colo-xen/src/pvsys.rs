@@ -369,11 +369,27 @@ impl Drop for Fmem {
 }
 
 /// A guest's frames as colo's PV backends reach them: foreign mappings from dom0.
+///
+/// The frames a backend reads and writes (receive buffers, packet and block data) are the same
+/// few hundred pages over and over, so their mappings are kept ([`MAPPING_CACHE`] of them,
+/// least recently used out) instead of a map and an unmap (two hypercalls) per touch. They are
+/// all dropped by [`ForeignFrames::forget_mappings`], which the backends call at every harvest:
+/// no mapping outlives a checkpoint, so a frame the guest gave back (ballooned out) is not
+/// written through a stale mapping for longer than an epoch, and never across a load.
 #[derive(Debug)]
 pub struct ForeignFrames {
     h: Arc<Fmem>,
     domid: u32,
+    cache: std::collections::HashMap<u64, (Mapped, u64)>,
+    tick: u64,
+    /// Mappings made (cache misses), for the figures.
+    pub maps: u64,
+    /// Touches served by a kept mapping.
+    pub hits: u64,
 }
+
+/// Mappings [`ForeignFrames`] keeps between touches (netfront posts 256 receive buffers).
+pub const MAPPING_CACHE: usize = 512;
 
 /// Pages mapped from a guest, unmapped on drop, seen as 32-bit words shared with the guest.
 #[derive(Debug)]
@@ -437,6 +453,10 @@ impl ForeignFrames {
             .map(|h| Self {
                 h: Arc::new(Fmem(h)),
                 domid,
+                cache: std::collections::HashMap::new(),
+                tick: 0,
+                maps: 0,
+                hits: 0,
             })
             .ok_or_else(|| XenError::Open {
                 lib: "xenforeignmemory_open",
@@ -511,12 +531,39 @@ impl ForeignFrames {
         })
     }
 
-    fn with_page<T>(&self, gfn: u64, f: impl FnOnce(*mut u8) -> T) -> Result<T, FrameError> {
+    /// Drops every kept mapping (see [`ForeignFrames`]).
+    pub fn forget_mappings(&mut self) {
+        self.cache.clear();
+    }
+
+    fn with_page<T>(&mut self, gfn: u64, f: impl FnOnce(*mut u8) -> T) -> Result<T, FrameError> {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some((m, used)) = self.cache.get_mut(&gfn) {
+            *used = tick;
+            self.hits += 1;
+            return Ok(f(m.addr.as_ptr()));
+        }
         let m = self.map(&[gfn]).map_err(|e| FrameError {
             gfn,
             reason: e.to_string(),
         })?;
-        Ok(f(m.addr.as_ptr()))
+        self.maps += 1;
+        if self.cache.len() >= MAPPING_CACHE {
+            // The least recently used goes (a scan of the kept ones costs far less than the
+            // hypercalls a mapping does).
+            if let Some(old) = self
+                .cache
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(g, _)| *g)
+            {
+                self.cache.remove(&old);
+            }
+        }
+        let p = m.addr.as_ptr();
+        self.cache.insert(gfn, (m, tick));
+        Ok(f(p))
     }
 }
 
