@@ -39,12 +39,10 @@ use std::time::{Duration, Instant};
 use crate::blkif::{BlkRing, BlkifBackend, BlkifError, VbdStore, BLOCK};
 use crate::error::XenError;
 use crate::evtbits::{self, PortBits};
-use crate::grant::{Access, GrantTable};
+use crate::grant::Access;
 use crate::netif::{FrameError, GuestFrames};
 use crate::pvblkstate::VbdTrailer;
 use crate::pvsys::{home, read_num, EventChannel, ForeignFrames, Mapped, NodePerms, XenStore};
-
-const PAGE: usize = 4096;
 
 /// Grant frames colo maps (Xen's default `max_grant_frames` for a domU is 64).
 const GRANT_FRAMES: usize = 64;
@@ -159,14 +157,9 @@ impl GuestFrames for Tracked<'_> {
     }
 }
 
-fn table(grants: &Mapped) -> GrantTable<'_> {
-    let words = (0..grants.pages()).map(|i| grants.words(i)).collect();
-    // Every mapped page is 1024 words, so `new` cannot refuse.
-    GrantTable::new(words).unwrap_or_else(|| unreachable!("mapped grant frames are whole pages"))
-}
-
 fn ring_gfn(domid: u32, grants: &Mapped, ring_ref: u32) -> Result<u64, PvVbdError> {
-    table(grants)
+    grants
+        .grant_table()
         .resolve(ring_ref, 0, Access::Write)
         .map_err(|e| PvVbdError::Frontend {
             domid,
@@ -180,7 +173,7 @@ impl Serving {
         if self.quiesced || self.broken.is_some() {
             return;
         }
-        let table = table(&self.grants);
+        let table = self.grants.grant_table();
         let ring = match BlkRing::new(self.ring.words(0)) {
             Ok(r) => r,
             Err(e) => {
@@ -529,20 +522,7 @@ impl PvVbd {
     /// `out`: the grant frames in use straight from the mapped table, then the fields.
     pub fn export(&self, out: &mut Vec<u8>) {
         let s = lock(&self.shared);
-        let n = (0..s.grants.pages())
-            .rposition(|i| {
-                s.grants
-                    .words(i)
-                    .iter()
-                    .any(|w| w.load(Ordering::Relaxed) != 0)
-            })
-            .map_or(0, |i| i + 1);
-        out.reserve(n * PAGE + 32);
-        for i in 0..n {
-            for w in s.grants.words(i) {
-                out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
-            }
-        }
+        let n = s.grants.export_in_use(out);
         let port_bits = s
             .shinfo
             .as_ref()
@@ -573,32 +553,12 @@ impl PvVbd {
                 ),
             });
         }
-        let n = t.grant_frames.len() / PAGE;
-        if n > s.grants.pages() {
+        if let Err(n) = s.grants.load(t.grant_frames) {
             return Err(PvVbdError::Frontend {
                 domid,
                 what: format!("{n} grant frames to load, {} mapped", s.grants.pages()),
             });
         }
-        for i in 0..s.grants.pages() {
-            let words = s.grants.words(i);
-            match t.grant_frames.get(i * PAGE..(i + 1) * PAGE) {
-                Some(src) => {
-                    for (w, b) in words.iter().zip(src.chunks_exact(4)) {
-                        w.store(
-                            u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-                            Ordering::Relaxed,
-                        );
-                    }
-                }
-                None => {
-                    if words.iter().any(|w| w.load(Ordering::Relaxed) != 0) {
-                        words.iter().for_each(|w| w.store(0, Ordering::Relaxed));
-                    }
-                }
-            }
-        }
-        std::sync::atomic::fence(Ordering::SeqCst);
         let gfn = ring_gfn(domid, &s.grants, t.ring_ref)?;
         if gfn != s.ring_gfn {
             s.ring = s.frames.map(&[gfn])?;

@@ -17,14 +17,12 @@ use std::time::{Duration, Instant};
 
 use crate::error::XenError;
 use crate::evtbits::{self, PortBits};
-use crate::grant::{Access, GrantTable};
+use crate::grant::Access;
 use crate::netif::{
     Delivery, FrameError, GuestFrames, NetifBackend, NetifError, SharedRing, TxPoll,
 };
 use crate::pvstate::VifTrailer;
 use crate::pvsys::{home, read_num, EventChannel, ForeignFrames, Mapped, NodePerms, XenStore};
-
-const PAGE: usize = 4096;
 
 /// Grant frames colo maps (Xen's default `max_grant_frames` for a domU is 64).
 const GRANT_FRAMES: usize = 64;
@@ -102,19 +100,13 @@ impl GuestFrames for Tracked<'_> {
     }
 }
 
-fn table(grants: &Mapped) -> GrantTable<'_> {
-    let words = (0..grants.pages()).map(|i| grants.words(i)).collect();
-    // Every mapped page is 1024 words, so `new` cannot refuse.
-    GrantTable::new(words).unwrap_or_else(|| unreachable!("mapped grant frames are whole pages"))
-}
-
 fn ring_gfns(
     domid: u32,
     grants: &Mapped,
     tx_ref: u32,
     rx_ref: u32,
 ) -> Result<[u64; 2], PvVifError> {
-    let t = table(grants);
+    let t = grants.grant_table();
     let gfn = |r: u32| {
         t.resolve(r, 0, Access::Write)
             .map_err(|e| PvVifError::Frontend {
@@ -286,7 +278,7 @@ impl PvVif {
 
     /// Takes every frame the guest sent, hands each to `out`, kicks the guest if it asked.
     pub fn poll_tx(&mut self, out: impl FnMut(&[u8])) -> Result<TxPoll, PvVifError> {
-        let table = table(&self.grants);
+        let table = self.grants.grant_table();
         let tx = SharedRing::tx(self.rings.words(0))?;
         let mut mem = Tracked {
             inner: &mut self.frames,
@@ -303,7 +295,7 @@ impl PvVif {
     /// them once and kicks the guest if it asked. Returns how many were taken (a frame the
     /// guest's buffer refused counts as taken and lost; its reason is returned).
     pub fn deliver(&mut self, frames: &[&[u8]]) -> Result<(usize, Vec<String>), PvVifError> {
-        let table = table(&self.grants);
+        let table = self.grants.grant_table();
         let rx = SharedRing::rx(self.rings.words(1))?;
         let mut mem = Tracked {
             inner: &mut self.frames,
@@ -375,20 +367,7 @@ impl PvVif {
     /// the grant frames in use go from the mapped table straight into `out` (this runs in the
     /// checkpoint's pause: no intermediate copy, no allocation beyond `out`'s growth).
     pub fn export(&self, rx_seq: u64, out: &mut Vec<u8>) {
-        let n = (0..self.grants.pages())
-            .rposition(|i| {
-                self.grants
-                    .words(i)
-                    .iter()
-                    .any(|w| w.load(Ordering::Relaxed) != 0)
-            })
-            .map_or(0, |i| i + 1);
-        out.reserve(n * PAGE + 64);
-        for i in 0..n {
-            for w in self.grants.words(i) {
-                out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
-            }
-        }
+        let n = self.grants.export_in_use(out);
         let port_bits = self
             .shinfo
             .as_ref()
@@ -420,32 +399,12 @@ impl PvVif {
                 ),
             });
         }
-        let n = t.grant_frames.len() / PAGE;
-        if n > self.grants.pages() {
+        if let Err(n) = self.grants.load(t.grant_frames) {
             return Err(PvVifError::Frontend {
                 domid,
                 what: format!("{n} grant frames to load, {} mapped", self.grants.pages()),
             });
         }
-        for i in 0..self.grants.pages() {
-            let words = self.grants.words(i);
-            match t.grant_frames.get(i * PAGE..(i + 1) * PAGE) {
-                Some(src) => {
-                    for (w, b) in words.iter().zip(src.chunks_exact(4)) {
-                        w.store(
-                            u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-                            Ordering::Relaxed,
-                        );
-                    }
-                }
-                None => {
-                    if words.iter().any(|w| w.load(Ordering::Relaxed) != 0) {
-                        words.iter().for_each(|w| w.store(0, Ordering::Relaxed));
-                    }
-                }
-            }
-        }
-        std::sync::atomic::fence(Ordering::SeqCst);
         let gfns = ring_gfns(domid, &self.grants, t.tx_ref, t.rx_ref)?;
         if gfns != self.ring_gfns {
             self.rings = self.frames.map(&gfns)?;

@@ -5,7 +5,7 @@
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CString};
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::error::XenError;
@@ -421,6 +421,59 @@ impl Mapped {
     /// Pages mapped.
     pub fn pages(&self) -> usize {
         self.pages
+    }
+
+    /// These pages as a guest's grant table (v1 entries).
+    pub fn grant_table(&self) -> crate::grant::GrantTable<'_> {
+        let words = (0..self.pages).map(|i| self.words(i)).collect();
+        // Every mapped page is 1024 words, so `new` cannot refuse.
+        crate::grant::GrantTable::new(words)
+            .unwrap_or_else(|| unreachable!("mapped grant frames are whole pages"))
+    }
+
+    /// Appends the pages up to the last one holding a non-zero word (a grant table's frames in
+    /// use) to `out`, straight from the mapping; returns how many.
+    pub fn export_in_use(&self, out: &mut Vec<u8>) -> usize {
+        let n = (0..self.pages)
+            .rposition(|i| self.words(i).iter().any(|w| w.load(Ordering::Relaxed) != 0))
+            .map_or(0, |i| i + 1);
+        out.reserve(n * PAGE + 64);
+        for i in 0..n {
+            for w in self.words(i) {
+                out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+            }
+        }
+        n
+    }
+
+    /// Loads `src` (whole pages, as [`Mapped::export_in_use`] wrote them) into these pages
+    /// and zeroes the pages after them that are not already zero. Err(pages given) when
+    /// `src` holds more pages than are mapped.
+    pub fn load(&self, src: &[u8]) -> Result<(), usize> {
+        let n = src.len() / PAGE;
+        if n > self.pages {
+            return Err(n);
+        }
+        for i in 0..self.pages {
+            let words = self.words(i);
+            match src.get(i * PAGE..(i + 1) * PAGE) {
+                Some(page) => {
+                    for (w, b) in words.iter().zip(page.chunks_exact(4)) {
+                        w.store(
+                            u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                            Ordering::Relaxed,
+                        );
+                    }
+                }
+                None => {
+                    if words.iter().any(|w| w.load(Ordering::Relaxed) != 0) {
+                        words.iter().for_each(|w| w.store(0, Ordering::Relaxed));
+                    }
+                }
+            }
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        Ok(())
     }
 }
 
